@@ -1,0 +1,486 @@
+"""Export a :class:`~pipeline.models.LoadedModel` to a single-file ONNX model.
+
+Two exporters:
+
+* ``"dynamo"`` (default): ``torch.onnx.export(..., dynamo=True)`` on a thin
+  wrapper module with flat tensor inputs/outputs. Decoders with KV cache use a
+  wrapper that rebuilds a ``transformers.DynamicCache`` from flat
+  ``past_key_values.{i}.key/value`` tensors and returns flat ``present.{i}.*``
+  tensors (platform notes §7). The attention-mask length gets its own ``Dim``
+  because ``Dim(seq) + Dim(past)`` is rejected by ``torch.export``.
+* ``"optimum"``: ``optimum.exporters.onnx.main_export`` (cross-check/fallback;
+  TorchScript tracer inside). Its names are used as-is.
+
+IO naming follows optimum: inputs ``input_ids``, ``attention_mask``
+(+ ``token_type_ids``, ``position_ids``, ``past_key_values.{i}.key/value``),
+outputs ``last_hidden_state`` / ``logits`` (+ ``present.{i}.key/value``).
+Every input/output has dynamic batch and sequence axes.
+
+Exports are atomic (temp file in ``out_dir`` then ``os.replace``), checked with
+``onnx.checker.check_model(full_check=True)``, and byte-deterministic. The raw
+dynamo output is not: each node carries ``pkg.torch.onnx.stack_trace``
+metadata quoting ``File "<eval_with_key>.N"``, where N is a process-global
+counter of generated FX modules, so a second export in the same process
+differs. A post-pass (:func:`_normalize`) drops node/graph/model metadata,
+doc strings and the producer version, and renames intermediate values and
+nodes by topological index (defensive: names are stable today).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+    from pipeline.models import LoadedModel
+
+__all__ = ["PARITY_ATOL", "ExportError", "ExportResult", "dummy_feeds", "export_onnx", "torch_reference"]
+
+logger = logging.getLogger(__name__)
+
+EXPORTERS = ("dynamo", "optimum")
+MODEL_FILENAME = "model.onnx"
+# fp32 ORT-vs-PyTorch parity bound for an un-optimised export (measured diffs are 1e-7..4e-6).
+PARITY_ATOL = 1e-4
+# Example sizes traced by the dynamo exporter; all > 1 so no axis is specialised to 0/1.
+_TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 5, 3
+
+
+class ExportError(Exception):
+    """An ONNX export failed; one line naming model type, exporter and cause."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was exported and how to feed it.
+
+    Attributes:
+        path: the single-file ``model.onnx`` (weights embedded).
+        task: the task the graph computes (``feature-extraction``, ``fill-mask``, ``text-generation``).
+        input_names / output_names: graph IO names, in graph order.
+        with_past: decoders only: KV-cache inputs/outputs are present.
+        num_layers, num_kv_heads, head_dim: decoder cache geometry for building
+            empty past feeds of shape ``(batch, num_kv_heads, past, head_dim)``; 0 for encoders.
+        exporter: ``"dynamo"`` or ``"optimum"``.
+        opset: default-domain opset of the file.
+        vocab_size: ``config.vocab_size`` (upper bound for dummy token ids).
+    """
+
+    path: Path
+    task: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    with_past: bool
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    exporter: str
+    opset: int
+    vocab_size: int = 0
+
+    @property
+    def past_names(self) -> tuple[str, ...]:
+        """The ``past_key_values.*`` input names, in layer order."""
+        return tuple(n for n in self.input_names if n.startswith("past_key_values."))
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _cache_geometry(loaded: "LoadedModel") -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
+    cfg = loaded.model.config
+    n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+    n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_heads)
+    return n_layers, n_kv, head_dim
+
+
+def _has_token_type_ids(loaded: "LoadedModel") -> bool:
+    """Encoders with a token-type embedding take ``token_type_ids`` (BERT yes, RoBERTa type_vocab 1 too)."""
+    if loaded.is_decoder:
+        return False
+    if loaded.tokenizer is not None:
+        return "token_type_ids" in loaded.tokenizer.model_input_names
+    return int(getattr(loaded.model.config, "type_vocab_size", 0) or 0) > 0
+
+
+def _encoder_wrapper(loaded: "LoadedModel") -> "torch.nn.Module":
+    import torch
+
+    output = "logits" if loaded.task == "fill-mask" else "last_hidden_state"
+
+    class EncoderWrapper(torch.nn.Module):
+        """Flat tensors in, one tensor out: ``(B, S)`` ids/mask -> ``(B, S, H)`` or ``(B, S, V)``."""
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kw)
+            return out[output]
+
+    return EncoderWrapper(loaded.model)
+
+
+def _decoder_wrapper(loaded: "LoadedModel", with_past: bool) -> "torch.nn.Module":
+    import torch
+    from transformers import DynamicCache
+
+    n_layers = _cache_geometry(loaded)[0]
+
+    class DecoderWrapper(torch.nn.Module):
+        """Causal LM step on flat tensors.
+
+        Inputs: ``input_ids``/``position_ids`` ``(B, S)``, ``attention_mask``
+        ``(B, P+S)`` and, with past, ``2*L`` tensors ``(B, kv, P, hd)`` ordered
+        key0, value0, key1, ... Outputs: ``logits`` ``(B, S, V)`` then, with
+        past, presents ``(B, kv, P+S, hd)`` in the same order.
+        """
+
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor,
+            past: list[torch.Tensor] | None = None,
+        ) -> tuple[torch.Tensor, ...]:
+            cache = None
+            if with_past:
+                assert past is not None and len(past) == 2 * n_layers
+                # DynamicCache from legacy ((k, v), ...) pairs; flat order is k0, v0, k1, v1, ...
+                cache = DynamicCache.from_legacy_cache(
+                    tuple((past[2 * i], past[2 * i + 1]) for i in range(n_layers))
+                )
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=with_past,
+                return_dict=True,
+            )
+            if not with_past:
+                return (out.logits,)
+            presents: list[torch.Tensor] = []
+            for k, v in out.past_key_values.to_legacy_cache():
+                presents += [k, v]
+            return (out.logits, *presents)
+
+    return DecoderWrapper(loaded.model)
+
+
+def _io_names(loaded: "LoadedModel", with_past: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Input and output names of the dynamo export (optimum naming)."""
+    if not loaded.is_decoder:
+        inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if _has_token_type_ids(loaded) else ())
+        return inputs, ("logits" if loaded.task == "fill-mask" else "last_hidden_state",)
+    n_layers = _cache_geometry(loaded)[0]
+    kv = tuple(f"{p}.{i}.{t}" for i in range(n_layers) for p in ["@"] for t in ("key", "value"))
+    past = tuple(n.replace("@", "past_key_values") for n in kv) if with_past else ()
+    present = tuple(n.replace("@", "present") for n in kv) if with_past else ()
+    return ("input_ids", "attention_mask", "position_ids") + past, ("logits",) + present
+
+
+# --------------------------------------------------------------------------- feeds
+
+
+def dummy_feeds(result: ExportResult, batch: int, seq: int, past: int = 0, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random valid feeds for an exported model.
+
+    Args:
+        result: the export to feed.
+        batch: batch size.
+        seq: new tokens per row.
+        past: cached length (with-past decoders only); past tensors are random
+            ``(batch, num_kv_heads, past, head_dim)`` float32.
+        seed: numpy seed.
+
+    Returns:
+        ``name -> array`` for every graph input: int64 ids in ``[0, vocab_size)``,
+        all-ones attention mask of length ``past + seq``, positions ``past..past+seq-1``.
+    """
+    if batch < 1 or seq < 1 or past < 0:
+        raise ValueError(f"need batch >= 1, seq >= 1, past >= 0; got batch={batch}, seq={seq}, past={past}")
+    if past and not result.with_past:
+        raise ValueError(f"past={past} given but the export at {result.path} has no KV cache")
+    rng = np.random.default_rng(seed)
+    high = result.vocab_size if result.vocab_size > 0 else 100
+    feeds: dict[str, np.ndarray] = {}
+    for name in result.input_names:
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, high, size=(batch, seq), dtype=np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, past + seq), dtype=np.int64)
+        elif name == "token_type_ids":
+            feeds[name] = np.zeros((batch, seq), dtype=np.int64)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
+        elif name.startswith("past_key_values."):
+            shape = (batch, result.num_kv_heads, past, result.head_dim)
+            feeds[name] = rng.standard_normal(shape).astype(np.float32)
+        else:
+            raise ValueError(f"don't know how to make a dummy feed for input {name!r}")
+    return feeds
+
+
+def torch_reference(loaded: "LoadedModel", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The PyTorch outputs for ONNX ``feeds``, under the ONNX output names.
+
+    This is the parity reference: the same wrapper that is exported, run eagerly.
+    A decoder feed with ``past_key_values.*`` entries returns ``logits`` and
+    ``present.*``; without them only ``logits``.
+
+    Args:
+        loaded: the model that was exported.
+        feeds: ``name -> array`` as passed to ``InferenceSession.run``.
+    """
+    import torch
+
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    with torch.inference_mode():
+        if not loaded.is_decoder:
+            names = _io_names(loaded, with_past=False)[1]
+            out = _encoder_wrapper(loaded)(t["input_ids"], t["attention_mask"], t.get("token_type_ids"))
+            return {names[0]: out.numpy()}
+        past_names = sorted(
+            (k for k in feeds if k.startswith("past_key_values.")),
+            key=lambda k: (int(k.split(".")[1]), k.endswith(".value")),
+        )
+        with_past = bool(past_names)
+        names = _io_names(loaded, with_past)[1]
+        if "position_ids" in t:
+            pos = t["position_ids"]
+        else:  # optimum exports without position_ids: positions follow the cached length
+            p = int(t[past_names[0]].shape[2]) if with_past else 0
+            pos = torch.arange(p, p + t["input_ids"].shape[1]).expand_as(t["input_ids"])
+        outs = _decoder_wrapper(loaded, with_past)(
+            t["input_ids"], t["attention_mask"], pos, [t[k] for k in past_names] if with_past else None
+        )
+        return {n: o.numpy() for n, o in zip(names, outs)}
+
+
+# --------------------------------------------------------------------------- export
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[io.StringIO]:
+    """Silence exporter chatter (stdout, warnings, INFO logs) without hiding exceptions."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "optimum", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def _export_dynamo(loaded: "LoadedModel", opset: int, with_past: bool) -> "onnx.ModelProto":
+    import torch
+    from torch.export import Dim
+
+    in_names, out_names = _io_names(loaded, with_past)
+    batch, seq = Dim("batch"), Dim("sequence_length")
+    B, S = _TRACE_BATCH, _TRACE_SEQ
+    g = torch.Generator().manual_seed(0)
+    vocab = int(loaded.model.config.vocab_size)
+    ids = torch.randint(0, vocab, (B, S), generator=g)
+    if not loaded.is_decoder:
+        module = _encoder_wrapper(loaded)
+        args: tuple[Any, ...] = (ids, torch.ones(B, S, dtype=torch.long))
+        shapes: tuple[Any, ...] = ({0: batch, 1: seq}, {0: batch, 1: seq})
+        if "token_type_ids" in in_names:
+            args += (torch.zeros(B, S, dtype=torch.long),)
+            shapes += ({0: batch, 1: seq},)
+    else:
+        module = _decoder_wrapper(loaded, with_past)
+        n_layers, n_kv, hd = _cache_geometry(loaded)
+        P = _TRACE_PAST if with_past else 0
+        # Separate Dim for the mask length: torch.export rejects Dim(seq) + Dim(past) here.
+        mask_len = Dim("total_sequence_length")
+        args = (ids, torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S).expand(B, S).contiguous())
+        shapes = ({0: batch, 1: seq}, {0: batch, 1: mask_len}, {0: batch, 1: seq})
+        if with_past:
+            past_len = Dim("past_sequence_length")
+            args += ([torch.randn(B, n_kv, P, hd, generator=g) for _ in range(2 * n_layers)],)
+            shapes += ([{0: batch, 2: past_len}] * (2 * n_layers),)
+    with _quiet():
+        program = torch.onnx.export(
+            module,
+            args,
+            f=None,
+            input_names=list(in_names),
+            output_names=list(out_names),
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=shapes,
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    return program.model_proto
+
+
+def _export_optimum(loaded: "LoadedModel", opset: int, with_past: bool, workdir: Path) -> "onnx.ModelProto":
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    task = loaded.task + ("-with-past" if with_past else "")
+    with _quiet():
+        main_export(
+            str(loaded.path),
+            output=str(workdir),
+            task=task,
+            library_name="transformers",
+            opset=opset,
+            device="cpu",
+            do_validation=False,
+            no_post_process=True,
+            local_files_only=True,
+        )
+    return onnx.load(str(workdir / MODEL_FILENAME))
+
+
+def _normalize(model: "onnx.ModelProto") -> None:
+    """Make the serialised bytes a function of the graph alone (in place).
+
+    Drops producer version and free-form metadata, clears doc strings, and
+    renames every intermediate value and node by topological index, so names
+    derived from object ids or counters do not leak into the file. Graph IO
+    and initializer names are kept.
+    """
+    model.producer_version = ""
+    del model.metadata_props[:]
+    model.doc_string = ""
+    graph = model.graph
+    graph.doc_string = ""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    rename: dict[str, str] = {}
+    for i, node in enumerate(graph.node):
+        node.name = f"n{i}_{node.op_type}"
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for j, out in enumerate(node.output):
+            if out and out not in keep:
+                rename.setdefault(out, f"v{i}_{j}")
+    for node in graph.node:
+        for j, name in enumerate(node.input):
+            if name in rename:
+                node.input[j] = rename[name]
+        for j, name in enumerate(node.output):
+            if name in rename:
+                node.output[j] = rename[name]
+    for vi in graph.value_info:
+        if vi.name in rename:
+            vi.name = rename[vi.name]
+        vi.doc_string = ""
+        del vi.metadata_props[:]
+    for v in list(graph.input) + list(graph.output) + list(graph.initializer):
+        v.doc_string = ""
+        del v.metadata_props[:]
+    del graph.metadata_props[:]
+
+
+def export_onnx(
+    loaded: "LoadedModel",
+    out_dir: Path,
+    *,
+    opset: int = 18,
+    exporter: Literal["dynamo", "optimum"] = "dynamo",
+    with_past: bool | None = None,
+) -> ExportResult:
+    """Export ``loaded`` to ``out_dir/model.onnx`` with dynamic batch/sequence axes.
+
+    Args:
+        loaded: the model (from :func:`pipeline.models.load_model`).
+        out_dir: directory for ``model.onnx`` (created if needed).
+        opset: default-domain opset (18; 23 maps SDPA to the ONNX ``Attention`` op).
+        exporter: ``"dynamo"`` (default) or ``"optimum"`` (reads the weights from ``loaded.path``,
+            so in-memory edits not saved there are not seen).
+        with_past: decoders only: include KV-cache IO. ``None`` means True for
+            decoders, False for encoders.
+
+    Returns:
+        An :class:`ExportResult` whose names are read back from the file.
+
+    Raises:
+        ValueError: bad ``exporter``/``opset``/``with_past``.
+        ExportError: the exporter or the ONNX checker failed.
+    """
+    import onnx
+
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if not 14 <= opset <= 23:
+        raise ValueError(f"opset must be in [14, 23], got {opset}")
+    if with_past is None:
+        with_past = loaded.is_decoder
+    if with_past and not loaded.is_decoder:
+        raise ValueError(f"with_past=True needs a decoder, got {loaded.model_type!r} ({loaded.task})")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / MODEL_FILENAME
+    what = f"{loaded.model_type} ({loaded.task}{', with past' if with_past else ''}) with {exporter} opset {opset}"
+    logger.info("exporting %s", what)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        tmp_dir = Path(tmp)
+        try:
+            if exporter == "dynamo":
+                proto = _export_dynamo(loaded, opset, with_past)
+            else:
+                proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
+            _normalize(proto)
+            tmp_file = tmp_dir / MODEL_FILENAME
+            onnx.save_model(proto, str(tmp_file), save_as_external_data=False)
+            onnx.checker.check_model(str(tmp_file), full_check=True)
+        except Exception as e:  # noqa: BLE001 - one-line ExportError with the cause chained
+            cause = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"{loaded.model_type}: {exporter} export failed: {type(e).__name__}: {cause}") from e
+        os.replace(tmp_file, final)
+    opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    n_layers, n_kv, hd = _cache_geometry(loaded) if loaded.is_decoder else (0, 0, 0)
+    result = ExportResult(
+        path=final,
+        task=loaded.task,
+        input_names=tuple(v.name for v in proto.graph.input),
+        output_names=tuple(v.name for v in proto.graph.output),
+        with_past=with_past,
+        num_layers=n_layers,
+        num_kv_heads=n_kv,
+        head_dim=hd,
+        exporter=exporter,
+        opset=int(opset_found),
+        vocab_size=int(loaded.model.config.vocab_size),
+    )
+    logger.info("exported %s to %s (%d nodes)", what, final, len(proto.graph.node))
+    return result

@@ -1,0 +1,398 @@
+"""Per-target precision conversion of an ONNX model: fp32, fp16, int8 (dynamic) and int8 (static QDQ).
+
+All paths wrap ONNX Runtime's own tooling (``onnxruntime.transformers.float16`` and
+``onnxruntime.quantization``) and add the transformer-aware safety defaults that the
+anchors show are missing (anchors §1.10, §3.7):
+
+- **fp16**: a decomposed LayerNorm computes ``Pow(x - mean, 2)``; activations above ~256
+  overflow fp16 (max 65504) and the whole norm becomes inf/NaN (ViT-B on TensorRT fell to
+  19% top-1). We keep norms (fused and decomposed), Softmax and the residual ``Add`` that
+  feeds each norm in fp32, and convert the rest (MatMuls) to fp16 with fp32 model I/O.
+- **int8**: quantizing the residual stream (``Add`` outputs) per-tensor collapses accuracy
+  when a few tokens/channels carry massive activations (ViT-B default INT8 fell to ~0%).
+  We quantize only ``MatMul``/``Gemm`` with constant weights (per-channel s8 weights); the
+  residual ``Add``, LayerNorm and Softmax stay fp32.
+
+Every output is written atomically (temp file in the destination folder, then
+``os.replace``) and is deterministic: the same input gives byte-identical output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+
+__all__ = ["DEFAULT_KEEP_FP32", "PRECISIONS", "QuantizeReport", "convert_precision"]
+
+logger = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "int8", "int8-static"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-static")
+
+#: Op types kept in fp32 by the fp16 path (and never quantized by the int8 paths).
+#: Norms overflow or lose precision in fp16; Softmax's exp/sum likewise. Decomposed norms
+#: and residual Adds are found structurally (see ``_fp32_node_names``), not by op type,
+#: because a bare ``Add``/``Div`` also appears in harmless places.
+DEFAULT_KEEP_FP32: tuple[str, ...] = (
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "EmbedLayerNormalization",
+    "Softmax",
+)
+
+# Ops that make up the tail of a decomposed norm after the Pow:
+# ReduceMean -> Add(eps) -> Sqrt -> Div | Reciprocal -> Mul -> Mul(gamma) -> Add(beta).
+_NORM_TAIL_OPS = frozenset({"ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul"})
+_NORM_TAIL_DEPTH = 7
+_INT8_DYNAMIC_OPS = frozenset({"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention"})
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What :func:`convert_precision` did.
+
+    Attributes:
+        precision: the requested precision.
+        size_bytes: size of the written model file.
+        nodes_quantized: nodes now computing in the lower precision (fp16 nodes for
+            ``fp16``; integer MatMul/Gemm nodes for ``int8``; MatMul/Gemm nodes with a
+            dequantized weight for ``int8-static``; 0 for ``fp32``).
+        ops_kept_fp32: sorted op types of the float nodes deliberately kept in fp32.
+        notes: human-readable remarks (fallbacks, options used).
+    """
+
+    precision: str
+    size_bytes: int
+    nodes_quantized: int
+    ops_kept_fp32: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def convert_precision(
+    src: Path,
+    dst: Path,
+    precision: Precision,
+    *,
+    calibration_feeds: Iterable[dict[str, np.ndarray]] | None = None,
+    keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32,
+    per_channel: bool = True,
+    optimize_fp32: bool = False,
+) -> QuantizeReport:
+    """Convert ``src`` to ``precision`` and write it atomically to ``dst``.
+
+    Args:
+        src: input ``.onnx`` (fp32, weights inline).
+        dst: output path; its folder is created if needed.
+        precision: ``"fp32"`` (copy, or ORT-optimized if ``optimize_fp32``), ``"fp16"``,
+            ``"int8"`` (dynamic, weights only) or ``"int8-static"`` (QDQ with calibration).
+        calibration_feeds: ``name -> array`` feeds; required for ``int8-static`` (ranges
+            are calibrated on them), used for the parity check of ``optimize_fp32``.
+        keep_fp32_ops: op types never lowered (fp16) / never quantized (int8).
+        per_channel: per-output-channel weight scales for the int8 paths (platform notes
+            §4: cosine 0.955 -> 0.988 on MiniLM).
+        optimize_fp32: for ``fp32``, save ORT's ``ORT_ENABLE_EXTENDED`` offline
+            optimization (not ``ENABLE_ALL``, whose layouts are hardware-specific) when it
+            keeps parity on ``calibration_feeds`` (atol 1e-4); else copy unchanged.
+
+    Returns:
+        A :class:`QuantizeReport`.
+
+    Raises:
+        ValueError: unknown ``precision``, or ``int8-static`` without calibration feeds.
+        FileNotFoundError: ``src`` does not exist.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"source model not found: {str(src)!r}")
+    feeds = None if calibration_feeds is None else list(calibration_feeds)
+    if precision == "int8-static" and not feeds:
+        raise ValueError("precision 'int8-static' needs calibration_feeds (a non-empty iterable of feeds dicts)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp_dir:
+        tmp = Path(tmp_dir) / dst.name
+        if precision == "fp32":
+            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32, tmp_dir)
+        elif precision == "fp16":
+            nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops)
+        elif precision == "int8":
+            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel)
+        else:
+            nodes, kept, notes = _int8_static(src, tmp, feeds or [], keep_fp32_ops, per_channel, tmp_dir)
+        os.replace(tmp, dst)  # atomic on the same filesystem: readers never see a half-written model
+    report = QuantizeReport(precision, dst.stat().st_size, nodes, kept, notes)
+    logger.info("%s -> %s (%s): %d nodes lowered, %d bytes", src.name, dst.name, precision, nodes, report.size_bytes)
+    return report
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a deterministic unique name (block lists work by node name)."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{i}"
+            while name in seen:
+                name += "_"
+            node.name = name
+            seen.add(name)
+
+
+def _index(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """Map tensor name -> producing node, and tensor name -> consuming nodes (top graph only)."""
+    producer: dict[str, onnx.NodeProto] = {}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for out in node.output:
+            producer[out] = node
+        for inp in node.input:
+            if inp:
+                consumers[inp].append(node)
+    return producer, consumers
+
+
+def _constant_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensor names that are constants: initializers and ``Constant`` node outputs."""
+    names = {t.name for t in graph.initializer}
+    names.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def _fp32_node_names(model: onnx.ModelProto, keep_fp32_ops: Sequence[str]) -> set[str]:
+    """Names of nodes to keep in fp32: listed op types, decomposed norms, and residual Adds feeding a norm.
+
+    A decomposed norm is recognised from its ``Pow`` (LayerNorm: ``Pow(Sub(x, ReduceMean(x)), 2)``;
+    RMSNorm: ``Pow(x, 2)``) plus the ``_NORM_TAIL_OPS`` chain after it. The residual ``Add`` is
+    the producer of a norm's input ``x``.
+    """
+    graph = model.graph
+    producer, consumers = _index(graph)
+    keep = set(keep_fp32_ops)
+    names: set[str] = {n.name for n in graph.node if n.op_type in keep}
+    norm_inputs: list[str] = [n.input[0] for n in graph.node if n.op_type in keep and "Norm" in n.op_type and n.input]
+
+    for pow_node in (n for n in graph.node if n.op_type == "Pow"):
+        names.add(pow_node.name)
+        base = pow_node.input[0]
+        src = producer.get(base)
+        if src is not None and src.op_type == "Sub":  # LayerNorm: centred input
+            names.add(src.name)
+            norm_inputs.append(src.input[0])
+            mean = producer.get(src.input[1])
+            if mean is not None and mean.op_type == "ReduceMean":
+                names.add(mean.name)
+        else:  # RMSNorm: raw input
+            norm_inputs.append(base)
+        # Walk the norm tail breadth-first: ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul -> Add.
+        frontier, depth = list(pow_node.output), 0
+        while frontier and depth < _NORM_TAIL_DEPTH:
+            nxt: list[str] = []
+            for t in frontier:
+                for c in consumers.get(t, []):
+                    if c.op_type in _NORM_TAIL_OPS and c.name not in names:
+                        names.add(c.name)
+                        nxt.extend(c.output)
+            frontier, depth = nxt, depth + 1
+    # Residual Add: whatever Add produces a norm's input carries the residual stream.
+    for t in norm_inputs:
+        p = producer.get(t)
+        if p is not None and p.op_type == "Add":
+            names.add(p.name)
+    return names
+
+
+def _float_ops_kept(model: onnx.ModelProto, node_names: set[str]) -> list[str]:
+    return sorted({n.op_type for n in model.graph.node if n.name in node_names})
+
+
+# --------------------------------------------------------------------------- precisions
+
+
+def _fp32(
+    src: Path, tmp: Path, feeds: list[dict[str, np.ndarray]] | None, optimize: bool, tmp_dir: str
+) -> tuple[int, list[str], list[str]]:
+    if not optimize:
+        shutil.copyfile(src, tmp)
+        return 0, [], ["copied unchanged"]
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp)
+    opts.intra_op_num_threads = 1
+    ort.InferenceSession(str(src), sess_options=opts, providers=["CPUExecutionProvider"])
+    if not feeds:
+        shutil.copyfile(src, tmp)
+        return 0, [], ["optimize_fp32 needs calibration_feeds for the parity check; copied unchanged"]
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    opt = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for f in feeds[:4]:
+        f = _select_feeds(onnx.load(str(src), load_external_data=False), f)
+        for a, b in zip(ref.run(None, f), opt.run(None, f)):
+            worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
+    if not worst <= 1e-4:
+        shutil.copyfile(src, tmp)
+        return 0, [], [f"ORT_ENABLE_EXTENDED changed outputs by {worst:.3g} > 1e-4; copied unchanged"]
+    return 0, [], [f"ORT_ENABLE_EXTENDED offline optimization (max diff {worst:.3g} on {min(4, len(feeds))} feeds)"]
+
+
+def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str]) -> tuple[int, list[str], list[str]]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    keep_nodes = _fp32_node_names(model, keep_fp32_ops)
+    kept = _float_ops_kept(model, keep_nodes)
+    # ORT's block list *replaces* its default when given, so union the two.
+    op_block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32_ops))
+    out = convert_float_to_float16(
+        model,
+        keep_io_types=True,  # fp32 in/out: callers and tokenizers stay unchanged
+        op_block_list=op_block,
+        node_block_list=sorted(keep_nodes),
+    )
+    # The converter puts a Cast(fp32->fp16) after *every* blocked node and a Cast back before the
+    # next one, so a chain of fp32 nodes still round-trips each intermediate through fp16
+    # (Pow -> fp16 -> inf). Collapse those pairs, as OnnxModel.convert_float_to_float16 does, and
+    # restore topological order (the converter appends its Casts at the end of the node list).
+    wrapped = OnnxModel(out)
+    wrapped.remove_cascaded_cast_nodes()
+    wrapped.remove_useless_cast_nodes()
+    wrapped.topological_sort()
+    out = wrapped.model
+    # value_info written by the converter goes stale when Cast pairs are removed; ONNX
+    # shape inference (and ORT) recompute types, so drop it rather than ship contradictions.
+    del out.graph.value_info[:]
+    onnx.save(out, str(tmp))
+    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    fp16_tensors = {
+        vi.name
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    }
+    lowered = sum(
+        1 for n in inferred.graph.node if n.op_type != "Cast" and any(o in fp16_tensors for o in n.output)
+    )
+    return lowered, kept, [f"kept {len(keep_nodes)} nodes in fp32 (norms, Softmax, residual Adds); fp32 I/O"]
+
+
+def _int8_dynamic(
+    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool
+) -> tuple[int, list[str], list[str]]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    exclude = sorted(n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops))
+    quantize_dynamic(
+        model,
+        str(tmp),
+        op_types_to_quantize=["MatMul", "Gemm"],  # opset-23 Attention breaks if quantize_dynamic touches it
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=exclude,
+        extra_options={
+            "MatMulConstBOnly": True,  # only linear layers; q @ k^T has no constant operand
+            "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed on ORT-fused graphs (platform notes §4)
+        },
+    )
+    out = onnx.load(str(tmp), load_external_data=False)
+    n = sum(1 for node in out.graph.node if node.op_type in _INT8_DYNAMIC_OPS)
+    kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
+    return n, kept, [f"dynamic int8 (QInt8 weights, per_channel={per_channel}) on MatMul/Gemm with constant weights"]
+
+
+class _FeedsReader:
+    """Adapter from an iterable of feeds dicts to ORT's ``CalibrationDataReader`` protocol."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def _select_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Keep the graph's inputs from ``feeds`` and cast them to the declared element type."""
+    inits = {t.name for t in model.graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if inp.name not in feeds:
+            raise ValueError(f"calibration feeds lack model input {inp.name!r} (have {sorted(feeds)})")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+        out[inp.name] = np.ascontiguousarray(np.asarray(feeds[inp.name]).astype(dtype, copy=False))
+    return out
+
+
+def _int8_static(
+    src: Path,
+    tmp: Path,
+    feeds: list[dict[str, np.ndarray]],
+    keep_fp32_ops: Sequence[str],
+    per_channel: bool,
+    tmp_dir: str,
+) -> tuple[int, list[str], list[str]]:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    named = Path(tmp_dir) / "named.onnx"
+    onnx.save(model, str(named))
+    consts = _constant_names(model.graph)
+    # Only linear layers: MatMul/Gemm whose weight (input 1) is a constant.
+    targets = sorted(
+        n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts
+    )
+    if not targets:
+        logger.warning("int8-static: no MatMul/Gemm with constant weights in %s; nothing quantized", src)
+    reader = _FeedsReader([_select_feeds(model, f) for f in feeds])
+    quantize_static(
+        str(named),
+        str(tmp),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_quantize=targets,
+        nodes_to_exclude=sorted(n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)),
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,  # asymmetric u8 activations, s8 weights (platform notes §4)
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={
+            "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # (K, N) weight: scale per output column
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
+        },
+    )
+    out = onnx.load(str(tmp), load_external_data=False)
+    producer, _ = _index(out.graph)
+    n = sum(
+        1
+        for node in out.graph.node
+        if node.op_type in ("MatMul", "Gemm")
+        and len(node.input) > 1
+        and (p := producer.get(node.input[1])) is not None
+        and p.op_type == "DequantizeLinear"
+    )
+    kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
+    return n, kept, [f"static QDQ int8 (u8 activations, s8 weights, per_channel={per_channel}) on {len(targets)} "
+                     f"MatMul/Gemm; MinMax calibration on {len(feeds)} feeds"]

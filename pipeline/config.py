@@ -1,0 +1,178 @@
+"""The pipeline config: YAML (or the same structure as Python data) -> :class:`PipelineConfig`.
+
+Everything is checked before any model loads: unknown keys, wrong types, unknown stage kinds and unknown
+targets each produce one line naming the file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+from pydantic import Field, ValidationError, field_validator
+
+from pipeline.errors import ConfigError, TargetError
+from pipeline.schema import Frozen, format_validation_error, read_yaml
+from pipeline.stage import STAGES, StageConfig
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "ModelConfig",
+    "CalibrationConfig",
+    "PipelineConfig",
+    "load_config",
+    "parse_config",
+    "default_config",
+]
+
+DEFAULT_TARGETS = ("host-cpu", "raspberry-pi-5", "jetson-orin-nano", "android-arm64")
+Task = Literal["feature-extraction", "fill-mask", "text-generation"]
+
+
+class ModelConfig(Frozen):
+    path: Optional[str] = Field(None, description="local Hugging Face model directory; omitted = the packaged all-MiniLM-L6-v2")
+    task: Optional[Task] = Field(None, description="what the model is used for; inferred from the config when omitted")
+
+
+class CalibrationConfig(Frozen):
+    file: Optional[str] = Field(None, description="text file, one passage per line; omitted = edgepipe's built-in text")
+    samples: int = Field(64, ge=1, description="passages used for calibration (pruning, static int8)")
+    heldout: int = Field(64, ge=4, description="further passages held out for validation and fidelity")
+    max_length: int = Field(128, ge=8, le=8192, description="tokens per passage")
+    batch_size: int = Field(8, ge=1)
+
+
+class PipelineConfig(Frozen):
+    """A whole run. ``stages`` holds typed stage configs; YAML gives them as ``[{kind: {...}}, ...]``."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
+    seed: int = 0
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, v: list[str]) -> list[str]:
+        dup = sorted({t for t in v if v.count(t) > 1})
+        if dup:
+            raise ValueError(f"targets listed twice: {dup}")
+        return v
+
+    def stage_items(self) -> list[dict[str, Any]]:
+        """The YAML form of ``stages``: ``[{kind: {...}}]``."""
+        return [{s.kind: s.model_dump(mode="json")} for s in self.stages]
+
+    def to_data(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = self.stage_items()
+        return data
+
+
+def _registered() -> Mapping[str, Any]:
+    from pipeline import stages as _  # noqa: F401  (registers the built-in stages)
+
+    return STAGES
+
+
+def _parse_stages(items: Any, source: str) -> list[StageConfig]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ConfigError(f"{source}: stages: expected a list of {{stage: config}} items, got {type(items).__name__}")
+    registry = _registered()
+    out: list[StageConfig] = []
+    for i, item in enumerate(items):
+        where = f"{source}: stages[{i}]"
+        if isinstance(item, StageConfig):
+            out.append(item)
+            continue
+        if isinstance(item, str):
+            item = {item: {}}
+        if not isinstance(item, dict) or len(item) != 1:
+            raise ConfigError(f"{where}: expected one mapping {{stage_kind: config}}, got {item!r}")
+        (kind, body), = item.items()
+        if kind not in registry:
+            raise ConfigError(f"{where}: unknown stage '{kind}'; known stages: {', '.join(sorted(registry))}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}.{kind}: expected a mapping of options, got {type(body).__name__}")
+        try:
+            out.append(registry[kind].config_cls.model_validate(body))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source=source, prefix=f"stages[{i}].{kind}")) from None
+    return out
+
+
+def parse_config(data: Any, *, source: str = "<config>", base_dir: Optional[Path] = None) -> PipelineConfig:
+    """Validate config data (a mapping as read from YAML, or a :class:`PipelineConfig`).
+
+    Relative ``model.path`` and ``calibration.file`` are resolved against ``base_dir`` (the YAML's folder).
+    """
+    if isinstance(data, PipelineConfig):
+        cfg = data
+    else:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: the config must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        stages = _parse_stages(data.pop("stages", None), source)
+        try:
+            cfg = PipelineConfig.model_validate({**data, "stages": []})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source=source)) from None
+        cfg = cfg.model_copy(update={"stages": stages})
+    if base_dir is not None:
+        def _abs(p: Optional[str]) -> Optional[str]:
+            if p is None:
+                return None
+            q = Path(os.path.expanduser(p))
+            return str(q if q.is_absolute() else (base_dir / q).resolve())
+
+        cfg = cfg.model_copy(update={
+            "model": cfg.model.model_copy(update={"path": _abs(cfg.model.path)}),
+            "calibration": cfg.calibration.model_copy(update={"file": _abs(cfg.calibration.file)}),
+        })
+    _check_targets(cfg, source)
+    return cfg
+
+
+def _check_targets(cfg: PipelineConfig, source: str) -> None:
+    from targets import load_target
+
+    for i, name in enumerate(cfg.targets):
+        try:
+            load_target(name)
+        except TargetError as exc:
+            raise TargetError(f"{source}: targets[{i}]: {exc}") from None
+
+
+def load_config(path: Union[str, Path]) -> PipelineConfig:
+    path = Path(path)
+    return parse_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent)
+
+
+def default_config() -> PipelineConfig:
+    """The embedded default: packaged all-MiniLM-L6-v2 -> ONNX -> per-target precision -> validate -> benchmark."""
+    from importlib import resources
+
+    text = (resources.files("pipeline") / "data" / "default.yaml").read_text(encoding="utf-8")
+    import yaml
+
+    return parse_config(yaml.safe_load(text), source="<embedded default>")
+
+
+def coerce_config(config: Union[PipelineConfig, Mapping[str, Any], str, Path, None], *, stages: Optional[Sequence[StageConfig]] = None) -> PipelineConfig:
+    """Python API entry: a PipelineConfig, a dict shaped like the YAML, a YAML path, or None (the default)."""
+    if config is None:
+        cfg = default_config()
+    elif isinstance(config, (str, Path)):
+        cfg = load_config(config)
+    else:
+        cfg = parse_config(config, source="<python config>", base_dir=Path.cwd())
+    if stages is not None:
+        cfg = cfg.model_copy(update={"stages": list(stages)})
+    return cfg

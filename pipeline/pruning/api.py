@@ -1,0 +1,293 @@
+"""``prune_model``: the sequential layer-by-layer pruning driver.
+
+For each block (see :mod:`pipeline.pruning.calibration` for the protocol): collect calibration statistics on
+the block's current inputs, prune the block's target matrices with the configured method and pattern, then
+produce the next block's inputs (pruned outputs when ``cfg.sequential``, dense outputs otherwise).
+Magnitude pruning needs no calibration data and skips the capture.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.pruning.adapters import ROLES_BY_TARGET, BlockView, MatrixRef, blocks
+from pipeline.pruning.calibration import LayerStats, capture_first_block_inputs, collect_block_stats, run_block
+from pipeline.pruning.config import PruneConfig, structured_units
+from pipeline.pruning.magnitude import magnitude_prune
+from pipeline.pruning.metrics import attention_error, layer_output_error, sparsity_report
+from pipeline.pruning.sparsegpt import sparsegpt_prune
+from pipeline.pruning.structured import remove_ffn_neurons_, remove_heads_, units_to_remove
+from pipeline.pruning.wanda import wanda_prune
+
+__all__ = ["PruneResult", "prune_model", "target_roles"]
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class PruneResult:
+    """Outcome of :func:`prune_model`.
+
+    Args:
+        model: the pruned model (the input object, mutated in place).
+        metrics: JSON-serializable report: ``sparsity`` (per matrix + ``overall``), ``parts`` (qk/vo/ffn),
+            ``attention_error`` and ``layer_output_error`` (when ``eval_batches`` were given), ``seconds``,
+            ``method``, ``pattern``, ``per_layer`` (what was done in each block).
+    """
+
+    model: nn.Module
+    metrics: dict[str, Any]
+
+
+def target_roles(block: BlockView, targets: str) -> list[str]:
+    """Matrix roles of ``block`` selected by ``PruneConfig.targets``."""
+    wanted = ROLES_BY_TARGET[targets]
+    return [r for r in block.matrices() if r in wanted or r.split(".")[0] in wanted]
+
+
+def _part(role: str) -> str:
+    return {"q": "qk", "k": "qk", "v": "vo", "o": "vo"}.get(role, "ffn")
+
+
+def _prune_matrix(ref: MatrixRef, method: str, cfg: PruneConfig, stats: Optional[LayerStats]) -> None:
+    """Prune one (out, in) matrix in place with a baseline method."""
+    n, m = (cfg.n, cfg.m) if cfg.pattern == "n:m" else (0, 0)
+    W = ref.weight.detach().clone(memory_format=torch.contiguous_format)  # GPT-2 slices are strided views
+    if method == "magnitude":
+        new, _ = magnitude_prune(W, sparsity=cfg.sparsity, n=n, m=m)
+    elif method == "wanda":
+        new, _ = wanda_prune(W, stats.sq_norms[ref.role], sparsity=cfg.sparsity, n=n, m=m)
+    elif method == "sparsegpt":
+        new, _ = sparsegpt_prune(
+            W, stats.hessians[ref.role], sparsity=cfg.sparsity, n=n, m=m, blocksize=cfg.blocksize, percdamp=cfg.percdamp
+        )
+    else:
+        raise ValueError(f"unknown baseline method {method!r}")
+    ref.weight = new
+
+
+def _import_prune_qk() -> Callable[..., Any]:
+    try:
+        mod = importlib.import_module("pipeline.pruning.attention")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pipeline.pruning.attention":
+            raise
+        raise NotImplementedError(
+            "method 'attention' needs pipeline.pruning.attention.prune_qk, which is not available in this build"
+        ) from exc
+    if not hasattr(mod, "prune_qk"):
+        raise NotImplementedError("pipeline.pruning.attention exists but defines no prune_qk")
+    return mod.prune_qk
+
+
+def _companion(cfg: PruneConfig) -> str:
+    opts = cfg.attention_options
+    comp = opts.get("companion", "wanda") if isinstance(opts, dict) else getattr(opts, "companion", "wanda")
+    if comp not in ("wanda", "sparsegpt", "magnitude"):
+        raise ValueError(f"attention companion must be 'wanda', 'sparsegpt' or 'magnitude', got {comp!r}")
+    return comp
+
+
+def _prune_block_unstructured(
+    block: BlockView, cfg: PruneConfig, roles: list[str], stats: Optional[LayerStats], prune_qk: Any
+) -> dict[str, Any]:
+    mats = block.matrices()
+    info: dict[str, Any] = {}
+    rest = roles
+    if cfg.method == "attention" and {"q", "k"} <= set(roles):
+        q, k = block.q, block.k
+        res = prune_qk(
+            q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone(),
+            k.weight.detach().clone(), None if k.bias is None else k.bias.detach().clone(),
+            stats.attn_input, stats.attn_pad_mask, block.geometry,
+            # prune_qk's n:m counts *zeroed* entries per group of m (PruneConfig.n counts kept ones)
+            sparsity=cfg.effective_sparsity, pattern=cfg.pattern, n=cfg.m - cfg.n, m=cfg.m, cfg=cfg.attention_options,
+            hessian_q=stats.hessians.get("q"), hessian_k=stats.hessians.get("k"),
+        )
+        q.weight, k.weight = res.wq, res.wk
+        if q.bias is not None:
+            q.bias = res.bq
+        if k.bias is not None:
+            k.bias = res.bk
+        info["qk_stats"] = _jsonable(getattr(res, "stats", {}))
+        rest = [r for r in roles if r not in ("q", "k")]
+    method = _companion(cfg) if cfg.method == "attention" else cfg.method
+    for role in rest:
+        _prune_matrix(mats[role], method, cfg, stats)
+    info["pruned"] = [mats[r].qualname for r in roles]
+    return info
+
+
+def _prune_block_structured(model: nn.Module, block: BlockView, cfg: PruneConfig, stats: Optional[LayerStats]) -> dict:
+    sq = stats.sq_norms if (stats is not None and cfg.method == "wanda") else None
+    info: dict[str, Any] = {}
+    units = structured_units(cfg)
+    if "ffn" in units:
+        # FFN first: the head removal of BERT/GPT-2 replaces q/k/v/o modules but not the FFN ones, and vice versa
+        k = units_to_remove(block.ffn_out.in_features, cfg.sparsity)
+        info["ffn_removed"] = remove_ffn_neurons_(model, block, k, sq)
+    if "heads" in units:
+        k = units_to_remove(block.geometry.num_kv_heads, cfg.sparsity)
+        info["heads_removed"] = remove_heads_(model, block, k, sq)
+    return info
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return repr(x)
+
+
+def _all_block_matrices(model: nn.Module, cfg: PruneConfig) -> dict[str, tuple[str, torch.Tensor]]:
+    out = {}
+    for b in blocks(model):
+        for role, ref in b.matrices().items():
+            out[ref.qualname] = (role, ref.weight)
+    return out
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    cfg: PruneConfig,
+    calibration: Sequence[Batch],
+    *,
+    eval_batches: Optional[Sequence[Batch]] = None,
+    progress: Optional[Progress] = None,
+) -> PruneResult:
+    """Prune ``model`` in place with ``cfg``.
+
+    Args:
+        model: a supported HF model (BERT/RoBERTa/DistilBERT, GPT-2, Llama family).
+        cfg: what to prune and how.
+        calibration: tokenized batches ``{"input_ids": (B, n), "attention_mask": (B, n), ...}``; may be empty
+            for magnitude pruning.
+        eval_batches: if given, attention and layer-output errors against a dense copy are reported.
+        progress: ``progress(stage, done, total)`` called after each block.
+
+    Returns:
+        :class:`PruneResult` with the (mutated) model and a JSON-serializable metrics dict.
+
+    Raises:
+        ValueError: calibration missing for a data-driven method, or ``sparsity > 0`` pruned nothing.
+        NotImplementedError: ``method='attention'`` without :mod:`pipeline.pruning.attention`.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    was_training = model.training
+    model.eval()
+    prune_qk = _import_prune_qk() if cfg.method == "attention" else None
+    if cfg.method == "attention" and cfg.pattern == "structured":
+        raise NotImplementedError("method 'attention' does not support pattern 'structured' yet")
+    needs_calib = cfg.method != "magnitude"
+    if needs_calib and not calibration:
+        raise ValueError(f"method {cfg.method!r} needs calibration batches, got {len(calibration)}")
+    dense = copy.deepcopy(model) if eval_batches else None
+    before = {k: v[1].numel() for k, v in _all_block_matrices(model, cfg).items()}
+
+    views = blocks(model)
+    n_layers = len(views)
+    structured = cfg.pattern == "structured"
+    roles = target_roles(views[0], cfg.targets)
+    if structured:
+        su = structured_units(cfg)
+        roles = [r for r in views[0].matrices() if ("heads" in su and _part(r) in ("qk", "vo")) or ("ffn" in su and _part(r) == "ffn")]
+    hess_roles: list[str] = []
+    if cfg.method == "sparsegpt" or (cfg.method == "attention" and _companion(cfg) == "sparsegpt"):
+        hess_roles = [r for r in roles if not (cfg.method == "attention" and r in ("q", "k"))]
+    if cfg.method == "attention" and {"q", "k"} <= set(roles):
+        hess_roles += ["q", "k"]
+
+    do_prune = cfg.effective_sparsity > 0
+    inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
+    per_layer: list[dict[str, Any]] = []
+    for i in range(n_layers):
+        block = blocks(model)[i]  # fresh view: structured pruning replaces modules
+        stats = None
+        if inputs is not None:
+            stats = collect_block_stats(
+                block, inputs, roles, hessian_roles=hess_roles, keep_attn_input=cfg.method == "attention"
+            )
+        if not do_prune:
+            info: dict[str, Any] = {}
+        elif structured:
+            info = _prune_block_structured(model, block, cfg, stats)
+        else:
+            info = _prune_block_unstructured(block, cfg, roles, stats, prune_qk)
+        per_layer.append(info)
+        logger.debug("layer %d/%d pruned: %s", i + 1, n_layers, {k: v for k, v in info.items() if k != "pruned"})
+        if inputs is not None and i + 1 < n_layers:
+            if cfg.sequential:
+                block = blocks(model)[i]
+                hidden = [run_block(block, inp) for inp in inputs]  # pruned outputs feed the next block
+            else:
+                hidden = stats.outputs  # dense outputs (one-shot protocol)
+            inputs = [dataclasses.replace(inp, hidden=h) for inp, h in zip(inputs, hidden)]
+        if progress is not None:
+            progress("prune", i + 1, n_layers)
+
+    # ---- report -------------------------------------------------------------------------------------------
+    after = _all_block_matrices(model, cfg)
+    metrics: dict[str, Any] = {"method": cfg.method, "pattern": cfg.pattern, "config": cfg.model_dump(mode="json")}
+    if structured:
+        # removed fraction of the elements of each (original) matrix; parts aggregate by qk / vo / ffn
+        rem = {k: 1.0 - after[k][1].numel() / before[k] for k in before}
+        metrics["sparsity"] = dict(rem)
+        tot_b = sum(before.values())
+        tot_a = sum(after[k][1].numel() for k in before)
+        metrics["sparsity"]["overall"] = 1.0 - tot_a / tot_b
+        parts: dict[str, list[int]] = {}
+        for k, (role, w) in after.items():
+            p = parts.setdefault(_part(role), [0, 0])
+            p[0] += before[k] - w.numel()
+            p[1] += before[k]
+        metrics["removed_units"] = [
+            {"heads": info.get("heads_removed", []), "ffn": len(info.get("ffn_removed", []))} for info in per_layer
+        ]
+        pruned_any = tot_a < tot_b
+    else:
+        chosen = {k: w for k, (role, w) in after.items() if role in roles}
+        metrics["sparsity"] = sparsity_report(model, chosen)
+        parts = {}
+        for k, (role, w) in after.items():
+            if role in roles:
+                p = parts.setdefault(_part(role), [0, 0])
+                p[0] += int((w == 0).sum())
+                p[1] += w.numel()
+        pruned_any = any(p[0] for p in parts.values())
+    metrics["parts"] = {name: z / t for name, (z, t) in parts.items() if t}
+    metrics["per_layer"] = _jsonable(per_layer)
+    if do_prune and not pruned_any:
+        raise ValueError(
+            f"sparsity={cfg.effective_sparsity!r} with method={cfg.method!r}, pattern={cfg.pattern!r} pruned nothing"
+            " (too few weights per row/unit for this sparsity?)"
+        )
+    if eval_batches:
+        metrics["attention_error"] = attention_error(dense, model, eval_batches)
+        metrics["layer_output_error"] = layer_output_error(dense, model, eval_batches)
+    metrics["seconds"] = time.perf_counter() - t0
+    if was_training:
+        model.train()
+    logger.info(
+        "pruned %d blocks with %s/%s: overall sparsity %.4f in %.2fs",
+        n_layers, cfg.method, cfg.pattern, metrics["sparsity"]["overall"], metrics["seconds"],
+    )
+    return PruneResult(model=model, metrics=metrics)

@@ -1,0 +1,205 @@
+"""Layer-by-layer calibration capture for the sequential pruning protocol.
+
+Protocol (locuslab/wanda ``lib/prune.py``, IST-DASLab/sparsegpt): run the model once up to the first block and
+store its inputs (plus the extra call arguments: attention mask, RoPE cos/sin, ...); then for each block
+
+1. run the block on the stored inputs with forward hooks on its linears: accumulate per-input-feature squared
+   norms (Wanda) and, when asked, ``X^T X`` (SparseGPT Hessian) in float64, streaming over batches and counting
+   only real (non-padding) tokens; also keep the hidden states entering attention (B, n, d) and the pad mask;
+2. prune the block;
+3. re-run the block on the same inputs: its (now pruned) outputs are the next block's inputs
+   (``sequential=True``), or use the dense outputs from step 1 (``sequential=False``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.pruning.adapters import BlockView
+
+__all__ = ["LayerInput", "LayerStats", "capture_first_block_inputs", "run_block", "collect_block_stats"]
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the catcher hook to stop the model after the first block's inputs are seen."""
+
+
+@dataclass
+class LayerInput:
+    """Inputs of one block for one calibration batch.
+
+    Args:
+        hidden: (B, n, d) hidden states entering the block.
+        args: positional arguments after ``hidden`` (e.g. BERT's extended attention mask).
+        kwargs: keyword arguments of the block call (Llama: ``position_embeddings``, ``attention_mask``...).
+        pad_mask: (B, n) bool, True = real token.
+    """
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    pad_mask: torch.Tensor
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one block, keyed by matrix role.
+
+    Args:
+        sq_norms: role -> (in,) float64 ``sum_t x_{t,j}^2`` over real tokens.
+        hessians: role -> (in, in) float64 ``(2/N) X^T X`` (only when requested).
+        tokens: role -> number of real tokens seen.
+        attn_input: (B, n_max, d) hidden states entering attention, zero-padded across batches.
+        attn_pad_mask: (B, n_max) bool, True = real token.
+        outputs: dense block outputs per batch (B, n, d) (kept for the non-sequential protocol).
+    """
+
+    sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    attn_input: Optional[torch.Tensor] = None
+    attn_pad_mask: Optional[torch.Tensor] = None
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def _forward_kwargs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    accepted = inspect.signature(model.forward).parameters
+    kw = {k: v for k, v in batch.items() if k in accepted}
+    if "use_cache" in accepted:
+        kw["use_cache"] = False
+    return kw
+
+
+@torch.no_grad()
+def capture_first_block_inputs(
+    model: nn.Module, first: BlockView, batches: Iterable[dict[str, torch.Tensor]]
+) -> list[LayerInput]:
+    """Run ``model`` on each batch up to ``first.layer`` and return what enters it.
+
+    Args:
+        model: HF model in eval mode.
+        first: view of block 0.
+        batches: tokenized batches ``{"input_ids": (B, n), "attention_mask": (B, n), ...}``.
+    """
+    seen: list[tuple[tuple, dict]] = []
+
+    def catcher(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args, kwargs))
+        raise _StopForward
+
+    out: list[LayerInput] = []
+    handle = first.layer.register_forward_pre_hook(catcher, with_kwargs=True)
+    try:
+        for batch in batches:
+            seen.clear()
+            try:
+                model(**_forward_kwargs(model, batch))
+            except _StopForward:
+                pass  # expected: the catcher stops the forward at block 0
+            if not seen:
+                raise RuntimeError("the first block was never called; is the adapter pointing at the right module?")
+            args, kwargs = seen[0]
+            kwargs = dict(kwargs)
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            else:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            ids = batch["input_ids"]
+            am = batch.get("attention_mask")
+            pad = am.bool() if am is not None else torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+            out.append(LayerInput(hidden=hidden, args=rest, kwargs=kwargs, pad_mask=pad))
+    finally:
+        handle.remove()
+    return out
+
+
+@torch.no_grad()
+def run_block(block: BlockView, inp: LayerInput) -> torch.Tensor:
+    """Call ``block.layer`` on one stored input; returns the (B, n, d) output hidden states."""
+    out = block.layer(inp.hidden, *inp.args, **inp.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def collect_block_stats(
+    block: BlockView,
+    inputs: Sequence[LayerInput],
+    roles: Sequence[str],
+    *,
+    hessian_roles: Sequence[str] = (),
+    keep_attn_input: bool = False,
+    extra_norm_modules: Optional[dict[str, nn.Module]] = None,
+) -> LayerStats:
+    """Run ``block`` on ``inputs`` with hooks and accumulate the statistics of its linears.
+
+    Args:
+        block: the block to observe (dense, not yet pruned).
+        inputs: the block's inputs, one per batch.
+        roles: matrix roles whose input squared norms are needed.
+        hessian_roles: roles whose ``(2/N) X^T X`` is needed (SparseGPT; attention method).
+        keep_attn_input: also store the hidden states entering attention (B, n, d) and the pad mask.
+        extra_norm_modules: extra ``name -> module`` whose input squared norms are wanted (e.g. for structured
+            ranking); stored in ``sq_norms[name]``.
+
+    Returns:
+        :class:`LayerStats` (dense outputs included).
+    """
+    mats = block.matrices()
+    # one hook per distinct module: GPT-2's q/k/v share c_attn and therefore one input
+    by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+    for role in set(roles) | set(hessian_roles):
+        mod = mats[role].module
+        by_module.setdefault(id(mod), (mod, []))[1].append(role)
+    for name, mod in (extra_norm_modules or {}).items():
+        by_module.setdefault(id(mod), (mod, []))[1].append(name)
+    want_h = set(hessian_roles)
+    stats = LayerStats()
+    current_pad: list[torch.Tensor] = []  # (B, n) mask of the batch being run
+    attn_chunks: list[torch.Tensor] = []
+
+    def make_hook(keys: list[str], is_attn_in: bool):
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            x = args[0]  # (B, n, in)
+            pad = current_pad[0]
+            if is_attn_in and keep_attn_input:
+                attn_chunks.append(x.detach().clone())
+            xt = x.reshape(-1, x.shape[-1])[pad.reshape(-1)].double()  # (tokens, in): real tokens only
+            sq = (xt * xt).sum(0)
+            h = xt.t() @ xt if any(k in want_h for k in keys) else None
+            for key in keys:
+                stats.sq_norms[key] = stats.sq_norms.get(key, 0) + sq
+                stats.tokens[key] = stats.tokens.get(key, 0) + xt.shape[0]
+                if key in want_h:
+                    stats.hessians[key] = stats.hessians.get(key, 0) + h
+
+        return hook
+
+    attn_mod = block.attention_input_module
+    handles = []
+    if keep_attn_input and id(attn_mod) not in by_module:
+        by_module[id(attn_mod)] = (attn_mod, [])
+    for key, (mod, keys) in by_module.items():
+        handles.append(mod.register_forward_pre_hook(make_hook(keys, key == id(attn_mod))))
+    try:
+        for inp in inputs:
+            current_pad[:] = [inp.pad_mask]
+            stats.outputs.append(run_block(block, inp))
+    finally:
+        for h in handles:
+            h.remove()
+    for key in list(stats.hessians):
+        stats.hessians[key] = 2.0 * stats.hessians[key] / max(stats.tokens[key], 1)
+    if keep_attn_input:
+        n_max = max(c.shape[1] for c in attn_chunks)
+        X = torch.cat([nn.functional.pad(c, (0, 0, 0, n_max - c.shape[1])) for c in attn_chunks])  # (B, n_max, d)
+        P = torch.cat([nn.functional.pad(i.pad_mask, (0, n_max - i.pad_mask.shape[1])) for i in inputs])
+        stats.attn_input, stats.attn_pad_mask = X, P.bool()
+    return stats

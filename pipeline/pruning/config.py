@@ -1,0 +1,153 @@
+"""Configuration of the pruning engine: one frozen pydantic model, validated at construction.
+
+The baselines follow the published recipes (locuslab/wanda ``lib/prune.py``, IST-DASLab/sparsegpt);
+see :mod:`pipeline.pruning.magnitude`, :mod:`pipeline.pruning.wanda`, :mod:`pipeline.pruning.sparsegpt`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["PruneConfig", "structured_units"]
+
+
+def _attention_config_class() -> type[BaseModel] | None:
+    """Return ``AttentionMethodConfig`` from :mod:`pipeline.pruning.attention` if that module exists yet."""
+    try:
+        mod = importlib.import_module("pipeline.pruning.attention")
+    except ModuleNotFoundError as exc:
+        # Only "the attention module is not written yet" is tolerated; a missing dependency *inside* it is a bug.
+        if exc.name != "pipeline.pruning.attention":
+            raise
+        return None
+    return getattr(mod, "AttentionMethodConfig", None)
+
+
+class PruneConfig(BaseModel):
+    """What to prune, how, and with which calibration budget.
+
+    Args:
+        method: scoring/reconstruction rule (``magnitude``, ``wanda``, ``sparsegpt``, or the attention-matrix method).
+        sparsity: fraction of weights removed in the pruned matrices, in [0, 1). Ignored for ``n:m`` (= 1 - n/m).
+        pattern: ``unstructured``, ``n:m`` (keep at most ``n`` nonzeros in every ``m`` consecutive inputs), or
+            ``structured`` (physically remove heads / FFN neurons).
+        n, m: N:M parameters (standard meaning: 2:4 keeps 2 of every 4 = 50% sparse).
+        structured_unit: what ``structured`` removes.
+        targets: which matrices of each block are pruned (embeddings / LM head / pooler never are).
+        calibration_samples, calibration_seq_len: calibration budget (used by callers that build batches).
+        sequential: propagate *pruned* outputs layer by layer (Wanda/SparseGPT protocol); False = dense inputs.
+        blocksize, percdamp: SparseGPT knobs.
+        attention: options of the attention-matrix method (``AttentionMethodConfig`` once it exists).
+        strict: reserved for target-aware pattern checks.
+        seed: seed for every random choice (the baselines are deterministic; kept for reproducibility records).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: Literal["magnitude", "wanda", "sparsegpt", "attention"] = Field(
+        "magnitude", description="pruning rule: magnitude |W|, Wanda |W|*||X_j||, SparseGPT OBS, or attention-matrix fidelity"
+    )
+    sparsity: float = Field(0.5, description="fraction of weights removed in each pruned matrix, in [0, 1)")
+    pattern: Literal["unstructured", "n:m", "structured"] = Field(
+        "unstructured", description="sparsity pattern: unstructured, N:M along the input dim, or structured removal"
+    )
+    n: int = Field(2, description="N of N:M: nonzeros kept in every group of M consecutive input weights")
+    m: int = Field(4, description="M of N:M: group length along the input dimension")
+    structured_unit: Literal["heads", "ffn", "heads+ffn"] = Field(
+        "heads+ffn", description="units removed by the structured pattern (attention heads / KV groups, FFN neurons)"
+    )
+    targets: Literal["all", "attention", "qk", "ffn"] = Field(
+        "all", description="matrices pruned in each block: all linears, attention q/k/v/o, q/k only, or FFN only"
+    )
+    calibration_samples: int = Field(64, description="number of calibration sequences")
+    calibration_seq_len: int = Field(128, description="tokens per calibration sequence")
+    sequential: bool = Field(
+        True, description="prune layer l, then feed its pruned outputs to layer l+1 (Wanda/SparseGPT protocol)"
+    )
+    blocksize: int = Field(128, description="SparseGPT column block size (lazy batch updates)")
+    percdamp: float = Field(0.01, description="SparseGPT Hessian dampening as a fraction of mean(diag H)")
+    attention: Any = Field(
+        None, description="options of the attention-matrix method (pipeline.pruning.attention.AttentionMethodConfig)"
+    )
+    strict: bool = Field(False, description="reject patterns that give no speedup on the target (target-aware checks)")
+    seed: int = Field(0, description="random seed recorded with the result")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("calibration_samples", "calibration_seq_len", "blocksize")
+    @classmethod
+    def _check_positive(cls, v: int, info: Any) -> int:
+        if v < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {v!r}")
+        return v
+
+    @field_validator("percdamp")
+    @classmethod
+    def _check_percdamp(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"percdamp must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("attention", mode="before")
+    @classmethod
+    def _check_attention(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        klass = _attention_config_class()
+        if klass is not None:
+            return v if isinstance(v, klass) else klass.model_validate(v)
+        if isinstance(v, dict) and not v:
+            return {}
+        raise ValueError(
+            f"attention options {v!r} given, but pipeline.pruning.attention.AttentionMethodConfig is not available yet"
+        )
+
+    @model_validator(mode="after")
+    def _check_pattern(self) -> "PruneConfig":
+        if self.pattern == "n:m":
+            if not (self.m >= 2 and 0 < self.n < self.m):
+                raise ValueError(f"n:m needs 0 < n < m and m >= 2, got n={self.n!r}, m={self.m!r}")
+            implied = 1.0 - self.n / self.m
+            if "sparsity" in self.model_fields_set and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity={self.sparsity!r} contradicts pattern {self.n}:{self.m} (implies {implied!r}); omit sparsity"
+                )
+        if self.pattern == "structured":
+            if not structured_units(self):
+                raise ValueError(
+                    f"structured_unit={self.structured_unit!r} removes nothing inside targets={self.targets!r}"
+                )
+            if self.method in ("sparsegpt", "attention"):
+                raise ValueError(
+                    f"pattern 'structured' supports method 'magnitude' or 'wanda' ranking, got method={self.method!r}"
+                )
+        return self
+
+    @property
+    def effective_sparsity(self) -> float:
+        """Fraction of weights removed per pruned matrix (``1 - n/m`` for N:M)."""
+        return 1.0 - self.n / self.m if self.pattern == "n:m" else self.sparsity
+
+    @property
+    def attention_options(self) -> Any:
+        """Validated options for the attention method (None when not given)."""
+        return self.attention
+
+
+def structured_units(cfg: PruneConfig) -> tuple[str, ...]:
+    """Units the structured pattern removes, restricted to ``cfg.targets``.
+
+    Removing a head deletes its q/k/v rows and o columns, so heads need ``targets`` ``all`` or ``attention``;
+    FFN neurons need ``all`` or ``ffn``.
+    """
+    wanted = cfg.structured_unit.split("+")
+    allowed = {"all": ("heads", "ffn"), "attention": ("heads",), "ffn": ("ffn",), "qk": ()}[cfg.targets]
+    return tuple(u for u in wanted if u in allowed)

@@ -1,0 +1,380 @@
+"""Recover a pruned model's fidelity by knowledge distillation from its dense teacher.
+
+After pruning (unstructured zeros or structurally removed heads / FFN channels), a short distillation run on
+calibration text pulls the student's outputs back toward the dense teacher's. The run is bounded
+(``steps``) and CPU-friendly: small batches, teacher targets cached when they fit a memory budget.
+
+Losses (``loss=``):
+
+- ``"hidden_mse"`` (encoders, default for models without causal-LM logits): token-level MSE of the last
+  hidden state over real (unmasked) tokens, divided by the teacher's mean square so the term is scale-free,
+  plus ``1 - cos`` of the mean-pooled sentence embeddings.
+- ``"cosine"`` (encoders): ``1 - cos`` of the mean-pooled embeddings only (exactly what retrieval uses).
+- ``"kl_logits"`` (causal LMs, default when the model is a causal LM): ``T^2 * KL(p_teacher || p_student)``
+  of temperature-``T`` softened next-token distributions, averaged over real tokens (Hinton et al. 2015).
+
+Structured students keep the teacher's hidden size (only heads / FFN widths shrink), so every loss compares
+tensors of equal shape; a mismatch raises a ``ValueError``.
+
+``keep_masks=True`` records which weight-matrix entries (parameters with ndim >= 2) are exactly zero at the
+start and multiplies them back to zero after each optimizer step, so unstructured sparsity survives
+training. 1-D parameters (biases, LayerNorm) are not masked: they are often zero-initialised, not pruned.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["RecoverResult", "LossKind", "recover_", "heldout_metrics", "is_causal_lm"]
+
+logger = logging.getLogger(__name__)
+
+LossKind = Literal["hidden_mse", "cosine", "kl_logits"]
+_LOSSES: tuple[str, ...] = ("hidden_mse", "cosine", "kl_logits")
+# Teacher targets are cached across steps (each batch is revisited steps/len(batches) times) while they fit.
+_TEACHER_CACHE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class RecoverResult:
+    """What a ``recover_`` run did.
+
+    Attributes:
+        steps: optimizer steps taken.
+        seconds: wall time of the training loop (held-out evaluation excluded).
+        loss_first: distillation loss at the first step.
+        loss_last: mean loss over the last ``min(10, steps)`` steps (a single step is noisy).
+        heldout_before: held-out metrics before training (``{}`` without held-out batches).
+        heldout_after: the same metrics after training.
+        loss: the loss that was used.
+        masked_params: number of weight tensors whose zeros were kept.
+    """
+
+    steps: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+    heldout_before: dict[str, float]
+    heldout_after: dict[str, float]
+    loss: str = "hidden_mse"
+    masked_params: int = 0
+    losses: tuple[float, ...] = field(default=(), repr=False)
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """True when ``model`` is a Hugging Face causal-LM head model (GPT2LMHeadModel, LlamaForCausalLM, ...).
+
+    Decided by transformers' own causal-LM registry (or ``config.is_decoder``), not by name matching.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()):
+        return True
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "is_decoder", False)) and hasattr(model, "get_output_embeddings")
+
+
+def _accepted_keys(model: torch.nn.Module) -> set[str] | None:
+    """Names ``model.forward`` accepts, or None when it takes ``**kwargs`` (accept everything)."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def _feeds(batch: Mapping[str, Any], keys: set[str] | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """Batch tensors the model accepts, moved to its device (e.g. drop token_type_ids for Llama)."""
+    return {
+        k: v.to(device)
+        for k, v in batch.items()
+        if isinstance(v, torch.Tensor) and (keys is None or k in keys)
+    }
+
+
+def _mask_of(batch: Mapping[str, Any]) -> torch.Tensor:
+    """(B, T) float mask of real tokens; all ones when the batch has no attention_mask."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    return (torch.ones_like(ids) if mask is None else mask).to(torch.float32)
+
+
+def _outputs(model: torch.nn.Module, feeds: dict[str, torch.Tensor], causal: bool) -> torch.Tensor:
+    """Logits (B, T, V) for causal LMs, else the last hidden state (B, T, H)."""
+    if causal:
+        out = model(**feeds)
+        return out["logits"] if isinstance(out, Mapping) else out[0]
+    out = model(**feeds, output_hidden_states=True)
+    if isinstance(out, Mapping):
+        if out.get("last_hidden_state") is not None:
+            return out["last_hidden_state"]
+        if out.get("hidden_states") is not None:
+            return out["hidden_states"][-1]
+        raise ValueError(f"{type(model).__name__} returned neither last_hidden_state nor hidden_states")
+    return out[0]
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) x (B, T) -> (B, H): average over real tokens only (sentence-transformers pooling)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _distill_loss(
+    kind: str, s_out: torch.Tensor, t_out: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Scalar loss between student and teacher outputs of equal shape (B, T, H|V); mask is (B, T)."""
+    if s_out.shape != t_out.shape:
+        raise ValueError(
+            f"student output {tuple(s_out.shape)} != teacher output {tuple(t_out.shape)}: recover needs the"
+            " same hidden size / vocabulary (structured pruning may only shrink heads and FFN widths)"
+        )
+    n_tok = mask.sum().clamp_min(1.0)
+    if kind == "kl_logits":
+        # (B, T, V) -> per-token KL(p_t || p_s) at temperature T; T^2 keeps gradient scale independent of T.
+        log_ps = F.log_softmax(s_out.float() / temperature, dim=-1)
+        log_pt = F.log_softmax(t_out.float() / temperature, dim=-1)
+        kl_tok = (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # (B, T)
+        return (kl_tok * mask).sum() / n_tok * temperature**2
+    cos = F.cosine_similarity(_mean_pool(s_out, mask), _mean_pool(t_out, mask), dim=-1)  # (B,)
+    cos_term = (1.0 - cos).mean()
+    if kind == "cosine":
+        return cos_term
+    # hidden_mse: masked token MSE, normalised by the teacher's mean square so the scale is model-free.
+    m = mask.unsqueeze(-1)  # (B, T, 1)
+    mse = (((s_out - t_out) ** 2) * m).sum() / (n_tok * s_out.shape[-1])
+    scale = ((t_out**2) * m).sum() / (n_tok * t_out.shape[-1])
+    return mse / scale.clamp_min(1e-12) + cos_term
+
+
+@torch.no_grad()
+def heldout_metrics(
+    student: torch.nn.Module, teacher: torch.nn.Module, batches: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    """Fidelity of ``student`` against ``teacher`` on held-out batches.
+
+    Encoders: cosine of mean-pooled embeddings per passage -> ``cos_mean``, ``cos_min``, ``n``.
+    Causal LMs: next-token perplexity of both models (``ppl``, ``teacher_ppl``), the fraction of real
+    positions where their top-1 next tokens agree (``top1_agreement``), the mean per-token
+    ``KL(p_teacher || p_student)`` at temperature 1 (``kl``, nats) and ``n_tokens``.
+
+    Args:
+        student: the (pruned) model.
+        teacher: the dense reference model.
+        batches: dicts with ``input_ids`` and optionally ``attention_mask`` (B, T).
+
+    Returns:
+        The metrics dict (floats).
+    """
+    causal = is_causal_lm(teacher)
+    was = (student.training, teacher.training)
+    student.eval()
+    teacher.eval()
+    device = next(student.parameters()).device
+    s_keys, t_keys = _accepted_keys(student), _accepted_keys(teacher)
+    cos_all: list[torch.Tensor] = []
+    nll_s = nll_t = 0.0
+    agree = n_pred = kl_sum = 0.0
+    try:
+        for batch in batches:
+            mask = _mask_of(batch).to(device)
+            s_out = _outputs(student, _feeds(batch, s_keys, device), causal).float()
+            t_out = _outputs(teacher, _feeds(batch, t_keys, device), causal).float()
+            if not causal:
+                cos_all.append(F.cosine_similarity(_mean_pool(s_out, mask), _mean_pool(t_out, mask), dim=-1))
+                continue
+            # Position t predicts token t+1; it counts only when both t and t+1 are real tokens.
+            target = batch["input_ids"].to(device)[:, 1:]  # (B, T-1)
+            valid = mask[:, 1:] * mask[:, :-1]  # (B, T-1)
+            for out, acc in ((s_out, "s"), (t_out, "t")):
+                nll = F.cross_entropy(out[:, :-1].transpose(1, 2), target, reduction="none")  # (B, T-1)
+                total = float((nll * valid).sum())
+                if acc == "s":
+                    nll_s += total
+                else:
+                    nll_t += total
+            # KL(p_teacher || p_student) at T=1 over the same positions: fidelity independent of the text.
+            log_ps = F.log_softmax(s_out[:, :-1], dim=-1)
+            log_pt = F.log_softmax(t_out[:, :-1], dim=-1)
+            kl_sum += float(((log_pt.exp() * (log_pt - log_ps)).sum(-1) * valid).sum())
+            same = (s_out[:, :-1].argmax(-1) == t_out[:, :-1].argmax(-1)).float()
+            agree += float((same * valid).sum())
+            n_pred += float(valid.sum())
+    finally:
+        student.train(was[0])
+        teacher.train(was[1])
+    if not causal:
+        if not cos_all:
+            return {}
+        cos = torch.cat(cos_all)
+        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "n": float(cos.numel())}
+    if n_pred == 0:
+        return {}
+    return {
+        "ppl": math.exp(nll_s / n_pred),
+        "teacher_ppl": math.exp(nll_t / n_pred),
+        "top1_agreement": agree / n_pred,
+        "kl": kl_sum / n_pred,
+        "n_tokens": n_pred,
+    }
+
+
+def _zero_masks(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
+    """name -> (param, keep) for weight matrices (ndim >= 2) that hold exact zeros; keep is a bool tensor."""
+    masks = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.ndim >= 2:
+            keep = p.detach() != 0
+            if not bool(keep.all()):
+                masks[name] = (p, keep)
+    return masks
+
+
+def recover_(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    steps: int = 200,
+    lr: float = 1e-4,
+    loss: LossKind | None = None,
+    temperature: float = 2.0,
+    keep_masks: bool = True,
+    heldout: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    dropout: bool = False,
+    max_grad_norm: float | None = 1.0,
+    progress: Callable[[int, float], None] | None = None,
+) -> RecoverResult:
+    """Distill ``teacher`` into ``student`` in place on calibration batches.
+
+    Args:
+        student: the pruned model; trained in place (trailing ``_``). Same hidden size / vocab as the teacher.
+        teacher: the dense model; frozen and run in eval mode.
+        batches: calibration batches (``input_ids``, ``attention_mask``, optional ``token_type_ids``), e.g.
+            from ``pipeline.data.tokenize_batches``. Visited in a seeded shuffled order, epoch by epoch.
+        steps: number of optimizer steps (>= 1).
+        lr: AdamW learning rate (> 0); no weight decay (it would fight the teacher target).
+        loss: ``"hidden_mse"``, ``"cosine"`` or ``"kl_logits"``; ``None`` picks ``"kl_logits"`` for causal LMs
+            (``is_causal_lm(teacher)``) and ``"hidden_mse"`` otherwise.
+        temperature: softmax temperature of ``"kl_logits"`` (> 0).
+        keep_masks: keep exact zeros of weight matrices at zero (re-applied after every step).
+        heldout: batches for ``heldout_metrics`` before and after; ``None`` skips evaluation.
+        seed: seeds the batch order and any dropout; the global RNG state is restored afterwards.
+        dropout: train with the student's dropout active (``student.train()``); default off, because a few
+            hundred steps on a few passages fit better without noise [I: our choice].
+        max_grad_norm: gradient-norm clip (``None`` disables).
+        progress: called as ``progress(step, loss)`` after each step (step counts from 1).
+
+    Returns:
+        A ``RecoverResult`` with losses, timing and the held-out metrics.
+
+    Raises:
+        ValueError: bad ``steps``/``lr``/``loss``/``temperature``, empty ``batches``, or output shapes that
+            differ between student and teacher.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if loss is not None and loss not in _LOSSES:
+        raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+    if not batches:
+        raise ValueError("batches is empty: recover needs calibration batches")
+
+    causal = is_causal_lm(teacher)
+    kind = loss or ("kl_logits" if causal else "hidden_mse")
+    if kind == "kl_logits" and not causal:
+        raise ValueError(f"loss='kl_logits' needs a causal LM teacher, got {type(teacher).__name__}")
+    if kind != "kl_logits" and causal:
+        # Hidden-state losses are fine for decoders too, but _outputs returns logits for them.
+        raise ValueError(f"loss={kind!r} is for encoders; use 'kl_logits' for {type(teacher).__name__}")
+
+    device = next(student.parameters()).device
+    s_keys, t_keys = _accepted_keys(student), _accepted_keys(teacher)
+    before = heldout_metrics(student, teacher, heldout) if heldout else {}
+
+    masks = _zero_masks(student) if keep_masks else {}
+    if masks:
+        n_zero = sum(int((~k).sum()) for _, k in masks.values())
+        logger.info("recover: keeping %d zeros in %d weight tensors", n_zero, len(masks))
+
+    teacher_was, student_was = teacher.training, student.training
+    teacher.eval()
+    student.train(dropout)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    cache: dict[int, torch.Tensor] = {}
+    cache_bytes = 0
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            order: list[int] = []
+            for step in range(1, steps + 1):
+                if not order:  # new epoch: a fresh seeded permutation of the batches
+                    order = torch.randperm(len(batches), generator=gen).tolist()
+                i = order.pop()
+                batch = batches[i]
+                mask = _mask_of(batch).to(device)
+                t_out = cache.get(i)
+                if t_out is None:
+                    with torch.no_grad():
+                        t_out = _outputs(teacher, _feeds(batch, t_keys, device), causal).detach()
+                    size = t_out.numel() * t_out.element_size()
+                    if cache_bytes + size <= _TEACHER_CACHE_BYTES:
+                        cache[i] = t_out
+                        cache_bytes += size
+                s_out = _outputs(student, _feeds(batch, s_keys, device), causal)
+                value = _distill_loss(kind, s_out, t_out, mask, temperature)
+                if not torch.isfinite(value):
+                    raise FloatingPointError(f"recover: non-finite loss {value.item()} at step {step}")
+                opt.zero_grad(set_to_none=True)
+                value.backward()
+                if max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                opt.step()
+                if masks:
+                    with torch.no_grad():
+                        for p, keep in masks.values():
+                            p.mul_(keep)  # pruned entries back to exactly 0 after the Adam update
+                losses.append(value.item())
+                if progress is not None:
+                    progress(step, losses[-1])
+                logger.debug("recover step %d/%d loss %.6f", step, steps, losses[-1])
+    finally:
+        seconds = time.perf_counter() - t0
+        teacher.train(teacher_was)
+        student.train(student_was)
+        student.zero_grad(set_to_none=True)
+
+    after = heldout_metrics(student, teacher, heldout) if heldout else {}
+    tail = losses[-min(10, len(losses)) :]
+    result = RecoverResult(
+        steps=len(losses),
+        seconds=seconds,
+        loss_first=losses[0],
+        loss_last=sum(tail) / len(tail),
+        heldout_before=before,
+        heldout_after=after,
+        loss=kind,
+        masked_params=len(masks),
+        losses=tuple(losses),
+    )
+    logger.info(
+        "recover: %d steps in %.1fs, loss %.4g -> %.4g, heldout %s -> %s",
+        result.steps, seconds, result.loss_first, result.loss_last, before, after,
+    )
+    return result

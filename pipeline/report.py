@@ -1,0 +1,187 @@
+"""Publish per-target folders and write report.json, report.md (tables + plots) and manifest.json."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, hash_file
+
+__all__ = ["publish_targets", "write_reports"]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)  # stage files are never modified in place, so a hard link is safe and free
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Assemble ``run_dir/<target>/`` (model, .ort + required-ops config, bundle/) atomically from stage outputs."""
+    published: dict[str, dict[str, str]] = {}
+    for name in names:
+        tm = art.targets.get(name)
+        if tm is None:
+            continue
+        tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        files: dict[str, str] = {}
+        src = run_dir / tm.model
+        _link_or_copy(src, tmp / "model.onnx")
+        files["model"] = f"{name}/model.onnx"
+        for label, ref in tm.files.items():
+            p = run_dir / ref
+            if p.is_dir():
+                for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                    _link_or_copy(f, tmp / label / f.relative_to(p))
+                files[label] = f"{name}/{label}"
+            elif p.is_file():
+                dst_name = "model.ort" if label == "ort" else ("model.required_operators.config" if label == "required_operators" else p.name)
+                _link_or_copy(p, tmp / dst_name)
+                files[label] = f"{name}/{dst_name}"
+        final = run_dir / name
+        old = None
+        if final.exists():
+            old = run_dir / f".{name}.old-{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        published[name] = files
+    return published
+
+
+def _fmt(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "**NO**"
+    if isinstance(v, float):
+        return f"{v:.{nd}g}"
+    return str(v)
+
+
+def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    rows = [(n, t) for n, t in targets.items() if t.get("latency_ms")]
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = [n for n, _ in rows]
+    p50 = [t["latency_ms"]["p50"] for _, t in rows]
+    p95 = [t["latency_ms"]["p95"] for _, t in rows]
+    xs = range(len(rows))
+    a1.bar([x - 0.2 for x in xs], p50, 0.4, label="p50")
+    a1.bar([x + 0.2 for x in xs], p95, 0.4, label="p95")
+    a1.set_xticks(list(xs), names, rotation=20, ha="right")
+    a1.set_ylabel("ms (this host)")
+    a1.set_title("Latency per target")
+    a1.legend()
+    a2.bar(list(xs), [t["size_bytes"] / 1e6 for _, t in rows], 0.6, color="tab:green")
+    a2.set_xticks(list(xs), names, rotation=20, ha="right")
+    a2.set_ylabel("MB")
+    a2.set_title("Model size")
+    fig.tight_layout()
+    tmp = plot_dir / ".targets.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, plot_dir / "targets.png")
+    return ["plots/targets.png"]
+
+
+def write_reports(*, run_dir: Path, cfg: Any, art: Artifact, records: list[dict[str, Any]], published: Mapping[str, Mapping[str, str]], manifest_extra: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+    failures: list[dict[str, Any]] = []
+    for r in records:
+        failures.extend(r["metrics"].get("failures", []) if isinstance(r.get("metrics"), dict) else [])
+    targets: dict[str, Any] = {}
+    for name in cfg.targets:
+        tm = art.targets.get(name)
+        if tm is None:
+            continue
+        m = dict(tm.metrics)
+        files = dict(published.get(name, {}))
+        model_file = run_dir / files["model"]
+        targets[name] = {
+            "artifact": files.pop("model"),
+            "size_bytes": model_file.stat().st_size,
+            "precision": tm.precision,
+            "parity": m.get("parity"),
+            "fidelity": m.get("fidelity"),
+            "latency_ms": m.get("latency_ms"),
+            "peak_rss_mb": m.get("peak_rss_mb"),
+            "files": files,
+            **({"generation": m["generation"]} if "generation" in m else {}),
+        }
+    report = {
+        "edgepipe": manifest_extra.get("versions", {}).get("edgepipe"),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": art.task,
+        "family": art.family,
+        "model": manifest_extra.get("inputs", {}).get("model_path"),
+        "seconds": round(seconds, 3),
+        "stages": records,
+        "targets": targets,
+        "ok": not failures,
+        "failures": failures,
+    }
+    if failures:
+        head = "| target | check | value | limit |\n|---|---|---|---|\n"
+        report["failure_table"] = head + "\n".join(f"| {f['target']} | {f['check']} | {f['value']} | {f['limit']} |" for f in failures)
+    plots = _plots(run_dir, targets)
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", _markdown(report, plots))
+    outputs = {}
+    for name, files in published.items():
+        for label, rel in files.items():
+            p = run_dir / rel
+            if p.is_file():
+                outputs[rel] = hash_file(p)
+    manifest = {
+        "config": cfg.to_data(),
+        "seed": cfg.seed,
+        **manifest_extra,
+        "outputs_sha256": outputs,
+        "stages": [{"name": r["name"], "folder": r["folder"], "status": r["status"]} for r in records],
+    }
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    return report
+
+
+def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
+    L = [f"# edgepipe report", "", f"- model: `{rep['model']}` ({rep['family']}, {rep['task']})", f"- created: {rep['created']}, total {rep['seconds']:.1f} s",
+         f"- result: {'**all checks passed**' if rep['ok'] else '**FAILED** — see below'}", ""]
+    if rep.get("failures"):
+        L += ["## Failed checks", "", rep["failure_table"], ""]
+    L += ["## Targets", "", "| target | precision | size MB | parity max abs diff | parity ok | cos mean / min | recall@10 | top-1 agree | p50 ms | p95 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in rep["targets"].items():
+        par = t.get("parity") or {}
+        fid = t.get("fidelity") or {}
+        lat = t.get("latency_ms") or {}
+        cos = f"{_fmt(fid.get('cos_mean'))} / {_fmt(fid.get('cos_min'))}" if "cos_mean" in fid else "–"
+        L.append(f"| {name} | {t['precision']} | {t['size_bytes'] / 1e6:.1f} | {_fmt(par.get('max_abs_diff'), 3)} | {_fmt(par.get('ok'))} | {cos} | {_fmt(fid.get('recall_at_10'))} | {_fmt(fid.get('top1_agreement'))} | {_fmt(lat.get('p50'), 3)} | {_fmt(lat.get('p95'), 3)} | {_fmt(t.get('peak_rss_mb'), 4)} |")
+    L += ["", "Latency and memory were measured on the host that ran edgepipe, not on the device; run each target's `bundle/evaluate.py` on the device for its own numbers.", ""]
+    for p in plots:
+        L += [f"![targets]({p})", ""]
+    L += ["## Stages", "", "| # | stage | status | seconds |", "|---|---|---|---|"]
+    for i, r in enumerate(rep["stages"], 1):
+        L.append(f"| {i} | {r['name']} | {r['status']} | {r['seconds']:.2f} |")
+    L.append("")
+    for r in rep["stages"]:
+        m = r.get("metrics") or {}
+        if r["name"] == "prune" and m:
+            sp = (m.get("sparsity") or {}).get("overall")
+            ae = (m.get("attention_error") or {}).get("mean")
+            L += [f"### prune", "", f"- overall sparsity: {_fmt(sp)}; mean attention error vs dense: {_fmt(ae)}; seconds: {_fmt(m.get('seconds'))}", ""]
+    return "\n".join(L)

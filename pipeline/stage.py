@@ -1,0 +1,97 @@
+"""Stages: a frozen, typed config plus one registered function ``fn(artifact, config, ctx) -> artifact``.
+
+Registry keys are explicit strings (the YAML key), never derived from class names.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
+
+from pipeline.schema import Frozen
+
+__all__ = ["StageConfig", "StageSpec", "StageContext", "STAGES", "register_stage", "stage_config_class"]
+
+
+class StageConfig(Frozen):
+    """Base of every stage config. Subclasses set ``kind`` (the YAML key) as a ClassVar."""
+
+    kind: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    kind: str
+    config_cls: type[StageConfig]
+    fn: Callable[..., Any]
+    version: int
+    description: str
+
+
+STAGES: dict[str, StageSpec] = {}
+
+
+def register_stage(config_cls: type[StageConfig], *, version: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as the implementation of ``config_cls.kind``.
+
+    ``version`` is part of the cache key: bump it when the stage's output changes for the same input.
+    """
+    kind = config_cls.kind
+    if not kind:
+        raise TypeError(f"{config_cls.__name__} must set the ClassVar 'kind'")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if kind in STAGES and STAGES[kind].fn is not fn:
+            raise ValueError(f"stage kind '{kind}' registered twice ({STAGES[kind].fn.__module__} and {fn.__module__})")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        STAGES[kind] = StageSpec(kind, config_cls, fn, version, doc[0] if doc else "")
+        return fn
+
+    return deco
+
+
+def stage_config_class(kind: str) -> type[StageConfig]:
+    from pipeline import stages as _  # noqa: F401  (explicit registration of the built-in stages)
+
+    return STAGES[kind].config_cls
+
+
+@dataclass
+class StageContext:
+    """What a running stage may touch.
+
+    Args:
+        dir: the stage's private (temporary) output folder; a stage writes only here.
+        final_rel: where ``dir`` will live, relative to the run folder, once the stage completes.
+        run_dir: the run folder (to resolve paths of earlier artifacts).
+        targets: the run's target profiles, by name, in config order.
+        run: the whole pipeline config (seed, calibration settings, model).
+        index: position of this stage in the pipeline (0-based).
+        progress: whether to show progress bars.
+    """
+
+    dir: Path
+    final_rel: str
+    run_dir: Path
+    targets: Mapping[str, Any]
+    run: Any
+    index: int
+    progress: bool = True
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("edgepipe.stage"))
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def ref(self, path: Path) -> str:
+        """Run-relative reference for a file this stage wrote (valid after the stage completes)."""
+        rel = Path(path).resolve().relative_to(self.dir.resolve())
+        return f"{self.final_rel}/{rel.as_posix()}" if str(rel) != "." else self.final_rel
+
+    def resolve(self, ref: str) -> Path:
+        """Path of an earlier artifact's file from its run-relative reference."""
+        return self.run_dir / ref
+
+    def subdir(self, *parts: str) -> Path:
+        p = self.dir.joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p

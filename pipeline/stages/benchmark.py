@@ -1,0 +1,79 @@
+"""benchmark: latency p50/p95 and peak RSS of each target's model on this host, in a fresh process per target
+(the on-device evaluation script, so the numbers are the model's own), plus model size."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.artifact import Artifact, TargetModel
+from pipeline.errors import StageError
+from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
+
+__all__ = ["BenchmarkConfig", "run_benchmark"]
+
+
+class BenchmarkConfig(StageConfig):
+    kind = "benchmark"
+    runs: int = Field(50, ge=1, description="timed runs per target")
+    warmup: int = Field(5, ge=0, description="untimed runs first")
+    batch: int = Field(1, ge=1)
+    seq: int = Field(128, ge=1, description="tokens per sequence (real text, truncated)")
+    threads: Optional[int] = Field(None, ge=1, description="intra-op threads; omitted = the profile's, capped at this host's cores")
+
+
+@register_stage(BenchmarkConfig)
+def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Artifact:
+    """Time each target's model in a subprocess and record latency, peak RSS and size."""
+    from tqdm.auto import tqdm
+
+    from exporters.onnx import torch_reference
+    from runtimes.benchmark import benchmark_bundle
+    from runtimes.bundle import write_bundle
+
+    if not art.targets:
+        raise StageError("benchmark", "no ONNX model yet: put an 'export' stage before 'benchmark'")
+    loaded = load_from_artifact(art, ctx)
+    _, heldout = text_sets(ctx)
+    text = " ".join(heldout)
+    batch = encode(loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch)[0]
+    host_cores = os.cpu_count() or 1
+    out = art
+    summary = {}
+    ref_cache: dict[str, dict] = {}
+    for name in tqdm(list(ctx.targets), desc="benchmark", disable=not ctx.progress, leave=False):
+        prof = ctx.targets[name]
+        tm = art.targets[name]
+        feeds = to_numpy_feeds(batch, tm.io)
+        first = tm.io["output_names"][0]
+        key = ",".join(sorted(feeds))
+        if key not in ref_cache:
+            ref_cache[key] = torch_reference(loaded, feeds)
+        ref = ref_cache[key]
+        tol = prof.tolerances[tm.precision]
+        threads = min(cfg.threads or prof.threads or host_cores, host_cores)
+        model = ctx.resolve(tm.files["ort"]) if "ort" in tm.files else ctx.resolve(tm.model)
+        bdir = write_bundle(ctx.subdir(name), model_path=model, sample_inputs=feeds, reference_outputs={first: ref[first]},
+                            atol=tol.atol, rtol=0.0, min_cosine=tol.min_cosine, threads=threads, providers=prof.providers,
+                            runs=cfg.runs, warmup=cfg.warmup)
+        res = benchmark_bundle(bdir, runs=cfg.runs, threads=threads)
+        entry = {
+            "latency_ms": res["latency_ms"],
+            "peak_rss_mb": res["peak_rss_mb"],
+            "provider": res.get("provider"),
+            "threads": threads,
+            "batch": cfg.batch,
+            "seq": int(np.asarray(feeds["input_ids"]).shape[1]),
+            "size_bytes": ctx.resolve(tm.model).stat().st_size,
+            "outputs_ok": res.get("ok"),
+            "measured_on": "this host (not the device)",
+        }
+        summary[name] = entry
+        metrics = {**dict(tm.metrics), "latency_ms": entry["latency_ms"], "peak_rss_mb": entry["peak_rss_mb"], "benchmark": entry}
+        out = out.with_target(name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=dict(tm.files), metrics=metrics))
+    ctx.metrics.update({"targets": summary})
+    return out

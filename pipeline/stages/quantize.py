@@ -1,0 +1,95 @@
+"""quantize: per target, convert the fp32 ONNX model to the target's precision and package it
+(ORT format + required-operators config + mobile usability report where the profile asks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import onnx
+from pydantic import Field
+
+from pipeline.artifact import Artifact, TargetModel
+from pipeline.errors import StageError
+from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
+
+__all__ = ["QuantizeConfig", "run_quantize", "check_ops_for_target"]
+
+Precision = Literal["fp32", "fp16", "int8", "int8-static"]
+
+
+class QuantizeConfig(StageConfig):
+    kind = "quantize"
+    precision: Optional[Precision] = Field(None, description="one precision for every target; omitted = each profile's default")
+    per_target: dict[str, Precision] = Field(default_factory=dict, description="precision overrides by target name")
+    per_channel: bool = Field(True, description="int8: per-channel weight scales (much better fidelity than per-tensor)")
+    calibration_samples: int = Field(32, ge=1, description="int8-static: calibration passages")
+    keep_fp32_ops: Optional[list[str]] = Field(None, description="op types kept in fp32 (default: LayerNorm, Softmax and residual-sensitive ops)")
+
+
+def check_ops_for_target(model_path: Path, target: str, opset: int) -> None:
+    """Every standard-domain op must exist at the target's opset; otherwise one clear error naming the op."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    imported = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
+    if imported.get("ai.onnx", 0) > opset:
+        raise StageError("quantize", f"target '{target}' runs ONNX opset ≤ {opset} but the model uses opset {imported['ai.onnx']}")
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx"):
+            try:
+                onnx.defs.get_schema(node.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                raise StageError("quantize", f"op '{node.op_type}' (node '{node.name}') is not available at opset {opset} on target '{target}'") from None
+
+
+@register_stage(QuantizeConfig)
+def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artifact:
+    """Convert each target's model to its precision; ORT format and mobile check where the profile asks."""
+    from tqdm.auto import tqdm
+
+    from exporters.mobile import mobile_usability, to_ort_format
+    from exporters.quantize import convert_precision
+
+    if not art.targets:
+        raise StageError("quantize", "no ONNX model yet: put an 'export' stage before 'quantize'")
+    unknown = sorted(set(cfg.per_target) - set(ctx.targets))
+    if unknown:
+        raise StageError("quantize", f"per_target names targets not in this run: {unknown}")
+    calib_feeds = None
+    out = art
+    report: dict[str, dict] = {}
+    for name in tqdm(list(ctx.targets), desc="quantize", disable=not ctx.progress, leave=False):
+        prof = ctx.targets[name]
+        tm = art.targets[name]
+        precision = cfg.per_target.get(name) or cfg.precision or prof.default_precision
+        if precision not in prof.precisions:
+            raise StageError("quantize", f"precision '{precision}' is not supported by target '{name}' (supports {prof.precisions})")
+        src = ctx.resolve(tm.model)
+        check_ops_for_target(src, name, prof.opset)
+        tdir = ctx.subdir(name)
+        dst = tdir / "model.onnx"
+        feeds = None
+        if precision == "int8-static":
+            if calib_feeds is None:
+                loaded = load_from_artifact(art, ctx)
+                calib, _ = text_sets(ctx)
+                batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1)
+                calib_feeds = [to_numpy_feeds(b, tm.io) for b in batches]
+            feeds = calib_feeds
+        kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel}
+        if cfg.keep_fp32_ops is not None:
+            kwargs["keep_fp32_ops"] = cfg.keep_fp32_ops
+        q = convert_precision(src, dst, precision, **kwargs)
+        files = dict(tm.files)
+        info = {"precision": precision, "size_bytes": dst.stat().st_size, "nodes_quantized": q.nodes_quantized, "ops_kept_fp32": list(q.ops_kept_fp32)}
+        if prof.ort_format:
+            ort_res = to_ort_format(dst, tdir)
+            files["ort"] = ctx.ref(ort_res.ort_path)
+            files["required_operators"] = ctx.ref(ort_res.config_path)
+            info["ort_size_bytes"] = Path(ort_res.ort_path).stat().st_size
+        if prof.mobile_check:
+            info["mobile_usability"] = mobile_usability(dst)
+        report[name] = info
+        out = out.with_target(name, TargetModel(model=ctx.ref(dst), precision=precision, io=tm.io, files=files, metrics=dict(tm.metrics)))
+    ctx.metrics.update({"targets": report})
+    return out

@@ -1,0 +1,148 @@
+"""validate: structural check, ORT-vs-PyTorch parity and task fidelity vs the dense model, per target;
+writes each target's standalone on-device bundle. Gate failures are recorded (the run fails after the report)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.artifact import Artifact, TargetModel
+from pipeline.errors import StageError
+from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stages._common import encode, load_dense, load_from_artifact, text_sets, to_numpy_feeds
+
+__all__ = ["ValidateConfig", "run_validate"]
+
+
+class ValidateConfig(StageConfig):
+    kind = "validate"
+    samples: Optional[int] = Field(None, ge=4, description="held-out passages to validate on; omitted = calibration.heldout")
+    min_cos_mean: Optional[float] = Field(0.9, ge=-1, le=1, description="encoders: gate on mean embedding cosine vs the dense model (null = report only)")
+    min_recall_at_10: Optional[float] = Field(None, ge=0, le=1, description="encoders: gate on neighbour recall@10 vs dense")
+    min_top1_agreement: Optional[float] = Field(None, ge=0, le=1, description="LMs: gate on next-token top-1 agreement vs dense")
+    max_ppl_ratio: Optional[float] = Field(None, gt=0, description="causal LMs: gate on perplexity / dense perplexity")
+    generation_tokens: int = Field(8, ge=1, le=256, description="causal LMs: greedy tokens for the generation parity check")
+    bundle: bool = Field(True, description="write the standalone on-device evaluation bundle for each target")
+
+
+def _run_session(sess, feeds_list, names):
+    outs = [dict(zip(names, sess.run(list(names), f))) for f in feeds_list]
+    return outs
+
+
+def _pad_cat(arrs: list[np.ndarray]) -> np.ndarray:
+    """Concatenate (B, S, ...) arrays of different S along B, zero-padding S."""
+    s = max(a.shape[1] for a in arrs)
+    return np.concatenate([np.pad(a, [(0, 0), (0, s - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrs])
+
+
+@register_stage(ValidateConfig)
+def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artifact:
+    """Check every target's model: onnx checker, parity vs PyTorch (profile tolerance), fidelity vs dense."""
+    import onnx
+    from tqdm.auto import tqdm
+
+    from exporters.onnx import torch_reference
+    from runtimes.compare import compare, comparison_table
+    from runtimes.fidelity import embedding_fidelity, lm_fidelity, mean_pool
+    from runtimes.session import make_session
+
+    if not art.targets:
+        raise StageError("validate", "no ONNX model yet: put an 'export' stage before 'validate'")
+    loaded = load_from_artifact(art, ctx)
+    dense = load_dense(art)
+    _, heldout = text_sets(ctx)
+    heldout = heldout[: cfg.samples] if cfg.samples else heldout
+    batches = encode(loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
+    decoder = art.task == "text-generation"
+
+    # PyTorch references, computed once: the current (maybe pruned) model for parity, the dense one for fidelity
+    any_io = next(iter(art.targets.values())).io
+    feeds_all = [to_numpy_feeds(b, any_io) for b in batches]
+    ref_cur = [torch_reference(loaded, f) for f in feeds_all]
+    ref_dense = [torch_reference(dense, f) for f in feeds_all]
+    first = any_io["output_names"][0]
+    masks = _pad_cat([f["attention_mask"] for f in feeds_all])
+    ids = _pad_cat([f["input_ids"] for f in feeds_all])
+    dense_first = _pad_cat([r[first] for r in ref_dense])
+
+    failures: list[dict[str, Any]] = []
+    out = art
+    summary: dict[str, Any] = {}
+    for name in tqdm(list(ctx.targets), desc="validate", disable=not ctx.progress, leave=False):
+        prof = ctx.targets[name]
+        tm = art.targets[name]
+        path = ctx.resolve(tm.model)
+        onnx.checker.check_model(str(path), full_check=True)
+        tol = prof.tolerances[tm.precision]
+        sess = make_session(path, threads=min(prof.threads or 2, 2))
+        got = _run_session(sess, [to_numpy_feeds(b, tm.io) for b in batches], tm.io["output_names"])
+        rows = []
+        for g, r, f in zip(got, ref_cur, feeds_all):
+            rows.extend(compare({first: r[first]}, {first: g[first]}, atol=tol.atol, min_cosine=tol.min_cosine, mask=f["attention_mask"]))
+        parity = {
+            "max_abs_diff": float(max(c.max_abs_diff for c in rows)),
+            "cosine_min": float(min(c.cosine_min for c in rows)),
+            "atol": tol.atol,
+            "min_cosine": tol.min_cosine,
+            "ok": bool(all(c.ok for c in rows)),
+        }
+        if not parity["ok"]:
+            failures.append({"target": name, "check": "parity", "value": f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}", "limit": f"atol {tol.atol}, min_cosine {tol.min_cosine}"})
+        got_first = _pad_cat([g[first] for g in got])
+        if decoder or first == "logits":
+            fid = lm_fidelity(dense_first, got_first, ids, masks)
+            if cfg.min_top1_agreement is not None and fid["top1_agreement"] < cfg.min_top1_agreement:
+                failures.append({"target": name, "check": "top1_agreement", "value": round(fid["top1_agreement"], 4), "limit": cfg.min_top1_agreement})
+            if decoder and cfg.max_ppl_ratio is not None and fid["ppl_ratio"] > cfg.max_ppl_ratio:
+                failures.append({"target": name, "check": "ppl_ratio", "value": round(fid["ppl_ratio"], 4), "limit": cfg.max_ppl_ratio})
+        else:
+            fid = embedding_fidelity(mean_pool(dense_first, masks), mean_pool(got_first, masks))
+            if cfg.min_cos_mean is not None and fid["cos_mean"] < cfg.min_cos_mean:
+                failures.append({"target": name, "check": "cos_mean", "value": round(fid["cos_mean"], 4), "limit": cfg.min_cos_mean})
+            if cfg.min_recall_at_10 is not None and fid["recall_at_10"] < cfg.min_recall_at_10:
+                failures.append({"target": name, "check": "recall_at_10", "value": round(fid["recall_at_10"], 4), "limit": cfg.min_recall_at_10})
+        metrics: dict[str, Any] = {**dict(tm.metrics), "parity": parity, "fidelity": fid}
+        if decoder and tm.io.get("with_past"):
+            metrics["generation"] = _generation_parity(loaded, sess, tm, feeds_all[0], cfg.generation_tokens)
+            if tm.precision == "fp32" and not metrics["generation"]["identical"]:
+                failures.append({"target": name, "check": "greedy_generation", "value": f"{metrics['generation']['token_agreement']:.3f} agreement", "limit": "identical tokens (fp32)"})
+        files = dict(tm.files)
+        if cfg.bundle:
+            files["bundle"] = ctx.ref(_write_bundle(ctx, name, prof, tm, feeds_all[0], ref_cur[0], first, tol))
+        summary[name] = {"precision": tm.precision, "parity": parity, "fidelity": fid, "table": comparison_table(rows[:1])}
+        out = out.with_target(name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=files, metrics=metrics))
+    ctx.metrics.update({"targets": summary, "failures": failures, "passages": len(heldout)})
+    return out
+
+
+def _generation_parity(loaded, sess, tm: TargetModel, feeds: dict, n_tokens: int) -> dict[str, Any]:
+    from runtimes.generate import greedy_generate_ort, greedy_generate_torch
+    from exporters.onnx import ExportResult
+    from pathlib import Path
+
+    res = ExportResult(path=Path("."), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in tm.io.items()})
+    prompts = feeds["input_ids"][:, :8]
+    ort_ids = greedy_generate_ort(sess, res, prompts, n_tokens)
+    pt_ids = greedy_generate_torch(loaded, prompts, n_tokens)
+    agree = float(np.mean(ort_ids[:, -n_tokens:] == pt_ids[:, -n_tokens:]))
+    return {"tokens": n_tokens, "prompts": int(prompts.shape[0]), "identical": bool(np.array_equal(ort_ids, pt_ids)), "token_agreement": agree}
+
+
+def _write_bundle(ctx: StageContext, name: str, prof, tm: TargetModel, feeds: dict, ref: dict, first: str, tol) -> Any:
+    from runtimes.bundle import write_bundle
+
+    model = ctx.resolve(tm.files["ort"]) if "ort" in tm.files else ctx.resolve(tm.model)
+    return write_bundle(
+        ctx.subdir(name, "bundle"),
+        model_path=model,
+        sample_inputs=feeds,
+        reference_outputs={first: ref[first]},
+        atol=tol.atol,
+        rtol=0.0,
+        min_cosine=tol.min_cosine,
+        threads=prof.threads or 1,
+        providers=prof.providers,
+    )

@@ -1,0 +1,195 @@
+"""Target profiles: what an edge device can run, as data.
+
+A profile is a YAML file validated by :class:`TargetProfile`. Code asks a profile for capabilities
+(``"int8" in profile.precisions``, ``profile.ort_format``), never for its name.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import TargetError
+from pipeline.schema import Frozen, format_validation_error, read_yaml
+
+__all__ = [
+    "Cache",
+    "Tolerance",
+    "StaticShapes",
+    "TargetProfile",
+    "builtin_target_names",
+    "load_target",
+    "list_targets",
+]
+
+Precision = Literal["fp32", "fp16", "int8", "int8-static"]
+SparsityPattern = Literal["unstructured", "n:m", "structured"]
+AttentionOp = Literal["onnx_attention", "ms_mha"]
+
+
+class Tolerance(Frozen):
+    """Parity gate between the exported model on ONNX Runtime and the PyTorch reference."""
+
+    atol: float = Field(gt=0, description="max |onnx - torch| over valid (non-padded) positions")
+    min_cosine: float = Field(0.0, ge=-1, le=1, description="min per-token cosine vs the reference")
+
+
+class Cache(Frozen):
+    """Fast-memory sizes in KiB. ``auto`` (host only) reads them from this machine."""
+
+    l1_kb: Optional[int] = Field(None, gt=0, description="L1 data cache per core")
+    l2_kb: Optional[int] = Field(None, gt=0, description="L2 cache per core (or per cluster)")
+    l3_kb: Optional[int] = Field(None, gt=0, description="last-level cache")
+    gpu_shared_kb: Optional[int] = Field(None, gt=0, description="GPU shared memory per SM")
+    attention_level: Literal["l1", "l2", "l3", "gpu_shared"] = Field(
+        "l2", description="which level the attention planner treats as fast memory M"
+    )
+    auto: bool = Field(False, description="detect l1/l2/l3 from /sys at load time (host profiles)")
+
+    @model_validator(mode="after")
+    def _level_known(self) -> "Cache":
+        if not self.auto and getattr(self, f"{self.attention_level}_kb") is None:
+            raise ValueError(f"attention_level is '{self.attention_level}' but {self.attention_level}_kb is not set")
+        return self
+
+
+class StaticShapes(Frozen):
+    """Fixed input shapes for providers that cannot take dynamic ones (NNAPI, CoreML, TensorRT engines)."""
+
+    batch: int = Field(1, ge=1)
+    seq: int = Field(128, ge=1)
+
+
+class TargetProfile(Frozen):
+    """Everything the pipeline needs to know about one deployment target."""
+
+    name: str = Field(description="short id used in configs and folder names")
+    description: str = ""
+    arch: Literal["x86_64", "aarch64", "armv7"] = Field(description="CPU architecture of the device")
+    device: Literal["cpu", "gpu", "npu"] = "cpu"
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        min_length=1,
+        description="ONNX Runtime execution providers in priority order",
+    )
+    precisions: list[Precision] = Field(min_length=1, description="supported precisions; the first is the default")
+    opset: int = Field(18, ge=13, le=24, description="ONNX opset to export at")
+    threads: Optional[int] = Field(None, ge=1, description="intra-op threads (None = all cores)")
+    memory_budget_mb: int = Field(gt=0, description="RAM the model may use on the device")
+    cache: Cache
+    ort_format: bool = Field(False, description="also ship .ort + required-operators config (ORT Mobile)")
+    mobile_check: bool = Field(False, description="run ORT's mobile usability check and report it")
+    static_shapes: Optional[StaticShapes] = None
+    fast_patterns: list[SparsityPattern] = Field(
+        default_factory=lambda: ["structured"],
+        description="sparsity patterns that make this target faster (others only save size, if anything)",
+    )
+    attention_ops: list[AttentionOp] = Field(
+        default_factory=lambda: ["onnx_attention", "ms_mha"], description="fused attention ops, preferred first"
+    )
+    tolerances: dict[Precision, Tolerance] = Field(description="parity tolerance for each precision")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\ .") or v.startswith("-"):
+            raise ValueError(f"name must be a simple id (letters, digits, '-', '_'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _tolerance_for_each_precision(self) -> "TargetProfile":
+        missing = [p for p in self.precisions if p not in self.tolerances]
+        if missing:
+            raise ValueError(f"tolerances missing for precision(s) {missing}")
+        if self.providers[-1] != "CPUExecutionProvider" and "CPUExecutionProvider" not in self.providers:
+            raise ValueError("providers must include CPUExecutionProvider as the fallback")
+        return self
+
+    @property
+    def default_precision(self) -> str:
+        return self.precisions[0]
+
+    def cache_bytes(self, level: Optional[str] = None) -> int:
+        """Bytes of the cache level the attention planner uses (``cache.attention_level`` by default)."""
+        level = level or self.cache.attention_level
+        kb = getattr(self.cache, f"{level}_kb")
+        if kb is None:
+            raise TargetError(f"target '{self.name}': cache.{level}_kb is not set")
+        return int(kb) * 1024
+
+
+_PROFILE_DIR = "profiles"
+
+
+def _profile_files() -> dict[str, Path]:
+    root = resources.files("targets") / _PROFILE_DIR
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def builtin_target_names() -> list[str]:
+    return sorted(_profile_files())
+
+
+def _detect_host_cache() -> dict[str, int]:
+    """l1/l2/l3 sizes in KiB from Linux sysfs (cpu0); empty where unknown."""
+    out: dict[str, int] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for idx in sorted(base.glob("index*")) if base.exists() else []:
+        try:
+            level = (idx / "level").read_text().strip()
+            kind = (idx / "type").read_text().strip()
+            size = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        kb = int(size[:-1]) * (1024 if size.endswith("M") else 1) if size[-1] in "KM" else int(size) // 1024
+        out[f"l{level}_kb"] = kb
+    return out
+
+
+def _from_data(data: object, source: str) -> TargetProfile:
+    if not isinstance(data, dict):
+        raise TargetError(f"{source}: a target profile must be a mapping, got {type(data).__name__}")
+    cache = data.get("cache")
+    if isinstance(cache, dict) and cache.get("auto"):
+        detected = _detect_host_cache()
+        data = {**data, "cache": {**{"l1_kb": 32, "l2_kb": 512, "l3_kb": 8192}, **detected, **{k: v for k, v in cache.items() if v is not None}}}
+    try:
+        return TargetProfile.model_validate(data)
+    except ValidationError as exc:
+        raise TargetError(format_validation_error(exc, source=source)) from None
+
+
+@lru_cache(maxsize=64)
+def _load_cached(key: str, mtime: float) -> TargetProfile:
+    path = Path(key)
+    return _from_data(read_yaml(path), str(path))
+
+
+def load_target(name_or_path: str | os.PathLike[str]) -> TargetProfile:
+    """A built-in profile by name (``raspberry-pi-5``) or a user's profile YAML by path."""
+    s = str(name_or_path)
+    files = _profile_files()
+    if s in files:
+        path = files[s]
+    elif s.endswith((".yaml", ".yml")) or os.sep in s:
+        path = Path(s).expanduser().resolve()
+        if not path.is_file():
+            raise TargetError(f"target profile file not found: {s}")
+    else:
+        raise TargetError(f"unknown target '{s}'; built-in targets: {', '.join(sorted(files))} (or give a path to a profile YAML)")
+    return _load_cached(str(path), path.stat().st_mtime)
+
+
+def list_targets(extra_paths: list[str] | None = None) -> list[tuple[TargetProfile, str]]:
+    """Built-in profiles plus user files, with where each came from."""
+    out = [(load_target(n), "built-in") for n in builtin_target_names()]
+    for p in extra_paths or []:
+        out.append((load_target(p), str(p)))
+    return out
