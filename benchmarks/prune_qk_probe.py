@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import subprocess
@@ -131,7 +130,7 @@ def main() -> None:
     sa0 = model.encoder.layer[0].attention.self
     F0 = qk_attention(sa0.query.weight, sa0.query.bias, sa0.key.weight, sa0.key.bias, xs_hold[0], pm_hold, geom)
     hf0 = out_hold.attentions[0] * pm_hold[:, None, :, None]
-    sanity = float((F0 - hf0).abs().max())
+    sanity = float((F0 - hf0).abs().max().detach())
 
     def embed(m, enc):
         with torch.no_grad():
@@ -145,23 +144,28 @@ def main() -> None:
     nn0 = sims0.topk(10, dim=-1).indices
 
     base = dict(refit=False)
+    # key -> (label, config); keys select variants on the command line, in this order.
     variants = {
-        "wanda": AttentionMethodConfig(support="wanda", **base),
-        "sparsegpt": AttentionMethodConfig(support="sparsegpt", **base),
-        "paper mask (adam, λ0.1, stop mean M<0.5, |M∘W|)": AttentionMethodConfig(support="attention_mask", **base),
-        "wanda + refit (no anchor, no early stop)": AttentionMethodConfig(
-            support="wanda", anchor="none", early_stop=False, holdout_fraction=0.0),
-        "sparsegpt + refit (no anchor, early stop)": AttentionMethodConfig(support="sparsegpt", anchor="none"),
-        "sparsegpt + refit (outputs anchor 0.1, early stop) [default]": AttentionMethodConfig(),
-        "sparsegpt + refit (outputs anchor 1.0, early stop)": AttentionMethodConfig(anchor_reg=1.0),
-        "sparsegpt + refit lr 3e-3 (outputs anchor 0.1)": AttentionMethodConfig(refit_lr=3e-3),
+        "wanda": ("wanda", AttentionMethodConfig(support="wanda", **base)),
+        "sparsegpt": ("sparsegpt", AttentionMethodConfig(support="sparsegpt", **base)),
+        "default": ("sparsegpt + refit (outputs anchor 0.1, held-out early stop) [default]", AttentionMethodConfig()),
+        "paper": ("paper mask (adam lr 0.01, λ 0.1, stop at mean M<0.5, score |M∘W|, no refit)",
+                  AttentionMethodConfig(support="attention_mask", **base)),
+        "noanchor": ("sparsegpt + refit (no anchor, held-out early stop)", AttentionMethodConfig(anchor="none")),
+        "anchor1": ("sparsegpt + refit (outputs anchor 1.0, held-out early stop)", AttentionMethodConfig(anchor_reg=1.0)),
+        "wanda_refit": ("wanda + refit (no anchor, no early stop)", AttentionMethodConfig(
+            support="wanda", anchor="none", early_stop=False, holdout_fraction=0.0)),
+        "paper_refit": ("paper mask + refit (outputs anchor 0.1)", AttentionMethodConfig(support="attention_mask")),
     }
-    if args.variants:
-        variants = {k: v for k, v in variants.items() if any(s in k for s in args.variants)}
+    keys = args.variants or list(variants)
+    unknown = [k for k in keys if k not in variants]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(variants)}")
 
     rows = []
-    for sp in args.sparsity:
-        for name, cfg in variants.items():
+    for key in keys:
+        name, cfg = variants[key]
+        for sp in args.sparsity:
             pruned = BertModel.from_pretrained(path, attn_implementation="eager").eval()
             errs, secs, cal_errs = [], 0.0, []
             for i in range(args.layers):
@@ -193,7 +197,11 @@ def main() -> None:
                    recall, secs)
             rows.append(row)
             print("%.2f | %-62s | err %.4f (calib-train %.4f) | cos %.4f / %.4f | R@10 %.3f | %.1fs" % row, flush=True)
+            if args.out:
+                _write(args, rows, sg_source, sanity)
 
+
+def _write(args, rows, sg_source, sanity) -> None:
     if args.out:
         host = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
         lines_md = [
@@ -213,6 +221,8 @@ def main() -> None:
             "", "| sparsity | variant | held-out attn err | calib-train attn err | cos mean | cos min | recall@10 | q/k seconds (6 layers) |",
             "|---|---|---|---|---|---|---|---|",
         ]
+        if args.variants:
+            lines_md[2] = lines_md[2].replace("--out", "--variants " + " ".join(repr(v) for v in args.variants) + " --out")
         for r in rows:
             lines_md.append("| %.0f%% | %s | %.4f | %.4f | %.4f | %.4f | %.3f | %.1f |" % (r[0] * 100, *r[1:]))
         args.out.write_text("\n".join(lines_md) + "\n")

@@ -219,24 +219,25 @@ def _to_ms_mha(node: onnx.NodeProto, attrs: dict, shapes: dict, types: dict, k: 
     bias = ""
     if mask:
         mshape = shapes.get(mask)
+        if mshape is None:
+            raise AttentionLoweringError(f"Attention node {node.name!r}: mask {mask!r} has unknown rank")
         if types.get(mask) == TensorProto.BOOL:
             # bool True = attend -> additive 0 / float32 minimum (finite: no NaN on empty rows)
             bias = e.op("Where", mask, e.const(0.0, np.float32), e.const(np.finfo(np.float32).min, np.float32))
         else:
             bias = mask
-        if mshape is None or len(mshape) != 4:
-            # attention_bias must be 4-D (B or 1, H or 1, S, L)
-            m_rank = len(mshape) if mshape else None
-            if m_rank is None:
-                raise AttentionLoweringError(f"Attention node {node.name!r}: mask rank unknown")
-            bias = e.op("Reshape", bias, e.const([1] * (4 - m_rank) + [0] * m_rank))
-        # ORT's MHA accepts (1, 1, S, L) or (B, H, S, L): broadcast the batch/head axes
-        qshape = e.op("Shape", node.input[0])
-        s_axis = 2 if rank == 4 else 1
-        b_1d = e.op("Slice", qshape, e.const([0]), e.const([1]))
-        s_1d = e.op("Slice", qshape, e.const([s_axis]), e.const([s_axis + 1]))
-        l_1d = e.op("Slice", e.op("Shape", bias), e.const([3]), e.const([4]))
-        bias = e.op("Expand", bias, e.op("Concat", b_1d, e.const([H]), s_1d, l_1d, axis=0))  # (B, H, S, L)
+        if len(mshape) != 4:
+            # attention_bias must be 4-D (B or 1, H or 1, S, L): prepend unit axes
+            bias = e.op("Unsqueeze", bias, e.const(list(range(4 - len(mshape)))))
+        if len(mshape) < 2 or mshape[-2] == 1:
+            # ORT's CPU kernels reject a bias broadcast along the query axis: expand it to S
+            # (batch/head axes may stay 1: MHA accepts (B or 1, H or 1, S, L))
+            s_axis = 2 if rank == 4 else 1
+            s_1d = e.op("Slice", e.op("Shape", node.input[0]), e.const([s_axis]), e.const([s_axis + 1]))
+            bshape = e.op("Shape", bias)
+            target = e.op("Concat", e.op("Slice", bshape, e.const([0]), e.const([2])), s_1d,
+                          e.op("Slice", bshape, e.const([3]), e.const([4])), axis=0)
+            bias = e.op("Expand", bias, target)  # (B', H', S, L)
     mha_attrs = {"num_heads": H}
     if attrs.get("scale") is not None:
         mha_attrs["scale"] = float(attrs["scale"])

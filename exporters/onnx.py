@@ -110,9 +110,24 @@ def _cache_geometry(loaded: "LoadedModel") -> tuple[int, int, int]:
     return n_layers, n_kv, head_dim
 
 
+def _is_causal_lm(loaded: "LoadedModel") -> bool:
+    """Text-generation graphs get the decoder wrapper; everything else (incl. a GPT-2 body
+    loaded for feature-extraction) the single-output encoder wrapper."""
+    return loaded.task == "text-generation"
+
+
 def _has_token_type_ids(loaded: "LoadedModel") -> bool:
-    """Encoders with a token-type embedding take ``token_type_ids`` (BERT yes, RoBERTa type_vocab 1 too)."""
-    if loaded.is_decoder:
+    """Whether the encoder graph takes ``token_type_ids``.
+
+    The model's ``forward`` must accept it (DistilBERT/MPNet do not); then the
+    tokenizer decides (BERT emits it, RoBERTa's tokenizer does not), and
+    without a tokenizer the config's ``type_vocab_size`` does.
+    """
+    import inspect
+
+    if loaded.is_decoder:  # GPT-2/Llama bodies: ids and mask only
+        return False
+    if "token_type_ids" not in inspect.signature(loaded.model.forward).parameters:
         return False
     if loaded.tokenizer is not None:
         return "token_type_ids" in loaded.tokenizer.model_input_names
@@ -197,13 +212,13 @@ def _decoder_wrapper(loaded: "LoadedModel", with_past: bool) -> "torch.nn.Module
 
 def _io_names(loaded: "LoadedModel", with_past: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Input and output names of the dynamo export (optimum naming)."""
-    if not loaded.is_decoder:
+    if not _is_causal_lm(loaded):
         inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if _has_token_type_ids(loaded) else ())
         return inputs, ("logits" if loaded.task == "fill-mask" else "last_hidden_state",)
     n_layers = _cache_geometry(loaded)[0]
-    kv = tuple(f"{p}.{i}.{t}" for i in range(n_layers) for p in ["@"] for t in ("key", "value"))
-    past = tuple(n.replace("@", "past_key_values") for n in kv) if with_past else ()
-    present = tuple(n.replace("@", "present") for n in kv) if with_past else ()
+    kv = [f"{i}.{t}" for i in range(n_layers) for t in ("key", "value")]  # 0.key, 0.value, 1.key, ...
+    past = tuple(f"past_key_values.{n}" for n in kv) if with_past else ()
+    present = tuple(f"present.{n}" for n in kv) if with_past else ()
     return ("input_ids", "attention_mask", "position_ids") + past, ("logits",) + present
 
 
@@ -264,7 +279,7 @@ def torch_reference(loaded: "LoadedModel", feeds: dict[str, np.ndarray]) -> dict
 
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     with torch.inference_mode():
-        if not loaded.is_decoder:
+        if not _is_causal_lm(loaded):
             names = _io_names(loaded, with_past=False)[1]
             out = _encoder_wrapper(loaded)(t["input_ids"], t["attention_mask"], t.get("token_type_ids"))
             return {names[0]: out.numpy()}
@@ -300,6 +315,10 @@ def _quiet() -> Iterator[io.StringIO]:
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
             warnings.simplefilter("ignore")
             yield buf
+    except BaseException:
+        if buf.getvalue():  # keep the exporter's own diagnostics reachable at DEBUG
+            logger.debug("exporter output before the failure:\n%s", buf.getvalue())
+        raise
     finally:
         for lg, lvl in zip(loggers, levels):
             lg.setLevel(lvl)
@@ -315,7 +334,7 @@ def _export_dynamo(loaded: "LoadedModel", opset: int, with_past: bool) -> "onnx.
     g = torch.Generator().manual_seed(0)
     vocab = int(loaded.model.config.vocab_size)
     ids = torch.randint(0, vocab, (B, S), generator=g)
-    if not loaded.is_decoder:
+    if not _is_causal_lm(loaded):
         module = _encoder_wrapper(loaded)
         args: tuple[Any, ...] = (ids, torch.ones(B, S, dtype=torch.long))
         shapes: tuple[Any, ...] = ({0: batch, 1: seq}, {0: batch, 1: seq})
@@ -427,8 +446,8 @@ def export_onnx(
         opset: default-domain opset (18; 23 maps SDPA to the ONNX ``Attention`` op).
         exporter: ``"dynamo"`` (default) or ``"optimum"`` (reads the weights from ``loaded.path``,
             so in-memory edits not saved there are not seen).
-        with_past: decoders only: include KV-cache IO. ``None`` means True for
-            decoders, False for encoders.
+        with_past: text-generation only: include KV-cache IO. ``None`` means True for
+            text-generation, False otherwise.
 
     Returns:
         An :class:`ExportResult` whose names are read back from the file.
@@ -444,9 +463,9 @@ def export_onnx(
     if not 14 <= opset <= 23:
         raise ValueError(f"opset must be in [14, 23], got {opset}")
     if with_past is None:
-        with_past = loaded.is_decoder
-    if with_past and not loaded.is_decoder:
-        raise ValueError(f"with_past=True needs a decoder, got {loaded.model_type!r} ({loaded.task})")
+        with_past = _is_causal_lm(loaded)
+    if with_past and not _is_causal_lm(loaded):
+        raise ValueError(f"with_past=True needs a text-generation decoder, got {loaded.model_type!r} ({loaded.task})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILENAME
@@ -468,7 +487,7 @@ def export_onnx(
             raise ExportError(f"{loaded.model_type}: {exporter} export failed: {type(e).__name__}: {cause}") from e
         os.replace(tmp_file, final)
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    n_layers, n_kv, hd = _cache_geometry(loaded) if loaded.is_decoder else (0, 0, 0)
+    n_layers, n_kv, hd = _cache_geometry(loaded) if _is_causal_lm(loaded) else (0, 0, 0)
     result = ExportResult(
         path=final,
         task=loaded.task,

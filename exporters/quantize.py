@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
-__all__ = ["DEFAULT_KEEP_FP32", "PRECISIONS", "QuantizeReport", "convert_precision"]
+__all__ = ["DEFAULT_INT8_OP_TYPES", "DEFAULT_KEEP_FP32", "PRECISIONS", "QuantizeReport", "convert_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ DEFAULT_KEEP_FP32: tuple[str, ...] = (
 # ReduceMean -> Add(eps) -> Sqrt -> Div | Reciprocal -> Mul -> Mul(gamma) -> Add(beta).
 _NORM_TAIL_OPS = frozenset({"ReduceMean", "Add", "Sqrt", "Div", "Reciprocal", "Mul"})
 _NORM_TAIL_DEPTH = 7
+#: Op types quantized by default on the int8 paths: the linear layers only.
+DEFAULT_INT8_OP_TYPES: tuple[str, ...] = ("MatMul", "Gemm")
 _INT8_DYNAMIC_OPS = frozenset({"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention"})
 
 
@@ -89,6 +91,8 @@ def convert_precision(
     keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32,
     per_channel: bool = True,
     optimize_fp32: bool = False,
+    int8_op_types: Sequence[str] = DEFAULT_INT8_OP_TYPES,
+    quantize_matmul_outputs: bool = False,
 ) -> QuantizeReport:
     """Convert ``src`` to ``precision`` and write it atomically to ``dst``.
 
@@ -105,6 +109,15 @@ def convert_precision(
         optimize_fp32: for ``fp32``, save ORT's ``ORT_ENABLE_EXTENDED`` offline
             optimization (not ``ENABLE_ALL``, whose layouts are hardware-specific) when it
             keeps parity on ``calibration_feeds`` (atol 1e-4); else copy unchanged.
+        int8_op_types: op types the int8 paths quantize (only nodes with a constant weight).
+            Default: the linear layers, ``("MatMul", "Gemm")``. Adding ``"Gather"`` also
+            quantizes embedding tables (``int8`` only): ~4x smaller instead of ~1.5x, at a small
+            fidelity cost (see benchmarks/results/quantization.md). Never add ``"Attention"``
+            (opset-23 Attention becomes an invalid QAttention) or ``"Add"`` (residual collapse).
+        quantize_matmul_outputs: ``int8-static`` only. ORT's QDQ default also puts Q/DQ on
+            every MatMul *output*, i.e. per-tensor rounding right before the bias/residual Add;
+            on MiniLM that cost cosine 0.989 -> 0.928 (mean). Off by default; turn on for EPs that
+            need a full ``DQ -> MatMul -> Q`` group to pick an int8 kernel (QLinearMatMul).
 
     Returns:
         A :class:`QuantizeReport`.
@@ -115,6 +128,9 @@ def convert_precision(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    unsafe = sorted(set(int8_op_types) & {"Add", "Attention", *keep_fp32_ops})
+    if unsafe:
+        raise ValueError(f"int8_op_types must not include {unsafe}: they collapse accuracy or break the graph")
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"source model not found: {str(src)!r}")
@@ -130,9 +146,11 @@ def convert_precision(
         elif precision == "fp16":
             nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops)
         elif precision == "int8":
-            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel)
+            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel, int8_op_types)
         else:
-            nodes, kept, notes = _int8_static(src, tmp, feeds or [], keep_fp32_ops, per_channel, tmp_dir)
+            nodes, kept, notes = _int8_static(
+                src, tmp, feeds or [], keep_fp32_ops, per_channel, int8_op_types, quantize_matmul_outputs, tmp_dir
+            )
         os.replace(tmp, dst)  # atomic on the same filesystem: readers never see a half-written model
     report = QuantizeReport(precision, dst.stat().st_size, nodes, kept, notes)
     logger.info("%s -> %s (%s): %d nodes lowered, %d bytes", src.name, dst.name, precision, nodes, report.size_bytes)
@@ -295,7 +313,7 @@ def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str]) -> tuple[int, list
 
 
 def _int8_dynamic(
-    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool
+    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool, op_types: Sequence[str]
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -305,7 +323,7 @@ def _int8_dynamic(
     quantize_dynamic(
         model,
         str(tmp),
-        op_types_to_quantize=["MatMul", "Gemm"],  # opset-23 Attention breaks if quantize_dynamic touches it
+        op_types_to_quantize=list(op_types),  # never Attention: opset-23 Attention breaks if quantize_dynamic touches it
         per_channel=per_channel,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude,
@@ -316,8 +334,13 @@ def _int8_dynamic(
     )
     out = onnx.load(str(tmp), load_external_data=False)
     n = sum(1 for node in out.graph.node if node.op_type in _INT8_DYNAMIC_OPS)
+    if "Gather" in op_types:  # quantized embedding tables: Gather reads int8 data, DequantizeLinear follows
+        int8_inits = {
+            t.name for t in out.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        }
+        n += sum(1 for node in out.graph.node if node.op_type == "Gather" and node.input[0] in int8_inits)
     kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
-    return n, kept, [f"dynamic int8 (QInt8 weights, per_channel={per_channel}) on MatMul/Gemm with constant weights"]
+    return n, kept, [f"dynamic int8 (QInt8 weights, per_channel={per_channel}) on {sorted(op_types)} with constant weights"]
 
 
 class _FeedsReader:
@@ -350,6 +373,8 @@ def _int8_static(
     feeds: list[dict[str, np.ndarray]],
     keep_fp32_ops: Sequence[str],
     per_channel: bool,
+    op_types: Sequence[str],
+    quantize_outputs: bool,
     tmp_dir: str,
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -359,9 +384,9 @@ def _int8_static(
     named = Path(tmp_dir) / "named.onnx"
     onnx.save(model, str(named))
     consts = _constant_names(model.graph)
-    # Only linear layers: MatMul/Gemm whose weight (input 1) is a constant.
+    # Only layers with a constant weight (input 1), e.g. the linear layers, never q @ k^T.
     targets = sorted(
-        n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in consts
+        n.name for n in model.graph.node if n.op_type in set(op_types) and len(n.input) > 1 and n.input[1] in consts
     )
     if not targets:
         logger.warning("int8-static: no MatMul/Gemm with constant weights in %s; nothing quantized", src)
@@ -371,7 +396,7 @@ def _int8_static(
         str(tmp),
         reader,
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Gemm"],
+        op_types_to_quantize=list(op_types),
         nodes_to_quantize=targets,
         nodes_to_exclude=sorted(n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)),
         per_channel=per_channel,
@@ -381,6 +406,8 @@ def _int8_static(
         extra_options={
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # (K, N) weight: scale per output column
             "DefaultTensorType": onnx.TensorProto.FLOAT,
+            # Q/DQ on MatMul outputs rounds the values entering the bias/residual Add per-tensor.
+            "OpTypesToExcludeOutputQuantization": [] if quantize_outputs else ["MatMul", "Gemm"],
         },
     )
     out = onnx.load(str(tmp), load_external_data=False)
@@ -394,5 +421,7 @@ def _int8_static(
         and p.op_type == "DequantizeLinear"
     )
     kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
-    return n, kept, [f"static QDQ int8 (u8 activations, s8 weights, per_channel={per_channel}) on {len(targets)} "
-                     f"MatMul/Gemm; MinMax calibration on {len(feeds)} feeds"]
+    return n, kept, [
+        f"static QDQ int8 (u8 activations, s8 weights, per_channel={per_channel}) on {len(targets)} nodes of "
+        f"{sorted(op_types)}; outputs quantized: {quantize_outputs}; MinMax calibration on {len(feeds)} feeds"
+    ]

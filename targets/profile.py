@@ -78,7 +78,7 @@ class TargetProfile(Frozen):
         description="ONNX Runtime execution providers in priority order",
     )
     precisions: list[Precision] = Field(min_length=1, description="supported precisions; the first is the default")
-    opset: int = Field(18, ge=13, le=24, description="ONNX opset to export at")
+    opset: int = Field(23, ge=13, le=24, description="highest ONNX opset the target's runtime executes")
     threads: Optional[int] = Field(None, ge=1, description="intra-op threads (None = all cores)")
     memory_budget_mb: int = Field(gt=0, description="RAM the model may use on the device")
     cache: Cache

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -403,7 +403,7 @@ def small_cache_backward_io(n: int, d: int, cache_words: int) -> IOCount:
     return c.result()
 
 
-def _block_kept(block_mask) -> callable:
+def _block_kept(block_mask: list[list[bool]]) -> Callable[[int, int], bool]:
     rows = [list(map(bool, r)) for r in block_mask]
     return lambda i, j: rows[i][j]
 

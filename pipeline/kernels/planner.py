@@ -5,7 +5,8 @@ evaluates the forward (inference) I/O of each candidate with the closed forms / 
 ``io_model`` and keeps the cheapest:
 
 * ``flash`` (FA2 tiling; the streamed block B_c is searched over 1..d, the resident block is the
-  largest that fits), optimal for M >= ~d^2;
+  largest that fits; the widest B_c within ``io_slack`` (5%) of the minimal count is kept),
+  optimal for M >= ~d^2;
 * ``small_cache`` (tiled GEMMs with b = floor(sqrt(M/3))), optimal for M = o(d^2);
 * ``block_sparse`` when a block density is given (largest square block whose FA2 backward
   footprint fits M; kept blocks = round(density * blocks^2)).
@@ -83,9 +84,14 @@ def cache_words_from_bytes(cache_bytes: int, word_bytes: int = 4) -> int:
     return cache_bytes // word_bytes
 
 
-def _best_flash(m: int, n: int, d: int, causal: bool) -> tuple[int, tuple[int, int]] | None:
-    """(io, (B_r, B_c)) of the cheapest FA2 forward tiling over streamed B_c in 1..d, or None if none fits."""
-    best: tuple[int, tuple[int, int]] | None = None
+def _best_flash(m: int, n: int, d: int, causal: bool, io_slack: float) -> tuple[int, tuple[int, int]] | None:
+    """(io, (B_r, B_c)) of the FA2 forward tiling to use, or None if no tile fits.
+
+    The count is smallest for a tiny streamed block B_c (it leaves room for a larger B_r), but
+    B_c = 1 turns every tile product into a matrix-vector product; so among tilings whose count
+    is within ``io_slack`` of the minimum the one with the largest B_c is returned.
+    """
+    cands: list[tuple[int, tuple[int, int]]] = []
     for bc in range(1, d + 1):
         try:
             blocks = fa2_forward_blocks(m, d, streamed=bc)
@@ -94,13 +100,22 @@ def _best_flash(m: int, n: int, d: int, causal: bool) -> tuple[int, tuple[int, i
         br = min(blocks[0], n)  # a query block longer than n buys nothing
         blocks = (br, min(bc, n))
         io = fa2_forward_io(n, d, m, blocks=blocks, causal=True).total if causal else fa2_forward_formula(n, d, m, blocks=blocks)
-        if best is None or io < best[0]:
-            best = (io, blocks)
-    return best
+        cands.append((io, blocks))
+    if not cands:
+        return None
+    best = min(io for io, _ in cands)
+    return max((c for c in cands if c[0] <= (1.0 + io_slack) * best), key=lambda c: (c[1][1], -c[0]))
 
 
 def plan_attention(
-    *, cache_words: int, seq: int, head_dim: int, causal: bool = False, density: float | None = None, word_bytes: int = 4
+    *,
+    cache_words: int,
+    seq: int,
+    head_dim: int,
+    causal: bool = False,
+    density: float | None = None,
+    word_bytes: int = 4,
+    io_slack: float = 0.05,
 ) -> AttentionPlan:
     """Pick the attention kernel and tiling with the fewest counted forward I/O words.
 
@@ -111,10 +126,14 @@ def plan_attention(
         causal: count only tiles on or below the causal diagonal (flash; small_cache is dense).
         density: fraction of kept blocks of a block-sparse mask; selects ``block_sparse``.
         word_bytes: bytes per word, only reported in ``notes``.
+        io_slack: flash tilings within this fraction of the minimal count are considered equal;
+            the one with the widest key block wins (0 = strictly minimal count, often B_c = 1).
     """
     m, n, d = cache_words, seq, head_dim
     if m < 3 or n < 1 or d < 1:
         raise ValueError(f"need cache_words >= 3, seq >= 1, head_dim >= 1; got {m}, {n}, {d}")
+    if io_slack < 0:
+        raise ValueError(f"io_slack must be >= 0, got {io_slack}")
     if density is not None and not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     header = f"M={m} words ({m * word_bytes} bytes at {word_bytes} B/word), n={n}, d={d}, M/d^2={m / d**2:.2f}"
@@ -135,7 +154,7 @@ def plan_attention(
             f"{header}; block_sparse b={b}, {kept}/{nb * nb} blocks kept; bound = reconstructed sparse bound [R/I]",
         )
 
-    flash = _best_flash(m, n, d, causal)
+    flash = _best_flash(m, n, d, causal, io_slack)
     b = small_cache_tile(m)
     sc_io = small_cache_forward_formula(n, d, m)
     if flash is not None and flash[0] <= sc_io:

@@ -108,14 +108,15 @@ def _prune_block_unstructured(
     rest = roles
     if cfg.method == "attention" and {"q", "k"} <= set(roles):
         q, k = block.q, block.k
-        res = prune_qk(
-            q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone(),
-            k.weight.detach().clone(), None if k.bias is None else k.bias.detach().clone(),
-            stats.attn_input, stats.attn_pad_mask, block.geometry,
-            # prune_qk's n:m counts *zeroed* entries per group of m (PruneConfig.n counts kept ones)
-            sparsity=cfg.effective_sparsity, pattern=cfg.pattern, n=cfg.m - cfg.n, m=cfg.m, cfg=cfg.attention_options,
-            hessian_q=stats.hessians.get("q"), hessian_k=stats.hessians.get("k"),
-        )
+        with torch.enable_grad():  # prune_qk may optimise masks with autograd; the driver runs under no_grad
+            res = prune_qk(
+                q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone(),
+                k.weight.detach().clone(), None if k.bias is None else k.bias.detach().clone(),
+                stats.attn_input, stats.attn_pad_mask, block.geometry,
+                # prune_qk's n:m counts *zeroed* entries per group of m (PruneConfig.n counts kept ones)
+                sparsity=cfg.effective_sparsity, pattern=cfg.pattern, n=cfg.m - cfg.n, m=cfg.m, cfg=cfg.attention_options,
+                hessian_q=stats.hessians.get("q"), hessian_k=stats.hessians.get("k"),
+            )
         q.weight, k.weight = res.wq, res.wk
         if q.bias is not None:
             q.bias = res.bq
@@ -156,7 +157,8 @@ def _jsonable(x: Any) -> Any:
     return repr(x)
 
 
-def _all_block_matrices(model: nn.Module, cfg: PruneConfig) -> dict[str, tuple[str, torch.Tensor]]:
+def _all_block_matrices(model: nn.Module) -> dict[str, tuple[str, torch.Tensor]]:
+    """qualname -> (role, (out, in) weight view) over all blocks."""
     out = {}
     for b in blocks(model):
         for role, ref in b.matrices().items():
@@ -201,7 +203,7 @@ def prune_model(
     if needs_calib and not calibration:
         raise ValueError(f"method {cfg.method!r} needs calibration batches, got {len(calibration)}")
     dense = copy.deepcopy(model) if eval_batches else None
-    before = {k: v[1].numel() for k, v in _all_block_matrices(model, cfg).items()}
+    before = {k: v[1].numel() for k, v in _all_block_matrices(model).items()}
 
     views = blocks(model)
     n_layers = len(views)
@@ -224,7 +226,8 @@ def prune_model(
         stats = None
         if inputs is not None:
             stats = collect_block_stats(
-                block, inputs, roles, hessian_roles=hess_roles, keep_attn_input=cfg.method == "attention"
+                block, inputs, roles, hessian_roles=hess_roles, keep_attn_input=cfg.method == "attention",
+                keep_outputs=not cfg.sequential,
             )
         if not do_prune:
             info: dict[str, Any] = {}
@@ -245,7 +248,7 @@ def prune_model(
             progress("prune", i + 1, n_layers)
 
     # ---- report -------------------------------------------------------------------------------------------
-    after = _all_block_matrices(model, cfg)
+    after = _all_block_matrices(model)
     metrics: dict[str, Any] = {"method": cfg.method, "pattern": cfg.pattern, "config": cfg.model_dump(mode="json")}
     if structured:
         # removed fraction of the elements of each (original) matrix; parts aggregate by qk / vo / ffn

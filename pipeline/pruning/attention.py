@@ -84,7 +84,7 @@ class AttentionMethodConfig(BaseModel):
         0.25, ge=0, lt=1, description="fraction of calibration sequences held out for early stopping (0 = none)")
     eval_every: int = Field(5, ge=1, description="held-out evaluation period in steps")
     patience: int = Field(4, ge=1, description="stop after this many evaluations without held-out improvement")
-    chunk_size: int = Field(8, ge=1, description="sequences per length bucket (sorted by length to avoid padding)")
+    chunk_size: int = Field(16, ge=1, description="sequences per length bucket (sorted by length to avoid padding)")
     seed: int = Field(0, description="seed of the held-out split")
     companion: Literal["wanda", "sparsegpt"] = Field(
         "sparsegpt", description="pruner the driver uses for v/o/FFN alongside this method (not used here)")
@@ -219,7 +219,7 @@ class _Objective:
             e = (_chunk_attention(*p, c, self.geom) - t).pow(2).sum() / self.denom
             if backward_scale is not None:
                 (backward_scale * e).backward()
-            total += float(e)
+            total += float(e.detach())
         return total
 
     @torch.no_grad()
@@ -266,7 +266,7 @@ def _mask_support(w: tuple, train: _Objective, hold: _Objective, col_norm: torch
         Mq.grad = Mk.grad = None
         p = penalty()
         p.backward()
-        return train.sq_error(lambda: (Mq * wq, bq, Mk * wk, bk), backward_scale=0.5) * 0.5 + float(p)
+        return train.sq_error(lambda: (Mq * wq, bq, Mk * wk, bk), backward_scale=0.5) * 0.5 + float(p.detach())
 
     def score(M: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         if cfg.mask_score == "m":
@@ -375,7 +375,7 @@ def _refit(start: tuple, masks: tuple, dense: tuple, train: _Objective, hold: _O
         a = anchor()
         if a.requires_grad:
             a.backward()
-        losses.append(train.sq_error(params, backward_scale=1.0) + float(a))
+        losses.append(train.sq_error(params, backward_scale=1.0) + float(a.detach()))
         opt.step()
         if use_hold and (t % cfg.eval_every == 0 or t == cfg.refit_steps):
             e = hold.error(params())
@@ -409,9 +409,9 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
         X: (B, n, d) calibration hidden states entering attention.
         pad_mask: (B, n) bool, True = real token, or None.
         geom: scale, causal, RoPE, GQA of the block.
-        sparsity: fraction of wq and of wk entries set to 0, in [0, 1). For ``pattern="n:m"`` it must equal n/m.
-        pattern: "unstructured" or "n:m" (in every group of m consecutive input columns, n entries are zeroed).
-        n, m: the n:m pattern.
+        sparsity: fraction of wq and of wk entries set to 0, in [0, 1). For ``pattern="n:m"`` it must equal 1 − n/m.
+        pattern: "unstructured" or "n:m" (in every group of m consecutive input columns, n entries are kept).
+        n, m: the n:m pattern (project convention, as ``sparsegpt_prune`` and ``masks.nm_mask``).
         cfg: method options (defaults: :class:`AttentionMethodConfig`).
         hessian_q, hessian_k: optional (d, d) XᵀX accumulations for the SparseGPT support; computed from X if None.
 
@@ -424,8 +424,8 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if pattern not in ("unstructured", "n:m"):
         raise ValueError(f"pattern must be 'unstructured' or 'n:m', got {pattern!r}")
-    if pattern == "n:m" and abs(sparsity - n / m) > 1e-9:
-        raise ValueError(f"n:m pattern {n}:{m} removes {n / m:.3f} of the weights, but sparsity={sparsity}")
+    if pattern == "n:m" and abs(sparsity - (1 - n / m)) > 1e-9:
+        raise ValueError(f"n:m pattern {n}:{m} removes {1 - n / m:.3f} of the weights, but sparsity={sparsity}")
     d = X.shape[-1]
     if wq.shape != (geom.num_heads * geom.head_dim, d) or wk.shape != (geom.num_kv_heads * geom.head_dim, d):
         raise ValueError(f"wq {tuple(wq.shape)} / wk {tuple(wk.shape)} do not match geometry {geom} and d={d}")

@@ -23,7 +23,6 @@ Padding: padded key columns are excluded from the softmax, padded query rows are
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -235,7 +234,7 @@ def optimize_mask(W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
         opt = torch.optim.Adam([Mp], lr=lr)
         for t in range(steps):
             loss = mask_loss(Mp, W, X, lam=lam, causal=causal, pad_mask=pad_mask, F_star=F_star)
-            trace.losses.append(float(loss))
+            trace.losses.append(float(loss.detach()))
             if stop_mean_mask is not None and float(Mp.mean()) < stop_mean_mask:
                 trace.stopped_at = t
                 break
@@ -253,39 +252,23 @@ def optimize_mask(W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
 
 def binarize_scores(scores: torch.Tensor, sparsity: float, *, granularity: Literal["matrix", "row"] = "matrix",
                     n: int = 0, m: int = 0) -> torch.Tensor:
-    """Keep the highest scores; return a bool keep-mask with exactly the requested number of zeros.
+    """Keep the highest scores; bool keep-mask with exactly ``floor(sparsity·count)`` zeros (or the n:m pattern).
+
+    Delegates to :mod:`pipeline.pruning.masks` so every pruner in the project breaks ties and rounds alike.
 
     Args:
         scores: (rows, cols) importance, higher = keep.
-        sparsity: fraction to remove, in [0, 1).
-        granularity: "matrix" (one global threshold) or "row" (⌊sparsity·cols⌋ removed per row, Wanda-style).
-        n, m: if m > 0, n:m pattern instead: in every group of m consecutive columns of a row, the n lowest are
-            removed (sparsity is then n/m and the argument is ignored).
+        sparsity: fraction to remove, in [0, 1) (ignored for n:m).
+        granularity: "matrix" (one global threshold) or "row" (per output row, Wanda-style).
+        n, m: if m > 0, keep n of every m consecutive columns per row (project convention, as SparseGPT's n:m).
 
     Returns:
         bool tensor like ``scores``, True = kept.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    rows, cols = scores.shape
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    from pipeline.pruning.masks import nm_mask, unstructured_mask
+
     if m > 0:
-        if cols % m or not 0 < n < m:
-            raise ValueError(f"n:m pattern needs 0 < n < m and cols % m == 0, got n={n}, m={m}, cols={cols}")
-        groups = scores.reshape(rows, cols // m, m)  # (rows, groups, m)
-        low = groups.topk(n, dim=-1, largest=False).indices
-        keep = keep.reshape(rows, cols // m, m).scatter(-1, low, False).reshape(rows, cols)
-        return keep
-    if granularity == "row":
-        k = int(math.floor(sparsity * cols))
-        if k:
-            low = scores.topk(k, dim=-1, largest=False).indices  # (rows, k)
-            keep = keep.scatter(-1, low, False)
-        return keep
-    if granularity == "matrix":
-        k = int(math.floor(sparsity * scores.numel()))
-        if k:
-            low = scores.flatten().topk(k, largest=False).indices
-            keep = keep.flatten().scatter(0, low, False).reshape(rows, cols)
-        return keep
-    raise ValueError(f"granularity must be 'matrix' or 'row', got {granularity!r}")
+        return nm_mask(scores, n, m)
+    if granularity not in ("matrix", "row"):
+        raise ValueError(f"granularity must be 'matrix' or 'row', got {granularity!r}")
+    return unstructured_mask(scores, sparsity, per_row=granularity == "row")

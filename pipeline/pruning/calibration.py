@@ -23,7 +23,15 @@ from torch import nn
 
 from pipeline.pruning.adapters import BlockView
 
-__all__ = ["LayerInput", "LayerStats", "capture_first_block_inputs", "run_block", "collect_block_stats"]
+__all__ = [
+    "LayerInput",
+    "LayerStats",
+    "capture_first_block_inputs",
+    "run_block",
+    "collect_block_stats",
+    "tokenize_calibration",
+    "random_calibration",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,47 @@ class LayerStats:
     attn_input: Optional[torch.Tensor] = None
     attn_pad_mask: Optional[torch.Tensor] = None
     outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+def tokenize_calibration(
+    tokenizer: Any, texts: Sequence[str], *, samples: int, seq_len: int, batch_size: int = 8
+) -> list[dict[str, torch.Tensor]]:
+    """Tokenize the first ``samples`` non-empty texts into padded batches of at most ``seq_len`` tokens.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (a pad token is required; GPT-2-style tokenizers reuse EOS).
+        texts: calibration passages (one sequence each).
+        samples: number of sequences (``PruneConfig.calibration_samples``).
+        seq_len: truncation length (``PruneConfig.calibration_seq_len``).
+        batch_size: sequences per batch.
+
+    Returns:
+        ``[{"input_ids": (B, n), "attention_mask": (B, n), ...}]``, right-padded per batch.
+    """
+    chosen = [t for t in texts if t.strip()][:samples]
+    if len(chosen) < samples:
+        raise ValueError(f"need {samples} non-empty calibration texts, got {len(chosen)}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out = []
+    for i in range(0, samples, batch_size):
+        enc = tokenizer(chosen[i : i + batch_size], padding=True, truncation=True, max_length=seq_len,
+                        return_tensors="pt")
+        out.append(dict(enc))
+    return out
+
+
+def random_calibration(
+    vocab_size: int, *, samples: int, seq_len: int, batch_size: int = 8, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Seeded random token batches (no padding), for models without a tokenizer (tests, smoke runs)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, samples, batch_size):
+        b = min(batch_size, samples - i)
+        ids = torch.randint(0, vocab_size, (b, seq_len), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
 
 
 def _forward_kwargs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -136,6 +185,7 @@ def collect_block_stats(
     *,
     hessian_roles: Sequence[str] = (),
     keep_attn_input: bool = False,
+    keep_outputs: bool = True,
     extra_norm_modules: Optional[dict[str, nn.Module]] = None,
 ) -> LayerStats:
     """Run ``block`` on ``inputs`` with hooks and accumulate the statistics of its linears.
@@ -146,6 +196,7 @@ def collect_block_stats(
         roles: matrix roles whose input squared norms are needed.
         hessian_roles: roles whose ``(2/N) X^T X`` is needed (SparseGPT; attention method).
         keep_attn_input: also store the hidden states entering attention (B, n, d) and the pad mask.
+        keep_outputs: store the dense block outputs (needed only by the non-sequential protocol).
         extra_norm_modules: extra ``name -> module`` whose input squared norms are wanted (e.g. for structured
             ranking); stored in ``sq_norms[name]``.
 
@@ -191,7 +242,9 @@ def collect_block_stats(
     try:
         for inp in inputs:
             current_pad[:] = [inp.pad_mask]
-            stats.outputs.append(run_block(block, inp))
+            out = run_block(block, inp)
+            if keep_outputs:
+                stats.outputs.append(out)
     finally:
         for h in handles:
             h.remove()

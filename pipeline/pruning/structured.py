@@ -3,7 +3,7 @@
 The same number of units is removed in every layer so the config stays uniform and the model round-trips
 through ``save_pretrained`` / ``from_pretrained``:
 
-* BERT / GPT-2: heads go through the model's own ``prune_heads`` (recorded in ``config.pruned_heads``, which
+* BERT / DistilBERT / GPT-2: heads go through the model's own ``prune_heads`` (recorded in ``config.pruned_heads``, which
   ``from_pretrained`` replays); the per-head width and hence the 1/sqrt(head_dim) scale are unchanged.
 * Llama family: whole KV groups are removed together with their query heads, so GQA stays valid;
   ``config.num_attention_heads`` / ``num_key_value_heads`` shrink and ``config.head_dim`` is pinned to the
@@ -88,7 +88,7 @@ def remove_heads_(
         return []
     g = block.geometry
     units = _lowest(head_scores(block, sq_norms), count)
-    if block.family in ("bert", "gpt2"):
+    if block.family in ("bert", "gpt2", "distilbert"):
         # already-pruned heads keep their original numbering in prune_heads; map current -> original indices
         done = sorted(model.config.pruned_heads.get(block.index, [])) if model.config.pruned_heads else []
         orig = [h for h in range(g.num_heads + len(done)) if h not in done]
@@ -127,6 +127,10 @@ def remove_ffn_neurons_(
         layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
         layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
         model.config.intermediate_size = keep.numel()
+    elif fam == "distilbert":
+        layer.ffn.lin1 = prune_linear_layer(layer.ffn.lin1, keep, dim=0)
+        layer.ffn.lin2 = prune_linear_layer(layer.ffn.lin2, keep, dim=1)
+        model.config.hidden_dim = keep.numel()
     elif fam == "gpt2":
         # Conv1D stores (in, out): the FFN neurons are c_fc's output columns (dim 1) and c_proj's input rows (dim 0)
         layer.mlp.c_fc = prune_conv1d_layer(layer.mlp.c_fc, keep, dim=1)

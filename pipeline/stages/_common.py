@@ -35,10 +35,18 @@ def model_path(art: Artifact, ctx: StageContext) -> Path:
     return p if p.is_absolute() else ctx.resolve(art.model_dir)
 
 
-def load_from_artifact(art: Artifact, ctx: StageContext):
+def load_from_artifact(art: Artifact, ctx: StageContext, *, reference: bool = False):
+    """The current PyTorch model. ``reference=True``: with a recorded block-sparse attention swap re-applied
+    through the dense masked oracle kernel, so it computes what the exported block-sparse graph computes."""
     from pipeline.models import load_model
 
-    return load_model(model_path(art, ctx), art.task)
+    loaded = load_model(model_path(art, ctx), art.task)
+    change = art.torch_changes.get("attention")
+    if reference and change and change["kernel"] == "block_sparse":
+        from pipeline.stages.attention import apply_attention_change
+
+        apply_attention_change(loaded.model, change, kernel="naive")
+    return loaded
 
 
 def load_dense(art: Artifact):

@@ -37,7 +37,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
 
     if not art.targets:
         raise StageError("benchmark", "no ONNX model yet: put an 'export' stage before 'benchmark'")
-    loaded = load_from_artifact(art, ctx)
+    loaded = load_from_artifact(art, ctx, reference=True)
     _, heldout = text_sets(ctx)
     text = " ".join(heldout)
     batch = encode(loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch)[0]

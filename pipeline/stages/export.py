@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+import os
+from typing import Any, Literal, Optional
 
 import numpy as np
 from pydantic import Field
@@ -13,15 +14,67 @@ from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
 
-__all__ = ["ExportConfig", "run_export"]
+__all__ = ["ExportConfig", "run_export", "DEFAULT_OPSET", "FUSED_ATTENTION_OPSET"]
+
+DEFAULT_OPSET = 18          # the best-trodden path for quantization, fp16 and ORT format (platform notes §3-§6)
+FUSED_ATTENTION_OPSET = 23  # SDPA exports as the standard ONNX Attention op from opset 23
 
 
 class ExportConfig(StageConfig):
     kind = "export"
     exporter: Literal["dynamo", "optimum"] = Field("dynamo", description="torch.onnx dynamo exporter, or optimum's main_export")
-    opset: Optional[int] = Field(None, ge=13, le=24, description="ONNX opset; omitted = each target profile's opset")
+    opset: Optional[int] = Field(None, ge=13, le=24, description=f"ONNX opset; omitted = {DEFAULT_OPSET} ({FUSED_ATTENTION_OPSET} after an attention swap, for the fused Attention op)")
     with_past: Optional[bool] = Field(None, description="decoders: export the KV cache (past/present); default on for decoders")
     cross_check: bool = Field(False, description="also export with the other exporter and compare their outputs on calibration text")
+
+
+def _run(path, names, feeds) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(list(names), feeds)))
+
+
+def _lower_attention(res, change: dict, names: list[str], ctx: StageContext, opset: int) -> dict[str, Any]:
+    """Lower the exported attention per target: {label: (model path, target names)}; zero rewrites is an error."""
+    import onnx
+
+    from exporters.attention import lower_to_block_sparse, lower_to_fused_attention
+    from pipeline.stages.attention import block_pattern
+
+    model = onnx.load(str(res.path))
+    by_op: dict[str, list[str]] = {}
+    for name in names:
+        op = "block_sparse" if change["kernel"] == "block_sparse" else ctx.targets[name].attention_ops[0]
+        by_op.setdefault(op, []).append(name)
+    out: dict[str, Any] = {}
+    for op, tnames in sorted(by_op.items()):
+        try:
+            if op == "block_sparse":
+                lowered, n = lower_to_block_sparse(model, block_pattern(change))
+            else:
+                lowered, n = lower_to_fused_attention(model, op=op)
+        except ValueError as exc:
+            raise StageError("export", f"attention lowering to {op} failed: {exc}") from None
+        path = ctx.subdir(f"opset{opset}", op) / "model.onnx"
+        tmp = path.with_name(".model.onnx.tmp")
+        onnx.save(lowered, str(tmp))
+        os.replace(tmp, path)
+        ctx.log.info("lowered %d attention node(s) to %s for %s", n, op, ", ".join(tnames))
+        out[op] = (path, tnames)
+    return out
+
+
+def _check_fused(path, layers: int) -> dict:
+    """Every attention layer must be a fused op or a block-sparse subgraph; none left as MatMul-Softmax-MatMul."""
+    import onnx
+
+    from exporters.fusion_check import AttentionNotFused, assert_attention_fused
+
+    try:
+        return assert_attention_fused(onnx.load(str(path), load_external_data=False), expected_layers=layers)
+    except AttentionNotFused as exc:
+        raise StageError("export", f"attention left unfused in {path.name}: {exc}") from None
 
 
 def _io_record(res) -> dict:
@@ -33,41 +86,55 @@ def _io_record(res) -> dict:
 @register_stage(ExportConfig)
 def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
     """Export to ONNX once per distinct opset among the targets and check it against PyTorch."""
-    import onnxruntime as ort
-
     from exporters.onnx import export_onnx, torch_reference
 
     loaded = load_from_artifact(art, ctx)
     by_opset: dict[int, list[str]] = {}
     for name, prof in ctx.targets.items():
-        opset = cfg.opset or prof.opset
+        opset = cfg.opset or min(prof.opset, FUSED_ATTENTION_OPSET if "attention" in art.torch_changes else DEFAULT_OPSET)
         if opset > prof.opset:
-            raise StageError("export", f"opset {opset} is newer than target '{name}' supports (≤ {prof.opset})")
+            raise StageError("export", f"opset {opset} is newer than target '{name}' runs (opset ≤ {prof.opset})")
         by_opset.setdefault(opset, []).append(name)
 
     calib, _ = text_sets(ctx)
     batch = encode(loaded, calib[:4], max_length=ctx.run.calibration.max_length, batch_size=4)[0]
+    change = art.torch_changes.get("attention")
+    with_past = cfg.with_past
+    if change and change["kernel"] == "block_sparse":
+        if with_past:
+            raise StageError("export", "block-sparse attention is lowered without a KV cache; set with_past: false")
+        with_past = False
+    reference = load_from_artifact(art, ctx, reference=True) if change else loaded
+    conf = loaded.model.config
+    n_layers = int(getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", 0))
     exports = {}
     out = art
     for opset, names in sorted(by_opset.items()):
-        res = export_onnx(loaded, ctx.subdir(f"opset{opset}"), opset=opset, exporter=cfg.exporter, with_past=cfg.with_past)
+        res = export_onnx(loaded, ctx.subdir(f"opset{opset}"), opset=opset, exporter=cfg.exporter, with_past=with_past)
         io = _io_record(res)
         feeds = to_numpy_feeds(batch, io)
-        ref = torch_reference(loaded, feeds)
-        sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
-        got = dict(zip(res.output_names, sess.run(list(res.output_names), feeds)))
-        first = res.output_names[0]
         m = np.asarray(feeds["attention_mask"], bool)
-        diff = float(np.abs(got[first] - ref[first])[m].max())
-        entry = {"exporter": cfg.exporter, "size_bytes": res.path.stat().st_size, "max_abs_diff_vs_torch": diff, "targets": names, "with_past": res.with_past}
+        first = res.output_names[0]
+        entry = {"exporter": cfg.exporter, "size_bytes": res.path.stat().st_size, "targets": names, "with_past": res.with_past}
+        got = _run(res.path, res.output_names, feeds)
+        entry["max_abs_diff_vs_torch"] = float(np.abs(got[first] - torch_reference(loaded, feeds)[first])[m].max())
         if cfg.cross_check:
             other = "optimum" if cfg.exporter == "dynamo" else "dynamo"
-            res2 = export_onnx(loaded, ctx.subdir(f"opset{opset}-{other}"), opset=opset, exporter=other, with_past=cfg.with_past)
-            s2 = ort.InferenceSession(str(res2.path), providers=["CPUExecutionProvider"])
-            got2 = dict(zip(res2.output_names, s2.run(list(res2.output_names), to_numpy_feeds(batch, _io_record(res2)))))
+            res2 = export_onnx(loaded, ctx.subdir(f"opset{opset}-{other}"), opset=opset, exporter=other, with_past=with_past)
+            got2 = _run(res2.path, res2.output_names, to_numpy_feeds(batch, _io_record(res2)))
             entry["cross_check"] = {"exporter": other, "max_abs_diff": float(np.abs(got2[first] - got[first])[m].max())}
+        groups: dict[str, Any] = {"": (res.path, names)}
+        if change:
+            groups = _lower_attention(res, change, names, ctx, opset)
+            ref = torch_reference(reference, feeds)[first]
+            entry["attention"] = {}
+            for label, (path, tnames) in groups.items():
+                counts = _check_fused(path, n_layers)
+                lowered = _run(path, res.output_names, feeds)
+                entry["attention"][label] = {**counts, "targets": tnames, "max_abs_diff_vs_torch": float(np.abs(lowered[first] - ref)[m].max())}
         exports[f"opset{opset}"] = entry
-        for name in names:
-            out = out.with_target(name, TargetModel(model=ctx.ref(res.path), precision="fp32", io=io))
+        for label, (path, tnames) in groups.items():
+            for name in tnames:
+                out = out.with_target(name, TargetModel(model=ctx.ref(path), precision="fp32", io=io))
     ctx.metrics.update({"exports": exports})
     return out

@@ -51,7 +51,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
 
     if not art.targets:
         raise StageError("validate", "no ONNX model yet: put an 'export' stage before 'validate'")
-    loaded = load_from_artifact(art, ctx)
+    loaded = load_from_artifact(art, ctx, reference=True)
     dense = load_dense(art)
     _, heldout = text_sets(ctx)
     heldout = heldout[: cfg.samples] if cfg.samples else heldout

@@ -266,3 +266,34 @@ def test_int8_residual_add_collapse_regression(tmp_path: Path) -> None:
 
 def test_default_keep_list_covers_norms_and_softmax() -> None:
     assert {"LayerNormalization", "Softmax", "SkipLayerNormalization"} <= set(DEFAULT_KEEP_FP32)
+
+
+def test_int8_op_types_guard_and_gather(tmp_path: Path) -> None:
+    from tests.runtimes.test_session import sample_encodings, tiny_encoder
+
+    src = tiny_encoder(tmp_path / "enc.onnx")
+    with pytest.raises(ValueError, match="Add"):
+        convert_precision(src, tmp_path / "o.onnx", "int8", int8_op_types=("MatMul", "Add"))
+    plain = convert_precision(src, tmp_path / "p.onnx", "int8")
+    emb = convert_precision(src, tmp_path / "e.onnx", "int8", int8_op_types=("MatMul", "Gemm", "Gather"))
+    assert (plain.nodes_quantized, emb.nodes_quantized) == (1, 2)
+    assert emb.size_bytes < plain.size_bytes  # the (37, 24) fp32 table became int8
+    enc = {k: v.astype(np.int64) for k, v in sample_encodings().items() if k != "token_type_ids"}
+    ref = ort.InferenceSession(str(src)).run(None, enc)[0]
+    got = ort.InferenceSession(str(tmp_path / "e.onnx")).run(None, enc)[0]
+    assert compare({"h": ref}, {"h": got}, atol=np.inf, mask=enc["attention_mask"])[0].cosine_min > 0.99
+
+
+def test_int8_static_output_quantization_switch(block: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    feeds = [{"x": rng.standard_normal((1, 9, D)).astype(np.float32)} for _ in range(4)]
+    for flag, expect_q_after_matmul in ((False, 0), (True, 3)):
+        dst = tmp_path / f"s{flag}.onnx"
+        convert_precision(block, dst, "int8-static", calibration_feeds=feeds, quantize_matmul_outputs=flag)
+        out = onnx.load(str(dst))
+        producer = {o: n for n in out.graph.node for o in n.output}
+        q_after_mm = sum(
+            1 for n in out.graph.node if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) is not None
+            and producer[n.input[0]].op_type == "MatMul"
+        )
+        assert q_after_mm == expect_q_after_matmul

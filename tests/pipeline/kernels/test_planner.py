@@ -72,3 +72,12 @@ def test_plan_is_frozen_and_validates():
         plan_attention(cache_words=65536, seq=128, head_dim=64, density=1.5)
     with pytest.raises(ValueError, match="0"):
         plan_attention(cache_words=0, seq=128, head_dim=64)
+
+
+def test_io_slack_trades_a_few_words_for_wider_key_blocks():
+    strict = plan_attention(cache_words=8192, seq=2048, head_dim=64, io_slack=0.0)
+    loose = plan_attention(cache_words=8192, seq=2048, head_dim=64, io_slack=0.05)
+    assert strict.predicted_io_words <= loose.predicted_io_words <= 1.05 * strict.predicted_io_words
+    assert loose.block_k >= strict.block_k
+    with pytest.raises(ValueError, match="-0.1"):
+        plan_attention(cache_words=8192, seq=2048, head_dim=64, io_slack=-0.1)

@@ -10,6 +10,8 @@ import transformers as T
 
 FORTUNES = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "fortunes.txt"
 FAMILIES = ("bert", "gpt2", "llama")
+# same adapters, other layouts: DistilBERT (q_lin/out_lin, ffn.lin1/lin2), Qwen2 (Llama layout + q/k/v biases)
+MORE_FAMILIES = ("distilbert", "qwen2")
 
 
 def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
@@ -27,6 +29,19 @@ def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
                             num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
                             initializer_range=0.2)
         model = T.LlamaForCausalLM(cfg)
+    elif kind == "distilbert":
+        cfg = T.DistilBertConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, hidden_dim=40,
+                                 max_position_embeddings=64, initializer_range=0.2)
+        model = T.DistilBertForMaskedLM(cfg)
+    elif kind == "qwen2":
+        cfg = T.Qwen2Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=40, max_position_embeddings=64,
+                            initializer_range=0.2)
+        model = T.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # Qwen2 inits biases to 0; make them matter for the adapter tests
+            for layer in model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    lin.bias.normal_(0, 0.5)
     else:
         raise ValueError(kind)
     return model.eval()

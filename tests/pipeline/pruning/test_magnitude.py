@@ -13,7 +13,7 @@ from pipeline.pruning.adapters import ROLES_BY_TARGET
 from pipeline.pruning.calibration import capture_first_block_inputs, collect_block_stats
 from pipeline.pruning.metrics import eager_attention
 
-from .conftest import FAMILIES, random_batches, tiny_model
+from .conftest import FAMILIES, MORE_FAMILIES, random_batches, tiny_model
 
 
 def _attention_from_view(block, X, pad):
@@ -37,7 +37,7 @@ def _attention_from_view(block, X, pad):
     return torch.softmax(s, -1)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MORE_FAMILIES)
 def test_adapter_views_reproduce_model_attention(family):
     model = tiny_model(family).double()
     batch = random_batches(1)[0]
@@ -55,7 +55,8 @@ def test_adapter_views_reproduce_model_attention(family):
     g = views[0].geometry
     assert g.scale == pytest.approx(1 / math.sqrt(8)) and g.head_dim == 8
     assert (g.num_heads, g.num_kv_heads, g.causal) == {"bert": (4, 4, False), "gpt2": (4, 4, True),
-                                                       "llama": (4, 2, True)}[family]
+                                                       "llama": (4, 2, True), "distilbert": (4, 4, False),
+                                                       "qwen2": (4, 2, True)}[family]
 
 
 def test_gpt2_fused_slices_are_transposed_views_with_setters():
@@ -90,13 +91,11 @@ def test_magnitude_unstructured_prunes_exactly_the_targets(family):
     model = tiny_model(family)
     ref = copy.deepcopy(model)
     res = prune_model(model, PruneConfig(method="magnitude", sparsity=0.5), [])
-    targets = {r.qualname for b in blocks(model) for r in b.matrices().values()}
-    for name, frac in res.metrics["sparsity"].items():
-        if name != "overall":
-            assert name in targets
-            assert frac == pytest.approx(math.floor(0.5 * next(
-                r.weight.numel() for b in blocks(model) for r in b.matrices().values() if r.qualname == name
-            )) / next(r.weight.numel() for b in blocks(model) for r in b.matrices().values() if r.qualname == name))
+    sizes = {r.qualname: r.weight.numel() for b in blocks(model) for r in b.matrices().values()}
+    per_matrix = {k: v for k, v in res.metrics["sparsity"].items() if k != "overall"}
+    assert set(per_matrix) == set(sizes)
+    for name, frac in per_matrix.items():
+        assert frac == math.floor(0.5 * sizes[name]) / sizes[name], name  # layer-wise exact count
     assert res.metrics["sparsity"]["overall"] == pytest.approx(0.5, abs=2e-3)
     # embeddings, norms and LM head untouched
     pruned_ids = {id(r.module) for b in blocks(model) for r in b.matrices().values()}
