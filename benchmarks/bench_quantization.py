@@ -165,6 +165,7 @@ def main() -> None:
             f"| {c.mean():.5f} | {c.min():.5f} | {notes[k]} |"
         )
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     cmd = "OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/bench_quantization.py " + " ".join(sys.argv[1:])
     md = "\n".join(
         [
@@ -178,8 +179,9 @@ def main() -> None:
             f"intra-op threads {args.threads}; latency = median of {args.runs} interleaved runs at batch 1.",
             "- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 on the first 64 passages of fortunes.txt "
             "(batches of 8, padded, truncation 128). int8-static calibrated on the next 32 passages.",
-            "- **Noisy machine:** up to 6 agents shared these 2 cores during the run; compare ratios within this "
-            "table, not absolute ms across runs.",
+            "- **Noisy machine:** up to 6 agents shared these 2 cores during the run "
+            f"(load average 1/5/15 min at the end: {load}); compare ratios within this table, not absolute ms "
+            "across runs.",
             "",
             "| variant | size MB | p50 ms (1x128) | speed vs fp32 (1x128) | p50 ms (1x512) | cos mean | cos min | convert time / nodes |",
             "|---|---|---|---|---|---|---|---|",

@@ -155,6 +155,10 @@ def main() -> None:
         "anchor1": ("sparsegpt + refit (outputs anchor 1.0, held-out early stop)", AttentionMethodConfig(anchor_reg=1.0)),
         "wanda_refit": ("wanda + refit (no anchor, no early stop)", AttentionMethodConfig(
             support="wanda", anchor="none", early_stop=False, holdout_fraction=0.0)),
+        "fast": ("sparsegpt + refit 25 steps lr 3e-3 (outputs anchor 0.1, held-out early stop)",
+                 AttentionMethodConfig(refit_steps=25, refit_lr=3e-3)),
+        "fast40": ("sparsegpt + refit 40 steps lr 2e-3 (outputs anchor 0.1, held-out early stop)",
+                   AttentionMethodConfig(refit_steps=40, refit_lr=2e-3)),
         "paper_refit": ("paper mask + refit (outputs anchor 0.1)", AttentionMethodConfig(support="attention_mask")),
     }
     keys = args.variants or list(variants)

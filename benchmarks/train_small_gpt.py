@@ -14,6 +14,7 @@ Usage:
     python benchmarks/train_small_gpt.py                 # train (or reuse the cache) and report
     python benchmarks/train_small_gpt.py --eval          # print held-out perplexity of the cached model
     python benchmarks/train_small_gpt.py --steps 200 --out /tmp/sg   # quick check of the script
+    python benchmarks/train_small_gpt.py --recover-demo --demo-sparsity 0.7   # prune + pipeline.recover
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT], show_progress=False)
+    # model_input_names: a generic PreTrainedTokenizerFast also returns token_type_ids, and GPT-2 embeds
+    # those with its word embedding (wte), so zeros would add wte[0] to every position.
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT
+        tokenizer_object=bpe._tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT,
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 
@@ -247,11 +251,65 @@ def evaluate(out: Path, data: Path) -> dict[str, Any]:
     return {"heldout_ppl": ppl, "eval_seconds": round(time.perf_counter() - t0, 2), "trained": info}
 
 
+def recover_demo(out: Path, data: Path, sparsity: float, steps: int, n_calib: int, lr: float) -> dict[str, Any]:
+    """Magnitude-prune the cached model's block weights, distill it back with ``pipeline.recover.recover_``.
+
+    Calibration: the first ``n_calib`` training passages (batches of 8, <= 64 tokens). Evaluation: the same
+    held-out windows as ``heldout_perplexity`` plus ``heldout_metrics`` (top-1 agreement, KL) on held-out
+    passages. Pruning is per weight tensor (smallest |w| zeroed) in every transformer block's Conv1D.
+    """
+    import copy
+
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    from pipeline.data import tokenize_batches
+    from pipeline.recover import recover_
+
+    info = json.loads((out / "train_info.json").read_text())
+    cfg = info["settings"]
+    train_texts, held_texts = read_split(data, cfg["holdout_fraction"])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    teacher = GPT2LMHeadModel.from_pretrained(out, use_safetensors=True).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for name, mod in student.named_modules():
+            if isinstance(mod, Conv1D) and ".h." in name:
+                w = mod.weight
+                k = int(w.numel() * sparsity)
+                w.mul_(w.abs() > w.abs().flatten().kthvalue(k).values)
+    held_stream = token_stream(tokenizer, held_texts)
+    kw = {"batch_size": 8, "max_length": 64}
+    calib = tokenize_batches(tokenizer, train_texts[:n_calib], **kw)
+    held = tokenize_batches(tokenizer, held_texts[:128], **kw)
+    ppl_dense = heldout_perplexity(teacher, held_stream, cfg["context"])
+    ppl_pruned = heldout_perplexity(student, held_stream, cfg["context"])
+    res = recover_(student, teacher, calib, steps=steps, lr=lr, heldout=held, seed=0)
+    ppl_recovered = heldout_perplexity(student, held_stream, cfg["context"])
+    zeros = sum(int((m.weight == 0).sum()) for n, m in student.named_modules() if isinstance(m, Conv1D) and ".h." in n)
+    total = sum(m.weight.numel() for n, m in student.named_modules() if isinstance(m, Conv1D) and ".h." in n)
+    return {
+        "sparsity_after": zeros / total, "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned,
+        "ppl_recovered": ppl_recovered, "recover_seconds": res.seconds, "steps": res.steps,
+        "loss_first": res.loss_first, "loss_last": res.loss_last,
+        "heldout_before": res.heldout_before, "heldout_after": res.heldout_after,
+        "sparsity": sparsity, "lr": lr,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="one passage per line")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="cache directory (outside the repo)")
     parser.add_argument("--eval", action="store_true", help="only print held-out perplexity of the cached model")
+    parser.add_argument(
+        "--recover-demo", action="store_true",
+        help="prune the cached model by magnitude and distill it back with pipeline.recover (prints JSON)",
+    )
+    parser.add_argument("--demo-sparsity", type=float, default=0.5)
+    parser.add_argument("--demo-steps", type=int, default=100)
+    parser.add_argument("--demo-lr", type=float, default=1e-4)
+    parser.add_argument("--demo-calib", type=int, default=256, help="calibration passages for the demo")
     parser.add_argument("--force", action="store_true", help="retrain even if the cache matches")
     parser.add_argument(
         "--threads", type=int, default=2,
@@ -276,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         res = evaluate(out, data)
         print(f"held-out perplexity: {res['heldout_ppl']:.3f} ({res['eval_seconds']}s; trained "
               f"{res['trained']['steps']} steps in {res['trained']['seconds']}s) [{out}]")
+        return 0
+
+    if args.recover_demo:
+        sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+        res = recover_demo(out, data, args.demo_sparsity, args.demo_steps, args.demo_calib, args.demo_lr)
+        print(json.dumps(res, indent=2))
         return 0
 
     fields = {k: getattr(args, k) for k in Settings.__dataclass_fields__ if k != "data_sha256"}

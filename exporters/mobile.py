@@ -104,8 +104,9 @@ def to_ort_format(src: Path, out_dir: Path, *, target_platform: str | None = Non
         missing = [n for n in (ort_name, config_name) if n not in produced]
         if missing:
             raise RuntimeError(f"ORT conversion of {src.name!r} did not produce {missing}; got {sorted(produced)}")
-        # the config's header names the temporary .ort path; point it at the final file
-        config_text = produced[config_name].read_text().replace(str(produced[ort_name]), str(out_dir / ort_name))
+        # the config's header names the temporary .ort path; name just the file, so the config is the same
+        # wherever (and in whichever run folder) it was made: byte-reproducible artifacts
+        config_text = produced[config_name].read_text().replace(str(produced[ort_name]), ort_name)
         produced[config_name].write_text(config_text)
         os.replace(produced[ort_name], out_dir / ort_name)
         os.replace(produced[config_name], out_dir / config_name)

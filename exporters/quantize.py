@@ -142,7 +142,7 @@ def convert_precision(
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp_dir:
         tmp = Path(tmp_dir) / dst.name
         if precision == "fp32":
-            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32, tmp_dir)
+            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32)
         elif precision == "fp16":
             nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops)
         elif precision == "int8":
@@ -243,7 +243,7 @@ def _float_ops_kept(model: onnx.ModelProto, node_names: set[str]) -> list[str]:
 
 
 def _fp32(
-    src: Path, tmp: Path, feeds: list[dict[str, np.ndarray]] | None, optimize: bool, tmp_dir: str
+    src: Path, tmp: Path, feeds: list[dict[str, np.ndarray]] | None, optimize: bool
 ) -> tuple[int, list[str], list[str]]:
     if not optimize:
         shutil.copyfile(src, tmp)

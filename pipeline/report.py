@@ -101,12 +101,12 @@ def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]
     return ["plots/targets.png"]
 
 
-def write_reports(*, run_dir: Path, cfg: Any, art: Artifact, records: list[dict[str, Any]], published: Mapping[str, Mapping[str, str]], manifest_extra: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+def write_reports(*, run_dir: Path, cfg: Any, target_names: Sequence[str], art: Artifact, records: list[dict[str, Any]], published: Mapping[str, Mapping[str, str]], manifest_extra: Mapping[str, Any], seconds: float) -> dict[str, Any]:
     failures: list[dict[str, Any]] = []
     for r in records:
         failures.extend(r["metrics"].get("failures", []) if isinstance(r.get("metrics"), dict) else [])
     targets: dict[str, Any] = {}
-    for name in cfg.targets:
+    for name in target_names:
         tm = art.targets.get(name)
         if tm is None:
             continue

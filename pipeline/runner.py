@@ -57,7 +57,7 @@ def describe_model(path: Path, task: Optional[str]) -> tuple[str, str]:
     """(task, family) from the model folder's config.json, without loading weights (fails fast on bad input)."""
     from transformers import AutoConfig
 
-    from pipeline.models import ModelLoadError, _check_weights, infer_task, model_family
+    from pipeline.models import ModelLoadError, check_weights, infer_task, model_family
 
     try:
         conf = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -65,7 +65,7 @@ def describe_model(path: Path, task: Optional[str]) -> tuple[str, str]:
         raise ModelInputError(f"model.path: '{path}': cannot read config.json: {str(exc).splitlines()[0]}") from None
     try:
         family = model_family(conf)
-        _check_weights(path)
+        check_weights(path)
         return task or infer_task(conf), family
     except ModelLoadError as exc:
         raise ModelInputError(f"model.path: {exc}") from None
@@ -161,7 +161,12 @@ def run(
     if not cfg.stages:
         raise ConfigError("stages: the pipeline has no stages")
     run_dir = Path(workdir).resolve()
-    profiles = {name: load_target(name) for name in cfg.targets}
+    profiles: dict[str, Any] = {}
+    for i, ref in enumerate(cfg.targets):
+        prof = load_target(ref)  # a built-in name or a user's profile file: keyed by the profile's own name
+        if prof.name in profiles:
+            raise ConfigError(f"targets[{i}]: two targets are named '{prof.name}'")
+        profiles[prof.name] = prof
     model_path = resolve_model_path(cfg)
 
     with _run_lock(run_dir):
@@ -221,10 +226,11 @@ def run(
 
         from pipeline.report import publish_targets, write_reports
 
-        published = publish_targets(art, run_dir, cfg.targets)
+        published = publish_targets(art, run_dir, list(profiles))
         report = write_reports(
             run_dir=run_dir,
             cfg=cfg,
+            target_names=list(profiles),
             art=art,
             records=records,
             published=published,

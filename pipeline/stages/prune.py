@@ -42,7 +42,20 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     n_cal = min(cfg.calibration_samples, len(calib))
     batches = encode(loaded, calib[:n_cal], max_length=min(cfg.calibration_seq_len, c.max_length), batch_size=c.batch_size)
     evals = encode(loaded, heldout, max_length=c.max_length, batch_size=c.batch_size)
-    res = prune_model(loaded.model, cfg, batches, eval_batches=evals)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=f"prune ({cfg.method})", unit="layer", disable=not ctx.progress, leave=False)
+
+    def progress(what: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(what)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        res = prune_model(loaded.model, cfg, batches, eval_batches=evals, progress=progress)
+    finally:
+        bar.close()
     out_dir = ctx.subdir("model")
     save_model(dataclasses.replace(loaded, model=res.model), out_dir)
     metrics = dict(res.metrics)

@@ -28,7 +28,19 @@ HERE = Path(__file__).resolve().parent
 
 
 def peak_rss_mb() -> float | None:
-    """Peak resident set size of this process in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in MB.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this program's own address space.
+    ru_maxrss is not used there because Linux carries it across fork+exec, so a script started by a large
+    parent process would report the parent's peak. Elsewhere: ru_maxrss (bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB -> MB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows

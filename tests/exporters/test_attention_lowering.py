@@ -12,6 +12,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
+
+from exporters.attention import (
+    AttentionLoweringError,
+    find_attention_nodes,
+    lower_to_block_sparse,
+    lower_to_fused_attention,
+    mask_attention_with_input,
+)
+from exporters.block_sparse_graph import (
+    BlockSparsePattern,
+    explicit_block_inputs,
+    pattern_layout,
+    reference_block_sparse,
+)
+from exporters.fusion_check import count_attention_nodes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,12 +35,11 @@ VOCAB = 100
 
 
 def tiny_bert():
+    import torch
     import transformers
 
     cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=512, attn_implementation="sdpa")
-    import torch
-
     torch.manual_seed(0)
     return transformers.BertModel(cfg).eval()
 
@@ -88,16 +103,6 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 # fixtures and oracle helpers
 # ----------------------------------------------------------------------------------------
-import pytest  # noqa: E402
-
-from exporters.attention import (  # noqa: E402
-    AttentionLoweringError,
-    find_attention_nodes,
-    lower_to_block_sparse,
-    lower_to_fused_attention,
-)
-from exporters.block_sparse_graph import BlockSparsePattern, pattern_layout  # noqa: E402
-from exporters.fusion_check import count_attention_nodes  # noqa: E402
 
 DENSE_ATOL = 1e-5  # same math, different kernel / layout: fp32 rounding only
 SPARSE_ATOL = 1e-5  # block-sparse subgraph vs dense Attention with the equivalent bool mask
@@ -313,8 +318,6 @@ def test_block_sparse_on_hand_built_gqa_node(rank: int) -> None:
         feeds = {"q": rng.standard_normal((1, n, 32)).astype(np.float32),
                  "k": rng.standard_normal((1, n, 16)).astype(np.float32),
                  "v": rng.standard_normal((1, n, 16)).astype(np.float32)}
-    from exporters.block_sparse_graph import reference_block_sparse
-
     def bnsh(x, h):  # (1, n, h*8) -> (1, h, n, 8)
         return x.reshape(1, n, h, 8).transpose(0, 2, 1, 3) if rank == 3 else x
 
@@ -353,8 +356,6 @@ def test_ms_mha_mask_ranks_and_broadcast(mask_shape, mask_type) -> None:
 
 def test_block_sparse_explicit_pattern_adds_inputs() -> None:
     """explicit patterns: the lowered graph takes block_index / block_mask, shared by layers."""
-    from exporters.block_sparse_graph import explicit_block_inputs, reference_block_sparse
-
     rng = np.random.default_rng(3)
     layout = rng.random((4, 4)) < 0.4
     np.fill_diagonal(layout, True)
@@ -370,3 +371,16 @@ def test_block_sparse_explicit_pattern_adds_inputs() -> None:
     ref = reference_block_sparse(feeds["q"], feeds["k"], feeds["v"], pattern_layout(pattern, n), block=64,
                                  causal=False)
     np.testing.assert_allclose(got, ref, atol=SPARSE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["bert", "llama"])
+def test_mask_attention_with_input_matches_test_oracle(which: str, bert_onnx, llama_onnx) -> None:
+    """The library's dense-masked baseline (used by the benchmarks) equals this file's oracle."""
+    model = bert_onnx if which == "bert" else llama_onnx
+    pattern = BlockSparsePattern("window", block=64, window_blocks=1)
+    feeds = {**_feeds(1, 200, pad=11), "pattern_mask": _token_mask(pattern, 200)}
+    lib = run(mask_attention_with_input(model), feeds)
+    np.testing.assert_allclose(lib, run(_with_dense_pattern_mask(model), feeds), atol=DENSE_ATOL, rtol=0)
+    feeds["pattern_mask"] = np.ones((200, 200), dtype=bool)  # an all-true pattern is a no-op
+    np.testing.assert_allclose(run(mask_attention_with_input(model), feeds), run(model, feeds), atol=DENSE_ATOL,
+                               rtol=0)

@@ -20,7 +20,10 @@ pytestmark = pytest.mark.slow
 STAGES = [{"export": {}}, {"quantize": {}}, {"validate": {}}, {"benchmark": {"runs": 3, "warmup": 1, "seq": 32}}]
 
 
-def _cfg(model: Path, targets=("host-cpu", "android-arm64"), stages=STAGES, **extra):
+DEFAULT_TARGETS = ("host-cpu", "raspberry-pi-5", "jetson-orin-nano", "android-arm64")
+
+
+def _cfg(model: Path, targets=DEFAULT_TARGETS, stages=STAGES, **extra):
     return {"model": {"path": str(model)}, "targets": list(targets), "calibration": {"samples": 8, "heldout": 16, "max_length": 32}, "stages": stages, **extra}
 
 
@@ -42,7 +45,7 @@ def test_report_contract(first_run):
     assert on_disk["ok"] is True and report["ok"] is True
     assert [s["name"] for s in on_disk["stages"]] == ["export", "quantize", "validate", "benchmark"]
     assert all(s["status"] == "ran" and s["seconds"] >= 0 for s in on_disk["stages"])
-    for name, prec in (("host-cpu", "fp32"), ("android-arm64", "int8")):
+    for name, prec in (("host-cpu", "fp32"), ("raspberry-pi-5", "int8"), ("jetson-orin-nano", "fp16"), ("android-arm64", "int8")):
         t = on_disk["targets"][name]
         assert t["precision"] == prec
         assert (run_dir / t["artifact"]).is_file() and t["size_bytes"] == (run_dir / t["artifact"]).stat().st_size
@@ -59,6 +62,27 @@ def test_report_contract(first_run):
     assert man["config"]["stages"][0] == {"export": {"exporter": "dynamo", "opset": None, "with_past": None, "cross_check": False}}
     assert "torch" in man["versions"] and man["inputs"]["model_sha256"]
     assert (run_dir / "report.md").read_text().count("| host-cpu |") == 1
+
+
+def test_raspberry_pi_bundle_runs_with_only_numpy_and_onnxruntime(first_run, device_python):
+    run_dir, _, _ = first_run
+    bundle = run_dir / "raspberry-pi-5" / "bundle"
+    res = subprocess.run([device_python, "evaluate.py", "--runs", "3"], cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["ok"] is True and out["latency_ms"]["p50"] > 0 and out["peak_rss_mb"] > 0
+    # the bundle really checks: a wrong reference makes it fail
+    import numpy as np
+
+    broken = run_dir / "broken-bundle"
+    import shutil
+
+    shutil.copytree(bundle, broken)
+    ref = dict(np.load(broken / "reference.npz"))
+    np.savez(broken / "reference.npz", **{k: v + 1.0 for k, v in ref.items()})
+    res = subprocess.run([device_python, "evaluate.py", "--runs", "1"], cwd=broken, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and json.loads(res.stdout.strip().splitlines()[-1])["ok"] is False
+    shutil.rmtree(broken)
 
 
 def test_unchanged_rerun_is_cached_and_identical(first_run):

