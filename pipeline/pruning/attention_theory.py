@@ -235,7 +235,7 @@ def optimize_mask(W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
         for t in range(steps):
             loss = mask_loss(Mp, W, X, lam=lam, causal=causal, pad_mask=pad_mask, F_star=F_star)
             trace.losses.append(float(loss.detach()))
-            if stop_mean_mask is not None and float(Mp.mean()) < stop_mean_mask:
+            if stop_mean_mask is not None and float(Mp.detach().mean()) < stop_mean_mask:
                 trace.stopped_at = t
                 break
             opt.zero_grad()

@@ -138,3 +138,14 @@ def test_tiny_models_run_end_to_end(tmp_path, tiny_models, family):
 
         names = [i.name for i in onnx.load(str(tmp_path / "w" / host["artifact"]), load_external_data=False).graph.input]
         assert "past_key_values.0.key" in names
+
+
+def test_plan_attention_reads_the_target_cache():
+    big = json.loads(edgepipe("plan-attention", "--target", "raspberry-pi-5", "--seq", "4096", "--head-dim", "64", "--json").stdout)
+    assert big["cache_words"] == 512 * 1024 // 4 and big["algorithm"] == "flash"
+    assert big["predicted_io_words"] >= big["lower_bound_words"] > 0 and big["peak_working_words"] <= big["cache_words"]
+    # Pi 4 plans against its 32 KiB L1 (8192 words), far below d^2 for d = 256: the small-cache algorithm
+    small = json.loads(edgepipe("plan-attention", "--target", "raspberry-pi-4", "--seq", "4096", "--head-dim", "256", "--json").stdout)
+    assert small["cache_words"] == 8192 and small["algorithm"] == "small_cache"
+    text = edgepipe("plan-attention", "--target", "raspberry-pi-5", "--seq", "1024", "--head-dim", "64")
+    assert text.returncode == 0 and "lower bound" in text.stdout
