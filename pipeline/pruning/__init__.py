@@ -5,6 +5,7 @@ Public entry point: :func:`prune_model` with a :class:`PruneConfig`.
 
 from pipeline.pruning.adapters import BlockView, MatrixRef, blocks
 from pipeline.pruning.api import PruneResult, prune_model
+from pipeline.pruning.attention import AttentionMethodConfig, QKResult, prune_qk, qk_attention
 from pipeline.pruning.config import PruneConfig
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.magnitude import magnitude_prune
@@ -15,6 +16,10 @@ from pipeline.pruning.wanda import wanda_prune, wanda_scores
 
 __all__: list[str] = [
     "AttentionGeometry",
+    "AttentionMethodConfig",
+    "QKResult",
+    "prune_qk",
+    "qk_attention",
     "BlockView",
     "MatrixRef",
     "PruneConfig",

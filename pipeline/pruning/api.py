@@ -113,8 +113,8 @@ def _prune_block_unstructured(
                 q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone(),
                 k.weight.detach().clone(), None if k.bias is None else k.bias.detach().clone(),
                 stats.attn_input, stats.attn_pad_mask, block.geometry,
-                # prune_qk's n:m counts *zeroed* entries per group of m (PruneConfig.n counts kept ones)
-                sparsity=cfg.effective_sparsity, pattern=cfg.pattern, n=cfg.m - cfg.n, m=cfg.m, cfg=cfg.attention_options,
+                # one n:m convention everywhere: n weights kept in every group of m
+                sparsity=cfg.effective_sparsity, pattern=cfg.pattern, n=cfg.n, m=cfg.m, cfg=cfg.attention_options,
                 hessian_q=stats.hessians.get("q"), hessian_k=stats.hessians.get("k"),
             )
         q.weight, k.weight = res.wq, res.wk

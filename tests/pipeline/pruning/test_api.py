@@ -105,6 +105,19 @@ def test_attention_method_wiring():
     assert "qk_stats" in res.metrics["per_layer"][0]
 
 
+def test_attention_method_n_m_keeps_n_of_every_m():
+    """One n:m convention across the driver and prune_qk: 1:4 keeps one weight in every group of four."""
+    model = tiny_model("llama")
+    cfg = PruneConfig(method="attention", pattern="n:m", n=1, m=4, targets="qk",
+                      attention={"mask_steps": 2, "refit_steps": 2})
+    prune_model(model, cfg, random_batches(2))
+    for b in blocks(model):
+        for role in ("q", "k"):
+            w = b.matrices()[role].weight
+            groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+            assert int(groups.max()) <= 1 and float((w == 0).float().mean()) == pytest.approx(0.75), role
+
+
 def test_metrics_against_manual_oracles():
     dense = tiny_model("gpt2")
     pruned = copy.deepcopy(dense)
