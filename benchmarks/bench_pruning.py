@@ -400,9 +400,9 @@ def plan(models: list[str], methods: list[str], sparsities: list[str]) -> tuple[
         for me in methods:
             for sp in sparsities:
                 if sp.startswith("s") and me not in STRUCTURED_METHODS:
-                    skipped.append(f"{mo}/{me}/{sp}: the engine's structured pattern ranks with magnitude or wanda only")
+                    skipped.append(f"structured x {me}: PruneConfig allows structured ranking by magnitude or wanda only")
                 elif sp.startswith("s") and mo == "minilm-qk":
-                    skipped.append(f"{mo}/{me}/{sp}: structured removes heads/FFN neurons, not q/k entries")
+                    skipped.append("minilm-qk x structured: structured removes heads/FFN neurons, not q/k entries")
                 else:
                     runs.append((mo, me, sp))
     runs.sort(key=lambda r: _priority(*r))
@@ -482,7 +482,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
     if meta.get("skipped"):
         L += ["## Not run by design", ""] + [f"- {s}" for s in meta["skipped"]] + [""]
     if pending:
-        L += ["## Not run (out of time or failed in this invocation)", ""] + [f"- {p}" for p in pending] + [""]
+        L += ["## Not run in this record (out of time, or failed)", ""] + [f"- {p}" for p in pending] + [""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L) + "\n")
 

@@ -37,8 +37,8 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     if not debug:
         # third-party chatter (exporter tracer warnings, optimum notices) is noise for a user; --debug shows it
         warnings.filterwarnings("ignore")
-        for name in ("torch", "transformers", "optimum", "onnxscript", "onnx_ir", "onnxruntime"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        for name in ("torch", "transformers", "optimum", "onnxscript", "onnx_ir", "onnxruntime", "ort_format_model", ""):
+            logging.getLogger(name).setLevel(logging.ERROR)  # "" = the root logger some libraries log to directly
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 

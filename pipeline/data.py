@@ -14,6 +14,11 @@ English passages turned into padded ``input_ids``/``attention_mask`` batches. Th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 import hashlib
 import importlib.resources
 import logging
@@ -23,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 
 __all__ = [
     "builtin_calibration_texts",
@@ -157,7 +161,9 @@ def hash_token_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch  # lazily: reading texts (e.g. for a cached run's fingerprint) must not pay torch's import
+
     """Right-pad id lists to one length -> ``(ids, mask)``, both (B, T) int64."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -185,7 +191,7 @@ def tokenize_batches(
     batch_size: int,
     max_length: int,
     vocab_size: int | None = None,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[dict[str, "torch.Tensor"]]:
     """Turn passages into right-padded batches.
 
     Args:
@@ -212,7 +218,7 @@ def tokenize_batches(
     if tokenizer is None and vocab_size is None:
         raise ValueError("tokenizer=None needs vocab_size for hash-based ids")
 
-    batches: list[dict[str, torch.Tensor]] = []
+    batches: list[dict[str, "torch.Tensor"]] = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
         if tokenizer is None:

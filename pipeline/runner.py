@@ -54,15 +54,19 @@ def resolve_model_path(cfg: PipelineConfig) -> Path:
 
 
 def describe_model(path: Path, task: Optional[str]) -> tuple[str, str]:
-    """(task, family) from the model folder's config.json, without loading weights (fails fast on bad input)."""
-    from transformers import AutoConfig
+    """(task, family) from the model folder's config.json, without loading weights or importing transformers
+    (fails fast on bad input, and keeps a fully cached re-run quick)."""
+    from types import SimpleNamespace
 
     from pipeline.models import ModelLoadError, check_weights, infer_task, model_family
 
     try:
-        conf = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelInputError(f"model.path: '{path}': cannot read config.json: {str(exc).splitlines()[0]}") from None
+    conf = SimpleNamespace(**data)
     try:
         family = model_family(conf)
         check_weights(path)

@@ -3,16 +3,42 @@
 Public entry point: :func:`prune_model` with a :class:`PruneConfig`.
 """
 
-from pipeline.pruning.adapters import BlockView, MatrixRef, blocks
-from pipeline.pruning.api import PruneResult, prune_model
-from pipeline.pruning.attention import AttentionMethodConfig, QKResult, prune_qk, qk_attention
-from pipeline.pruning.config import PruneConfig
-from pipeline.pruning.geometry import AttentionGeometry
-from pipeline.pruning.magnitude import magnitude_prune
-from pipeline.pruning.masks import apply_mask_, count_zeros, nm_mask, unstructured_mask
-from pipeline.pruning.metrics import attention_error, layer_output_error, sparsity_report
-from pipeline.pruning.sparsegpt import sparsegpt_prune
-from pipeline.pruning.wanda import wanda_prune, wanda_scores
+import importlib
+from typing import Any
+
+# Lazy exports: importing a submodule such as pipeline.pruning.config (the prune stage's schema) must not
+# pull in torch and transformers; the heavy modules load on first use of a name.
+_EXPORTS = {
+    "AttentionGeometry": "pipeline.pruning.geometry",
+    "AttentionMethodConfig": "pipeline.pruning.attention",
+    "BlockView": "pipeline.pruning.adapters",
+    "MatrixRef": "pipeline.pruning.adapters",
+    "PruneConfig": "pipeline.pruning.config",
+    "PruneResult": "pipeline.pruning.api",
+    "QKResult": "pipeline.pruning.attention",
+    "apply_mask_": "pipeline.pruning.masks",
+    "attention_error": "pipeline.pruning.metrics",
+    "blocks": "pipeline.pruning.adapters",
+    "count_zeros": "pipeline.pruning.masks",
+    "layer_output_error": "pipeline.pruning.metrics",
+    "magnitude_prune": "pipeline.pruning.magnitude",
+    "nm_mask": "pipeline.pruning.masks",
+    "prune_model": "pipeline.pruning.api",
+    "prune_qk": "pipeline.pruning.attention",
+    "qk_attention": "pipeline.pruning.attention",
+    "sparsegpt_prune": "pipeline.pruning.sparsegpt",
+    "sparsity_report": "pipeline.pruning.metrics",
+    "unstructured_mask": "pipeline.pruning.masks",
+    "wanda_prune": "pipeline.pruning.wanda",
+    "wanda_scores": "pipeline.pruning.wanda",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline.pruning' has no attribute {name!r}")
+
 
 __all__: list[str] = [
     "AttentionGeometry",

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Literal, Optional
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from pipeline.artifact import Artifact
@@ -55,7 +54,9 @@ def block_pattern(change: dict[str, Any]):
 def _block_mask_fn(pattern):
     from exporters.block_sparse_graph import pattern_layout
 
-    def fn(n_q: int, n_k: int) -> torch.Tensor:
+    import torch
+
+    def fn(n_q: int, n_k: int) -> "torch.Tensor":
         if n_q != n_k:
             raise ValueError(f"block-sparse attention here needs n_q == n_k (no KV cache), got {n_q} vs {n_k}")
         # (1, 1, nb, nb): the same layout the ONNX lowering computes in-graph
@@ -64,7 +65,7 @@ def _block_mask_fn(pattern):
     return fn
 
 
-def apply_attention_change(model: torch.nn.Module, change: dict[str, Any], *, kernel: Optional[str] = None) -> int:
+def apply_attention_change(model: "torch.nn.Module", change: dict[str, Any], *, kernel: Optional[str] = None) -> int:
     """Re-apply a recorded swap to a freshly loaded model (``kernel`` overrides, e.g. "naive" as the oracle)."""
     from pipeline.kernels import swap_attention_
 
@@ -75,6 +76,8 @@ def apply_attention_change(model: torch.nn.Module, change: dict[str, Any], *, ke
 
 
 def _first_out(model, batch) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         out = model(**batch)
     t = out.last_hidden_state if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None else out.logits

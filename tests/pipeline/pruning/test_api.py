@@ -138,7 +138,7 @@ def test_metrics_against_manual_oracles():
             for i in range(A.shape[0]):
                 r = pad[i]
                 a, ah = A[i][:, r][:, :, r], Ah[i][:, r][:, :, r]  # (H, real, real)
-                num += float(((a - ah) ** 2).sum())
+                num += float(((a - ah) ** 2).sum().detach())
                 den += float((a**2).sum())
     assert err["per_layer"][1] == pytest.approx((num / den) ** 0.5, rel=1e-9)
     out_err = layer_output_error(dense, pruned, batches)

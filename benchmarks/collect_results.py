@@ -1,0 +1,45 @@
+"""Assemble benchmarks/RESULTS.md from the per-benchmark fragments in benchmarks/results/.
+
+Each benchmark script writes its own fragment (command, host, date, table); this keeps RESULTS.md one
+readable page in a fixed order. Usage: python benchmarks/collect_results.py
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = [
+    ("quantization.md", "Issue 2 — peer path vs edgepipe per precision (MiniLM)"),
+    ("pruning.md", "Issue 3 — pruning methods × sparsity × model"),
+    ("prune_qk_probe.md", "Issue 3 — q/k-only attention-approximation probe (defaults chosen from this)"),
+    ("small_gpt.md", "Issue 3 — small GPT trained on fortunes (perplexity model)"),
+    ("kernels_torch.md", "Issue 4 — PyTorch kernels: flash vs naive, time and memory"),
+    ("sparse_ort.md", "Issue 4 — ONNX Runtime block-sparse attention vs dense fused attention"),
+    ("sparse_e2e.md", "Issue 4 — 2-layer Llama end to end, block-sparse vs dense"),
+    ("io.md", "Issue 4 — counted I/O vs lower bounds"),
+]
+
+
+def main() -> None:
+    parts = ["# Benchmark results", "",
+             "Each section is written by the benchmark script named in it (command, host, date and numbers).",
+             "This 2-core machine is shared: absolute times are noisy; ratios measured in one process are the result.", ""]
+    seen = set()
+    for name, title in ORDER:
+        p = HERE / "results" / name
+        if p.exists():
+            parts += [f"## {title}", "", f"*(from `benchmarks/results/{name}`)*", "", p.read_text().strip().replace("\n# ", "\n### "), ""]
+            seen.add(name)
+    for p in sorted((HERE / "results").glob("*.md")):
+        if p.name not in seen:
+            parts += [f"## {p.stem}", "", p.read_text().strip(), ""]
+    out = HERE / "RESULTS.md"
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(parts))
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()
