@@ -1,0 +1,62 @@
+"""prune and recover as pipeline stages: YAML/API, target-aware pattern checks, physical shrinking, recovery."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import pipeline
+from pipeline.errors import StageError
+from pipeline.stages.prune import PatternGivesNoSpeedup
+
+pytestmark = pytest.mark.slow
+
+CAL = {"samples": 8, "heldout": 8, "max_length": 24}
+
+
+def _cfg(model, stages, targets=("host-cpu",)):
+    return {"model": {"path": str(model)}, "targets": list(targets), "calibration": CAL, "stages": stages}
+
+
+def test_unstructured_on_cpu_targets_warns_and_strict_fails(tiny_models, tmp_path):
+    with pytest.raises(StageError, match="gives no speedup on target"):
+        pipeline.run(_cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5, "strict": True}}]), workdir=tmp_path / "a", progress=False)
+    with pytest.warns(PatternGivesNoSpeedup):
+        rep = pipeline.run(_cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5}}]), workdir=tmp_path / "b", progress=False)
+    m = rep["stages"][0]["metrics"]
+    assert m["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01) and "warning" in m
+    # 2:4 is a fast pattern on Jetson profiles: no warning there
+    rep = pipeline.run(_cfg(tiny_models["llama"], [{"prune": {"method": "wanda", "pattern": "n:m", "n": 2, "m": 4, "strict": True}}], targets=("jetson-orin-nano",)), workdir=tmp_path / "c", progress=False)
+    assert rep["stages"][0]["metrics"]["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_structured_prune_shrinks_the_export_and_recover_helps(tiny_models, tmp_path):
+    stages = [
+        {"prune": {"method": "wanda", "sparsity": 0.5, "pattern": "structured", "structured_unit": "heads+ffn"}},
+        {"recover": {"steps": 30, "lr": 1e-3}},
+        {"export": {}},
+        {"validate": {"min_cos_mean": None}},
+    ]
+    dense = pipeline.run(_cfg(tiny_models["bert"], [{"export": {}}]), workdir=tmp_path / "dense", progress=False)
+    rep = pipeline.run(_cfg(tiny_models["bert"], stages), workdir=tmp_path / "pruned", progress=False)
+    assert rep["targets"]["host-cpu"]["size_bytes"] < 0.8 * dense["targets"]["host-cpu"]["size_bytes"]
+    assert rep["targets"]["host-cpu"]["parity"]["ok"]
+    rec = rep["stages"][1]["metrics"]
+    assert rec["steps"] == 30
+    before, after = rec["heldout_before"]["cos_mean"], rec["heldout_after"]["cos_mean"]
+    assert rec["rolled_back"] is (after < before)
+    pruned_cfg = json.loads((tmp_path / "pruned" / "stages" / "02-recover" / "model" / "config.json").read_text())
+    assert pruned_cfg["intermediate_size"] < json.loads((tiny_models["bert"] / "config.json").read_text())["intermediate_size"]
+
+
+def test_attention_method_from_yaml(tiny_models, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {{path: {tiny_models['gpt2']}}}\ntargets: [host-cpu]\ncalibration: {{samples: 8, heldout: 8, max_length: 24}}\n"
+        "stages:\n  - prune: {method: attention, sparsity: 0.5, attention: {refit_steps: 3, mask_steps: 3}}\n  - export: {}\n  - validate: {min_cos_mean: null}\n"
+    )
+    rep = pipeline.run(cfg, workdir=tmp_path / "w", progress=False)
+    m = rep["stages"][0]["metrics"]
+    assert m["method"] == "attention" and m["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
+    assert m["attention_error"]["mean"] is not None and rep["targets"]["host-cpu"]["parity"]["ok"]
