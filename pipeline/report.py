@@ -181,7 +181,23 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
     for r in rep["stages"]:
         m = r.get("metrics") or {}
         if r["name"] == "prune" and m:
-            sp = (m.get("sparsity") or {}).get("overall")
-            ae = (m.get("attention_error") or {}).get("mean")
-            L += [f"### prune", "", f"- overall sparsity: {_fmt(sp)}; mean attention error vs dense: {_fmt(ae)}; seconds: {_fmt(m.get('seconds'))}", ""]
+            sp = m.get("sparsity") or {}
+            ae = m.get("attention_error") or {}
+            parts = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("parts") or {}).items())
+            L += ["### prune", "", f"- {m.get('method')} / {m.get('pattern')}: overall sparsity {_fmt(sp.get('overall'))} ({parts}); {_fmt(m.get('seconds'))} s",
+                  f"- attention error vs dense (relative Frobenius, held-out): mean {_fmt(ae.get('mean'))}, row KL mean {_fmt(ae.get('row_kl_mean'))}"]
+            if m.get("warning"):
+                L.append(f"- warning: {m['warning']}")
+            per = ae.get("per_layer") or []
+            outs = m.get("layer_output_error") or []
+            if per or outs:
+                L += ["", "| layer | attention error | row KL | layer output error |", "|---|---|---|---|"]
+                kl = ae.get("row_kl") or []
+                for i in range(max(len(per), len(outs))):
+                    L.append(f"| {i} | {_fmt(per[i] if i < len(per) else None)} | {_fmt(kl[i] if i < len(kl) else None)} | {_fmt(outs[i] if i < len(outs) else None)} |")
+            L.append("")
+        if r["name"] == "recover" and m:
+            L += ["### recover", "", f"- {m.get('steps')} steps ({m.get('loss')}), {_fmt(m.get('seconds'))} s; held-out before {m.get('heldout_before')} -> after {m.get('heldout_after')}" + (" — **rolled back** (it got worse)" if m.get("rolled_back") else ""), ""]
+        if r["name"] == "attention" and m:
+            L += ["### attention", "", f"- kernel {m.get('kernel')}: {m.get('replaced')} modules replaced, max |swapped - reference| {_fmt(m.get('max_abs_diff_vs_reference'), 3)}" + (f", block density {_fmt(m.get('block_density'))}" if "block_density" in m else ""), ""]
     return "\n".join(L)
