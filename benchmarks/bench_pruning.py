@@ -130,18 +130,6 @@ def _truncate_layers(model: torch.nn.Module, n: Optional[int]) -> None:
 
 
 @torch.no_grad()
-def _embeddings(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
-    """(N, H) L2-normalised mean-pooled last hidden states of every held-out passage."""
-    from runtimes.fidelity import mean_pool
-
-    out = []
-    for b in batches:
-        h = model(**b).last_hidden_state  # (B, T, H)
-        out.append(mean_pool(h.numpy(), b["attention_mask"].numpy()))
-    return np.concatenate(out)
-
-
-@torch.no_grad()
 def _forward_attn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
     """One eager forward returning attention probabilities (as ``pipeline.pruning.metrics.attention_error`` runs it)."""
     from pipeline.pruning.metrics import _kwargs, eager_attention
