@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-__all__ = ["Artifact", "TargetModel", "atomic_write_text", "atomic_write_json", "atomic_copy", "hash_file", "hash_tree"]
+__all__ = ["Artifact", "TargetModel", "atomic_write_text", "atomic_write_json", "atomic_copy", "replace_dir", "hash_file", "hash_tree"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,19 @@ def atomic_copy(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Make the finished folder ``tmp`` visible as ``final``; a previous ``final`` is removed only after the
+    rename, so a crash at any point leaves either the old complete folder or the new one (plus hidden debris
+    that the runner cleans up), never a half-written one."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def hash_file(path: Path, h: Optional["hashlib._Hash"] = None) -> str:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, hash_file
+from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, hash_file, replace_dir
 
 __all__ = ["publish_targets", "write_reports"]
 
@@ -45,14 +45,7 @@ def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[
                 dst_name = "model.ort" if label == "ort" else ("model.required_operators.config" if label == "required_operators" else p.name)
                 _link_or_copy(p, tmp / dst_name)
                 files[label] = f"{name}/{dst_name}"
-        final = run_dir / name
-        old = None
-        if final.exists():
-            old = run_dir / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, run_dir / name)
         published[name] = files
     return published
 
@@ -160,7 +153,7 @@ def write_reports(*, run_dir: Path, cfg: Any, target_names: Sequence[str], art: 
 
 
 def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
-    L = [f"# edgepipe report", "", f"- model: `{rep['model']}` ({rep['family']}, {rep['task']})", f"- created: {rep['created']}, total {rep['seconds']:.1f} s",
+    L = ["# edgepipe report", "", f"- model: `{rep['model']}` ({rep['family']}, {rep['task']})", f"- created: {rep['created']}, total {rep['seconds']:.1f} s",
          f"- result: {'**all checks passed**' if rep['ok'] else '**FAILED** — see below'}", ""]
     if rep.get("failures"):
         L += ["## Failed checks", "", rep["failure_table"], ""]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from pipeline import __version__
-from pipeline.artifact import Artifact, atomic_write_json, hash_file, hash_tree
+from pipeline.artifact import Artifact, atomic_write_json, hash_tree, replace_dir
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, ModelInputError, StageError, ValidationFailed
 from pipeline.stage import STAGES, StageConfig, StageContext
@@ -105,17 +105,6 @@ def _clean_stale(run_dir: Path) -> None:
         for p in base.iterdir():
             if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".tmp")):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` visible as ``final``; the previous ``final`` is removed only after the rename."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _package_versions() -> dict[str, str]:
@@ -223,7 +212,7 @@ def run(
                 raise StageError(scfg.kind, f"stage function returned {type(new_art).__name__}, not an Artifact")
             rec = {"key": key, "stage": scfg.kind, "config": scfg.model_dump(mode="json"), "seconds": seconds, "metrics": ctx.metrics, "artifact": new_art.to_json()}
             atomic_write_json(tmp / STAGE_RECORD, rec)
-            _swap_into_place(tmp, final)
+            replace_dir(tmp, final)
             art = new_art
             records.append({"name": scfg.kind, "folder": f"stages/{name}", "status": "ran", "seconds": seconds, "metrics": ctx.metrics})
             log.info("[%d/%d] %s: ran in %.1f s", i + 1, n, scfg.kind, seconds)

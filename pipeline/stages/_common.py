@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -12,7 +11,7 @@ from pipeline.artifact import Artifact
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
 
-__all__ = ["text_sets", "load_from_artifact", "load_dense", "encode", "to_numpy_feeds", "model_path"]
+__all__ = ["text_sets", "load_from_artifact", "load_dense", "encode", "to_numpy_feeds", "model_path", "write_target_bundle"]
 
 
 def text_sets(ctx: StageContext) -> tuple[list[str], list[str]]:
@@ -89,3 +88,17 @@ def to_numpy_feeds(batch: Mapping[str, Any], io: Mapping[str, Any]) -> dict[str,
         else:
             raise ConfigError(f"exported model has an input '{name}' edgepipe does not know how to feed")
     return feeds
+
+
+def write_target_bundle(ctx: StageContext, out_dir: Path, prof: Any, tm: Any, feeds: Mapping[str, np.ndarray],
+                        reference: Mapping[str, np.ndarray], *, threads: int, runs: int = 20, warmup: int = 3) -> Path:
+    """The standalone evaluation bundle for one target: its shipped model (``.ort`` where the profile asks for
+    ORT format), sample inputs, PyTorch reference of the first output and the profile's tolerance."""
+    from runtimes.bundle import write_bundle
+
+    first = tm.io["output_names"][0]
+    tol = prof.tolerances[tm.precision]
+    model = ctx.resolve(tm.files["ort"]) if "ort" in tm.files else ctx.resolve(tm.model)
+    return write_bundle(out_dir, model_path=model, sample_inputs=dict(feeds), reference_outputs={first: reference[first]},
+                        atol=tol.atol, rtol=0.0, min_cosine=tol.min_cosine, threads=threads, providers=prof.providers,
+                        runs=runs, warmup=warmup)

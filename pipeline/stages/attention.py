@@ -7,7 +7,7 @@ runtime runs with its memory-efficient kernel, block-sparse to a subgraph that c
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -16,6 +16,9 @@ from pipeline.artifact import Artifact
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets
+
+if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
+    import torch
 
 __all__ = ["AttentionConfig", "run_attention", "block_pattern", "apply_attention_change"]
 

@@ -12,7 +12,7 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
+from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, write_target_bundle
 
 __all__ = ["BenchmarkConfig", "run_benchmark"]
 
@@ -33,7 +33,6 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
 
     from exporters.onnx import torch_reference
     from runtimes.benchmark import benchmark_bundle
-    from runtimes.bundle import write_bundle
 
     if not art.targets:
         raise StageError("benchmark", "no ONNX model yet: put an 'export' stage before 'benchmark'")
@@ -49,17 +48,12 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
         prof = ctx.targets[name]
         tm = art.targets[name]
         feeds = to_numpy_feeds(batch, tm.io)
-        first = tm.io["output_names"][0]
         key = ",".join(sorted(feeds))
         if key not in ref_cache:
             ref_cache[key] = torch_reference(loaded, feeds)
         ref = ref_cache[key]
-        tol = prof.tolerances[tm.precision]
         threads = min(cfg.threads or prof.threads or host_cores, host_cores)
-        model = ctx.resolve(tm.files["ort"]) if "ort" in tm.files else ctx.resolve(tm.model)
-        bdir = write_bundle(ctx.subdir(name), model_path=model, sample_inputs=feeds, reference_outputs={first: ref[first]},
-                            atol=tol.atol, rtol=0.0, min_cosine=tol.min_cosine, threads=threads, providers=prof.providers,
-                            runs=cfg.runs, warmup=cfg.warmup)
+        bdir = write_target_bundle(ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup)
         res = benchmark_bundle(bdir, runs=cfg.runs, threads=threads)
         entry = {
             "latency_ms": res["latency_ms"],

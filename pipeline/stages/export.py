@@ -29,9 +29,9 @@ class ExportConfig(StageConfig):
 
 
 def _run(path, names, feeds) -> dict:
-    import onnxruntime as ort
+    from runtimes.session import make_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = make_session(path)
     return dict(zip(names, sess.run(list(names), feeds)))
 
 

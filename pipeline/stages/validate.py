@@ -11,7 +11,7 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_dense, load_from_artifact, text_sets, to_numpy_feeds
+from pipeline.stages._common import encode, load_dense, load_from_artifact, text_sets, to_numpy_feeds, write_target_bundle
 
 __all__ = ["ValidateConfig", "run_validate"]
 
@@ -111,7 +111,8 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
                 failures.append({"target": name, "check": "greedy_generation", "value": f"{metrics['generation']['token_agreement']:.3f} agreement", "limit": "identical tokens (fp32)"})
         files = dict(tm.files)
         if cfg.bundle:
-            files["bundle"] = ctx.ref(_write_bundle(ctx, name, prof, tm, feeds_all[0], ref_cur[0], first, tol))
+            bundle = write_target_bundle(ctx, ctx.subdir(name, "bundle"), prof, tm, feeds_all[0], ref_cur[0], threads=prof.threads or 1)
+            files["bundle"] = ctx.ref(bundle)
         summary[name] = {"precision": tm.precision, "parity": parity, "fidelity": fid, "table": comparison_table(rows[:1])}
         out = out.with_target(name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=files, metrics=metrics))
     ctx.metrics.update({"targets": summary, "failures": failures, "passages": len(heldout)})
@@ -129,20 +130,3 @@ def _generation_parity(loaded, sess, tm: TargetModel, feeds: dict, n_tokens: int
     pt_ids = greedy_generate_torch(loaded, prompts, n_tokens)
     agree = float(np.mean(ort_ids[:, -n_tokens:] == pt_ids[:, -n_tokens:]))
     return {"tokens": n_tokens, "prompts": int(prompts.shape[0]), "identical": bool(np.array_equal(ort_ids, pt_ids)), "token_agreement": agree}
-
-
-def _write_bundle(ctx: StageContext, name: str, prof, tm: TargetModel, feeds: dict, ref: dict, first: str, tol) -> Any:
-    from runtimes.bundle import write_bundle
-
-    model = ctx.resolve(tm.files["ort"]) if "ort" in tm.files else ctx.resolve(tm.model)
-    return write_bundle(
-        ctx.subdir(name, "bundle"),
-        model_path=model,
-        sample_inputs=feeds,
-        reference_outputs={first: ref[first]},
-        atol=tol.atol,
-        rtol=0.0,
-        min_cosine=tol.min_cosine,
-        threads=prof.threads or 1,
-        providers=prof.providers,
-    )
