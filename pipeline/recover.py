@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 LossKind = Literal["hidden_mse", "cosine", "kl_logits"]
 _LOSSES: tuple[str, ...] = ("hidden_mse", "cosine", "kl_logits")
 # Teacher targets are cached across steps (each batch is revisited steps/len(batches) times) while they fit.
-_TEACHER_CACHE_BYTES = 256 * 2**20
+_TEACHER_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,46 @@ def _mask_of(batch: Mapping[str, Any]) -> torch.Tensor:
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     return (torch.ones_like(ids) if mask is None else mask).to(torch.float32)
+
+
+def _outputs_and_layers(
+    model: torch.nn.Module, feeds: dict[str, torch.Tensor], causal: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(main output as :func:`_outputs`, hidden states entering each block after the embeddings (B, T, H) each)."""
+    out = model(**feeds, output_hidden_states=True)
+    hidden = out["hidden_states"] if isinstance(out, Mapping) else None
+    if not hidden:
+        raise ValueError(f"{type(model).__name__} returned no hidden_states: layer distillation needs them")
+    if causal:
+        main = out["logits"]
+    else:
+        main = out.get("last_hidden_state")
+        main = hidden[-1] if main is None else main
+    # hidden[0] is the embedding output (unchanged by pruning); hidden[-1] is covered by the main loss
+    return main, tuple(hidden[1:-1])
+
+
+def _layers_loss(s_layers: Sequence[torch.Tensor], t_layers: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over intermediate blocks of the masked token MSE, each normalised by the teacher's mean square."""
+    if len(s_layers) != len(t_layers):
+        raise ValueError(f"student has {len(s_layers) + 1} blocks, teacher {len(t_layers) + 1}: layer distillation needs equal depth")
+    m = mask.unsqueeze(-1)  # (B, T, 1)
+    n = mask.sum().clamp_min(1.0) * t_layers[0].shape[-1]
+    terms = [
+        (((s - t) ** 2) * m).sum() / ((t**2) * m).sum().clamp_min(1e-12 * n)
+        for s, t in zip(s_layers, t_layers)
+    ]
+    return torch.stack(terms).mean()
+
+
+def _lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (1-based): constant, or linear warm-up + cosine decay."""
+    if schedule == "constant":
+        return 1.0
+    if step <= warmup:
+        return step / max(warmup, 1)
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _outputs(model: torch.nn.Module, feeds: dict[str, torch.Tensor], causal: bool) -> torch.Tensor:
@@ -252,6 +292,10 @@ def recover_(
     seed: int = 0,
     dropout: bool = False,
     max_grad_norm: float | None = 1.0,
+    layer_weight: float = 0.0,
+    schedule: Literal["constant", "cosine"] = "constant",
+    warmup: int = 0,
+    freeze_embeddings: bool = False,
     progress: Callable[[int, float], None] | None = None,
 ) -> RecoverResult:
     """Distill ``teacher`` into ``student`` in place on calibration batches.
@@ -272,6 +316,14 @@ def recover_(
         dropout: train with the student's dropout active (``student.train()``); default off, because a few
             hundred steps on a few passages fit better without noise [I: our choice].
         max_grad_norm: gradient-norm clip (``None`` disables).
+        layer_weight: weight of an extra term matching every intermediate block's hidden states to the
+            teacher's (normalised masked MSE, mean over blocks); 0 = outputs only. Needs equal depth and width.
+        schedule: ``"constant"`` learning rate, or ``"cosine"``: linear warm-up over ``warmup`` steps, then
+            cosine decay to 0 at ``steps``.
+        warmup: warm-up steps of the cosine schedule.
+        freeze_embeddings: leave the input token embeddings (and an LM head tied to them) untouched: pruning
+            did not change them, and a vocabulary-sized Adam update per step is most of a small model's step
+            time on CPU while a few thousand passages touch only a fraction of the rows.
         progress: called as ``progress(step, loss)`` after each step (step counts from 1).
 
     Returns:
@@ -291,6 +343,12 @@ def recover_(
         raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
     if not batches:
         raise ValueError("batches is empty: recover needs calibration batches")
+    if not layer_weight >= 0:
+        raise ValueError(f"layer_weight must be >= 0, got {layer_weight!r}")
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if not 0 <= warmup < steps or (warmup and schedule == "constant"):
+        raise ValueError(f"warmup must be in [0, steps) and needs schedule='cosine', got warmup={warmup!r}")
 
     causal = is_causal_lm(teacher)
     kind = loss or ("kl_logits" if causal else "hidden_mse")
@@ -312,7 +370,8 @@ def recover_(
     teacher_was, student_was = teacher.training, student.training
     teacher.eval()
     student.train(dropout)
-    params = [p for p in student.parameters() if p.requires_grad]
+    frozen = {id(student.get_input_embeddings().weight)} if freeze_embeddings else set()
+    params = [p for p in student.parameters() if p.requires_grad and id(p) not in frozen]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     cache: dict[int, torch.Tensor] = {}
     cache_bytes = 0
@@ -329,22 +388,34 @@ def recover_(
                 i = order.pop()
                 batch = batches[i]
                 mask = _mask_of(batch).to(device)
-                t_out = cache.get(i)
-                if t_out is None:
+                cached = cache.get(i)
+                if cached is None:
                     with torch.no_grad():
-                        t_out = _outputs(teacher, _feeds(batch, t_keys, device), causal).detach()
-                    size = t_out.numel() * t_out.element_size()
+                        if layer_weight > 0:
+                            t_out, t_layers = _outputs_and_layers(teacher, _feeds(batch, t_keys, device), causal)
+                        else:
+                            t_out, t_layers = _outputs(teacher, _feeds(batch, t_keys, device), causal), ()
+                    cached = (t_out.detach(), tuple(t.detach() for t in t_layers))
+                    size = sum(t.numel() * t.element_size() for t in (cached[0], *cached[1]))
                     if cache_bytes + size <= _TEACHER_CACHE_BYTES:
-                        cache[i] = t_out
+                        cache[i] = cached
                         cache_bytes += size
-                s_out = _outputs(student, _feeds(batch, s_keys, device), causal)
+                t_out, t_layers = cached
+                if layer_weight > 0:
+                    s_out, s_layers = _outputs_and_layers(student, _feeds(batch, s_keys, device), causal)
+                else:
+                    s_out, s_layers = _outputs(student, _feeds(batch, s_keys, device), causal), ()
                 value = _distill_loss(kind, s_out, t_out, mask, temperature)
+                if layer_weight > 0:
+                    value = value + layer_weight * _layers_loss(s_layers, t_layers, mask)
                 if not torch.isfinite(value):
                     raise FloatingPointError(f"recover: non-finite loss {value.item()} at step {step}")
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 if max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                for group in opt.param_groups:
+                    group["lr"] = lr * _lr_factor(step, steps, schedule, warmup)
                 opt.step()
                 if masks:
                     with torch.no_grad():

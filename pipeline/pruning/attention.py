@@ -208,10 +208,13 @@ def attention_error(F: torch.Tensor, F_star: torch.Tensor) -> float:
 class _Objective:
     """Σ_chunks ‖F − F*‖² / Σ‖F*‖² on a fixed set of sequences, with F* of the dense weights cached."""
 
-    def __init__(self, chunks: list[_Chunk], dense: tuple, geom: AttentionGeometry) -> None:
+    def __init__(
+        self, chunks: list[_Chunk], dense: tuple, geom: AttentionGeometry, target_chunks: Optional[list[_Chunk]] = None
+    ) -> None:
+        """``target_chunks``: the same sequences as the dense model sees them (F* from those), default ``chunks``."""
         self.chunks, self.geom = chunks, geom
         with torch.no_grad():
-            self.targets = [_chunk_attention(*dense, c, geom) for c in chunks]
+            self.targets = [_chunk_attention(*dense, c, geom) for c in (target_chunks or chunks)]
         self.denom = float(sum(t.pow(2).sum() for t in self.targets)) or 1.0
 
     def __bool__(self) -> bool:
@@ -409,7 +412,8 @@ def _refit(start: tuple, masks: tuple, dense: tuple, train: _Objective, hold: _O
 def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk: Optional[torch.Tensor],
              X: torch.Tensor, pad_mask: Optional[torch.Tensor], geom: AttentionGeometry, *, sparsity: float,
              pattern: str = "unstructured", n: int = 2, m: int = 4, cfg: AttentionMethodConfig | None = None,
-             hessian_q: Optional[torch.Tensor] = None, hessian_k: Optional[torch.Tensor] = None) -> QKResult:
+             hessian_q: Optional[torch.Tensor] = None, hessian_k: Optional[torch.Tensor] = None,
+             X_target: Optional[torch.Tensor] = None) -> QKResult:
     """Prune one block's query and key projections so that its softmax attention is preserved.
 
     Args:
@@ -423,6 +427,9 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
         n, m: the n:m pattern (project convention, as ``sparsegpt_prune`` and ``masks.nm_mask``).
         cfg: method options (defaults: :class:`AttentionMethodConfig`).
         hessian_q, hessian_k: optional (d, d) XᵀX accumulations for the SparseGPT support; computed from X if None.
+        X_target: (B, n, d) the same passages' hidden states in the *dense* model (error correction): the target
+            attention F* is formed from these with the dense weights, so the pruned q/k, fed the pruned model's
+            X, aim at the dense model's attention. None = F* from X (the paper's per-layer objective).
 
     Returns:
         :class:`QKResult`; weights in the input dtype, pruned entries exactly 0.
@@ -451,8 +458,15 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
     perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_hold = int(round(cfg.holdout_fraction * B)) if B > 1 else 0
     hold_ids, train_ids = sorted(perm[:n_hold]), sorted(perm[n_hold:])
-    train = _Objective(_make_chunks(Xf, pad_mask, geom, train_ids, cfg.chunk_size), dense, geom)
-    hold = _Objective(_make_chunks(Xf, pad_mask, geom, hold_ids, cfg.chunk_size), dense, geom)
+    if X_target is not None and X_target.shape != X.shape:
+        raise ValueError(f"X_target shape {tuple(X_target.shape)} != X shape {tuple(X.shape)}")
+    Xt = None if X_target is None else X_target.detach().float()
+
+    def objective(ids: list[int]) -> _Objective:
+        tgt = None if Xt is None else _make_chunks(Xt, pad_mask, geom, ids, cfg.chunk_size)
+        return _Objective(_make_chunks(Xf, pad_mask, geom, ids, cfg.chunk_size), dense, geom, tgt)
+
+    train, hold = objective(train_ids), objective(hold_ids)
     stats: dict[str, Any] = {"support": cfg.support, "n_train_seqs": len(train_ids), "n_holdout_seqs": len(hold_ids)}
 
     # 1. support

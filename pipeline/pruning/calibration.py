@@ -29,6 +29,7 @@ __all__ = [
     "capture_first_block_inputs",
     "run_block",
     "collect_block_stats",
+    "collect_cross_stats",
     "tokenize_calibration",
     "random_calibration",
 ]
@@ -65,6 +66,7 @@ class LayerStats:
         sq_norms: role -> (in,) float64 ``sum_t x_{t,j}^2`` over real tokens.
         hessians: role -> (in, in) float64 ``(2/N) X^T X`` (only when requested).
         tokens: role -> number of real tokens seen.
+        sums: role -> (in,) float64 ``sum_t x_t`` over real tokens (bias terms of structured compensation).
         attn_input: (B, n_max, d) hidden states entering attention, zero-padded across batches.
         attn_pad_mask: (B, n_max) bool, True = real token.
         outputs: dense block outputs per batch (B, n, d) (kept for the non-sequential protocol).
@@ -73,6 +75,7 @@ class LayerStats:
     sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     attn_input: Optional[torch.Tensor] = None
     attn_pad_mask: Optional[torch.Tensor] = None
     outputs: list[torch.Tensor] = field(default_factory=list)
@@ -224,10 +227,12 @@ def collect_block_stats(
                 attn_chunks.append(x.detach().clone())
             xt = x.reshape(-1, x.shape[-1])[pad.reshape(-1)].double()  # (tokens, in): real tokens only
             sq = (xt * xt).sum(0)
+            total = xt.sum(0)
             h = xt.t() @ xt if any(k in want_h for k in keys) else None
             for key in keys:
                 stats.sq_norms[key] = stats.sq_norms.get(key, 0) + sq
                 stats.tokens[key] = stats.tokens.get(key, 0) + xt.shape[0]
+                stats.sums[key] = stats.sums.get(key, 0) + total
                 if key in want_h:
                     stats.hessians[key] = stats.hessians.get(key, 0) + h
 
@@ -256,3 +261,94 @@ def collect_block_stats(
         P = torch.cat([nn.functional.pad(i.pad_mask, (0, n_max - i.pad_mask.shape[1])) for i in inputs])
         stats.attn_input, stats.attn_pad_mask = X, P.bool()
     return stats
+
+
+@torch.no_grad()
+def collect_cross_stats(
+    block: BlockView,
+    inputs: Sequence[LayerInput],
+    dense_inputs: Sequence[LayerInput],
+    roles: Sequence[str],
+    *,
+    dense_layer: Optional[nn.Module] = None,
+    keep_attn_input: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], Optional[torch.Tensor]]:
+    """Cross moments between what each matrix sees in the pruned and in the dense model.
+
+    Runs the (not yet pruned) ``block`` once on the pruned-model inputs and once on the dense-model inputs of
+    every batch (same passages, same padding, so tokens align) and accumulates, per role,
+    ``C = (2/N) sum_t x_t xd_t^T`` (in, in) over real tokens: with ``H = (2/N) sum_t x_t x_t^T`` the weight
+    that best maps the pruned inputs to the dense outputs, ``argmin_W' sum_t ||W' x_t - W xd_t||^2``, is
+    ``W C^T H^-1`` (error correction toward the dense model instead of toward the pruned model's own inputs).
+    ``C`` is returned augmented with a constant input, (in+1, in+1): ``(2/N) sum_t [x_t, 1] [xd_t, 1]^T``, so
+    the bias can be corrected too; ``C[:in, :in]`` is the plain moment.
+
+    Args:
+        dense_layer: an untouched copy of ``block.layer`` for the dense stream, once ``block`` is partly pruned
+            (true-sequential correction inside a block); ``None`` = ``block.layer`` itself (not pruned yet).
+        keep_attn_input: also return the dense hidden states entering attention, (B, n_max, d) zero-padded
+            like ``LayerStats.attn_input`` (the attention method's dense target).
+
+    Returns:
+        (role -> augmented C, the dense block outputs per batch: the next block's dense inputs, dense attention
+        inputs or None).
+    """
+    mats = block.matrices()
+    by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+    for role in roles:
+        mod = mats[role].module
+        by_module.setdefault(id(mod), (mod, []))[1].append(role)
+    attn_key = id(block.attention_input_module)
+    if keep_attn_input and attn_key not in by_module:
+        by_module[attn_key] = (block.attention_input_module, [])
+    attn_chunks: list[torch.Tensor] = []
+    seen: dict[int, torch.Tensor] = {}
+    pad_now: list[torch.Tensor] = []
+
+    def make_hook(key: int):
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            xt = x.reshape(-1, x.shape[-1])[pad_now[0].reshape(-1)].double()  # (tokens, in)
+            seen[key] = torch.cat([xt, torch.ones(xt.shape[0], 1, dtype=xt.dtype)], dim=1)  # (tokens, in+1)
+            if key == attn_key:
+                seen["attn"] = x.detach().clone()  # (B, n, d) as it enters attention
+
+        return hook
+
+    handles = [mod.register_forward_pre_hook(make_hook(key)) for key, (mod, _) in by_module.items()]
+    if dense_layer is not None:  # the same hooks on the dense copy's corresponding modules (matched by name)
+        names = {id(m): n for n, m in block.layer.named_modules()}
+        twins = dict(dense_layer.named_modules())
+        handles += [
+            twins[names[key]].register_forward_pre_hook(make_hook(key)) for key, (mod, _) in by_module.items()
+        ]
+    cross: dict[str, torch.Tensor] = {}
+    tokens = 0
+    dense_out: list[torch.Tensor] = []
+    try:
+        for inp, dinp in zip(inputs, dense_inputs, strict=True):
+            pad_now[:] = [inp.pad_mask]
+            run_block(block, inp)
+            pruned_x = dict(seen)
+            if dense_layer is None:
+                dense_out.append(run_block(block, dinp))
+            else:
+                out = dense_layer(dinp.hidden, *dinp.args, **dinp.kwargs)
+                dense_out.append(out[0] if isinstance(out, (tuple, list)) else out)
+            if keep_attn_input:
+                attn_chunks.append(seen["attn"])
+            for key, (_, keys) in by_module.items():
+                if not keys:
+                    continue
+                c = pruned_x[key].t() @ seen[key]  # (in+1, in+1)
+                for r in keys:
+                    cross[r] = cross.get(r, 0) + c
+            tokens += int(inp.pad_mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    attn = None
+    if keep_attn_input:
+        n_max = max(c.shape[1] for c in attn_chunks)
+        attn = torch.cat([nn.functional.pad(c, (0, 0, 0, n_max - c.shape[1])) for c in attn_chunks])
+    return {r: 2.0 * c / max(tokens, 1) for r, c in cross.items()}, dense_out, attn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field
@@ -10,15 +11,29 @@ from pipeline.artifact import Artifact
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_dense, load_from_artifact, text_sets
 
-__all__ = ["RecoverConfig", "run_recover"]
+__all__ = ["RecoverConfig", "run_recover", "distillation_texts"]
 
 
 class RecoverConfig(StageConfig):
     kind = "recover"
     steps: int = Field(200, ge=1, le=100000, description="optimizer steps (CPU-friendly: a few hundred)")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
-    loss: Optional[Literal["hidden_mse", "cosine", "kl_logits"]] = Field(None, description="omitted = kl_logits for causal LMs, hidden_mse (token MSE + pooled cosine) otherwise")
+    lr: float = Field(5e-4, gt=0, description="peak AdamW learning rate")
+    loss: Optional[Literal["hidden_mse", "cosine", "kl_logits"]] = Field(
+        None, description="omitted = kl_logits for causal LMs, cosine of mean-pooled embeddings otherwise"
+    )
     keep_masks: bool = Field(True, description="weights pruned to exactly zero stay zero")
+    samples: Optional[int] = Field(
+        None, ge=1,
+        description="distillation passages: the calibration samples first, then passages after the held-out window;"
+        " omitted = every passage of the calibration text except the held-out ones",
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="passages per step (batched by length: little padding)")
+    layer_weight: float = Field(
+        1.0, ge=0, description="weight of matching every intermediate block's hidden states (0 = outputs only)"
+    )
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="learning-rate schedule")
+    warmup: float = Field(0.05, ge=0, lt=1, description="warm-up steps of the cosine schedule, as a fraction of steps")
+    freeze_embeddings: bool = Field(True, description="leave the token embeddings (and a tied LM head) as they are")
 
 
 def _improved(before: dict, after: dict) -> bool:
@@ -28,7 +43,18 @@ def _improved(before: dict, after: dict) -> bool:
     return after["kl"] <= before["kl"]
 
 
-@register_stage(RecoverConfig)
+def distillation_texts(ctx: StageContext, samples: Optional[int]) -> list[str]:
+    """Training passages for recover: calibration passages, then those after the held-out window (never the held-out
+    ones), up to ``samples`` (None = all of them)."""
+    from pipeline.data import load_texts
+
+    c = ctx.run.calibration
+    texts = load_texts(Path(c.file) if c.file else None)
+    pool = texts[: c.samples] + texts[c.samples + c.heldout :]
+    return pool if samples is None else pool[:samples]
+
+
+@register_stage(RecoverConfig, version=2)
 def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifact:
     """Knowledge distillation (student = current model, teacher = dense), held-out fidelity before/after."""
     from pipeline.models import save_model
@@ -36,12 +62,25 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
 
     student = load_from_artifact(art, ctx)
     teacher = load_dense(art)
-    calib, heldout = text_sets(ctx)
+    _, heldout = text_sets(ctx)
+    train = distillation_texts(ctx, cfg.samples)
     c = ctx.run.calibration
-    batches = encode(student, calib, max_length=c.max_length, batch_size=c.batch_size)
+    # sorted by length, so a batch pads to similar lengths (recover_ visits batches in a seeded random order)
+    batches = encode(student, sorted(train, key=len), max_length=c.max_length, batch_size=cfg.batch_size)
     held = encode(student, heldout, max_length=c.max_length, batch_size=c.batch_size)
     start = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
-    res = recover_(student.model, teacher.model, batches, steps=cfg.steps, lr=cfg.lr, loss=cfg.loss, keep_masks=cfg.keep_masks, heldout=held, seed=ctx.run.seed)
+    loss = cfg.loss
+    if loss is None:
+        from pipeline.recover import is_causal_lm
+
+        loss = "kl_logits" if is_causal_lm(teacher.model) else "cosine"
+    ctx.log.info("recover: %d steps on %d passages (%d batches), loss %s", cfg.steps, len(train), len(batches), loss)
+    res = recover_(
+        student.model, teacher.model, batches, steps=cfg.steps, lr=cfg.lr, loss=loss, keep_masks=cfg.keep_masks,
+        heldout=held, seed=ctx.run.seed, layer_weight=cfg.layer_weight, schedule=cfg.schedule,
+        warmup=int(cfg.warmup * cfg.steps) if cfg.schedule == "cosine" else 0,
+        freeze_embeddings=cfg.freeze_embeddings,
+    )
     rolled_back = not _improved(res.heldout_before, res.heldout_after)
     if rolled_back:
         # distillation made held-out fidelity worse (e.g. the student was already very close): keep the input
@@ -50,5 +89,6 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     out_dir = ctx.subdir("model")
     save_model(student, out_dir)
     ctx.metrics.update({"steps": res.steps, "seconds": res.seconds, "loss_first": res.loss_first, "loss_last": res.loss_last,
-                        "heldout_before": res.heldout_before, "heldout_after": res.heldout_after, "loss": res.loss, "rolled_back": rolled_back})
+                        "passages": len(train), "heldout_before": res.heldout_before, "heldout_after": res.heldout_after,
+                        "loss": res.loss, "rolled_back": rolled_back})
     return art.replace(model_dir=ctx.ref(out_dir), torch_changes={**dict(art.torch_changes), "recover": {"steps": res.steps}})

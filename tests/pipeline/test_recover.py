@@ -209,3 +209,46 @@ def test_argument_and_shape_errors(data) -> None:
                                 intermediate_size=64, max_position_embeddings=64))
     with pytest.raises(ValueError, match="hidden size"):
         recover_(wide, teacher, train, steps=1)
+
+
+def test_layer_distillation_schedule_and_frozen_embeddings(data) -> None:
+    from pipeline.recover import _lr_factor
+
+    train, hold = data
+    teacher = _tiny_bert()
+    pruned = copy.deepcopy(teacher)
+    _magnitude_prune_(pruned)
+
+    def mid_error(model) -> float:
+        """Relative error of the first block's output vs the teacher's on held-out batches."""
+        num = den = 0.0
+        with torch.no_grad():
+            for b in hold:
+                s = model(**b, output_hidden_states=True).hidden_states[1]
+                t = teacher(**b, output_hidden_states=True).hidden_states[1]
+                num += float((s - t).pow(2).sum())
+                den += float(t.pow(2).sum())
+        return num / den
+
+    runs = {}
+    for lw in (0.0, 1.0):
+        student = copy.deepcopy(pruned)
+        emb = student.get_input_embeddings().weight.detach().clone()
+        res = recover_(student, teacher, train, steps=40, lr=1e-3, loss="cosine", seed=0, layer_weight=lw,
+                       schedule="cosine", warmup=4, freeze_embeddings=True)
+        assert torch.equal(student.get_input_embeddings().weight, emb)  # frozen
+        runs[lw] = (mid_error(student), res)
+    # matching intermediate blocks pulls the first block's output toward the teacher's far more than the
+    # pooled-cosine loss alone does
+    assert runs[1.0][0] < 0.5 * runs[0.0][0], runs
+    assert runs[1.0][1].loss_last < runs[1.0][1].loss_first
+    # warm-up is linear from 1/warmup to 1, then cosine decay to 0
+    assert _lr_factor(1, 100, "cosine", 10) == pytest.approx(0.1)
+    assert _lr_factor(10, 100, "cosine", 10) == pytest.approx(1.0)
+    assert _lr_factor(55, 100, "cosine", 10) == pytest.approx(0.5)
+    assert _lr_factor(100, 100, "cosine", 10) == pytest.approx(0.0)
+    assert _lr_factor(7, 100, "constant", 0) == 1.0
+    with pytest.raises(ValueError, match="warmup"):
+        recover_(copy.deepcopy(pruned), teacher, train, steps=5, warmup=2)  # warm-up needs the cosine schedule
+    with pytest.raises(ValueError, match="layer_weight"):
+        recover_(copy.deepcopy(pruned), teacher, train, steps=5, layer_weight=-1.0)
