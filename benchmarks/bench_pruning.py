@@ -64,15 +64,16 @@ GPT_DIR = Path("~/.cache/edgepipe/small-gpt").expanduser()
 logger = logging.getLogger("bench_pruning")
 
 MODELS = ("minilm", "minilm-qk", "gpt")
-METHODS = ("magnitude", "wanda", "sparsegpt", "attention", "attention-paper")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec", "attention", "attention-noec", "attention-paper")
 SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50")
-STRUCTURED_METHODS = ("magnitude", "wanda")  # PruneConfig rejects structured + sparsegpt/attention
+STRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec")  # PruneConfig rejects structured + attention
 MODEL_LABEL = {
     "minilm": "all-MiniLM-L6-v2, whole model (targets: all)",
     "minilm-qk": "all-MiniLM-L6-v2, q/k only (targets: qk)",
     "gpt": "small GPT (4 layers, hidden 128), whole model (targets: all)",
 }
 SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "struct 25%", "s50": "struct 50%",
+                  "s50+recover-v1": "struct 50% + recover (v1: 200 steps, 64 passages)",
                   "s50+recover": "struct 50% + recover"}
 
 
@@ -86,7 +87,10 @@ class Settings:
         max_length: tokens per passage.
         layers: keep only the first ``layers`` blocks of each model (None = all).
         gpt_attn_passages: GPT held-out passages used for attention error / top-1 / KL.
-        recover_steps, recover_lr: ``recover_`` settings of the structured 50 % row.
+        recover_steps, recover_lr, recover_passages, recover_batch: ``recover_`` settings of the structured 50 %
+            row (the recover stage's defaults otherwise: cosine loss for MiniLM / KL for GPT, layer distillation
+            weight 1, cosine schedule with 5 % warm-up, frozen embeddings, length-bucketed batches); the passages
+            are fortunes lines outside every held-out set (MiniLM: not 1000-1255; GPT: the training split).
         latency_runs: timed ORT runs per model (dense and pruned interleaved).
         threads: torch intra-op threads.
     """
@@ -96,8 +100,10 @@ class Settings:
     max_length: int = 128
     layers: Optional[int] = None
     gpt_attn_passages: int = 128
-    recover_steps: int = 200
-    recover_lr: float = 1e-4
+    recover_steps: int = 660
+    recover_lr: float = 5e-4
+    recover_passages: int = 7000
+    recover_batch: int = 32
     latency_runs: int = 30
     threads: int = 2
 
@@ -198,6 +204,9 @@ def _load_minilm(key: str, s: Settings, lines: list[str]) -> ModelCtx:
     held = tokenize_batches(tok, lines[slice(*s.heldout_lines)], batch_size=32, max_length=s.max_length)
     ctx = ModelCtx(key, loaded, calib, held)
     _cache_dense(ctx)
+    lo, hi = s.heldout_lines
+    pool = sorted([t for t in lines[:lo] + lines[hi:] if t.strip()][: s.recover_passages], key=len)
+    ctx.ref["distill"] = tokenize_batches(tok, pool, batch_size=s.recover_batch, max_length=s.max_length)
     return ctx
 
 
@@ -212,12 +221,14 @@ def _load_gpt(s: Settings, lines: list[str]) -> ModelCtx:
     loaded = load_model(GPT_DIR, "text-generation")
     _truncate_layers(loaded.model, s.layers)
     info = json.loads((GPT_DIR / "train_info.json").read_text())
-    _, held_texts = read_split(DATA, info["settings"]["holdout_fraction"])
+    train_texts, held_texts = read_split(DATA, info["settings"]["holdout_fraction"])
     tok = loaded.tokenizer
     calib = tokenize_batches(tok, lines[slice(*s.calib_lines)], batch_size=16, max_length=s.max_length)
     held = tokenize_batches(tok, held_texts[: s.gpt_attn_passages], batch_size=16, max_length=s.max_length)
     ctx = ModelCtx("gpt", loaded, calib, held)
     _cache_dense(ctx)
+    pool = sorted([t for t in train_texts if t.strip()][: s.recover_passages], key=len)
+    ctx.ref["distill"] = tokenize_batches(tok, pool, batch_size=s.recover_batch, max_length=s.max_length)
     ctx.ref["stream"] = token_stream(tok, held_texts)  # (N_held,) ids, passages joined by EOT
     ctx.ref["context"] = int(info["settings"]["context"])
     ctx.ref["ppl"] = heldout_perplexity(loaded.model, ctx.ref["stream"], ctx.ref["context"])
@@ -236,6 +247,8 @@ def _attention_options(method: str) -> Optional[Any]:
     if method == "attention-paper":
         # the faithful mode: the paper's real-valued mask solver picks the support, no weight refit afterwards
         return AttentionMethodConfig(support="attention_mask", refit=False)
+    if method == "attention-noec":  # the q/k objective alone (v/o/FFN by plain SparseGPT): ablation of correction
+        return AttentionMethodConfig()
     return None
 
 
@@ -243,7 +256,8 @@ def _prune_config(ctx: ModelCtx, method: str, sp: str) -> Any:
     from pipeline.pruning.config import PruneConfig
 
     kw: dict[str, Any] = {
-        "method": "attention" if method.startswith("attention") else method,
+        "method": method.split("-")[0],
+        "error_correction": {"sparsegpt-ec": True, "attention-noec": False, "attention-paper": False}.get(method),
         "targets": "qk" if ctx.key == "minilm-qk" else "all",
         "attention": _attention_options(method),
         "calibration_samples": SETTINGS.calib_lines[1] - SETTINGS.calib_lines[0],
@@ -355,10 +369,12 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
     rows = [row]
     if sp == "s50":
         student = model  # the pruned row is already recorded; recover in place
-        rec = recover_(student, ctx.loaded.model, ctx.calib, steps=SETTINGS.recover_steps, lr=SETTINGS.recover_lr,
-                       seed=0)
+        rec = recover_(student, ctx.loaded.model, ctx.ref["distill"], steps=SETTINGS.recover_steps,
+                       lr=SETTINGS.recover_lr, loss="kl_logits" if ctx.key == "gpt" else "cosine", seed=0,
+                       layer_weight=1.0, schedule="cosine", warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True)
         rrow = {**{k: row[k] for k in ("model", "method", "achieved_sparsity", "prune_seconds")},
                 "sparsity": "s50+recover", "recover_seconds": rec.seconds, "recover_steps": rec.steps,
+                "recover_passages": sum(len(b["input_ids"]) for b in ctx.ref["distill"]),
                 "recover_loss": [rec.loss_first, rec.loss_last], "recover_kind": rec.loss}
         rrow.update(_evaluate(ctx, student))
         for k in ("dense_ms", "pruned_ms", "speedup"):  # same architecture as the pruned row
@@ -388,7 +404,7 @@ def plan(models: list[str], methods: list[str], sparsities: list[str]) -> tuple[
         for me in methods:
             for sp in sparsities:
                 if sp.startswith("s") and me not in STRUCTURED_METHODS:
-                    skipped.append(f"structured x {me}: PruneConfig allows structured ranking by magnitude or wanda only")
+                    skipped.append(f"structured x {me}: PruneConfig allows structured ranking by magnitude, wanda or sparsegpt (OBS)")
                 elif sp.startswith("s") and mo == "minilm-qk":
                     skipped.append("minilm-qk x structured: structured removes heads/FFN neurons, not q/k entries")
                 else:
@@ -440,7 +456,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
         else:
             L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover"]:
+        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover-v1", "s50+recover"]:
             for me in METHODS:
                 r = by.get((mo, me, sp))
                 if r is None:
@@ -499,7 +515,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
         SETTINGS = Settings(calib_lines=(0, 16), heldout_lines=(1000, 1064), max_length=64, layers=2,
-                            gpt_attn_passages=32, recover_steps=10, latency_runs=5, threads=args.threads)
+                            gpt_attn_passages=32, recover_steps=10, recover_passages=320, latency_runs=5,
+                            threads=args.threads)
     else:
         SETTINGS = Settings(threads=args.threads)
     torch.set_num_threads(SETTINGS.threads)

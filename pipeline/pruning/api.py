@@ -361,7 +361,7 @@ def prune_model(
     do_prune = cfg.effective_sparsity > 0
     inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
     # error correction: a second stream of dense hidden states; reconstructed matrices aim at the dense outputs
-    correct = cfg.corrects_errors and inputs is not None and cfg.sequential
+    correct = cfg.corrects_errors and inputs is not None
     dense_inputs = list(inputs) if correct else None
     per_layer: list[dict[str, Any]] = []
     for i in range(n_layers):

@@ -131,6 +131,8 @@ class PruneConfig(BaseModel):
                 raise ValueError(
                     f"sparsity={self.sparsity!r} contradicts pattern {self.n}:{self.m} (implies {implied!r}); omit sparsity"
                 )
+        if self.error_correction and not self.sequential:
+            raise ValueError("error_correction needs sequential=True (it corrects the pruned stream toward the dense one)")
         if self.error_correction and self.method in ("magnitude", "wanda"):
             raise ValueError(
                 f"error_correction needs a reconstructing method ('sparsegpt' or 'attention'), got method={self.method!r}"
@@ -150,7 +152,8 @@ class PruneConfig(BaseModel):
     @property
     def corrects_errors(self) -> bool:
         """Whether reconstructions target the dense model's outputs (``error_correction``, resolved)."""
-        return self.method == "attention" if self.error_correction is None else self.error_correction
+        on = self.method == "attention" if self.error_correction is None else self.error_correction
+        return on and self.sequential  # the one-shot protocol has no pruned stream to correct
 
     @property
     def effective_sparsity(self) -> float:

@@ -12,7 +12,9 @@ through ``save_pretrained`` / ``from_pretrained``:
   (``n_inner`` for GPT-2) is updated.
 
 Ranking: ``magnitude`` = L2 norm of all weights of the unit; ``wanda`` = L2 norm of the unit's Wanda scores
-(``|W_ij| * ||X_j||``, with each matrix's own input norms), i.e. an activation-weighted norm.
+(``|W_ij| * ||X_j||``, with each matrix's own input norms), i.e. an activation-weighted norm; ``sparsegpt`` =
+group Optimal Brain Surgeon on the output matrix (:func:`obs_select_and_compensate`): units are removed greedily
+by the output error they leave after the remaining columns (and the bias) are re-fitted by least squares.
 """
 
 from __future__ import annotations

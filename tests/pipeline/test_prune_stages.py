@@ -44,6 +44,7 @@ def test_structured_prune_shrinks_the_export_and_recover_helps(tiny_models, tmp_
     assert rep["targets"]["host-cpu"]["parity"]["ok"]
     rec = rep["stages"][1]["metrics"]
     assert rec["steps"] == 30
+    assert rec["passages"] == 168 - 8  # every built-in passage except the 8 held-out ones
     before, after = rec["heldout_before"]["cos_mean"], rec["heldout_after"]["cos_mean"]
     assert rec["rolled_back"] is (after < before)
     pruned_cfg = json.loads((tmp_path / "pruned" / "stages" / "02-recover" / "model" / "config.json").read_text())
@@ -60,3 +61,22 @@ def test_attention_method_from_yaml(tiny_models, tmp_path):
     m = rep["stages"][0]["metrics"]
     assert m["method"] == "attention" and m["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
     assert m["attention_error"]["mean"] is not None and rep["targets"]["host-cpu"]["parity"]["ok"]
+
+
+def test_recover_distils_on_calibration_text_but_never_on_heldout(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.config import parse_config
+    from pipeline.data import load_texts
+    from pipeline.stages._common import text_sets
+    from pipeline.stages.recover import distillation_texts
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"passage number {i}" for i in range(50)) + "\n")
+    run = parse_config({"calibration": {"file": str(text), "samples": 10, "heldout": 5}})
+    ctx = SimpleNamespace(run=run)
+    calib, held = text_sets(ctx)
+    train = distillation_texts(ctx, None)
+    assert train[:10] == calib and len(train) == 45 and not set(train) & set(held)
+    assert train[10] == load_texts(text)[15]  # continues after the held-out window
+    assert distillation_texts(ctx, 12) == train[:12]

@@ -27,6 +27,7 @@ from .conftest import FAMILIES, random_batches, tiny_model
         ({"pattern": "structured", "method": "attention"}, "attention"),
         ({"method": "wanda", "error_correction": True}, "reconstructing method"),
         ({"correction_ridge": -1.0}, "correction_ridge"),
+        ({"method": "sparsegpt", "error_correction": True, "sequential": False}, "sequential"),
         ({"blocksize": 0}, "blocksize"),
     ],
 )
