@@ -33,7 +33,7 @@ def test_unstructured_on_cpu_targets_warns_and_strict_fails(tiny_models, tmp_pat
 
 def test_structured_prune_shrinks_the_export_and_recover_helps(tiny_models, tmp_path):
     stages = [
-        {"prune": {"method": "wanda", "sparsity": 0.5, "pattern": "structured", "structured_unit": "heads+ffn"}},
+        {"prune": {"method": "sparsegpt", "sparsity": 0.5, "pattern": "structured", "structured_unit": "heads+ffn"}},
         {"recover": {"steps": 30, "lr": 1e-3}},
         {"export": {}},
         {"validate": {"min_cos_mean": None}},
