@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import transformers as T
 
-FORTUNES = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "fortunes.txt"
 FAMILIES = ("bert", "gpt2", "llama")
 # same adapters, other layouts: DistilBERT (q_lin/out_lin, ffn.lin1/lin2), Qwen2 (Llama layout + q/k/v biases)
 MORE_FAMILIES = ("distilbert", "qwen2")
