@@ -65,7 +65,7 @@ logger = logging.getLogger("bench_pruning")
 
 MODELS = ("minilm", "minilm-qk", "gpt")
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec", "attention", "attention-noec", "attention-paper")
-SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50")
+SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50", "s50h25")
 STRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec")  # PruneConfig rejects structured + attention
 MODEL_LABEL = {
     "minilm": "all-MiniLM-L6-v2, whole model (targets: all)",
@@ -74,7 +74,8 @@ MODEL_LABEL = {
 }
 SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "struct 25%", "s50": "struct 50%",
                   "s50+recover-v1": "struct 50% + recover (v1: 200 steps, 64 passages)",
-                  "s50+recover": "struct 50% + recover"}
+                  "s50+recover": "struct 50% + recover",
+                  "s50h25": "struct heads 25% + FFN 62.5%", "s50h25+recover": "struct heads 25% + FFN 62.5% + recover"}
 
 
 @dataclass
@@ -265,6 +266,9 @@ def _prune_config(ctx: ModelCtx, method: str, sp: str) -> Any:
     }
     if sp == "2:4":
         kw.update(pattern="n:m", n=2, m=4)
+    elif sp == "s50h25":  # as many MiniLM block parameters as s50, taken more from the FFN than from the heads
+        kw.update(pattern="structured", structured_unit="heads+ffn", sparsity=0.5, head_sparsity=0.25,
+                  ffn_sparsity=0.625)
     elif sp.startswith("s"):
         kw.update(pattern="structured", structured_unit="heads+ffn", sparsity=int(sp[1:]) / 100)
     else:
@@ -367,13 +371,13 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
     if cfg.pattern == "structured":
         row.update(_latency(ctx, model, workdir, f"{method}-{sp}", SETTINGS.latency_runs))
     rows = [row]
-    if sp == "s50":
+    if sp in ("s50", "s50h25"):
         student = model  # the pruned row is already recorded; recover in place
         rec = recover_(student, ctx.loaded.model, ctx.ref["distill"], steps=SETTINGS.recover_steps,
                        lr=SETTINGS.recover_lr, loss="kl_logits" if ctx.key == "gpt" else "cosine", seed=0,
                        layer_weight=1.0, schedule="cosine", warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True)
         rrow = {**{k: row[k] for k in ("model", "method", "achieved_sparsity", "prune_seconds")},
-                "sparsity": "s50+recover", "recover_seconds": rec.seconds, "recover_steps": rec.steps,
+                "sparsity": f"{sp}+recover", "recover_seconds": rec.seconds, "recover_steps": rec.steps,
                 "recover_passages": sum(len(b["input_ids"]) for b in ctx.ref["distill"]),
                 "recover_loss": [rec.loss_first, rec.loss_last], "recover_kind": rec.loss}
         rrow.update(_evaluate(ctx, student))
@@ -392,7 +396,7 @@ def _priority(model: str, method: str, sp: str) -> tuple[int, int, int, int]:
     if sp in ("50", "70"):
         tier = 0 if model.startswith("minilm") else 1
     else:
-        tier = {"30": 2, "2:4": 3, "s50": 4, "s25": 5}[sp]
+        tier = {"30": 2, "2:4": 3, "s50": 4, "s25": 5, "s50h25": 6}[sp]
     return (tier, MODELS.index(model) if tier else ("minilm-qk", "minilm", "gpt").index(model),
             SPARSITIES.index(sp), METHODS.index(method))
 
@@ -456,7 +460,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
         else:
             L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover-v1", "s50+recover"]:
+        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover-v1", "s50+recover", "s50h25", "s50h25+recover"]:
             for me in METHODS:
                 r = by.get((mo, me, sp))
                 if r is None:
@@ -470,7 +474,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
                     mid = f"{_fmt(r['cos_mean'])} | {_fmt(r['cos_min'])} | {_fmt(r['recall_at_10'], '.3f')}"
                 L.append(f"| {SPARSITY_LABEL[sp]} | {me} | {_fmt(r['attn_err'])} | {mid} | "
                          f"{_fmt(r['achieved_sparsity'], '.3f')} | {secs} |")
-        lat = [r for r in mrows if "dense_ms" in r and r["sparsity"] in ("s25", "s50")]
+        lat = [r for r in mrows if "dense_ms" in r and r["sparsity"] in ("s25", "s50", "s50h25")]
         if lat:
             L += ["", "Structured: host-CPU ONNX latency (dynamo export, opset 18, ORT 2 threads, no spin-wait, ABBA order, batch 1 x seq "
                   f"{meta['max_length']}, median of {meta['latency_runs']} runs, dense and pruned interleaved):", "",

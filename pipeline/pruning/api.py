@@ -196,7 +196,7 @@ def _prune_block_structured(
     units = structured_units(cfg) if units is None else units
     if "ffn" in units:
         # FFN first: the head removal of BERT/GPT-2 replaces q/k/v/o modules but not the FFN ones, and vice versa
-        k = units_to_remove(block.ffn_out.in_features, cfg.sparsity)
+        k = units_to_remove(block.ffn_out.in_features, cfg.sparsity if cfg.ffn_sparsity is None else cfg.ffn_sparsity)
         chosen = None
         if obs and k > 0:
             if cross is not None:
@@ -208,7 +208,7 @@ def _prune_block_structured(
         info["ffn_removed"] = remove_ffn_neurons_(model, block, k, sq, units=chosen)
     if "heads" in units:
         g = block.geometry
-        k = units_to_remove(g.num_kv_heads, cfg.sparsity)
+        k = units_to_remove(g.num_kv_heads, cfg.sparsity if cfg.head_sparsity is None else cfg.head_sparsity)
         chosen = None
         if obs and k > 0:
             if cross is not None:
@@ -358,7 +358,7 @@ def prune_model(
     if structured:  # OBS needs the inputs of the output matrices only (head outputs, FFN activations)
         hess_roles = [r for r in ("o", "ffn_out") if r in roles] if cfg.method == "sparsegpt" else []
 
-    do_prune = cfg.effective_sparsity > 0
+    do_prune = cfg.effective_sparsity > 0 or bool(cfg.head_sparsity) or bool(cfg.ffn_sparsity)
     inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
     # error correction: a second stream of dense hidden states; reconstructed matrices aim at the dense outputs
     correct = cfg.corrects_errors and inputs is not None

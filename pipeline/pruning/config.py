@@ -36,6 +36,8 @@ class PruneConfig(BaseModel):
             ``structured`` (physically remove heads / FFN neurons).
         n, m: N:M parameters (standard meaning: 2:4 keeps 2 of every 4 = 50% sparse).
         structured_unit: what ``structured`` removes.
+        head_sparsity, ffn_sparsity: per-unit fractions for ``structured`` (default ``sparsity`` for both); e.g.
+            heads 0.25 + FFN 0.625 removes as many MiniLM parameters as 0.5 + 0.5 with less damage.
         targets: which matrices of each block are pruned (embeddings / LM head / pooler never are).
         calibration_samples, calibration_seq_len: calibration budget (used by callers that build batches).
         sequential: propagate *pruned* outputs layer by layer (Wanda/SparseGPT protocol); False = dense inputs.
@@ -58,6 +60,12 @@ class PruneConfig(BaseModel):
     m: int = Field(4, description="M of N:M: group length along the input dimension")
     structured_unit: Literal["heads", "ffn", "heads+ffn"] = Field(
         "heads+ffn", description="units removed by the structured pattern (attention heads / KV groups, FFN neurons)"
+    )
+    head_sparsity: Optional[float] = Field(
+        None, description="structured: fraction of heads (KV groups) removed per layer; omitted = sparsity"
+    )
+    ffn_sparsity: Optional[float] = Field(
+        None, description="structured: fraction of FFN neurons removed per layer; omitted = sparsity"
     )
     targets: Literal["all", "attention", "qk", "ffn"] = Field(
         "all", description="matrices pruned in each block: all linears, attention q/k/v/o, q/k only, or FFN only"
@@ -91,6 +99,13 @@ class PruneConfig(BaseModel):
     def _check_sparsity(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("head_sparsity", "ffn_sparsity")
+    @classmethod
+    def _check_unit_sparsity(cls, v: Optional[float], info: Any) -> Optional[float]:
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(f"{info.field_name} must be in [0, 1), got {v!r}")
         return v
 
     @field_validator("calibration_samples", "calibration_seq_len", "blocksize")
@@ -137,6 +152,8 @@ class PruneConfig(BaseModel):
             raise ValueError(
                 f"error_correction needs a reconstructing method ('sparsegpt' or 'attention'), got method={self.method!r}"
             )
+        if self.pattern != "structured" and (self.head_sparsity is not None or self.ffn_sparsity is not None):
+            raise ValueError(f"head_sparsity / ffn_sparsity apply to pattern 'structured' only, got {self.pattern!r}")
         if self.pattern == "structured":
             if not structured_units(self):
                 raise ValueError(

@@ -98,3 +98,17 @@ def test_units_to_remove_and_unit_selection():
     assert model.config.n_inner == 96 and blocks(model)[0].geometry.num_heads == 4
     with pytest.raises(ValueError, match="removes nothing"):
         PruneConfig(pattern="structured", structured_unit="heads", targets="ffn")
+
+
+def test_per_unit_structured_sparsity():
+    model = tiny_model("bert")  # 4 heads, 37 FFN neurons per layer
+    res = prune_model(
+        model, PruneConfig(pattern="structured", sparsity=0.0, head_sparsity=0.25, ffn_sparsity=0.75), []
+    )
+    for info in res.metrics["per_layer"]:
+        assert len(info["heads_removed"]) == 1 and len(info["ffn_removed"]) == 28
+    assert model.config.intermediate_size == 9
+    with pytest.raises(ValueError, match="structured"):
+        PruneConfig(pattern="unstructured", head_sparsity=0.5)
+    with pytest.raises(ValueError, match="ffn_sparsity"):
+        PruneConfig(pattern="structured", ffn_sparsity=1.0)
