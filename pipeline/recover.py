@@ -128,6 +128,8 @@ def _layers_loss(s_layers: Sequence[torch.Tensor], t_layers: Sequence[torch.Tens
     """Mean over intermediate blocks of the masked token MSE, each normalised by the teacher's mean square."""
     if len(s_layers) != len(t_layers):
         raise ValueError(f"student has {len(s_layers) + 1} blocks, teacher {len(t_layers) + 1}: layer distillation needs equal depth")
+    if not t_layers:  # a one-block model: the main loss already covers its only block
+        return mask.new_zeros(())
     m = mask.unsqueeze(-1)  # (B, T, 1)
     n = mask.sum().clamp_min(1.0) * t_layers[0].shape[-1]
     terms = [

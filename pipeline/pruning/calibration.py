@@ -275,8 +275,9 @@ def collect_cross_stats(
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], Optional[torch.Tensor]]:
     """Cross moments between what each matrix sees in the pruned and in the dense model.
 
-    Runs the (not yet pruned) ``block`` once on the pruned-model inputs and once on the dense-model inputs of
-    every batch (same passages, same padding, so tokens align) and accumulates, per role,
+    Runs ``block`` once on the pruned-model inputs and its dense twin (``dense_layer``, or ``block`` itself while
+    it is not pruned yet) once on the dense-model inputs of every batch (same passages, same padding, so tokens
+    align) and accumulates, per role,
     ``C = (2/N) sum_t x_t xd_t^T`` (in, in) over real tokens: with ``H = (2/N) sum_t x_t x_t^T`` the weight
     that best maps the pruned inputs to the dense outputs, ``argmin_W' sum_t ||W' x_t - W xd_t||^2``, is
     ``W C^T H^-1`` (error correction toward the dense model instead of toward the pruned model's own inputs).
@@ -302,7 +303,7 @@ def collect_cross_stats(
     if keep_attn_input and attn_key not in by_module:
         by_module[attn_key] = (block.attention_input_module, [])
     attn_chunks: list[torch.Tensor] = []
-    seen: dict[int, torch.Tensor] = {}
+    seen: dict[Any, torch.Tensor] = {}  # module id -> (tokens, in+1) inputs of the last run; "attn" -> (B, n, d)
     pad_now: list[torch.Tensor] = []
 
     def make_hook(key: int):
