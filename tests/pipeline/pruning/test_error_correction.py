@@ -32,6 +32,12 @@ def _ls_refit(W, X, keep):
     return torch.linalg.lstsq(X[:, keep], X @ W.T).solution.T
 
 
+@torch.no_grad()
+def _logit_error(model, dense, batches):
+    """Summed squared logit difference to the dense model over ``batches``."""
+    return sum(float((model(**b).logits - dense(**b).logits).pow(2).sum()) for b in batches)
+
+
 def _cost(W, X, Wn):
     return float(((X @ (W - Wn).T) ** 2).sum())
 
@@ -107,16 +113,12 @@ def test_structured_sparsegpt_beats_wanda_on_calibration_and_round_trips(family,
     cal = random_batches(4, batch=4, seq=16)
     dense = tiny_model(family)
 
-    @torch.no_grad()
-    def err(model):
-        return sum(float((model(**b).logits - dense(**b).logits).pow(2).sum()) for b in cal)
-
     errs = {}
     for method in ("wanda", "sparsegpt"):
         model = copy.deepcopy(dense)
         res = prune_model(model, PruneConfig(method=method, pattern="structured", sparsity=0.5), cal)
         assert res.metrics["sparsity"]["overall"] > 0.45
-        errs[method] = err(model)
+        errs[method] = _logit_error(model, dense, cal)
     assert errs["sparsegpt"] < errs["wanda"]
     model.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
@@ -151,13 +153,9 @@ def test_error_correction_brings_the_pruned_model_closer_to_dense(family):
     cal = random_batches(6, batch=4, seq=16)
     dense = tiny_model(family)
 
-    @torch.no_grad()
-    def err(model):
-        return sum(float((model(**b).logits - dense(**b).logits).pow(2).sum()) for b in cal)
-
     errs = {}
     for corr in (False, True):
         model = copy.deepcopy(dense)
         prune_model(model, PruneConfig(method="sparsegpt", sparsity=0.6, error_correction=corr), cal)
-        errs[corr] = err(model)
+        errs[corr] = _logit_error(model, dense, cal)
     assert errs[True] < errs[False]
