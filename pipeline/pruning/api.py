@@ -358,7 +358,7 @@ def prune_model(
     if structured:  # OBS needs the inputs of the output matrices only (head outputs, FFN activations)
         hess_roles = [r for r in ("o", "ffn_out") if r in roles] if cfg.method == "sparsegpt" else []
 
-    do_prune = cfg.effective_sparsity > 0 or bool(cfg.head_sparsity) or bool(cfg.ffn_sparsity)
+    do_prune = cfg.removes_anything
     inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
     # error correction: a second stream of dense hidden states; reconstructed matrices aim at the dense outputs
     correct = cfg.corrects_errors and inputs is not None

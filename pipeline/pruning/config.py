@@ -173,6 +173,11 @@ class PruneConfig(BaseModel):
         return on and self.sequential  # the one-shot protocol has no pruned stream to correct
 
     @property
+    def removes_anything(self) -> bool:
+        """Whether this config prunes at all (structured: per-unit fractions count too)."""
+        return self.effective_sparsity > 0 or bool(self.head_sparsity) or bool(self.ffn_sparsity)
+
+    @property
     def effective_sparsity(self) -> float:
         """Fraction of weights removed per pruned matrix (``1 - n/m`` for N:M)."""
         return 1.0 - self.n / self.m if self.pattern == "n:m" else self.sparsity

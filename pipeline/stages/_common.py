@@ -11,11 +11,17 @@ from pipeline.artifact import Artifact
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
 
-__all__ = ["text_sets", "load_from_artifact", "load_dense", "encode", "to_numpy_feeds", "model_path", "write_target_bundle"]
+__all__ = ["text_sets", "text_sets_and_rest", "load_from_artifact", "load_dense", "encode", "to_numpy_feeds", "model_path", "write_target_bundle"]
 
 
 def text_sets(ctx: StageContext) -> tuple[list[str], list[str]]:
     """(calibration, held-out) passages: disjoint, deterministic, from ``calibration.file`` or the built-in text."""
+    calib, heldout, _ = text_sets_and_rest(ctx)
+    return calib, heldout
+
+
+def text_sets_and_rest(ctx: StageContext) -> tuple[list[str], list[str], list[str]]:
+    """:func:`text_sets` plus the passages after the held-out window (e.g. more training text for ``recover``)."""
     from pipeline.data import load_texts
 
     c = ctx.run.calibration
@@ -26,7 +32,7 @@ def text_sets(ctx: StageContext) -> tuple[list[str], list[str]]:
         raise ConfigError(
             f"calibration: {where} has {len(texts)} passages but samples ({c.samples}) + heldout ({c.heldout}) = {need} are needed"
         )
-    return texts[: c.samples], texts[c.samples : need]
+    return texts[: c.samples], texts[c.samples : need], texts[need:]
 
 
 def model_path(art: Artifact, ctx: StageContext) -> Path:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field
 
 from pipeline.artifact import Artifact
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_dense, load_from_artifact, text_sets
+from pipeline.stages._common import encode, load_dense, load_from_artifact, text_sets_and_rest
 
 __all__ = ["RecoverConfig", "run_recover", "distillation_texts"]
 
@@ -43,15 +42,12 @@ def _improved(before: dict, after: dict) -> bool:
     return after["kl"] <= before["kl"]
 
 
-def distillation_texts(ctx: StageContext, samples: Optional[int]) -> list[str]:
-    """Training passages for recover: calibration passages, then those after the held-out window (never the held-out
-    ones), up to ``samples`` (None = all of them)."""
-    from pipeline.data import load_texts
-
-    c = ctx.run.calibration
-    texts = load_texts(Path(c.file) if c.file else None)
-    pool = texts[: c.samples] + texts[c.samples + c.heldout :]
-    return pool if samples is None else pool[:samples]
+def distillation_texts(ctx: StageContext, samples: Optional[int]) -> tuple[list[str], list[str]]:
+    """(training passages for recover, held-out passages): the calibration passages, then those after the held-out
+    window (never the held-out ones), up to ``samples`` (None = all of them)."""
+    calib, heldout, rest = text_sets_and_rest(ctx)
+    pool = calib + rest
+    return (pool if samples is None else pool[:samples]), heldout
 
 
 @register_stage(RecoverConfig, version=2)
@@ -62,8 +58,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
 
     student = load_from_artifact(art, ctx)
     teacher = load_dense(art)
-    _, heldout = text_sets(ctx)
-    train = distillation_texts(ctx, cfg.samples)
+    train, heldout = distillation_texts(ctx, cfg.samples)
     c = ctx.run.calibration
     # sorted by length, so a batch pads to similar lengths (recover_ visits batches in a seeded random order)
     batches = encode(student, sorted(train, key=len), max_length=c.max_length, batch_size=cfg.batch_size)

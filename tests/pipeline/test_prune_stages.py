@@ -76,7 +76,8 @@ def test_recover_distils_on_calibration_text_but_never_on_heldout(tmp_path):
     run = parse_config({"calibration": {"file": str(text), "samples": 10, "heldout": 5}})
     ctx = SimpleNamespace(run=run)
     calib, held = text_sets(ctx)
-    train = distillation_texts(ctx, None)
+    train, held2 = distillation_texts(ctx, None)
+    assert held2 == held
     assert train[:10] == calib and len(train) == 45 and not set(train) & set(held)
     assert train[10] == load_texts(text)[15]  # continues after the held-out window
-    assert distillation_texts(ctx, 12) == train[:12]
+    assert distillation_texts(ctx, 12)[0] == train[:12]
