@@ -22,7 +22,9 @@ opset 18 it decomposes into MatMul/Softmax like eager. ``"eager"`` is accepted
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,6 +203,22 @@ def _load_tokenizer(path: Path, family: str) -> "PreTrainedTokenizerBase | None"
     return tokenizer
 
 
+@contextlib.contextmanager
+def _quiet_mismatch(on: bool) -> Iterator[None]:
+    """Silence transformers' "newly initialized because of size mismatch" warning for narrowed q/k (rebuilt after)."""
+    if not on:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_model(
     path: str | Path,
     task: str | None = None,
@@ -253,14 +271,22 @@ def load_model(
             f"(family {family!r} supports {', '.join(_FAMILY_TASKS[family])})"
         )
     check_weights(path)
+    # edgepipe's QK-dimension pruning narrows q/k modules; HF builds them at full width and we rebuild them after
+    narrowed = bool(getattr(config, "edgepipe_qk_dims", None))
     try:
-        model = _auto_class(task).from_pretrained(
-            path,
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=torch.float32,
-            attn_implementation=attn_implementation,
-        )
+        with _quiet_mismatch(narrowed):
+            model = _auto_class(task).from_pretrained(
+                path,
+                local_files_only=True,
+                use_safetensors=True,
+                dtype=torch.float32,
+                attn_implementation=attn_implementation,
+                **({"ignore_mismatched_sizes": True} if narrowed else {}),
+            )
+        if narrowed:
+            from pipeline.pruning.qk_dims import restore_qk_dims_
+
+            restore_qk_dims_(model, path)
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
         cause = str(e).splitlines()[0] if str(e) else ""
         raise ModelLoadError(

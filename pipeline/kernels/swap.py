@@ -181,6 +181,11 @@ def swap_attention_(
     for m in bert_like:
         if getattr(m, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type={m.position_embedding_type!r} is not supported (absolute only)")
+        if getattr(m, "qk_head_dim", m.attention_head_size) != m.attention_head_size:
+            raise ValueError(
+                f"attention heads with narrowed query/key width ({m.qk_head_dim} of {m.attention_head_size}, prune"
+                " structured_unit qk_dims) are not supported by the edgepipe kernels (equal q/k/v widths)"
+            )
     for m in iface:
         cfg = m.config
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(cfg, "scale_attn_weights", True):

@@ -175,12 +175,14 @@ def _bert_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
     for i, layer in enumerate(model.base_model.encoder.layer):
         att = layer.attention
         hd = att.self.attention_head_size
+        qk = getattr(att.self, "qk_head_dim", hd)  # narrowed q/k heads (pipeline.pruning.qk_dims) keep the scale
         geom = AttentionGeometry(
             num_heads=att.self.num_attention_heads,
             num_kv_heads=att.self.num_attention_heads,
-            head_dim=hd,
+            head_dim=qk,
             causal=causal,
             scale=1.0 / math.sqrt(hd),  # BertSelfAttention divides scores by sqrt(attention_head_size)
+            v_head_dim=None if qk == hd else hd,
         )
         out.append(
             BlockView(

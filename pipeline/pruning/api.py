@@ -136,7 +136,8 @@ def _import_prune_qk() -> Callable[..., Any]:
 
 def _companion(cfg: PruneConfig) -> str:
     opts = cfg.attention_options
-    comp = opts.get("companion", "wanda") if isinstance(opts, dict) else getattr(opts, "companion", "wanda")
+    # the attention method's own default (AttentionMethodConfig.companion) when no options are given
+    comp = opts.get("companion", "sparsegpt") if isinstance(opts, dict) else getattr(opts, "companion", "sparsegpt")
     if comp not in ("wanda", "sparsegpt", "magnitude"):
         raise ValueError(f"attention companion must be 'wanda', 'sparsegpt' or 'magnitude', got {comp!r}")
     return comp
@@ -181,6 +182,30 @@ def _prune_block_unstructured(
     return info
 
 
+def _unit_method(cfg: PruneConfig) -> str:
+    """Who chooses heads / FFN neurons: the method itself, or the attention method's companion."""
+    return _companion(cfg) if cfg.method == "attention" else cfg.method
+
+
+def _reduce_qk_dims(model: nn.Module, block: BlockView, cfg: PruneConfig, stats: Optional[LayerStats],
+                    attn_target: Optional[torch.Tensor]) -> dict[str, Any]:
+    """Narrow every head's q/k width of one block (unit ``qk_dims``); returns the layer's report entry."""
+    from pipeline.pruning.qk_dims import qk_keep, reduce_qk, replace_qk_
+
+    g = block.geometry
+    keep = qk_keep(g.head_dim, cfg.sparsity if cfg.qk_sparsity is None else cfg.qk_sparsity)
+    if keep == g.head_dim:
+        return {}
+    q, k = block.q, block.k
+    X = None if stats is None else stats.attn_input
+    pad = None if stats is None else stats.attn_pad_mask
+    method = cfg.method if cfg.method != "sparsegpt" else "attention"  # validated away; kept total
+    res = reduce_qk(q.weight, q.bias, k.weight, k.bias, X, pad, g, keep=keep, method=method,
+                    cfg=cfg.attention_options, X_target=attn_target)
+    replace_qk_(model, block.index, res.wq, res.bq, res.wk, res.bk)
+    return {"qk_width": [g.head_dim, keep], "qk_stats": _jsonable({k_: v for k_, v in res.stats.items() if k_ != "qk_kept_dims"})}
+
+
 def _prune_block_structured(
     model: nn.Module,
     block: BlockView,
@@ -188,14 +213,16 @@ def _prune_block_structured(
     stats: Optional[LayerStats],
     cross: Optional[dict[str, torch.Tensor]] = None,
     units: Optional[tuple[str, ...]] = None,
+    attn_target: Optional[torch.Tensor] = None,
 ) -> dict:
-    """Remove heads / FFN neurons of one block (``units``: a subset of ``structured_units(cfg)``, default all)."""
-    sq = stats.sq_norms if (stats is not None and cfg.method == "wanda") else None
-    obs = cfg.method == "sparsegpt"  # OBS choice of the units + least-squares re-fit of the output matrix
+    """Remove q/k widths, heads and FFN neurons of one block (``units``: a subset of ``structured_units(cfg)``)."""
+    method = _unit_method(cfg)
+    sq = stats.sq_norms if (stats is not None and method == "wanda") else None
+    obs = method == "sparsegpt"  # OBS choice of the units + least-squares re-fit of the output matrix
     info: dict[str, Any] = {}
     units = structured_units(cfg) if units is None else units
     if "ffn" in units:
-        # FFN first: the head removal of BERT/GPT-2 replaces q/k/v/o modules but not the FFN ones, and vice versa
+        # FFN first: q/k narrowing and head removal replace q/k/v/o modules but not the FFN ones, and vice versa
         k = units_to_remove(block.ffn_out.in_features, cfg.sparsity if cfg.ffn_sparsity is None else cfg.ffn_sparsity)
         chosen = None
         if obs and k > 0:
@@ -206,6 +233,9 @@ def _prune_block_structured(
                 percdamp=cfg.percdamp,
             )
         info["ffn_removed"] = remove_ffn_neurons_(model, block, k, sq, units=chosen)
+    if "qk_dims" in units:
+        info.update(_reduce_qk_dims(model, block, cfg, stats, attn_target))
+        block = blocks(model)[block.index]  # fresh view: the self-attention module was replaced
     if "heads" in units:
         g = block.geometry
         k = units_to_remove(g.num_kv_heads, cfg.sparsity if cfg.head_sparsity is None else cfg.head_sparsity)
@@ -215,7 +245,7 @@ def _prune_block_structured(
                 _correct_toward_dense(block.o, stats, cross["o"], cfg.correction_ridge)
             # o_proj's input is the per-head attention output softmax(QK^T)V: its columns come in head groups
             chosen = obs_select_and_compensate(
-                block.o, stats.hessians["o"], stats.sums["o"], stats.tokens["o"], g.group_size * g.head_dim, k,
+                block.o, stats.hessians["o"], stats.sums["o"], stats.tokens["o"], g.group_size * g.value_head_dim, k,
                 percdamp=cfg.percdamp,
             )
         info["heads_removed"] = remove_heads_(model, block, k, sq, units=chosen)
@@ -229,8 +259,8 @@ def _correction_groups(cfg: PruneConfig, roles: list[str]) -> list[tuple[str, ..
     matrix corrected toward the dense outputs changes what the matrices after it see, and correcting them
     from stale inputs would correct the same error twice.
     """
-    if cfg.pattern == "structured":  # heads first (o's re-fit), then the FFN sees the pruned attention
-        return [(u,) for u in ("heads", "ffn") if u in structured_units(cfg)]
+    if cfg.pattern == "structured":  # q/k widths, heads (o's re-fit sees the narrowed attention), then the FFN
+        return [(u,) for u in structured_units(cfg)]
     stage = lambda r: 0 if r in ("q", "k", "v") else 1 if r == "o" else 2 if r.startswith("ffn_in") else 3  # noqa: E731
     groups = [tuple(r for r in roles if stage(r) == i) for i in range(4)]
     return [g for g in groups if g]
@@ -258,10 +288,10 @@ def _prune_block_corrected(
     for group in _correction_groups(cfg, roles):
         block = blocks(model)[index]  # fresh view: structured removal replaces modules
         if cfg.pattern == "structured":
-            mats = {"heads": ["o"], "ffn": ["ffn_out"]}[group[0]]
+            mats = {"heads": ["o"], "ffn": ["ffn_out"], "qk_dims": ["q", "k"]}[group[0]]
         else:
             mats = list(group)
-        need_attn = attention and "q" in mats
+        need_attn = (attention or cfg.pattern == "structured") and "q" in mats
         stats = collect_block_stats(
             block, inputs, mats, hessian_roles=[r for r in hess_roles if r in mats], keep_attn_input=need_attn,
             keep_outputs=False,
@@ -272,7 +302,7 @@ def _prune_block_corrected(
         )
         dense_next = dense_out if dense_next is None else dense_next
         if cfg.pattern == "structured":
-            info.update(_prune_block_structured(model, block, cfg, stats, cross, units=group))
+            info.update(_prune_block_structured(model, block, cfg, stats, cross, units=group, attn_target=attn_target))
         else:
             part = _prune_block_unstructured(block, cfg, mats, stats, prune_qk, cross, attn_target)
             info["pruned"] += part.pop("pruned")
@@ -335,8 +365,6 @@ def prune_model(
     was_training = model.training
     model.eval()
     prune_qk = _import_prune_qk() if cfg.method == "attention" else None
-    if cfg.method == "attention" and cfg.pattern == "structured":
-        raise NotImplementedError("method 'attention' does not support pattern 'structured' yet")
     needs_calib = cfg.method != "magnitude"
     if needs_calib and not calibration:
         raise ValueError(f"method {cfg.method!r} needs calibration batches, got {len(calibration)}")
@@ -349,14 +377,18 @@ def prune_model(
     roles = target_roles(views[0], cfg.targets)
     if structured:
         su = structured_units(cfg)
-        roles = [r for r in views[0].matrices() if ("heads" in su and _part(r) in ("qk", "vo")) or ("ffn" in su and _part(r) == "ffn")]
+        roles = [
+            r for r in views[0].matrices()
+            if (("heads" in su or "qk_dims" in su) and _part(r) == "qk") or ("heads" in su and _part(r) == "vo")
+            or ("ffn" in su and _part(r) == "ffn")
+        ]
     hess_roles: list[str] = []
     if cfg.method == "sparsegpt" or (cfg.method == "attention" and _companion(cfg) == "sparsegpt"):
         hess_roles = [r for r in roles if not (cfg.method == "attention" and r in ("q", "k"))]
     if cfg.method == "attention" and {"q", "k"} <= set(roles):
         hess_roles += ["q", "k"]
     if structured:  # OBS needs the inputs of the output matrices only (head outputs, FFN activations)
-        hess_roles = [r for r in ("o", "ffn_out") if r in roles] if cfg.method == "sparsegpt" else []
+        hess_roles = [r for r in ("o", "ffn_out") if r in roles] if _unit_method(cfg) == "sparsegpt" else []
 
     do_prune = cfg.removes_anything
     inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
@@ -372,8 +404,9 @@ def prune_model(
             dense_inputs = [dataclasses.replace(inp, hidden=h) for inp, h in zip(dense_inputs, dense_next)]
         else:
             if inputs is not None:
+                qk_dims = structured and "qk_dims" in structured_units(cfg)
                 stats = collect_block_stats(
-                    block, inputs, roles, hessian_roles=hess_roles, keep_attn_input=cfg.method == "attention",
+                    block, inputs, roles, hessian_roles=hess_roles, keep_attn_input=cfg.method == "attention" or qk_dims,
                     keep_outputs=not cfg.sequential,
                 )
             if not do_prune:
@@ -410,7 +443,9 @@ def prune_model(
             p[0] += before[k] - w.numel()
             p[1] += before[k]
         metrics["removed_units"] = [
-            {"heads": info.get("heads_removed", []), "ffn": len(info.get("ffn_removed", []))} for info in per_layer
+            {"heads": info.get("heads_removed", []), "ffn": len(info.get("ffn_removed", [])),
+             **({"qk_width": info["qk_width"]} if "qk_width" in info else {})}
+            for info in per_layer
         ]
         pruned_any = tot_a < tot_b
     else:

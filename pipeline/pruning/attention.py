@@ -95,6 +95,9 @@ class AttentionMethodConfig(BaseModel):
     patience: int = Field(4, ge=1, description="stop after this many evaluations without held-out improvement")
     chunk_size: int = Field(16, ge=1, description="sequences per length bucket (sorted by length to avoid padding)")
     seed: int = Field(0, description="seed of the held-out split")
+    qk_init: Literal["svd", "greedy"] = Field(
+        "svd", description="structured QK dims: start of the refit - per-head rank-r SVD of the bilinear form in the "
+                           "inputs' metric, or whole coordinate dims removed greedily by the attention loss [I]")
     companion: Literal["wanda", "sparsegpt"] = Field(
         "sparsegpt", description="pruner the driver uses for v/o/FFN alongside this method (not used here)")
 
@@ -209,12 +212,17 @@ class _Objective:
     """Σ_chunks ‖F − F*‖² / Σ‖F*‖² on a fixed set of sequences, with F* of the dense weights cached."""
 
     def __init__(
-        self, chunks: list[_Chunk], dense: tuple, geom: AttentionGeometry, target_chunks: Optional[list[_Chunk]] = None
+        self, chunks: list[_Chunk], dense: tuple, geom: AttentionGeometry, target_chunks: Optional[list[_Chunk]] = None,
+        target_geom: Optional[AttentionGeometry] = None,
     ) -> None:
-        """``target_chunks``: the same sequences as the dense model sees them (F* from those), default ``chunks``."""
+        """``target_chunks``: the same sequences as the dense model sees them (F* from those), default ``chunks``.
+
+        ``target_geom``: geometry of the dense weights when it differs from the optimised ones' (QK-dimension
+        pruning narrows the q/k heads), default ``geom``.
+        """
         self.chunks, self.geom = chunks, geom
         with torch.no_grad():
-            self.targets = [_chunk_attention(*dense, c, geom) for c in (target_chunks or chunks)]
+            self.targets = [_chunk_attention(*dense, c, target_geom or geom) for c in (target_chunks or chunks)]
         self.denom = float(sum(t.pow(2).sum() for t in self.targets)) or 1.0
 
     def __bool__(self) -> bool:

@@ -26,6 +26,9 @@ def _attention_config_class() -> type[BaseModel] | None:
     return getattr(mod, "AttentionMethodConfig", None)
 
 
+STRUCTURED_UNITS = ("qk_dims", "heads", "ffn")  # also the order in which a block's units are removed
+
+
 class PruneConfig(BaseModel):
     """What to prune, how, and with which calibration budget.
 
@@ -36,8 +39,8 @@ class PruneConfig(BaseModel):
             ``structured`` (physically remove heads / FFN neurons).
         n, m: N:M parameters (standard meaning: 2:4 keeps 2 of every 4 = 50% sparse).
         structured_unit: what ``structured`` removes.
-        head_sparsity, ffn_sparsity: per-unit fractions for ``structured`` (default ``sparsity`` for both); e.g.
-            heads 0.25 + FFN 0.625 removes as many MiniLM parameters as 0.5 + 0.5 with less damage.
+        head_sparsity, ffn_sparsity, qk_sparsity: per-unit fractions for ``structured`` (default ``sparsity`` for
+            each); e.g. heads 0.25 + FFN 0.625 removes as many MiniLM parameters as 0.5 + 0.5 with less damage.
         targets: which matrices of each block are pruned (embeddings / LM head / pooler never are).
         calibration_samples, calibration_seq_len: calibration budget (used by callers that build batches).
         sequential: propagate *pruned* outputs layer by layer (Wanda/SparseGPT protocol); False = dense inputs.
@@ -58,14 +61,19 @@ class PruneConfig(BaseModel):
     )
     n: int = Field(2, description="N of N:M: nonzeros kept in every group of M consecutive input weights")
     m: int = Field(4, description="M of N:M: group length along the input dimension")
-    structured_unit: Literal["heads", "ffn", "heads+ffn"] = Field(
-        "heads+ffn", description="units removed by the structured pattern (attention heads / KV groups, FFN neurons)"
+    structured_unit: str = Field(
+        "heads+ffn",
+        description="units removed by the structured pattern, '+'-joined: heads (attention heads / KV groups), ffn"
+        " (FFN neurons), qk_dims (query/key width of every head; BERT family)",
     )
     head_sparsity: Optional[float] = Field(
         None, description="structured: fraction of heads (KV groups) removed per layer; omitted = sparsity"
     )
     ffn_sparsity: Optional[float] = Field(
         None, description="structured: fraction of FFN neurons removed per layer; omitted = sparsity"
+    )
+    qk_sparsity: Optional[float] = Field(
+        None, description="structured: fraction of each head's query/key width removed (unit qk_dims); omitted = sparsity"
     )
     targets: Literal["all", "attention", "qk", "ffn"] = Field(
         "all", description="matrices pruned in each block: all linears, attention q/k/v/o, q/k only, or FFN only"
@@ -101,7 +109,18 @@ class PruneConfig(BaseModel):
             raise ValueError(f"sparsity must be in [0, 1), got {v!r}")
         return v
 
-    @field_validator("head_sparsity", "ffn_sparsity")
+    @field_validator("structured_unit")
+    @classmethod
+    def _check_units(cls, v: str) -> str:
+        parts = v.split("+")
+        bad = [p for p in parts if p not in STRUCTURED_UNITS]
+        if bad or len(set(parts)) != len(parts):
+            raise ValueError(
+                f"structured_unit must join distinct units from {'/'.join(STRUCTURED_UNITS)} with '+', got {v!r}"
+            )
+        return v
+
+    @field_validator("head_sparsity", "ffn_sparsity", "qk_sparsity")
     @classmethod
     def _check_unit_sparsity(cls, v: Optional[float], info: Any) -> Optional[float]:
         if v is not None and not 0.0 <= v < 1.0:
@@ -152,17 +171,20 @@ class PruneConfig(BaseModel):
             raise ValueError(
                 f"error_correction needs a reconstructing method ('sparsegpt' or 'attention'), got method={self.method!r}"
             )
-        if self.pattern != "structured" and (self.head_sparsity is not None or self.ffn_sparsity is not None):
-            raise ValueError(f"head_sparsity / ffn_sparsity apply to pattern 'structured' only, got {self.pattern!r}")
+        per_unit = (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity)
+        if self.pattern != "structured" and any(v is not None for v in per_unit):
+            raise ValueError(
+                f"head_sparsity / ffn_sparsity / qk_sparsity apply to pattern 'structured' only, got {self.pattern!r}"
+            )
         if self.pattern == "structured":
             if not structured_units(self):
                 raise ValueError(
                     f"structured_unit={self.structured_unit!r} removes nothing inside targets={self.targets!r}"
                 )
-            if self.method == "attention":
+            if self.method == "sparsegpt" and "qk_dims" in structured_units(self):
                 raise ValueError(
-                    "pattern 'structured' supports method 'magnitude', 'wanda' or 'sparsegpt' (OBS choice of the"
-                    f" units with a least-squares re-fit of the output matrix), got method={self.method!r}"
+                    "structured_unit qk_dims is chosen by method 'attention' (the attention objective) or ranked by"
+                    " 'wanda' / 'magnitude' norms; 'sparsegpt' has no q/k-width criterion"
                 )
         return self
 
@@ -175,7 +197,7 @@ class PruneConfig(BaseModel):
     @property
     def removes_anything(self) -> bool:
         """Whether this config prunes at all (structured: per-unit fractions count too)."""
-        return self.effective_sparsity > 0 or bool(self.head_sparsity) or bool(self.ffn_sparsity)
+        return self.effective_sparsity > 0 or any((self.head_sparsity, self.ffn_sparsity, self.qk_sparsity))
 
     @property
     def effective_sparsity(self) -> float:
@@ -184,16 +206,22 @@ class PruneConfig(BaseModel):
 
     @property
     def attention_options(self) -> Any:
-        """Validated options for the attention method (None when not given)."""
+        """Validated options for the attention method: the given ones, else its defaults (None for other methods)."""
+        if self.attention is None and self.method == "attention":
+            klass = _attention_config_class()
+            return klass() if klass is not None else None
         return self.attention
 
 
 def structured_units(cfg: PruneConfig) -> tuple[str, ...]:
-    """Units the structured pattern removes, restricted to ``cfg.targets``.
+    """Units the structured pattern removes, restricted to ``cfg.targets``, in the order a block is pruned.
 
     Removing a head deletes its q/k/v rows and o columns, so heads need ``targets`` ``all`` or ``attention``;
-    FFN neurons need ``all`` or ``ffn``.
+    FFN neurons need ``all`` or ``ffn``; q/k widths need ``all``, ``attention`` or ``qk``. Order: q/k widths
+    first (the head choice and the output re-fit then see the narrowed attention), heads, FFN.
     """
     wanted = cfg.structured_unit.split("+")
-    allowed = {"all": ("heads", "ffn"), "attention": ("heads",), "ffn": ("ffn",), "qk": ()}[cfg.targets]
-    return tuple(u for u in wanted if u in allowed)
+    allowed = {
+        "all": ("qk_dims", "heads", "ffn"), "attention": ("qk_dims", "heads"), "ffn": ("ffn",), "qk": ("qk_dims",),
+    }[cfg.targets]
+    return tuple(u for u in STRUCTURED_UNITS if u in wanted and u in allowed)

@@ -29,6 +29,8 @@ class AttentionGeometry:
         causal: True for decoders (position i attends to j <= i), False for bidirectional encoders.
         scale: factor applied to Q·Kᵀ before softmax, normally ``head_dim ** -0.5``.
         rope: rotary embedding applied to Q and K after projection (Llama family), or None.
+        v_head_dim: per-head width of V (and of the head's block of o's input) when it differs from the q/k
+            width (QK-dimension pruning narrows q/k only); None = ``head_dim``.
     """
 
     num_heads: int
@@ -37,12 +39,18 @@ class AttentionGeometry:
     causal: bool
     scale: float
     rope: Optional[RopeFn] = None
+    v_head_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+
+    @property
+    def value_head_dim(self) -> int:
+        """Per-head width of V / of o's input columns."""
+        return self.head_dim if self.v_head_dim is None else self.v_head_dim
 
     @property
     def group_size(self) -> int:

@@ -66,11 +66,11 @@ def head_scores(block: BlockView, sq_norms: Optional[dict[str, torch.Tensor]] = 
         sq_norms: role -> (in,) squared input norms for wanda ranking, or None for magnitude.
     """
     g = block.geometry
-    hd, G = g.head_dim, g.group_size
+    hd, vd, G = g.head_dim, g.value_head_dim, g.group_size  # q/k and v/o widths differ after QK-dim pruning
     q = _weighted(block.q, sq_norms).pow(2).sum(1).reshape(g.num_kv_heads, G * hd).sum(1)  # q rows of each group
     k = _weighted(block.k, sq_norms).pow(2).sum(1).reshape(g.num_kv_heads, hd).sum(1)
-    v = _weighted(block.v, sq_norms).pow(2).sum(1).reshape(g.num_kv_heads, hd).sum(1)
-    o = _weighted(block.o, sq_norms).pow(2).sum(0).reshape(g.num_kv_heads, G * hd).sum(1)  # o columns of the group
+    v = _weighted(block.v, sq_norms).pow(2).sum(1).reshape(g.num_kv_heads, vd).sum(1)
+    o = _weighted(block.o, sq_norms).pow(2).sum(0).reshape(g.num_kv_heads, G * vd).sum(1)  # o columns of the group
     return (q + k + v + o).sqrt()
 
 
@@ -111,7 +111,10 @@ def remove_heads_(
         # already-pruned heads keep their original numbering in prune_heads; map current -> original indices
         done = sorted(model.config.pruned_heads.get(block.index, [])) if model.config.pruned_heads else []
         orig = [h for h in range(g.num_heads + len(done)) if h not in done]
-        model.prune_heads({block.index: [orig[u] for u in units]})
+        if g.v_head_dim is not None:  # narrowed q/k (qk_dims): HF's prune_heads would slice q/k at the v width
+            _prune_heads_narrow_qk(model, block, [orig[u] for u in units], units)
+        else:
+            model.prune_heads({block.index: [orig[u] for u in units]})
         return units
     if block.family != "llama":
         raise NotImplementedError(f"structured head removal is not implemented for family {block.family!r}")
@@ -129,6 +132,30 @@ def remove_heads_(
     cfg.num_key_value_heads = len(keep_kv)
     cfg.num_attention_heads = len(keep_kv) * G
     return units
+
+
+def _prune_heads_narrow_qk(model: nn.Module, block: BlockView, original: list[int], current: list[int]) -> None:
+    """``prune_heads`` for a BERT self-attention with narrowed q/k: q/k rows at their width, v rows / o columns at hd.
+
+    Records the heads like ``PreTrainedModel.prune_heads`` (``config.pruned_heads``, ``attention.pruned_heads``), so
+    ``from_pretrained`` replays the removal on the dense-width module before the narrow q/k are rebuilt.
+    """
+    g, att = block.geometry, block.attention
+    sa = att.self
+    keep = [h for h in range(g.num_heads) if h not in set(current)]  # current (post-removal numbering) heads
+
+    def rows(width: int) -> torch.Tensor:
+        return torch.cat([torch.arange(h * width, (h + 1) * width) for h in keep])
+
+    sa.query = prune_linear_layer(sa.query, rows(g.head_dim))
+    sa.key = prune_linear_layer(sa.key, rows(g.head_dim))
+    sa.value = prune_linear_layer(sa.value, rows(g.value_head_dim))
+    att.output.dense = prune_linear_layer(att.output.dense, rows(g.value_head_dim), dim=1)
+    sa.num_attention_heads = len(keep)
+    sa.all_head_size = len(keep) * sa.attention_head_size
+    att.pruned_heads = att.pruned_heads.union(original)
+    layer_heads = set(model.config.pruned_heads.get(block.index, [])) | set(original)
+    model.config.pruned_heads[block.index] = sorted(layer_heads)
 
 
 @torch.no_grad()

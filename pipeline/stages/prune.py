@@ -23,7 +23,7 @@ class PruneConfig(_PruneOptions, StageConfig):
     kind = "prune"
 
 
-@register_stage(PruneConfig, version=2)
+@register_stage(PruneConfig, version=3)
 def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     """Prune with calibration text (sequential, layer by layer) and record what was removed and what it cost."""
     from pipeline.models import save_model

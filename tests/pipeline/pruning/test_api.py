@@ -24,7 +24,7 @@ from .conftest import FAMILIES, random_batches, tiny_model
         ({"pattern": "n:m", "n": 4, "m": 4}, "n=4"),
         ({"pattern": "n:m", "n": 2, "m": 4, "sparsity": 0.3}, "0.3"),
         ({"pattern": "structured", "targets": "qk"}, "removes nothing"),
-        ({"pattern": "structured", "method": "attention"}, "attention"),
+        ({"pattern": "structured", "structured_unit": "heads+qk"}, "structured_unit"),
         ({"method": "wanda", "error_correction": True}, "reconstructing method"),
         ({"correction_ridge": -1.0}, "correction_ridge"),
         ({"method": "sparsegpt", "error_correction": True, "sequential": False}, "sequential"),
