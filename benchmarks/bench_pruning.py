@@ -65,8 +65,12 @@ logger = logging.getLogger("bench_pruning")
 
 MODELS = ("minilm", "minilm-qk", "gpt")
 METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec", "attention", "attention-noec", "attention-paper")
-SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50", "s50h25")
-STRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec")  # PruneConfig rejects structured + attention
+SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50", "s50h25", "q50", "q50f62")
+STRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec")  # heads/FFN units ("s..." rows)
+# "q..." rows narrow the q/k width of every head (structured_unit qk_dims, BERT family): chosen by the attention
+# objective, or ranked by Wanda / magnitude norms (SparseGPT has no q/k-width criterion); FFN by the same method
+# (attention: its SparseGPT companion, OBS)
+QK_DIM_METHODS = ("magnitude", "wanda", "attention")
 MODEL_LABEL = {
     "minilm": "all-MiniLM-L6-v2, whole model (targets: all)",
     "minilm-qk": "all-MiniLM-L6-v2, q/k only (targets: qk)",
@@ -75,7 +79,9 @@ MODEL_LABEL = {
 SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "struct 25%", "s50": "struct 50%",
                   "s50+recover-v1": "struct 50% + recover (v1: 200 steps, 64 passages)",
                   "s50+recover": "struct 50% + recover",
-                  "s50h25": "struct heads 25% + FFN 62.5%", "s50h25+recover": "struct heads 25% + FFN 62.5% + recover"}
+                  "s50h25": "struct heads 25% + FFN 62.5%", "s50h25+recover": "struct heads 25% + FFN 62.5% + recover",
+                  "q50": "struct q/k width 50%", "q50f62": "struct q/k width 50% + FFN 62.5%",
+                  "q50f62+recover": "struct q/k width 50% + FFN 62.5% + recover"}
 
 
 @dataclass
@@ -271,6 +277,11 @@ def _prune_config(ctx: ModelCtx, method: str, sp: str) -> Any:
                   ffn_sparsity=0.625)
     elif sp.startswith("s"):
         kw.update(pattern="structured", structured_unit="heads+ffn", sparsity=int(sp[1:]) / 100)
+    elif sp == "q50":  # q/k width halved in every head, nothing else
+        kw.update(pattern="structured", structured_unit="qk_dims", sparsity=0.5)
+    elif sp == "q50f62":  # q/k width 50 % + FFN 62.5 %: as many MiniLM block parameters as s50, all heads kept
+        kw.update(pattern="structured", structured_unit="qk_dims+ffn", sparsity=0.5, qk_sparsity=0.5,
+                  ffn_sparsity=0.625)
     else:
         kw.update(pattern="unstructured", sparsity=int(sp) / 100)
     return PruneConfig(**kw)
@@ -371,7 +382,7 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
     if cfg.pattern == "structured":
         row.update(_latency(ctx, model, workdir, f"{method}-{sp}", SETTINGS.latency_runs))
     rows = [row]
-    if sp in ("s50", "s50h25"):
+    if sp in ("s50", "s50h25", "q50f62"):
         student = model  # the pruned row is already recorded; recover in place
         rec = recover_(student, ctx.loaded.model, ctx.ref["distill"], steps=SETTINGS.recover_steps,
                        lr=SETTINGS.recover_lr, loss="kl_logits" if ctx.key == "gpt" else "cosine", seed=0,
@@ -396,7 +407,7 @@ def _priority(model: str, method: str, sp: str) -> tuple[int, int, int, int]:
     if sp in ("50", "70"):
         tier = 0 if model.startswith("minilm") else 1
     else:
-        tier = {"30": 2, "2:4": 3, "s50": 4, "s25": 5, "s50h25": 6}[sp]
+        tier = {"30": 2, "2:4": 3, "s50": 4, "s25": 5, "s50h25": 6, "q50": 7, "q50f62": 8}[sp]
     return (tier, MODELS.index(model) if tier else ("minilm-qk", "minilm", "gpt").index(model),
             SPARSITIES.index(sp), METHODS.index(method))
 
@@ -408,9 +419,16 @@ def plan(models: list[str], methods: list[str], sparsities: list[str]) -> tuple[
         for me in methods:
             for sp in sparsities:
                 if sp.startswith("s") and me not in STRUCTURED_METHODS:
-                    skipped.append(f"structured x {me}: PruneConfig allows structured ranking by magnitude, wanda or sparsegpt (OBS)")
+                    skipped.append(f"structured heads/FFN x {me}: the attention method removes heads/FFN through its"
+                                   " SparseGPT companion (= the sparsegpt rows)")
                 elif sp.startswith("s") and mo == "minilm-qk":
-                    skipped.append("minilm-qk x structured: structured removes heads/FFN neurons, not q/k entries")
+                    skipped.append("minilm-qk x structured heads/FFN: those remove more than q/k (see the q50 rows)")
+                elif sp.startswith("q") and me not in QK_DIM_METHODS:
+                    skipped.append(f"q/k-width x {me}: chosen by attention, wanda or magnitude only")
+                elif sp.startswith("q") and mo == "gpt":
+                    skipped.append("gpt x q/k width: QK-dimension pruning supports the BERT family (GPT-2 fuses q/k/v)")
+                elif sp == "q50f62" and mo == "minilm-qk":
+                    skipped.append("minilm-qk x q50f62: the q/k-only scope has no FFN (see q50)")
                 else:
                     runs.append((mo, me, sp))
     runs.sort(key=lambda r: _priority(*r))
@@ -460,7 +478,8 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
         else:
             L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover-v1", "s50+recover", "s50h25", "s50h25+recover"]:
+        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover-v1", "s50+recover", "s50h25", "s50h25+recover",
+                                          "q50", "q50f62", "q50f62+recover"]:
             for me in METHODS:
                 r = by.get((mo, me, sp))
                 if r is None:
@@ -474,7 +493,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
                     mid = f"{_fmt(r['cos_mean'])} | {_fmt(r['cos_min'])} | {_fmt(r['recall_at_10'], '.3f')}"
                 L.append(f"| {SPARSITY_LABEL[sp]} | {me} | {_fmt(r['attn_err'])} | {mid} | "
                          f"{_fmt(r['achieved_sparsity'], '.3f')} | {secs} |")
-        lat = [r for r in mrows if "dense_ms" in r and r["sparsity"] in ("s25", "s50", "s50h25")]
+        lat = [r for r in mrows if "dense_ms" in r and r["sparsity"] in ("s25", "s50", "s50h25", "q50", "q50f62")]
         if lat:
             L += ["", "Structured: host-CPU ONNX latency (dynamo export, opset 18, ORT 2 threads, no spin-wait, ABBA order, batch 1 x seq "
                   f"{meta['max_length']}, median of {meta['latency_runs']} runs, dense and pruned interleaved):", "",

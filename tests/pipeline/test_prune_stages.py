@@ -63,6 +63,26 @@ def test_attention_method_from_yaml(tiny_models, tmp_path):
     assert m["attention_error"]["mean"] is not None and rep["targets"]["host-cpu"]["parity"]["ok"]
 
 
+def test_qk_width_pruning_from_yaml_survives_recover_export_and_validate(tiny_models, tmp_path):
+    """The narrowed q/k modules are saved, reloaded by every later stage (recover, export) and exported faithfully."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"model: {{path: {tiny_models['bert']}}}\ntargets: [host-cpu]\ncalibration: {{samples: 8, heldout: 8, max_length: 24}}\n"
+        "stages:\n"
+        "  - prune: {method: attention, pattern: structured, structured_unit: qk_dims+ffn, qk_sparsity: 0.5,"
+        " ffn_sparsity: 0.25, attention: {refit_steps: 5}}\n"
+        "  - recover: {steps: 5}\n  - export: {}\n  - validate: {min_cos_mean: null}\n"
+    )
+    rep = pipeline.run(cfg, workdir=tmp_path / "w", progress=False)
+    m = rep["stages"][0]["metrics"]
+    widths = [u["qk_width"] for u in m["removed_units"]]
+    assert widths and all(w[1] == w[0] // 2 for w in widths) and m["parts"]["qk"] == pytest.approx(0.5)
+    assert m["attention_error"]["mean"] is not None  # heads kept: the attention matrices stay comparable
+    saved = json.loads((tmp_path / "w" / "stages" / "02-recover" / "model" / "config.json").read_text())
+    assert saved["edgepipe_qk_dims"] == {str(i): w[1] for i, w in enumerate(widths)}
+    assert rep["targets"]["host-cpu"]["parity"]["ok"]
+
+
 def test_recover_distils_on_calibration_text_but_never_on_heldout(tmp_path):
     from types import SimpleNamespace
 
