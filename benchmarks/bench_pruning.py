@@ -64,7 +64,8 @@ GPT_DIR = Path("~/.cache/edgepipe/small-gpt").expanduser()
 logger = logging.getLogger("bench_pruning")
 
 MODELS = ("minilm", "minilm-qk", "gpt")
-METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec", "attention", "attention-noec", "attention-paper")
+METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec", "attention", "attention-nocqk", "attention-noec",
+           "attention-paper")
 SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50", "s50h25", "q50", "q50f62")
 STRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec")  # heads/FFN units ("s..." rows)
 # "q..." rows narrow the q/k width of every head (structured_unit qk_dims, BERT family): chosen by the attention
@@ -107,8 +108,8 @@ class Settings:
     max_length: int = 128
     layers: Optional[int] = None
     gpt_attn_passages: int = 128
-    recover_steps: int = 660
-    recover_lr: float = 5e-4
+    recover_steps: int = 1000
+    recover_lr: float = 1e-3
     recover_passages: int = 7000
     recover_batch: int = 32
     latency_runs: int = 30
@@ -256,6 +257,8 @@ def _attention_options(method: str) -> Optional[Any]:
         return AttentionMethodConfig(support="attention_mask", refit=False)
     if method == "attention-noec":  # the q/k objective alone (v/o/FFN by plain SparseGPT): ablation of correction
         return AttentionMethodConfig()
+    if method == "attention-nocqk":  # correction of v/o/FFN, but q/k pruned from the dense weights (previous default)
+        return AttentionMethodConfig(correct_qk=False)
     return None
 
 
@@ -429,6 +432,8 @@ def plan(models: list[str], methods: list[str], sparsities: list[str]) -> tuple[
                     skipped.append("gpt x q/k width: QK-dimension pruning supports the BERT family (GPT-2 fuses q/k/v)")
                 elif sp == "q50f62" and mo == "minilm-qk":
                     skipped.append("minilm-qk x q50f62: the q/k-only scope has no FFN (see q50)")
+                elif sp == "q50" and mo == "minilm":
+                    skipped.append("minilm x q50: q/k width alone is the minilm-qk q50 row")
                 else:
                     runs.append((mo, me, sp))
     runs.sort(key=lambda r: _priority(*r))

@@ -108,10 +108,11 @@ def _mask_of(batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _outputs_and_layers(
-    model: torch.nn.Module, feeds: dict[str, torch.Tensor], causal: bool
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(main output as :func:`_outputs`, hidden states entering each block after the embeddings (B, T, H) each)."""
-    out = model(**feeds, output_hidden_states=True)
+    model: torch.nn.Module, feeds: dict[str, torch.Tensor], causal: bool, attentions: bool = False
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(main output as :func:`_outputs`, hidden states entering each block after the embeddings (B, T, H) each,
+    attention probabilities of every block (B, heads, T, T) each when ``attentions``, else ())."""
+    out = model(**feeds, output_hidden_states=True, **({"output_attentions": True} if attentions else {}))
     hidden = out["hidden_states"] if isinstance(out, Mapping) else None
     if not hidden:
         raise ValueError(f"{type(model).__name__} returned no hidden_states: layer distillation needs them")
@@ -120,8 +121,29 @@ def _outputs_and_layers(
     else:
         main = out.get("last_hidden_state")
         main = hidden[-1] if main is None else main
+    atts = tuple(out.get("attentions") or ()) if attentions else ()
+    if attentions and not atts:
+        raise ValueError(f"{type(model).__name__} returned no attentions: attention distillation needs them")
     # hidden[0] is the embedding output (unchanged by pruning); hidden[-1] is covered by the main loss
-    return main, tuple(hidden[1:-1])
+    return main, tuple(hidden[1:-1]), atts
+
+
+def _attention_loss(s_atts: Sequence[torch.Tensor], t_atts: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over blocks of KL(A_teacher || A_student) per real query row, averaged over heads and rows.
+
+    Attention distillation as in MiniLM (Wang et al. 2020): each head's attention distribution is matched.
+    Blocks whose head count differs (heads removed by structured pruning) cannot be matched head by head and
+    are skipped; with no matchable block the term is 0.
+    """
+    rows = mask[:, None, :]  # (B, 1, T) real query rows
+    terms = []
+    for s, t in zip(s_atts, t_atts):
+        if s.shape != t.shape:
+            continue
+        # (B, H, T, T): padded keys have probability ~0 in both; clamp keeps log finite there
+        kl = (t * (t.clamp_min(1e-12).log() - s.clamp_min(1e-12).log())).sum(-1)  # (B, H, T)
+        terms.append((kl * rows).sum() / (rows.sum() * s.shape[1]).clamp_min(1.0))
+    return torch.stack(terms).mean() if terms else mask.new_zeros(())
 
 
 def _layers_loss(s_layers: Sequence[torch.Tensor], t_layers: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
@@ -295,6 +317,7 @@ def recover_(
     dropout: bool = False,
     max_grad_norm: float | None = 1.0,
     layer_weight: float = 0.0,
+    attention_weight: float = 0.0,
     schedule: Literal["constant", "cosine"] = "constant",
     warmup: int = 0,
     freeze_embeddings: bool = False,
@@ -320,6 +343,8 @@ def recover_(
         max_grad_norm: gradient-norm clip (``None`` disables).
         layer_weight: weight of an extra term matching every intermediate block's hidden states to the
             teacher's (normalised masked MSE, mean over blocks); 0 = outputs only. Needs equal depth and width.
+        attention_weight: weight of an extra term matching every block's attention probabilities head by head
+            (KL, :func:`_attention_loss`; blocks whose head count changed are skipped); 0 = off.
         schedule: ``"constant"`` learning rate, or ``"cosine"``: linear warm-up over ``warmup`` steps, then
             cosine decay to 0 at ``steps``.
         warmup: warm-up steps of the cosine schedule.
@@ -347,6 +372,8 @@ def recover_(
         raise ValueError("batches is empty: recover needs calibration batches")
     if not layer_weight >= 0:
         raise ValueError(f"layer_weight must be >= 0, got {layer_weight!r}")
+    if not attention_weight >= 0:
+        raise ValueError(f"attention_weight must be >= 0, got {attention_weight!r}")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if not 0 <= warmup < steps or (warmup and schedule == "constant"):
@@ -391,25 +418,30 @@ def recover_(
                 batch = batches[i]
                 mask = _mask_of(batch).to(device)
                 cached = cache.get(i)
+                extra = layer_weight > 0 or attention_weight > 0
+                want_att = attention_weight > 0
                 if cached is None:
                     with torch.no_grad():
-                        if layer_weight > 0:
-                            t_out, t_layers = _outputs_and_layers(teacher, _feeds(batch, t_keys, device), causal)
+                        if extra:
+                            t_out, t_layers, t_atts = _outputs_and_layers(
+                                teacher, _feeds(batch, t_keys, device), causal, want_att)
                         else:
-                            t_out, t_layers = _outputs(teacher, _feeds(batch, t_keys, device), causal), ()
-                    cached = (t_out.detach(), tuple(t.detach() for t in t_layers))
-                    size = sum(t.numel() * t.element_size() for t in (cached[0], *cached[1]))
+                            t_out, t_layers, t_atts = _outputs(teacher, _feeds(batch, t_keys, device), causal), (), ()
+                    cached = (t_out.detach(), tuple(t.detach() for t in t_layers), tuple(a.detach() for a in t_atts))
+                    size = sum(t.numel() * t.element_size() for t in (cached[0], *cached[1], *cached[2]))
                     if cache_bytes + size <= _TEACHER_CACHE_BYTES:
                         cache[i] = cached
                         cache_bytes += size
-                t_out, t_layers = cached
-                if layer_weight > 0:
-                    s_out, s_layers = _outputs_and_layers(student, _feeds(batch, s_keys, device), causal)
+                t_out, t_layers, t_atts = cached
+                if extra:
+                    s_out, s_layers, s_atts = _outputs_and_layers(student, _feeds(batch, s_keys, device), causal, want_att)
                 else:
-                    s_out, s_layers = _outputs(student, _feeds(batch, s_keys, device), causal), ()
+                    s_out, s_layers, s_atts = _outputs(student, _feeds(batch, s_keys, device), causal), (), ()
                 value = _distill_loss(kind, s_out, t_out, mask, temperature)
                 if layer_weight > 0:
                     value = value + layer_weight * _layers_loss(s_layers, t_layers, mask)
+                if attention_weight > 0:
+                    value = value + attention_weight * _attention_loss(s_atts, t_atts, mask)
                 if not torch.isfinite(value):
                     raise FloatingPointError(f"recover: non-finite loss {value.item()} at step {step}")
                 opt.zero_grad(set_to_none=True)

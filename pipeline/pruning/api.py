@@ -157,14 +157,20 @@ def _prune_block_unstructured(
     rest = roles
     if cfg.method == "attention" and {"q", "k"} <= set(roles):
         q, k = block.q, block.k
+        clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
+        dense_qk = (clone(q.weight), clone(q.bias), clone(k.weight), clone(k.bias))
+        start = None
+        if cross is not None and "q" in cross and "k" in cross:  # correct_qk: start from the dense-stream re-solve
+            _correct_toward_dense(q, stats, cross["q"], cfg.correction_ridge)
+            _correct_toward_dense(k, stats, cross["k"], cfg.correction_ridge)
+            start = (clone(q.weight), clone(q.bias), clone(k.weight), clone(k.bias))
         with torch.enable_grad():  # prune_qk may optimise masks with autograd; the driver runs under no_grad
             res = prune_qk(
-                q.weight.detach().clone(), None if q.bias is None else q.bias.detach().clone(),
-                k.weight.detach().clone(), None if k.bias is None else k.bias.detach().clone(),
-                stats.attn_input, stats.attn_pad_mask, block.geometry,
+                *dense_qk, stats.attn_input, stats.attn_pad_mask, block.geometry,
                 # one n:m convention everywhere: n weights kept in every group of m
                 sparsity=cfg.effective_sparsity, pattern=cfg.pattern, n=cfg.n, m=cfg.m, cfg=cfg.attention_options,
                 hessian_q=stats.hessians.get("q"), hessian_k=stats.hessians.get("k"), X_target=attn_target,
+                start=start,
             )
         q.weight, k.weight = res.wq, res.wk
         if q.bias is not None:
@@ -296,7 +302,8 @@ def _prune_block_corrected(
             block, inputs, mats, hessian_roles=[r for r in hess_roles if r in mats], keep_attn_input=need_attn,
             keep_outputs=False,
         )
-        cross_roles = [r for r in mats if r in hess_roles and not (attention and r in ("q", "k"))]
+        correct_qk = attention and bool(getattr(cfg.attention_options, "correct_qk", False))
+        cross_roles = [r for r in mats if r in hess_roles and (correct_qk or not (attention and r in ("q", "k")))]
         cross, dense_out, attn_target = collect_cross_stats(
             block, inputs, dense_inputs, cross_roles, dense_layer=dense_layer, keep_attn_input=need_attn
         )

@@ -159,3 +159,44 @@ def test_error_correction_brings_the_pruned_model_closer_to_dense(family):
         prune_model(model, PruneConfig(method="sparsegpt", sparsity=0.6, error_correction=corr), cal)
         errs[corr] = _logit_error(model, dense, cal)
     assert errs[True] < errs[False]
+
+
+def test_prune_qk_start_sets_the_support_but_not_the_target():
+    """``start`` (e.g. q/k re-solved toward the dense stream) is what gets pruned; F* still comes from the dense q/k."""
+    from pipeline.pruning.attention import AttentionMethodConfig, _hessian, _sparsegpt, prune_qk
+
+    model = tiny_model("bert")
+    b = blocks(model)[0]
+    with torch.no_grad():
+        X = model(**random_batches(1)[0], output_hidden_states=True).hidden_states[0]
+    dense = (b.q.weight.detach(), b.q.bias.detach(), b.k.weight.detach(), b.k.bias.detach())
+    g = torch.Generator().manual_seed(0)
+    start = tuple(t + 0.05 * torch.randn(t.shape, generator=g) for t in dense)
+    no_refit = AttentionMethodConfig(refit=False)
+    res = prune_qk(*dense, X, None, b.geometry, sparsity=0.5, cfg=no_refit, start=start)
+    want, _ = _sparsegpt(start[0].float(), _hessian(X.float(), None), 0.5, "unstructured", 2, 4)
+    torch.testing.assert_close(res.wq, want)
+    torch.testing.assert_close(res.bq, start[1])
+    same = prune_qk(*dense, X, None, b.geometry, sparsity=0.5, cfg=no_refit, start=dense)
+    plain = prune_qk(*dense, X, None, b.geometry, sparsity=0.5, cfg=no_refit)
+    torch.testing.assert_close(same.wq, plain.wq)
+    # the reported errors are against the dense attention: the perturbed start's support error is larger
+    assert res.stats["attn_err_calib_support"] > plain.stats["attn_err_calib_support"]
+    with pytest.raises(ValueError, match="start"):
+        prune_qk(*dense, X, None, b.geometry, sparsity=0.5, cfg=no_refit, start=(start[0][:4], *start[1:]))
+
+
+def test_correct_qk_moves_q_and_k_only_once_the_streams_differ():
+    cal = random_batches(2)
+    runs = {}
+    for cqk in (False, True):
+        m = tiny_model("bert")
+        prune_model(m, PruneConfig(method="attention", sparsity=0.5,
+                                   attention={"correct_qk": cqk, "refit_steps": 3}), cal)
+        runs[cqk] = blocks(m)
+    # block 0: pruned and dense streams coincide, so the re-solve toward the dense outputs is the identity
+    torch.testing.assert_close(runs[True][0].q.weight, runs[False][0].q.weight)
+    # block 1 sees drifted inputs: q/k are re-solved first; v (corrected in both runs, same inputs) is unchanged
+    assert not torch.allclose(runs[True][1].q.weight, runs[False][1].q.weight)
+    assert not torch.allclose(runs[True][1].k.weight, runs[False][1].k.weight)
+    torch.testing.assert_close(runs[True][1].v.weight, runs[False][1].v.weight)
