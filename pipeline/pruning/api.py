@@ -205,8 +205,7 @@ def _reduce_qk_dims(model: nn.Module, block: BlockView, cfg: PruneConfig, stats:
     q, k = block.q, block.k
     X = None if stats is None else stats.attn_input
     pad = None if stats is None else stats.attn_pad_mask
-    method = cfg.method if cfg.method != "sparsegpt" else "attention"  # validated away; kept total
-    res = reduce_qk(q.weight, q.bias, k.weight, k.bias, X, pad, g, keep=keep, method=method,
+    res = reduce_qk(q.weight, q.bias, k.weight, k.bias, X, pad, g, keep=keep, method=cfg.method,
                     cfg=cfg.attention_options, X_target=attn_target)
     replace_qk_(model, block.index, res.wq, res.bq, res.wk, res.bk)
     return {"qk_width": [g.head_dim, keep], "qk_stats": _jsonable({k_: v for k_, v in res.stats.items() if k_ != "qk_kept_dims"})}

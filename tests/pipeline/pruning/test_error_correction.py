@@ -144,6 +144,9 @@ def test_error_correction_off_by_default_for_baselines_on_for_attention():
     assert not PruneConfig(method="sparsegpt").corrects_errors
     assert PruneConfig(method="attention").corrects_errors
     assert not PruneConfig(method="attention", error_correction=False).corrects_errors
+    # structured removal: off by default (measured worse), on when asked
+    assert not PruneConfig(method="attention", pattern="structured", structured_unit="qk_dims+ffn").corrects_errors
+    assert PruneConfig(method="attention", pattern="structured", error_correction=True).corrects_errors
     with pytest.raises(ValueError, match="reconstructing method"):
         PruneConfig(method="wanda", error_correction=True)
 

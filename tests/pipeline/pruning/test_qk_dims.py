@@ -157,8 +157,8 @@ def test_magnitude_qk_dims_equals_zeroing_the_dropped_dims():
     assert getattr(model.config, QK_DIMS_KEY) == {"0": 4, "1": 4}
 
 
-@pytest.mark.parametrize("units", ["qk_dims", "qk_dims+heads+ffn"])
-def test_save_reload_round_trip_and_export_parity(units, tmp_path):
+@pytest.mark.parametrize("units,correction", [("qk_dims", None), ("qk_dims+heads+ffn", True)])
+def test_save_reload_round_trip_and_export_parity(units, correction, tmp_path):
     import onnxruntime as ort
 
     from exporters.onnx import dummy_feeds, export_onnx, torch_reference
@@ -167,8 +167,9 @@ def test_save_reload_round_trip_and_export_parity(units, tmp_path):
 
     lm = load_model(make_tiny_model(tmp_path / "m", "bert", initializer_range=0.2))
     cal = random_batches(3, vocab=lm.model.config.vocab_size)
+    # correction=True: the true-sequential corrected path (q/k widths aim at the dense stream's attention)
     res = prune_model(lm.model, PruneConfig(method="attention", pattern="structured", structured_unit=units,
-                                            sparsity=0.5), cal)
+                                            sparsity=0.5, error_correction=correction), cal)
     n_layers = len(blocks(lm.model))
     assert [u.get("qk_width") for u in res.metrics["removed_units"]] == [[8, 4]] * n_layers
     assert res.metrics["parts"]["qk"] > 0.49
