@@ -291,6 +291,26 @@ def heldout_metrics(
     }
 
 
+def _noisy(batch: Mapping[str, Any], p: float, gen: torch.Generator) -> dict[str, Any]:
+    """A copy of ``batch`` with a fraction ``p`` of each row's inner real tokens replaced by real tokens of the batch.
+
+    The first and last real positions of a row are kept (BERT's [CLS]/[SEP]); padding is untouched.
+    """
+    ids = batch["input_ids"]
+    real = _mask_of(batch).bool()  # (B, T)
+    pos = torch.arange(ids.shape[1])
+    first = torch.where(real, pos, ids.shape[1]).amin(1, keepdim=True)  # (B, 1)
+    last = torch.where(real, pos, -1).amax(1, keepdim=True)
+    inner = real & (pos > first) & (pos < last)
+    pool = ids[inner]  # (N,) real inner tokens of the batch
+    if pool.numel() == 0:
+        return dict(batch)
+    hit = inner & (torch.rand(ids.shape, generator=gen) < p)
+    new = ids.clone()
+    new[hit] = pool[torch.randint(pool.numel(), (int(hit.sum()),), generator=gen)]
+    return {**batch, "input_ids": new}
+
+
 def _zero_masks(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
     """name -> (param, keep) for weight matrices (ndim >= 2) that hold exact zeros; keep is a bool tensor."""
     masks = {}
@@ -321,6 +341,7 @@ def recover_(
     schedule: Literal["constant", "cosine"] = "constant",
     warmup: int = 0,
     freeze_embeddings: bool = False,
+    token_noise: float = 0.0,
     progress: Callable[[int, float], None] | None = None,
 ) -> RecoverResult:
     """Distill ``teacher`` into ``student`` in place on calibration batches.
@@ -351,6 +372,10 @@ def recover_(
         freeze_embeddings: leave the input token embeddings (and an LM head tied to them) untouched: pruning
             did not change them, and a vocabulary-sized Adam update per step is most of a small model's step
             time on CPU while a few thousand passages touch only a fraction of the rows.
+        token_noise: fraction of each passage's inner real tokens (not the first or last real one, where BERT
+            keeps [CLS]/[SEP]) replaced, per step, by tokens drawn from the same batch: new inputs from the same
+            text against over-fitting a small distillation set (TinyBERT-style augmentation). Teacher targets
+            are then computed every step (no cache). 0 = off.
         progress: called as ``progress(step, loss)`` after each step (step counts from 1).
 
     Returns:
@@ -374,6 +399,8 @@ def recover_(
         raise ValueError(f"layer_weight must be >= 0, got {layer_weight!r}")
     if not attention_weight >= 0:
         raise ValueError(f"attention_weight must be >= 0, got {attention_weight!r}")
+    if not 0 <= token_noise < 1:
+        raise ValueError(f"token_noise must be in [0, 1), got {token_noise!r}")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if not 0 <= warmup < steps or (warmup and schedule == "constant"):
@@ -416,8 +443,10 @@ def recover_(
                     order = torch.randperm(len(batches), generator=gen).tolist()
                 i = order.pop()
                 batch = batches[i]
+                if token_noise > 0:
+                    batch = _noisy(batch, token_noise, gen)
                 mask = _mask_of(batch).to(device)
-                cached = cache.get(i)
+                cached = cache.get(i) if token_noise == 0 else None
                 extra = layer_weight > 0 or attention_weight > 0
                 want_att = attention_weight > 0
                 if cached is None:
@@ -429,7 +458,7 @@ def recover_(
                             t_out, t_layers, t_atts = _outputs(teacher, _feeds(batch, t_keys, device), causal), (), ()
                     cached = (t_out.detach(), tuple(t.detach() for t in t_layers), tuple(a.detach() for a in t_atts))
                     size = sum(t.numel() * t.element_size() for t in (cached[0], *cached[1], *cached[2]))
-                    if cache_bytes + size <= _TEACHER_CACHE_BYTES:
+                    if token_noise == 0 and cache_bytes + size <= _TEACHER_CACHE_BYTES:
                         cache[i] = cached
                         cache_bytes += size
                 t_out, t_layers, t_atts = cached

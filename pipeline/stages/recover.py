@@ -37,6 +37,10 @@ class RecoverConfig(StageConfig):
     schedule: Literal["constant", "cosine"] = Field("cosine", description="learning-rate schedule")
     warmup: float = Field(0.05, ge=0, lt=1, description="warm-up steps of the cosine schedule, as a fraction of steps")
     freeze_embeddings: bool = Field(True, description="leave the token embeddings (and a tied LM head) as they are")
+    token_noise: float = Field(
+        0.0, ge=0, lt=1, description="fraction of inner tokens replaced per step by tokens of the same batch"
+        " (augmentation against over-fitting a small distillation set); 0 = off"
+    )
 
 
 def _improved(before: dict, after: dict) -> bool:
@@ -79,7 +83,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
         heldout=held, seed=ctx.run.seed, layer_weight=cfg.layer_weight, attention_weight=cfg.attention_weight,
         schedule=cfg.schedule,
         warmup=int(cfg.warmup * cfg.steps) if cfg.schedule == "cosine" else 0,
-        freeze_embeddings=cfg.freeze_embeddings,
+        freeze_embeddings=cfg.freeze_embeddings, token_noise=cfg.token_noise,
     )
     rolled_back = not _improved(res.heldout_before, res.heldout_after)
     if rolled_back:

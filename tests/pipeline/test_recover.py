@@ -285,3 +285,28 @@ def test_attention_distillation_matches_attention_maps_and_skips_changed_heads(d
     assert float(_attention_loss([s[:, :1]], [t], mask)) == 0.0
     with pytest.raises(ValueError, match="attention_weight"):
         recover_(copy.deepcopy(pruned), teacher, train, steps=5, attention_weight=-1.0)
+
+
+def test_token_noise_keeps_ends_and_padding_and_draws_from_the_batch(data) -> None:
+    from pipeline.recover import _noisy
+
+    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 102, 0, 0], [101, 11, 12, 13, 14, 15, 16, 17, 102]])
+    am = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0], [1] * 9])
+    gen = torch.Generator().manual_seed(0)
+    out = _noisy({"input_ids": ids, "attention_mask": am}, 0.5, gen)["input_ids"]
+    assert torch.equal(out[:, 0], ids[:, 0]) and out[0, 6] == 102 and out[1, 8] == 102  # [CLS]/[SEP] kept
+    assert torch.equal(out[0, 7:], ids[0, 7:])  # padding untouched
+    inner = set(range(5, 10)) | set(range(11, 18))
+    assert all(int(t) in inner for t in out[0, 1:6].tolist() + out[1, 1:8].tolist())  # drawn from the batch
+    changed = int((out != ids).sum())
+    assert 0 < changed < 12  # some, not all, of the 12 inner tokens (p = 0.5, seeded)
+    train, _ = data
+    teacher = _tiny_bert()
+    student = copy.deepcopy(teacher)
+    _magnitude_prune_(student)
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    ra = recover_(a, teacher, train, steps=6, lr=1e-3, loss="cosine", token_noise=0.15, seed=3)
+    rb = recover_(b, teacher, train, steps=6, lr=1e-3, loss="cosine", token_noise=0.15, seed=3)
+    assert ra.losses == rb.losses  # seeded
+    with pytest.raises(ValueError, match="token_noise"):
+        recover_(copy.deepcopy(student), teacher, train, steps=2, token_noise=1.0)
