@@ -82,7 +82,8 @@ SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "s
                   "s50+recover": "struct 50% + recover",
                   "s50h25": "struct heads 25% + FFN 62.5%", "s50h25+recover": "struct heads 25% + FFN 62.5% + recover",
                   "q50": "struct q/k width 50%", "q50f62": "struct q/k width 50% + FFN 62.5%",
-                  "q50f62+recover": "struct q/k width 50% + FFN 62.5% + recover"}
+                  "q50f62+recover": "struct q/k width 50% + FFN 62.5% + recover",
+                  "q50f62+recover-tn15": "struct q/k width 50% + FFN 62.5% + recover, token noise 0.15"}
 
 
 @dataclass
@@ -99,6 +100,7 @@ class Settings:
             row (the recover stage's defaults otherwise: cosine loss for MiniLM / KL for GPT, layer distillation
             weight 1, cosine schedule with 5 % warm-up, frozen embeddings, length-bucketed batches); the passages
             are fortunes lines outside every held-out set (MiniLM: not 1000-1255; GPT: the training split).
+        recover_token_noise: ``recover_(token_noise=...)``; > 0 labels the recover row ``+recover-tnNN``.
         latency_runs: timed ORT runs per model (dense and pruned interleaved).
         threads: torch intra-op threads.
     """
@@ -112,6 +114,7 @@ class Settings:
     recover_lr: float = 1e-3
     recover_passages: int = 7000
     recover_batch: int = 32
+    recover_token_noise: float = 0.0
     latency_runs: int = 30
     threads: int = 2
 
@@ -389,9 +392,12 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
         student = model  # the pruned row is already recorded; recover in place
         rec = recover_(student, ctx.loaded.model, ctx.ref["distill"], steps=SETTINGS.recover_steps,
                        lr=SETTINGS.recover_lr, loss="kl_logits" if ctx.key == "gpt" else "cosine", seed=0,
-                       layer_weight=1.0, schedule="cosine", warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True)
+                       layer_weight=1.0, schedule="cosine", warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True,
+                       token_noise=SETTINGS.recover_token_noise)
+        tn = SETTINGS.recover_token_noise
         rrow = {**{k: row[k] for k in ("model", "method", "achieved_sparsity", "prune_seconds")},
-                "sparsity": f"{sp}+recover", "recover_seconds": rec.seconds, "recover_steps": rec.steps,
+                "sparsity": f"{sp}+recover" + (f"-tn{round(100 * tn)}" if tn else ""),
+                "recover_seconds": rec.seconds, "recover_steps": rec.steps, "recover_token_noise": tn,
                 "recover_passages": sum(len(b["input_ids"]) for b in ctx.ref["distill"]),
                 "recover_loss": [rec.loss_first, rec.loss_last], "recover_kind": rec.loss}
         rrow.update(_evaluate(ctx, student))
@@ -484,7 +490,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
             L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
                   "|---|---|---|---|---|---|---|---|"]
         for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover-v1", "s50+recover", "s50h25", "s50h25+recover",
-                                          "q50", "q50f62", "q50f62+recover"]:
+                                          "q50", "q50f62", "q50f62+recover", "q50f62+recover-tn15"]:
             for me in METHODS:
                 r = by.get((mo, me, sp))
                 if r is None:
@@ -531,6 +537,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 layers, 16 calibration / 64 held-out passages, "
                                                          "10 recover steps, 5 latency runs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recover-token-noise", type=float, default=0.0, help="token_noise of the recover rows")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pruning.md")
     ap.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_pruning_rows.json",
                     help="rows are appended here as they finish")
@@ -544,9 +551,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.quick:
         SETTINGS = Settings(calib_lines=(0, 16), heldout_lines=(1000, 1064), max_length=64, layers=2,
                             gpt_attn_passages=32, recover_steps=10, recover_passages=320, latency_runs=5,
-                            threads=args.threads)
+                            threads=args.threads, recover_token_noise=args.recover_token_noise)
     else:
-        SETTINGS = Settings(threads=args.threads)
+        SETTINGS = Settings(threads=args.threads, recover_token_noise=args.recover_token_noise)
     torch.set_num_threads(SETTINGS.threads)
 
     import onnxruntime

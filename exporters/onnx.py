@@ -466,6 +466,12 @@ def export_onnx(
         with_past = _is_causal_lm(loaded)
     if with_past and not _is_causal_lm(loaded):
         raise ValueError(f"with_past=True needs a text-generation decoder, got {loaded.model_type!r} ({loaded.task})")
+    if exporter == "optimum" and getattr(loaded.model.config, "edgepipe_qk_dims", None):
+        # optimum re-loads the directory with plain transformers, which cannot build narrowed q/k heads
+        raise ExportError(
+            f"{loaded.model_type}: the optimum exporter cannot load q/k heads narrowed by prune structured_unit"
+            " qk_dims (config edgepipe_qk_dims); use exporter 'dynamo'"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILENAME

@@ -232,6 +232,7 @@ class _Objective:
         pruning narrows the q/k heads), default ``geom``.
         """
         self.chunks, self.geom = chunks, geom
+        self.n_seqs = sum(int(c.X.shape[0]) for c in chunks)
         with torch.no_grad():
             self.targets = [_chunk_attention(*dense, c, target_geom or geom) for c in (target_chunks or chunks)]
         self.denom = float(sum(t.pow(2).sum() for t in self.targets)) or 1.0
@@ -257,6 +258,33 @@ class _Objective:
     def error(self, params: tuple) -> float:
         """Relative Frobenius error ‖F−F*‖/‖F*‖."""
         return math.sqrt(self.sq_error(params))
+
+
+def split_objectives(X: torch.Tensor, pad_mask: Optional[torch.Tensor], dense: tuple, geom: AttentionGeometry,
+                     cfg: "AttentionMethodConfig", X_target: Optional[torch.Tensor] = None,
+                     fit_geom: Optional[AttentionGeometry] = None) -> tuple["_Objective", "_Objective"]:
+    """Train / held-out attention objectives over a seeded split of whole calibration sequences.
+
+    Args:
+        X: (B, n, d) float32 inputs of the weights being fitted; pad_mask: (B, n) bool or None.
+        dense: (wq, bq, wk, bk) whose attention is the target F* (formed on ``X_target`` when given).
+        cfg: ``holdout_fraction``, ``seed`` and ``chunk_size``.
+        X_target: (B, n, d) the same passages as the dense model sees them (error correction), or None.
+        fit_geom: geometry of the fitted weights when it differs from ``geom`` (narrowed q/k heads).
+    """
+    if X_target is not None and X_target.shape != X.shape:
+        raise ValueError(f"X_target shape {tuple(X_target.shape)} != X shape {tuple(X.shape)}")
+    B = X.shape[0]
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_hold = int(round(cfg.holdout_fraction * B)) if B > 1 else 0
+    Xt = None if X_target is None else X_target.detach().float()
+    fit = fit_geom or geom
+
+    def objective(ids: list[int]) -> _Objective:
+        tgt = None if Xt is None else _make_chunks(Xt, pad_mask, geom, ids, cfg.chunk_size)
+        return _Objective(_make_chunks(X, pad_mask, fit, ids, cfg.chunk_size), dense, fit, tgt, target_geom=geom)
+
+    return objective(sorted(perm[n_hold:])), objective(sorted(perm[:n_hold]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,22 +505,10 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
         raise ValueError("start must have the shapes of (wq, bq, wk, bk)")
     base = dense if start is None else tuple(f32(t) for t in start)  # what is pruned; dense only sets the target
     Xf = X.detach().float()
-    B = Xf.shape[0]
 
     # Held-out split of whole sequences (seeded); the supports see all calibration data.
-    perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_hold = int(round(cfg.holdout_fraction * B)) if B > 1 else 0
-    hold_ids, train_ids = sorted(perm[:n_hold]), sorted(perm[n_hold:])
-    if X_target is not None and X_target.shape != X.shape:
-        raise ValueError(f"X_target shape {tuple(X_target.shape)} != X shape {tuple(X.shape)}")
-    Xt = None if X_target is None else X_target.detach().float()
-
-    def objective(ids: list[int]) -> _Objective:
-        tgt = None if Xt is None else _make_chunks(Xt, pad_mask, geom, ids, cfg.chunk_size)
-        return _Objective(_make_chunks(Xf, pad_mask, geom, ids, cfg.chunk_size), dense, geom, tgt)
-
-    train, hold = objective(train_ids), objective(hold_ids)
-    stats: dict[str, Any] = {"support": cfg.support, "n_train_seqs": len(train_ids), "n_holdout_seqs": len(hold_ids)}
+    train, hold = split_objectives(Xf, pad_mask, dense, geom, cfg, X_target)
+    stats: dict[str, Any] = {"support": cfg.support, "n_train_seqs": train.n_seqs, "n_holdout_seqs": hold.n_seqs}
 
     # 1. support
     if cfg.support == "sparsegpt":

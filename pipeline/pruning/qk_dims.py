@@ -378,7 +378,7 @@ def reduce_qk(
     Returns:
         :class:`QKReduceResult` with (H·keep, d) weights; ``stats`` holds held-out attention errors.
     """
-    from pipeline.pruning.attention import AttentionMethodConfig, _make_chunks, _Objective, _refit
+    from pipeline.pruning.attention import AttentionMethodConfig, _refit, split_objectives
 
     t0 = time.perf_counter()
     cfg = cfg or AttentionMethodConfig()
@@ -407,17 +407,7 @@ def reduce_qk(
     Xf = X.detach().float()
     narrow = replace(geom, head_dim=keep, v_head_dim=geom.value_head_dim)  # same scale: the dense model's 1/sqrt(hd)
 
-    B = Xf.shape[0]
-    perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_hold = int(round(cfg.holdout_fraction * B)) if B > 1 else 0
-    hold_ids, train_ids = sorted(perm[:n_hold]), sorted(perm[n_hold:])
-    Xt = None if X_target is None else X_target.detach().float()
-
-    def objective(ids: list[int]) -> Any:
-        tgt = None if Xt is None else _make_chunks(Xt, pad_mask, geom, ids, cfg.chunk_size)
-        return _Objective(_make_chunks(Xf, pad_mask, narrow, ids, cfg.chunk_size), dense, narrow, tgt, target_geom=geom)
-
-    train, hold = objective(train_ids), objective(hold_ids)
+    train, hold = split_objectives(Xf, pad_mask, dense, geom, cfg, X_target, fit_geom=narrow)  # as prune_qk's split
     stats: dict[str, Any] = {"qk_method": method, "qk_keep": keep, "qk_head_dim": hd}
     x_all = _tokens(Xf, pad_mask)
     if method == "attention" and cfg.qk_init == "svd":
@@ -440,6 +430,8 @@ def reduce_qk(
             final = _refit(start, ones, start, train, hold, xa.T @ xa, cfg, stats)
     stats["attn_err_holdout_final"] = hold.error(final) if hold else None
     stats["seconds"] = time.perf_counter() - t0
+    logger.debug("reduce_qk %s: q/k width %d -> %d, held-out attention error %s -> %s in %.1fs", method, hd, keep,
+                 stats["attn_err_holdout_init"], stats["attn_err_holdout_final"], stats["seconds"])
     wq_o, bq_o, wk_o, bk_o = final
     cast = lambda t, like: None if t is None or like is None else t.detach().to(like.dtype)  # noqa: E731
     return QKReduceResult(wq_o.detach().to(wq.dtype), cast(bq_o, bq), wk_o.detach().to(wk.dtype), cast(bk_o, bk), stats)

@@ -178,6 +178,11 @@ def test_save_reload_round_trip_and_export_parity(units, correction, tmp_path):
     batch = cal[0]
     torch.testing.assert_close(back.model(**batch).last_hidden_state, lm.model(**batch).last_hidden_state)
     assert all(b.geometry.head_dim == 4 for b in blocks(back.model))
+    if correction:  # once is enough: optimum re-loads with plain transformers and must refuse, not mis-load
+        from exporters.onnx import ExportError
+
+        with pytest.raises(ExportError, match="exporter 'dynamo'"):
+            export_onnx(back, tmp_path / "onnx-optimum", exporter="optimum")
     out = export_onnx(back, tmp_path / "onnx")
     feeds = dummy_feeds(out, 2, 9)
     ref = torch_reference(back, feeds)
