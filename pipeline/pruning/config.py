@@ -36,9 +36,9 @@ class PruneConfig(BaseModel):
         method: scoring/reconstruction rule (``magnitude``, ``wanda``, ``sparsegpt``, or the attention-matrix method).
         sparsity: fraction of weights removed in the pruned matrices, in [0, 1). Ignored for ``n:m`` (= 1 - n/m).
         pattern: ``unstructured``, ``n:m`` (keep at most ``n`` nonzeros in every ``m`` consecutive inputs), or
-            ``structured`` (physically remove heads / FFN neurons).
+            ``structured`` (physically remove q/k widths, heads, FFN neurons).
         n, m: N:M parameters (standard meaning: 2:4 keeps 2 of every 4 = 50% sparse).
-        structured_unit: what ``structured`` removes.
+        structured_unit: what ``structured`` removes, ``+``-joined from ``qk_dims``, ``heads``, ``ffn``.
         head_sparsity, ffn_sparsity, qk_sparsity: per-unit fractions for ``structured`` (default ``sparsity`` for
             each); e.g. heads 0.25 + FFN 0.625 removes as many MiniLM parameters as 0.5 + 0.5 with less damage.
         targets: which matrices of each block are pruned (embeddings / LM head / pooler never are).
