@@ -1,4 +1,5 @@
-"""Pruning engine: magnitude, Wanda and SparseGPT baselines (unstructured, N:M, structured) behind one driver.
+"""Pruning engine: the attention-approximation method and the magnitude / Wanda / SparseGPT baselines behind one
+driver (unstructured, N:M, structured: heads, FFN neurons, q/k width).
 
 Public entry point: :func:`prune_model` with a :class:`PruneConfig`.
 """
@@ -16,6 +17,8 @@ _EXPORTS = {
     "PruneConfig": "pipeline.pruning.config",
     "PruneResult": "pipeline.pruning.api",
     "QKResult": "pipeline.pruning.attention",
+    "QKReducedSelfAttention": "pipeline.pruning.qk_dims",
+    "reduce_qk": "pipeline.pruning.qk_dims",
     "apply_mask_": "pipeline.pruning.masks",
     "attention_error": "pipeline.pruning.metrics",
     "blocks": "pipeline.pruning.adapters",
@@ -44,6 +47,8 @@ __all__: list[str] = [
     "AttentionGeometry",
     "AttentionMethodConfig",
     "QKResult",
+    "QKReducedSelfAttention",
+    "reduce_qk",
     "prune_qk",
     "qk_attention",
     "BlockView",
