@@ -110,9 +110,7 @@ def test_encoder_recover_improves_heldout_and_keeps_zeros(data) -> None:
 
 def test_keep_masks_false_refills_pruned_weights(data) -> None:
     train, _ = data
-    teacher = _tiny_bert()
-    student = copy.deepcopy(teacher)
-    _magnitude_prune_(student)
+    teacher, student = _teacher_and_pruned()
     zeros = _zero_positions(student)
     res = recover_(student, teacher, train, steps=3, lr=1e-3, keep_masks=False)
     assert res.masked_params == 0
@@ -211,13 +209,19 @@ def test_argument_and_shape_errors(data) -> None:
         recover_(wide, teacher, train, steps=1)
 
 
+def _teacher_and_pruned() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The tiny BERT teacher and a 50 % magnitude-pruned copy of it."""
+    teacher = _tiny_bert()
+    pruned = copy.deepcopy(teacher)
+    _magnitude_prune_(pruned)
+    return teacher, pruned
+
+
 def test_layer_distillation_schedule_and_frozen_embeddings(data) -> None:
     from pipeline.recover import _lr_factor
 
     train, hold = data
-    teacher = _tiny_bert()
-    pruned = copy.deepcopy(teacher)
-    _magnitude_prune_(pruned)
+    teacher, pruned = _teacher_and_pruned()
 
     def mid_error(model) -> float:
         """Relative error of the first block's output vs the teacher's on held-out batches."""
@@ -258,9 +262,7 @@ def test_attention_distillation_matches_attention_maps_and_skips_changed_heads(d
     from pipeline.recover import _attention_loss
 
     train, hold = data
-    teacher = _tiny_bert()
-    pruned = copy.deepcopy(teacher)
-    _magnitude_prune_(pruned)
+    teacher, pruned = _teacher_and_pruned()
 
     def att_kl(model) -> float:
         with torch.no_grad():
@@ -301,9 +303,7 @@ def test_token_noise_keeps_ends_and_padding_and_draws_from_the_batch(data) -> No
     changed = int((out != ids).sum())
     assert 0 < changed < 12  # some, not all, of the 12 inner tokens (p = 0.5, seeded)
     train, _ = data
-    teacher = _tiny_bert()
-    student = copy.deepcopy(teacher)
-    _magnitude_prune_(student)
+    teacher, student = _teacher_and_pruned()
     a, b = copy.deepcopy(student), copy.deepcopy(student)
     ra = recover_(a, teacher, train, steps=6, lr=1e-3, loss="cosine", token_noise=0.15, seed=3)
     rb = recover_(b, teacher, train, steps=6, lr=1e-3, loss="cosine", token_noise=0.15, seed=3)
