@@ -240,6 +240,12 @@ class _Objective:
     def __bool__(self) -> bool:
         return bool(self.chunks)
 
+    def gram(self) -> torch.Tensor:
+        """(d+1, d+1) ``[X 1]ᵀ[X 1]`` over the real tokens: the refit anchor's output metric (bias column last)."""
+        x = torch.cat([c.X[c.row_valid] for c in self.chunks])  # (N, d) real tokens only
+        xa = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+        return xa.T @ xa
+
     def sq_error(self, params: tuple | Callable[[], tuple], backward_scale: Optional[float] = None) -> float:
         """Relative squared error; if ``backward_scale`` is given, backprop each chunk (memory stays one chunk).
 
@@ -534,10 +540,8 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
     final = support_params
     if cfg.refit and cfg.refit_steps > 0 and train:
         init = support_params if cfg.refit_init == "support" else (base[0] * mq, base[1], base[2] * mk, base[3])
-        xa = torch.cat([c.X[c.row_valid] for c in train.chunks])  # (N_train_tokens, d) real tokens only
-        xa = torch.cat([xa, torch.ones(xa.shape[0], 1)], dim=1)  # (N, d+1): bias column
         with torch.enable_grad():
-            final = _refit(init, (mq, mk), base, train, hold, xa.T @ xa, cfg, stats)
+            final = _refit(init, (mq, mk), base, train, hold, train.gram(), cfg, stats)
     stats["attn_err_calib_final"] = train.error(final) if train else None
     stats["attn_err_holdout_final"] = hold.error(final) if hold else None
 

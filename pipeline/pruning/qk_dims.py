@@ -52,7 +52,6 @@ __all__ = [
     "qk_keep",
     "replace_qk_",
     "restore_qk_dims_",
-    "is_qk_reduced",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,10 +60,10 @@ QK_DIMS_KEY = "edgepipe_qk_dims"  # config.json: {"<layer index>": narrow q/k he
 
 
 def qk_keep(head_dim: int, sparsity: float) -> int:
-    """q/k width kept per head at ``sparsity``: ``head_dim - round(sparsity * head_dim)``, at least 1."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"qk sparsity must be in [0, 1), got {sparsity!r}")
-    return max(1, head_dim - int(math.floor(sparsity * head_dim + 0.5)))
+    """q/k width kept per head at ``sparsity``: the structured rounding rule (``units_to_remove``), at least 1 kept."""
+    from pipeline.pruning.structured import units_to_remove
+
+    return head_dim - units_to_remove(head_dim, sparsity)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -138,11 +137,6 @@ class QKReducedSelfAttention(nn.Module):
         return ctx, probs
 
 
-def is_qk_reduced(module: nn.Module) -> bool:
-    """True for a self-attention module whose q/k heads were narrowed by this module."""
-    return isinstance(module, QKReducedSelfAttention)
-
-
 def _bert_self_attentions(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(BertAttention-like parent, its self-attention) per encoder layer, or a ValueError for other families."""
     base = getattr(model, "base_model", model)
@@ -163,11 +157,7 @@ def replace_qk_(model: nn.Module, layer: int, wq: torch.Tensor, bq: Optional[tor
     if wq.shape[0] % H or wq.shape != wk.shape:
         raise ValueError(f"q {tuple(wq.shape)} / k {tuple(wk.shape)} are not {H} heads of equal width")
     r = wq.shape[0] // H
-    new = QKReducedSelfAttention(sa, r) if not is_qk_reduced(sa) else sa
-    if is_qk_reduced(sa):
-        new.qk_head_dim = r
-        new.query = nn.Linear(wq.shape[1], H * r, bias=bq is not None)
-        new.key = nn.Linear(wk.shape[1], H * r, bias=bk is not None)
+    new = QKReducedSelfAttention(sa, r)  # keeps sa's value projection, dropout and mode
     dtype = sa.value.weight.dtype
     new.query.weight.copy_(wq.to(dtype))
     new.key.weight.copy_(wk.to(dtype))
@@ -395,21 +385,15 @@ def reduce_qk(
         raise ValueError(f"QK dims are chosen by 'attention', 'wanda' or 'magnitude', got {method!r}")
     f32 = lambda t: None if t is None else t.detach().float()  # noqa: E731
     dense = (f32(wq), f32(bq), f32(wk), f32(bk))
-    if X is None:  # magnitude needs no data
-        if method != "magnitude":
-            raise ValueError(f"QK-dimension method {method!r} needs calibration inputs X")
-        idx = torch.sort(torch.topk(_norm_scores(dense, None, H, hd), keep, dim=1).indices, dim=1).values
-        wq_o, bq_o, wk_o, bk_o = _coordinate_select(dense, H, hd, idx)
-        cast = lambda t, like: None if t is None or like is None else t.to(like.dtype)  # noqa: E731
-        return QKReduceResult(wq_o.to(wq.dtype), cast(bq_o, bq), wk_o.to(wk.dtype), cast(bk_o, bk),
-                              {"qk_method": method, "qk_keep": keep, "qk_head_dim": hd, "qk_kept_dims": idx.tolist(),
-                               "seconds": time.perf_counter() - t0})
-    Xf = X.detach().float()
-    narrow = replace(geom, head_dim=keep, v_head_dim=geom.value_head_dim)  # same scale: the dense model's 1/sqrt(hd)
-
-    train, hold = split_objectives(Xf, pad_mask, dense, geom, cfg, X_target, fit_geom=narrow)  # as prune_qk's split
+    if X is None and method != "magnitude":
+        raise ValueError(f"QK-dimension method {method!r} needs calibration inputs X")
     stats: dict[str, Any] = {"qk_method": method, "qk_keep": keep, "qk_head_dim": hd}
-    x_all = _tokens(Xf, pad_mask)
+    train = hold = x_all = None  # magnitude without data: no objectives, nothing to report against
+    if X is not None:
+        Xf = X.detach().float()
+        narrow = replace(geom, head_dim=keep, v_head_dim=geom.value_head_dim)  # the dense model's 1/sqrt(hd) scale
+        train, hold = split_objectives(Xf, pad_mask, dense, geom, cfg, X_target, fit_geom=narrow)  # as prune_qk's
+        x_all = _tokens(Xf, pad_mask)
     if method == "attention" and cfg.qk_init == "svd":
         start = _svd_init(dense, x_all, H, hd, keep)
     else:
@@ -423,11 +407,9 @@ def reduce_qk(
     stats["attn_err_holdout_init"] = hold.error(start) if hold else None
     final = start
     if method == "attention" and cfg.refit and cfg.refit_steps > 0 and train:
-        xa = torch.cat([c.X[c.row_valid] for c in train.chunks])
-        xa = torch.cat([xa, torch.ones(xa.shape[0], 1)], dim=1)  # (N, d+1): bias column
         ones = (torch.ones_like(start[0], dtype=torch.bool), torch.ones_like(start[2], dtype=torch.bool))
         with torch.enable_grad():  # anchor: the initial pair's outputs (dense q/k have another width)
-            final = _refit(start, ones, start, train, hold, xa.T @ xa, cfg, stats)
+            final = _refit(start, ones, start, train, hold, train.gram(), cfg, stats)
     stats["attn_err_holdout_final"] = hold.error(final) if hold else None
     stats["seconds"] = time.perf_counter() - t0
     logger.debug("reduce_qk %s: q/k width %d -> %d, held-out attention error %s -> %s in %.1fs", method, hd, keep,
