@@ -7,8 +7,9 @@ same calibration data and is evaluated on the same held-out data:
   small GPT of ``benchmarks/train_small_gpt.py`` (cached in ``~/.cache/edgepipe/small-gpt``), whole model.
 * methods: ``magnitude``, ``wanda``, ``sparsegpt``, ``attention`` (AttentionMethodConfig defaults) and
   ``attention-paper`` (the paper's mask solver, ``support="attention_mask"``, ``refit=False``).
-* sparsities: 30 / 50 / 70 % unstructured, 2:4, structured heads+ffn 25 % / 50 % (magnitude and wanda only, as the
-  engine supports), plus a ``recover_`` row (distillation, 200 steps, lr 1e-4) for structured 50 %.
+* sparsities: 30 / 50 / 70 % unstructured, 2:4, structured heads+ffn 25 % / 50 % (heads 50 % + FFN 50 %, heads 25 %
+  + FFN 62.5 %), structured q/k width 50 % (+ FFN 62.5 %), plus a ``recover_`` row (distillation, recipe in
+  ``Settings``) after each structured 50 % row.
 
 Data (same protocol as ``benchmarks/prune_qk_probe.py``): calibration = fortunes.txt lines 0-63, max length 128;
 MiniLM held-out = lines 1000-1255; GPT held-out = the training script's split (last 5 % of lines, ``read_split``),
@@ -79,11 +80,17 @@ MODEL_LABEL = {
 }
 SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "struct 25%", "s50": "struct 50%",
                   "s50+recover-v1": "struct 50% + recover (v1: 200 steps, 64 passages)",
-                  "s50+recover": "struct 50% + recover",
-                  "s50h25": "struct heads 25% + FFN 62.5%", "s50h25+recover": "struct heads 25% + FFN 62.5% + recover",
+                  "s50+recover-v2": "struct 50% + recover (v2)", "s50+recover": "struct 50% + recover",
+                  "s50h25": "struct heads 25% + FFN 62.5%",
+                  "s50h25+recover-v2": "struct heads 25% + FFN 62.5% + recover (v2)",
+                  "s50h25+recover": "struct heads 25% + FFN 62.5% + recover",
                   "q50": "struct q/k width 50%", "q50f62": "struct q/k width 50% + FFN 62.5%",
+                  "q50f62+recover-v2": "struct q/k width 50% + FFN 62.5% + recover (v2)",
+                  "q50f62+recover-v2-tn15": "struct q/k width 50% + FFN 62.5% + recover (v2), token noise 0.15",
                   "q50f62+recover": "struct q/k width 50% + FFN 62.5% + recover",
                   "q50f62+recover-tn15": "struct q/k width 50% + FFN 62.5% + recover, token noise 0.15"}
+RECOVER_ROWS = ("s50+recover-v1", "s50+recover-v2", "s50+recover", "s50h25+recover-v2", "s50h25+recover",
+                "q50f62+recover-v2", "q50f62+recover-v2-tn15", "q50f62+recover", "q50f62+recover-tn15")
 
 
 @dataclass
@@ -96,10 +103,12 @@ class Settings:
         max_length: tokens per passage.
         layers: keep only the first ``layers`` blocks of each model (None = all).
         gpt_attn_passages: GPT held-out passages used for attention error / top-1 / KL.
-        recover_steps, recover_lr, recover_passages, recover_batch: ``recover_`` settings of the structured 50 %
-            row (the recover stage's defaults otherwise: cosine loss for MiniLM / KL for GPT, layer distillation
-            weight 1, cosine schedule with 5 % warm-up, frozen embeddings, length-bucketed batches); the passages
-            are fortunes lines outside every held-out set (MiniLM: not 1000-1255; GPT: the training split).
+        recover_steps, recover_lr, recover_passages, recover_batch, recover_layer_weight: ``recover_`` settings
+            of the structured 50 % rows (the recover stage's defaults otherwise: ``hidden_mse`` loss for MiniLM /
+            KL for GPT, cosine schedule with 5 % warm-up, frozen embeddings, length-bucketed batches); the
+            passages are fortunes lines outside every held-out set (MiniLM: not 1000-1255, 8264 passages; GPT:
+            the training split). Rows labelled ``-v2`` used the previous recipe: 1000 steps, 7000 passages,
+            MiniLM loss ``cosine``, layer weight 1 (recorded per row).
         recover_token_noise: ``recover_(token_noise=...)``; > 0 labels the recover row ``+recover-tnNN``.
         latency_runs: timed ORT runs per model (dense and pruned interleaved).
         threads: torch intra-op threads.
@@ -110,10 +119,11 @@ class Settings:
     max_length: int = 128
     layers: Optional[int] = None
     gpt_attn_passages: int = 128
-    recover_steps: int = 1000
+    recover_steps: int = 2000
     recover_lr: float = 1e-3
-    recover_passages: int = 7000
+    recover_passages: int = 9000
     recover_batch: int = 32
+    recover_layer_weight: float = 10.0
     recover_token_noise: float = 0.0
     latency_runs: int = 30
     threads: int = 2
@@ -391,15 +401,17 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
     if sp in ("s50", "s50h25", "q50f62"):
         student = model  # the pruned row is already recorded; recover in place
         rec = recover_(student, ctx.loaded.model, ctx.ref["distill"], steps=SETTINGS.recover_steps,
-                       lr=SETTINGS.recover_lr, loss="kl_logits" if ctx.key == "gpt" else "cosine", seed=0,
-                       layer_weight=1.0, schedule="cosine", warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True,
+                       lr=SETTINGS.recover_lr, loss="kl_logits" if ctx.key == "gpt" else "hidden_mse", seed=0,
+                       layer_weight=SETTINGS.recover_layer_weight, schedule="cosine",
+                       warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True,
                        token_noise=SETTINGS.recover_token_noise)
         tn = SETTINGS.recover_token_noise
         rrow = {**{k: row[k] for k in ("model", "method", "achieved_sparsity", "prune_seconds")},
                 "sparsity": f"{sp}+recover" + (f"-tn{round(100 * tn)}" if tn else ""),
                 "recover_seconds": rec.seconds, "recover_steps": rec.steps, "recover_token_noise": tn,
                 "recover_passages": sum(len(b["input_ids"]) for b in ctx.ref["distill"]),
-                "recover_loss": [rec.loss_first, rec.loss_last], "recover_kind": rec.loss}
+                "recover_loss": [rec.loss_first, rec.loss_last], "recover_kind": rec.loss,
+                "recover_layer_weight": SETTINGS.recover_layer_weight}
         rrow.update(_evaluate(ctx, student))
         for k in ("dense_ms", "pruned_ms", "speedup"):  # same architecture as the pruned row
             if k in row:
@@ -489,15 +501,17 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
         else:
             L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for sp in list(SPARSITIES[:4]) + ["s25", "s50", "s50+recover-v1", "s50+recover", "s50h25", "s50h25+recover",
-                                          "q50", "q50f62", "q50f62+recover", "q50f62+recover-tn15"]:
+        for sp in list(SPARSITIES[:4]) + ["s25", "s50", *RECOVER_ROWS[:3], "s50h25", *RECOVER_ROWS[3:5], "q50",
+                                          "q50f62", *RECOVER_ROWS[5:]]:
             for me in METHODS:
                 r = by.get((mo, me, sp))
                 if r is None:
                     continue
                 secs = _fmt(r["prune_seconds"], ".1f")
-                if "recover_seconds" in r:
-                    secs += f" + recover {r['recover_seconds']:.1f}"
+                if "recover_seconds" in r:  # the recipe: steps, passages, loss, layer weight
+                    n = f"{r['recover_passages']} passages, " if "recover_passages" in r else ""
+                    secs += (f" + recover {r['recover_seconds']:.1f} ({r['recover_steps']} steps, {n}"
+                             f"{r.get('recover_kind', '?')}, lw {r['recover_layer_weight']:g})")
                 if mo == "gpt":
                     mid = f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['top1'], '.3f')} | {_fmt(r['kl'], '.4f')}"
                 else:

@@ -18,7 +18,8 @@ class RecoverConfig(StageConfig):
     steps: int = Field(200, ge=1, le=100000, description="optimizer steps (CPU-friendly: a few hundred)")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (MiniLM structured: 1e-3 > 5e-4 > 2e-3)")
     loss: Optional[Literal["hidden_mse", "cosine", "kl_logits"]] = Field(
-        None, description="omitted = kl_logits for causal LMs, cosine of mean-pooled embeddings otherwise"
+        None, description="omitted = kl_logits for causal LMs, hidden_mse (token-level last-hidden-state MSE + cosine"
+        " of mean-pooled embeddings) for encoders: MiniLM structured 50 %, 400 steps, 0.927 vs 0.923 with cosine only"
     )
     keep_masks: bool = Field(True, description="weights pruned to exactly zero stay zero")
     samples: Optional[int] = Field(
@@ -28,7 +29,8 @@ class RecoverConfig(StageConfig):
     )
     batch_size: int = Field(32, ge=1, le=4096, description="passages per step (batched by length: little padding)")
     layer_weight: float = Field(
-        1.0, ge=0, description="weight of matching every intermediate block's hidden states (0 = outputs only)"
+        10.0, ge=0, description="weight of matching every intermediate block's hidden states (0 = outputs only);"
+        " MiniLM structured 50 %, 400 steps: 1 -> 0.927, 3 -> 0.930, 10 -> 0.934, 30 -> 0.934 held-out cosine"
     )
     attention_weight: float = Field(
         0.0, ge=0, description="weight of matching every block's attention maps head by head (KL; blocks whose head"
@@ -58,7 +60,7 @@ def distillation_texts(ctx: StageContext, samples: Optional[int]) -> tuple[list[
     return (pool if samples is None else pool[:samples]), heldout
 
 
-@register_stage(RecoverConfig, version=3)
+@register_stage(RecoverConfig, version=4)
 def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifact:
     """Knowledge distillation (student = current model, teacher = dense), held-out fidelity before/after."""
     from pipeline.models import save_model
@@ -76,7 +78,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     if loss is None:
         from pipeline.recover import is_causal_lm
 
-        loss = "kl_logits" if is_causal_lm(teacher.model) else "cosine"
+        loss = "kl_logits" if is_causal_lm(teacher.model) else "hidden_mse"
     ctx.log.info("recover: %d steps on %d passages (%d batches), loss %s", cfg.steps, len(train), len(batches), loss)
     res = recover_(
         student.model, teacher.model, batches, steps=cfg.steps, lr=cfg.lr, loss=loss, keep_masks=cfg.keep_masks,
@@ -94,5 +96,5 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     save_model(student, out_dir)
     ctx.metrics.update({"steps": res.steps, "seconds": res.seconds, "loss_first": res.loss_first, "loss_last": res.loss_last,
                         "passages": len(train), "heldout_before": res.heldout_before, "heldout_after": res.heldout_after,
-                        "loss": res.loss, "rolled_back": rolled_back})
+                        "loss": res.loss, "layer_weight": cfg.layer_weight, "rolled_back": rolled_back})
     return art.replace(model_dir=ctx.ref(out_dir), torch_changes={**dict(art.torch_changes), "recover": {"steps": res.steps}})

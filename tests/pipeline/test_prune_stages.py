@@ -44,6 +44,8 @@ def test_structured_prune_shrinks_the_export_and_recover_helps(tiny_models, tmp_
     assert rep["targets"]["host-cpu"]["parity"]["ok"]
     rec = rep["stages"][1]["metrics"]
     assert rec["steps"] == 30
+    # the stage's encoder defaults: token-level last-hidden-state MSE + pooled cosine, every block's states at 10
+    assert rec["loss"] == "hidden_mse" and rec["layer_weight"] == 10.0
     assert rec["passages"] == 168 - 8  # every built-in passage except the 8 held-out ones
     before, after = rec["heldout_before"]["cos_mean"], rec["heldout_after"]["cos_mean"]
     assert rec["rolled_back"] is (after < before)
