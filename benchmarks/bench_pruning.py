@@ -89,8 +89,10 @@ SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "s
                   "q50f62+recover-v2-tn15": "struct q/k width 50% + FFN 62.5% + recover (v2), token noise 0.15",
                   "q50f62+recover": "struct q/k width 50% + FFN 62.5% + recover",
                   "q50f62+recover-tn15": "struct q/k width 50% + FFN 62.5% + recover, token noise 0.15"}
-RECOVER_ROWS = ("s50+recover-v1", "s50+recover-v2", "s50+recover", "s50h25+recover-v2", "s50h25+recover",
-                "q50f62+recover-v2", "q50f62+recover-v2-tn15", "q50f62+recover", "q50f62+recover-tn15")
+# recover rows (older recipes first) under the pruned row they start from, in table order
+RECOVER_ROWS = {"s50": ("s50+recover-v1", "s50+recover-v2", "s50+recover"),
+                "s50h25": ("s50h25+recover-v2", "s50h25+recover"),
+                "q50f62": ("q50f62+recover-v2", "q50f62+recover-v2-tn15", "q50f62+recover", "q50f62+recover-tn15")}
 
 
 @dataclass
@@ -401,7 +403,7 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
     if sp in ("s50", "s50h25", "q50f62"):
         student = model  # the pruned row is already recorded; recover in place
         rec = recover_(student, ctx.loaded.model, ctx.ref["distill"], steps=SETTINGS.recover_steps,
-                       lr=SETTINGS.recover_lr, loss="kl_logits" if ctx.key == "gpt" else "hidden_mse", seed=0,
+                       lr=SETTINGS.recover_lr, loss=None, seed=0,  # default_loss: KL for GPT, hidden_mse for MiniLM
                        layer_weight=SETTINGS.recover_layer_weight, schedule="cosine",
                        warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True,
                        token_noise=SETTINGS.recover_token_noise)
@@ -501,8 +503,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
         else:
             L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for sp in list(SPARSITIES[:4]) + ["s25", "s50", *RECOVER_ROWS[:3], "s50h25", *RECOVER_ROWS[3:5], "q50",
-                                          "q50f62", *RECOVER_ROWS[5:]]:
+        for sp in [x for base in SPARSITIES for x in (base, *RECOVER_ROWS.get(base, ()))]:
             for me in METHODS:
                 r = by.get((mo, me, sp))
                 if r is None:

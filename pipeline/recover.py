@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RecoverResult", "LossKind", "recover_", "heldout_metrics", "is_causal_lm"]
+__all__ = ["RecoverResult", "LossKind", "recover_", "heldout_metrics", "is_causal_lm", "default_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,12 @@ def is_causal_lm(model: torch.nn.Module) -> bool:
         return True
     config = getattr(model, "config", None)
     return bool(getattr(config, "is_decoder", False)) and hasattr(model, "get_output_embeddings")
+
+
+def default_loss(teacher: torch.nn.Module) -> str:
+    """The loss used when none is given: ``"kl_logits"`` for causal LMs, ``"hidden_mse"`` for encoders (token-level
+    targets generalise better than the pooled cosine alone: MiniLM structured 50 %, 0.927 vs 0.923 at 400 steps)."""
+    return "kl_logits" if is_causal_lm(teacher) else "hidden_mse"
 
 
 def _accepted_keys(model: torch.nn.Module) -> set[str] | None:
@@ -407,7 +413,7 @@ def recover_(
         raise ValueError(f"warmup must be in [0, steps) and needs schedule='cosine', got warmup={warmup!r}")
 
     causal = is_causal_lm(teacher)
-    kind = loss or ("kl_logits" if causal else "hidden_mse")
+    kind = loss or default_loss(teacher)
     if kind == "kl_logits" and not causal:
         raise ValueError(f"loss='kl_logits' needs a causal LM teacher, got {type(teacher).__name__}")
     if kind != "kl_logits" and causal:

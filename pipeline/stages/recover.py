@@ -64,7 +64,7 @@ def distillation_texts(ctx: StageContext, samples: Optional[int]) -> tuple[list[
 def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifact:
     """Knowledge distillation (student = current model, teacher = dense), held-out fidelity before/after."""
     from pipeline.models import save_model
-    from pipeline.recover import recover_
+    from pipeline.recover import default_loss, recover_
 
     student = load_from_artifact(art, ctx)
     teacher = load_dense(art)
@@ -74,11 +74,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     batches = encode(student, sorted(train, key=len), max_length=c.max_length, batch_size=cfg.batch_size)
     held = encode(student, heldout, max_length=c.max_length, batch_size=c.batch_size)
     start = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
-    loss = cfg.loss
-    if loss is None:
-        from pipeline.recover import is_causal_lm
-
-        loss = "kl_logits" if is_causal_lm(teacher.model) else "hidden_mse"
+    loss = cfg.loss or default_loss(teacher.model)
     ctx.log.info("recover: %d steps on %d passages (%d batches), loss %s", cfg.steps, len(train), len(batches), loss)
     res = recover_(
         student.model, teacher.model, batches, steps=cfg.steps, lr=cfg.lr, loss=loss, keep_masks=cfg.keep_masks,
