@@ -6,7 +6,7 @@ Python API (mirrors the YAML one to one)::
     report = pipeline.run({"targets": ["host-cpu"], "stages": [{"export": {}}, {"validate": {}}]}, workdir="runs/x")
 """
 
-__version__ = "0.1.0"
+from pipeline.version import __version__
 
 
 def run(config=None, *, workdir="runs/latest", stages=None, progress=True):

@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = _parser().parse_args(argv)
     if args.version:
-        from pipeline import __version__
+        from pipeline.version import __version__
 
         print(f"edgepipe {__version__}")
         return 0

@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
-from pipeline import __version__
+from pipeline.version import __version__
 from pipeline.artifact import Artifact, atomic_write_json, hash_tree, replace_dir
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, ModelInputError, StageError, ValidationFailed

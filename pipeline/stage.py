@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from pipeline.schema import Frozen
 
-__all__ = ["StageConfig", "StageSpec", "StageContext", "STAGES", "register_stage", "stage_config_class"]
+__all__ = ["StageConfig", "StageSpec", "StageContext", "STAGES", "register_stage"]
 
 
 class StageConfig(Frozen):
@@ -50,12 +50,6 @@ def register_stage(config_cls: type[StageConfig], *, version: int = 1) -> Callab
         return fn
 
     return deco
-
-
-def stage_config_class(kind: str) -> type[StageConfig]:
-    from pipeline import stages as _  # noqa: F401  (explicit registration of the built-in stages)
-
-    return STAGES[kind].config_cls
 
 
 @dataclass

@@ -56,12 +56,12 @@ def _valid_rows(arr: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         a = a[mask.astype(bool)]  # (B, S, ..., D) -> (n_valid, ..., D)
     if a.ndim == 0:
         return a.reshape(1, 1)
-    return a.reshape(-1, a.shape[-1])  # (rows, D): cosine is per row over the last axis
+    return a.reshape(math.prod(a.shape[:-1]), a.shape[-1])  # (rows, D): cosine per row; -1 fails when D = 0
 
 
 def _cosine_min(ref: np.ndarray, got: np.ndarray) -> float:
     """Minimum row-wise cosine of two (rows, D) float64 arrays; rows where both are zero count as 1."""
-    if ref.size == 0:
+    if ref.shape[0] == 0:  # no rows (e.g. everything masked): undefined; zero-width rows are both-zero rows
         return float("nan")
     num = np.sum(ref * got, axis=-1)
     den = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)

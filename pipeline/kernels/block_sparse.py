@@ -15,8 +15,9 @@ import math
 import torch
 from torch import Tensor
 
-from .flash import _FlashAttnFn, fa2_backward_footprint
-from .reference import MaskSpec
+from .flash import FA2Function, fa2_backward_footprint
+from .reference import MaskSpec, tiled_inputs
+from .registry import register_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -63,4 +64,12 @@ def block_sparse_attention(
     kept = _kept_blocks(spec, nbq, nbk, block_size)
     logger.debug("block_sparse: %d of %d blocks visited", sum(map(sum, kept)), nbq * nbk)
     blocks = (block_size, block_size)
-    return _FlashAttnFn.apply(q, k, v, spec, scale, blocks, blocks, kept, kept)
+    return FA2Function.apply(q, k, v, spec, scale, blocks, blocks, kept, kept)
+
+
+@register_kernel("block_sparse", description="FA2 over the kept b x b blocks of a block mask only", block_sparse=True)
+def _block_sparse_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache_words, block_size) -> Tensor:
+    if block_size is None and block_mask is None:
+        block_size = 64
+    k, v, spec = tiled_inputs(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size)
+    return block_sparse_attention(q, k, v, spec, scale, block_size=spec.block_size or block_size, cache_words=cache_words)

@@ -1,4 +1,4 @@
-"""FlashAttention-2 style tiled attention (forward + backward) and the ``attention`` entry point.
+"""FlashAttention-2 style tiled attention (forward + backward), registered as kernel ``flash``.
 
 Forward (notes B(b), "FlashAttention-2 forward"): outer loop over query blocks of B_r rows, inner
 loop over key blocks of B_c columns, online softmax with running max m and denominator l kept per
@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from .io_model import DEFAULT_CACHE_WORDS, fa2_backward_blocks, fa2_forward_blocks
-from .reference import MaskSpec, attention_ref, expand_kv, make_mask_spec
+from .reference import MaskSpec, tiled_inputs
+from .registry import register_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["attention", "flash_attention", "fa2_forward_footprint", "fa2_backward_footprint", "KERNELS"]
-
-KERNELS = ("flash", "small_cache", "block_sparse", "naive")
+__all__ = ["FA2Function", "flash_attention", "flash_blocks", "fa2_forward_footprint", "fa2_backward_footprint"]
 
 
 def fa2_forward_footprint(br: int, bc: int, d: int) -> int:
@@ -138,7 +135,7 @@ def tiled_backward(
     return dq, dk, dv
 
 
-class _FlashAttnFn(torch.autograd.Function):
+class FA2Function(torch.autograd.Function):
     """Autograd wrapper: FA2 forward saves (q, k, v, o, lse); backward recomputes P per tile."""
 
     @staticmethod
@@ -186,71 +183,10 @@ def flash_attention(
     """FA2 kernel on GQA-expanded inputs q, k, v (B, H, N, D); see ``attention`` for the public API."""
     fwd, bwd = flash_blocks(q.shape[-1], cache_words, block_size)
     logger.debug("flash blocks fwd=%s bwd=%s", fwd, bwd)
-    return _FlashAttnFn.apply(q, k, v, spec, scale, fwd, bwd, None, None)
+    return FA2Function.apply(q, k, v, spec, scale, fwd, bwd, None, None)
 
 
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    kernel: Literal["flash", "small_cache", "block_sparse", "naive"] = "flash",
-    causal: bool = False,
-    attn_mask: Tensor | None = None,
-    block_mask: Tensor | None = None,
-    scale: float | None = None,
-    cache_words: int | None = None,
-    block_size: int | None = None,
-) -> Tensor:
-    """Scaled dot-product attention with an I/O-aware kernel (differentiable).
-
-    Args:
-        q: (B, Hq, Nq, D) queries, float32 or float64.
-        k: (B, Hkv, Nk, D) keys, Hq % Hkv == 0 (grouped-query heads share K/V).
-        v: (B, Hkv, Nk, D) values.
-        kernel: "flash" (FA2 tiling), "small_cache" (tiled GEMMs, for M = o(d^2)),
-            "block_sparse" (FA2 over the kept blocks of ``block_mask`` only), "naive" (dense,
-            input dtype, torch autograd).
-        causal: causal mask aligned to the bottom-right when Nq != Nk: query i sees key j iff
-            j <= i + Nk - Nq (FlashAttention's convention).
-        attn_mask: bool (True = attend) or additive float; (B, Nk) key padding or
-            (B|1, 1|Hq, Nq|1, Nk).
-        block_mask: bool (B|1, Hq|1, ceil(Nq/b), ceil(Nk/b)); True keeps a b x b block.
-        scale: score scale, default 1/sqrt(D).
-        cache_words: fast-memory budget M per head in words; sets block sizes (flash:
-            ``fa2_*_blocks``; small_cache: b = floor(sqrt(M/3))). Default 131072.
-        block_size: override the tile size (flash, small_cache) or give the block-mask
-            granularity b (block_sparse; inferred from ``block_mask`` when None, else 64).
-
-    Returns:
-        (B, Hq, Nq, D) in the dtype of q. Fully masked rows are 0 with zero gradient.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    bsz, hq, nq, d = q.shape
-    if k.shape != v.shape or k.shape[0] != bsz or k.shape[-1] != d:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, Hkv, Nk, D) matching q {tuple(q.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cache_words is not None and cache_words < 1:
-        raise ValueError(f"cache_words must be positive, got {cache_words}")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    nk = k.shape[2]
-    if kernel == "naive":
-        return attention_ref(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size, scale=scale, upcast=False)
-    if kernel == "block_sparse" and block_size is None and block_mask is None:
-        block_size = 64
-    spec = make_mask_spec(bsz, hq, nq, nk, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size if block_mask is not None or kernel == "block_sparse" else None)
-    k = expand_kv(k, hq)  # (B, Hq, Nk, D); autograd sums dk over each head group
-    v = expand_kv(v, hq)
-    if kernel == "flash":
-        return flash_attention(q, k, v, spec, scale, cache_words=cache_words, block_size=block_size)
-    if kernel == "small_cache":
-        from .small_cache import small_cache_attention
-
-        return small_cache_attention(q, k, v, spec, scale, cache_words=cache_words, tile=block_size)
-    from .block_sparse import block_sparse_attention
-
-    return block_sparse_attention(q, k, v, spec, scale, block_size=spec.block_size or block_size, cache_words=cache_words)
+@register_kernel("flash", description="FA2 tiling sized from the fast-memory budget (optimal for M >= ~d^2)")
+def _flash_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache_words, block_size) -> Tensor:
+    k, v, spec = tiled_inputs(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size if block_mask is not None else None)
+    return flash_attention(q, k, v, spec, scale, cache_words=cache_words, block_size=block_size)

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .registry import register_kernel
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["MaskSpec", "attention_ref", "masked_softmax", "expand_kv", "make_mask_spec"]
+__all__ = ["MaskSpec", "attention_ref", "masked_softmax", "expand_kv", "make_mask_spec", "tiled_inputs"]
 
 
 def expand_kv(k: Tensor, hq: int) -> Tensor:
@@ -190,6 +192,18 @@ def make_mask_spec(
     return MaskSpec(nq, nk, causal, keep, bias, block_mask, block_size)
 
 
+def tiled_inputs(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Tensor | None, block_mask: Tensor | None, block_size: int | None
+) -> tuple[Tensor, Tensor, MaskSpec]:
+    """(k, v, spec) for the tiled kernels: k, v expanded to q's heads (B, Hq, Nk, D) and the normalised masks.
+
+    Autograd sums dk, dv over each grouped-query head group through the expansion.
+    """
+    bsz, hq, nq, _ = q.shape
+    spec = make_mask_spec(bsz, hq, nq, k.shape[2], causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size)
+    return expand_kv(k, hq), expand_kv(v, hq), spec
+
+
 def masked_softmax(s: Tensor) -> Tensor:
     """Row softmax over the last axis where rows that are entirely -inf give 0 (not NaN).
 
@@ -245,3 +259,8 @@ def attention_ref(
     s = spec.apply(s, 0, nq, 0, nk)
     p = masked_softmax(s)  # (B, Hq, Nq, Nk)
     return torch.einsum("bhij,bhjd->bhid", p, v)  # (B, Hq, Nq, D)
+
+
+@register_kernel("naive", description="dense einsum + masked softmax in the input dtype (the reference)", oracle=True)
+def _naive_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache_words, block_size) -> Tensor:
+    return attention_ref(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size, scale=scale, upcast=False)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .io_model import DEFAULT_CACHE_WORDS, small_cache_tile
-from .reference import MaskSpec
+from .reference import MaskSpec, tiled_inputs
+from .registry import register_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +110,9 @@ def small_cache_attention(
         raise ValueError(f"tile={tile} needs 3*tile^2={3 * tile * tile} words, more than cache_words={m}")
     assert 3 * tile * tile <= m or cache_words is None
     return _SmallCacheFn.apply(q, k, v, spec, scale, tile)
+
+
+@register_kernel("small_cache", description="tiled GEMMs with b = floor(sqrt(M/3)) (optimal for M = o(d^2))")
+def _small_cache_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache_words, block_size) -> Tensor:
+    k, v, spec = tiled_inputs(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size if block_mask is not None else None)
+    return small_cache_attention(q, k, v, spec, scale, cache_words=cache_words, tile=block_size)

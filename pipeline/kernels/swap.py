@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .flash import KERNELS, attention
+from .dispatch import attention
+from .registry import kernel_spec
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def swap_attention_(
 
     Args:
         model: an HF transformers model (BERT-, GPT-2- or Llama-family) or a module containing one.
-        kernel: one of ``KERNELS`` ("flash", "small_cache", "block_sparse", "naive").
+        kernel: a registered kernel (``pipeline.kernels.KERNELS``).
         cache_words: fast-memory budget M per head (block sizes), see ``attention``.
         block_size: tile size / block-mask granularity, see ``attention``.
         block_mask_fn: ``(n_q, n_k) -> bool block mask`` built per call (block_sparse).
@@ -173,8 +174,7 @@ def swap_attention_(
     Raises:
         ValueError: unknown kernel, unsupported configuration, or no attention module found.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    kernel_spec(kernel)  # ValueError naming the known kernels
     opts = _Opts(kernel, cache_words, block_size, block_mask_fn)
     bert_like = [m for m in model.modules() if _is_bert_style(m)]
     iface = [m for m in model.modules() if not _is_bert_style(m) and _uses_attention_interface(m)]

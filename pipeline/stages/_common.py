@@ -46,11 +46,13 @@ def load_from_artifact(art: Artifact, ctx: StageContext, *, reference: bool = Fa
     from pipeline.models import load_model
 
     loaded = load_model(model_path(art, ctx), art.task)
-    change = art.torch_changes.get("attention")
-    if reference and change and change["kernel"] == "block_sparse":
-        from pipeline.stages.attention import apply_attention_change
+    record = art.torch_changes.get("attention")
+    if reference and record:
+        from pipeline.kernels.change import AttentionChange, apply_attention_change
 
-        apply_attention_change(loaded.model, change, kernel="naive")
+        change = AttentionChange.from_record(record)
+        if change.block_sparse:
+            apply_attention_change(loaded.model, change, kernel="naive")
     return loaded
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
@@ -20,13 +20,13 @@ from pipeline.stages._common import encode, load_from_artifact, text_sets
 if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
     import torch
 
-__all__ = ["AttentionConfig", "run_attention", "block_pattern", "apply_attention_change"]
+__all__ = ["AttentionConfig", "run_attention"]
 
 
 class AttentionConfig(StageConfig):
     kind = "attention"
-    kernel: Literal["auto", "flash", "small_cache", "block_sparse"] = Field(
-        "auto", description="auto = the planner's pick for the smallest target cache (flash or small_cache)"
+    kernel: str = Field(
+        "auto", description="a registered kernel (pipeline.kernels.stage_kernels()), or auto = the planner's pick for the smallest target cache (flash or small_cache)"
     )
     block_size: int = Field(64, ge=8, le=1024, description="block-sparse block size in tokens")
     pattern: Literal["window", "causal_window", "global_window"] = Field(
@@ -38,9 +38,19 @@ class AttentionConfig(StageConfig):
     check_atol: float = Field(1e-4, gt=0, description="max |swapped - reference| on calibration text")
     check_samples: int = Field(2, ge=1, le=64, description="calibration passages for the swap check")
 
+    @field_validator("kernel")
+    @classmethod
+    def _registered_kernel(cls, v: str) -> str:
+        from pipeline.kernels import stage_kernels
+
+        allowed = ["auto", *stage_kernels()]
+        if v not in allowed:
+            raise ValueError(f"unknown kernel {v!r}; expected one of: {', '.join(allowed)}")
+        return v
+
     @model_validator(mode="after")
     def _pattern_args(self) -> "AttentionConfig":
-        if self.kernel == "block_sparse":
+        if self.kernel != "auto" and _is_block_sparse(self.kernel):
             if self.pattern == "window" and self.global_blocks:
                 raise ValueError("pattern 'window' takes no global_blocks; use 'global_window'")
             if self.pattern == "global_window" and self.global_blocks < 1:
@@ -48,34 +58,10 @@ class AttentionConfig(StageConfig):
         return self
 
 
-def block_pattern(change: dict[str, Any]):
-    from exporters.block_sparse_graph import BlockSparsePattern
+def _is_block_sparse(kernel: str) -> bool:
+    from pipeline.kernels import kernel_spec
 
-    return BlockSparsePattern(kind=change["pattern"], block=change["block_size"], window_blocks=change["window_blocks"], global_blocks=change["global_blocks"])
-
-
-def _block_mask_fn(pattern):
-    from exporters.block_sparse_graph import pattern_layout
-
-    import torch
-
-    def fn(n_q: int, n_k: int) -> "torch.Tensor":
-        if n_q != n_k:
-            raise ValueError(f"block-sparse attention here needs n_q == n_k (no KV cache), got {n_q} vs {n_k}")
-        # (1, 1, nb, nb): the same layout the ONNX lowering computes in-graph
-        return torch.from_numpy(pattern_layout(pattern, n_k))[None, None]
-
-    return fn
-
-
-def apply_attention_change(model: "torch.nn.Module", change: dict[str, Any], *, kernel: Optional[str] = None) -> int:
-    """Re-apply a recorded swap to a freshly loaded model (``kernel`` overrides, e.g. "naive" as the oracle)."""
-    from pipeline.kernels import swap_attention_
-
-    k = kernel or change["kernel"]
-    if change["kernel"] == "block_sparse":
-        return swap_attention_(model, kernel=k, block_size=change["block_size"], block_mask_fn=_block_mask_fn(block_pattern(change)))
-    return swap_attention_(model, kernel=k, cache_words=change.get("cache_words"))
+    return kernel_spec(kernel).block_sparse
 
 
 def _first_out(model, batch) -> np.ndarray:
@@ -91,11 +77,14 @@ def _first_out(model, batch) -> np.ndarray:
 def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Artifact:
     """Swap attention, count the modules replaced, check outputs against the reference, plan I/O per target."""
     from pipeline.kernels import cache_words_from_bytes, plan_attention
+    from pipeline.kernels.change import AttentionChange, apply_attention_change
+    from pipeline.kernels.patterns import pattern_layout
 
     decoder = art.task == "text-generation"
-    if cfg.kernel == "block_sparse" and decoder and cfg.pattern != "causal_window":
+    block_sparse = cfg.kernel != "auto" and _is_block_sparse(cfg.kernel)
+    if block_sparse and decoder and cfg.pattern != "causal_window":
         raise StageError("attention", f"pattern '{cfg.pattern}' would let a causal decoder see the future; use pattern: causal_window")
-    if cfg.kernel == "block_sparse" and not decoder and cfg.pattern == "causal_window":
+    if block_sparse and not decoder and cfg.pattern == "causal_window":
         raise StageError("attention", "pattern 'causal_window' is for decoders; use window or global_window for an encoder")
     loaded = load_from_artifact(art, ctx)
     conf = loaded.model.config
@@ -107,13 +96,12 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     kernel = cfg.kernel
     if kernel == "auto":
         kernel = "small_cache" if plan_attention(cache_words=m_words, seq=seq, head_dim=head_dim, causal=decoder).algorithm.startswith("small") else "flash"
-    change = {"kernel": kernel, "cache_words": m_words, "block_size": cfg.block_size, "pattern": cfg.pattern,
-              "window_blocks": cfg.window_blocks, "global_blocks": cfg.global_blocks}
+    change = AttentionChange(kernel, m_words, cfg.block_size, cfg.pattern, cfg.window_blocks, cfg.global_blocks)
 
     calib, _ = text_sets(ctx)
     batch = encode(loaded, calib[: cfg.check_samples], max_length=seq, batch_size=cfg.check_samples)[0]
     dense_out = _first_out(loaded.model, batch)
-    if kernel == "block_sparse":
+    if change.block_sparse:
         # the oracle for a block-sparse model is dense attention under the same block mask (float64 reference path)
         oracle = load_from_artifact(art, ctx)
         apply_attention_change(oracle.model, change, kernel="naive")
@@ -130,11 +118,9 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     if diff > cfg.check_atol:
         raise StageError("attention", f"swapped model differs from its reference by {diff:.3g} > check_atol {cfg.check_atol}")
     metrics: dict[str, Any] = {"kernel": kernel, "replaced": replaced, "max_abs_diff_vs_reference": diff, "cache_words": m_words, "plans": plans}
-    if kernel == "block_sparse":
-        from exporters.block_sparse_graph import pattern_layout
-
-        lay = pattern_layout(block_pattern(change), seq)
-        metrics["block_density"] = float(lay.mean()) if change["pattern"] != "causal_window" else float(lay.sum() / (lay.shape[0] * (lay.shape[0] + 1) / 2))
+    if change.block_sparse:
+        lay = pattern_layout(change.block_pattern, seq)
+        metrics["block_density"] = float(lay.mean()) if change.pattern != "causal_window" else float(lay.sum() / (lay.shape[0] * (lay.shape[0] + 1) / 2))
         metrics["max_abs_diff_vs_dense"] = float(np.abs(got - dense_out)[mask].max())
     ctx.metrics.update(metrics)
-    return art.replace(torch_changes={**dict(art.torch_changes), "attention": change})
+    return art.replace(torch_changes={**dict(art.torch_changes), "attention": change.to_record()})

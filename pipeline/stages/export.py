@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import numpy as np
 from pydantic import Field
@@ -13,6 +13,9 @@ from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
+
+if TYPE_CHECKING:
+    from pipeline.kernels.change import AttentionChange
 
 __all__ = ["ExportConfig", "run_export", "DEFAULT_OPSET", "FUSED_ATTENTION_OPSET"]
 
@@ -35,23 +38,22 @@ def _run(path, names, feeds) -> dict:
     return dict(zip(names, sess.run(list(names), feeds)))
 
 
-def _lower_attention(res, change: dict, names: list[str], ctx: StageContext, opset: int) -> dict[str, Any]:
+def _lower_attention(res, change: "AttentionChange", names: list[str], ctx: StageContext, opset: int) -> dict[str, Any]:
     """Lower the exported attention per target: {label: (model path, target names)}; zero rewrites is an error."""
     import onnx
 
     from exporters.attention import lower_to_block_sparse, lower_to_fused_attention
-    from pipeline.stages.attention import block_pattern
 
     model = onnx.load(str(res.path))
     by_op: dict[str, list[str]] = {}
     for name in names:
-        op = "block_sparse" if change["kernel"] == "block_sparse" else ctx.targets[name].attention_ops[0]
+        op = "block_sparse" if change.block_sparse else ctx.targets[name].attention_ops[0]
         by_op.setdefault(op, []).append(name)
     out: dict[str, Any] = {}
     for op, tnames in sorted(by_op.items()):
         try:
             if op == "block_sparse":
-                lowered, n = lower_to_block_sparse(model, block_pattern(change))
+                lowered, n = lower_to_block_sparse(model, change.block_pattern)
             else:
                 lowered, n = lower_to_fused_attention(model, op=op)
         except ValueError as exc:
@@ -98,9 +100,12 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
 
     calib, _ = text_sets(ctx)
     batch = encode(loaded, calib[:4], max_length=ctx.run.calibration.max_length, batch_size=4)[0]
-    change = art.torch_changes.get("attention")
+    from pipeline.kernels.change import AttentionChange
+
+    record = art.torch_changes.get("attention")
+    change = AttentionChange.from_record(record) if record else None
     with_past = cfg.with_past
-    if change and change["kernel"] == "block_sparse":
+    if change and change.block_sparse:
         if with_past:
             raise StageError("export", "block-sparse attention is lowered without a KV cache; set with_past: false")
         with_past = False
