@@ -1,4 +1,4 @@
-"""Block-sparse FlashAttention (FA1 Prop. 4 / notes B(c)): FA2 tiling over kept b x b blocks only.
+"""Block-sparse FlashAttention (FlashAttention, Dao et al. 2022, Prop. 4): FA2 tiling over kept b x b blocks only.
 
 The query and key axes are cut into blocks of b tokens (the last block may be short). A block
 (i, j) is visited only if ``block_mask[..., i, j]`` is True for at least one (batch, head) and it

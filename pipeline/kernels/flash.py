@@ -1,9 +1,9 @@
 """FlashAttention-2 style tiled attention (forward + backward), registered as kernel ``flash``.
 
-Forward (notes B(b), "FlashAttention-2 forward"): outer loop over query blocks of B_r rows, inner
+Forward (FlashAttention-2, Dao 2023, Algorithm 1): outer loop over query blocks of B_r rows, inner
 loop over key blocks of B_c columns, online softmax with running max m and denominator l kept per
 query block, output normalised once at the end; the logsumexp L = m + log l is saved.
-Backward ("FlashAttention-2 backward"): pre-pass D = rowsum(dO o O), outer loop over key blocks with
+Backward (Dao 2023, Algorithm 2): pre-pass D = rowsum(dO o O), outer loop over key blocks with
 dK_j, dV_j accumulated per block, inner loop over query blocks recomputing P = exp(S - L) per tile.
 
 Block sizes come from the fast-memory budget M (``cache_words``, per head, in words) through
@@ -35,7 +35,7 @@ def fa2_forward_footprint(br: int, bc: int, d: int) -> int:
 
 
 def fa2_backward_footprint(br: int, bc: int, d: int) -> int:
-    """Per-head words on chip in the FA2 backward (notes B(c)): 4 B_c d + 3 B_r d + 2 B_r + 2 B_r B_c."""
+    """Per-head words on chip in the FA2 backward: K_j, V_j, dK_j, dV_j (4 B_c d), Q_i, dO_i, dQ_i (3 B_r d), L_i, D_i (2 B_r), S and dS (2 B_r B_c)."""
     return 4 * bc * d + 3 * br * d + 2 * br + 2 * br * bc
 
 
@@ -72,7 +72,7 @@ def tiled_forward(
         qi = q[:, :, i0:i1]  # (B, H, bi, D): resident for the whole inner loop
         m = torch.full((bsz, h, i1 - i0, 1), float("-inf"), dtype=q.dtype, device=q.device)
         m_safe = torch.zeros_like(m)
-        l = torch.zeros_like(m)  # noqa: E741  (running softmax denominator, notes' "l")
+        l = torch.zeros_like(m)  # noqa: E741  (running softmax denominator, Dao 2023's "l")
         acc = torch.zeros_like(qi)
         for j, (j0, j1) in enumerate(cols):
             if not kept[i][j]:

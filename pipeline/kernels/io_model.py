@@ -1,21 +1,21 @@
 """Two-level memory I/O accounting for attention algorithms (per head, in words).
 
-Model (notes B(a)): slow memory is unbounded, the fast memory (cache / SRAM) holds M words,
+Model (the two-level memory model of FlashAttention's I/O analysis): slow memory is unbounded, the fast memory (cache / SRAM) holds M words,
 cost = words moved between the two, compute is free. Each algorithm below is a *counting walk*
 over exactly the tiles its kernel visits (``pipeline.kernels.flash`` / ``small_cache`` /
 ``block_sparse`` use the same block-size rules from this module), returning
 ``IOCount(reads, writes, peak_fast_words)``; ``peak_fast_words`` is the largest number of words the
 walk holds in fast memory at once and is asserted ``<= M``.
 
-Closed forms (notes B(c)) are separate ``*_formula`` functions; tests check walk == formula.
+Closed forms are separate ``*_formula`` functions; tests check walk == formula.
 
-Block-size rules (design choice, notes B(c) "footprint checks"): the operand kept resident across
+Block-size rules (design choice): the operand kept resident across
 the inner loop gets the large block, the streamed operand gets ``min(d, floor(M / (8 d)))`` (forward)
 or ``min(d, floor(M / (16 d)))`` (backward), and the resident block is the largest that keeps the
-footprint <= M. The notes' ``ceil(M / 4d)`` rule can overflow M by ~25% once the score block is
+footprint <= M. FlashAttention's ``ceil(M / 4d)`` rule can overflow M by ~25% once the score block is
 counted, so it is not used verbatim. ``fa*_blocks(..., streamed=...)`` accepts an override.
 
-Lower bounds: the notes give Theta() only, no constants; ``lower_bound_*`` use constant 1.
+Lower bounds: the papers give Theta() only, no constants; ``lower_bound_*`` use constant 1.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def fa2_forward_blocks(cache_words: int, head_dim: int, *, streamed: int | None 
 def fa2_backward_blocks(cache_words: int, head_dim: int, *, streamed: int | None = None) -> tuple[int, int]:
     """(B_r, B_c) for FA2 backward: K_j, V_j, dK_j, dV_j resident (B_c); Q_i, dO_i, dQ_i, L_i, D_i streamed.
 
-    Footprint (notes B(c)): 4 B_c d + 3 B_r d + 2 B_r + 2 B_r B_c <= M.
+    Footprint: 4 B_c d + 3 B_r d + 2 B_r + 2 B_r B_c <= M.
     """
     m, d = cache_words, head_dim
     _check(m, d)
@@ -193,7 +193,7 @@ def small_cache_tile(cache_words: int) -> int:
 
 # ---------------------------------------------------------------- counting walks
 def standard_forward_io(n: int, d: int) -> IOCount:
-    """Standard attention that materialises S and P (notes B(c)): S = QK^T, P = softmax(S), O = PV.
+    """Standard attention that materialises S and P: S = QK^T, P = softmax(S), O = PV.
 
     Each matrix is read/written once (the textbook count; it implicitly assumes a K or V row
     block plus one score row fit in fast memory, so ``peak_fast_words`` = nd + n + d).
@@ -424,7 +424,7 @@ def block_sparse_backward_io(n: int, d: int, block_size: int, block_mask: Iterab
     return _fa2_backward_walk(n, n, d, cache_words, block_size, block_size, _block_kept(bm))
 
 
-# ---------------------------------------------------------------- closed forms (notes B(c))
+# ---------------------------------------------------------------- closed forms
 def standard_forward_formula(n: int, d: int) -> int:
     """4 n^2 + 4 n d."""
     return 4 * n * n + 4 * n * d
@@ -492,15 +492,15 @@ def block_sparse_backward_formula(n: int, d: int, block_size: int, n_kept_blocks
     return 7 * n * d + n + n_kept_blocks * (4 * block_size * d + 2 * block_size)
 
 
-# ---------------------------------------------------------------- lower bounds (constant 1: the notes give Theta only)
+# ---------------------------------------------------------------- lower bounds (constant 1: the papers give Theta only)
 def lower_bound_forward(n: int, d: int, cache_words: int) -> float:
-    """min{n^2 d^2 / M, n^2 d / sqrt(M)} (Saha & Ye; notes B(d) 4), constant taken as 1."""
+    """min{n^2 d^2 / M, n^2 d / sqrt(M)} (Saha & Ye 2024, forward), constant taken as 1."""
     m = float(cache_words)
     return min(n * n * d * d / m, n * n * d / math.sqrt(m))
 
 
 def lower_bound_backward(n: int, d: int, cache_words: int) -> float:
-    """min{(n^2 d^2 + n d^3) / M, (n^2 d + n d^2) / sqrt(M)} (notes B(d) 1), constant taken as 1."""
+    """min{(n^2 d^2 + n d^3) / M, (n^2 d + n d^2) / sqrt(M)} ("Fine-grained Attention I/O Complexity", Thm 4.1-4.4), constant taken as 1."""
     m = float(cache_words)
     return min((n * n * d * d + n * d**3) / m, (n * n * d + n * d * d) / math.sqrt(m))
 

@@ -12,7 +12,7 @@ evaluates the forward (inference) I/O of each candidate with the closed forms / 
   footprint fits M; kept blocks = round(density * blocks^2)).
 
 The crossover of the first two sits near M ~ d^2 (the constants of our block rules put it at
-roughly 0.6-2 d^2, see benchmarks/results/io.md). Lower bounds use constant 1 (the notes give
+roughly 0.6-2 d^2, see benchmarks/results/io.md). Lower bounds use constant 1 (the papers give
 Theta only), so ``ratio`` = predicted / bound is a constant-factor gap, not an optimality test.
 """
 

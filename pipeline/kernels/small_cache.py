@@ -1,4 +1,4 @@
-"""Small-cache attention (notes B(b), "Small-cache algorithm"): every product is a tiled GEMM.
+"""Small-cache attention ("Fine-grained Attention I/O Complexity", its small-cache Algorithm 6: wins when M = o(d^2)): every product is a tiled GEMM.
 
 For M = o(d^2) a FlashAttention tile cannot hold a useful number of d-wide rows, so the algorithm
 of Li et al. (arXiv 2410.09397, "Algorithm 6" in v2) computes attention through matrix products
