@@ -1,11 +1,11 @@
-"""Attention-approximation pruning of the query/key projections (seed paper arXiv 2410.11261, notes §A).
+"""Attention-approximation pruning of the query/key projections ("Beyond Linear Approximations", arXiv 2410.11261).
 
 The paper chooses the pruning mask so that the *nonlinear* attention matrix ``softmax(X W Xᵀ)`` is preserved,
 rather than each linear map on its own (Wanda, SparseGPT). The merged ``W = scale·W_Q W_Kᵀ`` is d×d per head,
-so masking it cannot shrink a real model (notes §A(c) [I]); here the masks live on the real ``(out, in)``
+so masking it cannot shrink a real model; here the masks live on the real ``(out, in)``
 weights ``wq``/``wk`` (``M_q∘W_Q``, ``M_k∘W_K``) and the attention is formed exactly as the model forms it:
 bias, per-head split, RoPE after projection, GQA key sharing, scale, causal and padding masks. The merged-W
-form, with its closed-form gradient and GD at 1/L̂, is in :mod:`pipeline.pruning.attention_theory`.
+form, with its closed-form gradient and GD at 1/L̂, is the float64 test oracle ``tests/pipeline/pruning/attention_theory.py``.
 
 Three stages, each optional and chosen by :class:`AttentionMethodConfig`:
 
@@ -32,10 +32,10 @@ from typing import Any, Callable, Literal, Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.pruning.attention_theory import allowed_positions, binarize_scores
+from pipeline.pruning.masks import allowed_positions, binarize_scores
 from pipeline.pruning.geometry import AttentionGeometry
 
-__all__ = ["AttentionMethodConfig", "QKResult", "prune_qk", "qk_attention", "attention_error"]
+__all__ = ["AttentionMethodConfig", "QKResult", "prune_qk", "qk_attention", "relative_frobenius_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def qk_attention(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor,
     return _chunk_attention(wq, bq, wk, bk, c, geom)
 
 
-def attention_error(F: torch.Tensor, F_star: torch.Tensor) -> float:
+def relative_frobenius_error(F: torch.Tensor, F_star: torch.Tensor) -> float:
     """Relative Frobenius error ``‖F − F*‖_F / ‖F*‖_F`` over all sequences and heads."""
     return float((F - F_star).norm() / F_star.norm())
 

@@ -7,11 +7,11 @@ the lower (flattened / column) index is pruned first. Masks are ``torch.bool`` w
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping, Optional
 
 import torch
 
-__all__ = ["unstructured_mask", "nm_mask", "apply_mask_", "count_zeros", "num_pruned"]
+__all__ = ["unstructured_mask", "nm_mask", "apply_mask_", "count_zeros", "num_pruned", "allowed_positions", "binarize_scores"]
 
 
 def num_pruned(size: int, sparsity: float) -> int:
@@ -114,3 +114,52 @@ def count_zeros(model: torch.nn.Module, names: Iterable[str] | Mapping[str, torc
             raise KeyError(f"unknown parameter names {missing!r}")
         tensors = {n: params[n] for n in names}
     return {n: (int((t == 0).sum().item()), t.numel()) for n, t in tensors.items()}
+
+
+def allowed_positions(n: int, *, causal: bool, pad_mask: Optional[torch.Tensor] = None,
+                      batch: int = 1, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which (query, key) pairs enter the softmax, and which query rows enter the loss.
+
+    Args:
+        n: sequence length.
+        causal: True adds the lower-triangular constraint j <= i.
+        pad_mask: (B, n) bool, True = real token, or None (all real).
+        batch: B when ``pad_mask`` is None.
+        device: device of the result.
+
+    Returns:
+        ``allowed`` (B, n, n) bool and ``row_valid`` (B, n) bool. Rows of padded queries allow every key so the
+        softmax stays finite; they are dropped from the loss through ``row_valid``.
+    """
+    if pad_mask is None:
+        pad_mask = torch.ones(batch, n, dtype=torch.bool, device=device)
+    allowed = pad_mask[:, None, :].expand(-1, n, -1)  # (B, n_q, n_k): padded keys never attended
+    if causal:
+        tril = torch.ones(n, n, dtype=torch.bool, device=pad_mask.device).tril()
+        allowed = allowed & tril
+    # Padded query rows (or a causal row with no real key yet, e.g. left padding) get all keys: finite, ignored.
+    empty = ~allowed.any(-1, keepdim=True) | ~pad_mask[:, :, None]
+    allowed = allowed | empty
+    return allowed, pad_mask
+
+
+def binarize_scores(scores: torch.Tensor, sparsity: float, *, granularity: Literal["matrix", "row"] = "matrix",
+                    n: int = 0, m: int = 0) -> torch.Tensor:
+    """Keep the highest scores; bool keep-mask with exactly ``floor(sparsity·count)`` zeros (or the n:m pattern).
+
+    Delegates to ``nm_mask`` / ``unstructured_mask`` so every pruner in the project breaks ties and rounds alike.
+
+    Args:
+        scores: (rows, cols) importance, higher = keep.
+        sparsity: fraction to remove, in [0, 1) (ignored for n:m).
+        granularity: "matrix" (one global threshold) or "row" (per output row, Wanda-style).
+        n, m: if m > 0, keep n of every m consecutive columns per row (project convention, as SparseGPT's n:m).
+
+    Returns:
+        bool tensor like ``scores``, True = kept.
+    """
+    if m > 0:
+        return nm_mask(scores, n, m)
+    if granularity not in ("matrix", "row"):
+        raise ValueError(f"granularity must be 'matrix' or 'row', got {granularity!r}")
+    return unstructured_mask(scores, sparsity, per_row=granularity == "row")

@@ -8,7 +8,7 @@ keep their size.
 
 Choosing the narrow q/k (``reduce_qk``):
 
-* ``method="attention"`` (notes §A, the attention objective): an initial rank-``r`` pair, then Adam on the
+* ``method="attention"`` (the attention objective of arXiv 2410.11261): an initial rank-``r`` pair, then Adam on the
   relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of :mod:`pipeline.pruning.attention`, with its
   held-out early stop). Initial pair, ``AttentionMethodConfig.qk_init`` [I: our choice, measured in
   ``benchmarks/results/pruning.md``]:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.pruning.attention import AttentionMethodConfig, attention_error, prune_qk, qk_attention
+from pipeline.pruning.attention import AttentionMethodConfig, relative_frobenius_error, prune_qk, qk_attention
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.sparsegpt import sparsegpt_prune
 
@@ -90,7 +90,7 @@ def test_bucketed_objective_equals_full_padded_attention(heads: int, kv: int, ca
     w = _weights(geom)
     cfg = AttentionMethodConfig(support="wanda", refit=False, holdout_fraction=0.0, chunk_size=3)
     r = prune_qk(*w, X, pad, geom, sparsity=0.5, cfg=cfg)
-    full = attention_error(qk_attention(r.wq, r.bq, r.wk, r.bk, X, pad, geom), qk_attention(*w, X, pad, geom))
+    full = relative_frobenius_error(qk_attention(r.wq, r.bq, r.wk, r.bk, X, pad, geom), qk_attention(*w, X, pad, geom))
     assert r.stats["attn_err_calib_support"] == pytest.approx(full, rel=1e-4)
 
 
@@ -142,8 +142,8 @@ def test_refit_lowers_unseen_attention_error(support: str) -> None:
     fit = prune_qk(*w, X, pad, geom, sparsity=0.7,
                    cfg=AttentionMethodConfig(support=support, refit_steps=80, refit_lr=3e-3))
     F_star = qk_attention(*w, Xt, padt, geom)
-    e_base = attention_error(qk_attention(base.wq, base.bq, base.wk, base.bk, Xt, padt, geom), F_star)
-    e_fit = attention_error(qk_attention(fit.wq, fit.bq, fit.wk, fit.bk, Xt, padt, geom), F_star)
+    e_base = relative_frobenius_error(qk_attention(base.wq, base.bq, base.wk, base.bk, Xt, padt, geom), F_star)
+    e_fit = relative_frobenius_error(qk_attention(fit.wq, fit.bq, fit.wk, fit.bk, Xt, padt, geom), F_star)
     assert torch.equal(fit.mask_q, base.mask_q) and torch.equal(fit.mask_k, base.mask_k)  # support kept exactly
     assert e_fit < 0.95 * e_base, (e_base, e_fit)  # measured 0.72 -> 0.52 (wanda), 0.49 -> 0.44 (sparsegpt)
     assert fit.stats["attn_err_holdout_final"] <= fit.stats["attn_err_holdout_support"]

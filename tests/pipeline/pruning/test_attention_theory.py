@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.pruning.attention_theory import (
+from tests.pipeline.pruning.attention_theory import (
     binarize_scores,
     estimate_lipschitz,
     mask_grad,

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
+from pipeline.pruning.masks import allowed_positions, binarize_scores  # noqa: F401  (re-exported for the tests)
+
 __all__ = [
-    "allowed_positions",
     "masked_row_softmax",
     "merged_attention",
     "mask_loss",
@@ -37,37 +38,9 @@ __all__ = [
     "estimate_lipschitz",
     "MaskTrace",
     "optimize_mask",
-    "binarize_scores",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def allowed_positions(n: int, *, causal: bool, pad_mask: Optional[torch.Tensor] = None,
-                      batch: int = 1, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which (query, key) pairs enter the softmax, and which query rows enter the loss.
-
-    Args:
-        n: sequence length.
-        causal: True adds the lower-triangular constraint j <= i.
-        pad_mask: (B, n) bool, True = real token, or None (all real).
-        batch: B when ``pad_mask`` is None.
-        device: device of the result.
-
-    Returns:
-        ``allowed`` (B, n, n) bool and ``row_valid`` (B, n) bool. Rows of padded queries allow every key so the
-        softmax stays finite; they are dropped from the loss through ``row_valid``.
-    """
-    if pad_mask is None:
-        pad_mask = torch.ones(batch, n, dtype=torch.bool, device=device)
-    allowed = pad_mask[:, None, :].expand(-1, n, -1)  # (B, n_q, n_k): padded keys never attended
-    if causal:
-        tril = torch.ones(n, n, dtype=torch.bool, device=pad_mask.device).tril()
-        allowed = allowed & tril
-    # Padded query rows (or a causal row with no real key yet, e.g. left padding) get all keys: finite, ignored.
-    empty = ~allowed.any(-1, keepdim=True) | ~pad_mask[:, :, None]
-    allowed = allowed | empty
-    return allowed, pad_mask
 
 
 def masked_row_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -248,27 +221,3 @@ def optimize_mask(W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
         raise ValueError(f"solver must be 'gd' or 'adam', got {solver!r}")
     trace.M = M
     return trace
-
-
-def binarize_scores(scores: torch.Tensor, sparsity: float, *, granularity: Literal["matrix", "row"] = "matrix",
-                    n: int = 0, m: int = 0) -> torch.Tensor:
-    """Keep the highest scores; bool keep-mask with exactly ``floor(sparsity·count)`` zeros (or the n:m pattern).
-
-    Delegates to :mod:`pipeline.pruning.masks` so every pruner in the project breaks ties and rounds alike.
-
-    Args:
-        scores: (rows, cols) importance, higher = keep.
-        sparsity: fraction to remove, in [0, 1) (ignored for n:m).
-        granularity: "matrix" (one global threshold) or "row" (per output row, Wanda-style).
-        n, m: if m > 0, keep n of every m consecutive columns per row (project convention, as SparseGPT's n:m).
-
-    Returns:
-        bool tensor like ``scores``, True = kept.
-    """
-    from pipeline.pruning.masks import nm_mask, unstructured_mask
-
-    if m > 0:
-        return nm_mask(scores, n, m)
-    if granularity not in ("matrix", "row"):
-        raise ValueError(f"granularity must be 'matrix' or 'row', got {granularity!r}")
-    return unstructured_mask(scores, sparsity, per_row=granularity == "row")
