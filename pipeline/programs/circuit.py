@@ -70,6 +70,8 @@ class LayeredNet:
         biases: per hidden layer, ``(width_l,)`` float64.
         readout: COO of ``W_out``, shape ``(width_0, width_L)``; ``readout_bias`` ``(width_0,)``.
         widths: ``[width_0 (the state), width_1, ..., width_L]``.
+        activation_bounds: per hidden layer, a proven upper bound of each unit on valid states (the builder's
+            units are bits by construction, so 1.0), or None to rely on interval bounds alone.
     """
 
     weights: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]
@@ -77,6 +79,7 @@ class LayeredNet:
     readout: tuple[np.ndarray, np.ndarray, np.ndarray]
     readout_bias: np.ndarray
     widths: tuple[int, ...]
+    activation_bounds: Optional[tuple[np.ndarray, ...]] = None
 
     @property
     def depth(self) -> int:
@@ -197,4 +200,7 @@ class Circuit:
         if min(widths[1:]) == 0:
             raise ValueError(f"a hidden layer has no units: widths {widths}")
         readout = (np.asarray(rows, np.int64), np.asarray(cols, np.int64), np.asarray(vals, np.float64))
-        return LayeredNet(tuple(weights), tuple(biases), readout, rbias, widths)
+        # every unit the constructions build is a bit on valid states (select, AND, carry-lookahead terms,
+        # pass-through of bits, the mux halves): the declared bound is 1 (checked by the interpreter parity tests)
+        bounds = tuple(np.ones(w) for w in widths[1:])
+        return LayeredNet(tuple(weights), tuple(biases), readout, rbias, widths, bounds)
