@@ -9,6 +9,7 @@ asked, and ``program.json`` (machine sizes, state layout, labels, initial memory
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,7 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         files: dict[str, str] = {}
         checks: dict[str, Any] = {}
         shipped: dict[str, Path] = {}
-        threads = prof.threads or 1
+        threads = min(prof.threads or 1, os.cpu_count() or 1)  # the profile's threads, capped at this host's cores
         for precision in shipped_precisions(prof):
             res = export_onnx(cp, tdir / f"program.{precision}.onnx", precision=precision, sparse=opts.sparse)
             ship = res.path
@@ -207,3 +208,55 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         "ok": ok and all(e["ok"] for e in expect.values()),
     }
 
+
+
+def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], opts: BuildOptions, *,
+                       memory_path: Optional[Path] = None, sizes: Optional[Mapping[str, Optional[int]]] = None) -> dict[str, Any]:
+    """``edgepipe compile-program``: assemble, build every target in a hidden temp folder, then publish
+    ``workdir/<target>/`` (each replaced atomically) and ``workdir/report.json``.
+
+    Nothing is published when a check fails: the report is written (``ok: false``) and
+    :class:`pipeline.errors.ValidationFailed` raised, so earlier good artifacts stay. Bad input (program, memory
+    file, target, sizes) raises a one-line :class:`pipeline.errors.ConfigError` before anything is written.
+    """
+    import shutil
+
+    from pipeline.artifact import replace_dir
+    from pipeline.errors import ConfigError, ValidationFailed
+    from pipeline.programs.asm import apply_memory, assemble_file, read_memory_file
+    from targets import load_target
+
+    sizes = {k: v for k, v in (sizes or {}).items() if v is not None}
+    prog = assemble_file(program_path, **sizes)
+    if memory_path is not None:
+        prog = apply_memory(prog, read_memory_file(memory_path), source=str(memory_path))
+        prog = Program(prog.spec, prog.code, prog.memory, prog.data_labels, prog.code_labels, prog.source, {})  # expectations describe the file's own memory
+    profiles: dict[str, Any] = {}
+    for ref in targets:
+        prof = load_target(ref)
+        if prof.name in profiles:
+            raise ConfigError(f"--target: '{prof.name}' given twice")
+        profiles[prof.name] = prof
+    if not profiles:
+        raise ConfigError("--target: give at least one target")
+    workdir = Path(workdir)
+    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
+        raise ConfigError(f"--workdir: '{workdir}' is not a folder edgepipe can write into")
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / f".compile.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        report = build_targets(prog, profiles, tmp, opts)
+        report["workdir"] = str(workdir)
+        if report["ok"]:
+            for name in profiles:
+                replace_dir(tmp / name, workdir / name)
+        atomic_write_json(workdir / "report.json", report)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not report["ok"]:
+        failed = [f"{n}/{p}" for n, t in report["targets"].items() for p, v in t["bit_exact"].items() if v is False]
+        failed += [f"expect {k}: got {e['got']}, expected {e['expected']}" for k, e in report["expect"].items() if not e["ok"]]
+        raise ValidationFailed(f"compiled program is not exact: {', '.join(failed)}; see {workdir / 'report.json'}")
+    return report
