@@ -220,7 +220,7 @@ def assemble_file(path: str | Path, **sizes: Any) -> Program:
 
 def apply_memory(program: Program, values: Mapping[str, Any], *, source: str = "<memory>") -> Program:
     """Program with initial cells replaced: ``{label: int | [int, ...]}`` (a list fills cells from the label on),
-    or ``{"@k": int}`` for cell k by address."""
+    or ``{"@k": int}`` for cell k by address. The program's expectations are dropped (they describe its own memory)."""
     mem = list(program.memory)
     spec = program.spec
     for key, val in values.items():
@@ -240,7 +240,8 @@ def apply_memory(program: Program, values: Mapping[str, Any], *, source: str = "
             if not spec.word_min <= v <= spec.word_max:
                 raise AssemblyError(f"{source}: key '{key}': {v} does not fit a {spec.word_bits}-bit two's-complement word")
             mem[start + i] = v
-    return program.with_memory(mem)
+    # the file's "; expect" lines describe its own memory, not this one
+    return Program(program.spec, program.code, tuple(mem), program.data_labels, program.code_labels, program.source, {})
 
 
 def read_memory_file(path: str | Path) -> dict[str, Any]:

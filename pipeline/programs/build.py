@@ -230,7 +230,6 @@ def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], op
     prog = assemble_file(program_path, **sizes)
     if memory_path is not None:
         prog = apply_memory(prog, read_memory_file(memory_path), source=str(memory_path))
-        prog = Program(prog.spec, prog.code, prog.memory, prog.data_labels, prog.code_labels, prog.source, {})  # expectations describe the file's own memory
     profiles: dict[str, Any] = {}
     for ref in targets:
         prof = load_target(ref)
