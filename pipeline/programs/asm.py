@@ -170,6 +170,8 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
             if not om or not om.group(1):
                 raise err(ln, f"operand '{tok}' is not a label, label+k or a number")
             name, sign, off = om.group(1), om.group(2), int(om.group(3) or 0)
+            if name.startswith("__"):
+                raise err(ln, f"operand '{tok}': '{name}' is reserved (names starting with '__' belong to the assembler)")
             table, other = (data_labels, code_labels) if kind == "data" else (code_labels, data_labels)
             if name not in table:
                 if name in other:
@@ -223,6 +225,7 @@ def apply_memory(program: Program, values: Mapping[str, Any], *, source: str = "
     or ``{"@k": int}`` for cell k by address. The program's expectations are dropped (they describe its own memory)."""
     mem = list(program.memory)
     spec = program.spec
+    reserved = {v for k, v in program.data_labels.items() if k.startswith("__")}
     for key, val in values.items():
         if isinstance(key, str) and key.startswith("@") and key[1:].isdigit():
             start = int(key[1:])
@@ -232,11 +235,13 @@ def apply_memory(program: Program, values: Mapping[str, Any], *, source: str = "
             known = ", ".join(sorted(k for k in program.data_labels if not k.startswith("__")))
             raise AssemblyError(f"{source}: key '{key}': not a data label of {program.source} (labels: {known}) nor '@address'")
         vals = val if isinstance(val, list) else [val]
+        if start + len(vals) > spec.memory_cells:
+            raise AssemblyError(f"{source}: key '{key}': {len(vals)} value(s) from cell {start} run past the memory ({spec.memory_cells} cells)")
         for i, v in enumerate(vals):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise AssemblyError(f"{source}: key '{key}': values must be integers, got {v!r}")
-            if not 0 <= start + i < spec.memory_cells:
-                raise AssemblyError(f"{source}: key '{key}': {len(vals)} value(s) from cell {start} run past the memory ({spec.memory_cells} cells)")
+            if start + i in reserved:
+                raise AssemblyError(f"{source}: key '{key}': cell {start + i} is the assembler's zero cell (halt and jmp need it to stay 0)")
             if not spec.word_min <= v <= spec.word_max:
                 raise AssemblyError(f"{source}: key '{key}': {v} does not fit a {spec.word_bits}-bit two's-complement word")
             mem[start + i] = v
