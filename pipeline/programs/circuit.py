@@ -8,6 +8,7 @@ The result is a plain MLP: ``h_l = ReLU(W_l h_{l-1} + b_l)`` for l = 1..L and a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -113,17 +114,19 @@ class LayeredNet:
         return {"depth": self.depth, "widths": list(self.widths), "max_width": max(self.widths), "weights": dense,
                 "nonzeros": nnz, "sparsity": 1.0 - nnz / dense if dense else 0.0}
 
-    def step(self, state: np.ndarray) -> np.ndarray:
-        """One loop iteration in float64 (the oracle of the exported graphs). ``state``: (B, width_0)."""
+    @cached_property
+    def _csr(self) -> list:
         import scipy.sparse as sp
 
+        return [sp.csr_matrix((v, (r, c)), shape=shp) for (r, c, v), shp in zip(self.coo(), self.shapes())]
+
+    def step(self, state: np.ndarray) -> np.ndarray:
+        """One loop iteration in float64 (the oracle of the exported graphs). ``state``: (B, width_0)."""
         h = np.asarray(state, dtype=np.float64)
-        for (r, c, v), b, shp in zip(self.weights, self.biases, self.shapes()):
-            W = sp.csr_matrix((v, (r, c)), shape=shp)
+        mats = self._csr
+        for W, b in zip(mats[:-1], self.biases):
             h = np.maximum((W @ h.T).T + b, 0.0)
-        r, c, v = self.readout
-        W = sp.csr_matrix((v, (r, c)), shape=(self.widths[0], self.widths[-1]))
-        return (W @ h.T).T + self.readout_bias
+        return (mats[-1] @ h.T).T + self.readout_bias
 
 
 class Circuit:
