@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from exporters.mobile import to_ort_format  # noqa: E402
 from pipeline.programs.build import parity  # noqa: E402
 from pipeline.programs.compile import compile_program  # noqa: E402
 from pipeline.programs.execute import OrtProgram  # noqa: E402
@@ -93,6 +94,7 @@ def sizes(tmp: Path) -> list[dict]:
         for precision in ("fp32", "int8"):
             row[f"{precision}_bytes"] = export_onnx(cp, tmp / f"s_{precision}.onnx", precision=precision).size_bytes
             row[f"{precision}_dense_bytes"] = export_onnx(cp, tmp / f"d_{precision}.onnx", precision=precision, sparse="never").size_bytes
+        row["int8_ort_bytes"] = to_ort_format(tmp / "s_int8.onnx", tmp / "ort").size_bytes
         rows.append(row)
     return rows
 
@@ -120,10 +122,10 @@ def markdown(speed_rows, size_rows, shape_rows, cmd: str) -> str:
                  f"{r['unrolled_fp32']:,.0f} (T={r['unroll']}) | {r['unrolled_int8']:,.0f} | {r['loop_fp32'] / r['python']:.3g} | "
                  f"{r['loop_int8'] / r['loop_fp32']:.2f} | {r['unrolled_fp32'] / r['loop_fp32']:.2f} |")
     L += ["", "### File size against N, M and I (shallow, code in the weights; sparse storage = auto)", "",
-          "| (N, M, I) | depth | max width | dense weights | nonzeros | fp32 .onnx | int8 .onnx | int8 / fp32 | fp32 dense .onnx | sparse / dense (fp32) |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| (N, M, I) | depth | max width | dense weights | nonzeros | fp32 .onnx | int8 .onnx | int8 .ort | int8 / fp32 | fp32 dense .onnx | sparse / dense (fp32) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in size_rows:
-        L.append(f"| {r['nmi']} | {r['depth']} | {r['max_width']} | {r['weights']:,} | {r['nonzeros']:,} | {r['fp32_bytes']:,} | {r['int8_bytes']:,} | "
+        L.append(f"| {r['nmi']} | {r['depth']} | {r['max_width']} | {r['weights']:,} | {r['nonzeros']:,} | {r['fp32_bytes']:,} | {r['int8_bytes']:,} | {r['int8_ort_bytes']:,} | "
                  f"{r['int8_bytes'] / r['fp32_bytes']:.2f} | {r['fp32_dense_bytes']:,} | {r['fp32_bytes'] / r['fp32_dense_bytes']:.3f} |")
     L += ["", "### Loop file sizes in the speed runs (bytes)", "", "| (N, M, I) | construction | Loop fp32 | Loop int8 | int8 / fp32 |", "|---|---|---|---|---|"]
     for r in speed_rows:
