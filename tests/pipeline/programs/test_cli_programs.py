@@ -112,3 +112,21 @@ def test_stage_input_digest_follows_the_file(tmp_path):
     d1 = cfg.input_digest()
     p.write_text("subleq X, X\nX: .word 2\n")
     assert cfg.input_digest() != d1
+
+
+def test_stage_in_a_pipeline_publishes_and_caches_by_file_content(tmp_path):
+    import pipeline
+
+    prog = tmp_path / "count.sq"
+    prog.write_text("loop: subleq ONE, X, done\njmp loop\ndone: halt\nX: .word 3\nONE: .word 1\n; expect X = 0\n")
+    cfg = {"targets": ["host-cpu"], "stages": [{"compile_program": {"program": str(prog), "random_memories": 1, "max_steps": 300}}]}
+    wd = tmp_path / "run"
+    rep = pipeline.run(cfg, workdir=wd, progress=False)
+    m = rep["stages"][0]["metrics"]
+    assert rep["ok"] and rep["stages"][0]["status"] == "ran"
+    assert m["targets"]["host-cpu"]["bit_exact"] == {"fp32": True, "int8": True} and set(m["targets"]["host-cpu"]) == {"bit_exact", "steps_per_s", "size_bytes", "depth"}
+    assert (wd / "host-cpu" / "program" / "program.int8.onnx").is_file() and (wd / "host-cpu" / "model.onnx").is_file()
+    assert pipeline.run(cfg, workdir=wd, progress=False)["stages"][0]["status"] == "cached"
+    prog.write_text(prog.read_text().replace(".word 3", ".word 4"))
+    rep = pipeline.run(cfg, workdir=wd, progress=False)
+    assert rep["stages"][0]["status"] == "ran" and rep["stages"][0]["metrics"]["interpreter"]["steps"] > m["interpreter"]["steps"]
