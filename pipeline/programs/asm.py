@@ -36,6 +36,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OPERAND = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)?\s*(?:([+-])\s*(\d+))?$")
 _EXPECT = re.compile(r"^[;#]\s*expect\s+([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?\s*=\s*(-?\d+)\s*$")
 ZERO = "__Z"
+MAX_CELLS = 4096      # a larger machine would not fit any target's memory as a dense network anyway
+MAX_SLOTS = 4096
 
 
 class AssemblyError(ConfigError):
@@ -111,8 +113,8 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
                 raise err(ln, f"{op} needs a value")
             if op == ".zero":
                 n = _int(args[0]) if len(args) == 1 else None
-                if n is None or n < 1:
-                    raise err(ln, f".zero takes one positive count, got {', '.join(args)}")
+                if n is None or not 1 <= n <= MAX_CELLS:
+                    raise err(ln, f".zero takes one count in 1..{MAX_CELLS}, got {', '.join(args)}")
                 values = [0] * n
             else:
                 values = []
@@ -150,8 +152,8 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
             raise err(ln, f"value {v} does not fit a {bits}-bit two's-complement word [{spec_n.word_min}, {spec_n.word_max}]")
 
     slots = program_slots or directives.get(".slots", (0, 0))[1] or max(2, 1 << (len(code) - 1).bit_length())
-    if slots < 2 or slots & (slots - 1):
-        raise err(directives.get(".slots", (1, 0))[0], f"program slots must be a power of two >= 2, got {slots}")
+    if slots < 2 or slots & (slots - 1) or slots > MAX_SLOTS:
+        raise err(directives.get(".slots", (1, 0))[0], f"program slots must be a power of two in 2..{MAX_SLOTS}, got {slots}")
     if len(code) > slots:
         raise err(code[slots][0], f"the program has {len(code)} instructions but the machine has {slots} slots")
     uses_zero = len(code) < slots or any(op in ("jmp", "halt") for _, op, _ in code)
@@ -159,6 +161,9 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
         data_labels[ZERO] = len(data)
         data.append((0, 0))
     cells = memory_cells or directives.get(".cells", (0, 0))[1] or len(data)
+    if cells > MAX_CELLS:
+        where = directives[".cells"][0] if ".cells" in directives else (data[-1][0] or 1 if data else 1)
+        raise err(where, f"the machine would have {cells} memory cells; at most {MAX_CELLS} are supported")
     if cells < len(data):
         raise err(directives.get(".cells", (1, 0))[0], f"the program declares {len(data)} memory cells but the machine has {cells}")
     spec = MachineSpec(bits, cells, slots)

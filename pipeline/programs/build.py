@@ -143,6 +143,13 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
     t0 = time.perf_counter()
     cp = compile_program(prog, construction=opts.construction, program_in=opts.program_in)
     compile_s = time.perf_counter() - t0
+    dense = sum(o * i for o, i in cp.net.shapes())
+    for name, prof in profiles.items():
+        # ONNX Runtime densifies the weights when the session starts: they must fit the device
+        mb = dense * (1 if shipped_precisions(prof)[0] == "int8" else 4) / 2**20
+        if mb > prof.memory_budget_mb:
+            raise TargetError(f"target '{name}': the compiled network needs {mb:,.0f} MB of dense {shipped_precisions(prof)[0]} weights at run time, "
+                              f"over the profile's memory_budget_mb ({prof.memory_budget_mb}); use a smaller machine (N, M, I) or the shallow construction")
     ref = interpret(prog, opts.max_steps)
     memories = [prog.memory] + random_memories(prog, opts.random_memories, opts.seed)
     int8 = check_int8(cp.net)

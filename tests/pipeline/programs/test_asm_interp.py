@@ -97,3 +97,10 @@ def test_halting_fixed_point_and_budget():
     forever = assemble("loop: subleq M1, X\njmp loop\nX: .word 0\nM1: .word -1\n")
     r = interpret(forever, 300)
     assert r.status == "budget_exhausted" and r.steps == 300 and not r.halted
+
+
+def test_machine_size_limits():
+    with pytest.raises(AssemblyError, match=r"bad.sq:2: .zero takes one count in 1..4096"):
+        assemble("subleq X, X\nX: .zero 100000000\n", source="bad.sq")
+    with pytest.raises(AssemblyError, match=r"bad.sq:1: program slots must be a power of two in 2..4096"):
+        assemble(".slots 8192\nsubleq X, X\nX: .word 0\n", source="bad.sq")

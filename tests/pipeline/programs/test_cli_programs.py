@@ -130,3 +130,15 @@ def test_stage_in_a_pipeline_publishes_and_caches_by_file_content(tmp_path):
     prog.write_text(prog.read_text().replace(".word 3", ".word 4"))
     rep = pipeline.run(cfg, workdir=wd, progress=False)
     assert rep["stages"][0]["status"] == "ran" and rep["stages"][0]["metrics"]["interpreter"]["steps"] > m["interpreter"]["steps"]
+
+
+def test_network_over_the_memory_budget_is_refused(tmp_path, capsys):
+    prof = tmp_path / "tiny.yaml"
+    prof.write_text((REPO / "targets" / "profiles" / "raspberry-pi-5.yaml").read_text().replace("name: raspberry-pi-5", "name: tiny")
+                    .replace("memory_budget_mb: ", "memory_budget_mb: 1 #"))
+    prog = tmp_path / "p.sq"
+    prog.write_text("subleq X, Y\nhalt\nX: .word 1\nY: .zero 60\n")
+    assert main(["compile-program", str(prog), "--target", str(prof), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "target 'tiny': the compiled network needs" in err and "memory_budget_mb (1)" in err
+    assert not (tmp_path / "w" / "tiny").exists()
