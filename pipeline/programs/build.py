@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.artifact import atomic_write_json
 from pipeline.programs.compile import CompiledProgram, compile_program
 from pipeline.programs.execute import OrtProgram
-from pipeline.programs.machine import Program, RunResult, interpret
+from pipeline.programs.machine import Program, interpret
 from pipeline.programs.onnx_export import OPSET, PRECISIONS, check_int8, export_onnx
 
 __all__ = ["BuildOptions", "build_targets", "shipped_precisions", "parity", "steps_per_second", "program_manifest"]
@@ -72,7 +72,6 @@ def steps_per_second(runner: OrtProgram, state: np.ndarray, max_steps: int, *, s
     For an unrolled graph ``max_steps`` must be its T."""
     feeds_state = np.atleast_2d(state)
     best = float("inf")
-    iters = 1
     t_end = time.perf_counter() + seconds
     runs = 0
     while runs < 3 or time.perf_counter() < t_end:
@@ -111,7 +110,7 @@ def program_manifest(prog: Program, cp: CompiledProgram) -> dict[str, Any]:
         "state": {"size": lay.size, "memory_offset": lay.mem_offset, "pc_offset": lay.pc_offset, "pc_bits": s.pc_bits,
                   "code_offset": lay.inst_offset if lay.program_in == "state" else None,
                   "bit_order": "cell-major, least significant bit first; two's complement"},
-        "data_labels": {k: v for k, v in prog.data_labels.items()},
+        "data_labels": dict(prog.data_labels),
         "code_labels": dict(prog.code_labels),
         "initial_memory": list(prog.memory),
         "code": [list(i) for i in prog.code],
