@@ -19,7 +19,7 @@ __all__ = ["CompileProgramConfig", "run_compile_program"]
 
 class CompileProgramConfig(StageConfig):
     kind = "compile_program"
-    program: str = Field(description="SUBLEQ assembly file (.sq); a relative path is taken from the working directory")
+    program: Optional[str] = Field(None, description="SUBLEQ assembly file (.sq), required; a relative path is taken from the working directory")
     memory: Optional[Union[str, dict[str, Union[int, list[int]]]]] = Field(
         None, description="initial memory overrides: {label: value or [values]}, or a JSON file holding that mapping")
     word_bits: Optional[int] = Field(None, ge=2, le=32, description="N (default: the program's .bits, else 8)")
@@ -47,8 +47,11 @@ class CompileProgramConfig(StageConfig):
 @register_stage(CompileProgramConfig, version=1)
 def run_compile_program(art: Artifact, cfg: CompileProgramConfig, ctx: StageContext) -> Artifact:
     """Compile a SUBLEQ program to looped ReLU-MLP ONNX per target, bit-exact against the interpreter."""
+    from pipeline.errors import ConfigError
     from pipeline.programs.asm import apply_memory, assemble_file, read_memory_file
 
+    if cfg.program is None:
+        raise ConfigError(f"stages[{ctx.index}].compile_program.program: required key is missing (the .sq file to compile)")
     sizes = {k: v for k, v in {"word_bits": cfg.word_bits, "memory_cells": cfg.memory_cells, "program_slots": cfg.program_slots}.items() if v is not None}
     prog = assemble_file(cfg.program, **sizes)
     if cfg.memory is not None:

@@ -141,3 +141,11 @@ def test_network_over_the_memory_budget_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "target 'tiny': the compiled network needs" in err and "memory_budget_mb (1)" in err
     assert not (tmp_path / "w" / "tiny").exists()
+
+
+def test_stage_without_a_program_says_so(tmp_path):
+    import pipeline
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stages\[0\].compile_program.program: required"):
+        pipeline.run({"targets": ["host-cpu"], "stages": [{"compile_program": {}}]}, workdir=tmp_path / "r", progress=False)
