@@ -188,7 +188,7 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         sps = steps_per_second(runner, cp.layout.encode(prog)[None], opts.max_steps, seconds=opts.timing_seconds)
         targets[name] = {"bit_exact": bit_exact, "steps_per_s": round(sps, 1), "size_bytes": shipped[default].stat().st_size, "depth": cp.net.depth}
         details[name] = {"precision": default, "shipped": shipped[default].name, "files": files, "parity": checks, "threads": threads}
-        log.info("%s: bit-exact %s, %.0f steps/s, %d bytes", name, {k: v for k, v in bit_exact.items() if v is not None}, sps, shipped[default].stat().st_size)
+        log.debug("%s: bit-exact %s, %.0f steps/s, %d bytes", name, {k: v for k, v in bit_exact.items() if v is not None}, sps, shipped[default].stat().st_size)
     ok = all(v is not False for t in targets.values() for v in t["bit_exact"].values())
     expect = {}
     if prog.expect:
