@@ -61,6 +61,9 @@ def run_compile_program(art: Artifact, cfg: CompileProgramConfig, ctx: StageCont
                         random_memories=cfg.random_memories, unroll_steps=cfg.unroll_steps, sparse=cfg.sparse, seed=ctx.run.seed)
     root = ctx.subdir("programs")
     rep = build_targets(prog, ctx.targets, root, opts)
+    for n, t in rep["targets"].items():
+        ctx.log.info("%s: bit-exact %s, %.0f steps/s, %d bytes, depth %d", n, {k: v for k, v in t["bit_exact"].items() if v is not None},
+                     t["steps_per_s"], t["size_bytes"], t["depth"])
     failures = [{"target": n, "check": f"compile_program bit_exact {p}", "value": v, "limit": True}
                 for n, t in rep["targets"].items() for p, v in t["bit_exact"].items() if v is False]
     failures += [{"target": "-", "check": f"compile_program expect {k}", "value": e["got"], "limit": e["expected"]}
