@@ -110,6 +110,12 @@ def _cmd_compile_program(args: argparse.Namespace) -> int:
     for flag, v in (("--max-steps", args.max_steps), ("--random-memories", args.random_memories + 1), ("--unroll", args.unroll or 1)):
         if v < 1:
             raise ConfigError(f"{flag}: must be positive, got {v}")
+    if args.word_bits is not None and not 2 <= args.word_bits <= 32:
+        raise ConfigError(f"--word-bits: must be in 2..32, got {args.word_bits}")
+    if args.memory_cells is not None and args.memory_cells < 1:
+        raise ConfigError(f"--memory-cells: must be positive, got {args.memory_cells}")
+    if args.program_slots is not None and (args.program_slots < 2 or args.program_slots & (args.program_slots - 1)):
+        raise ConfigError(f"--program-slots: must be a power of two >= 2, got {args.program_slots}")
     opts = BuildOptions(construction=args.construction, program_in=args.program_in, max_steps=args.max_steps,
                         random_memories=args.random_memories, unroll_steps=args.unroll, sparse=args.sparse, seed=args.seed)
     sizes = {"word_bits": args.word_bits, "memory_cells": args.memory_cells, "program_slots": args.program_slots}

@@ -47,6 +47,7 @@ def test_compile_program_cli_targets_and_report(tmp_path):
     ("bad_memory", "mem.json: key 'Q': not a data label"),
     ("bad_target", "unknown target 'toaster'"),
     ("missing", "prog.sq: file not found"),
+    ("bad_slots", "--program-slots: must be a power of two >= 2, got 12"),
 ])
 def test_bad_input_one_line_exit_2(tmp_path, setup, fragment):
     prog = tmp_path / "prog.sq"
@@ -58,6 +59,8 @@ def test_bad_input_one_line_exit_2(tmp_path, setup, fragment):
     args = [str(prog), "--target", "toaster" if setup == "bad_target" else "host-cpu", "--workdir", str(tmp_path / "w")]
     if setup == "bad_memory":
         args += ["--memory", str(mem)]
+    if setup == "bad_slots":
+        args += ["--program-slots", "12"]
     res = edgepipe("compile-program", *args)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     lines = [line for line in res.stderr.splitlines() if line.startswith("edgepipe: error:")]
