@@ -4,6 +4,7 @@
     edgepipe validate CONFIG.yaml
     edgepipe targets [--file PROFILE.yaml ...]
     edgepipe targets show NAME_OR_PATH
+    edgepipe compile-program PROG.sq [--memory FILE] --target NAME... --workdir DIR
     edgepipe plan-attention --target NAME --seq N --head-dim D [--json]
 
 Bad input prints one line naming the cause and where, and exits with code 2 (a failed validation gate: 1);
@@ -102,6 +103,35 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compile_program(args: argparse.Namespace) -> int:
+    from pipeline.errors import ConfigError
+    from pipeline.programs.build import BuildOptions, compile_to_workdir
+
+    for flag, v in (("--max-steps", args.max_steps), ("--random-memories", args.random_memories + 1), ("--unroll", args.unroll or 1)):
+        if v < 1:
+            raise ConfigError(f"{flag}: must be positive, got {v}")
+    if args.word_bits is not None and not 2 <= args.word_bits <= 32:
+        raise ConfigError(f"--word-bits: must be in 2..32, got {args.word_bits}")
+    if args.memory_cells is not None and args.memory_cells < 1:
+        raise ConfigError(f"--memory-cells: must be positive, got {args.memory_cells}")
+    if args.program_slots is not None and (args.program_slots < 2 or args.program_slots & (args.program_slots - 1)):
+        raise ConfigError(f"--program-slots: must be a power of two >= 2, got {args.program_slots}")
+    opts = BuildOptions(construction=args.construction, program_in=args.program_in, max_steps=args.max_steps,
+                        random_memories=args.random_memories, unroll_steps=args.unroll, sparse=args.sparse, seed=args.seed)
+    sizes = {"word_bits": args.word_bits, "memory_cells": args.memory_cells, "program_slots": args.program_slots}
+    rep = compile_to_workdir(Path(args.program), Path(args.workdir), args.target, opts,
+                             memory_path=Path(args.memory) if args.memory else None, sizes=sizes)
+    if not args.quiet:
+        net, m = rep["network"], rep["machine"]
+        print(f"edgepipe: {args.program}: N={m['word_bits']} M={m['memory_cells']} I={m['program_slots']}, {rep['construction']} "
+              f"depth {net['depth']}, max width {net['max_width']}, {net['nonzeros']} nonzero weights; "
+              f"interpreter: {rep['interpreter']['status']} after {rep['interpreter']['steps']} steps -> {Path(args.workdir) / 'report.json'}")
+        for name, t in rep["targets"].items():
+            exact = ", ".join(f"{p} {'exact' if v else 'NOT exact'}" for p, v in t["bit_exact"].items() if v is not None)
+            print(f"  {name:<18} {exact:<24} {t['steps_per_s']:>10.0f} steps/s  {t['size_bytes'] / 1e3:8.1f} kB")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgepipe", description="Compress transformer models and ship validated ONNX models to edge targets.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -128,6 +158,26 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--file", action="append", help="also list this user profile YAML (repeatable)")
     common(t)
     t.set_defaults(fn=_cmd_targets)
+
+    from pipeline.programs.compile import CONSTRUCTIONS, PROGRAM_IN
+
+    cp = sub.add_parser("compile-program", help="compile a SUBLEQ program into looped ReLU-MLP ONNX models, checked bit-exactly per target")
+    cp.add_argument("program", help="SUBLEQ assembly file (.sq)")
+    cp.add_argument("--memory", help="JSON file {label: value or [values]} replacing initial memory cells")
+    cp.add_argument("--target", action="append", required=True, help="target name or profile YAML (repeatable)")
+    cp.add_argument("--workdir", required=True, help="output folder: <target>/ and report.json")
+    cp.add_argument("--construction", choices=CONSTRUCTIONS, default=CONSTRUCTIONS[0], help="shallow (default) or the paper's 23 layers")
+    cp.add_argument("--program-in", choices=PROGRAM_IN, default=PROGRAM_IN[0], help="code baked into the weights (default) or held in the state")
+    cp.add_argument("--word-bits", type=int, help="N (default: the program's .bits, else 8)")
+    cp.add_argument("--memory-cells", type=int, help="M (default: the cells the program declares)")
+    cp.add_argument("--program-slots", type=int, help="I, a power of two (default: the smallest that holds the code)")
+    cp.add_argument("--max-steps", type=int, default=10_000, help="step budget of the parity runs (default 10000)")
+    cp.add_argument("--random-memories", type=int, default=8, help="random memories checked besides the given one (default 8)")
+    cp.add_argument("--unroll", type=int, help="also ship an unrolled graph of this many steps")
+    cp.add_argument("--sparse", choices=["auto", "always", "never"], default="auto", help="sparse weight storage (auto: where it shrinks the file)")
+    cp.add_argument("--seed", type=int, default=0)
+    common(cp)
+    cp.set_defaults(fn=_cmd_compile_program)
 
     pa = sub.add_parser("plan-attention", help="pick the attention algorithm and block sizes for a target's cache")
     pa.add_argument("--target", required=True)

@@ -176,6 +176,9 @@ def run(
         for i, scfg in enumerate(cfg.stages):
             spec = STAGES[scfg.kind]
             key = _digest(key, scfg.kind, spec.version, scfg.model_dump(mode="json"))
+            input_digest = getattr(scfg, "input_digest", None)
+            if callable(input_digest):  # a stage whose config names input files: their content is part of the key
+                key = _digest(key, input_digest())
             name = f"{i + 1:02d}-{scfg.kind}"
             final = stages_dir / name
             record_path = final / STAGE_RECORD
