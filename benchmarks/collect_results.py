@@ -19,6 +19,7 @@ ORDER = [
     ("sparse_ort.md", "Issue 4 — ONNX Runtime block-sparse attention vs dense fused attention"),
     ("sparse_e2e.md", "Issue 4 — 2-layer Llama end to end, block-sparse vs dense"),
     ("io.md", "Issue 4 — counted I/O vs lower bounds"),
+    ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
 ]
 
 
