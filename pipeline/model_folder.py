@@ -131,7 +131,7 @@ def safetensors_shards(folder: Path) -> list[Path]:
     pickles = _pickles(folder)
     if pickles:
         raise ModelFolderError(
-            f"{folder}: only pickle weights found ({', '.join(pickles[:5])}); pickle weights are not loaded"
+            f"{folder}: only pickle weights found ({', '.join(pickles[:5])}); refusing to load: pickle weights are not loaded"
             " (edgepipe reads safetensors only: unpickling can run arbitrary code); convert them to model.safetensors"
         )
     raise ModelFolderError(f"{folder}: no weights found (expected model.safetensors or model.safetensors.index.json)")

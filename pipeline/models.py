@@ -281,13 +281,13 @@ def load_model(
         raise ModelLoadError(f"{path}: model directory does not exist")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)")
-    from pipeline.model_folder import ModelFolderError, check_config_fields, read_config_json
+    from pipeline.model_folder import ModelFolderError, check_config_fields, read_config_json, refuse_remote_code
 
     try:
+        refuse_remote_code(path)  # before transformers reads anything: no auto_map
         check_config_fields(read_config_json(path), f"{path}/config.json")
     except ModelFolderError as e:
         raise ModelLoadError(str(e)) from None
-    check_weights(path)  # before transformers reads anything: no auto_map, safetensors shards only
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
@@ -302,6 +302,7 @@ def load_model(
             f"{path}: task {task!r} is not supported for {config.model_type!r} "
             f"(family {family!r} supports {', '.join(_FAMILY_TASKS[family])})"
         )
+    check_weights(path)  # the index is read here: safetensors shards inside the folder only
     # edgepipe's QK-dimension pruning narrows q/k modules; HF builds them at full width and we rebuild them after
     narrowed = bool(getattr(config, "edgepipe_qk_dims", None))
     try:

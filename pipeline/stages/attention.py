@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
-from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets
 
 if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
@@ -25,6 +25,7 @@ __all__ = ["AttentionConfig", "run_attention", "block_pattern", "apply_attention
 
 class AttentionConfig(StageConfig):
     kind = "attention"
+    works_on = "torch"
     kernel: Literal["auto", "flash", "small_cache", "block_sparse"] = Field(
         "auto", description="auto = the planner's pick for the smallest target cache (flash or small_cache)"
     )
@@ -37,6 +38,20 @@ class AttentionConfig(StageConfig):
     cache_words: Optional[int] = Field(None, ge=64, description="fast-memory words M; omitted = smallest attention cache among the targets")
     check_atol: float = Field(1e-4, gt=0, description="max |swapped - reference| on calibration text")
     check_samples: int = Field(2, ge=1, le=64, description="calibration passages for the swap check")
+
+    def task_problem(self, task: str) -> Optional[str]:
+        """Why this config cannot serve a model of ``task``, or None."""
+        decoder = task == "text-generation"
+        if self.kernel == "block_sparse" and decoder and self.pattern != "causal_window":
+            return f"pattern '{self.pattern}' would let a causal decoder see the future; use pattern: causal_window"
+        if self.kernel == "block_sparse" and not decoder and self.pattern == "causal_window":
+            return "pattern 'causal_window' is for decoders; use window or global_window for an encoder"
+        return None
+
+    def check(self, plan: RunPlan) -> None:
+        problem = self.task_problem(plan.task)
+        if problem:
+            raise ValueError(problem)
 
     @model_validator(mode="after")
     def _pattern_args(self) -> "AttentionConfig":
@@ -93,10 +108,9 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     from pipeline.kernels import cache_words_from_bytes, plan_attention
 
     decoder = art.task == "text-generation"
-    if cfg.kernel == "block_sparse" and decoder and cfg.pattern != "causal_window":
-        raise StageError("attention", f"pattern '{cfg.pattern}' would let a causal decoder see the future; use pattern: causal_window")
-    if cfg.kernel == "block_sparse" and not decoder and cfg.pattern == "causal_window":
-        raise StageError("attention", "pattern 'causal_window' is for decoders; use window or global_window for an encoder")
+    problem = cfg.task_problem(art.task)
+    if problem:  # preflight() refuses this before any stage runs; direct callers get the same message
+        raise StageError("attention", problem)
     loaded = load_from_artifact(art, ctx)
     conf = loaded.model.config
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
