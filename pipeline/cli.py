@@ -24,8 +24,9 @@ from typing import NoReturn, Optional, Sequence
 __all__ = ["main"]
 
 log = logging.getLogger("edgepipe")
-MAX_PLAN_SEQ = 1 << 20        # plan-attention: longer sequences are refused (the causal count walks every tile)
-MAX_PLAN_HEAD_DIM = 4096
+MAX_PLAN_SEQ = 1 << 20        # plan-attention: longer sequences are refused (closed forms: answered in ~1 s)
+MAX_PLAN_HEAD_DIM = 1024
+MAX_PLAN_CAUSAL_WORK = 1 << 21  # --causal counts tiles one by one: seq * head_dim above this is refused (~3 s at the cap)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,6 +135,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"plan-attention: --head-dim must be in 1..{MAX_PLAN_HEAD_DIM}, got {args.head_dim}")
     if args.density is not None and not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
         raise ConfigError(f"plan-attention: --density must be a fraction in (0, 1], got {args.density}")
+    if args.causal and args.density is None and args.seq * args.head_dim > MAX_PLAN_CAUSAL_WORK:
+        raise ConfigError(f"plan-attention: --causal counts every tile; --seq x --head-dim must be at most {MAX_PLAN_CAUSAL_WORK:,}"
+                          f" (got {args.seq:,} x {args.head_dim}); plan without --causal for an upper bound")
     prof = load_target(args.target)
     plan = plan_attention(cache_words=cache_words_from_bytes(prof.cache_bytes()), seq=args.seq, head_dim=args.head_dim, causal=args.causal, density=args.density)
     data = {"target": prof.name, "cache_level": prof.cache.attention_level, **plan.__dict__}
