@@ -56,6 +56,12 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
         warnings.filterwarnings("ignore")
         for name in ("torch", "transformers", "optimum", "onnxscript", "onnx_ir", "onnxruntime", "ort_format_model", ""):
             logging.getLogger(name).setLevel(logging.ERROR)  # "" = the root logger some libraries log to directly
+        root_logger = logging.getLogger()
+        if not root_logger.handlers:
+            # tools that call logging.basicConfig() and set their own loggers to DEBUG (onnxruntime's ORT-format
+            # converter, its mobile checker) would print through a root handler; with one already there,
+            # basicConfig adds none and their records end here. Errors reach the user as edgepipe's one line.
+            root_logger.addHandler(logging.NullHandler())
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
