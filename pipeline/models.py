@@ -168,6 +168,31 @@ def check_weights(path: Path) -> None:
         raise ModelLoadError(str(e)) from None
 
 
+def _shape_mismatch(path: Path, task: str, config: Any) -> str | None:
+    """The first tensor whose shape in the weights differs from what config.json builds (on the meta device:
+    no memory, no weights read), as a message naming it; None if none is found."""
+    import torch
+    from safetensors import safe_open
+
+    from pipeline.model_folder import safetensors_shards
+
+    try:
+        with torch.device("meta"):
+            model = _auto_class(task).from_config(config)
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "")
+    for shard in safetensors_shards(path):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                for cand in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
+                    if cand in expected and expected[cand] != shape:
+                        return f"tensor '{key}' has shape {list(shape)} in the weights but config.json makes it {list(expected[cand])}"
+    return None
+
+
 def _check_loaded(path: Path, model: "torch.nn.Module", info: dict[str, Any], narrowed: bool) -> None:
     """Refuse a partial or mismatched checkpoint (missing, unexpected or re-initialised tensors, e.g. a config
     saying 4 layers over weights for 2) and non-finite weights, naming the tensors."""
@@ -325,6 +350,9 @@ def load_model(
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
+        mismatch = _shape_mismatch(path, task, config) if "size mismatch" in str(e) else None
+        if mismatch:
+            raise ModelLoadError(f"{path}: {mismatch}") from e
         cause = str(e).splitlines()[0][:300] if str(e) else ""
         raise ModelLoadError(
             f"{path}: failed to load {config.model_type!r} weights for {task!r}: {type(e).__name__}: {cause}"
