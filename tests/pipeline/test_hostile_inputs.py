@@ -120,11 +120,9 @@ def assert_refused(code: int, err: str, fragments: tuple[str, ...]) -> str:
 @pytest.fixture(scope="module")
 def base_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
     """The session's tiny BERT, and a copy without tokenizer files; each case copies what it needs."""
-    from pipeline.model_folder import TOKENIZER_FILES
-
     notok = tmp_path_factory.mktemp("hostile-models") / "bert-notok"
     shutil.copytree(tiny_models["bert"], notok)
-    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "special_tokens_map.json"):
         (notok / name).unlink(missing_ok=True)
     return {"bert": tiny_models["bert"], "bert-notok": notok}
 
