@@ -603,3 +603,16 @@ def test_subprocess_cli_one_line_no_traceback(tmp_path):
         res = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
         assert time.perf_counter() - t0 < 60
         assert_refused(res.returncode, res.stderr, ())
+
+
+def test_tool_loggers_silent_without_debug(tmp_path):
+    """onnxruntime's ORT-format converter sets its logger to DEBUG and calls logging.basicConfig(); without
+    --debug its INFO lines ("Created config in ...") must not reach the user, even under --quiet."""
+    code = ("import logging, sys; from pipeline.cli import _setup_logging; _setup_logging({quiet}, False)\n"
+            "from onnxruntime.tools.ort_format_model import utils\n"
+            "utils.log.info('Created config in /somewhere'); logging.getLogger('check_usability').warning('chatter')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for quiet in (True, False):
+        res = subprocess.run([sys.executable, "-c", code.format(quiet=quiet)], capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert res.stderr == "", res.stderr
