@@ -17,10 +17,14 @@ def run(config=None, *, workdir="runs/latest", stages=None, progress=True):
 
 
 def validate_config(path):
-    """Check a YAML config without running it; returns the parsed :class:`PipelineConfig`."""
+    """Check a YAML config without running it (every check of ``run`` that needs no model weights, as
+    ``edgepipe validate``); returns the parsed :class:`PipelineConfig` or raises a one-line ConfigError."""
     from pipeline.config import load_config
+    from pipeline.preflight import preflight
 
-    return load_config(path)
+    cfg = load_config(path)
+    preflight(cfg, source=str(path))
+    return cfg
 
 
 __all__ = ["__version__", "run", "validate_config"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-__all__ = ["Artifact", "TargetModel", "atomic_write_text", "atomic_write_json", "atomic_copy", "replace_dir", "hash_file", "hash_tree"]
+__all__ = ["Artifact", "TargetModel", "atomic_write_text", "atomic_write_json", "atomic_copy", "replace_dir", "make_temp_dir", "temp_file_near", "hash_file", "hash_tree"]
 
 
 @dataclass(frozen=True)
@@ -64,16 +64,33 @@ class Artifact:
         return cls(**{**data, "targets": targets})
 
 
-def _tmp_near(path: Path) -> Path:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def temp_file_near(path: Path) -> Path:
+    """A new, unpredictably named temp file beside ``path`` (O_EXCL: never an existing file or a planted link),
+    with the mode an ordinary new file gets (0644 under umask 022), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return Path(tmp)
 
 
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A new, unpredictably named folder ``parent/<prefix>XXXXXXXX`` (never an existing one or a planted link),
+    with an ordinary folder's mode (0755 under umask 022)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temp file in the same folder + ``os.replace`` (never half-written)."""
-    tmp = _tmp_near(path)
+    tmp = temp_file_near(path)
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -101,7 +118,7 @@ def _json_default(o: Any) -> Any:
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    tmp = _tmp_near(dst)
+    tmp = temp_file_near(dst)
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)

@@ -1,14 +1,14 @@
 """The ``edgepipe`` command line.
 
     edgepipe run [CONFIG.yaml] [--workdir DIR] [--quiet] [--debug]
-    edgepipe validate CONFIG.yaml
+    edgepipe validate CONFIG.yaml [--workdir DIR]
     edgepipe targets [--file PROFILE.yaml ...]
     edgepipe targets show NAME_OR_PATH
     edgepipe compile-program PROG.sq [--memory FILE] --target NAME... --workdir DIR
     edgepipe plan-attention --target NAME --seq N --head-dim D [--json]
 
 Bad input prints one line naming the cause and where, and exits with code 2 (a failed validation gate: 1);
-``--debug`` shows the traceback.
+``--debug`` shows the traceback. ``validate`` runs every check of ``run`` that needs no model weights.
 """
 
 from __future__ import annotations
@@ -20,11 +20,28 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 __all__ = ["main"]
 
 log = logging.getLogger("edgepipe")
+MAX_PLAN_SEQ = 1 << 20        # plan-attention: longer sequences are refused (closed forms: answered in ~1 s)
+MAX_PLAN_HEAD_DIM = 1024
+MAX_PLAN_CAUSAL_WORK = 1 << 21  # --causal counts tiles one by one: seq * head_dim above this is refused (~3 s at the cap)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"edgepipe: error: {self.prog}: {message.splitlines()[0] if message else 'bad arguments'}\n")
+
+
+def _one_line(exc: BaseException, limit: int = 1000) -> str:
+    """The first line of an error message, bounded: the CLI never prints more than one line per error."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= limit else first[:limit] + "..."
 
 
 def _setup_logging(quiet: bool, debug: bool) -> None:
@@ -40,13 +57,35 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
         warnings.filterwarnings("ignore")
         for name in ("torch", "transformers", "optimum", "onnxscript", "onnx_ir", "onnxruntime", "ort_format_model", ""):
             logging.getLogger(name).setLevel(logging.ERROR)  # "" = the root logger some libraries log to directly
+        root_logger = logging.getLogger()
+        if not root_logger.handlers:
+            # tools that call logging.basicConfig() and set their own loggers to DEBUG (onnxruntime's ORT-format
+            # converter, its mobile checker) would print through a root handler; with one already there,
+            # basicConfig adds none and their records end here. Errors reach the user as edgepipe's one line.
+            root_logger.addHandler(logging.NullHandler())
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _quiet_onnxruntime(debug: bool) -> None:
+    """ONNX Runtime's C++ logger writes (coloured) lines to stderr on its own; without --debug only fatal ones."""
+    if debug:
+        return
+    try:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(4)
+    except Exception:  # noqa: BLE001 - a missing or broken onnxruntime surfaces where it is used
+        pass
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import pipeline
+    from pipeline.errors import ConfigError
 
+    if args.workdir is not None and not args.workdir.strip():
+        raise ConfigError("--workdir: empty path; give a folder for the run (e.g. runs/my-model)")
     workdir = args.workdir or (f"runs/{Path(args.config).stem}" if args.config else "runs/default")
+    _quiet_onnxruntime(args.debug)
     report = pipeline.run(args.config, workdir=workdir, progress=not args.quiet)
     if not args.quiet:
         print(f"edgepipe: run complete in {report['seconds']:.1f} s -> {Path(workdir) / 'report.md'}")
@@ -59,9 +98,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.preflight import check_workdir, preflight
 
     cfg = load_config(args.config)
-    print(f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(s.kind for s in cfg.stages)}; targets: {', '.join(cfg.targets)})")
+    pre = preflight(cfg, source=args.config)
+    if args.workdir is not None:
+        check_workdir(args.workdir, pre.model_path, cfg.calibration.file)
+    print(f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(s.kind for s in cfg.stages)}; targets: {', '.join(pre.profiles)};"
+          f" model: {pre.family} {pre.task}; {len(pre.texts)} calibration passages)")
     return 0
 
 
@@ -72,7 +116,9 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
     if args.action == "show":
         if not args.name:
-            raise SystemExit("edgepipe: error: 'targets show' needs a target name or profile path")
+            from pipeline.errors import ConfigError
+
+            raise ConfigError("targets show: give a target name or a profile path (see 'edgepipe targets')")
         prof = load_target(args.name)
         print(yaml.safe_dump(prof.model_dump(mode="json"), sort_keys=False).rstrip())
         return 0
@@ -84,9 +130,21 @@ def _cmd_targets(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    import math
+
+    from pipeline.errors import ConfigError
     from pipeline.kernels.planner import cache_words_from_bytes, plan_attention
     from targets import load_target
 
+    if not 1 <= args.seq <= MAX_PLAN_SEQ:
+        raise ConfigError(f"plan-attention: --seq must be in 1..{MAX_PLAN_SEQ}, got {args.seq}")
+    if not 1 <= args.head_dim <= MAX_PLAN_HEAD_DIM:
+        raise ConfigError(f"plan-attention: --head-dim must be in 1..{MAX_PLAN_HEAD_DIM}, got {args.head_dim}")
+    if args.density is not None and not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
+        raise ConfigError(f"plan-attention: --density must be a fraction in (0, 1], got {args.density}")
+    if args.causal and args.density is None and args.seq * args.head_dim > MAX_PLAN_CAUSAL_WORK:
+        raise ConfigError(f"plan-attention: --causal counts every tile; --seq x --head-dim must be at most {MAX_PLAN_CAUSAL_WORK:,}"
+                          f" (got {args.seq:,} x {args.head_dim}); plan without --causal for an upper bound")
     prof = load_target(args.target)
     plan = plan_attention(cache_words=cache_words_from_bytes(prof.cache_bytes()), seq=args.seq, head_dim=args.head_dim, causal=args.causal, density=args.density)
     data = {"target": prof.name, "cache_level": prof.cache.attention_level, **plan.__dict__}
@@ -133,7 +191,7 @@ def _cmd_compile_program(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgepipe", description="Compress transformer models and ship validated ONNX models to edge targets.")
+    p = _Parser(prog="edgepipe", description="Compress transformer models and ship validated ONNX models to edge targets.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command")
 
@@ -149,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a config without running it")
     v.add_argument("config")
+    v.add_argument("--workdir", help="also check this run folder (edgepipe's own, new or empty; not in the model folder)")
     common(v)
     v.set_defaults(fn=_cmd_validate)
 
@@ -216,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EdgepipeError as exc:
         if args.debug:
             raise
-        print(f"edgepipe: error: {exc}", file=sys.stderr)
+        print(f"edgepipe: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:  # e.g. `edgepipe targets | head`
         return 0
@@ -226,7 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # an edgepipe bug or an environment problem: still one line unless --debug
         if args.debug:
             raise
-        print(f"edgepipe: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"edgepipe: internal error: {type(exc).__name__}: {_one_line(exc, 300)} (run with --debug for the traceback)", file=sys.stderr)
         return 3
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError, TargetError
-from pipeline.schema import Frozen, format_validation_error, read_yaml
+from pipeline.schema import Frozen, format_validation_error, read_yaml, shown
 from pipeline.stage import STAGES, StageConfig
 
 __all__ = [
@@ -33,6 +33,7 @@ Task = Literal["feature-extraction", "fill-mask", "text-generation"]
 class ModelConfig(Frozen):
     path: Optional[str] = Field(None, description="local Hugging Face model directory; omitted = the packaged all-MiniLM-L6-v2")
     task: Optional[Task] = Field(None, description="what the model is used for; inferred from the config when omitted")
+    tokenizer: bool = Field(True, description="false: the model has no tokenizer (edgepipe then feeds hashed word ids); true: the folder must hold one")
 
 
 class CalibrationConfig(Frozen):
@@ -48,7 +49,7 @@ class PipelineConfig(Frozen):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     targets: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS), min_length=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="random seed (numpy, torch, python); 0 <= seed < 2**32")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     stages: list[StageConfig] = Field(default_factory=list)
 
@@ -91,10 +92,10 @@ def _parse_stages(items: Any, source: str) -> list[StageConfig]:
         if isinstance(item, str):
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
-            raise ConfigError(f"{where}: expected one mapping {{stage_kind: config}}, got {item!r}")
+            raise ConfigError(f"{where}: expected one mapping {{stage_kind: config}}, got {shown(item)}")
         (kind, body), = item.items()
-        if kind not in registry:
-            raise ConfigError(f"{where}: unknown stage '{kind}'; known stages: {', '.join(sorted(registry))}")
+        if not isinstance(kind, str) or kind not in registry:
+            raise ConfigError(f"{where}: unknown stage {shown(kind)}; known stages: {', '.join(sorted(registry))}")
         if body is None:
             body = {}
         if not isinstance(body, dict):
@@ -109,7 +110,8 @@ def _parse_stages(items: Any, source: str) -> list[StageConfig]:
 def parse_config(data: Any, *, source: str = "<config>", base_dir: Optional[Path] = None) -> PipelineConfig:
     """Validate config data (a mapping as read from YAML, or a :class:`PipelineConfig`).
 
-    Relative ``model.path`` and ``calibration.file`` are resolved against ``base_dir`` (the YAML's folder).
+    Relative ``model.path``, ``calibration.file`` and profile paths in ``targets`` are resolved against
+    ``base_dir`` (the YAML's folder).
     """
     if isinstance(data, PipelineConfig):
         cfg = data
@@ -132,12 +134,22 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Optional[Path
             q = Path(os.path.expanduser(p))
             return str(q if q.is_absolute() else (base_dir / q).resolve())
 
+        from targets import is_profile_path
+
         cfg = cfg.model_copy(update={
             "model": cfg.model.model_copy(update={"path": _abs(cfg.model.path)}),
             "calibration": cfg.calibration.model_copy(update={"file": _abs(cfg.calibration.file)}),
+            "targets": [_abs(t) if is_profile_path(t) else t for t in cfg.targets],
+            "stages": [_abs_paths(s, _abs) for s in cfg.stages],
         })
     _check_targets(cfg, source)
     return cfg
+
+
+def _abs_paths(stage: StageConfig, absolute: Any) -> StageConfig:
+    """``stage`` with its ``path_fields`` that hold a string made absolute (a mapping, e.g. inline memory, stays)."""
+    update = {f: absolute(getattr(stage, f)) for f in stage.path_fields if isinstance(getattr(stage, f), str)}
+    return stage.model_copy(update=update) if update else stage
 
 
 def _check_targets(cfg: PipelineConfig, source: str) -> None:
@@ -165,8 +177,11 @@ def default_config() -> PipelineConfig:
     return parse_config(yaml.safe_load(text), source="<embedded default>")
 
 
-def coerce_config(config: Union[PipelineConfig, Mapping[str, Any], str, Path, None], *, stages: Optional[Sequence[StageConfig]] = None) -> PipelineConfig:
-    """Python API entry: a PipelineConfig, a dict shaped like the YAML, a YAML path, or None (the default)."""
+def coerce_config(config: Union[PipelineConfig, Mapping[str, Any], str, Path, None], *, stages: Optional[Sequence[Any]] = None) -> PipelineConfig:
+    """Python API entry: a PipelineConfig, a dict shaped like the YAML, a YAML path, or None (the default).
+
+    ``stages`` replaces the config's stages and takes the YAML forms too (``"export"``, ``{"export": {}}``) or
+    typed :class:`StageConfig` objects; anything else raises :class:`ConfigError`."""
     if config is None:
         cfg = default_config()
     elif isinstance(config, (str, Path)):
@@ -174,5 +189,7 @@ def coerce_config(config: Union[PipelineConfig, Mapping[str, Any], str, Path, No
     else:
         cfg = parse_config(config, source="<python config>", base_dir=Path.cwd())
     if stages is not None:
-        cfg = cfg.model_copy(update={"stages": list(stages)})
+        if isinstance(stages, (str, bytes, Mapping)) or not isinstance(stages, Sequence):
+            raise ConfigError(f"<python stages>: stages: expected a list of stages, got {type(stages).__name__}")
+        cfg = cfg.model_copy(update={"stages": _parse_stages(list(stages), "<python stages>")})
     return cfg

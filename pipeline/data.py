@@ -32,6 +32,7 @@ from typing import Any
 __all__ = [
     "builtin_calibration_texts",
     "load_texts",
+    "read_text_file",
     "split_texts",
     "tokenize_batches",
     "hash_token_ids",
@@ -49,6 +50,39 @@ _HASH_PAD_ID = 0
 def _read_passages(text: str) -> list[str]:
     """One passage per line; surrounding whitespace stripped, blank lines skipped."""
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+MAX_TEXT_BYTES = 256 << 20  # a calibration file is text for a few hundred passages; this bounds memory
+
+
+def read_text_file(path: Path | str) -> str:
+    """A user's text file as ``str``: a regular, readable, UTF-8 file without NUL bytes, at most
+    :data:`MAX_TEXT_BYTES`.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a directory or other non-regular file, unreadable, too large, binary or not UTF-8 (the
+            message names the file and, for bad bytes, their offset).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"text file not found: '{p}'")
+    if not p.is_file():
+        raise ValueError(f"'{p}' is {'a directory' if p.is_dir() else 'not a regular file'}, not a text file")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_TEXT_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"'{p}' cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TEXT_BYTES:
+        raise ValueError(f"'{p}' is larger than {MAX_TEXT_BYTES >> 20} MiB")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"'{p}' is binary (NUL byte at offset {nul}), not one passage per line of text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"'{p}' is not UTF-8 text (invalid byte at offset {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
 
 
 def builtin_calibration_texts() -> list[str]:
@@ -80,7 +114,7 @@ def load_texts(path: Path | str | None, *, limit: int | None = None, offset: int
 
     Raises:
         FileNotFoundError: ``path`` does not exist (the message names the file).
-        ValueError: the file has no non-blank line, ``offset``/``limit`` are negative, or the selection is
+        ValueError: ``path`` is not a readable UTF-8 text file (:func:`read_text_file`), has no non-blank line, ``offset``/``limit`` are negative, or the selection is
             empty.
     """
     if offset < 0:
@@ -92,9 +126,9 @@ def load_texts(path: Path | str | None, *, limit: int | None = None, offset: int
         source = "built-in calibration set"
     else:
         p = Path(path).expanduser()
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"text file not found: '{p}'")
-        texts = _read_passages(p.read_text(encoding="utf-8"))
+        texts = _read_passages(read_text_file(p))
         source = f"'{p}'"
         if not texts:
             raise ValueError(f"text file {source} has no non-blank lines")

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.model_folder import TOKENIZER_FILES
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -71,12 +73,7 @@ _FAMILY_TASKS: dict[str, tuple[str, ...]] = {
     "gpt2": ("text-generation", "feature-extraction"),
     "llama": ("text-generation", "feature-extraction"),
 }
-_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-)
+_TOKENIZER_FILES = TOKENIZER_FILES
 
 
 class ModelLoadError(Exception):
@@ -160,18 +157,71 @@ def default_model_path() -> Path:
 
 
 def check_weights(path: Path) -> None:
-    """Refuse directories without safetensors weights, naming what was found instead."""
-    if any((path / name).is_file() for name in _SAFE_WEIGHTS):
-        return
-    if any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise ModelLoadError(
-            f"{path}: only pickle weights found ({', '.join(pickles)}); refusing to load: "
-            "we load safetensors only (unpickling can run arbitrary code); convert to model.safetensors"
-        )
-    raise ModelLoadError(f"{path}: no weights found (expected model.safetensors)")
+    """Refuse folders that would make transformers run their code (``auto_map``) or read anything but
+    ``*.safetensors`` inside the folder (the index is read here first), naming what was found instead."""
+    from pipeline.model_folder import ModelFolderError, refuse_remote_code, safetensors_shards
+
+    try:
+        refuse_remote_code(path)
+        safetensors_shards(path)
+    except ModelFolderError as e:
+        raise ModelLoadError(str(e)) from None
+
+
+def _shape_mismatch(path: Path, task: str, config: Any) -> str | None:
+    """The first tensor whose shape in the weights differs from what config.json builds (on the meta device:
+    no memory, no weights read), as a message naming it; None if none is found."""
+    import torch
+    from safetensors import safe_open
+
+    from pipeline.model_folder import safetensors_shards
+
+    try:
+        with torch.device("meta"):
+            model = _auto_class(task).from_config(config)
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "")
+    for shard in safetensors_shards(path):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                shape = tuple(f.get_slice(key).get_shape())
+                for cand in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
+                    if cand in expected and expected[cand] != shape:
+                        return f"tensor '{key}' has shape {list(shape)} in the weights but config.json makes it {list(expected[cand])}"
+    return None
+
+
+def _check_loaded(path: Path, model: "torch.nn.Module", info: dict[str, Any], narrowed: bool) -> None:
+    """Refuse a partial or mismatched checkpoint (missing, unexpected or re-initialised tensors, e.g. a config
+    saying 4 layers over weights for 2) and non-finite weights, naming the tensors."""
+    import torch
+
+    def names(keys: Any) -> str:
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in keys)
+        return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    backbone = {n for n, _ in getattr(model, "base_model", model).named_children()}
+
+    def top(key: str) -> str:  # first module name below the backbone: "bert.encoder.layer.1.x" -> "encoder"
+        key = key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+        return key.split(".")[0]
+
+    # a pooler is not part of any edgepipe output (feature-extraction uses the last hidden state); a task head
+    # the checkpoint has but the loaded class lacks (cls.*, lm_head.* for a base model) is not needed either
+    missing = [k for k in info.get("missing_keys") or () if top(k) != "pooler"]
+    unexpected = [k for k in info.get("unexpected_keys") or () if top(k) in backbone]
+    if missing:
+        raise ModelLoadError(f"{path}: the weights lack tensor(s) the config needs: {names(missing)} (partial checkpoint, or config.json does not match the weights)")
+    if unexpected:
+        raise ModelLoadError(f"{path}: the weights hold tensor(s) the config has no place for: {names(unexpected)} (config.json does not match the weights)")
+    if info.get("mismatched_keys") and not narrowed:
+        raise ModelLoadError(f"{path}: tensor shape(s) differ from config.json: {names(info['mismatched_keys'])}")
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelLoadError(f"{path}: tensor '{name}' holds NaN or inf values; refusing non-finite weights")
 
 
 def _auto_class(task: str) -> Any:
@@ -192,7 +242,7 @@ def _load_tokenizer(path: Path, family: str) -> "PreTrainedTokenizerBase | None"
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
         raise ModelLoadError(f"{path}: tokenizer failed to load: {type(e).__name__}: {e}") from e
     if family in _DECODER_FAMILIES and tokenizer.pad_token is None:
@@ -256,8 +306,15 @@ def load_model(
         raise ModelLoadError(f"{path}: model directory does not exist")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)")
+    from pipeline.model_folder import ModelFolderError, check_config_fields, read_config_json, refuse_remote_code
+
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        refuse_remote_code(path)  # before transformers reads anything: no auto_map
+        check_config_fields(read_config_json(path), f"{path}/config.json")
+    except ModelFolderError as e:
+        raise ModelLoadError(str(e)) from None
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
         raise ModelLoadError(f"{path}: config.json is invalid: {type(e).__name__}: {e}") from e
     try:
@@ -270,25 +327,33 @@ def load_model(
             f"{path}: task {task!r} is not supported for {config.model_type!r} "
             f"(family {family!r} supports {', '.join(_FAMILY_TASKS[family])})"
         )
-    check_weights(path)
+    check_weights(path)  # the index is read here: safetensors shards inside the folder only
     # edgepipe's QK-dimension pruning narrows q/k modules; HF builds them at full width and we rebuild them after
     narrowed = bool(getattr(config, "edgepipe_qk_dims", None))
     try:
         with _quiet_mismatch(narrowed):
-            model = _auto_class(task).from_pretrained(
+            model, info = _auto_class(task).from_pretrained(
                 path,
                 local_files_only=True,
+                trust_remote_code=False,
+                output_loading_info=True,
                 use_safetensors=True,
                 dtype=torch.float32,
                 attn_implementation=attn_implementation,
                 **({"ignore_mismatched_sizes": True} if narrowed else {}),
             )
+        _check_loaded(path, model, info, narrowed)
         if narrowed:
             from pipeline.pruning.qk_dims import restore_qk_dims_
 
             restore_qk_dims_(model, path)
+    except ModelLoadError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
-        cause = str(e).splitlines()[0] if str(e) else ""
+        mismatch = _shape_mismatch(path, task, config) if "size mismatch" in str(e) else None
+        if mismatch:
+            raise ModelLoadError(f"{path}: {mismatch}") from e
+        cause = str(e).splitlines()[0][:300] if str(e) else ""
         raise ModelLoadError(
             f"{path}: failed to load {config.model_type!r} weights for {task!r}: {type(e).__name__}: {cause}"
         ) from e

@@ -8,17 +8,17 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, hash_file, replace_dir
+from pipeline.artifact import Artifact, temp_file_near, atomic_write_json, atomic_write_text, hash_file, make_temp_dir, replace_dir
+from pipeline.errors import ConfigError
 
 __all__ = ["publish_targets", "write_reports"]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def _copy(src: Path, dst: Path) -> None:
+    """An independent copy (not a hard link): a user who edits a published file in place must not change the
+    stage cache that the next run republishes as "cached"."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)  # stage files are never modified in place, so a hard link is safe and free
-    except OSError:
-        shutil.copyfile(src, dst)
+    shutil.copyfile(src, dst)
 
 
 def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -28,22 +28,20 @@ def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[
         tm = art.targets.get(name)
         if tm is None:
             continue
-        tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = make_temp_dir(run_dir, f".{name}.tmp-")
         files: dict[str, str] = {}
         src = run_dir / tm.model
-        _link_or_copy(src, tmp / "model.onnx")
+        _copy(src, tmp / "model.onnx")
         files["model"] = f"{name}/model.onnx"
         for label, ref in tm.files.items():
             p = run_dir / ref
             if p.is_dir():
                 for f in sorted(q for q in p.rglob("*") if q.is_file()):
-                    _link_or_copy(f, tmp / label / f.relative_to(p))
+                    _copy(f, tmp / label / f.relative_to(p))
                 files[label] = f"{name}/{label}"
             elif p.is_file():
                 dst_name = "model.ort" if label == "ort" else ("model.required_operators.config" if label == "required_operators" else p.name)
-                _link_or_copy(p, tmp / dst_name)
+                _copy(p, tmp / dst_name)
                 files[label] = f"{name}/{dst_name}"
         replace_dir(tmp, run_dir / name)
         published[name] = files
@@ -70,6 +68,8 @@ def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]
     import matplotlib.pyplot as plt
 
     plot_dir = run_dir / "plots"
+    if plot_dir.is_symlink():
+        raise ConfigError(f"run folder '{run_dir}': 'plots' is a symbolic link; edgepipe does not write through links (remove it)")
     plot_dir.mkdir(exist_ok=True)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     names = [n for n, _ in rows]
@@ -87,10 +87,13 @@ def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]
     a2.set_ylabel("MB")
     a2.set_title("Model size")
     fig.tight_layout()
-    tmp = plot_dir / ".targets.png.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, plot_dir / "targets.png")
+    tmp = temp_file_near(plot_dir / "targets.png")  # unpredictable name, created O_EXCL: never a planted link
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        os.replace(tmp, plot_dir / "targets.png")
+    finally:
+        tmp.unlink(missing_ok=True)
     return ["plots/targets.png"]
 
 

@@ -14,12 +14,14 @@ never trusts a half-written file.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -28,65 +30,50 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
-from pipeline.version import __version__
-from pipeline.artifact import Artifact, atomic_write_json, hash_tree, replace_dir
+from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, hash_tree, make_temp_dir, replace_dir
 from pipeline.config import PipelineConfig, coerce_config
-from pipeline.errors import ConfigError, EdgepipeError, ModelInputError, StageError, ValidationFailed
+from pipeline.errors import ConfigError, EdgepipeError, StageError, ValidationFailed
+from pipeline.preflight import RUN_MARKER, check_workdir, preflight
 from pipeline.stage import STAGES, StageConfig, StageContext
+from pipeline.version import __version__
 
-__all__ = ["run", "resolve_model_path", "STAGE_RECORD"]
+__all__ = ["run", "STAGE_RECORD"]
 
 log = logging.getLogger("edgepipe")
 STAGE_RECORD = ".stage.json"
 
 
-def resolve_model_path(cfg: PipelineConfig) -> Path:
-    if cfg.model.path is None:
-        from pipeline.models import default_model_path
-
-        return Path(default_model_path()).resolve()
-    p = Path(cfg.model.path)
-    if not p.is_dir():
-        raise ModelInputError(f"model.path: '{p}' is not a directory (give a local Hugging Face model folder)")
-    if not (p / "config.json").is_file():
-        raise ModelInputError(f"model.path: '{p}' has no config.json; is it a Hugging Face model folder?")
-    return p.resolve()
-
-
-def describe_model(path: Path, task: Optional[str]) -> tuple[str, str]:
-    """(task, family) from the model folder's config.json, without loading weights or importing transformers
-    (fails fast on bad input, and keeps a fully cached re-run quick)."""
-    from types import SimpleNamespace
-
-    from pipeline.models import ModelLoadError, check_weights, infer_task, model_family
-
-    try:
-        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelInputError(f"model.path: '{path}': cannot read config.json: {str(exc).splitlines()[0]}") from None
-    conf = SimpleNamespace(**data)
-    try:
-        family = model_family(conf)
-        check_weights(path)
-        return task or infer_task(conf), family
-    except ModelLoadError as exc:
-        raise ModelInputError(f"model.path: {exc}") from None
+def _own_path(run_dir: Path, name: str) -> Path:
+    """``run_dir/name``, refusing a symbolic link planted there (edgepipe never writes through a link)."""
+    p = run_dir / name
+    if p.is_symlink():
+        raise ConfigError(f"run folder '{run_dir}': '{name}' is a symbolic link; edgepipe does not write through links (remove it)")
+    return p
 
 
 @contextmanager
 def _run_lock(run_dir: Path) -> Iterator[None]:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fh = open(run_dir / ".edgepipe.lock", "w")
+    """Create (or reuse) the run folder, mark it as edgepipe's and hold its lock for the whole run.
+
+    The lock file is opened without following links and without truncation, so a planted link cannot make
+    edgepipe create or empty a file elsewhere."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / RUN_MARKER).is_file():
+            atomic_write_text(run_dir / RUN_MARKER, json.dumps({"edgepipe": __version__, "what": "edgepipe run folder; edgepipe may replace anything in it"}) + "\n")
+        fd = os.open(run_dir / ".edgepipe.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"run folder '{run_dir}': .edgepipe.lock is a symbolic link; edgepipe does not write through links (remove it)") from None
+        raise ConfigError(f"--workdir '{run_dir}': cannot be used: {exc.strerror or exc}") from None
     try:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise EdgepipeError(f"another edgepipe run is using '{run_dir}'") from None
         yield
     finally:
-        fh.close()
+        os.close(fd)
 
 
 def _digest(*parts: Any) -> str:
@@ -97,14 +84,20 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
+# names of edgepipe's own temp entries: ".NAME.tmp-XXXX" / ".NAME.old-PID" folders (make_temp_dir, replace_dir) and
+# ".NAME.XXXXXXXX.tmp" files (atomic writes); nothing else is ever removed
+_STALE = re.compile(r"\..+\.(tmp|old)-[A-Za-z0-9_]+|\..+\.[A-Za-z0-9_]{8}\.tmp")
+
+
 def _clean_stale(run_dir: Path) -> None:
-    """Remove temp folders/files left by a killed run (never trusted, never reused)."""
+    """Remove temp folders/files left by a killed run (never trusted, never reused); links are removed, not
+    followed."""
     for base in (run_dir, run_dir / "stages"):
-        if not base.is_dir():
+        if base.is_symlink() or not base.is_dir():
             continue
         for p in base.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".tmp")):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if _STALE.fullmatch(p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _package_versions() -> dict[str, str]:
@@ -117,10 +110,7 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def _input_fingerprint(cfg: PipelineConfig, model_path: Path, profiles: Mapping[str, Any]) -> dict[str, Any]:
-    from pipeline.data import load_texts
-
-    texts = load_texts(Path(cfg.calibration.file) if cfg.calibration.file else None)
+def _input_fingerprint(texts: list[str], model_path: Path, profiles: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "model_sha256": hash_tree(model_path),
         "calibration_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
@@ -132,7 +122,7 @@ def run(
     config: Union[PipelineConfig, Mapping[str, Any], str, Path, None] = None,
     *,
     workdir: Union[str, Path] = "runs/latest",
-    stages: Optional[Sequence[StageConfig]] = None,
+    stages: Optional[Sequence[Any]] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run a pipeline and return its report (also written to ``workdir/report.json``).
@@ -140,37 +130,33 @@ def run(
     Args:
         config: a :class:`PipelineConfig`, the same structure as a dict, a YAML path, or None for the default.
         workdir: the run folder; an unchanged re-run reuses every completed stage.
-        stages: optional typed stage configs replacing ``config.stages`` (Python API convenience).
+        stages: optional stages replacing ``config.stages``: typed stage configs or the YAML forms
+            (``"export"``, ``{"export": {}}``).
         progress: show progress bars.
+
+    Every check that needs no weights (:func:`pipeline.preflight.preflight`, the same as ``edgepipe validate``)
+    and the run folder's (:func:`pipeline.preflight.check_workdir`) pass before anything is written.
 
     Raises:
         ConfigError / ModelInputError / StageError: bad input, before or during a stage (exit code 2).
         ValidationFailed: a validation gate failed; the report was written first (exit code 1).
     """
     from pipeline import stages as _  # noqa: F401  (register built-in stages)
-    from targets import load_target
 
     cfg = coerce_config(config, stages=stages)
-    if not cfg.stages:
-        raise ConfigError("stages: the pipeline has no stages")
-    run_dir = Path(workdir).resolve()
-    profiles: dict[str, Any] = {}
-    for i, ref in enumerate(cfg.targets):
-        prof = load_target(ref)  # a built-in name or a user's profile file: keyed by the profile's own name
-        if prof.name in profiles:
-            raise ConfigError(f"targets[{i}]: two targets are named '{prof.name}'")
-        profiles[prof.name] = prof
-    model_path = resolve_model_path(cfg)
+    source = str(config) if isinstance(config, (str, Path)) else ("<embedded default>" if config is None else "<python config>")
+    pre = preflight(cfg, source=source)
+    profiles, model_path, task, family = pre.profiles, pre.model_path, pre.task, pre.family
+    run_dir = check_workdir(workdir, model_path, cfg.calibration.file)
 
     with _run_lock(run_dir):
         _clean_stale(run_dir)
         t_run = time.perf_counter()
-        task, family = describe_model(model_path, cfg.model.task)
-        fingerprint = _input_fingerprint(cfg, model_path, profiles)
+        fingerprint = _input_fingerprint(pre.texts, model_path, profiles)
         key = _digest(__version__, fingerprint, cfg.model_dump(mode="json", exclude={"stages"}), task, family)
         art = Artifact(model_dir=str(model_path), dense_dir=str(model_path), task=task, family=family)
         records: list[dict[str, Any]] = []
-        stages_dir = run_dir / "stages"
+        stages_dir = _own_path(run_dir, "stages")
         stages_dir.mkdir(exist_ok=True)
         n = len(cfg.stages)
         for i, scfg in enumerate(cfg.stages):
@@ -183,7 +169,7 @@ def run(
             final = stages_dir / name
             record_path = final / STAGE_RECORD
             cached = None
-            if record_path.is_file():
+            if record_path.is_file() and not final.is_symlink() and not record_path.is_symlink():
                 try:
                     rec = json.loads(record_path.read_text())
                     if rec.get("key") == key:
@@ -195,9 +181,7 @@ def run(
                 records.append({"name": scfg.kind, "folder": f"stages/{name}", "status": "cached", "seconds": cached["seconds"], "metrics": cached["metrics"]})
                 log.info("[%d/%d] %s: cached", i + 1, n, scfg.kind)
                 continue
-            tmp = stages_dir / f".{name}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp = make_temp_dir(stages_dir, f".{name}.tmp-")
             ctx = StageContext(dir=tmp, final_rel=f"stages/{name}", run_dir=run_dir, targets=profiles, run=cfg, index=i, progress=progress, log=logging.getLogger(f"edgepipe.{scfg.kind}"))
             log.info("[%d/%d] %s: running", i + 1, n, scfg.kind)
             _seed_everything(cfg.seed + i)
@@ -209,7 +193,9 @@ def run(
                 raise
             except Exception as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise StageError(scfg.kind, f"{type(exc).__name__}: {exc}") from exc
+                # first line only: some libraries put whole graph dumps in their messages (--debug shows all)
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+                raise StageError(scfg.kind, f"{type(exc).__name__}: {first}") from exc
             seconds = round(time.perf_counter() - t0, 3)
             if not isinstance(new_art, Artifact):
                 raise StageError(scfg.kind, f"stage function returned {type(new_art).__name__}, not an Artifact")

@@ -10,19 +10,87 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Frozen", "format_validation_error", "read_yaml"]
+__all__ = ["Frozen", "format_validation_error", "read_yaml", "safe_yaml_load", "shown", "MAX_YAML_BYTES", "MAX_YAML_DEPTH"]
+
+MAX_YAML_BYTES = 1 << 20   # a config or profile is a few hundred bytes; 1 MiB leaves room and bounds the work
+MAX_YAML_DEPTH = 32        # nesting of mappings/sequences; edgepipe's own schema needs 4
 
 
 class Frozen(BaseModel):
-    """Base for every config: immutable, unknown keys rejected."""
+    """Base for every config: immutable, unknown keys rejected, NaN/inf refused for every float field."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr`` of user data for an error message, bounded: containers by their type, long text cut.
+
+    Never formats an unbounded structure (a YAML alias bomb expands to billions of items)."""
+    if isinstance(value, (dict, list, tuple, set)):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        value = value[:limit]
+        return repr(value) + "..."
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors/aliases (no alias bombs, no merge keys), duplicate mapping keys
+    and nesting deeper than :data:`MAX_YAML_DEPTH` (no RecursionError), each with the line and column."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&, *) are not allowed in edgepipe files", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if dup:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_yaml_map)
+
+
+def safe_yaml_load(text: str, source: str) -> Any:
+    """Parse YAML text with :class:`_StrictLoader`; problems become one-line :class:`ConfigError`s naming ``source``."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{source}: file is larger than {MAX_YAML_BYTES // 1024} KiB; not an edgepipe config")
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+    except RecursionError:  # belt and braces: the depth cap should make this unreachable
+        raise ConfigError(f"{source}: malformed YAML: nested too deeply") from None
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        part = part if isinstance(part, int) else str(part)[:60]
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
     return out or "<root>"
 
 
@@ -34,29 +102,29 @@ def format_validation_error(err: ValidationError, *, source: str, prefix: str = 
         if prefix:
             loc = f"{prefix}.{loc}" if loc != "<root>" else prefix
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key '{e['loc'][-1]}'"
+            msg = f"unknown key '{str(e['loc'][-1])[:60]}'"
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
-            got = e.get("input")
-            shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-            msg = f"{e['msg']} (got {shown})"
+            msg = f"{e['msg'][:200]} (got {shown(e.get('input'))})"
         lines.append(f"{source}: {loc}: {msg}")
     return "; ".join(lines)
 
 
 def read_yaml(path: Path) -> Any:
-    """``yaml.safe_load`` a file, turning I/O and syntax problems into one-line :class:`ConfigError`s."""
+    """Read a YAML file strictly (:func:`safe_yaml_load`), turning I/O and syntax problems into one-line :class:`ConfigError`s."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: file is larger than {MAX_YAML_BYTES // 1024} KiB; not an edgepipe config")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return safe_yaml_load(text, str(path))

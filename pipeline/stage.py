@@ -12,13 +12,45 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from pipeline.schema import Frozen
 
-__all__ = ["StageConfig", "StageSpec", "StageContext", "STAGES", "register_stage"]
+__all__ = ["StageConfig", "StageSpec", "StageContext", "RunPlan", "STAGES", "register_stage"]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What is known about a run before any weights load (for :meth:`StageConfig.check`).
+
+    Args:
+        run: the whole pipeline config.
+        targets: the run's target profiles, by name, in config order.
+        task / family: from the model folder's config.json (e.g. ``feature-extraction`` / ``bert``).
+        passages: number of calibration passages available.
+    """
+
+    run: Any
+    targets: Mapping[str, Any]
+    task: str
+    family: str
+    passages: int
 
 
 class StageConfig(Frozen):
-    """Base of every stage config. Subclasses set ``kind`` (the YAML key) as a ClassVar."""
+    """Base of every stage config. Subclasses set ``kind`` (the YAML key) as a ClassVar.
+
+    ``works_on`` places the stage in the pipeline, checked before anything runs: ``"torch"`` stages change the
+    PyTorch model and must come before the (last) ``export``; ``"export"`` makes the ONNX models; ``"onnx"``
+    stages (the default) need an earlier export; ``"any"`` stages have no place of their own (they read what is
+    there, or need no model). ``path_fields`` name options that hold file paths: a relative path in a YAML file
+    is taken from the YAML's folder, like ``model.path``.
+    """
 
     kind: ClassVar[str] = ""
+    works_on: ClassVar[str] = "onnx"
+    path_fields: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, plan: RunPlan) -> None:
+        """Config-level checks that need no weights (target capabilities, task). Raise ``ValueError`` with a
+        one-line message; edgepipe adds the file and ``stages[i].kind``. Runs in ``edgepipe validate`` and
+        before ``run`` starts any stage."""
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ from targets.profile import (
     TargetProfile,
     Tolerance,
     builtin_target_names,
+    is_profile_path,
     list_targets,
     load_target,
 )
 
-__all__ = ["Cache", "StaticShapes", "TargetProfile", "Tolerance", "builtin_target_names", "list_targets", "load_target"]
+__all__ = ["Cache", "StaticShapes", "TargetProfile", "Tolerance", "builtin_target_names", "is_profile_path", "list_targets", "load_target"]

@@ -7,6 +7,7 @@ A profile is a YAML file validated by :class:`TargetProfile`. Code asks a profil
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Literal, Optional
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import TargetError
-from pipeline.schema import Frozen, format_validation_error, read_yaml
+from pipeline.schema import Frozen, format_validation_error, read_yaml, shown
 
 __all__ = [
     "Cache",
@@ -23,7 +24,9 @@ __all__ = [
     "StaticShapes",
     "TargetProfile",
     "builtin_target_names",
+    "is_profile_path",
     "load_target",
+    "RESERVED_NAMES",
     "list_targets",
 ]
 
@@ -65,6 +68,11 @@ class StaticShapes(Frozen):
     seq: int = Field(128, ge=1)
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+#: names a run folder uses for itself (a target's folder sits beside them, ``runs/x/<target>/``)
+RESERVED_NAMES = frozenset({"stages", "plots"})
+
+
 class TargetProfile(Frozen):
     """Everything the pipeline needs to know about one deployment target."""
 
@@ -97,8 +105,12 @@ class TargetProfile(Frozen):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ .") or v.startswith("-"):
-            raise ValueError(f"name must be a simple id (letters, digits, '-', '_'), got {v!r}")
+        # the name becomes a folder of the run: letters, digits, '-', '_' only (no control characters, NUL,
+        # separators or dots), not starting with '-', and not one of the run folder's own names
+        if not _NAME_RE.fullmatch(v):
+            raise ValueError(f"name must be 1-64 of [A-Za-z0-9_-], not starting with '-', got {shown(v)}")
+        if v.lower() in RESERVED_NAMES:
+            raise ValueError(f"name {v!r} is reserved for the run folder's own files; choose another")
         return v
 
     @model_validator(mode="after")
@@ -172,18 +184,30 @@ def _load_cached(key: str, mtime: float) -> TargetProfile:
     return _from_data(read_yaml(path), str(path))
 
 
+def is_profile_path(name_or_path: str | os.PathLike[str]) -> bool:
+    """True when a ``targets`` entry names a profile file rather than a built-in profile."""
+    s = str(name_or_path)
+    return s not in _profile_files() and (s.endswith((".yaml", ".yml")) or os.sep in s)
+
+
 def load_target(name_or_path: str | os.PathLike[str]) -> TargetProfile:
-    """A built-in profile by name (``raspberry-pi-5``) or a user's profile YAML by path."""
+    """A built-in profile by name (``raspberry-pi-5``) or a user's profile YAML by path.
+
+    Raises:
+        TargetError: unknown name, missing or unreadable file, or an invalid profile.
+    """
     s = str(name_or_path)
     files = _profile_files()
+    if "\0" in s:
+        raise TargetError(f"target {shown(s)}: contains a NUL character")
     if s in files:
         path = files[s]
-    elif s.endswith((".yaml", ".yml")) or os.sep in s:
+    elif is_profile_path(s):
         path = Path(s).expanduser().resolve()
         if not path.is_file():
-            raise TargetError(f"target profile file not found: {s}")
+            raise TargetError(f"target profile file not found: {shown(s, 200)}")
     else:
-        raise TargetError(f"unknown target '{s}'; built-in targets: {', '.join(sorted(files))} (or give a path to a profile YAML)")
+        raise TargetError(f"unknown target {shown(s)}; built-in targets: {', '.join(sorted(files))} (or give a path to a profile YAML)")
     return _load_cached(str(path), path.stat().st_mtime)
 
 

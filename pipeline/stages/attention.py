@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
-from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets
 
 if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
@@ -25,6 +25,7 @@ __all__ = ["AttentionConfig", "run_attention"]
 
 class AttentionConfig(StageConfig):
     kind = "attention"
+    works_on = "torch"
     kernel: str = Field(
         "auto", description="a registered kernel (pipeline.kernels.stage_kernels()), or auto = the planner's pick for the smallest target cache (flash or small_cache)"
     )
@@ -47,6 +48,21 @@ class AttentionConfig(StageConfig):
         if v not in allowed:
             raise ValueError(f"unknown kernel {v!r}; expected one of: {', '.join(allowed)}")
         return v
+
+    def task_problem(self, task: str) -> Optional[str]:
+        """Why this config cannot serve a model of ``task``, or None."""
+        decoder = task == "text-generation"
+        block_sparse = self.kernel != "auto" and _is_block_sparse(self.kernel)
+        if block_sparse and decoder and self.pattern != "causal_window":
+            return f"pattern '{self.pattern}' would let a causal decoder see the future; use pattern: causal_window"
+        if block_sparse and not decoder and self.pattern == "causal_window":
+            return "pattern 'causal_window' is for decoders; use window or global_window for an encoder"
+        return None
+
+    def check(self, plan: RunPlan) -> None:
+        problem = self.task_problem(plan.task)
+        if problem:
+            raise ValueError(problem)
 
     @model_validator(mode="after")
     def _pattern_args(self) -> "AttentionConfig":
@@ -81,11 +97,9 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     from pipeline.kernels.patterns import pattern_layout
 
     decoder = art.task == "text-generation"
-    block_sparse = cfg.kernel != "auto" and _is_block_sparse(cfg.kernel)
-    if block_sparse and decoder and cfg.pattern != "causal_window":
-        raise StageError("attention", f"pattern '{cfg.pattern}' would let a causal decoder see the future; use pattern: causal_window")
-    if block_sparse and not decoder and cfg.pattern == "causal_window":
-        raise StageError("attention", "pattern 'causal_window' is for decoders; use window or global_window for an encoder")
+    problem = cfg.task_problem(art.task)
+    if problem:  # preflight() refuses this before any stage runs; direct callers get the same message
+        raise StageError("attention", problem)
     loaded = load_from_artifact(art, ctx)
     conf = loaded.model.config
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads

@@ -19,7 +19,9 @@ __all__ = ["CompileProgramConfig", "run_compile_program"]
 
 class CompileProgramConfig(StageConfig):
     kind = "compile_program"
-    program: Optional[str] = Field(None, description="SUBLEQ assembly file (.sq), required; a relative path is taken from the working directory")
+    works_on = "any"
+    path_fields = ("program", "memory")
+    program: Optional[str] = Field(None, description="SUBLEQ assembly file (.sq), required; a relative path is taken from the YAML's folder")
     memory: Optional[Union[str, dict[str, Union[int, list[int]]]]] = Field(
         None, description="initial memory overrides: {label: value or [values]}, or a JSON file holding that mapping")
     word_bits: Optional[int] = Field(None, ge=2, le=32, description="N (default: the program's .bits, else 8)")

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
-from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
 
 if TYPE_CHECKING:
@@ -25,10 +25,16 @@ FUSED_ATTENTION_OPSET = 23  # SDPA exports as the standard ONNX Attention op fro
 
 class ExportConfig(StageConfig):
     kind = "export"
+    works_on = "export"
     exporter: Literal["dynamo", "optimum"] = Field("dynamo", description="torch.onnx dynamo exporter, or optimum's main_export")
     opset: Optional[int] = Field(None, ge=13, le=24, description=f"ONNX opset; omitted = {DEFAULT_OPSET} ({FUSED_ATTENTION_OPSET} after an attention swap, for the fused Attention op)")
     with_past: Optional[bool] = Field(None, description="decoders: export the KV cache (past/present); default on for decoders")
     cross_check: bool = Field(False, description="also export with the other exporter and compare their outputs on calibration text")
+
+    def check(self, plan: RunPlan) -> None:
+        for name, prof in plan.targets.items():
+            if self.opset is not None and self.opset > prof.opset:
+                raise ValueError(f"opset {self.opset} is newer than target '{name}' runs (opset ≤ {prof.opset})")
 
 
 def _run(path, names, feeds) -> dict:

@@ -9,7 +9,7 @@ import warnings
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
 from pipeline.pruning.config import PruneConfig as _PruneOptions
-from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets
 
 __all__ = ["PruneConfig", "run_prune", "PatternGivesNoSpeedup"]
@@ -21,6 +21,19 @@ class PatternGivesNoSpeedup(UserWarning):
 
 class PruneConfig(_PruneOptions, StageConfig):
     kind = "prune"
+    works_on = "torch"
+
+    def speedup_problem(self, targets) -> str:
+        """Targets (name -> profile) this pattern will not speed up, as a message ('' when none)."""
+        slow = [n for n, p in targets.items() if self.pattern not in p.fast_patterns]
+        if not slow:
+            return ""
+        return f"pattern '{self.pattern}' gives no speedup on target(s) {slow} (their profiles list {sorted({x for n in slow for x in targets[n].fast_patterns})})"
+
+    def check(self, plan: RunPlan) -> None:
+        msg = self.speedup_problem(plan.targets)
+        if msg and self.strict:
+            raise ValueError(msg + "; set strict: false to prune anyway")
 
 
 @register_stage(PruneConfig, version=3)
@@ -29,9 +42,8 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     from pipeline.models import save_model
     from pipeline.pruning.api import prune_model
 
-    slow = [n for n, p in ctx.targets.items() if cfg.pattern not in p.fast_patterns]
-    if slow:
-        msg = f"pattern '{cfg.pattern}' gives no speedup on target(s) {slow} (their profiles list {sorted({x for n in slow for x in ctx.targets[n].fast_patterns})})"
+    msg = cfg.speedup_problem(ctx.targets)
+    if msg:
         if cfg.strict:
             raise StageError("prune", msg + "; set strict: false to prune anyway")
         warnings.warn(msg, PatternGivesNoSpeedup, stacklevel=1)

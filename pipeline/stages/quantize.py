@@ -11,7 +11,7 @@ from pydantic import Field
 
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
-from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
 
 __all__ = ["QuantizeConfig", "run_quantize", "check_ops_for_target"]
@@ -27,6 +27,25 @@ class QuantizeConfig(StageConfig):
     calibration_samples: int = Field(32, ge=1, description="int8-static: calibration passages")
     quantize_embeddings: bool = Field(True, description="int8: also quantize embedding tables (Gather): ~2.5x smaller MiniLM at the same fidelity")
     keep_fp32_ops: Optional[list[str]] = Field(None, description="op types kept in fp32 (default: LayerNorm, Softmax and residual-sensitive ops)")
+
+    def precision_for(self, name: str, prof) -> str:
+        return self.per_target.get(name) or self.precision or prof.default_precision
+
+    def target_problem(self, targets) -> Optional[str]:
+        """What makes this config unusable for ``targets`` (name -> profile), or None."""
+        unknown = sorted(set(self.per_target) - set(targets))
+        if unknown:
+            return f"per_target names target(s) not in this run: {', '.join(repr(u[:64]) for u in unknown[:5])} (targets: {', '.join(targets)})"
+        for name, prof in targets.items():
+            precision = self.precision_for(name, prof)
+            if precision not in prof.precisions:
+                return f"precision '{precision}' is not supported by target '{name}' (supports {prof.precisions})"
+        return None
+
+    def check(self, plan: RunPlan) -> None:
+        problem = self.target_problem(plan.targets)
+        if problem:
+            raise ValueError(problem)
 
 
 def check_ops_for_target(model_path: Path, target: str, opset: int) -> None:
@@ -53,18 +72,16 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
 
     if not art.targets:
         raise StageError("quantize", "no ONNX model yet: put an 'export' stage before 'quantize'")
-    unknown = sorted(set(cfg.per_target) - set(ctx.targets))
-    if unknown:
-        raise StageError("quantize", f"per_target names targets not in this run: {unknown}")
+    problem = cfg.target_problem(ctx.targets)
+    if problem:  # preflight() refuses this before any stage runs; direct callers get the same message
+        raise StageError("quantize", problem)
     calib_feeds = None
     out = art
     report: dict[str, dict] = {}
     for name in tqdm(list(ctx.targets), desc="quantize", disable=not ctx.progress, leave=False):
         prof = ctx.targets[name]
         tm = art.targets[name]
-        precision = cfg.per_target.get(name) or cfg.precision or prof.default_precision
-        if precision not in prof.precisions:
-            raise StageError("quantize", f"precision '{precision}' is not supported by target '{name}' (supports {prof.precisions})")
+        precision = cfg.precision_for(name, prof)
         src = ctx.resolve(tm.model)
         check_ops_for_target(src, name, prof.opset)
         tdir = ctx.subdir(name)

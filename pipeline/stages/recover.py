@@ -15,6 +15,7 @@ __all__ = ["RecoverConfig", "run_recover", "distillation_texts"]
 
 class RecoverConfig(StageConfig):
     kind = "recover"
+    works_on = "torch"
     steps: int = Field(200, ge=1, le=100000, description="optimizer steps (CPU-friendly: a few hundred)")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (MiniLM structured: 1e-3 > 5e-4 > 2e-3)")
     loss: Optional[Literal["hidden_mse", "cosine", "kl_logits"]] = Field(

@@ -27,6 +27,11 @@ class ValidateConfig(StageConfig):
     bundle: bool = Field(True, description="write the standalone on-device evaluation bundle for each target")
 
 
+def _below(value: float, limit: float) -> bool:
+    """Gate test that fails on NaN: ``value < limit`` is False for NaN, ``not value >= limit`` is True."""
+    return not value >= limit
+
+
 def _run_session(sess, feeds_list, names):
     outs = [dict(zip(names, sess.run(list(names), f))) for f in feeds_list]
     return outs
@@ -94,15 +99,15 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
         got_first = _pad_cat([g[first] for g in got])
         if decoder or first == "logits":
             fid = lm_fidelity(dense_first, got_first, ids, masks)
-            if cfg.min_top1_agreement is not None and fid["top1_agreement"] < cfg.min_top1_agreement:
+            if cfg.min_top1_agreement is not None and _below(fid["top1_agreement"], cfg.min_top1_agreement):
                 failures.append({"target": name, "check": "top1_agreement", "value": round(fid["top1_agreement"], 4), "limit": cfg.min_top1_agreement})
-            if decoder and cfg.max_ppl_ratio is not None and fid["ppl_ratio"] > cfg.max_ppl_ratio:
+            if decoder and cfg.max_ppl_ratio is not None and not fid["ppl_ratio"] <= cfg.max_ppl_ratio:
                 failures.append({"target": name, "check": "ppl_ratio", "value": round(fid["ppl_ratio"], 4), "limit": cfg.max_ppl_ratio})
         else:
             fid = embedding_fidelity(mean_pool(dense_first, masks), mean_pool(got_first, masks))
-            if cfg.min_cos_mean is not None and fid["cos_mean"] < cfg.min_cos_mean:
+            if cfg.min_cos_mean is not None and _below(fid["cos_mean"], cfg.min_cos_mean):
                 failures.append({"target": name, "check": "cos_mean", "value": round(fid["cos_mean"], 4), "limit": cfg.min_cos_mean})
-            if cfg.min_recall_at_10 is not None and fid["recall_at_10"] < cfg.min_recall_at_10:
+            if cfg.min_recall_at_10 is not None and _below(fid["recall_at_10"], cfg.min_recall_at_10):
                 failures.append({"target": name, "check": "recall_at_10", "value": round(fid["recall_at_10"], 4), "limit": cfg.min_recall_at_10})
         metrics: dict[str, Any] = {**dict(tm.metrics), "parity": parity, "fidelity": fid}
         if decoder and tm.io.get("with_past"):
