@@ -32,7 +32,7 @@ from pipeline import __version__
 from pipeline.artifact import Artifact, atomic_write_json, hash_tree, replace_dir
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, ModelInputError, StageError, ValidationFailed
-from pipeline.stage import STAGES, StageConfig, StageContext
+from pipeline.stage import StageConfig, StageContext, stage_for
 
 __all__ = ["run", "resolve_model_path", "STAGE_RECORD"]
 
@@ -174,7 +174,7 @@ def run(
         stages_dir.mkdir(exist_ok=True)
         n = len(cfg.stages)
         for i, scfg in enumerate(cfg.stages):
-            spec = STAGES[scfg.kind]
+            spec = stage_for(scfg.kind, art.family)
             key = _digest(key, scfg.kind, spec.version, scfg.model_dump(mode="json"))
             name = f"{i + 1:02d}-{scfg.kind}"
             final = stages_dir / name
