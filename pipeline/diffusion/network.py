@@ -222,6 +222,7 @@ def export_score_onnx(model: ScoreMLP, path: Path, *, opset: int) -> Path:
     """
     import contextlib
     import io
+    import logging
     import os
     import warnings
 
@@ -233,11 +234,19 @@ def export_score_onnx(model: ScoreMLP, path: Path, *, opset: int) -> Path:
     x = torch.zeros(4, model.config.dim)
     t = torch.full((4,), 0.5)
     batch = Dim("batch", min=1)
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [q.level for q in quiet]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(model.eval(), (x, t), dynamo=True, opset_version=opset, input_names=["x", "t"],
-                                 output_names=["score"], dynamic_shapes={"x": {0: batch}, "t": {0: batch}},
-                                 optimize=True, verbose=False)
+        for q in quiet:
+            q.setLevel(logging.ERROR)
+        try:
+            prog = torch.onnx.export(model.eval(), (x, t), dynamo=True, opset_version=opset, input_names=["x", "t"],
+                                     output_names=["score"], dynamic_shapes={"x": {0: batch}, "t": {0: batch}},
+                                     optimize=True, verbose=False)
+        finally:
+            for q, lvl in zip(quiet, levels):
+                q.setLevel(lvl)
     proto = prog.model_proto
     tmp = path.with_name(f".{path.name}.tmp")
     try:

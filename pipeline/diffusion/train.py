@@ -7,7 +7,7 @@ is known), Adam with cosine decay, fixed seed: the same recipe gives the same ne
 
 CLI (writes a model folder edgepipe loads with ``model.path``)::
 
-    python -m pipeline.diffusion.train OUT_DIR [--mixture mixture.json] [--steps 8000] [--hidden 128] [--seed 0]
+    python -m pipeline.diffusion.train OUT_DIR [--mixture mixture.json] [--steps 8000] [--hidden 64] [--seed 0]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class TrainRecipe:
     steps: int = 8000
     batch: int = 1024
     lr: float = 2e-3
-    hidden: int = 128
+    hidden: int = 64
     layers: int = 3
     time_features: int = 16
     t_min: float = 1e-3
