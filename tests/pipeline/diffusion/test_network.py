@@ -69,3 +69,35 @@ def test_score_is_minus_eps_over_sigma():
     x, t = torch.randn(5, 3), torch.tensor([1e-3, 0.1, 1.0, 3.0, 8.0])
     sigma = torch.sqrt(-torch.expm1(-2 * t))
     assert torch.allclose(model(x, t), -model.eps(x, t) / sigma[:, None])
+
+
+def test_prune_linears(tiny_score_model):
+    from pipeline.diffusion.evaluate import prune_linears_, score_inputs
+    from pipeline.diffusion.network import load_score_model
+
+    model = load_score_model(tiny_score_model)
+    rep = prune_linears_(model, method="magnitude", sparsity=0.5)["sparsity"]
+    assert rep["overall"] == pytest.approx(0.5, abs=0.01)
+    model = load_score_model(tiny_score_model)
+    calib = score_inputs(model, 256, seed=0)
+    prune_linears_(model, method="wanda", sparsity=0.0, n=2, m=4, calibration=calib)
+    w = model.net[2].weight  # (16, 16): at most 2 nonzeros in every group of 4 inputs
+    assert int((w.reshape(16, -1, 4) != 0).sum(-1).max()) <= 2
+    with pytest.raises(ValueError, match="calibration"):
+        prune_linears_(model, method="wanda", sparsity=0.5)
+    with pytest.raises(ValueError, match="method"):
+        prune_linears_(model, method="sparsegpt", sparsity=0.5)
+
+
+def test_family_stage_dispatch():
+    import pipeline.stages  # noqa: F401
+    from pipeline.families import ModelKind, kind_of_family, register_model_kind
+    from pipeline.stage import STAGES, stage_for
+
+    assert stage_for("export", "score-model").fn.__name__ == "export_score_model"
+    assert stage_for("export", "bert") is STAGES["export"]
+    assert stage_for("verify_diffusion", "score-model") is STAGES["verify_diffusion"]
+    kind = kind_of_family("score-model")
+    assert kind is not None and kind.model_type == MODEL_TYPE
+    with pytest.raises(ValueError, match="registered twice"):
+        register_model_kind(ModelKind(MODEL_TYPE, "other", ("x",), kind.load, kind.save))
