@@ -24,7 +24,7 @@ import torch
 from exporters.quantize import convert_precision
 from pipeline.diffusion import histogram_tv, histogram_tv_floor, lipschitz_bound, score_error_points, score_mse, time_grid, tv_certificate
 from pipeline.diffusion.evaluate import feeds_of, onnx_scorer, prune_linears_
-from pipeline.diffusion.metrics import jacobian_opnorm
+from pipeline.diffusion.metrics import finite_difference_opnorm, jacobian_opnorm
 from pipeline.diffusion.network import export_score_onnx, load_score_model, mixture_of
 from pipeline.diffusion.samplers import ddpm_sample
 from runtimes.session import make_session
@@ -50,13 +50,6 @@ def _latency_ms(sess, d: int, batch: int, runs: int) -> float:
         sess.run(["score"], feeds)
         times.append(time.perf_counter() - t0)
     return 1e3 * float(np.median(times))
-
-
-def _fd_lipschitz(fn, x: torch.Tensor, t: torch.Tensor, h: float = 1e-2) -> float:
-    """max_x ‖J‖_op with J from central differences (works for any backend, including int8 graphs)."""
-    d = x.shape[1]
-    cols = [(fn(x + h * torch.eye(d, dtype=x.dtype)[j], t) - fn(x - h * torch.eye(d, dtype=x.dtype)[j], t)) / (2 * h) for j in range(d)]
-    return float(torch.linalg.matrix_norm(torch.stack(cols, dim=2), ord=2).max())
 
 
 def main() -> None:
@@ -105,7 +98,7 @@ def main() -> None:
                 "targets": [n for n, p in profiles.items() if precision in p.precisions],
                 "eps_score2": err["mse"], "eps_score2_relative": err["relative"],
                 "lipschitz_jacobian_torch_fp32": float(jacobian_opnorm(lambda v, s: model(v.float(), s.float()), xl, tl).max()),
-                "lipschitz_fd_onnx": _fd_lipschitz(fn, xl, tl),
+                "lipschitz_fd_onnx": float(finite_difference_opnorm(fn, xl, tl).max()),
                 "certificate": cert["total"], "certificate_score_limited": cert["score_limited"],
                 "tv_measured": tv, "latency_ms_batch1": _latency_ms(sess, gmm.d, 1, a.runs),
                 "latency_ms_batch1024": _latency_ms(sess, gmm.d, 1024, a.runs), "size_bytes": path.stat().st_size,

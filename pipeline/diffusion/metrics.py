@@ -2,7 +2,8 @@
 
 * :func:`score_mse`: ε_score² = E_t E_{x~p_t}‖ŝ(x, t) − ∇log p_t(x)‖², t uniform in OU time on [δ, T] (for the
   ``ou`` schedule: uniform in t), by Monte Carlo with the closed-form score (notes §6.5).
-* :func:`jacobian_opnorm`: ‖∇_x ŝ(x, t)‖_op per point, by autograd (one backward pass per output coordinate).
+* :func:`jacobian_opnorm`: ‖∇_x ŝ(x, t)‖_op per point, by autograd (one backward pass per output coordinate);
+  :func:`finite_difference_opnorm` the same from central differences, for ONNX models.
 * :func:`histogram_tv`: TV between samples and the exact p_0 on a regular grid (d ≤ 3); the exact bin masses come
   from midpoint quadrature of the closed-form density, so the only noise is the samples' own. The same call on n
   exact draws gives the estimator's floor for n samples (:func:`histogram_tv_floor`).
@@ -17,7 +18,7 @@ import torch
 
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
 
-__all__ = ["score_error_points", "score_mse", "jacobian_opnorm", "histogram_tv", "histogram_tv_floor", "MAX_HISTOGRAM_DIM"]
+__all__ = ["score_error_points", "score_mse", "jacobian_opnorm", "finite_difference_opnorm", "histogram_tv", "histogram_tv_floor", "MAX_HISTOGRAM_DIM"]
 
 Tensor = torch.Tensor
 MAX_HISTOGRAM_DIM = 3
@@ -51,6 +52,14 @@ def jacobian_opnorm(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor
         rows = [torch.autograd.grad(out[:, j].sum(), x, retain_graph=True)[0] for j in range(out.shape[1])]
     jac = torch.stack(rows, dim=1)                                           # (n, d_out, d_in)
     return torch.linalg.matrix_norm(jac.to(torch.float64), ord=2)
+
+
+def finite_difference_opnorm(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, *, h: float = 1e-2) -> Tensor:
+    """‖J‖_op per row with J from central differences of step h: works for any backend (an int8 ONNX graph has no
+    autograd). Returns (n,). Quantized graphs are piecewise flat with jumps, so this is h-dependent there."""
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    cols = [(fn(x + h * eye[j], t) - fn(x - h * eye[j], t)) / (2 * h) for j in range(x.shape[1])]
+    return torch.linalg.matrix_norm(torch.stack(cols, dim=2).to(torch.float64), ord=2)
 
 
 def _box(gmm: GaussianMixture, width: float = 5.0) -> tuple[Tensor, Tensor]:

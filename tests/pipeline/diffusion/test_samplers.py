@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
-from pipeline.diffusion.metrics import histogram_tv, histogram_tv_floor, jacobian_opnorm, score_mse
+from pipeline.diffusion.metrics import finite_difference_opnorm, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_mse
 from pipeline.diffusion.samplers import ddpm_sample, probability_flow_sample, time_grid
 
 GMM_1D = GaussianMixture.from_dict({"weights": [0.3, 0.7], "means": [[-2.0], [2.0]], "stds": [0.5, 0.5]})
@@ -56,6 +56,8 @@ def test_metrics_helpers():
     a = torch.randn(3, 3, dtype=torch.float64)
     norms = jacobian_opnorm(lambda v, t: v @ a.T * t[:, None], x, torch.full((50,), 2.0, dtype=torch.float64))
     assert torch.allclose(norms, torch.full((50,), 2 * float(torch.linalg.matrix_norm(a, ord=2)), dtype=torch.float64))
+    fd = finite_difference_opnorm(lambda v, t: v @ a.T * t[:, None], x, torch.full((50,), 2.0, dtype=torch.float64))
+    assert torch.allclose(fd, norms, rtol=1e-9)
     e = score_mse(x + 0.1, x)
     assert e["mse"] == pytest.approx(0.03) and score_mse(x * float("nan"), x)["mse"] == float("inf")
     with pytest.raises(ValueError, match="d <= 3"):
