@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipeline.diffusion.gmm import GaussianMixture, Schedule, as_time
+from pipeline.diffusion.gmm import GaussianMixture, Schedule
 
 __all__ = [
     "beta_min",

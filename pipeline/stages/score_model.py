@@ -23,7 +23,7 @@ from pipeline.stages.attention import AttentionConfig
 from pipeline.stages.benchmark import BenchmarkConfig
 from pipeline.stages.export import DEFAULT_OPSET, ExportConfig
 from pipeline.stages.prune import PatternGivesNoSpeedup, PruneConfig
-from pipeline.stages.quantize import QuantizeConfig, check_ops_for_target, quantize_targets
+from pipeline.stages.quantize import QuantizeConfig, quantize_targets
 from pipeline.stages.recover import RecoverConfig
 from pipeline.stages.validate import ValidateConfig
 
