@@ -61,8 +61,8 @@ class ScoreModelConfig:
         self.t_min, self.t_max, self.data_second_moment = float(t_min), float(t_max), float(data_second_moment)
         self.extra = dict(extra or {})
         problems = []
-        if self.dim < 1 or self.hidden < 1 or self.layers < 1:
-            problems.append("dim, hidden and layers must be >= 1")
+        if not (1 <= self.dim <= 4096 and 1 <= self.hidden <= 65536 and 1 <= self.layers <= 64):
+            problems.append("need 1 <= dim <= 4096, 1 <= hidden <= 65536, 1 <= layers <= 64")
         if self.time_features < 2 or self.time_features % 2:
             problems.append("time_features must be an even number >= 2")
         if not 0 < self.t_min < self.t_max or not all(map(math.isfinite, (self.t_min, self.t_max))):
@@ -81,6 +81,8 @@ class ScoreModelConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "ScoreModelConfig":
         known = {"dim", "hidden", "layers", "time_features", "t_min", "t_max", "data_second_moment"}
         extra = {k: v for k, v in data.items() if k not in known | {"model_type", "architectures", "task", "schedule"}}
+        if not isinstance(data.get("schedule", {}), Mapping):
+            raise ScoreModelError("schedule must be a mapping {kind, beta_min, beta_max}")
         try:
             sched = Schedule.from_dict(data.get("schedule") or {})
             return cls(**{k: data[k] for k in known if k in data}, schedule=sched, extra=extra)
