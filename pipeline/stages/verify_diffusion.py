@@ -90,6 +90,8 @@ def run_verify_diffusion(art: Artifact, cfg: VerifyDiffusionConfig, ctx: StageCo
     delta = cfg.delta or conf.t_min
     if not delta < T:
         raise ConfigError(f"stages.verify_diffusion: need delta < T (got delta={delta}, T={T})")
+    if T > conf.t_max or delta < conf.t_min:
+        ctx.log.warning("sampling on [%g, %g] but the network was trained on [%g, %g]: it extrapolates", delta, T, conf.t_min, conf.t_max)
     grid = time_grid(cfg.steps, T=T, delta=delta, schedule=sch, spacing=cfg.spacing)
     seed = ctx.run.seed
 
