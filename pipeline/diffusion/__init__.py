@@ -20,7 +20,7 @@ from pipeline.diffusion.bounds import (
     tv_certificate,
 )
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
-from pipeline.diffusion.metrics import histogram_tv, histogram_tv_floor, jacobian_opnorm, score_error_points, score_mse
+from pipeline.diffusion.metrics import histogram_kl, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_error_points, score_mse
 from pipeline.diffusion.samplers import ddpm_sample, probability_flow_sample, time_grid
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "score_mse",
     "jacobian_opnorm",
     "histogram_tv",
+    "histogram_kl",
     "histogram_tv_floor",
 ]

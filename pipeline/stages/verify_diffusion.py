@@ -11,7 +11,7 @@ Metrics (the contract checks read from report.json)::
     score_mse:      {dense, per_target: {name: ε²}, torch, relative: {...}, points}
     lipschitz:      {empirical, bound, dense, exact, per_target: {name: finite-difference estimate}, points}
     tv_certificate: {dense, per_target: {name: bound}, terms: {...}, steps, spacing, sampler: "ddpm", constants}
-    tv_measured:    {dense, per_target: {name: TV}, floor, exact_score, samples, sampler, steps}
+    tv_measured:    {dense, per_target: {name: TV}, kl: {dense, per_target}, floor, exact_score, samples, sampler, steps}
     gate:           {ok, max_tv_measured, max_tv_certificate, failed: [...]}
 """
 
@@ -75,7 +75,7 @@ def run_verify_diffusion(art: Artifact, cfg: VerifyDiffusionConfig, ctx: StageCo
 
     from pipeline.diffusion.bounds import lipschitz_bound, tv_certificate
     from pipeline.diffusion.evaluate import onnx_scorer, torch_scorer
-    from pipeline.diffusion.metrics import MAX_HISTOGRAM_DIM, finite_difference_opnorm, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_error_points, score_mse
+    from pipeline.diffusion.metrics import MAX_HISTOGRAM_DIM, finite_difference_opnorm, histogram_kl, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_error_points, score_mse
     from pipeline.diffusion.samplers import ddpm_sample, probability_flow_sample, time_grid
     from runtimes.session import make_session
 
@@ -144,7 +144,7 @@ def run_verify_diffusion(art: Artifact, cfg: VerifyDiffusionConfig, ctx: StageCo
     if same_as:
         measured["same_model_as"] = same_as
     if gmm.d > MAX_HISTOGRAM_DIM:
-        measured.update({"dense": None, "per_target": {n: None for n in targets}, "note": f"histogram TV needs d <= {MAX_HISTOGRAM_DIM} (d = {gmm.d})"})
+        measured.update({"dense": None, "per_target": {n: None for n in targets}, "kl": None, "note": f"histogram TV needs d <= {MAX_HISTOGRAM_DIM} (d = {gmm.d})"})
     else:
         def draw(fn) -> Any:
             gen = torch.Generator().manual_seed(seed * 1000 + 13)  # the same noise for every network: differences are the score's
@@ -153,9 +153,13 @@ def run_verify_diffusion(art: Artifact, cfg: VerifyDiffusionConfig, ctx: StageCo
             return probability_flow_sample(fn, cfg.samples, gmm.d, grid, schedule=sch, generator=gen,
                                            corrector_steps=cfg.corrector_steps, corrector_step=cfg.corrector_step)
 
-        tv = {n: histogram_tv(draw(fn), gmm) for n, fn in scorers.items()}
-        tv.update({n: tv[m] for n, m in same_as.items()})
+        drawn = {n: draw(fn) for n, fn in scorers.items()}
+        tv = {n: histogram_tv(y, gmm) for n, y in drawn.items()}
+        kl = {n: histogram_kl(y, gmm) for n, y in drawn.items()}
+        for n, m in same_as.items():
+            tv[n], kl[n] = tv[m], kl[m]
         measured.update({"dense": tv["dense"], "per_target": {n: tv[n] for n in targets},
+                         "kl": {"dense": kl["dense"], "per_target": {n: kl[n] for n in targets}},
                          "exact_score": histogram_tv(draw(lambda a, b: gmm.score(a, b, sch)), gmm),
                          "floor": histogram_tv_floor(gmm, cfg.samples, generator=torch.Generator().manual_seed(seed * 1000 + 14))})
 

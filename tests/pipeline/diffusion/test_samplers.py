@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
-from pipeline.diffusion.metrics import finite_difference_opnorm, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_mse
+from pipeline.diffusion.metrics import finite_difference_opnorm, histogram_kl, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_mse
 from pipeline.diffusion.samplers import ddpm_sample, probability_flow_sample, time_grid
 
 GMM_1D = GaussianMixture.from_dict({"weights": [0.3, 0.7], "means": [[-2.0], [2.0]], "stds": [0.5, 0.5]})
@@ -62,6 +62,9 @@ def test_metrics_helpers():
     assert e["mse"] == pytest.approx(0.03) and score_mse(x * float("nan"), x)["mse"] == float("inf")
     with pytest.raises(ValueError, match="d <= 3"):
         histogram_tv(torch.zeros(5, 4), GaussianMixture.random(2, 4))
+    # binned KL: near 0 for exact draws (plug-in bias only), large for a shifted sampler
+    exact = GMM_1D.sample(N, generator=torch.Generator().manual_seed(5))
+    assert histogram_kl(exact, GMM_1D) < 0.01 < histogram_kl(exact + 0.5, GMM_1D)
     # outside-the-grid and non-finite samples count against the sampler
     assert histogram_tv(torch.full((100, 1), 1e6, dtype=torch.float64), GMM_1D) > 0.99
     assert histogram_tv(torch.full((100, 1), float("nan"), dtype=torch.float64), GMM_1D) > 0.99
