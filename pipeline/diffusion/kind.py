@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from pipeline.diffusion.network import FAMILY, MODEL_TYPE, TASK, ScoreModelError, load_score_model, save_score_model
+from pipeline.diffusion.network import FAMILY, MODEL_TYPE, TASK, ScoreModelError, load_score_model, mixture_of, save_score_model
 from pipeline.families import ModelKind, register_model_kind
 
 __all__ = ["SCORE_MODEL_KIND"]
@@ -22,6 +22,7 @@ def _load(path: Path, task: Optional[str]):
     check_weights(path)  # refuses pickle-only folders with the usual message
     try:
         model = load_score_model(path)
+        mixture_of(model.config)  # a recorded data_distribution must be a valid mixture
     except ScoreModelError as exc:
         raise ModelLoadError(str(exc)) from None
     return LoadedModel(model=model, tokenizer=None, task=TASK, family=FAMILY, model_type=MODEL_TYPE, path=path)

@@ -49,6 +49,11 @@ def test_refuses_bad_folders(tiny_score_model, tmp_path):
     with pytest.raises(ModelLoadError, match="t_min"):
         load_model(bad)
 
+    badmix = _copy(tiny_score_model, tmp_path / "bad-mixture")
+    (badmix / "config.json").write_text(json.dumps({**conf, "data_distribution": {"weights": [0.5, 0.6], "means": [[0, 0], [1, 1]], "stds": [1, 1]}}))
+    with pytest.raises(ModelLoadError, match="data_distribution"):
+        load_model(badmix)
+
     from safetensors.torch import load_file, save_file
 
     nan = _copy(tiny_score_model, tmp_path / "nan")
