@@ -1,9 +1,10 @@
 """Denoising score matching for :class:`~pipeline.diffusion.network.ScoreMLP` on a Gaussian mixture (CPU, seeded).
 
 Loss: E_s E_{x_0, z} ‖ε̂(a_t x_0 + b_t z, t) − z‖² (the ε-form of DSM, Vincent 2011 / Ho et al. 2020): its minimiser
-is ε* = −b_t ∇log p_t, so ŝ = −ε̂ / b_t estimates the score. OU time s is drawn half uniformly on [s(δ), s(T)] (the
-measure :func:`~pipeline.diffusion.metrics.score_mse` averages over) and half log-uniformly (small t). Fresh samples every step (the mixture
-is known), Adam with cosine decay, fixed seed: the same recipe gives the same network on the same torch build.
+is ε* = −b_t ∇log p_t, so ŝ = −ε̂ / b_t estimates the score. OU time s is drawn half uniformly on [s(δ), s(T)]
+(the measure :func:`~pipeline.diffusion.metrics.score_mse` averages over) and half log-uniformly (small t). Fresh
+samples every step (the mixture is known), Adam with cosine decay, fixed seed: the same recipe gives the same network
+on the same torch build.
 
 CLI (writes a model folder edgepipe loads with ``model.path``)::
 
@@ -103,7 +104,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument(f"--{f.replace('_', '-')}", dest=f, type=float, default=getattr(TrainRecipe, f))
     p.add_argument("--schedule", choices=["ou", "vp-linear"], default="ou")
     a = p.parse_args(argv)
-    gmm = GaussianMixture.from_dict(json.loads(Path(a.mixture).read_text())) if a.mixture else example_mixture()
+    try:
+        gmm = GaussianMixture.from_dict(json.loads(Path(a.mixture).read_text())) if a.mixture else example_mixture()
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        p.error(f"--mixture {a.mixture}: {type(exc).__name__}: {exc}")
     recipe = TrainRecipe(steps=a.steps, batch=a.batch, lr=a.lr, hidden=a.hidden, layers=a.layers, t_min=a.t_min,
                          t_max=a.t_max, seed=a.seed)
     model = train_score_model(gmm, recipe, schedule=Schedule(a.schedule), log_every=max(1, a.steps // 10))
