@@ -20,6 +20,7 @@ ORDER = [
     ("sparse_e2e.md", "Issue 4 — 2-layer Llama end to end, block-sparse vs dense"),
     ("io.md", "Issue 4 — counted I/O vs lower bounds"),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
+    ("diffusion.md", "Issue 18 — GMM score network: dense vs pruned vs quantized (verify_diffusion)"),
 ]
 
 

@@ -116,7 +116,12 @@ def model_family(config: Any) -> str:
     Raises:
         ModelLoadError: the model type is not supported (the message lists the supported ones).
     """
+    from pipeline.families import model_kind
+
     model_type = getattr(config, "model_type", None)
+    kind = model_kind(model_type)
+    if kind is not None:
+        return kind.family
     family = _MODEL_TYPE_TO_FAMILY.get(model_type)  # type: ignore[arg-type]
     if family is None:
         supported = ", ".join(sorted(_MODEL_TYPE_TO_FAMILY))
@@ -138,6 +143,11 @@ def infer_task(config: Any) -> str:
     Raises:
         ModelLoadError: unsupported model type.
     """
+    from pipeline.families import model_kind
+
+    kind = model_kind(getattr(config, "model_type", None))
+    if kind is not None:
+        return kind.tasks[0]
     family = model_family(config)
     arch = (getattr(config, "architectures", None) or [""])[0] or ""
     if arch.endswith(("ForCausalLM", "LMHeadModel")) and family in _DECODER_FAMILIES:
@@ -292,6 +302,11 @@ def load_model(
             corrupt weights, unsupported model type or a task the family cannot serve.
         ValueError: ``task`` or ``attn_implementation`` is not a known value.
     """
+    from pipeline.families import model_kind_at
+
+    kind = model_kind_at(path)
+    if kind is not None:  # a registered non-transformers kind (pipeline.families) loads its own folder
+        return kind.load(Path(path).expanduser().resolve(), task)
     import torch
     from transformers import AutoConfig
 
@@ -382,7 +397,12 @@ def save_model(loaded: LoadedModel, out_dir: str | Path) -> Path:
     Returns:
         ``out_dir`` as a resolved ``Path``.
     """
+    from pipeline.families import kind_of_family
+
     out = Path(out_dir).expanduser().resolve()
+    kind = kind_of_family(loaded.family)
+    if kind is not None:
+        return kind.save(loaded, out)
     out.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out, safe_serialization=True)
     if loaded.tokenizer is not None:

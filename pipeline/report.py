@@ -180,8 +180,9 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
             sp = m.get("sparsity") or {}
             ae = m.get("attention_error") or {}
             parts = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("parts") or {}).items())
-            L += ["### prune", "", f"- {m.get('method')} / {m.get('pattern')}: overall sparsity {_fmt(sp.get('overall'))} ({parts}); {_fmt(m.get('seconds'))} s",
-                  f"- attention error vs dense (relative Frobenius, held-out): mean {_fmt(ae.get('mean'))}, row KL mean {_fmt(ae.get('row_kl_mean'))}"]
+            L += ["### prune", "", f"- {m.get('method')} / {m.get('pattern')}: overall sparsity {_fmt(sp.get('overall'))} ({parts}); {_fmt(m.get('seconds'))} s"]
+            if ae:  # transformers only (score networks have no attention)
+                L.append(f"- attention error vs dense (relative Frobenius, held-out): mean {_fmt(ae.get('mean'))}, row KL mean {_fmt(ae.get('row_kl_mean'))}")
             if m.get("warning"):
                 L.append(f"- warning: {m['warning']}")
             per = ae.get("per_layer") or []
@@ -194,6 +195,22 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
             L.append("")
         if r["name"] == "recover" and m:
             L += ["### recover", "", f"- {m.get('steps')} steps ({m.get('loss')}), {_fmt(m.get('seconds'))} s; held-out before {m.get('heldout_before')} -> after {m.get('heldout_after')}" + (" — **rolled back** (it got worse)" if m.get("rolled_back") else ""), ""]
+        if r["name"] == "verify_diffusion" and m:
+            L += _verify_diffusion_lines(m)
         if r["name"] == "attention" and m:
             L += ["### attention", "", f"- kernel {m.get('kernel')}: {m.get('replaced')} modules replaced, max |swapped - reference| {_fmt(m.get('max_abs_diff_vs_reference'), 3)}" + (f", block density {_fmt(m.get('block_density'))}" if "block_density" in m else ""), ""]
     return "\n".join(L)
+
+
+def _verify_diffusion_lines(m: Mapping[str, Any]) -> list[str]:
+    """The verify_diffusion section: per network ε_score², certificate and measured TV, plus the references."""
+    eps, cert, tv, lip = m["score_mse"], m["tv_certificate"], m["tv_measured"], m["lipschitz"]
+    L = ["### verify_diffusion", "", f"- DDPM, {cert['steps']} {cert['spacing']} steps, T={_fmt(cert['T'])}, δ={_fmt(cert['delta'])}; measured with {tv['samples']} samples ({tv['sampler']}); gate: {'passed' if m['gate']['ok'] else '**FAILED**'}",
+         f"- Lipschitz: network {_fmt(lip['empirical'])} (dense {_fmt(lip['dense'])}), exact score {_fmt(lip['exact'])}, k-independent bound {_fmt(lip['bound'])}",
+         f"- measured-TV references: exact score {_fmt(tv.get('exact_score'))}, estimator floor {_fmt(tv.get('floor'))}", "",
+         "| network | ε_score² | TV certificate (constants 1) | score-limited certificate | measured TV |", "|---|---|---|---|---|"]
+    terms = cert["terms"]
+    rows = [("dense", eps["dense"], cert["dense"], terms["dense"], tv.get("dense"))]
+    rows += [(n, eps["per_target"][n], cert["per_target"][n], terms["per_target"][n], (tv.get("per_target") or {}).get(n)) for n in eps["per_target"]]
+    L += [f"| {n} | {_fmt(e)} | {_fmt(c)} | {_fmt(t.get('score_limited'))} | {_fmt(v)} |" for n, e, c, t, v in rows]
+    return L + [""]

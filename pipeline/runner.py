@@ -34,7 +34,7 @@ from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, ha
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, StageError, ValidationFailed
 from pipeline.preflight import RUN_MARKER, check_workdir, preflight
-from pipeline.stage import STAGES, StageConfig, StageContext
+from pipeline.stage import StageConfig, StageContext, stage_for
 from pipeline.version import __version__
 
 __all__ = ["run", "STAGE_RECORD"]
@@ -160,7 +160,7 @@ def run(
         stages_dir.mkdir(exist_ok=True)
         n = len(cfg.stages)
         for i, scfg in enumerate(cfg.stages):
-            spec = STAGES[scfg.kind]
+            spec = stage_for(scfg.kind, art.family)
             key = _digest(key, scfg.kind, spec.version, scfg.model_dump(mode="json"))
             input_digest = getattr(scfg, "input_digest", None)
             if callable(input_digest):  # a stage whose config names input files: their content is part of the key

@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from pipeline.schema import Frozen
 
-__all__ = ["StageConfig", "StageSpec", "StageContext", "RunPlan", "STAGES", "register_stage"]
+__all__ = ["StageConfig", "StageSpec", "StageContext", "RunPlan", "STAGES", "FAMILY_STAGES", "register_stage", "stage_for"]
 
 
 @dataclass(frozen=True)
@@ -63,25 +63,35 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {}
+# (stage kind, model family) -> the implementation for artifacts of that family (pipeline.families)
+FAMILY_STAGES: dict[tuple[str, str], StageSpec] = {}
 
 
-def register_stage(config_cls: type[StageConfig], *, version: int = 1) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_stage(config_cls: type[StageConfig], *, version: int = 1, family: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as the implementation of ``config_cls.kind``.
 
     ``version`` is part of the cache key: bump it when the stage's output changes for the same input.
+    ``family``: register ``fn`` as that model family's implementation of an existing stage kind (same config
+    class, so the YAML is unchanged); the runner picks it for artifacts of that family (:func:`stage_for`).
     """
     kind = config_cls.kind
     if not kind:
         raise TypeError(f"{config_cls.__name__} must set the ClassVar 'kind'")
+    table, key = (STAGES, kind) if family is None else (FAMILY_STAGES, (kind, family))
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if kind in STAGES and STAGES[kind].fn is not fn:
-            raise ValueError(f"stage kind '{kind}' registered twice ({STAGES[kind].fn.__module__} and {fn.__module__})")
+        if key in table and table[key].fn is not fn:  # type: ignore[index]
+            raise ValueError(f"stage {key!r} registered twice ({table[key].fn.__module__} and {fn.__module__})")  # type: ignore[index]
         doc = (fn.__doc__ or "").strip().splitlines()
-        STAGES[kind] = StageSpec(kind, config_cls, fn, version, doc[0] if doc else "")
+        table[key] = StageSpec(kind, config_cls, fn, version, doc[0] if doc else "")  # type: ignore[index]
         return fn
 
     return deco
+
+
+def stage_for(kind: str, family: str) -> StageSpec:
+    """The implementation of stage ``kind`` for an artifact of ``family``: the family's own if registered."""
+    return FAMILY_STAGES.get((kind, family)) or STAGES[kind]
 
 
 @dataclass

@@ -3,5 +3,6 @@
 from pipeline.stages import export, quantize, validate, benchmark  # noqa: F401
 from pipeline.stages import attention, prune, recover  # noqa: F401
 from pipeline.stages import compile_program  # noqa: F401
+from pipeline.stages import verify_diffusion  # noqa: F401  (also registers the score-model implementations)
 
-__all__ = ["attention", "export", "quantize", "validate", "benchmark", "prune", "recover"]
+__all__ = ["attention", "export", "quantize", "validate", "benchmark", "prune", "recover", "compile_program", "verify_diffusion"]

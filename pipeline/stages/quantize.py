@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import onnx
 from pydantic import Field
@@ -14,7 +14,7 @@ from pipeline.errors import StageError
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
 
-__all__ = ["QuantizeConfig", "run_quantize", "check_ops_for_target"]
+__all__ = ["QuantizeConfig", "run_quantize", "quantize_targets", "check_ops_for_target"]
 
 Precision = Literal["fp32", "fp16", "int8", "int8-static"]
 
@@ -65,6 +65,19 @@ def check_ops_for_target(model_path: Path, target: str, opset: int) -> None:
 @register_stage(QuantizeConfig)
 def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artifact:
     """Convert each target's model to its precision; ORT format and mobile check where the profile asks."""
+
+    def text_feeds(tm: TargetModel) -> list[dict]:
+        loaded = load_from_artifact(art, ctx)
+        calib, _ = text_sets(ctx)
+        batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1)
+        return [to_numpy_feeds(b, tm.io) for b in batches]
+
+    return quantize_targets(art, cfg, ctx, text_feeds)
+
+
+def quantize_targets(art: Artifact, cfg: QuantizeConfig, ctx: StageContext, calibration_feeds: Callable[[TargetModel], list[dict]]) -> Artifact:
+    """The quantize stage for any model kind: ``calibration_feeds(target_model)`` gives the int8-static
+    calibration feeds (called at most once per run, only when a target needs them)."""
     from tqdm.auto import tqdm
 
     from exporters.mobile import mobile_usability, to_ort_format
@@ -89,10 +102,7 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
         feeds = None
         if precision == "int8-static":
             if calib_feeds is None:
-                loaded = load_from_artifact(art, ctx)
-                calib, _ = text_sets(ctx)
-                batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1)
-                calib_feeds = [to_numpy_feeds(b, tm.io) for b in batches]
+                calib_feeds = calibration_feeds(tm)
             feeds = calib_feeds
         kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel}
         if precision == "int8" and cfg.quantize_embeddings:
