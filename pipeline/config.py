@@ -27,13 +27,21 @@ __all__ = [
 ]
 
 DEFAULT_TARGETS = ("host-cpu", "raspberry-pi-5", "jetson-orin-nano", "android-arm64")
-Task = Literal["feature-extraction", "fill-mask", "text-generation"]
 
 
 class ModelConfig(Frozen):
     path: Optional[str] = Field(None, description="local Hugging Face model directory; omitted = the packaged all-MiniLM-L6-v2")
-    task: Optional[Task] = Field(None, description="what the model is used for; inferred from the config when omitted")
+    task: Optional[str] = Field(None, description="what the model is used for (pipeline.models.known_tasks()); inferred from the config when omitted")
     tokenizer: bool = Field(True, description="false: the model has no tokenizer (edgepipe then feeds hashed word ids); true: the folder must hold one")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: Optional[str]) -> Optional[str]:
+        from pipeline.models import known_tasks
+
+        if v is not None and v not in known_tasks():
+            raise ValueError(f"unknown task {v!r}; expected one of: {', '.join(known_tasks())}")
+        return v
 
 
 class CalibrationConfig(Frozen):

@@ -76,6 +76,22 @@ _FAMILY_TASKS: dict[str, tuple[str, ...]] = {
 _TOKENIZER_FILES = TOKENIZER_FILES
 
 
+def family_tasks(family: str) -> tuple[str, ...]:
+    """Tasks a family serves: the transformers families' list, or a registered model kind's (``pipeline.families``)."""
+    from pipeline.families import kind_of_family
+
+    kind = kind_of_family(family)
+    return kind.tasks if kind is not None else _FAMILY_TASKS[family]
+
+
+def known_tasks() -> tuple[str, ...]:
+    """Every task some supported model serves (the allowed values of ``model.task``)."""
+    from pipeline.families import MODEL_KINDS, _builtin
+
+    _builtin()
+    return tuple(dict.fromkeys([*TASKS, *(t for k in MODEL_KINDS.values() for t in k.tasks)]))
+
+
 class ModelLoadError(Exception):
     """A model directory cannot be loaded; the message is one line naming the path."""
 

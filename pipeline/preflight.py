@@ -65,7 +65,8 @@ def _model(cfg: Any, source: str) -> tuple[Path, str, str]:
     """(folder, task, family) from config.json and the folder's listing, without reading weights or importing
     transformers."""
     from pipeline.model_folder import ModelFolderError, _load_json, check_config_fields, has_tokenizer_files
-    from pipeline.models import ModelLoadError, _FAMILY_TASKS, check_weights, default_model_path, infer_task, model_family
+    from pipeline.families import model_kind
+    from pipeline.models import ModelLoadError, check_weights, default_model_path, family_tasks, infer_task, model_family
 
     p = Path(cfg.model.path) if cfg.model.path is not None else Path(default_model_path())
     where = f"{source}: model.path: '{shown(str(p), 200)[1:-1]}'"
@@ -85,11 +86,13 @@ def _model(cfg: Any, source: str) -> tuple[Path, str, str]:
         family = model_family(SimpleNamespace(model_type=data.get("model_type")))
         check_config_fields(data, "config.json")
         task = cfg.model.task or infer_task(SimpleNamespace(model_type=data["model_type"], architectures=data.get("architectures")))
-        if task not in _FAMILY_TASKS[family]:
-            raise ModelLoadError(f"task {task!r} is not supported for {data['model_type']!r} (family {family!r} supports {', '.join(_FAMILY_TASKS[family])})")
+        if task not in family_tasks(family):
+            raise ModelLoadError(f"task {task!r} is not supported for {data['model_type']!r} (family {family!r} supports {', '.join(family_tasks(family))})")
         check_weights(p)
     except (ModelLoadError, ModelFolderError) as exc:
         raise ModelInputError(f"{where}: {str(exc).replace(str(p) + '/', '').replace(str(p) + ': ', '')}") from None
+    if model_kind(data.get("model_type")) is not None:  # a registered non-text kind (e.g. a score network): no tokenizer
+        return p.resolve(), task, family
     has_tok = has_tokenizer_files(p)
     if cfg.model.tokenizer and not has_tok:
         raise ModelInputError(f"{where} has no tokenizer files (tokenizer.json, vocab.txt, ...); add them, or set model.tokenizer: false"

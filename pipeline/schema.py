@@ -106,7 +106,7 @@ def format_validation_error(err: ValidationError, *, source: str, prefix: str = 
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = f"{e['msg'][:200]} (got {shown(e.get('input'))})"
+            msg = f"{e['msg'].removeprefix('Value error, ')[:200]} (got {shown(e.get('input'))})"
         lines.append(f"{source}: {loc}: {msg}")
     return "; ".join(lines)
 
