@@ -136,7 +136,7 @@ def fit_projection(keys: np.ndarray, dim: int) -> np.ndarray:
 
 
 class QueryRecorder:
-    """Collects (layer, q (B, H_q, N, p) projected queries, ctx part (B, H_q, N, d_v), mask) during a forward."""
+    """Collects (layer, q (B, H_q, N, D) raw queries, DP context part (B, H_q, N, d_v)) during a forward."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[int, Tensor, Tensor]] = []
@@ -168,7 +168,7 @@ def _dp_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, 
     ctx = torch.clamp(nd[..., :-1] / den_g[..., None], -st["value_bound"], st["value_bound"])  # (B, Hq, Nq, D)
     rec = st.get("recorder")
     if rec is not None:
-        rec.rows.append((module.layer_idx, qp.detach(), ctx.detach()))
+        rec.rows.append((module.layer_idx, q.detach(), ctx.detach()))
     k = key.repeat_interleave(G, dim=1) if G > 1 else key  # (B, Hq, Nk, D)
     v = value.repeat_interleave(G, dim=1) if G > 1 else value
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)

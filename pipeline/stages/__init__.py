@@ -2,5 +2,6 @@
 
 from pipeline.stages import export, quantize, validate, benchmark  # noqa: F401
 from pipeline.stages import attention, prune, recover  # noqa: F401
+from pipeline.stages import private_context, verify_dp  # noqa: F401
 
-__all__ = ["attention", "export", "quantize", "validate", "benchmark", "prune", "recover"]
+__all__ = ["attention", "export", "quantize", "validate", "benchmark", "prune", "recover", "private_context", "verify_dp"]

@@ -51,6 +51,11 @@ def load_from_artifact(art: Artifact, ctx: StageContext, *, reference: bool = Fa
         from pipeline.stages.attention import apply_attention_change
 
         apply_attention_change(loaded.model, change, kernel="naive")
+    private = art.torch_changes.get("private_context")
+    if private:  # the decoder attends to its private prefix through the DP release only
+        from pipeline.privacy.model import DPPrefix, apply_dp_prefix_
+
+        apply_dp_prefix_(loaded.model, DPPrefix.load(ctx.resolve(private["release"])))
     return loaded
 
 
