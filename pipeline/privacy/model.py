@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from pipeline.privacy.features import monomials
 
-__all__ = ["ATTN_IMPLEMENTATION", "DPPrefix", "context_kv", "public_kv", "fit_projection", "apply_dp_prefix_", "exact_prefix_logits", "attention_modules", "QueryRecorder"]
+__all__ = ["ATTN_IMPLEMENTATION", "DPPrefix", "context_kv", "public_kv", "fit_projection", "apply_dp_prefix_", "exact_prefix_logits", "prefix_cache", "attention_modules", "QueryRecorder"]
 
 ATTN_IMPLEMENTATION = "edgepipe_dp_prefix"
 _ATTR = "_edgepipe_dp_prefix"
@@ -251,12 +251,25 @@ def apply_dp_prefix_(model: nn.Module, prefix: DPPrefix, *, recorder: Optional[Q
 
 
 @torch.no_grad()
-def exact_prefix_logits(model: nn.Module, ctx_ids: Tensor, batch: dict[str, Tensor]) -> Tensor:
+def exact_prefix_logits(model: nn.Module, ctx_ids: Tensor, batch: dict[str, Tensor], cache: Optional[list] = None) -> Tensor:
     """Logits (B, S, V) of the unmodified model for ``batch`` with the exact private prefix ``ctx_ids`` (n,)
-    in front (the fidelity reference; provider side)."""
+    in front (the fidelity reference; provider side). ``cache``: the prefix's legacy KV cache (from a
+    previous call's ``prefix_cache``) so the prefix is encoded once, O(n·S) per batch."""
+    from transformers import DynamicCache
+
     B = batch["input_ids"].shape[0]
-    ids = torch.cat([ctx_ids[None].expand(B, -1), batch["input_ids"]], dim=1)
-    mask = torch.cat([torch.ones(B, ctx_ids.shape[0], dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, return_dict=True)
-    return out.logits[:, ctx_ids.shape[0]:]
+    n = ctx_ids.shape[0]
+    if cache is None:
+        cache = prefix_cache(model, ctx_ids)
+    past = DynamicCache.from_legacy_cache(tuple((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache))
+    mask = torch.cat([torch.ones(B, n, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
+    pos = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0) + n
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True, return_dict=True)
+    return out.logits
+
+
+@torch.no_grad()
+def prefix_cache(model: nn.Module, ctx_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The exact KV cache of the private prefix: per layer (1, H_kv, n, d) key and value tensors."""
+    out = model(input_ids=ctx_ids[None], attention_mask=torch.ones_like(ctx_ids)[None], use_cache=True, return_dict=True)
+    return list(out.past_key_values.to_legacy_cache())

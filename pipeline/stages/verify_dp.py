@@ -6,7 +6,8 @@ be flagged; the hash of the released state (release file + every target's ONNX) 
 adaptive query stream through ONNX Runtime.
 (b) Utility on PUBLIC queries (held-out calibration text): the relative error of the DP context attention
 against exact attention over the raw context, per replaced head, and of the uniform-attention baseline;
-next-token top-1 agreement of each target's ONNX model with the model that sees the exact context.
+next-token top-1 agreement of each target's ONNX model (before any export: the PyTorch DP model) with the
+model that sees the exact context.
 (c) Gate: on failure the targets are withdrawn (nothing is published that claims privacy) and the run
 fails after the report is written (exit 1), with the measured numbers.
 
@@ -52,16 +53,13 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
 
     from pipeline.privacy.accounting import joint_delta
     from pipeline.privacy.audit import adaptive_stream_unchanged, privacy_loss_audit, sensitivity_search, state_hash
-    from pipeline.privacy.model import DPPrefix, QueryRecorder, apply_dp_prefix_, context_kv, exact_prefix_logits
+    from pipeline.privacy.model import DPPrefix, QueryRecorder, apply_dp_prefix_, exact_prefix_logits, prefix_cache
     from pipeline.privacy.release import KernelSpec, PublicBounds, exact_attention, exact_sums
     from pipeline.stages.private_context import _context_ids, read_private_kv
-    from runtimes.session import make_session
 
     change = art.torch_changes.get("private_context")
     if not change:
         raise StageError("verify_dp", "no DP release to verify: put a 'private_context' stage before 'verify_dp'")
-    if not art.targets:
-        raise StageError("verify_dp", "no ONNX model yet: put an 'export' stage between 'private_context' and 'verify_dp'")
     release_path = ctx.resolve(change["release"])
     prefix = DPPrefix.load(release_path)
     meta = prefix.meta
@@ -83,7 +81,8 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
         ctx_ids = None
     else:
         ctx_ids = _context_ids(plain, ctx_path, "verify_dp: private_context.context_file")
-        kv = context_kv(base, ctx_ids)
+        cache = prefix_cache(base, ctx_ids)  # (1, H_kv, n, d) per layer, encoded once
+        kv = [(k[0].double().numpy(), v[0].double().numpy()) for k, v in cache]
     if kv[0][0].shape[1] != prefix.n:
         raise StageError("verify_dp", f"the context file now has {kv[0][0].shape[1]} rows but the release was built from {prefix.n}; re-run private_context")
 
@@ -116,33 +115,35 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     if not broken.flagged:
         failures.append({"target": "*", "check": "broken_control", "value": "not flagged", "limit": "the per-query-noise control must be flagged"})
 
-    # adaptive stream through every target's ONNX model: the released state must not change
+    # the DP model as the device runs it: each target's ONNX model, or (no export yet) the PyTorch DP model
+    loaded = _plain(art, ctx)
+    rec = QueryRecorder()
+    apply_dp_prefix_(loaded.model, prefix, recorder=rec)  # the DP model, recording its queries
+    runners = {name: _onnx_runner(ctx.resolve(tm.model), tm.io) for name, tm in art.targets.items()} or {"pytorch": _torch_runner(loaded.model)}
+
+    # adaptive stream: next tokens chosen from the last answer; the released state must not change
     files = [release_path] + [ctx.resolve(tm.model) for tm in art.targets.values()]
-    first_name, first_tm = next(iter(art.targets.items()))
-    sess = make_session(ctx.resolve(first_tm.model), threads=1)
+    first = next(iter(runners.values()))
     vocab = int(base.config.vocab_size)
 
     def answer(q: np.ndarray) -> np.ndarray:
         ids = (np.abs(q.astype(np.int64)) % vocab).reshape(1, -1)
-        feeds = to_numpy_feeds({"input_ids": ids, "attention_mask": np.ones_like(ids)}, first_tm.io)
-        return sess.run([first_tm.io["output_names"][0]], feeds)[0][0, -1, : q.size]
+        return first({"input_ids": ids, "attention_mask": np.ones_like(ids)})[0, -1, : q.size]
 
-    unchanged, h0, h1 = adaptive_stream_unchanged(lambda: state_hash(files=files), answer, np.arange(1, 9, dtype=np.float32) * 3, steps=cfg.adaptive_queries)
+    unchanged, h0, h1 = adaptive_stream_unchanged(lambda: state_hash(arrays=[loaded.model.get_buffer(n) for n, _ in loaded.model.named_buffers() if n.endswith("dp_sums")], files=files),
+                                                  answer, np.arange(1, 9, dtype=np.float32) * 3, steps=cfg.adaptive_queries)
+    rec.rows.clear()
     audit["state_hash_unchanged"] = bool(unchanged)
     audit["state_hash"] = h0
     if not unchanged:
         failures.append({"target": "*", "check": "state_hash", "value": "changed", "limit": "unchanged after adaptive queries"})
 
     # (b) utility on public queries
-    loaded = _plain(art, ctx)
-    rec = QueryRecorder()
-    apply_dp_prefix_(loaded.model, prefix, recorder=rec)  # the DP model, recording its queries
     _, heldout = text_sets(ctx)
     heldout = heldout[: cfg.samples] if cfg.samples else heldout
     batches = encode(loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
     errs, uerrs, guarded = [], [], []
-    top1: dict[str, list[float]] = {name: [] for name in art.targets}
-    sessions = {name: make_session(ctx.resolve(tm.model), threads=1) for name, tm in art.targets.items()}
+    top1: dict[str, list[float]] = {name: [] for name in runners}
     for b in batches:
         rec.rows.clear()
         with torch.no_grad():
@@ -156,10 +157,10 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
                 ex = exact_attention(qq, K[hq // G], V[hq // G], prefix.scale)
                 errs.append(_rel(c[:, hq].double().numpy()[mask], ex))
                 uerrs.append(_rel(np.broadcast_to(V[hq // G].mean(0), ex.shape), ex))
-        ref = exact_prefix_logits(base, ctx_ids, b) if ctx_ids is not None else None
+        ref = exact_prefix_logits(base, ctx_ids, b, cache) if ctx_ids is not None else None
         if ref is not None:
-            for name, tm in art.targets.items():
-                out = sessions[name].run([tm.io["output_names"][0]], to_numpy_feeds(b, tm.io))[0]
+            for name, fn in runners.items():
+                out = fn(b)
                 top1[name].append(float((out.argmax(-1) == ref.numpy().argmax(-1))[mask].mean()))
     rel_err, uni = float(np.mean(errs)), float(np.mean(uerrs))
     agreement = {k: float(np.mean(v)) for k, v in top1.items() if v}
@@ -180,6 +181,23 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
         ctx.log.error("verify_dp refuses to deploy: %s", "; ".join(f"{f['check']} {f['value']} (limit {f['limit']})" for f in failures))
         return art.replace(targets={})  # nothing that claims privacy gets published
     return art
+
+
+def _onnx_runner(path: Path, io: Any):
+    from runtimes.session import make_session
+
+    sess = make_session(path, threads=1)
+    return lambda batch: sess.run([io["output_names"][0]], to_numpy_feeds(batch, io))[0]
+
+
+def _torch_runner(model: Any):
+    import torch
+
+    def run(batch: dict) -> np.ndarray:
+        t = {k: torch.as_tensor(np.asarray(batch[k])) for k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            return model(**t).logits.numpy()
+    return run
 
 
 def _plain(art: Artifact, ctx: StageContext):
