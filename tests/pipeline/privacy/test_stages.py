@@ -153,3 +153,35 @@ def test_refusal_on_a_real_head_exits_1_and_publishes_nothing(tiny_models, tmp_p
     assert {f["check"] for f in rep["failures"]} & {"dp_rel_err", "dp_vs_uniform"}
     assert not (work / "host-cpu").exists() and rep["targets"] == {}
     assert vd["utility"]["top1_per_target"].keys() == {"pytorch"}
+
+
+def test_precomputed_key_value_context_and_its_errors(tiny_models, tmp_path):
+    """context_file may be a .safetensors of per-layer keys/values; a file missing a layer is one ConfigError."""
+    import torch
+    from safetensors.numpy import save_file
+
+    from pipeline.models import load_model
+    from pipeline.privacy.model import context_kv
+    from pipeline.runner import run
+
+    loaded = load_model(tiny_models["llama"])
+    kv = context_kv(loaded.model, torch.arange(3, 40))
+    tensors = {}
+    for l, (K, V) in enumerate(kv):
+        tensors[f"layers.{l}.key"], tensors[f"layers.{l}.value"] = K.astype(np.float32), V.astype(np.float32)
+    good = tmp_path / "kv.safetensors"
+    save_file(tensors, str(good))
+    _, cal, _ = _texts(tmp_path, 10)
+    cfg = _config(tiny_models["llama"], good, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2, accounting="basic")
+    cfg["stages"] = cfg["stages"][:1]
+    rep = run(cfg, workdir=tmp_path / "run", progress=False)
+    pc = rep["stages"][0]["metrics"]
+    assert pc["context_tokens"] == 37 and pc["heads_replaced"] == 2 * 2 and pc["accounting"] == "basic"  # 2 layers × 2 KV heads (GQA)
+    assert pc["bytes_shipped"] == 4 * 45 * 9 * 4  # C(8+2, 2) = 45 features × (8 + 1) columns per KV head
+    tensors.pop("layers.1.value")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    cfg2 = _config(tiny_models["llama"], bad, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2)
+    cfg2["stages"] = cfg2["stages"][:1]
+    with pytest.raises(ConfigError, match=r"context_file: bad.safetensors has no 'layers.1.key'/'layers.1.value'"):
+        run(cfg2, workdir=tmp_path / "run2", progress=False)
