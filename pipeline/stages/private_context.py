@@ -97,7 +97,7 @@ def _context_ids(loaded: Any, path: Path, where: str) -> "Any":
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _bound(value: Bound, public: float, name: str, where: str) -> float:
+def _bound(value: Bound, public: float, name: str) -> float:
     if value == "calibration":
         if not (math.isfinite(public) and public > 0):
             raise StageError("private_context", f"{name}: the public calibration text gave {public}, not a usable bound")
@@ -111,7 +111,6 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
     from pipeline.privacy.accounting import plan_gaussian
     from pipeline.privacy.calibration import check_privacy_params
     from pipeline.privacy.dptree import DPTreeSoftmax
-    from pipeline.privacy.features import feature_count
     from pipeline.privacy.model import DPPrefix, apply_dp_prefix_, context_kv, fit_projection, public_kv
     from pipeline.privacy.release import KernelSpec, PublicBounds, exact_sums, replace_one_sensitivity
     from pipeline.privacy.sampler import SecureSampler
@@ -157,8 +156,8 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
         raise ConfigError(f"{where}.projection_dim: {p} exceeds the head dimension {d}")
     proj = {l: fit_projection(pub[l][0], p) for l in range(n_layers)} if cfg.projection_dim else {}
     pub_keys = max(float(np.abs(np.einsum("hmd,hdp->hmp", K, proj[l]) if proj else K).max()) for l, (K, _) in enumerate(pub))
-    R = _bound(cfg.key_bound, pub_keys, "key_bound", where)
-    Rw = _bound(cfg.value_bound, max(float(np.abs(V).max()) for _, V in pub), "value_bound", where)
+    R = _bound(cfg.key_bound, pub_keys, "key_bound")
+    Rw = _bound(cfg.value_bound, max(float(np.abs(V).max()) for _, V in pub), "value_bound")
     bounds = PublicBounds(R, Rw)
     scale = 1.0 / math.sqrt(d)
     spec = KernelSpec(p, cfg.degree, scale)

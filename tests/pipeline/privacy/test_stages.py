@@ -178,6 +178,13 @@ def test_precomputed_key_value_context_and_its_errors(tiny_models, tmp_path):
     pc = rep["stages"][0]["metrics"]
     assert pc["context_tokens"] == 37 and pc["heads_replaced"] == 2 * 2 and pc["accounting"] == "basic"  # 2 layers × 2 KV heads (GQA)
     assert pc["bytes_shipped"] == 4 * 45 * 9 * 4  # C(8+2, 2) = 45 features × (8 + 1) columns per KV head
+    # the DPTree mechanism: same shapes, Laplace under advanced composition, far more noise
+    cfg3 = _config(tiny_models["llama"], good, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2, mechanism="dptree")
+    cfg3["stages"] = cfg3["stages"][:1]
+    rep3 = run(cfg3, workdir=tmp_path / "run3", progress=False)
+    pc3 = rep3["stages"][0]["metrics"]
+    assert pc3["accounting"] == "advanced_composition" and pc3["bytes_shipped"] == pc["bytes_shipped"]
+    assert pc3["sigma"] > pc["sigma"]
     tensors.pop("layers.1.value")
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad))
