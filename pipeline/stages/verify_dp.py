@@ -144,6 +144,7 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     batches = encode(loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
     errs, uerrs, guarded = [], [], []
     top1: dict[str, list[float]] = {name: [] for name in runners}
+    nll: dict[str, list[float]] = {}  # name -> [Σ NLL with the DP model, Σ NLL with the exact context]
     for b in batches:
         rec.rows.clear()
         with torch.no_grad():
@@ -162,10 +163,12 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
             for name, fn in runners.items():
                 out = fn(b)
                 top1[name].append(float((out.argmax(-1) == ref.numpy().argmax(-1))[mask].mean()))
+                nll[name] = [a + c for a, c in zip(nll.get(name, [0.0, 0.0]), (_nll(out, b), _nll(ref.numpy(), b)))]
     rel_err, uni = float(np.mean(errs)), float(np.mean(uerrs))
     agreement = {k: float(np.mean(v)) for k, v in top1.items() if v}
     t1 = min(agreement.values()) if agreement else None
-    utility = {"rel_err": rel_err, "uniform_rel_err": uni, "top1_agreement": t1, "rel_err_worst_head": float(np.max(errs)),
+    ppl_ratio = {k: float(np.exp((a - c) / max(_ntok(batches), 1))) for k, (a, c) in nll.items()}
+    utility = {"rel_err": rel_err, "uniform_rel_err": uni, "top1_agreement": t1, "rel_err_worst_head": float(np.max(errs)), "ppl_ratio": ppl_ratio,
                "top1_per_target": agreement, "queries": int(sum(int(b["attention_mask"].sum()) for b in batches))}
 
     # (c) gate
@@ -181,6 +184,21 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
         ctx.log.error("verify_dp refuses to deploy: %s", "; ".join(f"{f['check']} {f['value']} (limit {f['limit']})" for f in failures))
         return art.replace(targets={})  # nothing that claims privacy gets published
     return art
+
+
+def _nll(logits: np.ndarray, batch: dict) -> float:
+    """Σ next-token negative log-likelihood over the batch's valid positions (B, S, V) logits."""
+    ids = np.asarray(batch["input_ids"])
+    mask = np.asarray(batch["attention_mask"]).astype(bool)
+    lg = logits[:, :-1].astype(np.float64)
+    lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+    tok = np.take_along_axis(lg, ids[:, 1:, None], axis=-1)[..., 0]
+    valid = mask[:, 1:] & mask[:, :-1]
+    return float((lse - tok)[valid].sum())
+
+
+def _ntok(batches: list) -> int:
+    return int(sum((np.asarray(b["attention_mask"])[:, 1:] & np.asarray(b["attention_mask"])[:, :-1]).sum() for b in batches))
 
 
 def _onnx_runner(path: Path, io: Any):

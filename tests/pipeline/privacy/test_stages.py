@@ -105,6 +105,7 @@ def test_usable_region_passes_end_to_end_and_ships_no_raw_context(tmp_path):
     assert vd["audit"]["max_sensitivity_ratio"] <= 1.0
     assert vd["utility"]["rel_err"] < 0.1 < vd["utility"]["uniform_rel_err"]
     assert vd["utility"]["top1_agreement"] > 0.9
+    assert 0.8 < vd["utility"]["ppl_ratio"]["host-cpu"] < 1.25
     published = work / "host-cpu" / "model.onnx"
     assert published.is_file()
     # ONNX parity with the PyTorch DP model (fresh model + the saved release)
