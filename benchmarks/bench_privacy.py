@@ -310,20 +310,23 @@ def plot(rows: list[dict], path: Path) -> None:
     groups = sorted({r["model"] for r in rows if r["model"].startswith("synthetic")}) + sorted({r["model"] for r in rows if not r["model"].startswith("synthetic")})
     cols = min(len(groups), 4)
     nrows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.9 * nrows), squeeze=False, layout="constrained")
     for ax, g in zip(axes.ravel(), groups):
         sub = [r for r in rows if r["model"] == g]
         ns = sorted({r["n"] for r in sub})
         grid = np.full((len(EPS), len(ns)), np.nan)
+        ok = np.zeros_like(grid, dtype=bool)
         for i, e in enumerate(EPS):
             for j, n in enumerate(ns):
-                c = [r["rel_err"] for r in sub if r["eps"] == e and r["n"] == n]
-                grid[i, j] = min(c) if c else np.nan
+                c = [r for r in sub if r["eps"] == e and r["n"] == n]
+                if c:
+                    best = min(c, key=lambda r: r["rel_err"])
+                    grid[i, j], ok[i, j] = best["rel_err"], best["usable"]
         im = ax.imshow(np.log10(np.clip(grid, 1e-3, 1e3)), origin="lower", cmap="viridis_r", vmin=-2, vmax=1, aspect="auto")
         for i in range(len(EPS)):
             for j in range(len(ns)):
                 if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2g}" + ("✓" if grid[i, j] < USABLE else ""), ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{grid[i, j]:.2g}" + ("✓" if ok[i, j] else ""), ha="center", va="center", fontsize=7,
                             color="white" if grid[i, j] > 0.3 else "black")
         ax.set_xticks(range(len(ns)), [str(n) for n in ns])
         ax.set_yticks(range(len(EPS)), [str(e) for e in EPS])
@@ -332,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(g, fontsize=9)
     for ax in axes.ravel()[len(groups):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 relative error (best degree / projection)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="log10 relative error (best degree / projection)", shrink=0.8)
     fig.suptitle("DP cross-attention: relative error vs exact attention (✓ = < 10%, usable if also < uniform baseline)", fontsize=10)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -345,7 +348,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "privacy.md")
     ap.add_argument("--gpt", type=Path, default=None, help="a small GPT-2 folder (benchmarks/train_small_gpt.py output)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot and tables from the JSON of a previous run")
     args = ap.parse_args()
+    if args.replot:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        meta = json.loads(args.out.with_suffix(".meta.json").read_text())
+        plot(data["map"], args.out.with_name("privacy_map.png"))
+        args.out.write_text("# DP cross-attention: utility vs privacy (`benchmarks/bench_privacy.py`)\n\n" + render(data, meta) + "\n")
+        return
     t0 = time.time()
     syn = synthetic(args.quick)
     real = real_heads(args.gpt, args.quick)
@@ -362,9 +372,6 @@ def main() -> None:
     (out.with_suffix(".meta.json")).write_text(json.dumps(meta))
     out.write_text("# DP cross-attention: utility vs privacy (`benchmarks/bench_privacy.py`)\n\n" + render({"map": rows, "latency": lat}, meta) + "\n")
 
-
-if __name__ == "__main__":
-    main()
 
 
 def render(data: dict, meta: dict) -> str:
@@ -412,3 +419,7 @@ def render(data: dict, meta: dict) -> str:
             L.append(f"| {r['p']} | {r['degree']} | {r['r']} | {r['n']} | {r['batch']} | {r['dp_ms']:.3g} | {r['exact_ms']:.3g} | {r['ratio']:.3g} | {r['dp_bytes']} | {r['raw_bytes']} |")
         L.append("")
     return "\n".join(L)
+
+
+if __name__ == "__main__":
+    main()
