@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from pipeline.privacy.accounting import advanced_composition_epsilon
+from pipeline.privacy.calibration import laplace_scale
 from pipeline.privacy.release import KernelSpec, PublicBounds, answer_from_sums, clip_rows, guard_floor
 from pipeline.privacy.sampler import NoiseSampler, SecureSampler
 
@@ -45,7 +46,7 @@ class DPTree:
         m = leaves.shape[-1]
         self.L = max(1, math.ceil(math.log2(max(m, 2))))
         self.m = m
-        self.scale = l1_sensitivity * (self.L + 1) / epsilon  # Laplace b per node
+        self.scale = laplace_scale(epsilon, l1_sensitivity * (self.L + 1))  # b per node: a leaf lies in L+1 nodes
         pad = np.zeros(leaves.shape[:-1] + (2**self.L - m,))
         level = np.concatenate([leaves, pad], axis=-1)
         self.levels: list[np.ndarray] = []  # levels[0] = leaves (2^L), levels[L] = root (1)

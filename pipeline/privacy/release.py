@@ -126,10 +126,6 @@ class FeatureSumRelease:
     def state_hash(self) -> str:
         return hashlib.sha256(np.ascontiguousarray(self.sums).tobytes()).hexdigest()
 
-    @property
-    def nbytes_float32(self) -> int:
-        return int(self.sums.size * 4)
-
 
 def release_feature_sum(K: np.ndarray, V: np.ndarray, spec: KernelSpec, bounds: PublicBounds, sigma: float,
                         sampler: NoiseSampler | None = None) -> FeatureSumRelease:

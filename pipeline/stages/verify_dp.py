@@ -54,7 +54,7 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     from pipeline.privacy.accounting import joint_delta
     from pipeline.privacy.audit import adaptive_stream_unchanged, privacy_loss_audit, sensitivity_search, state_hash
     from pipeline.privacy.model import DPPrefix, QueryRecorder, apply_dp_prefix_, exact_prefix_logits, prefix_cache
-    from pipeline.privacy.release import KernelSpec, PublicBounds, exact_attention, exact_sums
+    from pipeline.privacy.release import KernelSpec, PublicBounds, exact_attention, exact_sums, uniform_attention
     from pipeline.stages.private_context import _context_ids, read_private_kv
 
     change = art.torch_changes.get("private_context")
@@ -157,7 +157,7 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
                 qq = q[:, hq].double().numpy()[mask]  # (tokens, d)
                 ex = exact_attention(qq, K[hq // G], V[hq // G], prefix.scale)
                 errs.append(_rel(c[:, hq].double().numpy()[mask], ex))
-                uerrs.append(_rel(np.broadcast_to(V[hq // G].mean(0), ex.shape), ex))
+                uerrs.append(_rel(uniform_attention(V[hq // G], ex.shape[:-1]), ex))
         ref = exact_prefix_logits(base, ctx_ids, b, cache) if ctx_ids is not None else None
         if ref is not None:
             for name, fn in runners.items():
