@@ -251,16 +251,16 @@ def apply_dp_prefix_(model: nn.Module, prefix: DPPrefix, *, recorder: Optional[Q
 
 
 @torch.no_grad()
-def exact_prefix_logits(model: nn.Module, ctx_ids: Tensor, batch: dict[str, Tensor], cache: Optional[list] = None) -> Tensor:
-    """Logits (B, S, V) of the unmodified model for ``batch`` with the exact private prefix ``ctx_ids`` (n,)
-    in front (the fidelity reference; provider side). ``cache``: the prefix's legacy KV cache (from a
-    previous call's ``prefix_cache``) so the prefix is encoded once, O(n·S) per batch."""
+def exact_prefix_logits(model: nn.Module, ctx_ids: Optional[Tensor], batch: dict[str, Tensor], cache: Optional[list] = None) -> Tensor:
+    """Logits (B, S, V) of the unmodified model for ``batch`` with the exact private prefix in front (the
+    fidelity reference; provider side): ``ctx_ids`` (n,) tokens, or ``cache``, the prefix's per-layer
+    (1, H_kv, n, d) keys/values (from :func:`prefix_cache`, or precomputed), so it is encoded once: O(n·S)."""
     from transformers import DynamicCache
 
     B = batch["input_ids"].shape[0]
-    n = ctx_ids.shape[0]
     if cache is None:
         cache = prefix_cache(model, ctx_ids)
+    n = cache[0][0].shape[2]
     past = DynamicCache.from_legacy_cache(tuple((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache))
     mask = torch.cat([torch.ones(B, n, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
     pos = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0) + n

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.config import parse_config
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ValidationFailed
 from tests.pipeline.privacy.synth import corpus_words, make_low_dim_gpt2
 
 CONTRACT = {
@@ -174,9 +174,15 @@ def test_precomputed_key_value_context_and_its_errors(tiny_models, tmp_path):
     save_file(tensors, str(good))
     _, cal, _ = _texts(tmp_path, 10)
     cfg = _config(tiny_models["llama"], good, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2, accounting="basic")
-    cfg["stages"] = cfg["stages"][:1]
-    rep = run(cfg, workdir=tmp_path / "run", progress=False)
+    try:  # private_context + verify_dp on the PyTorch DP model (GQA, precomputed context): pass or refuse
+        run(cfg, workdir=tmp_path / "run", progress=False)
+    except ValidationFailed:
+        pass
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
     pc = rep["stages"][0]["metrics"]
+    vd = rep["stages"][1]["metrics"]
+    assert vd["gate"] in ("pass", "refuse") and 0 <= vd["utility"]["top1_agreement"] <= 1
+    assert vd["audit"]["broken_control_flagged"] and vd["audit"]["max_sensitivity_ratio"] <= 1
     assert pc["context_tokens"] == 37 and pc["heads_replaced"] == 2 * 2 and pc["accounting"] == "basic"  # 2 layers × 2 KV heads (GQA)
     assert pc["bytes_shipped"] == 4 * 45 * 9 * 4  # C(8+2, 2) = 45 features × (8 + 1) columns per KV head
     # the DPTree mechanism: same shapes, Laplace under advanced composition, far more noise
