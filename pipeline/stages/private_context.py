@@ -34,11 +34,11 @@ Bound = Union[float, Literal["calibration"]]
 
 class PrivateContextConfig(StageConfig):
     kind = "private_context"
-    context_file: str = Field(..., description="the private context: a UTF-8 text file (the decoder's prefix) or a .safetensors file of per-layer 'layers.{l}.key'/'layers.{l}.value' tensors (H_kv, n, head_dim)")
+    context_file: Optional[str] = Field(None, description="required: the private context, a UTF-8 text file (the decoder's prefix) or a .safetensors file of per-layer 'layers.{l}.key'/'layers.{l}.value' tensors (H_kv, n, head_dim)")
     epsilon: float = Field(1.0, gt=0, allow_inf_nan=False, description="total ε over all replaced heads and layers")
     delta: float = Field(1e-5, gt=0, lt=1, description="total δ")
-    key_bound: Bound = Field(..., description="public R: |key entry| ≤ R after projection (keys are clipped to it); 'calibration' = the largest entry on the public calibration text")
-    value_bound: Bound = Field(..., description="public R_w: |value entry| ≤ R_w (values are clipped to it); 'calibration' as above")
+    key_bound: Optional[Bound] = Field(None, description="required: public R: |key entry| ≤ R after projection (keys are clipped to it); 'calibration' = the largest entry on the public calibration text")
+    value_bound: Optional[Bound] = Field(None, description="required: public R_w: |value entry| ≤ R_w (values are clipped to it); 'calibration' as above")
     degree: int = Field(4, ge=1, le=16, description="polynomial degree s of the exp kernel features")
     projection_dim: Optional[int] = Field(None, ge=1, description="project q/k to this many dimensions per head, fitted on the public calibration text (omitted = full head dimension)")
     accounting: Literal["gaussian_joint", "basic"] = Field("gaussian_joint", description="composition over heads/layers: exact joint Gaussian, or basic (ε/m, δ/m) each")
@@ -116,6 +116,9 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
     from pipeline.privacy.sampler import SecureSampler
 
     where = f"stages[{ctx.index}].private_context"
+    # required keys are checked here, first (stage configs keep defaults so every kind builds with no arguments)
+    if cfg.context_file is None:
+        raise ConfigError(f"{where}: context_file is missing: give the private context (a text or .safetensors file)")
     check_privacy_params(cfg.epsilon, cfg.delta, 1.0 if cfg.key_bound == "calibration" else cfg.key_bound,
                          1.0 if cfg.value_bound == "calibration" else cfg.value_bound, where=where)
     if art.task != "text-generation":

@@ -72,9 +72,21 @@ def test_private_context_config_errors_are_one_line(tmp_path):
         with pytest.raises(ConfigError) as ei:
             parse_config(bad)
         assert needle in str(ei.value) and "stages[0].private_context" in str(ei.value) and "\n" not in str(ei.value)
-    missing = {**base, "stages": [{"private_context": {"context_file": "x.txt", "value_bound": 1.0}}]}
-    with pytest.raises(ConfigError, match=r"key_bound: required key is missing"):
-        parse_config(missing)
+
+
+def test_missing_bounds_or_context_are_refused_before_anything_runs(tiny_models, tmp_path):
+    from pipeline.runner import run
+
+    ctx, cal, _ = _texts(tmp_path, 20)
+    for body, needle in (({"context_file": str(ctx), "value_bound": 1.0}, "stages[0].private_context: key_bound is missing"),
+                         ({"context_file": str(ctx), "key_bound": 1.0}, "stages[0].private_context: value_bound is missing"),
+                         ({"key_bound": 1.0, "value_bound": 1.0}, "stages[0].private_context: context_file is missing"),
+                         ({"context_file": str(tmp_path / "nope.txt"), "key_bound": 1.0, "value_bound": 1.0}, "context_file: '")):
+        cfg = {"model": {"path": str(tiny_models["gpt2"])}, "targets": ["host-cpu"], "stages": [{"private_context": body}],
+               "calibration": {"file": str(cal), "samples": 12, "heldout": 6}}
+        with pytest.raises(ConfigError) as ei:
+            run(cfg, workdir=tmp_path / "run", progress=False)
+        assert needle in str(ei.value) and "\n" not in str(ei.value)
 
 
 def test_usable_region_passes_end_to_end_and_ships_no_raw_context(tmp_path):
