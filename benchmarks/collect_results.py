@@ -21,6 +21,8 @@ ORDER = [
     ("io.md", "Issue 4 — counted I/O vs lower bounds"),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
     ("diffusion.md", "Issue 18 — GMM score network: dense vs pruned vs quantized (verify_diffusion)"),
+    ("privacy_summary.md", "Issue 14 — DP cross-attention: utility vs privacy, summary (hand-written from the map below)"),
+    ("privacy.md", "Issue 14 — DP cross-attention: the utility vs privacy map (`benchmarks/bench_privacy.py`)"),
 ]
 
 

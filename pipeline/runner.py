@@ -162,9 +162,8 @@ def run(
         for i, scfg in enumerate(cfg.stages):
             spec = stage_for(scfg.kind, art.family)
             key = _digest(key, scfg.kind, spec.version, scfg.model_dump(mode="json"))
-            input_digest = getattr(scfg, "input_digest", None)
-            if callable(input_digest):  # a stage whose config names input files: their content is part of the key
-                key = _digest(key, input_digest())
+            if scfg.path_fields:  # a stage whose config names input files: their content is part of the key
+                key = _digest(key, scfg.input_digest())
             name = f"{i + 1:02d}-{scfg.kind}"
             final = stages_dir / name
             record_path = final / STAGE_RECORD

@@ -5,6 +5,7 @@ Registry keys are explicit strings (the YAML key), never derived from class name
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,23 @@ class StageConfig(Frozen):
     kind: ClassVar[str] = ""
     works_on: ClassVar[str] = "onnx"
     path_fields: ClassVar[tuple[str, ...]] = ()
+
+    def input_digest(self) -> str:
+        """sha256 over the contents of the files named by ``path_fields`` (in order; a missing or unreadable file
+        hashes as a marker, the stage reports it). The runner adds it to the stage's cache key, so editing such a
+        file re-runs the stage."""
+        h = hashlib.sha256()
+        for f in self.path_fields:
+            value = getattr(self, f)
+            if isinstance(value, str):
+                try:
+                    with open(value, "rb") as fh:
+                        for chunk in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(chunk)
+                except OSError:
+                    h.update(b"<unreadable>")
+            h.update(b"\0")
+        return h.hexdigest()
 
     def check(self, plan: RunPlan) -> None:
         """Config-level checks that need no weights (target capabilities, task). Raise ``ValueError`` with a

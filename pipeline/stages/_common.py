@@ -53,6 +53,11 @@ def load_from_artifact(art: Artifact, ctx: StageContext, *, reference: bool = Fa
         change = AttentionChange.from_record(record)
         if change.block_sparse:
             apply_attention_change(loaded.model, change, kernel="naive")
+    private = art.torch_changes.get("private_context")
+    if private:  # the decoder attends to its private prefix through the DP release only
+        from pipeline.privacy.model import DPPrefix, apply_dp_prefix_
+
+        apply_dp_prefix_(loaded.model, DPPrefix.load(ctx.resolve(private["release"])))
     return loaded
 
 

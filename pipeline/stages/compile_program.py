@@ -3,8 +3,6 @@ bit-exactly against the interpreter (fp32 and, where the target supports it, int
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 from typing import Literal, Optional, Union
 
 from pydantic import Field
@@ -33,17 +31,6 @@ class CompileProgramConfig(StageConfig):
     random_memories: int = Field(8, ge=0, description="random memories checked besides the given one")
     unroll_steps: Optional[int] = Field(None, ge=1, description="also ship an unrolled graph of this many steps")
     sparse: Literal["auto", "always", "never"] = Field("auto", description="sparse weight storage: auto = where it shrinks the file")
-
-    def input_digest(self) -> str:
-        """Hash of the files this config names (the runner adds it to the stage's cache key)."""
-        h = hashlib.sha256()
-        for p in (self.program, self.memory if isinstance(self.memory, str) else None):
-            if p is not None:
-                try:
-                    h.update(Path(p).read_bytes())
-                except OSError:
-                    h.update(b"<unreadable>")   # the stage itself reports the problem
-        return h.hexdigest()
 
 
 @register_stage(CompileProgramConfig, version=1)
