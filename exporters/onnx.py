@@ -100,14 +100,33 @@ class ExportResult:
 
 
 def _cache_geometry(loaded: "LoadedModel") -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
-    cfg = loaded.model.config
-    n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
-    n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_heads)
-    return n_layers, n_kv, head_dim
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder, read from the modules themselves.
+
+    The geometry is what one cached forward step returns, not what ``config`` says: structured
+    pruning through ``prune_heads`` (GPT-2) leaves ``config.n_head`` at the dense value while each
+    layer keeps fewer heads, and a config can carry an explicit ``head_dim`` different from
+    ``hidden_size // num_attention_heads``. Layers must agree (one cache shape per graph).
+
+    Raises:
+        ExportError: layers with different cache shapes.
+    """
+    import torch
+
+    model = loaded.model
+    with torch.inference_mode():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, return_dict=True)
+    cache = out.past_key_values
+    legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+    shapes = {(int(k.shape[1]), int(k.shape[3]), int(v.shape[1]), int(v.shape[3])) for k, v in legacy}
+    if len(shapes) != 1:
+        raise ExportError(
+            f"{loaded.model_type}: layers have different KV-cache shapes {sorted(shapes)} (heads, head_dim per key/value);"
+            " one cache shape per graph is supported"
+        )
+    (kh, kd, vh, vd), = shapes
+    if (kh, kd) != (vh, vd):
+        raise ExportError(f"{loaded.model_type}: key cache ({kh} heads x {kd}) and value cache ({vh} x {vd}) differ in shape")
+    return len(legacy), kh, kd
 
 
 def _is_causal_lm(loaded: "LoadedModel") -> bool:
@@ -289,6 +308,13 @@ def torch_reference(loaded: "LoadedModel", feeds: dict[str, np.ndarray]) -> dict
         )
         with_past = bool(past_names)
         names = _io_names(loaded, with_past)[1]
+        if with_past and all(t[k].shape[2] == 0 for k in past_names):
+            # an empty cache carries no values, only a shape: take it from this model, which may be the
+            # dense reference of a head-pruned export (validate feeds both the same prompts)
+            n_layers, n_kv, hd = _cache_geometry(loaded)
+            b = int(t["input_ids"].shape[0])
+            past_names = [n for n in _io_names(loaded, True)[0] if n.startswith("past_key_values.")]
+            t.update({k: torch.zeros(b, n_kv, 0, hd) for k in past_names})
         if "position_ids" in t:
             pos = t["position_ids"]
         else:  # optimum exports without position_ids: positions follow the cached length

@@ -173,6 +173,8 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
     L.append("")
     for r in rep["stages"]:
         m = r.get("metrics") or {}
+        for note in m.get("notes") or []:  # settings adjusted to the model (e.g. lengths capped at its position limit)
+            L.append(f"- note ({r['name']}): {note}")
         if r["name"] == "prune" and m:
             sp = m.get("sparsity") or {}
             ae = m.get("attention_error") or {}

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets
+from pipeline.stages._common import cap_length, encode, load_from_artifact, text_sets
 
 if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
     import torch
@@ -100,7 +100,7 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     loaded = load_from_artifact(art, ctx)
     conf = loaded.model.config
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
-    seq = ctx.run.calibration.max_length
+    seq = cap_length(loaded, ctx.run.calibration.max_length, "calibration.max_length", ctx)
     caches = {n: cache_words_from_bytes(p.cache_bytes()) for n, p in ctx.targets.items()}
     m_words = cfg.cache_words or min(caches.values())
     plans = {n: plan_attention(cache_words=cfg.cache_words or w, seq=seq, head_dim=head_dim, causal=decoder).__dict__ for n, w in caches.items()}
@@ -111,7 +111,7 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
               "window_blocks": cfg.window_blocks, "global_blocks": cfg.global_blocks}
 
     calib, _ = text_sets(ctx)
-    batch = encode(loaded, calib[: cfg.check_samples], max_length=seq, batch_size=cfg.check_samples)[0]
+    batch = encode(loaded, calib[: cfg.check_samples], max_length=seq, batch_size=cfg.check_samples, ctx=ctx)[0]
     dense_out = _first_out(loaded.model, batch)
     if kernel == "block_sparse":
         # the oracle for a block-sparse model is dense attention under the same block mask (float64 reference path)

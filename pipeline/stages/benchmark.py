@@ -39,7 +39,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     loaded = load_from_artifact(art, ctx, reference=True)
     _, heldout = text_sets(ctx)
     text = " ".join(heldout)
-    batch = encode(loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch)[0]
+    batch = encode(loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch, ctx=ctx, setting="benchmark.seq")[0]
     host_cores = os.cpu_count() or 1
     out = art
     summary = {}

@@ -97,7 +97,7 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         by_opset.setdefault(opset, []).append(name)
 
     calib, _ = text_sets(ctx)
-    batch = encode(loaded, calib[:4], max_length=ctx.run.calibration.max_length, batch_size=4)[0]
+    batch = encode(loaded, calib[:4], max_length=ctx.run.calibration.max_length, batch_size=4, ctx=ctx)[0]
     change = art.torch_changes.get("attention")
     with_past = cfg.with_past
     if change and change["kernel"] == "block_sparse":

@@ -40,8 +40,9 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     calib, heldout = text_sets(ctx)
     c = ctx.run.calibration
     n_cal = min(cfg.calibration_samples, len(calib))
-    batches = encode(loaded, calib[:n_cal], max_length=min(cfg.calibration_seq_len, c.max_length), batch_size=c.batch_size)
-    evals = encode(loaded, heldout, max_length=c.max_length, batch_size=c.batch_size)
+    batches = encode(loaded, calib[:n_cal], max_length=min(cfg.calibration_seq_len, c.max_length), batch_size=c.batch_size, ctx=ctx,
+                     setting="calibration_seq_len" if cfg.calibration_seq_len < c.max_length else "calibration.max_length")
+    evals = encode(loaded, heldout, max_length=c.max_length, batch_size=c.batch_size, ctx=ctx)
     from tqdm.auto import tqdm
 
     bar = tqdm(desc=f"prune ({cfg.method})", unit="layer", disable=not ctx.progress, leave=False)

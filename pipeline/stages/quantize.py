@@ -74,7 +74,7 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
             if calib_feeds is None:
                 loaded = load_from_artifact(art, ctx)
                 calib, _ = text_sets(ctx)
-                batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1)
+                batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1, ctx=ctx)
                 calib_feeds = [to_numpy_feeds(b, tm.io) for b in batches]
             feeds = calib_feeds
         kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel}

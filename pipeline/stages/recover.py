@@ -71,8 +71,8 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     train, heldout = distillation_texts(ctx, cfg.samples)
     c = ctx.run.calibration
     # sorted by length, so a batch pads to similar lengths (recover_ visits batches in a seeded random order)
-    batches = encode(student, sorted(train, key=len), max_length=c.max_length, batch_size=cfg.batch_size)
-    held = encode(student, heldout, max_length=c.max_length, batch_size=c.batch_size)
+    batches = encode(student, sorted(train, key=len), max_length=c.max_length, batch_size=cfg.batch_size, ctx=ctx)
+    held = encode(student, heldout, max_length=c.max_length, batch_size=c.batch_size, ctx=ctx)
     start = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
     loss = cfg.loss or default_loss(teacher.model)
     ctx.log.info("recover: %d steps on %d passages (%d batches), loss %s", cfg.steps, len(train), len(batches), loss)
