@@ -32,6 +32,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -154,9 +155,13 @@ def _has_token_type_ids(loaded: "LoadedModel") -> bool:
 
 
 def _encoder_wrapper(loaded: "LoadedModel") -> "torch.nn.Module":
+    import inspect
+
     import torch
 
     output = "logits" if loaded.task == "fill-mask" else "last_hidden_state"
+    # decoder bodies (a bare LlamaModel / GPT2Model for feature-extraction) get explicit positions
+    positions = loaded.is_decoder and "position_ids" in inspect.signature(loaded.model.forward).parameters
 
     class EncoderWrapper(torch.nn.Module):
         """Flat tensors in, one tensor out: ``(B, S)`` ids/mask -> ``(B, S, H)`` or ``(B, S, V)``."""
@@ -172,6 +177,10 @@ def _encoder_wrapper(loaded: "LoadedModel") -> "torch.nn.Module":
             token_type_ids: torch.Tensor | None = None,
         ) -> torch.Tensor:
             kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            if positions:
+                # (B, S) positions 0..S-1, as the model's default but per row: a (1, S) default makes the
+                # RoPE cos/sin caches (1, S, D/2), which ORT's RotaryEmbedding rejects for batch > 1
+                kw["position_ids"] = torch.ones_like(input_ids).cumsum(1) - 1
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kw)
             return out[output]
 
@@ -416,6 +425,29 @@ def _export_optimum(loaded: "LoadedModel", opset: int, with_past: bool, workdir:
     return onnx.load(str(workdir / MODEL_FILENAME))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.export colours its messages
+
+
+def _check_traceable_rope(loaded: "LoadedModel") -> None:
+    """Refuse RoPE variants whose frequencies depend on the run-time sequence length.
+
+    transformers recomputes ``inv_freq`` per call for ``rope_type`` "dynamic" (NTK-aware scaling) and
+    "longrope" (short/long factor switch) from the largest position seen; ``torch.export`` cannot trace
+    that data-dependent branch, and a graph frozen at one length would be wrong past it.
+
+    Raises:
+        ExportError: one line naming the variant and the config key.
+    """
+    rope = getattr(loaded.model.config, "rope_scaling", None) or {}
+    kind = str(rope.get("rope_type", rope.get("type", "default")))
+    if "dynamic" in kind or kind == "longrope":
+        raise ExportError(
+            f"{loaded.model_type}: rope_scaling rope_type {kind!r} (config.json) recomputes the rotary frequencies from"
+            " the sequence length at run time, which the ONNX export cannot trace; static RoPE types"
+            " (default, linear, llama3, yarn) export"
+        )
+
+
 def _normalize(model: "onnx.ModelProto") -> None:
     """Make the serialised bytes a function of the graph alone (in place).
 
@@ -498,6 +530,8 @@ def export_onnx(
             f"{loaded.model_type}: the optimum exporter cannot load q/k heads narrowed by prune structured_unit"
             " qk_dims (config edgepipe_qk_dims); use exporter 'dynamo'"
         )
+    if exporter == "dynamo":
+        _check_traceable_rope(loaded)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILENAME
@@ -515,7 +549,7 @@ def export_onnx(
             onnx.save_model(proto, str(tmp_file), save_as_external_data=False)
             onnx.checker.check_model(str(tmp_file), full_check=True)
         except Exception as e:  # noqa: BLE001 - one-line ExportError with the cause chained
-            cause = (str(e).strip().splitlines() or [""])[0][:300]
+            cause = _ANSI.sub("", (str(e).strip().splitlines() or [""])[0])[:300]
             raise ExportError(f"{loaded.model_type}: {exporter} export failed: {type(e).__name__}: {cause}") from e
         os.replace(tmp_file, final)
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)

@@ -17,7 +17,8 @@ Attention implementation: ``"sdpa"`` by default. The dynamo ONNX exporter
 handles it for encoders and for the KV-cache decoder wrapper (platform notes
 §3, §7); at opset 23 it maps to the standard ONNX ``Attention`` op, and at
 opset 18 it decomposes into MatMul/Softmax like eager. ``"eager"`` is accepted
-(e.g. for stages that need attention probabilities) via ``attn_implementation``.
+(e.g. for stages that need attention probabilities) via ``attn_implementation``. A class without
+an SDPA path (MPNet) falls back to ``"eager"``.
 """
 
 from __future__ import annotations
@@ -203,6 +204,21 @@ def _load_tokenizer(path: Path, family: str) -> "PreTrainedTokenizerBase | None"
     return tokenizer
 
 
+def _attention_for(auto_cls: Any, config: Any, requested: str) -> str:
+    """``requested``, or ``"eager"`` where the concrete class has no SDPA path (MPNet in transformers 4.57).
+
+    Asking such a class for SDPA makes ``from_pretrained`` raise; eager computes the same attention
+    (softmax(QK^T/sqrt(d) + mask) V) and exports through the same dynamo path.
+    """
+    if requested != "sdpa":
+        return requested
+    model_cls = auto_cls._model_mapping.get(type(config), None)
+    if model_cls is not None and not getattr(model_cls, "_supports_sdpa", False):
+        logger.info("%s has no SDPA attention; using eager", model_cls.__name__)
+        return "eager"
+    return requested
+
+
 @contextlib.contextmanager
 def _quiet_mismatch(on: bool) -> Iterator[None]:
     """Silence transformers' "newly initialized because of size mismatch" warning for narrowed q/k (rebuilt after)."""
@@ -273,6 +289,7 @@ def load_model(
     check_weights(path)
     # edgepipe's QK-dimension pruning narrows q/k modules; HF builds them at full width and we rebuild them after
     narrowed = bool(getattr(config, "edgepipe_qk_dims", None))
+    attn_implementation = _attention_for(_auto_class(task), config, attn_implementation)
     try:
         with _quiet_mismatch(narrowed):
             model = _auto_class(task).from_pretrained(

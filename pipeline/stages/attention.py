@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import cap_length, encode, load_from_artifact, text_sets
+from pipeline.stages._common import cap_length, encode, load_from_artifact, model_max_positions, text_sets
 
 if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
     import torch
@@ -87,18 +87,24 @@ def _first_out(model, batch) -> np.ndarray:
     return t.float().numpy()
 
 
-@register_stage(AttentionConfig)
+@register_stage(AttentionConfig, version=2)
 def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Artifact:
     """Swap attention, count the modules replaced, check outputs against the reference, plan I/O per target."""
     from pipeline.kernels import cache_words_from_bytes, plan_attention
 
-    decoder = art.task == "text-generation"
+    loaded = load_from_artifact(art, ctx)
+    # causality is the architecture's, not the task's: a bare LlamaModel for feature-extraction is still causal
+    decoder = loaded.is_decoder
     if cfg.kernel == "block_sparse" and decoder and cfg.pattern != "causal_window":
-        raise StageError("attention", f"pattern '{cfg.pattern}' would let a causal decoder see the future; use pattern: causal_window")
+        raise StageError("attention", f"pattern '{cfg.pattern}' would let a causal decoder ({loaded.model_type}) see the future; use pattern: causal_window")
     if cfg.kernel == "block_sparse" and not decoder and cfg.pattern == "causal_window":
         raise StageError("attention", "pattern 'causal_window' is for decoders; use window or global_window for an encoder")
-    loaded = load_from_artifact(art, ctx)
     conf = loaded.model.config
+    window = getattr(conf, "sliding_window", None) if getattr(conf, "use_sliding_window", True) is not False else None
+    limit = model_max_positions(loaded.model)
+    if cfg.kernel == "block_sparse" and window and (limit is None or window < limit):
+        raise StageError("attention", f"{loaded.model_type} attends through a sliding window of {window} tokens (config.json sliding_window);"
+                         " the block-sparse lowering replaces the mask structure with its block pattern and cannot keep it: use kernel flash")
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
     seq = cap_length(loaded, ctx.run.calibration.max_length, "calibration.max_length", ctx)
     caches = {n: cache_words_from_bytes(p.cache_bytes()) for n, p in ctx.targets.items()}

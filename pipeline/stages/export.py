@@ -83,7 +83,7 @@ def _io_record(res) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-@register_stage(ExportConfig)
+@register_stage(ExportConfig, version=2)
 def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
     """Export to ONNX once per distinct opset among the targets and check it against PyTorch."""
     from exporters.onnx import export_onnx, torch_reference
