@@ -43,7 +43,7 @@ def check_ops_for_target(model_path: Path, target: str, opset: int) -> None:
                 raise StageError("quantize", f"op '{node.op_type}' (node '{node.name}') is not available at opset {opset} on target '{target}'") from None
 
 
-@register_stage(QuantizeConfig)
+@register_stage(QuantizeConfig, version=2)
 def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artifact:
     """Convert each target's model to its precision; ORT format and mobile check where the profile asks."""
     from tqdm.auto import tqdm
@@ -77,7 +77,7 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
                 batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1, ctx=ctx)
                 calib_feeds = [to_numpy_feeds(b, tm.io) for b in batches]
             feeds = calib_feeds
-        kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel}
+        kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel, "weight_type": prof.int8_weight_type}
         if precision == "int8" and cfg.quantize_embeddings:
             kwargs["int8_op_types"] = ("MatMul", "Gemm", "Gather")
         if cfg.keep_fp32_ops is not None:
@@ -85,6 +85,8 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
         q = convert_precision(src, dst, precision, **kwargs)
         files = dict(tm.files)
         info = {"precision": precision, "size_bytes": dst.stat().st_size, "nodes_quantized": q.nodes_quantized, "ops_kept_fp32": list(q.ops_kept_fp32)}
+        if precision.startswith("int8"):
+            info["int8_weights"] = prof.int8_weight_type  # the per-profile choice (TargetProfile.int8_weight_type)
         if prof.ort_format:
             ort_res = to_ort_format(dst, tdir)
             files["ort"] = ctx.ref(ort_res.ort_path)
