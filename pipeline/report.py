@@ -175,6 +175,8 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
         m = r.get("metrics") or {}
         for note in m.get("notes") or []:  # settings adjusted to the model (e.g. lengths capped at its position limit)
             L.append(f"- note ({r['name']}): {note}")
+        for warning in m.get("warnings") or []:  # e.g. too little calibration text, no validate stage
+            L.append(f"- **warning** ({r['name']}): {warning}")
         if r["name"] == "prune" and m:
             sp = m.get("sparsity") or {}
             ae = m.get("attention_error") or {}

@@ -11,7 +11,7 @@ from pipeline.artifact import Artifact
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
 
-__all__ = ["text_sets", "text_sets_and_rest", "load_from_artifact", "load_dense", "encode", "cap_length", "model_max_positions", "to_numpy_feeds", "model_path", "write_target_bundle"]
+__all__ = ["text_sets", "text_sets_and_rest", "load_from_artifact", "load_dense", "encode", "cap_length", "model_max_positions", "stage_warning", "warn_without_validate", "to_numpy_feeds", "model_path", "write_target_bundle"]
 
 
 def text_sets(ctx: StageContext) -> tuple[list[str], list[str]]:
@@ -108,6 +108,22 @@ def cap_length(loaded: Any, requested: int, setting: str, ctx: StageContext | No
         if note not in notes:
             notes.append(note)
     return capped
+
+
+def stage_warning(ctx: StageContext, message: str) -> None:
+    """Log a warning and record it in the stage's metrics (``warnings``, shown in report.md)."""
+    ctx.log.warning(message)
+    warnings = ctx.metrics.setdefault("warnings", [])
+    if message not in warnings:
+        warnings.append(message)
+
+
+def warn_without_validate(ctx: StageContext, stage: str) -> None:
+    """Compression without a later ``validate`` stage is unchecked: say so (a broken model would ship silently)."""
+    later = [s.kind for s in list(ctx.run.stages)[ctx.index + 1 :]]
+    if "validate" not in later:
+        stage_warning(ctx, f"{stage} changes the model's numbers but no validate stage follows: nothing checks the result's"
+                      " fidelity against the dense model; add '- validate: {}' after it")
 
 
 def model_input_names(model: Any) -> frozenset[str]:

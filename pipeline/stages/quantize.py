@@ -12,7 +12,7 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
+from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, warn_without_validate
 
 __all__ = ["QuantizeConfig", "run_quantize", "check_ops_for_target"]
 
@@ -56,6 +56,8 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
     unknown = sorted(set(cfg.per_target) - set(ctx.targets))
     if unknown:
         raise StageError("quantize", f"per_target names targets not in this run: {unknown}")
+    if any((cfg.per_target.get(n) or cfg.precision or p.default_precision) != "fp32" for n, p in ctx.targets.items()):
+        warn_without_validate(ctx, "quantize")
     calib_feeds = None
     out = art
     report: dict[str, dict] = {}

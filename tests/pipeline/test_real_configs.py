@@ -195,3 +195,32 @@ def test_unlowerable_variants_are_one_line(tmp_path):
         num_key_value_heads=2, max_position_embeddings=128, sliding_window=16)), minilm_tokenizer=False)
     with pytest.raises(StageError, match="sliding window of 16 tokens"):
         _run(mistral, [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "causal_window"}}], tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- 8. defaults that work
+
+
+def test_structured_defaults_follow_the_family_and_warn_about_missing_text_recover_and_validate(tiny_models, tmp_path):
+    from pipeline.stages.recover import default_steps, passages_needed
+
+    assert (default_steps(0.0), default_steps(0.25), default_steps(0.5)) == (200, 1000, 2000)
+    assert passages_needed(0.5) == 3000 and passages_needed(0.01) == 200
+    # no validate and no recover after a structured prune: both are warned about; BERT family -> q/k width + FFN
+    rep = _run(tiny_models["bert"], [{"prune": {"method": "wanda", "pattern": "structured", "sparsity": 0.5}}], tmp_path / "a",
+               max_length=24)
+    m = rep["stages"][0]["metrics"]
+    assert m["structured_unit"] == "qk_dims+ffn"
+    assert any("q/k width 0.5, FFN 0.75" in n for n in m["notes"])  # hidden 32, FFN 64: 0.5 * (1 + 32/64) = 0.75
+    assert {tuple(u["qk_width"]) for u in m["removed_units"]} == {(8, 4)}  # 8-wide q/k heads halved
+    assert {u["ffn"] for u in m["removed_units"]} == {48}
+    assert any("no validate stage follows" in w for w in m["warnings"]) and any("without a recover stage" in w for w in m["warnings"])
+    text = (tmp_path / "a" / "run" / "report.md").read_text()
+    assert "no validate stage follows" in text
+    # a decoder keeps heads+ffn; recover with omitted steps scales them and says how much text it needs
+    rep = _run(tiny_models["gpt2"], [{"prune": {"method": "wanda", "pattern": "structured", "sparsity": 0.1}},
+                                      {"recover": {"samples": 16, "batch_size": 16}}], tmp_path / "b", max_length=16)
+    p, r = rep["stages"][0]["metrics"], rep["stages"][1]["metrics"]
+    assert p["structured_unit"] == "heads+ffn" and not any("recover" in w for w in p["warnings"])
+    assert 0 < p["sparsity"]["overall"] < 0.1
+    assert r["steps"] == default_steps(p["sparsity"]["overall"])
+    assert any(f"about {passages_needed(p['sparsity']['overall'])} are needed" in w for w in r["warnings"])
