@@ -1,4 +1,5 @@
-"""Export a :class:`~pipeline.models.LoadedModel` to a single-file ONNX model.
+"""Export a :class:`~pipeline.models.LoadedModel` to an ONNX model (``model.onnx``; weights over
+:data:`EXTERNAL_DATA_THRESHOLD` in ``model.onnx.data`` beside it).
 
 Two exporters:
 
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
     from pipeline.models import LoadedModel
 
-__all__ = ["PARITY_ATOL", "ExportError", "ExportResult", "dummy_feeds", "export_onnx", "torch_reference"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "PARITY_ATOL", "ExportError", "ExportResult", "data_file", "dummy_feeds", "export_onnx",
+           "model_bytes", "move_onnx", "onnx_files", "save_onnx", "torch_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,68 @@ PARITY_ATOL = 1e-4
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 5, 3
 
 
+#: Weights above this many bytes go to ``<model>.data`` beside the graph (ONNX external data): one protobuf
+#: message cannot exceed 2 GiB, so a single-file export of a Llama-1B-class model fails to serialize.
+EXTERNAL_DATA_THRESHOLD = 1800 * 2**20
+
+
+def data_file(path: Path) -> Path:
+    """The external-data file that belongs to ``path`` (``model.onnx`` -> ``model.onnx.data``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """``path`` and, if the model keeps its weights outside, its data file."""
+    path = Path(path)
+    return [path] + ([data_file(path)] if data_file(path).is_file() else [])
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes on disk of a model, its external data included."""
+    return sum(f.stat().st_size for f in onnx_files(path))
+
+
+def tensor_bytes(model: "onnx.ModelProto") -> int:
+    """Serialized bytes of the model's initializers (what decides the 2 GiB protobuf limit)."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_onnx(model: "onnx.ModelProto", path: Path, *, external: bool | None = None,
+              threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+    """Write ``model`` to ``path``; weights go to ``path``'s data file when ``external`` (``None``: when they exceed
+    ``threshold`` bytes). A stale data file of an earlier single-file save is removed. Returns ``external``.
+
+    Not atomic by itself: callers write into a temporary folder and move :func:`onnx_files` into place.
+    """
+    import onnx
+
+    path = Path(path)
+    if external is None:
+        external = tensor_bytes(model) > threshold
+    data = data_file(path)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024, convert_attribute=False)
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=False)
+    return external
+
+
+def move_onnx(src: Path, dst: Path) -> None:
+    """Move a model and its data file (data first, so ``dst`` never names missing weights); a stale data file at
+    ``dst`` from an earlier external-data save is removed."""
+    src, dst = Path(src), Path(dst)
+    if data_file(src).is_file():
+        if data_file(src).name != data_file(dst).name:
+            raise ValueError(f"cannot rename {src.name} to {dst.name}: its external data is named {data_file(src).name}")
+        os.replace(data_file(src), data_file(dst))
+    else:
+        data_file(dst).unlink(missing_ok=True)
+    os.replace(src, dst)
+
+
 class ExportError(Exception):
     """An ONNX export failed; one line naming model type, exporter and cause."""
 
@@ -68,7 +132,7 @@ class ExportResult:
     """What was exported and how to feed it.
 
     Attributes:
-        path: the single-file ``model.onnx`` (weights embedded).
+        path: ``model.onnx`` (weights embedded, or in ``model.onnx.data`` beside it: :func:`onnx_files`).
         task: the task the graph computes (``feature-extraction``, ``fill-mask``, ``text-generation``).
         input_names / output_names: graph IO names, in graph order.
         with_past: decoders only: KV-cache inputs/outputs are present.
@@ -495,6 +559,7 @@ def export_onnx(
     opset: int = 18,
     exporter: Literal["dynamo", "optimum"] = "dynamo",
     with_past: bool | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportResult:
     """Export ``loaded`` to ``out_dir/model.onnx`` with dynamic batch/sequence axes.
 
@@ -506,6 +571,8 @@ def export_onnx(
             so in-memory edits not saved there are not seen).
         with_past: text-generation only: include KV-cache IO. ``None`` means True for
             text-generation, False otherwise.
+        external_data_threshold: weights larger than this many bytes are written to
+            ``model.onnx.data`` beside ``model.onnx`` (ONNX external data; protobuf's 2 GiB limit).
 
     Returns:
         An :class:`ExportResult` whose names are read back from the file.
@@ -546,12 +613,14 @@ def export_onnx(
                 proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
             _normalize(proto)
             tmp_file = tmp_dir / MODEL_FILENAME
-            onnx.save_model(proto, str(tmp_file), save_as_external_data=False)
-            onnx.checker.check_model(str(tmp_file), full_check=True)
+            external = save_onnx(proto, tmp_file, threshold=external_data_threshold)
+            onnx.checker.check_model(str(tmp_file), full_check=True)  # by path: handles external data
         except Exception as e:  # noqa: BLE001 - one-line ExportError with the cause chained
             cause = _ANSI.sub("", (str(e).strip().splitlines() or [""])[0])[:300]
             raise ExportError(f"{loaded.model_type}: {exporter} export failed: {type(e).__name__}: {cause}") from e
-        os.replace(tmp_file, final)
+        move_onnx(tmp_file, final)
+    if external:
+        logger.info("weights written to %s (external data)", data_file(final).name)
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     n_layers, n_kv, hd = _cache_geometry(loaded) if _is_causal_lm(loaded) else (0, 0, 0)
     result = ExportResult(

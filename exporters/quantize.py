@@ -32,6 +32,8 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
+
 __all__ = ["DEFAULT_INT8_OP_TYPES", "DEFAULT_KEEP_FP32", "INT8_WEIGHT_TYPES", "PRECISIONS", "QuantizeReport", "convert_precision"]
 
 logger = logging.getLogger(__name__)
@@ -151,21 +153,25 @@ def convert_precision(
         raise ValueError("precision 'int8-static' needs calibration_feeds (a non-empty iterable of feeds dicts)")
     dst.parent.mkdir(parents=True, exist_ok=True)
 
+    # a model with external data (model.onnx + model.onnx.data, see exporters.onnx) keeps that split
+    external = data_file(src).is_file()
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp_dir:
         tmp = Path(tmp_dir) / dst.name
         if precision == "fp32":
-            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32)
+            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32 and not external)
         elif precision == "fp16":
-            nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops)
+            nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops, external)
         elif precision == "int8":
-            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type)
+            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type, external)
         else:
             nodes, kept, notes = _int8_static(
                 src, tmp, feeds or [], keep_fp32_ops, per_channel, int8_op_types, quantize_matmul_outputs, tmp_dir,
-                weight_type,
+                weight_type, external,
             )
-        os.replace(tmp, dst)  # atomic on the same filesystem: readers never see a half-written model
-    report = QuantizeReport(precision, dst.stat().st_size, nodes, kept, notes)
+        if external:
+            notes.append(f"weights in external data ({data_file(dst).name})")
+        move_onnx(tmp, dst)  # atomic per file on the same filesystem: data first, then the graph that names it
+    report = QuantizeReport(precision, model_bytes(dst), nodes, kept, notes)
     logger.info("%s -> %s (%s): %d nodes lowered, %d bytes", src.name, dst.name, precision, nodes, report.size_bytes)
     return report
 
@@ -259,7 +265,8 @@ def _fp32(
     src: Path, tmp: Path, feeds: list[dict[str, np.ndarray]] | None, optimize: bool
 ) -> tuple[int, list[str], list[str]]:
     if not optimize:
-        shutil.copyfile(src, tmp)
+        for f in onnx_files(src):
+            shutil.copyfile(f, tmp.with_name(tmp.name + f.name[len(src.name):]))  # model.onnx[.data]
         return 0, [], ["copied unchanged"]
     import onnxruntime as ort
 
@@ -284,7 +291,7 @@ def _fp32(
     return 0, [], [f"ORT_ENABLE_EXTENDED offline optimization (max diff {worst:.3g} on {min(4, len(feeds))} feeds)"]
 
 
-def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str]) -> tuple[int, list[str], list[str]]:
+def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str], external: bool) -> tuple[int, list[str], list[str]]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -312,8 +319,8 @@ def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str]) -> tuple[int, list
     # value_info written by the converter goes stale when Cast pairs are removed; ONNX
     # shape inference (and ORT) recompute types, so drop it rather than ship contradictions.
     del out.graph.value_info[:]
-    onnx.save(out, str(tmp))
-    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)  # before saving: external saving empties tensors
+    save_onnx(out, tmp, external=external)
     fp16_tensors = {
         vi.name
         for vi in [*inferred.graph.value_info, *inferred.graph.output]
@@ -334,7 +341,8 @@ def _weight_args(weight_type: str) -> dict:
 
 
 def _int8_dynamic(
-    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool, op_types: Sequence[str], weight_type: str
+    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool, op_types: Sequence[str], weight_type: str,
+    external: bool = False,
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import quantize_dynamic
 
@@ -347,6 +355,7 @@ def _int8_dynamic(
         op_types_to_quantize=list(op_types),  # never Attention: opset-23 Attention breaks if quantize_dynamic touches it
         per_channel=per_channel,
         nodes_to_exclude=exclude,
+        use_external_data_format=external,  # writes <tmp>.data, the name exporters.onnx.data_file expects
         **_weight_args(weight_type),
         extra_options={
             "MatMulConstBOnly": True,  # only linear layers; q @ k^T has no constant operand
@@ -398,14 +407,15 @@ def _int8_static(
     quantize_outputs: bool,
     tmp_dir: str,
     weight_type: str,
+    external: bool = False,
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src))
     _name_nodes(model)
     named = Path(tmp_dir) / "named.onnx"
-    onnx.save(model, str(named))
     consts = _constant_names(model.graph)
+    save_onnx(model, named, external=external)
     # Only layers with a constant weight (input 1), e.g. the linear layers, never q @ k^T.
     targets = sorted(
         n.name for n in model.graph.node if n.op_type in set(op_types) and len(n.input) > 1 and n.input[1] in consts
@@ -425,6 +435,7 @@ def _int8_static(
         activation_type=QuantType.QUInt8,  # asymmetric u8 activations (platform notes §4)
         **_weight_args(weight_type),
         calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
         extra_options={
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # (K, N) weight: scale per output column
             "DefaultTensorType": onnx.TensorProto.FLOAT,

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from exporters.onnx import data_file, model_bytes
 from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, hash_file, replace_dir
 
 __all__ = ["publish_targets", "write_reports"]
@@ -35,6 +36,11 @@ def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[
         src = run_dir / tm.model
         _link_or_copy(src, tmp / "model.onnx")
         files["model"] = f"{name}/model.onnx"
+        if data_file(src).is_file():  # external data: its name is recorded inside the graph (see exporters.onnx)
+            if data_file(src).name != "model.onnx.data":
+                raise ValueError(f"{src}: external data {data_file(src).name} cannot be published as model.onnx.data")
+            _link_or_copy(data_file(src), tmp / "model.onnx.data")
+            files["model_data"] = f"{name}/model.onnx.data"
         for label, ref in tm.files.items():
             p = run_dir / ref
             if p.is_dir():
@@ -108,7 +114,7 @@ def write_reports(*, run_dir: Path, cfg: Any, target_names: Sequence[str], art: 
         model_file = run_dir / files["model"]
         targets[name] = {
             "artifact": files.pop("model"),
-            "size_bytes": model_file.stat().st_size,
+            "size_bytes": model_bytes(model_file),
             "precision": tm.precision,
             "parity": m.get("parity"),
             "fidelity": m.get("fidelity"),

@@ -31,7 +31,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     """Time each target's model in a subprocess and record latency, peak RSS and size."""
     from tqdm.auto import tqdm
 
-    from exporters.onnx import torch_reference
+    from exporters.onnx import model_bytes, torch_reference
     from runtimes.benchmark import benchmark_bundle
 
     if not art.targets:
@@ -62,7 +62,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
             "threads": threads,
             "batch": cfg.batch,
             "seq": int(np.asarray(feeds["input_ids"]).shape[1]),
-            "size_bytes": ctx.resolve(tm.model).stat().st_size,
+            "size_bytes": model_bytes(ctx.resolve(tm.model)),
             "outputs_ok": res.get("ok"),
             "measured_on": "this host (not the device)",
         }

@@ -49,6 +49,7 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
     from tqdm.auto import tqdm
 
     from exporters.mobile import mobile_usability, to_ort_format
+    from exporters.onnx import data_file
     from exporters.quantize import convert_precision
 
     if not art.targets:
@@ -86,11 +87,14 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
             kwargs["keep_fp32_ops"] = cfg.keep_fp32_ops
         q = convert_precision(src, dst, precision, **kwargs)
         files = dict(tm.files)
-        info = {"precision": precision, "size_bytes": dst.stat().st_size, "nodes_quantized": q.nodes_quantized, "ops_kept_fp32": list(q.ops_kept_fp32)}
+        info = {"precision": precision, "size_bytes": q.size_bytes, "external_data": data_file(dst).is_file(), "nodes_quantized": q.nodes_quantized, "ops_kept_fp32": list(q.ops_kept_fp32)}
         if precision.startswith("int8"):
             info["int8_weights"] = prof.int8_weight_type  # the per-profile choice (TargetProfile.int8_weight_type)
         if prof.ort_format:
-            ort_res = to_ort_format(dst, tdir)
+            try:
+                ort_res = to_ort_format(dst, tdir)
+            except ValueError as exc:
+                raise StageError("quantize", f"target '{name}' ships ORT format: {exc}") from None
             files["ort"] = ctx.ref(ort_res.ort_path)
             files["required_operators"] = ctx.ref(ort_res.config_path)
             info["ort_size_bytes"] = Path(ort_res.ort_path).stat().st_size

@@ -224,3 +224,41 @@ def test_structured_defaults_follow_the_family_and_warn_about_missing_text_recov
     assert 0 < p["sparsity"]["overall"] < 0.1
     assert r["steps"] == default_steps(p["sparsity"]["overall"])
     assert any(f"about {passages_needed(p['sparsity']['overall'])} are needed" in w for w in r["warnings"])
+
+
+# ----------------------------------------------------------------------------- 2. size limits
+
+
+def test_external_data_is_carried_through_quantize_ort_validate_benchmark_and_bundle(tiny_models, tmp_path):
+    """The switch point is a setting, so a tiny model takes the >2 GiB path (model.onnx + model.onnx.data) end to end."""
+    import onnx
+
+    stages = [{"export": {"external_data_mb": 0}}, {"quantize": {"per_target": {"host-cpu": "fp32"}}},
+              {"validate": {"min_cos_mean": None}}, {"benchmark": {"runs": 2, "warmup": 0, "seq": 16}}]
+    cfg = {"model": {"path": str(tiny_models["bert"])}, "targets": ["host-cpu", "android-arm64"],
+           "calibration": {**CAL, "max_length": 24}, "stages": stages}
+    rep = pipeline.run(cfg, workdir=tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert rep["stages"][0]["metrics"]["exports"]["opset18"]["external_data"]
+    q = rep["stages"][1]["metrics"]["targets"]
+    assert q["host-cpu"]["external_data"] and q["android-arm64"]["external_data"] and q["android-arm64"]["ort_size_bytes"] > 0
+    for name in ("host-cpu", "android-arm64"):
+        graph = onnx.load(str(run / name / "model.onnx"), load_external_data=False)
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+        data = run / name / "model.onnx.data"
+        assert data.stat().st_size > 16 * 1024  # the weight matrices live in the data file
+        t = rep["targets"][name]
+        assert t["size_bytes"] == data.stat().st_size + (run / name / "model.onnx").stat().st_size
+        assert t["parity"]["ok"] and t["latency_ms"]["p50"] > 0
+    assert (run / "host-cpu" / "bundle" / "model.onnx.data").is_file()  # the bundle runs standalone on the device
+    assert (run / "android-arm64" / "model.ort").is_file()
+
+
+def test_ort_format_refuses_models_over_its_limit(tmp_path, monkeypatch):
+    import exporters.mobile as mobile
+    from tests.runtimes.test_session import tiny_encoder
+
+    src = tiny_encoder(tmp_path / "model.onnx")
+    monkeypatch.setattr(mobile, "ORT_FORMAT_MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match="cannot go into ORT format, a single flatbuffer of at most 2 GiB"):
+        mobile.to_ort_format(src, tmp_path / "out")
