@@ -512,6 +512,59 @@ def _check_traceable_rope(loaded: "LoadedModel") -> None:
         )
 
 
+def _const_value(graph: "onnx.GraphProto", name: str, consts: dict) -> float | None:
+    """Scalar value of an initializer / Constant output, else None."""
+    arr = consts.get(name)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
+def _gelu_in_fusable_order(model: "onnx.ModelProto") -> int:
+    """Reorder the exact-GELU tail so ONNX Runtime fuses it into one ``Gelu`` / ``BiasGelu`` kernel (in place).
+
+    torch's dynamo exporter writes ``x * ((1 + erf(x / sqrt 2)) * 0.5)``; ORT's GeluFusion only knows
+    ``(x * 0.5) * (1 + erf(..))`` and ``(x * (1 + erf(..))) * 0.5``, so the dynamo graph ran five element-wise
+    kernels over every (B, S, intermediate) FFN activation per inference (Div, Erf, Add, Mul, Mul) where the
+    optimum export runs one. Rewrites ``Mul(0.5, a) -> Mul(x, .)`` into ``Mul(x, a) -> Mul(., 0.5)``
+    (same value up to float rounding order). Returns the number of GELUs reordered.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    count = 0
+    for half in [n for n in graph.node if n.op_type == "Mul" and len(n.input) == 2]:
+        k = next((j for j in (0, 1) if _const_value(graph, half.input[j], consts) == 0.5), None)
+        if k is None:
+            continue
+        add = producer.get(half.input[1 - k])
+        if add is None or add.op_type != "Add":
+            continue
+        erf = next((producer.get(i) for i in add.input if producer.get(i) is not None and producer[i].op_type == "Erf"), None)
+        one = next((i for i in add.input if _const_value(graph, i, consts) == 1.0), None)
+        div = producer.get(erf.input[0]) if erf is not None else None
+        if one is None or div is None or div.op_type != "Div" or abs((_const_value(graph, div.input[1], consts) or 0) - 2**0.5) > 1e-5:
+            continue
+        x = div.input[0]
+        outs = consumers.get(half.output[0], [])
+        if len(outs) != 1 or outs[0].op_type != "Mul" or x not in outs[0].input:
+            continue
+        tail = outs[0]
+        # half: Mul(0.5, a) -> Mul(x, a); tail: Mul(x, half) -> Mul(half, 0.5)
+        half_const = half.input[k]
+        half.input[k], half.input[1 - k] = x, add.output[0]
+        tail.input[0], tail.input[1] = half.output[0], half_const
+        count += 1
+    return count
+
+
 def _normalize(model: "onnx.ModelProto") -> None:
     """Make the serialised bytes a function of the graph alone (in place).
 
@@ -609,6 +662,7 @@ def export_onnx(
         try:
             if exporter == "dynamo":
                 proto = _export_dynamo(loaded, opset, with_past)
+                _gelu_in_fusable_order(proto)
             else:
                 proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
             _normalize(proto)
