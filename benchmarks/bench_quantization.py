@@ -96,7 +96,7 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
                           weight_type=prof.int8_weight_type)
         variants[label] = dst
     tok, hf = loaded.tokenizer, loaded.model
-    passages = [ln.strip() for ln in FORTUNES.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()][:64]
+    passages = [ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()][:64]
     sessions = {k: make_session(p, threads=args.threads) for k, p in variants.items()}
     cos: dict[str, list[np.ndarray]] = {k: [] for k in variants}
     for i in range(0, len(passages), 8):
@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--peer-side-by-side", action="store_true",
                     help="only edgepipe's raspberry-pi-5 int8 vs optimum export + quantize_dynamic(per_channel) (issue 11)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quantization.md")
+    ap.add_argument("--fortunes", type=Path, default=FORTUNES, help="--peer-side-by-side: real passages, one per line")
     args = ap.parse_args()
     if args.peer_side_by_side:
         logging.basicConfig(level=logging.WARNING)

@@ -90,7 +90,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     pruned = float(prune.get("removed", prune.get("sparsity", 0.0)) or 0.0)
     cfg = cfg.model_copy(update={"steps": cfg.steps or default_steps(pruned)})
     need = passages_needed(pruned)
-    if len(train) < need:
+    if pruned > 0 and len(train) < need:
         where = c.file or "the built-in calibration text"
         stage_warning(ctx, f"recover has {len(train)} distillation passages ({where}) for {pruned:.0%} of the weights pruned;"
                       f" about {need} are needed to recover fidelity: set calibration.file to a text file with that many"
