@@ -10,8 +10,8 @@ anchors show are missing (anchors §1.10, §3.7):
   feeds each norm in fp32, and convert the rest (MatMuls) to fp16 with fp32 model I/O.
 - **int8**: quantizing the residual stream (``Add`` outputs) per-tensor collapses accuracy
   when a few tokens/channels carry massive activations (ViT-B default INT8 fell to ~0%).
-  We quantize only ``MatMul``/``Gemm`` with constant weights (per-channel s8 weights); the
-  residual ``Add``, LayerNorm and Softmax stay fp32.
+  We quantize only ``MatMul``/``Gemm`` with constant weights (per-channel int8 weights, u8 or s8:
+  see ``INT8_WEIGHT_TYPES``); the residual ``Add``, LayerNorm and Softmax stay fp32.
 
 Every output is written atomically (temp file in the destination folder, then
 ``os.replace``) and is deterministic: the same input gives byte-identical output.
