@@ -512,7 +512,7 @@ def _check_traceable_rope(loaded: "LoadedModel") -> None:
         )
 
 
-def _const_value(graph: "onnx.GraphProto", name: str, consts: dict) -> float | None:
+def _const_value(name: str, consts: dict) -> float | None:
     """Scalar value of an initializer / Constant output, else None."""
     arr = consts.get(name)
     return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
@@ -541,16 +541,16 @@ def _gelu_in_fusable_order(model: "onnx.ModelProto") -> int:
             consumers.setdefault(i, []).append(n)
     count = 0
     for half in [n for n in graph.node if n.op_type == "Mul" and len(n.input) == 2]:
-        k = next((j for j in (0, 1) if _const_value(graph, half.input[j], consts) == 0.5), None)
+        k = next((j for j in (0, 1) if _const_value(half.input[j], consts) == 0.5), None)
         if k is None:
             continue
         add = producer.get(half.input[1 - k])
         if add is None or add.op_type != "Add":
             continue
         erf = next((producer.get(i) for i in add.input if producer.get(i) is not None and producer[i].op_type == "Erf"), None)
-        one = next((i for i in add.input if _const_value(graph, i, consts) == 1.0), None)
+        one = next((i for i in add.input if _const_value(i, consts) == 1.0), None)
         div = producer.get(erf.input[0]) if erf is not None else None
-        if one is None or div is None or div.op_type != "Div" or abs((_const_value(graph, div.input[1], consts) or 0) - 2**0.5) > 1e-5:
+        if one is None or div is None or div.op_type != "Div" or abs((_const_value(div.input[1], consts) or 0) - 2**0.5) > 1e-5:
             continue
         x = div.input[0]
         outs = consumers.get(half.output[0], [])
