@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporters.onnx import model_bytes, onnx_files
+
 __all__ = ["OrtFormatResult", "mobile_usability", "to_ort_format"]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ def _parse_operator_config(text: str) -> dict[str, list[str]]:
     return ops
 
 
+#: ORT format is one flatbuffer (32-bit offsets) and has no external data.
+ORT_FORMAT_MAX_BYTES = 2**31 - 2**20
+
+
 def to_ort_format(src: Path, out_dir: Path, *, target_platform: str | None = None) -> OrtFormatResult:
     """Convert an ONNX model to ORT format (optimization style ``Fixed``).
 
@@ -71,7 +77,8 @@ def to_ort_format(src: Path, out_dir: Path, *, target_platform: str | None = Non
         An :class:`OrtFormatResult`.
 
     Raises:
-        ValueError: ``src`` is not an ``.onnx`` file or ``target_platform`` is unknown.
+        ValueError: ``src`` is not an ``.onnx`` file, ``target_platform`` is unknown, or the model is too large
+            for ORT format (:data:`ORT_FORMAT_MAX_BYTES`, external data included).
         FileNotFoundError: ``src`` does not exist.
     """
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
@@ -83,12 +90,18 @@ def to_ort_format(src: Path, out_dir: Path, *, target_platform: str | None = Non
         raise ValueError(f"src must be an .onnx file, got {src.name!r}")
     if target_platform not in (None, "arm", "amd64"):
         raise ValueError(f"target_platform must be None, 'arm' or 'amd64', got {target_platform!r}")
+    if model_bytes(src) >= ORT_FORMAT_MAX_BYTES:
+        raise ValueError(
+            f"{src.name}: {model_bytes(src) / 2**30:.2f} GiB of model cannot go into ORT format, a single flatbuffer of at"
+            " most 2 GiB with no external data; ship the .onnx (+ .onnx.data) or quantize it below 2 GiB first"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".ort.", dir=out_dir) as tmp_dir:
         tmp = Path(tmp_dir)
         stage_src = tmp / "in" / src.name  # a private copy: the tool converts every .onnx next to a dir input
         stage_src.parent.mkdir()
-        shutil.copyfile(src, stage_src)
+        for f in onnx_files(src):  # the graph and its external data, if any
+            shutil.copyfile(f, stage_src.parent / f.name)
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):  # the tool reports with print()
             convert_onnx_models_to_ort(

@@ -1,4 +1,5 @@
-"""Export a :class:`~pipeline.models.LoadedModel` to a single-file ONNX model.
+"""Export a :class:`~pipeline.models.LoadedModel` to an ONNX model (``model.onnx``; weights over
+:data:`EXTERNAL_DATA_THRESHOLD` in ``model.onnx.data`` beside it).
 
 Two exporters:
 
@@ -32,6 +33,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 
     from pipeline.models import LoadedModel
 
-__all__ = ["PARITY_ATOL", "ExportError", "ExportResult", "dummy_feeds", "export_onnx", "torch_reference"]
+__all__ = ["EXTERNAL_DATA_THRESHOLD", "PARITY_ATOL", "ExportError", "ExportResult", "data_file", "dummy_feeds", "export_onnx",
+           "model_bytes", "move_onnx", "onnx_files", "save_onnx", "torch_reference"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,68 @@ PARITY_ATOL = 1e-4
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 5, 3
 
 
+#: Weights above this many bytes go to ``<model>.data`` beside the graph (ONNX external data): one protobuf
+#: message cannot exceed 2 GiB, so a single-file export of a Llama-1B-class model fails to serialize.
+EXTERNAL_DATA_THRESHOLD = 1800 * 2**20
+
+
+def data_file(path: Path) -> Path:
+    """The external-data file that belongs to ``path`` (``model.onnx`` -> ``model.onnx.data``)."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def onnx_files(path: Path) -> list[Path]:
+    """``path`` and, if the model keeps its weights outside, its data file."""
+    path = Path(path)
+    return [path] + ([data_file(path)] if data_file(path).is_file() else [])
+
+
+def model_bytes(path: Path) -> int:
+    """Bytes on disk of a model, its external data included."""
+    return sum(f.stat().st_size for f in onnx_files(path))
+
+
+def tensor_bytes(model: "onnx.ModelProto") -> int:
+    """Serialized bytes of the model's initializers (what decides the 2 GiB protobuf limit)."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_onnx(model: "onnx.ModelProto", path: Path, *, external: bool | None = None,
+              threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+    """Write ``model`` to ``path``; weights go to ``path``'s data file when ``external`` (``None``: when they exceed
+    ``threshold`` bytes). A stale data file of an earlier single-file save is removed. Returns ``external``.
+
+    Not atomic by itself: callers write into a temporary folder and move :func:`onnx_files` into place.
+    """
+    import onnx
+
+    path = Path(path)
+    if external is None:
+        external = tensor_bytes(model) > threshold
+    data = data_file(path)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024, convert_attribute=False)
+    else:
+        onnx.save_model(model, str(path), save_as_external_data=False)
+    return external
+
+
+def move_onnx(src: Path, dst: Path) -> None:
+    """Move a model and its data file (data first, so ``dst`` never names missing weights); a stale data file at
+    ``dst`` from an earlier external-data save is removed."""
+    src, dst = Path(src), Path(dst)
+    if data_file(src).is_file():
+        if data_file(src).name != data_file(dst).name:
+            raise ValueError(f"cannot rename {src.name} to {dst.name}: its external data is named {data_file(src).name}")
+        os.replace(data_file(src), data_file(dst))
+    else:
+        data_file(dst).unlink(missing_ok=True)
+    os.replace(src, dst)
+
+
 class ExportError(Exception):
     """An ONNX export failed; one line naming model type, exporter and cause."""
 
@@ -67,7 +132,7 @@ class ExportResult:
     """What was exported and how to feed it.
 
     Attributes:
-        path: the single-file ``model.onnx`` (weights embedded).
+        path: ``model.onnx`` (weights embedded, or in ``model.onnx.data`` beside it: :func:`onnx_files`).
         task: the task the graph computes (``feature-extraction``, ``fill-mask``, ``text-generation``).
         input_names / output_names: graph IO names, in graph order.
         with_past: decoders only: KV-cache inputs/outputs are present.
@@ -100,14 +165,33 @@ class ExportResult:
 
 
 def _cache_geometry(loaded: "LoadedModel") -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a decoder config."""
-    cfg = loaded.model.config
-    n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
-    n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
-    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-    hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_heads)
-    return n_layers, n_kv, head_dim
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder, read from the modules themselves.
+
+    The geometry is what one cached forward step returns, not what ``config`` says: structured
+    pruning through ``prune_heads`` (GPT-2) leaves ``config.n_head`` at the dense value while each
+    layer keeps fewer heads, and a config can carry an explicit ``head_dim`` different from
+    ``hidden_size // num_attention_heads``. Layers must agree (one cache shape per graph).
+
+    Raises:
+        ExportError: layers with different cache shapes.
+    """
+    import torch
+
+    model = loaded.model
+    with torch.inference_mode():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True, return_dict=True)
+    cache = out.past_key_values
+    legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else cache
+    shapes = {(int(k.shape[1]), int(k.shape[3]), int(v.shape[1]), int(v.shape[3])) for k, v in legacy}
+    if len(shapes) != 1:
+        raise ExportError(
+            f"{loaded.model_type}: layers have different KV-cache shapes {sorted(shapes)} (heads, head_dim per key/value);"
+            " one cache shape per graph is supported"
+        )
+    (kh, kd, vh, vd), = shapes
+    if (kh, kd) != (vh, vd):
+        raise ExportError(f"{loaded.model_type}: key cache ({kh} heads x {kd}) and value cache ({vh} x {vd}) differ in shape")
+    return len(legacy), kh, kd
 
 
 def _is_causal_lm(loaded: "LoadedModel") -> bool:
@@ -135,9 +219,13 @@ def _has_token_type_ids(loaded: "LoadedModel") -> bool:
 
 
 def _encoder_wrapper(loaded: "LoadedModel") -> "torch.nn.Module":
+    import inspect
+
     import torch
 
     output = "logits" if loaded.task == "fill-mask" else "last_hidden_state"
+    # decoder bodies (a bare LlamaModel / GPT2Model for feature-extraction) get explicit positions
+    positions = loaded.is_decoder and "position_ids" in inspect.signature(loaded.model.forward).parameters
 
     class EncoderWrapper(torch.nn.Module):
         """Flat tensors in, one tensor out: ``(B, S)`` ids/mask -> ``(B, S, H)`` or ``(B, S, V)``."""
@@ -153,6 +241,10 @@ def _encoder_wrapper(loaded: "LoadedModel") -> "torch.nn.Module":
             token_type_ids: torch.Tensor | None = None,
         ) -> torch.Tensor:
             kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            if positions:
+                # (B, S) positions 0..S-1, as the model's default but per row: a (1, S) default makes the
+                # RoPE cos/sin caches (1, S, D/2), which ORT's RotaryEmbedding rejects for batch > 1
+                kw["position_ids"] = torch.ones_like(input_ids).cumsum(1) - 1
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kw)
             return out[output]
 
@@ -289,6 +381,13 @@ def torch_reference(loaded: "LoadedModel", feeds: dict[str, np.ndarray]) -> dict
         )
         with_past = bool(past_names)
         names = _io_names(loaded, with_past)[1]
+        if with_past and all(t[k].shape[2] == 0 for k in past_names):
+            # an empty cache carries no values, only a shape: take it from this model, which may be the
+            # dense reference of a head-pruned export (validate feeds both the same prompts)
+            n_layers, n_kv, hd = _cache_geometry(loaded)
+            b = int(t["input_ids"].shape[0])
+            past_names = [n for n in _io_names(loaded, True)[0] if n.startswith("past_key_values.")]
+            t.update({k: torch.zeros(b, n_kv, 0, hd) for k in past_names})
         if "position_ids" in t:
             pos = t["position_ids"]
         else:  # optimum exports without position_ids: positions follow the cached length
@@ -390,6 +489,82 @@ def _export_optimum(loaded: "LoadedModel", opset: int, with_past: bool, workdir:
     return onnx.load(str(workdir / MODEL_FILENAME))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.export colours its messages
+
+
+def _check_traceable_rope(loaded: "LoadedModel") -> None:
+    """Refuse RoPE variants whose frequencies depend on the run-time sequence length.
+
+    transformers recomputes ``inv_freq`` per call for ``rope_type`` "dynamic" (NTK-aware scaling) and
+    "longrope" (short/long factor switch) from the largest position seen; ``torch.export`` cannot trace
+    that data-dependent branch, and a graph frozen at one length would be wrong past it.
+
+    Raises:
+        ExportError: one line naming the variant and the config key.
+    """
+    rope = getattr(loaded.model.config, "rope_scaling", None) or {}
+    kind = str(rope.get("rope_type", rope.get("type", "default")))
+    if "dynamic" in kind or kind == "longrope":
+        raise ExportError(
+            f"{loaded.model_type}: rope_scaling rope_type {kind!r} (config.json) recomputes the rotary frequencies from"
+            " the sequence length at run time, which the ONNX export cannot trace; static RoPE types"
+            " (default, linear, llama3, yarn) export"
+        )
+
+
+def _const_value(name: str, consts: dict) -> float | None:
+    """Scalar value of an initializer / Constant output, else None."""
+    arr = consts.get(name)
+    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+
+
+def _gelu_in_fusable_order(model: "onnx.ModelProto") -> int:
+    """Reorder the exact-GELU tail so ONNX Runtime fuses it into one ``Gelu`` / ``BiasGelu`` kernel (in place).
+
+    torch's dynamo exporter writes ``x * ((1 + erf(x / sqrt 2)) * 0.5)``; ORT's GeluFusion only knows
+    ``(x * 0.5) * (1 + erf(..))`` and ``(x * (1 + erf(..))) * 0.5``, so the dynamo graph ran five element-wise
+    kernels over every (B, S, intermediate) FFN activation per inference (Div, Erf, Add, Mul, Mul) where the
+    optimum export runs one. Rewrites ``Mul(0.5, a) -> Mul(x, .)`` into ``Mul(x, a) -> Mul(., 0.5)``
+    (same value up to float rounding order). Returns the number of GELUs reordered.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    count = 0
+    for half in [n for n in graph.node if n.op_type == "Mul" and len(n.input) == 2]:
+        k = next((j for j in (0, 1) if _const_value(half.input[j], consts) == 0.5), None)
+        if k is None:
+            continue
+        add = producer.get(half.input[1 - k])
+        if add is None or add.op_type != "Add":
+            continue
+        erf = next((producer.get(i) for i in add.input if producer.get(i) is not None and producer[i].op_type == "Erf"), None)
+        one = next((i for i in add.input if _const_value(i, consts) == 1.0), None)
+        div = producer.get(erf.input[0]) if erf is not None else None
+        if one is None or div is None or div.op_type != "Div" or abs((_const_value(div.input[1], consts) or 0) - 2**0.5) > 1e-5:
+            continue
+        x = div.input[0]
+        outs = consumers.get(half.output[0], [])
+        if len(outs) != 1 or outs[0].op_type != "Mul" or x not in outs[0].input:
+            continue
+        tail = outs[0]
+        # half: Mul(0.5, a) -> Mul(x, a); tail: Mul(x, half) -> Mul(half, 0.5)
+        half_const = half.input[k]
+        half.input[k], half.input[1 - k] = x, add.output[0]
+        tail.input[0], tail.input[1] = half.output[0], half_const
+        count += 1
+    return count
+
+
 def _normalize(model: "onnx.ModelProto") -> None:
     """Make the serialised bytes a function of the graph alone (in place).
 
@@ -437,6 +612,7 @@ def export_onnx(
     opset: int = 18,
     exporter: Literal["dynamo", "optimum"] = "dynamo",
     with_past: bool | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportResult:
     """Export ``loaded`` to ``out_dir/model.onnx`` with dynamic batch/sequence axes.
 
@@ -448,6 +624,8 @@ def export_onnx(
             so in-memory edits not saved there are not seen).
         with_past: text-generation only: include KV-cache IO. ``None`` means True for
             text-generation, False otherwise.
+        external_data_threshold: weights larger than this many bytes are written to
+            ``model.onnx.data`` beside ``model.onnx`` (ONNX external data; protobuf's 2 GiB limit).
 
     Returns:
         An :class:`ExportResult` whose names are read back from the file.
@@ -472,6 +650,8 @@ def export_onnx(
             f"{loaded.model_type}: the optimum exporter cannot load q/k heads narrowed by prune structured_unit"
             " qk_dims (config edgepipe_qk_dims); use exporter 'dynamo'"
         )
+    if exporter == "dynamo":
+        _check_traceable_rope(loaded)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILENAME
@@ -482,16 +662,19 @@ def export_onnx(
         try:
             if exporter == "dynamo":
                 proto = _export_dynamo(loaded, opset, with_past)
+                _gelu_in_fusable_order(proto)
             else:
                 proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
             _normalize(proto)
             tmp_file = tmp_dir / MODEL_FILENAME
-            onnx.save_model(proto, str(tmp_file), save_as_external_data=False)
-            onnx.checker.check_model(str(tmp_file), full_check=True)
+            external = save_onnx(proto, tmp_file, threshold=external_data_threshold)
+            onnx.checker.check_model(str(tmp_file), full_check=True)  # by path: handles external data
         except Exception as e:  # noqa: BLE001 - one-line ExportError with the cause chained
-            cause = (str(e).strip().splitlines() or [""])[0][:300]
+            cause = _ANSI.sub("", (str(e).strip().splitlines() or [""])[0])[:300]
             raise ExportError(f"{loaded.model_type}: {exporter} export failed: {type(e).__name__}: {cause}") from e
-        os.replace(tmp_file, final)
+        move_onnx(tmp_file, final)
+    if external:
+        logger.info("weights written to %s (external data)", data_file(final).name)
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     n_layers, n_kv, hd = _cache_geometry(loaded) if _is_causal_lm(loaded) else (0, 0, 0)
     result = ExportResult(

@@ -10,8 +10,8 @@ anchors show are missing (anchors §1.10, §3.7):
   feeds each norm in fp32, and convert the rest (MatMuls) to fp16 with fp32 model I/O.
 - **int8**: quantizing the residual stream (``Add`` outputs) per-tensor collapses accuracy
   when a few tokens/channels carry massive activations (ViT-B default INT8 fell to ~0%).
-  We quantize only ``MatMul``/``Gemm`` with constant weights (per-channel s8 weights); the
-  residual ``Add``, LayerNorm and Softmax stay fp32.
+  We quantize only ``MatMul``/``Gemm`` with constant weights (per-channel int8 weights, u8 or s8:
+  see ``INT8_WEIGHT_TYPES``); the residual ``Add``, LayerNorm and Softmax stay fp32.
 
 Every output is written atomically (temp file in the destination folder, then
 ``os.replace``) and is deterministic: the same input gives byte-identical output.
@@ -32,12 +32,21 @@ from typing import Literal
 import numpy as np
 import onnx
 
-__all__ = ["DEFAULT_INT8_OP_TYPES", "DEFAULT_KEEP_FP32", "PRECISIONS", "QuantizeReport", "convert_precision"]
+from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
+
+__all__ = ["DEFAULT_INT8_OP_TYPES", "DEFAULT_KEEP_FP32", "INT8_WEIGHT_TYPES", "PRECISIONS", "QuantizeReport", "convert_precision"]
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "fp16", "int8", "int8-static"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-static")
+#: int8 weight types. ``"s8"``: s8 weights against u8 activations (u8s8); ``"u8"``: u8 weights (u8u8);
+#: ``"s8-reduce-range"``: symmetric s8 weights in [-64, 64] (ORT reduce_range). ONNX Runtime's x86 u8s8 kernel without AVX-VNNI
+#: (``vpmaddubsw``) sums two adjacent u8*s8 products into a *saturating* int16: 255*127*2 = 64770 > 32767, so
+#: the same model gives different (worse) numbers on such CPUs. u8u8 widens both to int16 first
+#: (``vpmaddwd``: exact), and 7-bit weights bound the pair sum to 255*64*2 = 32640 (exact). ARM kernels
+#: accumulate in int32 (exact for all three). ORT docs: "quantization on x86 without VNNI: use reduce_range or U8U8".
+INT8_WEIGHT_TYPES: tuple[str, ...] = ("s8", "u8", "s8-reduce-range")
 
 #: Op types kept in fp32 by the fp16 path (and never quantized by the int8 paths).
 #: Norms overflow or lose precision in fp16; Softmax's exp/sum likewise. Decomposed norms
@@ -93,6 +102,7 @@ def convert_precision(
     optimize_fp32: bool = False,
     int8_op_types: Sequence[str] = DEFAULT_INT8_OP_TYPES,
     quantize_matmul_outputs: bool = False,
+    weight_type: str = "u8",
 ) -> QuantizeReport:
     """Convert ``src`` to ``precision`` and write it atomically to ``dst``.
 
@@ -118,6 +128,8 @@ def convert_precision(
             every MatMul *output*, i.e. per-tensor rounding right before the bias/residual Add;
             on MiniLM that cost cosine 0.989 -> 0.928 (mean). Off by default; turn on for EPs that
             need a full ``DQ -> MatMul -> Q`` group to pick an int8 kernel (QLinearMatMul).
+        weight_type: int8 paths: one of :data:`INT8_WEIGHT_TYPES`. Default ``"u8"``: exact on every CPU
+            (targets choose via ``TargetProfile.int8_weight_type``: u8 on x86_64, s8 on ARM).
 
     Returns:
         A :class:`QuantizeReport`.
@@ -128,6 +140,8 @@ def convert_precision(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if weight_type not in INT8_WEIGHT_TYPES:
+        raise ValueError(f"weight_type must be one of {INT8_WEIGHT_TYPES}, got {weight_type!r}")
     unsafe = sorted(set(int8_op_types) & {"Add", "Attention", *keep_fp32_ops})
     if unsafe:
         raise ValueError(f"int8_op_types must not include {unsafe}: they collapse accuracy or break the graph")
@@ -139,20 +153,25 @@ def convert_precision(
         raise ValueError("precision 'int8-static' needs calibration_feeds (a non-empty iterable of feeds dicts)")
     dst.parent.mkdir(parents=True, exist_ok=True)
 
+    # a model with external data (model.onnx + model.onnx.data, see exporters.onnx) keeps that split
+    external = data_file(src).is_file()
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp_dir:
         tmp = Path(tmp_dir) / dst.name
         if precision == "fp32":
-            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32)
+            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32 and not external)
         elif precision == "fp16":
-            nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops)
+            nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops, external)
         elif precision == "int8":
-            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel, int8_op_types)
+            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type, external)
         else:
             nodes, kept, notes = _int8_static(
-                src, tmp, feeds or [], keep_fp32_ops, per_channel, int8_op_types, quantize_matmul_outputs, tmp_dir
+                src, tmp, feeds or [], keep_fp32_ops, per_channel, int8_op_types, quantize_matmul_outputs, tmp_dir,
+                weight_type, external,
             )
-        os.replace(tmp, dst)  # atomic on the same filesystem: readers never see a half-written model
-    report = QuantizeReport(precision, dst.stat().st_size, nodes, kept, notes)
+        if external:
+            notes.append(f"weights in external data ({data_file(dst).name})")
+        move_onnx(tmp, dst)  # atomic per file on the same filesystem: data first, then the graph that names it
+    report = QuantizeReport(precision, model_bytes(dst), nodes, kept, notes)
     logger.info("%s -> %s (%s): %d nodes lowered, %d bytes", src.name, dst.name, precision, nodes, report.size_bytes)
     return report
 
@@ -246,7 +265,8 @@ def _fp32(
     src: Path, tmp: Path, feeds: list[dict[str, np.ndarray]] | None, optimize: bool
 ) -> tuple[int, list[str], list[str]]:
     if not optimize:
-        shutil.copyfile(src, tmp)
+        for f in onnx_files(src):
+            shutil.copyfile(f, tmp.with_name(tmp.name + f.name[len(src.name):]))  # model.onnx[.data]
         return 0, [], ["copied unchanged"]
     import onnxruntime as ort
 
@@ -271,7 +291,7 @@ def _fp32(
     return 0, [], [f"ORT_ENABLE_EXTENDED offline optimization (max diff {worst:.3g} on {min(4, len(feeds))} feeds)"]
 
 
-def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str]) -> tuple[int, list[str], list[str]]:
+def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str], external: bool) -> tuple[int, list[str], list[str]]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -299,8 +319,8 @@ def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str]) -> tuple[int, list
     # value_info written by the converter goes stale when Cast pairs are removed; ONNX
     # shape inference (and ORT) recompute types, so drop it rather than ship contradictions.
     del out.graph.value_info[:]
-    onnx.save(out, str(tmp))
-    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)  # before saving: external saving empties tensors
+    save_onnx(out, tmp, external=external)
     fp16_tensors = {
         vi.name
         for vi in [*inferred.graph.value_info, *inferred.graph.output]
@@ -312,10 +332,19 @@ def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str]) -> tuple[int, list
     return lowered, kept, [f"kept {len(keep_nodes)} nodes in fp32 (norms, Softmax, residual Adds); fp32 I/O"]
 
 
+def _weight_args(weight_type: str) -> dict:
+    """``quantize_*`` keyword arguments for an :data:`INT8_WEIGHT_TYPES` entry."""
+    from onnxruntime.quantization import QuantType
+
+    return {"weight_type": QuantType.QUInt8 if weight_type == "u8" else QuantType.QInt8,
+            "reduce_range": weight_type == "s8-reduce-range"}
+
+
 def _int8_dynamic(
-    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool, op_types: Sequence[str]
+    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool, op_types: Sequence[str], weight_type: str,
+    external: bool = False,
 ) -> tuple[int, list[str], list[str]]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import quantize_dynamic
 
     model = onnx.load(str(src))
     _name_nodes(model)
@@ -325,8 +354,9 @@ def _int8_dynamic(
         str(tmp),
         op_types_to_quantize=list(op_types),  # never Attention: opset-23 Attention breaks if quantize_dynamic touches it
         per_channel=per_channel,
-        weight_type=QuantType.QInt8,
         nodes_to_exclude=exclude,
+        use_external_data_format=external,  # writes <tmp>.data, the name exporters.onnx.data_file expects
+        **_weight_args(weight_type),
         extra_options={
             "MatMulConstBOnly": True,  # only linear layers; q @ k^T has no constant operand
             "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed on ORT-fused graphs (platform notes §4)
@@ -340,7 +370,7 @@ def _int8_dynamic(
         }
         n += sum(1 for node in out.graph.node if node.op_type == "Gather" and node.input[0] in int8_inits)
     kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
-    return n, kept, [f"dynamic int8 (QInt8 weights, per_channel={per_channel}) on {sorted(op_types)} with constant weights"]
+    return n, kept, [f"dynamic int8 ({weight_type} weights, u8 activations, per_channel={per_channel}) on {sorted(op_types)} with constant weights"]
 
 
 class _FeedsReader:
@@ -376,14 +406,16 @@ def _int8_static(
     op_types: Sequence[str],
     quantize_outputs: bool,
     tmp_dir: str,
+    weight_type: str,
+    external: bool = False,
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(str(src))
     _name_nodes(model)
     named = Path(tmp_dir) / "named.onnx"
-    onnx.save(model, str(named))
     consts = _constant_names(model.graph)
+    save_onnx(model, named, external=external)
     # Only layers with a constant weight (input 1), e.g. the linear layers, never q @ k^T.
     targets = sorted(
         n.name for n in model.graph.node if n.op_type in set(op_types) and len(n.input) > 1 and n.input[1] in consts
@@ -400,9 +432,10 @@ def _int8_static(
         nodes_to_quantize=targets,
         nodes_to_exclude=sorted(n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)),
         per_channel=per_channel,
-        activation_type=QuantType.QUInt8,  # asymmetric u8 activations, s8 weights (platform notes §4)
-        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,  # asymmetric u8 activations (platform notes §4)
+        **_weight_args(weight_type),
         calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=external,
         extra_options={
             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # (K, N) weight: scale per output column
             "DefaultTensorType": onnx.TensorProto.FLOAT,
@@ -422,6 +455,6 @@ def _int8_static(
     )
     kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
     return n, kept, [
-        f"static QDQ int8 (u8 activations, s8 weights, per_channel={per_channel}) on {len(targets)} nodes of "
+        f"static QDQ int8 (u8 activations, {weight_type} weights, per_channel={per_channel}) on {len(targets)} nodes of "
         f"{sorted(op_types)}; outputs quantized: {quantize_outputs}; MinMax calibration on {len(feeds)} feeds"
     ]

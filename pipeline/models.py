@@ -17,7 +17,8 @@ Attention implementation: ``"sdpa"`` by default. The dynamo ONNX exporter
 handles it for encoders and for the KV-cache decoder wrapper (platform notes
 §3, §7); at opset 23 it maps to the standard ONNX ``Attention`` op, and at
 opset 18 it decomposes into MatMul/Softmax like eager. ``"eager"`` is accepted
-(e.g. for stages that need attention probabilities) via ``attn_implementation``.
+(e.g. for stages that need attention probabilities) via ``attn_implementation``. A class without
+an SDPA path (MPNet) falls back to ``"eager"``.
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ _FAMILY_TASKS: dict[str, tuple[str, ...]] = {
 _TOKENIZER_FILES = TOKENIZER_FILES
 
 
+def is_causal_family(family: str) -> bool:
+    """Whether models of ``family`` attend causally (decoders), whatever task they are used for."""
+    return family in _DECODER_FAMILIES
+
+
 def family_tasks(family: str) -> tuple[str, ...]:
     """Tasks a family serves: the transformers families' list, or a registered model kind's (``pipeline.families``)."""
     from pipeline.families import kind_of_family
@@ -120,7 +126,7 @@ class LoadedModel:
     @property
     def is_decoder(self) -> bool:
         """True for causal decoders (gpt2/llama families)."""
-        return self.family in _DECODER_FAMILIES
+        return is_causal_family(self.family)
 
 
 def model_family(config: Any) -> str:
@@ -279,6 +285,21 @@ def _load_tokenizer(path: Path, family: str) -> "PreTrainedTokenizerBase | None"
     return tokenizer
 
 
+def _attention_for(auto_cls: Any, config: Any, requested: str) -> str:
+    """``requested``, or ``"eager"`` where the concrete class has no SDPA path (MPNet in transformers 4.57).
+
+    Asking such a class for SDPA makes ``from_pretrained`` raise; eager computes the same attention
+    (softmax(QK^T/sqrt(d) + mask) V) and exports through the same dynamo path.
+    """
+    if requested != "sdpa":
+        return requested
+    model_cls = auto_cls._model_mapping.get(type(config), None)
+    if model_cls is not None and not getattr(model_cls, "_supports_sdpa", False):
+        logger.info("%s has no SDPA attention; using eager", model_cls.__name__)
+        return "eager"
+    return requested
+
+
 @contextlib.contextmanager
 def _quiet_mismatch(on: bool) -> Iterator[None]:
     """Silence transformers' "newly initialized because of size mismatch" warning for narrowed q/k (rebuilt after)."""
@@ -361,6 +382,7 @@ def load_model(
     check_weights(path)  # the index is read here: safetensors shards inside the folder only
     # edgepipe's QK-dimension pruning narrows q/k modules; HF builds them at full width and we rebuild them after
     narrowed = bool(getattr(config, "edgepipe_qk_dims", None))
+    attn_implementation = _attention_for(_auto_class(task), config, attn_implementation)
     try:
         with _quiet_mismatch(narrowed):
             model, info = _auto_class(task).from_pretrained(

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from exporters.onnx import data_file, model_bytes
 from pipeline.artifact import Artifact, temp_file_near, atomic_write_json, atomic_write_text, hash_file, make_temp_dir, replace_dir
 from pipeline.errors import ConfigError
 
@@ -33,6 +34,11 @@ def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[
         src = run_dir / tm.model
         _copy(src, tmp / "model.onnx")
         files["model"] = f"{name}/model.onnx"
+        if data_file(src).is_file():  # external data: its name is recorded inside the graph (see exporters.onnx)
+            if data_file(src).name != "model.onnx.data":
+                raise ValueError(f"{src}: external data {data_file(src).name} cannot be published as model.onnx.data")
+            _link_or_copy(data_file(src), tmp / "model.onnx.data")
+            files["model_data"] = f"{name}/model.onnx.data"
         for label, ref in tm.files.items():
             p = run_dir / ref
             if p.is_dir():
@@ -111,7 +117,7 @@ def write_reports(*, run_dir: Path, cfg: Any, target_names: Sequence[str], art: 
         model_file = run_dir / files["model"]
         targets[name] = {
             "artifact": files.pop("model"),
-            "size_bytes": model_file.stat().st_size,
+            "size_bytes": model_bytes(model_file),
             "precision": tm.precision,
             "parity": m.get("parity"),
             "fidelity": m.get("fidelity"),
@@ -176,6 +182,10 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
     L.append("")
     for r in rep["stages"]:
         m = r.get("metrics") or {}
+        for note in m.get("notes") or []:  # settings adjusted to the model (e.g. lengths capped at its position limit)
+            L.append(f"- note ({r['name']}): {note}")
+        for warning in m.get("warnings") or []:  # e.g. too little calibration text, no validate stage
+            L.append(f"- **warning** ({r['name']}): {warning}")
         if r["name"] == "prune" and m:
             sp = m.get("sparsity") or {}
             ae = m.get("attention_error") or {}

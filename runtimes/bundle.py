@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.onnx import onnx_files
+
 __all__ = ["BUNDLE_FORMAT_VERSION", "write_bundle"]
 
 logger = logging.getLogger(__name__)
@@ -103,7 +105,8 @@ def write_bundle(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        shutil.copyfile(model_path, staging / model_path.name)
+        for f in onnx_files(model_path):  # the model and, when its weights are external, model.onnx.data
+            shutil.copyfile(f, staging / f.name)
         np.savez(staging / "inputs.npz", **inputs)
         np.savez(staging / "reference.npz", **reference)
         cfg = {

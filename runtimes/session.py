@@ -101,6 +101,8 @@ def make_session(
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {str(path)!r}")
     opts = ort.SessionOptions()
+    # ORT's own error log repeats, in colour on stderr, what the raised exception already says
+    opts.log_severity_level = 2 if logger.isEnabledFor(logging.DEBUG) else 4
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION_LEVELS[graph_optimization])
     if threads is not None:
         opts.intra_op_num_threads = threads

@@ -33,6 +33,7 @@ __all__ = [
 Precision = Literal["fp32", "fp16", "int8", "int8-static"]
 SparsityPattern = Literal["unstructured", "n:m", "structured"]
 AttentionOp = Literal["onnx_attention", "ms_mha"]
+Int8Weights = Literal["s8", "u8", "s8-reduce-range"]  # exporters.quantize.INT8_WEIGHT_TYPES
 
 
 class Tolerance(Frozen):
@@ -101,6 +102,12 @@ class TargetProfile(Frozen):
         default_factory=lambda: ["onnx_attention", "ms_mha"], description="fused attention ops, preferred first"
     )
     tolerances: dict[Precision, Tolerance] = Field(description="parity tolerance for each precision")
+    int8_weights: Optional[Int8Weights] = Field(
+        None,
+        description="int8 weight type: s8 (u8 activations x s8 weights), u8 (u8 x u8) or s8-reduce-range (7-bit s8);"
+        " omitted = u8 on x86_64 (u8 x s8 saturates int16 pair sums on CPUs without AVX-VNNI), s8 on ARM"
+        " (dot-product kernels accumulate exactly)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -125,6 +132,18 @@ class TargetProfile(Frozen):
     @property
     def default_precision(self) -> str:
         return self.precisions[0]
+
+    @property
+    def int8_weight_type(self) -> str:
+        """The int8 weight type for this target: the profile's ``int8_weights``, else chosen by ``arch``.
+
+        x86_64 -> ``"u8"``: ONNX Runtime's u8 x s8 kernel on AVX2 without VNNI (``vpmaddubsw``) adds two
+        u8*s8 products into a saturating int16, so results depend on the host CPU; u8 x u8 widens to int16
+        first and is exact everywhere. ARM -> ``"s8"``: its kernels accumulate exactly in int32.
+        """
+        if self.int8_weights is not None:
+            return self.int8_weights
+        return "u8" if self.arch == "x86_64" else "s8"
 
     def cache_bytes(self, level: Optional[str] = None) -> int:
         """Bytes of the cache level the attention planner uses (``cache.attention_level`` by default)."""

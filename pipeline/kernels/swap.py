@@ -13,6 +13,8 @@ Two mechanisms, chosen per module family (transformers 4.57.6):
   dispatches SDPA/eager by class, not through the interface): the instance's ``forward`` is
   replaced by one that computes Q, K, V and calls ``attention``. Masks arrive as HF additive
   float masks and are passed through unchanged.
+* DistilBERT's ``MultiHeadSelfAttention`` (``q_lin``/``k_lin``/``v_lin``/``out_lin``): the same
+  instance-``forward`` replacement; its (B, N) 0/1 eager mask becomes a bool key-padding mask.
 
 Unsupported features raise instead of silently computing something else: attention dropout in
 training mode, ``head_mask``, cross-attention / KV caches for BERT, relative position embeddings,
@@ -125,6 +127,43 @@ def _bert_self_attention_forward(
     return out.transpose(1, 2).reshape(bsz, n, h * d), None
 
 
+def _distilbert_attention_forward(
+    self: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None,
+    head_mask: Tensor | None = None,
+    output_attentions: bool = False,
+) -> tuple[Tensor]:
+    """Replacement ``forward`` of DistilBERT's ``MultiHeadSelfAttention``: (B, N, C) x3 -> ((B, N, C),).
+
+    ``mask`` is what DistilBERT passes for its attention implementation: (B, Nk) 0/1 key padding
+    (eager), an additive (B, 1, Nq, Nk) float mask or ``None`` (SDPA, all tokens real).
+    """
+    if head_mask is not None or output_attentions:
+        raise NotImplementedError("edgepipe kernels do not return attention probabilities or apply head_mask")
+    if self.training and self.dropout.p > 0:
+        raise ValueError(f"attention dropout={self.dropout.p} is not supported by edgepipe kernels; call model.eval()")
+    bsz, n, _ = query.shape
+    h = self.n_heads
+    d = self.dim // h
+    q = self.q_lin(query).view(bsz, n, h, d).transpose(1, 2)  # (B, N, H, D) -> (B, H, N, D)
+    k = self.k_lin(key).view(bsz, -1, h, d).transpose(1, 2)
+    v = self.v_lin(value).view(bsz, -1, h, d).transpose(1, 2)
+    if mask is not None and mask.dim() == 2:
+        mask = mask.bool()  # (B, Nk) key padding, True = attend
+    opts: _Opts = getattr(self, _OPTS_ATTR)
+    out = opts.run(q, k, v, causal=False, attn_mask=mask, scale=1.0 / math.sqrt(d))  # (B, H, N, D)
+    return (self.out_lin(out.transpose(1, 2).reshape(bsz, n, h * d)),)
+
+
+def _is_distilbert_style(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_lin", "k_lin", "v_lin", "out_lin")) and all(
+        hasattr(m, a) for a in ("n_heads", "dim")
+    )
+
+
 def _is_bert_style(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")) and all(
         hasattr(m, a) for a in ("num_attention_heads", "attention_head_size", "is_decoder")
@@ -177,7 +216,8 @@ def swap_attention_(
     kernel_spec(kernel)  # ValueError naming the known kernels
     opts = _Opts(kernel, cache_words, block_size, block_mask_fn)
     bert_like = [m for m in model.modules() if _is_bert_style(m)]
-    iface = [m for m in model.modules() if not _is_bert_style(m) and _uses_attention_interface(m)]
+    distil_like = [m for m in model.modules() if _is_distilbert_style(m)]
+    iface = [m for m in model.modules() if not _is_bert_style(m) and not _is_distilbert_style(m) and _uses_attention_interface(m)]
     for m in bert_like:
         if getattr(m, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type={m.position_embedding_type!r} is not supported (absolute only)")
@@ -206,8 +246,11 @@ def swap_attention_(
     for m in bert_like:
         setattr(m, _OPTS_ATTR, opts)
         m.forward = types.MethodType(_bert_self_attention_forward, m)
-    n = len(bert_like) + len(iface)
+    for m in distil_like:
+        setattr(m, _OPTS_ATTR, opts)
+        m.forward = types.MethodType(_distilbert_attention_forward, m)
+    n = len(bert_like) + len(distil_like) + len(iface)
     if n == 0:
-        raise ValueError(f"swap_attention_: no BERT-, GPT-2- or Llama-style attention module found in {type(model).__name__}")
+        raise ValueError(f"swap_attention_: no BERT-, DistilBERT-, GPT-2- or Llama-style attention module found in {type(model).__name__}")
     logger.info("swap_attention_: %d attention modules now use kernel=%r", n, kernel)
     return n

@@ -64,7 +64,8 @@ class PruneConfig(BaseModel):
     structured_unit: str = Field(
         "heads+ffn",
         description="units removed by the structured pattern, '+'-joined: heads (attention heads / KV groups), ffn"
-        " (FFN neurons), qk_dims (query/key width of every head; BERT family)",
+        " (FFN neurons), qk_dims (query/key width of every head; BERT family); the prune stage replaces an omitted"
+        " value by the best measured unit for the family (qk_dims+ffn for BERT-family encoders)",
     )
     head_sparsity: Optional[float] = Field(
         None, description="structured: fraction of heads (KV groups) removed per layer; omitted = sparsity"

@@ -11,7 +11,7 @@ from pipeline.artifact import Artifact
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
 
-__all__ = ["text_sets", "text_sets_and_rest", "load_from_artifact", "load_dense", "encode", "to_numpy_feeds", "model_path", "write_target_bundle"]
+__all__ = ["text_sets", "text_sets_and_rest", "load_from_artifact", "load_dense", "encode", "cap_length", "model_max_positions", "stage_warning", "warn_without_validate", "to_numpy_feeds", "model_path", "write_target_bundle"]
 
 
 def text_sets(ctx: StageContext) -> tuple[list[str], list[str]]:
@@ -67,12 +67,110 @@ def load_dense(art: Artifact):
     return load_model(Path(art.dense_dir), art.task)
 
 
-def encode(loaded: Any, texts: Sequence[str], *, max_length: int, batch_size: int) -> list[dict[str, Any]]:
-    """Tokenized, padded torch batches (``input_ids``, ``attention_mask`` [, ``token_type_ids``])."""
+def model_max_positions(model: Any) -> int | None:
+    """The longest sequence ``model`` can take, in tokens, or ``None`` when it has no limit we know of.
+
+    Read from the modules where positions are a table: a learned ``position_embeddings``/``wpe``
+    ``nn.Embedding`` has ``num_embeddings`` rows, less ``padding_idx + 1`` where the embeddings count
+    positions from after the pad id (RoBERTa, XLM-R, MPNet: 514 rows -> 512 tokens). Rotary models
+    (Llama family) have no table; their ``config.max_position_embeddings`` (the trained context) is used.
+    """
+    import torch
+
+    for mod in model.modules():
+        for attr in ("position_embeddings", "wpe"):
+            emb = getattr(mod, attr, None)
+            if isinstance(emb, torch.nn.Embedding):
+                pad = getattr(mod, "padding_idx", None)  # RobertaEmbeddings / MPNetEmbeddings offset positions by it
+                return int(emb.num_embeddings) - (int(pad) + 1 if isinstance(pad, int) else 0)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def cap_length(loaded: Any, requested: int, setting: str, ctx: StageContext | None, *, reserve: int = 0) -> int:
+    """``requested`` tokens (plus ``reserve`` more that the stage appends), capped at the model's limit.
+
+    A cap is logged and recorded as a note in the stage's metrics (``notes``, shown in report.md) naming
+    both numbers, so a run never feeds a position the model has no embedding for.
+
+    Args:
+        loaded: the :class:`~pipeline.models.LoadedModel`.
+        requested: the setting's value in tokens.
+        setting: its name for the note (e.g. ``"calibration.max_length"``).
+        ctx: the running stage (``None``: cap silently).
+        reserve: tokens the caller adds after these (e.g. generated tokens after a prompt).
+
+    Returns:
+        ``min(requested, limit - reserve)`` (at least 1).
+    """
+    limit = model_max_positions(loaded.model)
+    if limit is None or requested + reserve <= limit:
+        return requested
+    capped = max(1, limit - reserve)
+    extra = f" less {reserve} reserved" if reserve else ""
+    note = f"{setting} {requested} capped at {capped}: the model takes at most {limit} positions{extra}"
+    if ctx is not None:
+        ctx.log.warning(note)
+        notes = ctx.metrics.setdefault("notes", [])
+        if note not in notes:
+            notes.append(note)
+    return capped
+
+
+def stage_warning(ctx: StageContext, message: str) -> None:
+    """Log a warning and record it in the stage's metrics (``warnings``, shown in report.md)."""
+    ctx.log.warning(message)
+    warnings = ctx.metrics.setdefault("warnings", [])
+    if message not in warnings:
+        warnings.append(message)
+
+
+def warn_without_validate(ctx: StageContext, stage: str) -> None:
+    """Compression without a later ``validate`` stage is unchecked: say so (a broken model would ship silently)."""
+    later = [s.kind for s in list(ctx.run.stages)[ctx.index + 1 :]]
+    if "validate" not in later:
+        stage_warning(ctx, f"{stage} changes the model's numbers but no validate stage follows: nothing checks the result's"
+                      " fidelity against the dense model; add '- validate: {}' after it")
+
+
+def model_input_names(model: Any) -> frozenset[str]:
+    """The keyword inputs ``model.forward`` accepts (DistilBERT/MPNet take no ``token_type_ids``)."""
+    import inspect
+
+    return frozenset(inspect.signature(model.forward).parameters)
+
+
+def encode(loaded: Any, texts: Sequence[str], *, max_length: int, batch_size: int,
+           ctx: StageContext | None = None, setting: str = "calibration.max_length") -> list[dict[str, Any]]:
+    """Tokenized, padded torch batches (``input_ids``, ``attention_mask`` [, ``token_type_ids``]).
+
+    ``max_length`` is capped at the model's position limit (:func:`cap_length`, noted under ``setting``);
+    only the inputs ``loaded.model.forward`` accepts are kept (a DistilBERT folder shipped with a BERT
+    tokenizer gets no ``token_type_ids``).
+
+    Raises:
+        ConfigError: the tokenizer produced an id the model's embedding table has no row for.
+    """
     from pipeline.data import tokenize_batches
 
     vocab = getattr(loaded.model.config, "vocab_size", None)
-    return tokenize_batches(loaded.tokenizer, list(texts), batch_size=batch_size, max_length=max_length, vocab_size=vocab)
+    max_length = cap_length(loaded, max_length, setting, ctx)
+    batches = tokenize_batches(loaded.tokenizer, list(texts), batch_size=batch_size, max_length=max_length, vocab_size=vocab)
+    rows = _embedding_rows(loaded.model)
+    top = max(int(b["input_ids"].max()) for b in batches)
+    if rows is not None and top >= rows:
+        size = len(loaded.tokenizer) if loaded.tokenizer is not None else "?"
+        raise ConfigError(
+            f"model {getattr(loaded, 'path', '')}: the tokenizer ({size} tokens) produced id {top} but the model's"
+            f" input embedding has {rows} rows (config vocab_size {vocab}); tokenizer and model do not belong together"
+        )
+    accepted = model_input_names(loaded.model)
+    return [{k: v for k, v in b.items() if k in accepted} for b in batches]
+
+
+def _embedding_rows(model: Any) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(emb.num_embeddings) if emb is not None and hasattr(emb, "num_embeddings") else None
 
 
 def to_numpy_feeds(batch: Mapping[str, Any], io: Mapping[str, Any]) -> dict[str, np.ndarray]:

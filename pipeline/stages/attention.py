@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets
+from pipeline.stages._common import cap_length, encode, load_from_artifact, model_max_positions, text_sets
 
 if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
     import torch
@@ -49,18 +49,21 @@ class AttentionConfig(StageConfig):
             raise ValueError(f"unknown kernel {v!r}; expected one of: {', '.join(allowed)}")
         return v
 
-    def task_problem(self, task: str) -> Optional[str]:
-        """Why this config cannot serve a model of ``task``, or None."""
-        decoder = task == "text-generation"
+    def causality_problem(self, causal: bool, model_type: str = "") -> Optional[str]:
+        """Why this config cannot serve a causal (or a bidirectional) model, or None. Causality is the
+        architecture's, not the task's: a bare LlamaModel used for feature-extraction is still causal."""
         block_sparse = self.kernel != "auto" and _is_block_sparse(self.kernel)
-        if block_sparse and decoder and self.pattern != "causal_window":
-            return f"pattern '{self.pattern}' would let a causal decoder see the future; use pattern: causal_window"
-        if block_sparse and not decoder and self.pattern == "causal_window":
+        if block_sparse and causal and self.pattern != "causal_window":
+            who = f"a causal decoder ({model_type})" if model_type else "a causal decoder"
+            return f"pattern '{self.pattern}' would let {who} see the future; use pattern: causal_window"
+        if block_sparse and not causal and self.pattern == "causal_window":
             return "pattern 'causal_window' is for decoders; use window or global_window for an encoder"
         return None
 
     def check(self, plan: RunPlan) -> None:
-        problem = self.task_problem(plan.task)
+        from pipeline.models import is_causal_family
+
+        problem = self.causality_problem(is_causal_family(plan.family))
         if problem:
             raise ValueError(problem)
 
@@ -89,21 +92,26 @@ def _first_out(model, batch) -> np.ndarray:
     return t.float().numpy()
 
 
-@register_stage(AttentionConfig)
+@register_stage(AttentionConfig, version=2)
 def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Artifact:
     """Swap attention, count the modules replaced, check outputs against the reference, plan I/O per target."""
     from pipeline.kernels import cache_words_from_bytes, plan_attention
     from pipeline.kernels.change import AttentionChange, apply_attention_change
     from pipeline.kernels.patterns import pattern_layout
 
-    decoder = art.task == "text-generation"
-    problem = cfg.task_problem(art.task)
+    loaded = load_from_artifact(art, ctx)
+    decoder = loaded.is_decoder
+    problem = cfg.causality_problem(decoder, loaded.model_type)
     if problem:  # preflight() refuses this before any stage runs; direct callers get the same message
         raise StageError("attention", problem)
-    loaded = load_from_artifact(art, ctx)
     conf = loaded.model.config
+    window = getattr(conf, "sliding_window", None) if getattr(conf, "use_sliding_window", True) is not False else None
+    limit = model_max_positions(loaded.model)
+    if cfg.kernel == "block_sparse" and window and (limit is None or window < limit):
+        raise StageError("attention", f"{loaded.model_type} attends through a sliding window of {window} tokens (config.json sliding_window);"
+                         " the block-sparse lowering replaces the mask structure with its block pattern and cannot keep it: use kernel flash")
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
-    seq = ctx.run.calibration.max_length
+    seq = cap_length(loaded, ctx.run.calibration.max_length, "calibration.max_length", ctx)
     caches = {n: cache_words_from_bytes(p.cache_bytes()) for n, p in ctx.targets.items()}
     m_words = cfg.cache_words or min(caches.values())
     plans = {n: plan_attention(cache_words=cfg.cache_words or w, seq=seq, head_dim=head_dim, causal=decoder).__dict__ for n, w in caches.items()}
@@ -113,7 +121,7 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     change = AttentionChange(kernel, m_words, cfg.block_size, cfg.pattern, cfg.window_blocks, cfg.global_blocks)
 
     calib, _ = text_sets(ctx)
-    batch = encode(loaded, calib[: cfg.check_samples], max_length=seq, batch_size=cfg.check_samples)[0]
+    batch = encode(loaded, calib[: cfg.check_samples], max_length=seq, batch_size=cfg.check_samples, ctx=ctx)[0]
     dense_out = _first_out(loaded.model, batch)
     if change.block_sparse:
         # the oracle for a block-sparse model is dense attention under the same block mask (float64 reference path)

@@ -31,7 +31,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     """Time each target's model in a subprocess and record latency, peak RSS and size."""
     from tqdm.auto import tqdm
 
-    from exporters.onnx import torch_reference
+    from exporters.onnx import model_bytes, torch_reference
     from runtimes.benchmark import benchmark_bundle
 
     if not art.targets:
@@ -39,7 +39,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     loaded = load_from_artifact(art, ctx, reference=True)
     _, heldout = text_sets(ctx)
     text = " ".join(heldout)
-    batch = encode(loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch)[0]
+    batch = encode(loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch, ctx=ctx, setting="benchmark.seq")[0]
     host_cores = os.cpu_count() or 1
     out = art
     summary = {}
@@ -62,7 +62,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
             "threads": threads,
             "batch": cfg.batch,
             "seq": int(np.asarray(feeds["input_ids"]).shape[1]),
-            "size_bytes": ctx.resolve(tm.model).stat().st_size,
+            "size_bytes": model_bytes(ctx.resolve(tm.model)),
             "outputs_ok": res.get("ok"),
             "measured_on": "this host (not the device)",
         }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import numpy as np
@@ -30,6 +31,8 @@ class ExportConfig(StageConfig):
     opset: Optional[int] = Field(None, ge=13, le=24, description=f"ONNX opset; omitted = {DEFAULT_OPSET} ({FUSED_ATTENTION_OPSET} after an attention swap, for the fused Attention op)")
     with_past: Optional[bool] = Field(None, description="decoders: export the KV cache (past/present); default on for decoders")
     cross_check: bool = Field(False, description="also export with the other exporter and compare their outputs on calibration text")
+    external_data_mb: float = Field(1800.0, ge=0, description="weights above this many MiB go to model.onnx.data beside model.onnx"
+                                    " (ONNX external data: one protobuf file holds at most 2 GiB); later stages keep the split")
 
     def check(self, plan: RunPlan) -> None:
         for name, prof in plan.targets.items():
@@ -49,6 +52,7 @@ def _lower_attention(res, change: "AttentionChange", names: list[str], ctx: Stag
     import onnx
 
     from exporters.attention import lower_to_block_sparse, lower_to_fused_attention
+    from exporters.onnx import data_file, move_onnx, save_onnx
 
     model = onnx.load(str(res.path))
     by_op: dict[str, list[str]] = {}
@@ -65,9 +69,9 @@ def _lower_attention(res, change: "AttentionChange", names: list[str], ctx: Stag
         except ValueError as exc:
             raise StageError("export", f"attention lowering to {op} failed: {exc}") from None
         path = ctx.subdir(f"opset{opset}", op) / "model.onnx"
-        tmp = path.with_name(".model.onnx.tmp")
-        onnx.save(lowered, str(tmp))
-        os.replace(tmp, path)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lower-") as tmp:
+            save_onnx(lowered, Path(tmp) / path.name, external=data_file(res.path).is_file())  # keep the export's split
+            move_onnx(Path(tmp) / path.name, path)
         ctx.log.info("lowered %d attention node(s) to %s for %s", n, op, ", ".join(tnames))
         out[op] = (path, tnames)
     return out
@@ -91,10 +95,10 @@ def _io_record(res) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-@register_stage(ExportConfig)
+@register_stage(ExportConfig, version=2)
 def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
     """Export to ONNX once per distinct opset among the targets and check it against PyTorch."""
-    from exporters.onnx import export_onnx, torch_reference
+    from exporters.onnx import data_file, export_onnx, model_bytes, torch_reference
 
     loaded = load_from_artifact(art, ctx)
     by_opset: dict[int, list[str]] = {}
@@ -105,7 +109,7 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         by_opset.setdefault(opset, []).append(name)
 
     calib, _ = text_sets(ctx)
-    batch = encode(loaded, calib[:4], max_length=ctx.run.calibration.max_length, batch_size=4)[0]
+    batch = encode(loaded, calib[:4], max_length=ctx.run.calibration.max_length, batch_size=4, ctx=ctx)[0]
     from pipeline.kernels.change import AttentionChange
 
     record = art.torch_changes.get("attention")
@@ -121,12 +125,14 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
     exports = {}
     out = art
     for opset, names in sorted(by_opset.items()):
-        res = export_onnx(loaded, ctx.subdir(f"opset{opset}"), opset=opset, exporter=cfg.exporter, with_past=with_past)
+        res = export_onnx(loaded, ctx.subdir(f"opset{opset}"), opset=opset, exporter=cfg.exporter, with_past=with_past,
+                          external_data_threshold=int(cfg.external_data_mb * 2**20))
         io = _io_record(res)
         feeds = to_numpy_feeds(batch, io)
         m = np.asarray(feeds["attention_mask"], bool)
         first = res.output_names[0]
-        entry = {"exporter": cfg.exporter, "size_bytes": res.path.stat().st_size, "targets": names, "with_past": res.with_past}
+        entry = {"exporter": cfg.exporter, "size_bytes": model_bytes(res.path), "targets": names, "with_past": res.with_past,
+                 "external_data": data_file(res.path).is_file()}
         got = _run(res.path, res.output_names, feeds)
         entry["max_abs_diff_vs_torch"] = float(np.abs(got[first] - torch_reference(loaded, feeds)[first])[m].max())
         if cfg.cross_check:

@@ -12,7 +12,7 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds
+from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, warn_without_validate
 
 __all__ = ["QuantizeConfig", "run_quantize", "quantize_targets", "check_ops_for_target"]
 
@@ -62,14 +62,14 @@ def check_ops_for_target(model_path: Path, target: str, opset: int) -> None:
                 raise StageError("quantize", f"op '{node.op_type}' (node '{node.name}') is not available at opset {opset} on target '{target}'") from None
 
 
-@register_stage(QuantizeConfig)
+@register_stage(QuantizeConfig, version=2)
 def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artifact:
     """Convert each target's model to its precision; ORT format and mobile check where the profile asks."""
 
     def text_feeds(tm: TargetModel) -> list[dict]:
         loaded = load_from_artifact(art, ctx)
         calib, _ = text_sets(ctx)
-        batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1)
+        batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1, ctx=ctx)
         return [to_numpy_feeds(b, tm.io) for b in batches]
 
     return quantize_targets(art, cfg, ctx, text_feeds)
@@ -81,6 +81,7 @@ def quantize_targets(art: Artifact, cfg: QuantizeConfig, ctx: StageContext, cali
     from tqdm.auto import tqdm
 
     from exporters.mobile import mobile_usability, to_ort_format
+    from exporters.onnx import data_file
     from exporters.quantize import convert_precision
 
     if not art.targets:
@@ -88,6 +89,8 @@ def quantize_targets(art: Artifact, cfg: QuantizeConfig, ctx: StageContext, cali
     problem = cfg.target_problem(ctx.targets)
     if problem:  # preflight() refuses this before any stage runs; direct callers get the same message
         raise StageError("quantize", problem)
+    if any((cfg.per_target.get(n) or cfg.precision or p.default_precision) != "fp32" for n, p in ctx.targets.items()):
+        warn_without_validate(ctx, "quantize")
     calib_feeds = None
     out = art
     report: dict[str, dict] = {}
@@ -104,16 +107,21 @@ def quantize_targets(art: Artifact, cfg: QuantizeConfig, ctx: StageContext, cali
             if calib_feeds is None:
                 calib_feeds = calibration_feeds(tm)
             feeds = calib_feeds
-        kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel}
+        kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel, "weight_type": prof.int8_weight_type}
         if precision == "int8" and cfg.quantize_embeddings:
             kwargs["int8_op_types"] = ("MatMul", "Gemm", "Gather")
         if cfg.keep_fp32_ops is not None:
             kwargs["keep_fp32_ops"] = cfg.keep_fp32_ops
         q = convert_precision(src, dst, precision, **kwargs)
         files = dict(tm.files)
-        info = {"precision": precision, "size_bytes": dst.stat().st_size, "nodes_quantized": q.nodes_quantized, "ops_kept_fp32": list(q.ops_kept_fp32)}
+        info = {"precision": precision, "size_bytes": q.size_bytes, "external_data": data_file(dst).is_file(), "nodes_quantized": q.nodes_quantized, "ops_kept_fp32": list(q.ops_kept_fp32)}
+        if precision.startswith("int8"):
+            info["int8_weights"] = prof.int8_weight_type  # the per-profile choice (TargetProfile.int8_weight_type)
         if prof.ort_format:
-            ort_res = to_ort_format(dst, tdir)
+            try:
+                ort_res = to_ort_format(dst, tdir)
+            except ValueError as exc:
+                raise StageError("quantize", f"target '{name}' ships ORT format: {exc}") from None
             files["ort"] = ctx.ref(ort_res.ort_path)
             files["required_operators"] = ctx.ref(ort_res.config_path)
             info["ort_size_bytes"] = Path(ort_res.ort_path).stat().st_size

@@ -11,9 +11,11 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_dense, load_from_artifact, text_sets, to_numpy_feeds, write_target_bundle
+from pipeline.stages._common import cap_length, encode, load_dense, load_from_artifact, text_sets, to_numpy_feeds, write_target_bundle
 
 __all__ = ["ValidateConfig", "run_validate"]
+
+_PROMPT_TOKENS = 8  # greedy-generation parity: prompt tokens taken from the first held-out batch
 
 
 class ValidateConfig(StageConfig):
@@ -60,7 +62,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     dense = load_dense(art)
     _, heldout = text_sets(ctx)
     heldout = heldout[: cfg.samples] if cfg.samples else heldout
-    batches = encode(loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
+    batches = encode(loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size, ctx=ctx)
     decoder = art.task == "text-generation"
 
     # PyTorch references, computed once: the current (maybe pruned) model for parity, the dense one for fidelity
@@ -111,7 +113,9 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
                 failures.append({"target": name, "check": "recall_at_10", "value": round(fid["recall_at_10"], 4), "limit": cfg.min_recall_at_10})
         metrics: dict[str, Any] = {**dict(tm.metrics), "parity": parity, "fidelity": fid}
         if decoder and tm.io.get("with_past"):
-            metrics["generation"] = _generation_parity(loaded, sess, tm, feeds_all[0], cfg.generation_tokens)
+            prompt_len = min(_PROMPT_TOKENS, feeds_all[0]["input_ids"].shape[1])
+            n_new = cap_length(loaded, cfg.generation_tokens, "validate.generation_tokens", ctx, reserve=prompt_len)
+            metrics["generation"] = _generation_parity(loaded, sess, tm, feeds_all[0], n_new)
             if tm.precision == "fp32" and not metrics["generation"]["identical"]:
                 failures.append({"target": name, "check": "greedy_generation", "value": f"{metrics['generation']['token_agreement']:.3f} agreement", "limit": "identical tokens (fp32)"})
         files = dict(tm.files)
@@ -130,7 +134,7 @@ def _generation_parity(loaded, sess, tm: TargetModel, feeds: dict, n_tokens: int
     from pathlib import Path
 
     res = ExportResult(path=Path("."), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in tm.io.items()})
-    prompts = feeds["input_ids"][:, :8]
+    prompts = feeds["input_ids"][:, :_PROMPT_TOKENS]
     ort_ids = greedy_generate_ort(sess, res, prompts, n_tokens)
     pt_ids = greedy_generate_torch(loaded, prompts, n_tokens)
     agree = float(np.mean(ort_ids[:, -n_tokens:] == pt_ids[:, -n_tokens:]))

@@ -297,3 +297,76 @@ def test_int8_static_output_quantization_switch(block: Path, tmp_path: Path) -> 
             and producer[n.input[0]].op_type == "MatMul"
         )
         assert q_after_mm == expect_q_after_matmul
+
+
+# --------------------------------------------------------------------------- int8 numerics on any CPU (issue 11)
+
+
+def _mlas_u8s8_avx2(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """(M, K) u8 @ (K, N) s8 -> (M, N) int32 as ORT's x86 u8s8 kernel computes it without AVX-VNNI.
+
+    ``vpmaddubsw`` multiplies adjacent (k, k+1) byte pairs and adds the two products into an int16
+    with saturation; ``vpmaddwd`` then accumulates the int16 sums in int32. (With VNNI, ``vpdpbusd``
+    accumulates every product in int32: exact.)
+    """
+    k = a.shape[1] + a.shape[1] % 2
+    a = np.pad(a.astype(np.int64), [(0, 0), (0, k - a.shape[1])])
+    w = np.pad(w.astype(np.int64), [(0, k - w.shape[0]), (0, 0)])
+    pairs = a[:, 0::2, None] * w[None, 0::2] + a[:, 1::2, None] * w[None, 1::2]  # (M, K/2, N)
+    return np.clip(pairs, -32768, 32767).sum(1)
+
+
+def _quantized_tiny_encoder(path: Path, ids: np.ndarray, mask: np.ndarray, *, saturate: bool) -> np.ndarray:
+    """float64 oracle of the int8 tiny encoder: u8 embedding rows @ int8 weights (MatMulInteger), then Tanh * mask."""
+    init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    a = init["emb_quantized"][ids.reshape(-1)]  # (B*S, H) u8 activations straight from the quantized table
+    w, a_zp, w_zp = init["W_quantized"], int(init["emb_zero_point"]), init["W_zero_point"].astype(np.int64)
+    raw = _mlas_u8s8_avx2(a, w) if saturate else a.astype(np.int64) @ w.astype(np.int64)
+    # zero-point corrections are exact in every kernel: (a - za)(w - zw) = aw - za*sum(w) - zw*sum(a) + K*za*zw
+    acc = raw - a_zp * w.astype(np.int64).sum(0) - np.outer(a.astype(np.int64).sum(1), w_zp) + a.shape[1] * a_zp * w_zp
+    h = np.tanh(acc * float(init["emb_scale"]) * init["W_scale"].astype(np.float64))
+    return h.reshape(*ids.shape, -1) * mask[..., None]
+
+
+@pytest.mark.parametrize("weight_type", ["s8", "u8", "s8-reduce-range"])
+def test_int8_weight_types_and_the_u8s8_saturation_they_avoid(tmp_path: Path, weight_type: str) -> None:
+    """Cause of cos 0.963 on AVX2-only hosts: u8 activations x s8 weights saturate int16 pair sums there.
+    u8 weights (the x86 default) use the widening u8u8 kernel; 7-bit weights cannot reach the int16 limit."""
+    from tests.runtimes.test_session import sample_encodings, tiny_encoder
+
+    src = tiny_encoder(tmp_path / "enc.onnx")
+    dst = tmp_path / "q.onnx"
+    convert_precision(src, dst, "int8", int8_op_types=("MatMul", "Gather"), weight_type=weight_type)
+    enc = {k: v.astype(np.int64) for k, v in sample_encodings().items() if k != "token_type_ids"}
+    ref = ort.InferenceSession(str(src)).run(None, enc)[0].astype(np.float64)
+    got = ort.InferenceSession(str(dst)).run(None, enc)[0].astype(np.float64)
+    exact = _quantized_tiny_encoder(dst, enc["input_ids"], enc["attention_mask"], saturate=False)
+    # this host's ORT computes the exact int8 result (VNNI or not: u8u8 / 7-bit / ARM are exact; only u8s8 on AVX2 is not)
+    w = numpy_helper.to_array(next(t for t in onnx.load(str(dst)).graph.initializer if t.name == "W_quantized"))
+    if weight_type != "s8":
+        assert np.abs(got - exact).max() < 1e-4
+
+    def cos_min(x: np.ndarray) -> float:
+        return compare({"h": ref}, {"h": x.astype(np.float32)}, atol=np.inf, mask=enc["attention_mask"])[0].cosine_min
+
+    assert cos_min(exact) > 0.99
+    if weight_type == "u8":
+        assert w.dtype == np.uint8  # u8 x u8: ORT's widening kernel, no int16 pair sums
+    elif weight_type == "s8-reduce-range":
+        assert w.dtype == np.int8 and np.abs(w.astype(np.int64)).max() <= 64
+        worst = 255 * (np.abs(w[0::2]).astype(np.int64) + np.abs(w[1::2]).astype(np.int64)).max()
+        assert worst <= 32767  # no pair of u8*s8 products can saturate int16, on any x86 kernel
+        sat = _quantized_tiny_encoder(dst, enc["input_ids"], enc["attention_mask"], saturate=True)
+        assert np.array_equal(sat, exact)
+    else:  # full-range s8: what an AVX2-only host computes is measurably worse than the exact result
+        assert w.dtype == np.int8 and np.abs(w).max() == 127
+        sat = _quantized_tiny_encoder(dst, enc["input_ids"], enc["attention_mask"], saturate=True)
+        assert cos_min(sat) < cos_min(exact) - 0.005
+
+
+def test_profiles_choose_int8_weights_per_architecture() -> None:
+    from targets import load_target
+
+    assert load_target("host-cpu").int8_weight_type == "u8"  # x86: exact on CPUs with and without VNNI
+    assert load_target("raspberry-pi-5").int8_weight_type == "s8"  # ARM: int32 dot products, full 8-bit weights
+    assert load_target("android-arm64").int8_weight_type == "s8"

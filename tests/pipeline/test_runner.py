@@ -59,7 +59,7 @@ def test_report_contract(first_run):
     assert (run_dir / files["ort"]).is_file() and (run_dir / files["required_operators"]).is_file()
     assert on_disk["targets"]["host-cpu"]["fidelity"]["cos_mean"] > 0.9999  # fp32 export of the unmodified model
     man = json.loads((run_dir / "manifest.json").read_text())
-    assert man["config"]["stages"][0] == {"export": {"exporter": "dynamo", "opset": None, "with_past": None, "cross_check": False}}
+    assert man["config"]["stages"][0] == {"export": {"exporter": "dynamo", "opset": None, "with_past": None, "cross_check": False, "external_data_mb": 1800.0}}
     assert "torch" in man["versions"] and man["inputs"]["model_sha256"]
     assert (run_dir / "report.md").read_text().count("| host-cpu |") == 1
 
