@@ -71,7 +71,7 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     out_dir = ctx.subdir("model")
     save_model(dataclasses.replace(loaded, model=res.model), out_dir)
     metrics = dict(res.metrics)
-    if slow:
+    if msg:
         metrics["warning"] = msg
     ctx.metrics.update(metrics)
     changes = {**dict(art.torch_changes), "prune": {"method": cfg.method, "pattern": cfg.pattern, "sparsity": cfg.sparsity}}
