@@ -34,7 +34,7 @@ from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, ha
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, StageError, ValidationFailed
 from pipeline.preflight import RUN_MARKER, check_workdir, preflight
-from pipeline.stage import StageConfig, StageContext, stage_for
+from pipeline.stage import StageContext, stage_for
 from pipeline.version import __version__
 
 __all__ = ["run", "STAGE_RECORD"]

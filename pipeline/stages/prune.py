@@ -105,7 +105,7 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     out_dir = ctx.subdir("model")
     save_model(dataclasses.replace(loaded, model=res.model), out_dir)
     metrics = dict(res.metrics)
-    if slow:
+    if msg:
         metrics["warning"] = msg
     metrics["structured_unit"] = cfg.structured_unit if cfg.pattern == "structured" else None
     ctx.metrics.update(metrics)

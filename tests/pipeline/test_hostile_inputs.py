@@ -17,7 +17,6 @@ Most cases are refused by the checks that need no weights, so they also hold for
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import pipeline
-from pipeline.errors import StageError
+from pipeline.errors import ConfigError
 from pipeline.stages.prune import PatternGivesNoSpeedup
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ def _cfg(model, stages, targets=("host-cpu",)):
 
 
 def test_unstructured_on_cpu_targets_warns_and_strict_fails(tiny_models, tmp_path):
-    with pytest.raises(StageError, match="gives no speedup on target"):
+    with pytest.raises(ConfigError, match=r"stages\[0\].prune: pattern 'unstructured' gives no speedup on target"):  # before anything runs
         pipeline.run(_cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5, "strict": True}}]), workdir=tmp_path / "a", progress=False)
     with pytest.warns(PatternGivesNoSpeedup):
         rep = pipeline.run(_cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5}}]), workdir=tmp_path / "b", progress=False)
