@@ -72,14 +72,14 @@ def _reference_configs(spec: TuneSpec) -> dict[str, Any]:
 
 def run_references(spec: TuneSpec, layout: Layout, board: Any = None) -> dict[str, Any]:
     """Run the reference pipelines (sharing the tune's stage cache); their per-target metrics by name."""
-    import pipeline
+    from pipeline.runner import run as run_pipeline
 
     out = {}
     for name, cfg in _reference_configs(spec).items():
         run_dir = layout.refs / name
         status, reason, report = "ok", "", None
         try:
-            report = pipeline.run(cfg, workdir=run_dir, progress=False, cache_dir=layout.cache)
+            report = run_pipeline(cfg, workdir=run_dir, progress=False, cache_dir=layout.cache)
         except ValidationFailed as exc:
             status, reason = "infeasible", str(exc)
             report = json.loads((run_dir / "report.json").read_text())

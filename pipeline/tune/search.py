@@ -30,6 +30,7 @@ class MissingExtra(EdgepipeError):
 
 
 def _require() -> None:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0: our own progress lines only
     try:
         import optuna  # noqa: F401
         import ray  # noqa: F401
@@ -184,7 +185,9 @@ def tune(
     if trials is not None:
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"trials": trials})})
     _require()
-    source = spec.source
+    source = str(Path(spec.source).resolve())  # Ray workers start in their own folders
+    if not Path(source).is_file():
+        raise EdgepipeError(f"{spec.source}: a tune must be loaded from a file (Ray workers re-read it)")
     layout = Layout(Path(workdir), spec)
     prior = read_journal(layout.journal)
     if prior and not resume:
@@ -194,8 +197,10 @@ def tune(
     remaining = max(0, spec.search.trials - len(prior))
     if prior:
         echo(f"edgepipe tune: resuming, {len(prior)} trial(s) finished, {remaining} to go")
+    import optuna
     import ray
 
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     t0 = time.perf_counter()
     ray_tmp = _ray_init(address, layout, local_resources)
     try:

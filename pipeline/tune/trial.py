@@ -111,7 +111,7 @@ def _threads(prof: Any) -> int:
 
 def run_trial(spec: TuneSpec, params: Mapping[str, Any], layout: Layout, *, board_runner: Any = None) -> dict[str, Any]:
     """Run (or recall from the journal) the trial with ``params``; never raises for a failing pipeline."""
-    import pipeline
+    from pipeline.runner import run as run_pipeline
 
     key = params_key(params)
     with _locked(layout.trials / f".{key}.lock"):  # the same options twice at once: the second waits, then recalls
@@ -123,7 +123,7 @@ def run_trial(spec: TuneSpec, params: Mapping[str, Any], layout: Layout, *, boar
         status, reason, report = "ok", "", None
         try:
             cfg = apply_params(spec, params)
-            report = pipeline.run(cfg, workdir=run_dir, progress=False, cache_dir=layout.cache)
+            report = run_pipeline(cfg, workdir=run_dir, progress=False, cache_dir=layout.cache)
         except ValidationFailed as exc:
             status, reason, report = "infeasible", str(exc).split(";")[0], _read_report(run_dir)
         except EdgepipeError as exc:
