@@ -71,7 +71,17 @@ def _searcher(spec: TuneSpec, prior: list[dict[str, Any]]):
                 if not set(rec["params"]) == set(dists):
                     continue
                 state = optuna.trial.TrialState.COMPLETE if values is not None else optuna.trial.TrialState.PRUNED
-                self._ot_study.add_trial(optuna.trial.create_trial(params=rec["params"], distributions=dists, values=values, state=state, user_attrs={"constraints": cons}))
+                self._ot_study.add_trial(optuna.trial.create_trial(params=rec["params"], distributions=dists, values=values, state=state,
+                                                                   user_attrs={"constraints": cons}, system_attrs=self._grid_attrs(rec["params"])))
+
+        def _grid_attrs(self, params):
+            """GridSampler knows visited points by its own trial attributes; give them to the recalled trials."""
+            smp = self._ot_study.sampler
+            if not isinstance(smp, optuna.samplers.GridSampler):
+                return {}
+            point = tuple(params[n] for n in smp._param_names)
+            ids = [i for i, g in enumerate(smp._all_grids) if tuple(g) == point]
+            return {"search_space": smp._search_space, "grid_id": ids[0]} if ids else {}
 
         def on_trial_complete(self, trial_id, result=None, error=False):
             ot_trial = self._ot_trials.get(trial_id)

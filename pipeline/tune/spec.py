@@ -51,7 +51,21 @@ def _samplers() -> dict[str, Callable[..., Any]]:
     def grid(seed, population, space):
         import optuna
 
-        return optuna.samplers.GridSampler({d.name: list(d.choices) for d in space}, seed=seed)
+        class Grid(optuna.samplers.GridSampler):
+            """GridSampler that always picks an unvisited point: Optuna's own one maps trial number i to grid
+            point i, which repeats points once a resumed study starts with the finished trials added."""
+
+            def before_trial(self, study, trial):
+                if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+                    return
+                todo = self._get_unvisited_grid_ids(study) or list(range(len(self._all_grids)))
+                study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+                study._storage.set_trial_system_attr(trial._trial_id, "grid_id", int(min(todo)))
+
+            def after_trial(self, study, trial, state, values):
+                pass  # Ray Tune counts the trials; Optuna's study.stop() is only valid inside study.optimize
+
+        return Grid({d.name: list(d.choices) for d in space}, seed=seed)
 
     return {"nsga2": nsga2, "nsga3": nsga3, "tpe": tpe, "random": random, "grid": grid}
 
