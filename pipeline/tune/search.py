@@ -54,47 +54,18 @@ def _distributions(spec: TuneSpec) -> dict[str, Any]:
 
 
 def _searcher(spec: TuneSpec, prior: list[dict[str, Any]]):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
+    from pipeline.tune.samplers import ConstrainedOptunaSearch
 
     names = metric_names(spec)
-    dists = _distributions(spec)
-
-    class _Search(OptunaSearch):
-        """OptunaSearch that (a) passes each trial's constraint values to the sampler and (b) starts from the
-        trials a resumed tune already finished, with their constraints."""
-
-        def _setup_study(self, mode):
-            super()._setup_study(mode)
-            for rec in prior:
-                values, cons = objective_values(spec, rec)
-                if not set(rec["params"]) == set(dists):
-                    continue
-                state = optuna.trial.TrialState.COMPLETE if values is not None else optuna.trial.TrialState.PRUNED
-                self._ot_study.add_trial(optuna.trial.create_trial(params=rec["params"], distributions=dists, values=values, state=state,
-                                                                   user_attrs={"constraints": cons}, system_attrs=self._grid_attrs(rec["params"])))
-
-        def _grid_attrs(self, params):
-            """GridSampler knows visited points by its own trial attributes; give them to the recalled trials."""
-            smp = self._ot_study.sampler
-            if not isinstance(smp, optuna.samplers.GridSampler):
-                return {}
-            point = tuple(params[n] for n in smp._param_names)
-            ids = [i for i, g in enumerate(smp._all_grids) if tuple(g) == point]
-            return {"search_space": smp._search_space, "grid_id": ids[0]} if ids else {}
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            ot_trial = self._ot_trials.get(trial_id)
-            if result and ot_trial is not None and "constraints" in result:
-                ot_trial.set_user_attr("constraints", list(result["constraints"]))
-            if result and any(result.get(m) is None for m, _ in names):
-                result = None  # unmeasured (failed run): pruned in the study, recorded as infeasible here
-            super().on_trial_complete(trial_id, result=result, error=error)
-
     n = spec.search.trials
     population = spec.search.population or max(2, n // 3)
     sampler = SAMPLERS[spec.search.algorithm](spec.search.seed, population, spec.dimensions)
-    return _Search(space=dists, metric=[m for m, _ in names], mode=[md for _, md in names], sampler=sampler, seed=spec.search.seed)
+    prior_trials = []
+    for rec in prior:
+        values, cons = objective_values(spec, rec)
+        prior_trials.append((rec["params"], values, cons))
+    return ConstrainedOptunaSearch(space=_distributions(spec), metric=[m for m, _ in names], mode=[md for _, md in names], sampler=sampler,
+                                   seed=spec.search.seed, prior=prior_trials)
 
 
 def _trainable(config: dict[str, Any], source: str, workdir: str, board: Any) -> dict[str, Any]:

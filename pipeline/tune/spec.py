@@ -49,23 +49,9 @@ def _samplers() -> dict[str, Callable[..., Any]]:
         return optuna.samplers.RandomSampler(seed=seed)
 
     def grid(seed, population, space):
-        import optuna
+        from pipeline.tune.samplers import UnvisitedGridSampler
 
-        class Grid(optuna.samplers.GridSampler):
-            """GridSampler that always picks an unvisited point: Optuna's own one maps trial number i to grid
-            point i, which repeats points once a resumed study starts with the finished trials added."""
-
-            def before_trial(self, study, trial):
-                if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
-                    return
-                todo = self._get_unvisited_grid_ids(study) or list(range(len(self._all_grids)))
-                study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-                study._storage.set_trial_system_attr(trial._trial_id, "grid_id", int(min(todo)))
-
-            def after_trial(self, study, trial, state, values):
-                pass  # Ray Tune counts the trials; Optuna's study.stop() is only valid inside study.optimize
-
-        return Grid({d.name: list(d.choices) for d in space}, seed=seed)
+        return UnvisitedGridSampler({d.name: list(d.choices) for d in space}, seed=seed)
 
     return {"nsga2": nsga2, "nsga3": nsga3, "tpe": tpe, "random": random, "grid": grid}
 
@@ -73,7 +59,7 @@ def _samplers() -> dict[str, Callable[..., Any]]:
 SAMPLERS = _samplers()
 
 
-def _constraints(trial: Any) -> list[float]:
+def _constraints(trial: Any) -> list[float]:  # module level: Ray pickles the sampler with the searcher
     """Optuna constraint values of a finished trial (<= 0 feasible), set by the searcher from the trial result."""
     return list(trial.user_attrs.get("constraints", [1.0]))
 
