@@ -91,3 +91,10 @@ def test_parse_duration():
     for bad in ("", "0", "-3m", "3d", "m"):
         with pytest.raises(ConfigError):
             parse_duration(bad)
+
+
+def test_example_tune_file_parses(repo_root):
+    from pipeline.tune.spec import load_tune
+
+    spec = load_tune(repo_root / "examples" / "tune-minilm.yaml")
+    assert spec.search.algorithm == "nsga2" and len(spec.dimensions) == 5 and spec.base.targets == ["raspberry-pi-5", "host-cpu"]
