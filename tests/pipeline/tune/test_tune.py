@@ -205,7 +205,7 @@ def test_bad_space_is_one_line_error_before_anything_starts(tiny_models, tmp_pat
     assert not (tmp_path / "w").exists()
 
 
-def test_board_routing_to_a_named_node(tuned, tmp_path):
+def test_board_routing_to_a_named_node(tuned, monkeypatch):
     """A fake second node advertises the 'host-cpu' resource: the benchmark task runs there, not on the head."""
     import ray
     from ray.cluster_utils import Cluster
@@ -216,7 +216,12 @@ def test_board_routing_to_a_named_node(tuned, tmp_path):
     run_dir = Path(rec["run_dir"])
     report = json.loads((run_dir / "report.json").read_text())
     assert bench_bundle_dir(run_dir, report, "host-cpu") is not None
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "_temp_dir": str(Path("/tmp") / f"ep-rt-{os.getpid()}")})
+    import shutil
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="ep-rt-", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     board = cluster.add_node(num_cpus=1, resources={"host-cpu": 1})
     try:
         ray.init(address=cluster.address, log_to_driver=False)
@@ -227,3 +232,4 @@ def test_board_routing_to_a_named_node(tuned, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
