@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from pipeline.errors import EdgepipeError
+from pipeline.errors import ConfigError, EdgepipeError
 from pipeline.tune.spec import SAMPLERS, TuneSpec, load_tune
 from pipeline.tune.trial import Layout, metric_names, objective_values, read_journal, run_trial
 
@@ -115,7 +115,7 @@ def _line(rec: dict[str, Any], done: int, total: int, spec: TuneSpec, best: dict
     return f"edgepipe tune: trial {done}/{total} {rec['key'][:8]}{again} [{params}] {' | '.join(parts)} || best: {best_s}"
 
 
-def _ray_init(address: Optional[str], layout: Layout, resources: Optional[dict[str, float]]) -> Optional[str]:
+def _ray_init(address: Optional[str], layout: Layout) -> Optional[str]:
     """Start local Ray (or attach); returns a temp dir to remove afterwards, if one was made."""
     import ray
 
@@ -131,7 +131,7 @@ def _ray_init(address: Optional[str], layout: Layout, resources: Optional[dict[s
         made = tempfile.mkdtemp(prefix="edgepipe-ray-")
         tmp = Path(made)
     tmp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=os.cpu_count() or 1, resources=resources or {}, _temp_dir=str(tmp), runtime_env=env, **kwargs)
+    ray.init(num_cpus=os.cpu_count() or 1, _temp_dir=str(tmp), runtime_env=env, **kwargs)
     return made or str(tmp)
 
 
@@ -144,7 +144,6 @@ def tune(
     time_budget_s: Optional[float] = None,
     resume: bool = False,
     echo: Callable[[str], None] = print,
-    local_resources: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
     """Search recipes per target and write ``<workdir>/tune/report.{md,json}``, plots and ``best-<target>.yaml``.
 
@@ -157,13 +156,14 @@ def tune(
         time_budget_s: stop starting trials after this many seconds (Ray Tune ``time_budget_s``).
         resume: continue the tune in ``workdir``; trials already in its journal are not run again.
         echo: where progress lines go (one per finished trial, with the best so far per target).
-        local_resources: extra custom resources of the local Ray node (tests: a fake board).
 
     Raises:
         ConfigError: a bad tune file or space (before Ray starts). MissingExtra: ray/optuna not installed.
     """
     spec = config if isinstance(config, TuneSpec) else load_tune(config)
     if trials is not None:
+        if trials < 1:
+            raise ConfigError(f"--trials: expected a number >= 1, got {trials}")
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"trials": trials})})
     _require()
     source = str(Path(spec.source).resolve())  # Ray workers start in their own folders
@@ -183,15 +183,15 @@ def tune(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     t0 = time.perf_counter()
-    ray_tmp = _ray_init(address, layout, local_resources)
+    ray_tmp = _ray_init(address, layout)
     try:
         from pipeline.tune.board import BoardBench, board_targets
         from targets import load_target
 
-        names = [load_target(t).name for t in spec.base.targets]
-        boards = board_targets(names)
+        profiles = {p.name: p for p in map(load_target, spec.base.targets)}
+        boards = board_targets(list(profiles))
         bench_cfg = next(s for s in spec.base.stages if s.kind == "benchmark")
-        board = BoardBench(boards, bench_cfg.runs, {n: load_target(n).threads or 1 for n in boards}) if boards else None
+        board = BoardBench(boards, bench_cfg.runs, {n: profiles[n].threads or 1 for n in boards}) if boards else None
         if boards:
             echo(f"edgepipe tune: benchmarking on boards in the cluster: {', '.join(boards)}")
         if remaining:
