@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -78,7 +79,10 @@ class BoardBench:
 
     def __call__(self, run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
         import ray
+        from ray import cloudpickle
 
+        # ship _run_packed by value: the board has Ray, numpy and onnxruntime, not edgepipe
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
         remote = ray.remote(_run_packed)
         for name in self.targets:
             entry = (report.get("targets") or {}).get(name)
