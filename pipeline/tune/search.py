@@ -22,8 +22,6 @@ from pipeline.tune.trial import Layout, metric_names, objective_values, read_jou
 
 __all__ = ["tune", "MissingExtra"]
 
-log = logging.getLogger("edgepipe.tune")
-
 
 class MissingExtra(EdgepipeError):
     """ray / optuna are not installed."""

@@ -21,7 +21,7 @@ from pipeline.errors import EdgepipeError, ValidationFailed
 from pipeline.tune.metrics import target_metrics
 from pipeline.tune.spec import TuneSpec, apply_params
 
-__all__ = ["params_key", "read_journal", "run_trial", "objective_values", "Layout"]
+__all__ = ["Layout", "params_key", "read_journal", "run_trial", "summarize_run", "objective_values", "metric_names"]
 
 
 class Layout:
