@@ -6,6 +6,7 @@ attaches to an existing cluster (its work directory and cache must then be on st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -114,7 +115,7 @@ def _line(rec: dict[str, Any], done: int, total: int, spec: TuneSpec, best: dict
 
 
 def _ray_init(address: Optional[str], layout: Layout) -> Optional[str]:
-    """Start local Ray (or attach); returns a temp dir to remove afterwards, if one was made."""
+    """Start local Ray (or attach); returns the Ray temp dir to remove afterwards (None when attached)."""
     import ray
 
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -122,15 +123,14 @@ def _ray_init(address: Optional[str], layout: Layout) -> Optional[str]:
     if address:
         ray.init(address=address, **kwargs)
         return None
-    # Ray's unix sockets need a short path (<108 bytes): inside the work dir when it is short, else /tmp
+    # Ray's unix sockets need a short path (<108 bytes): inside the work dir when it is short, else a folder
+    # under the system temp dir named after the work dir, so a resume after kill -9 reuses and then removes it
     tmp = layout.root / ".ray-tmp"
-    made = None
     if len(str(tmp)) > 40:
-        made = tempfile.mkdtemp(prefix="edgepipe-ray-")
-        tmp = Path(made)
+        tmp = Path(tempfile.gettempdir()) / f"edgepipe-ray-{hashlib.sha256(str(layout.root).encode()).hexdigest()[:12]}"
     tmp.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=os.cpu_count() or 1, _temp_dir=str(tmp), runtime_env=env, **kwargs)
-    return made or str(tmp)
+    return str(tmp)
 
 
 def tune(

@@ -107,7 +107,11 @@ def test_six_trial_tune_finishes_with_report(tuned):
     # nothing of Ray left running, and its temp folder is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"_{tuned['pid']}/" not in ps and str(wd) not in ps  # Ray's session folders end in the driver's pid
-    assert not (wd / ".ray-tmp").exists()
+    import hashlib
+    import tempfile
+
+    assert not (wd / ".ray-tmp").exists()  # Ray's temp folder is gone, also the one the killed run left
+    assert not (Path(tempfile.gettempdir()) / f"edgepipe-ray-{hashlib.sha256(str(wd.resolve()).encode()).hexdigest()[:12]}").exists()
 
 
 def test_resume_after_kill_repeats_no_finished_trial(tuned):
