@@ -227,6 +227,7 @@ def run(
                 raise StageError(scfg.kind, f"{type(exc).__name__}: {exc}") from exc
             seconds = round(time.perf_counter() - t0, 3)
             if not isinstance(new_art, Artifact):
+                shared.close()
                 raise StageError(scfg.kind, f"stage function returned {type(new_art).__name__}, not an Artifact")
             rec = {"key": key, "stage": scfg.kind, "config": scfg.model_dump(mode="json"), "seconds": seconds, "metrics": ctx.metrics, "artifact": new_art.to_json()}
             atomic_write_json(tmp / STAGE_RECORD, rec)
