@@ -2,6 +2,7 @@
 
     edgepipe run [CONFIG.yaml] [--workdir DIR] [--quiet] [--debug]
     edgepipe validate CONFIG.yaml [--workdir DIR]
+    edgepipe tune TUNE.yaml --workdir DIR [--address ADDR] [--trials N] [--time-budget 30m] [--resume]
     edgepipe targets [--file PROFILE.yaml ...]
     edgepipe targets show NAME_OR_PATH
     edgepipe compile-program PROG.sq [--memory FILE] --target NAME... --workdir DIR
@@ -93,6 +94,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             lat = t.get("latency_ms") or {}
             par = t.get("parity") or {}
             print(f"  {name:<18} {t['precision']:<11} {t['size_bytes'] / 1e6:7.1f} MB  parity ok={par.get('ok')}  p50={lat.get('p50', float('nan')):.2f} ms")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.tune import tune
+    from pipeline.tune.duration import parse_duration
+
+    budget = parse_duration(args.time_budget) if args.time_budget else None
+    report = tune(args.config, workdir=args.workdir, address=args.address, trials=args.trials, time_budget_s=budget, resume=args.resume,
+                  echo=(lambda s: None) if args.quiet else print)
+    if not args.quiet:
+        print(f"edgepipe: tune complete ({len(report['trials'])} trials) -> {Path(args.workdir) / 'tune' / 'report.md'}")
+        for name, t in report["targets"].items():
+            print(f"  {name:<18} {'best-' + name + '.yaml' if t['best_yaml'] else 'no feasible recipe'}")
     return 0
 
 
@@ -204,6 +219,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workdir", help="run folder (default runs/<config name>)")
     common(r)
     r.set_defaults(fn=_cmd_run)
+
+    tu = sub.add_parser("tune", help="search stage options per target on Ray Tune (fastest recipe within the accuracy/memory budget)")
+    tu.add_argument("config", help="tune YAML: a base pipeline plus objective, space, search")
+    tu.add_argument("--workdir", required=True, help="tune folder (trials, shared cache, tune/report.md)")
+    tu.add_argument("--address", help="attach to a Ray cluster ('auto' or ray://HOST:PORT); default: local Ray")
+    tu.add_argument("--trials", type=int, help="override search.trials")
+    tu.add_argument("--time-budget", help="stop starting trials after this long (e.g. 30m, 2h, 90s)")
+    tu.add_argument("--resume", action="store_true", help="continue the tune in --workdir; finished trials are not repeated")
+    common(tu)
+    tu.set_defaults(fn=_cmd_tune)
 
     v = sub.add_parser("validate", help="check a config without running it")
     v.add_argument("config")

@@ -25,7 +25,7 @@ import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
@@ -124,6 +124,7 @@ def run(
     workdir: Union[str, Path] = "runs/latest",
     stages: Optional[Sequence[Any]] = None,
     progress: bool = True,
+    cache_dir: Union[str, Path, None] = None,
 ) -> dict[str, Any]:
     """Run a pipeline and return its report (also written to ``workdir/report.json``).
 
@@ -133,6 +134,9 @@ def run(
         stages: optional stages replacing ``config.stages``: typed stage configs or the YAML forms
             (``"export"``, ``{"export": {}}``).
         progress: show progress bars.
+        cache_dir: optional content-addressed stage cache shared with other runs (:mod:`pipeline.cache`):
+            a stage whose key is there is copied in instead of run, and every stage this run completes is
+            published there.
 
     Every check that needs no weights (:func:`pipeline.preflight.preflight`, the same as ``edgepipe validate``)
     and the run folder's (:func:`pipeline.preflight.check_workdir`) pass before anything is written.
@@ -175,6 +179,18 @@ def run(
                         cached = rec
                 except (OSError, json.JSONDecodeError):
                     cached = None
+            shared = ExitStack()
+            if cached is None and cache_dir is not None:
+                from pipeline import cache as stage_cache
+
+                shared.enter_context(stage_cache.key_lock(Path(cache_dir), key))  # same key elsewhere: wait, then reuse
+                cached = stage_cache.lookup(Path(cache_dir), key)
+                if cached is not None:
+                    tmp = make_temp_dir(stages_dir, f".{name}.tmp-")
+                    tmp.rmdir()  # materialize creates it
+                    stage_cache.materialize(Path(cache_dir), key, tmp)
+                    replace_dir(tmp, final)
+                    shared.close()
             if cached is not None:
                 art = Artifact.from_json(cached["artifact"])
                 records.append({"name": scfg.kind, "folder": f"stages/{name}", "status": "cached", "seconds": cached["seconds"], "metrics": cached["metrics"]})
@@ -189,18 +205,24 @@ def run(
                 new_art = spec.fn(art, scfg, ctx)
             except EdgepipeError:
                 shutil.rmtree(tmp, ignore_errors=True)
+                shared.close()
                 raise
             except Exception as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
+                shared.close()
                 # first line only: some libraries put whole graph dumps in their messages (--debug shows all)
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                 raise StageError(scfg.kind, f"{type(exc).__name__}: {first}") from exc
             seconds = round(time.perf_counter() - t0, 3)
             if not isinstance(new_art, Artifact):
+                shared.close()
                 raise StageError(scfg.kind, f"stage function returned {type(new_art).__name__}, not an Artifact")
             rec = {"key": key, "stage": scfg.kind, "config": scfg.model_dump(mode="json"), "seconds": seconds, "metrics": ctx.metrics, "artifact": new_art.to_json()}
             atomic_write_json(tmp / STAGE_RECORD, rec)
             replace_dir(tmp, final)
+            if cache_dir is not None:
+                stage_cache.publish(Path(cache_dir), key, final)
+            shared.close()
             art = new_art
             records.append({"name": scfg.kind, "folder": f"stages/{name}", "status": "ran", "seconds": seconds, "metrics": ctx.metrics})
             log.info("[%d/%d] %s: ran in %.1f s", i + 1, n, scfg.kind, seconds)

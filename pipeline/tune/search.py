@@ -1,0 +1,237 @@
+"""``edgepipe tune``: Ray Tune's ``Tuner`` with an Optuna multi-objective sampler (``OptunaSearch``).
+
+Local Ray by default (``ray.init`` with this machine's cores, no dashboard, shut down afterwards); ``address``
+attaches to an existing cluster (its work directory and cache must then be on storage every node sees).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from pipeline.errors import ConfigError, EdgepipeError
+from pipeline.tune.spec import SAMPLERS, TuneSpec, load_tune
+from pipeline.tune.trial import Layout, metric_names, objective_values, read_journal, run_trial
+
+__all__ = ["tune", "MissingExtra"]
+
+
+class MissingExtra(EdgepipeError):
+    """ray / optuna are not installed."""
+
+
+def _require() -> None:
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0: our own progress lines only
+    try:
+        import optuna  # noqa: F401
+        import ray  # noqa: F401
+        from ray import tune as _  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtra(f"edgepipe tune needs the 'tune' extra ({exc.name} is missing): pip install 'edgepipe[tune]'") from None
+
+
+def _distributions(spec: TuneSpec) -> dict[str, Any]:
+    import optuna.distributions as od
+
+    out: dict[str, Any] = {}
+    for d in spec.dimensions:
+        if d.choices is not None:
+            out[d.name] = od.CategoricalDistribution(list(d.choices))
+        elif d.integer:
+            out[d.name] = od.IntDistribution(int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
+        else:
+            out[d.name] = od.FloatDistribution(d.low, d.high, step=d.step, log=d.log)
+    return out
+
+
+def _searcher(spec: TuneSpec, prior: list[dict[str, Any]]):
+    from pipeline.tune.samplers import ConstrainedOptunaSearch
+
+    names = metric_names(spec)
+    n = spec.search.trials
+    population = spec.search.population or max(2, n // 3)
+    sampler = SAMPLERS[spec.search.algorithm](spec.search.seed, population, spec.dimensions)
+    prior_trials = []
+    for rec in prior:
+        values, cons = objective_values(spec, rec)
+        prior_trials.append((rec["params"], values, cons))
+    return ConstrainedOptunaSearch(space=_distributions(spec), metric=[m for m, _ in names], mode=[md for _, md in names], sampler=sampler,
+                                   seed=spec.search.seed, prior=prior_trials)
+
+
+def _trainable(config: dict[str, Any], source: str, workdir: str, board: Any) -> dict[str, Any]:
+    """Ray Tune function trainable (runs in a Ray worker): one edgepipe run, never raises."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("edgepipe").setLevel(logging.WARNING)
+    spec = load_tune(source)
+    rec = run_trial(spec, _flat(config), Layout(Path(workdir), spec), board_runner=board)
+    values, cons = objective_values(spec, rec)
+    out: dict[str, Any] = {"constraints": cons, "record_json": json.dumps(rec, default=str)}
+    if values is not None:
+        out.update({m: v for (m, _), v in zip(metric_names(spec), values)})
+    return out
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        name = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flat(v, name))
+        else:
+            out[name] = v
+    return out
+
+
+def _line(rec: dict[str, Any], done: int, total: int, spec: TuneSpec, best: dict[str, Any]) -> str:
+    main = spec.directions()[0][0]
+    params = " ".join(f"{k}={v}" for k, v in sorted(rec["params"].items()))
+    parts = []
+    for name, t in rec["targets"].items():
+        m = t["metrics"]
+        state = "ok" if t["feasible"] else "infeasible"
+        vals = " ".join(f"{k}={m.get(k):.4g}" for k, _ in spec.directions() if m.get(k) is not None)
+        parts.append(f"{name}: {state} {vals}")
+        if t["feasible"]:
+            mode_min = spec.directions()[0][1] == "min"
+            cur = best.get(name)
+            if cur is None or (m[main] < cur[1] if mode_min else m[main] > cur[1]):
+                best[name] = (rec["key"], m[main])
+    best_s = ", ".join(f"{n} {main}={v:.4g} ({k[:8]})" for n, (k, v) in best.items()) or "none feasible yet"
+    again = " (recalled from the journal)" if rec.get("recalled") else ""
+    return f"edgepipe tune: trial {done}/{total} {rec['key'][:8]}{again} [{params}] {' | '.join(parts)} || best: {best_s}"
+
+
+def _ray_init(address: Optional[str], layout: Layout) -> Optional[str]:
+    """Start local Ray (or attach); returns the Ray temp dir to remove afterwards (None when attached)."""
+    import ray
+
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())}} if not address else None
+    if address:
+        ray.init(address=address, **kwargs)
+        return None
+    # Ray's unix sockets need a short path (<108 bytes): inside the work dir when it is short, else a folder
+    # under the system temp dir named after the work dir, so a resume after kill -9 reuses and then removes it
+    tmp = layout.root / ".ray-tmp"
+    if len(str(tmp)) > 40:
+        tmp = Path(tempfile.gettempdir()) / f"edgepipe-ray-{hashlib.sha256(str(layout.root).encode()).hexdigest()[:12]}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=os.cpu_count() or 1, _temp_dir=str(tmp), runtime_env=env, **kwargs)
+    return str(tmp)
+
+
+def tune(
+    config: Union[str, Path, TuneSpec],
+    *,
+    workdir: Union[str, Path],
+    address: Optional[str] = None,
+    trials: Optional[int] = None,
+    time_budget_s: Optional[float] = None,
+    resume: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Search recipes per target and write ``<workdir>/tune/report.{md,json}``, plots and ``best-<target>.yaml``.
+
+    Args:
+        config: tune YAML path (or a parsed :class:`TuneSpec` loaded from a file).
+        workdir: tune folder: ``trials/`` (one run folder per trial), ``cache/`` (shared stage cache unless
+            ``cache.dir``), ``references/``, ``tune/`` (report, journal), ``ray/`` (Ray experiment state).
+        address: attach to this Ray cluster (``auto`` or ``ray://HOST:PORT``) instead of starting local Ray.
+        trials: override ``search.trials``.
+        time_budget_s: stop starting trials after this many seconds (Ray Tune ``time_budget_s``).
+        resume: continue the tune in ``workdir``; trials already in its journal are not run again.
+        echo: where progress lines go (one per finished trial, with the best so far per target).
+
+    Raises:
+        ConfigError: a bad tune file or space (before Ray starts). MissingExtra: ray/optuna not installed.
+    """
+    spec = config if isinstance(config, TuneSpec) else load_tune(config)
+    if trials is not None:
+        if trials < 1:
+            raise ConfigError(f"--trials: expected a number >= 1, got {trials}")
+        spec = spec.model_copy(update={"search": spec.search.model_copy(update={"trials": trials})})
+    _require()
+    source = str(Path(spec.source).resolve())  # Ray workers start in their own folders
+    if not Path(source).is_file():
+        raise EdgepipeError(f"{spec.source}: a tune must be loaded from a file (Ray workers re-read it)")
+    layout = Layout(Path(workdir), spec)
+    prior = read_journal(layout.journal)
+    if prior and not resume:
+        raise EdgepipeError(f"'{layout.root}' already holds a tune ({len(prior)} finished trials); pass --resume to continue it or choose another --workdir")
+    for p in (layout.out, layout.trials, layout.cache, layout.ray):
+        p.mkdir(parents=True, exist_ok=True)
+    remaining = max(0, spec.search.trials - len(prior))
+    if prior:
+        echo(f"edgepipe tune: resuming, {len(prior)} trial(s) finished, {remaining} to go")
+    import optuna
+    import ray
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    t0 = time.perf_counter()
+    ray_tmp = _ray_init(address, layout)
+    try:
+        from pipeline.tune.board import BoardBench, board_targets
+        from targets import load_target
+
+        profiles = {p.name: p for p in map(load_target, spec.base.targets)}
+        boards = board_targets(list(profiles))
+        bench_cfg = next(s for s in spec.base.stages if s.kind == "benchmark")
+        board = BoardBench(boards, bench_cfg.runs, {n: profiles[n].threads or 1 for n in boards}) if boards else None
+        if boards:
+            echo(f"edgepipe tune: benchmarking on boards in the cluster: {', '.join(boards)}")
+        if remaining:
+            _fit(spec, source, layout, prior, remaining, time_budget_s, board, echo)
+        from pipeline.tune.report import run_references, write_tune_report
+
+        refs = run_references(spec, layout, board)
+        report = write_tune_report(spec, layout, read_journal(layout.journal), refs, seconds=time.perf_counter() - t0, boards=boards)
+    finally:
+        ray.shutdown()
+        if ray_tmp and not address:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    return report
+
+
+def _fit(spec: TuneSpec, source: str, layout: Layout, prior: list, remaining: int, time_budget_s: Optional[float], board: Any, echo: Callable[[str], None]) -> None:
+    import ray
+    from ray import tune as rt
+
+    best: dict[str, Any] = {}
+    done = [len(prior)]
+    for rec in prior:
+        _line(rec, 0, 0, spec, best)  # seed best-so-far silently
+
+    class _Progress(rt.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            raw = (trial.last_result or {}).get("record_json")
+            if raw:
+                done[0] += 1
+                echo(_line(json.loads(raw), done[0], spec.search.trials, spec, best))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            done[0] += 1
+            echo(f"edgepipe tune: trial {done[0]}/{spec.search.trials} {trial.trial_id}: the trial process died ({trial.error_file or 'no error file'}); recorded as failed")
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    concurrent = spec.search.max_concurrent or max(1, int(cpus // spec.search.cpus_per_trial))
+    trainable = rt.with_resources(rt.with_parameters(_trainable, source=source, workdir=str(layout.root), board=board), {"cpu": spec.search.cpus_per_trial})
+    run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    tuner = rt.Tuner(
+        trainable,
+        tune_config=rt.TuneConfig(search_alg=_searcher(spec, prior), num_samples=remaining, max_concurrent_trials=concurrent, time_budget_s=time_budget_s),
+        run_config=rt.RunConfig(name=run_name, storage_path=str(layout.ray), verbose=0, callbacks=[_Progress()], failure_config=rt.FailureConfig(max_failures=0, fail_fast=False)),
+    )
+    tuner.fit()

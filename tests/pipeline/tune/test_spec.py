@@ -1,0 +1,100 @@
+"""The tune file is validated by the run schema before anything starts: one line naming file and key."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from pipeline.errors import ConfigError, EdgepipeError
+from pipeline.tune.duration import parse_duration
+from pipeline.tune.report import pareto
+from pipeline.tune.spec import apply_params, parse_tune
+
+BASE = {
+    "targets": ["host-cpu"],
+    "stages": [{"prune": {"pattern": "structured"}}, {"export": {}}, {"quantize": {}}, {"validate": {}}, {"benchmark": {}}],
+    "objective": {"minimize": ["latency_ms"], "constraints": {"cos_mean": ">= 0.97", "peak_rss_mb": "<= profile"}},
+    "space": {"prune.ffn_sparsity": {"low": 0.0, "high": 0.75}, "quantize.precision": ["fp32", "int8"]},
+}
+
+
+def _with(**over):
+    return {**BASE, **over}
+
+
+def test_good_spec_parses_and_applies():
+    spec = parse_tune(_with(), source="t.yaml")
+    assert [d.name for d in spec.dimensions] == ["prune.ffn_sparsity", "quantize.precision"]
+    assert spec.dimensions[0].integer is False and spec.dimensions[1].choices == ("fp32", "int8")
+    cfg = apply_params(spec, {"prune.ffn_sparsity": 0.5, "quantize.precision": "int8"})
+    assert cfg.stages[0].ffn_sparsity == 0.5 and cfg.stages[2].precision == "int8"
+    assert spec.base.stages[0].ffn_sparsity is None  # the base is unchanged
+    peak = next(c for c in spec.constraints if c.metric == "peak_rss_mb")
+    from targets import load_target
+
+    prof = load_target("host-cpu")
+    assert peak.value is None and peak.violation(prof.memory_budget_mb + 1, prof) == 1 and peak.violation(10, prof) < 0
+
+
+@pytest.mark.parametrize(
+    "over, where",
+    [
+        ({"space": {"prune.sparsityy": [0.1]}}, "space.prune.sparsityy: unknown option 'sparsityy'"),
+        ({"space": {"recover.steps": [0]}}, "space.recover.steps: stage 'recover' is not in the base pipeline"),
+        ({"space": {"prune.sparsity": [0.1, 1.5]}}, "space.prune.sparsity"),
+        ({"space": {"quantize.precision": ["int3"]}}, "space.quantize.precision"),
+        ({"space": {"prune.ffn_sparsity": {"low": 0.8, "high": 0.2}}}, "a range needs numbers low <= high"),
+        ({"space": {"prune.ffn_sparsity": {"low": 0.1, "hi": 0.2}}}, "unknown key 'hi'"),
+        ({"space": {"prune": [1]}}, "a space key is 'stage.option'"),
+        ({"space": {}}, "space: expected a mapping"),
+        ({"space": {"quantize.per_target": [{"host-cpu": "int8"}]}}, "choices must be scalars"),
+        ({"objective": {"minimize": ["speed"]}}, "objective.minimize: unknown metric 'speed'"),
+        ({"objective": {"constraints": {"cos_mean": "<= profile"}}}, "'profile' (memory_budget_mb) bounds only"),
+        ({"objective": {"constraints": {"cos_mean": "about 0.9"}}}, "objective.constraints.cos_mean"),
+        ({"search": {"algorithm": "annealing"}}, "search.algorithm: unknown 'annealing'"),
+        ({"search": {"algorithm": "grid"}}, "'grid' needs every space dimension to be a list"),
+        ({"search": {"trial": 3}}, "search.trial: unknown key 'trial'"),
+        ({"stages": [{"export": {}}, {"validate": {}}]}, "needs 'validate' and 'benchmark'"),
+        ({"stages": [{"prune": {"sparsity": 2}}, {"validate": {}}, {"benchmark": {}}]}, "stages[0].prune"),
+    ],
+)
+def test_bad_spec_is_one_line_config_error(over, where):
+    with pytest.raises(ConfigError) as e:
+        parse_tune(_with(**over), source="t.yaml")
+    msg = str(e.value)
+    assert msg.startswith("t.yaml: ") and where in msg and "\n" not in msg
+
+
+def test_missing_extra_is_one_line_naming_it(monkeypatch):
+    from pipeline.tune.search import MissingExtra, _require
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(MissingExtra) as e:
+        _require()
+    assert "'tune' extra" in str(e.value) and "edgepipe[tune]" in str(e.value) and isinstance(e.value, EdgepipeError)
+
+
+def test_pareto_float64_oracle_on_odd_sizes():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for n in (1, 3, 7, 13):
+        pts = rng.integers(0, 4, size=(n, 3)).astype(np.float64)  # ties and duplicates included
+        keys = {f"k{i}": list(p) for i, p in enumerate(pts)}
+        want = [f"k{i}" for i in range(n) if not any(np.all(pts[j] <= pts[i]) and np.any(pts[j] < pts[i]) for j in range(n))]
+        assert pareto(keys) == want
+
+
+def test_parse_duration():
+    assert parse_duration("30m") == 1800 and parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("12") == 12
+    for bad in ("", "0", "-3m", "3d", "m"):
+        with pytest.raises(ConfigError):
+            parse_duration(bad)
+
+
+def test_example_tune_file_parses(repo_root):
+    from pipeline.tune.spec import load_tune
+
+    spec = load_tune(repo_root / "examples" / "tune-minilm.yaml")
+    assert spec.search.algorithm == "nsga2" and len(spec.dimensions) == 5 and spec.base.targets == ["raspberry-pi-5", "host-cpu"]
