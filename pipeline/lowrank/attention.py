@@ -29,6 +29,8 @@ from .ops import DEFAULT_CHUNK, lowrank_matmul, lowrank_matmul_t
 
 __all__ = [
     "lowrank_attention",
+    "lowrank_attention_forward",
+    "lowrank_attention_backward",
     "softmax_attention_ref",
     "softmax_attention_grads_ref",
     "poly_attention_ref",
@@ -94,18 +96,50 @@ def attention_beta(q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> Te
     return s * q.norm(dim=-1).amax(-1) * k.norm(dim=-1).amax(-1)
 
 
+def _features(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, degree: int) -> tuple[Tensor, Tensor]:
+    feats = PolyFeatures(q.shape[-1], degree)
+    root = math.sqrt(scale)
+    u1 = feats(q * root)  # (B, H, N, k)
+    u2 = feats(k * root)
+    if key_mask is not None:
+        u2 = u2 * key_mask[:, None, :, None].to(u2.dtype)  # padded keys get zero weight
+    return u1, u2
+
+
+def lowrank_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: float, causal: bool,
+                              key_mask: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+    """Factorized forward on equal head counts: q, k, v (B, H, N, D) -> (Y (B, H, N, D), Dt (B, H, N, 1))."""
+    u1, u2 = _features(q, k, key_mask, scale, degree)
+    ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
+    den = lowrank_matmul(u1, u2, ones, causal=causal, chunk=chunk)  # (B, H, N, 1) = Dt
+    return lowrank_matmul(u1, u2, v, causal=causal, chunk=chunk) / den, den
+
+
+def lowrank_attention_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: Tensor, g: Tensor, *, degree: int,
+                               scale: float, causal: bool, key_mask: Optional[Tensor] = None,
+                               chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+    """Factorized backward (notes §1 (b) steps 1-4): (dQ, dK, dV), each (B, H, N, D), in O(N k D^2).
+
+    ``y`` and ``den`` are :func:`lowrank_attention_forward`'s outputs, ``g`` = dL/dY.
+    """
+    u1, u2 = _features(q, k, key_mask, scale, degree)
+    g = g.contiguous()
+    r = (g * y).sum(-1, keepdim=True)  # (B, H, N, 1) = rowsum(f o G V^T)
+    dv = lowrank_matmul_t(u1, u2, g / den, causal=causal, chunk=chunk)  # f^T G
+    # P K = Dt^-1 [(U1 (.) G)(U2 (.) V)^T K - r (U1 U2^T) K]
+    pk = (lowrank_matmul((u1, g), (u2, v), k, causal=causal, chunk=chunk)
+          - r * lowrank_matmul(u1, u2, k, causal=causal, chunk=chunk)) / den
+    # P^T Q = (U2 (.) V)(U1 (.) G)^T (Q / Dt) - U2 U1^T (r Q / Dt)
+    qd = q / den
+    ptq = (lowrank_matmul_t((u1, g), (u2, v), qd, causal=causal, chunk=chunk)
+           - lowrank_matmul_t(u1, u2, r * qd, causal=causal, chunk=chunk))
+    return scale * pk, scale * ptq, dv
+
+
 class _LowRankAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, scale, causal, degree, chunk):  # type: ignore[override]
-        feats = PolyFeatures(q.shape[-1], degree)
-        root = math.sqrt(scale)
-        u1 = feats(q * root)  # (B, H, N, k)
-        u2 = feats(k * root)
-        if key_mask is not None:
-            u2 = u2 * key_mask[:, None, :, None].to(u2.dtype)  # padded keys get zero weight
-        ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
-        den = lowrank_matmul(u1, u2, ones, causal=causal, chunk=chunk)  # (B, H, N, 1)
-        y = lowrank_matmul(u1, u2, v, causal=causal, chunk=chunk) / den
+        y, den = lowrank_attention_forward(q, k, v, degree=degree, scale=scale, causal=causal, key_mask=key_mask, chunk=chunk)
         ctx.save_for_backward(q, k, v, y, den, key_mask)
         ctx.cfg = (scale, causal, degree, chunk)
         return y
@@ -114,22 +148,8 @@ class _LowRankAttnFn(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         q, k, v, y, den, key_mask = ctx.saved_tensors
         scale, causal, degree, chunk = ctx.cfg
-        feats = PolyFeatures(q.shape[-1], degree)
-        root = math.sqrt(scale)
-        u1 = feats(q * root)
-        u2 = feats(k * root)
-        if key_mask is not None:
-            u2 = u2 * key_mask[:, None, :, None].to(u2.dtype)
-        g = g.contiguous()
-        r = (g * y).sum(-1, keepdim=True)  # (B, H, N, 1) = rowsum(f o G V^T)
-        gd = g / den
-        dv = lowrank_matmul_t(u1, u2, gd, causal=causal, chunk=chunk)  # f^T G
-        # P K = Dt^-1 [(U1 (.) G)(U2 (.) V)^T K - r (U1 U2^T) K]
-        pk = (lowrank_matmul((u1, g), (u2, v), k, causal=causal, chunk=chunk) - r * lowrank_matmul(u1, u2, k, causal=causal, chunk=chunk)) / den
-        # P^T Q = (U2 (.) V)(U1 (.) G)^T (Q / Dt) - U2 U1^T (r Q / Dt)
-        qd = q / den
-        ptq = lowrank_matmul_t((u1, g), (u2, v), qd, causal=causal, chunk=chunk) - lowrank_matmul_t(u1, u2, r * qd, causal=causal, chunk=chunk)
-        return scale * pk, scale * ptq, dv, None, None, None, None, None
+        dq, dk, dv = lowrank_attention_backward(q, k, v, y, den, g, degree=degree, scale=scale, causal=causal, key_mask=key_mask, chunk=chunk)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: Optional[float] = None,
