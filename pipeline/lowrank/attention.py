@@ -110,9 +110,15 @@ def lowrank_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, degree: int, s
                               key_mask: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """Factorized forward on equal head counts: q, k, v (B, H, N, D) -> (Y (B, H, N, D), Dt (B, H, N, 1))."""
     u1, u2 = _features(q, k, key_mask, scale, degree)
-    ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
-    den = lowrank_matmul(u1, u2, ones, causal=causal, chunk=chunk)  # (B, H, N, 1) = Dt
-    return lowrank_matmul(u1, u2, v, causal=causal, chunk=chunk) / den, den
+    return _forward(u1, u2, v, causal, chunk)
+
+
+def _forward(u1: Tensor, u2: Tensor, v: Tensor, causal: bool, chunk: int) -> tuple[Tensor, Tensor]:
+    # one pass for numerator and denominator: C = [V, 1] (B, H, N, D + 1)
+    c = torch.cat([v, torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)], dim=-1)
+    nd = lowrank_matmul(u1, u2, c, causal=causal, chunk=chunk)
+    den = nd[..., -1:]  # (B, H, N, 1) = Dt
+    return nd[..., :-1] / den, den
 
 
 def lowrank_attention_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: Tensor, g: Tensor, *, degree: int,
@@ -123,6 +129,10 @@ def lowrank_attention_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: 
     ``y`` and ``den`` are :func:`lowrank_attention_forward`'s outputs, ``g`` = dL/dY.
     """
     u1, u2 = _features(q, k, key_mask, scale, degree)
+    return _backward(q, k, v, y, den, g, u1, u2, scale=scale, causal=causal, chunk=chunk)
+
+
+def _backward(q, k, v, y, den, g, u1, u2, *, scale: float, causal: bool, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     g = g.contiguous()
     r = (g * y).sum(-1, keepdim=True)  # (B, H, N, 1) = rowsum(f o G V^T)
     dv = lowrank_matmul_t(u1, u2, g / den, causal=causal, chunk=chunk)  # f^T G
@@ -139,16 +149,17 @@ def lowrank_attention_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: 
 class _LowRankAttnFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, scale, causal, degree, chunk):  # type: ignore[override]
-        y, den = lowrank_attention_forward(q, k, v, degree=degree, scale=scale, causal=causal, key_mask=key_mask, chunk=chunk)
-        ctx.save_for_backward(q, k, v, y, den, key_mask)
-        ctx.cfg = (scale, causal, degree, chunk)
+        u1, u2 = _features(q, k, key_mask, scale, degree)
+        y, den = _forward(u1, u2, v, causal, chunk)
+        ctx.save_for_backward(q, k, v, y, den, u1, u2)  # features kept: O(N k) memory, saves their recompute
+        ctx.cfg = (scale, causal, chunk)
         return y
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        q, k, v, y, den, key_mask = ctx.saved_tensors
-        scale, causal, degree, chunk = ctx.cfg
-        dq, dk, dv = lowrank_attention_backward(q, k, v, y, den, g, degree=degree, scale=scale, causal=causal, key_mask=key_mask, chunk=chunk)
+        q, k, v, y, den, u1, u2 = ctx.saved_tensors
+        scale, causal, chunk = ctx.cfg
+        dq, dk, dv = _backward(q, k, v, y, den, g, u1, u2, scale=scale, causal=causal, chunk=chunk)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -118,14 +118,15 @@ class PolyFeatures:
         if x.shape[-1] != self.d:
             raise ValueError(f"expected last dimension {self.d}, got {tuple(x.shape)}")
         dev = x.device
-        parts = [torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=dev)]
+        xt = x.movedim(-1, 0)  # (d, ...): gathers along the leading dim copy whole contiguous rows
+        parts = [torch.ones(1, *x.shape[:-1], dtype=x.dtype, device=dev)]
         prev = parts[0]
         for j in range(1, self.degree + 1):
             s0, s1 = self.slices[j]
             p0 = self.slices[j - 1][0]
             par = (self._parent[s0:s1] - p0).to(dev)
-            cur = prev.index_select(-1, par) * x.index_select(-1, self._last[s0:s1].to(dev))  # (..., k_j)
+            cur = prev.index_select(0, par) * xt.index_select(0, self._last[s0:s1].to(dev))  # (k_j, ...)
             parts.append(cur)
             prev = cur
         coef = torch.exp(self.power * self._log_coef).to(dtype=x.dtype, device=dev)
-        return torch.cat(parts, dim=-1) * coef
+        return torch.cat(parts, dim=0).movedim(0, -1) * coef

@@ -2,11 +2,12 @@
 
 Source: notes §0 T3 (row-wise Kronecker product: (U1 U2^T) o (G V^T) = (U1 (.) G)(U2 (.) V)^T) and T4 (causal
 low-rank product by cumulative sums). An n x n matrix is never formed: rows are processed in chunks of ``chunk``
-tokens; across chunks only a (k x m) running state is kept, inside a chunk a (chunk x chunk) block is used.
+tokens; each chunk contributes a (k x m) state, prefix (suffix) sums over chunks carry them forward (backward),
+inside a chunk a (chunk x chunk) masked block is used. All chunks are processed at once (no Python loop).
 
 A factor is either a tensor (..., n, k) or a pair (X (..., n, a), Y (..., n, b)) standing for the row-wise
-Kronecker product X (.) Y of shape (..., n, a b); pairs are expanded one chunk at a time, so the n x a b
-matrix is never held either.
+Kronecker product X (.) Y of shape (..., n, a b); pairs are never expanded over all n rows (only n x b m
+matrices are formed), so the n x a b matrix is never held either.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 __all__ = ["Factor", "rowwise_kron", "lowrank_matmul", "lowrank_matmul_t", "DEFAULT_CHUNK"]
 
 Factor = Union[Tensor, tuple[Tensor, Tensor]]
-DEFAULT_CHUNK = 128
+DEFAULT_CHUNK = 32
 
 
 def rowwise_kron(x: Tensor, y: Tensor) -> Tensor:
@@ -27,14 +28,70 @@ def rowwise_kron(x: Tensor, y: Tensor) -> Tensor:
     return (x.unsqueeze(-1) * y.unsqueeze(-2)).flatten(-2)
 
 
-def _rows(f: Factor, s: int, e: int) -> Tensor:
-    if isinstance(f, tuple):
-        return rowwise_kron(f[0][..., s:e, :], f[1][..., s:e, :])
-    return f[..., s:e, :]
+def _pad_chunks(t: Tensor, chunk: int) -> Tensor:
+    """(..., n, w) -> (..., n_chunks, chunk, w), zero rows appended (they contribute nothing to any sum)."""
+    n = t.shape[-2]
+    pad = -n % chunk
+    if pad:
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+    return t.unflatten(-2, (t.shape[-2] // chunk, chunk))
+
+
+def _map(f: Factor, fn) -> Factor:
+    return (fn(f[0]), fn(f[1])) if isinstance(f, tuple) else fn(f)
+
+
+def _width(f: Factor) -> int:
+    return f[0].shape[-1] * f[1].shape[-1] if isinstance(f, tuple) else f.shape[-1]
+
+
+def _t_matmul(f: Factor, c: Tensor) -> Tensor:
+    """F^T C summed over the row axis (-2): (..., r, k), (..., r, m) -> (..., k, m); a pair (X, Y) as
+    X^T (Y (.) C) reshaped, so only an r x kb m matrix is formed, never r x ka kb."""
+    if not isinstance(f, tuple):
+        return f.transpose(-1, -2) @ c
+    x, y = f
+    return (x.transpose(-1, -2) @ rowwise_kron(y, c)).reshape(*x.shape[:-2], x.shape[-1] * y.shape[-1], c.shape[-1])
+
+
+def _apply(f: Factor, state: Tensor) -> Tensor:
+    """F @ state, state (..., k, m); for a pair (X, Y) without forming X (.) Y:
+    sum_{a, b} X_ia Y_ib state[(a, b)] = sum_b Y_ib (X_i @ state.view(ka, kb m))[b]."""
+    if not isinstance(f, tuple):
+        return f @ state
+    x, y = f
+    ka, kb, m = x.shape[-1], y.shape[-1], state.shape[-1]
+    xs = (x @ state.reshape(*state.shape[:-2], ka, kb * m)).unflatten(-1, (kb, m))  # (..., r, kb, m)
+    return (xs * y.unsqueeze(-1)).sum(-2)
+
+
+def _gram(a: Factor, b: Factor) -> Tensor:
+    """A B^T over the last two axes, (..., r, r); pairs by (X1 X2^T) o (Y1 Y2^T) (notes §0 T3)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return (a[0] @ b[0].transpose(-1, -2)) * (a[1] @ b[1].transpose(-1, -2))
+    a = rowwise_kron(*a) if isinstance(a, tuple) else a
+    b = rowwise_kron(*b) if isinstance(b, tuple) else b
+    return a @ b.transpose(-1, -2)
 
 
 def _n(f: Factor) -> int:
     return (f[0] if isinstance(f, tuple) else f).shape[-2]
+
+
+def _causal(a: Factor, b: Factor, c: Tensor, chunk: int, transpose: bool) -> Tensor:
+    n = _n(a)
+    ac, bc, cc = _map(a, lambda t: _pad_chunks(t, chunk)), _map(b, lambda t: _pad_chunks(t, chunk)), _pad_chunks(c, chunk)
+    tri = _gram(ac, bc).tril()  # (..., nc, chunk, chunk): i >= j inside each chunk
+    if not transpose:
+        states = _t_matmul(bc, cc)  # (..., nc, k, m): each chunk's keys
+        prefix = torch.cat([torch.zeros_like(states[..., :1, :, :]), states[..., :-1, :, :].cumsum(-3)], dim=-3)  # chunks before
+        out = tri @ cc + _apply(ac, prefix)
+    else:
+        states = _t_matmul(ac, cc)
+        rev = states.flip(-3)
+        suffix = torch.cat([torch.zeros_like(rev[..., :1, :, :]), rev[..., :-1, :, :].cumsum(-3)], dim=-3).flip(-3)  # chunks after
+        out = tri.transpose(-1, -2) @ cc + _apply(bc, suffix)
+    return out.flatten(-3, -2)[..., :n, :]
 
 
 def lowrank_matmul(a: Factor, b: Factor, c: Tensor, *, causal: bool, chunk: int = DEFAULT_CHUNK) -> Tensor:
@@ -42,28 +99,16 @@ def lowrank_matmul(a: Factor, b: Factor, c: Tensor, *, causal: bool, chunk: int 
 
     Args:
         a, b: factors (..., n, k) (or Kronecker pairs, see the module doc); c: (..., n, m).
-        causal: row i sums over j <= i only.
-        chunk: rows per block (memory O(chunk^2 + k m) per batch element besides inputs/outputs).
+        causal: row i sums over j <= i only: per-chunk states (k x m), an exclusive prefix sum over chunks,
+            and the masked (chunk x chunk) block inside each chunk, all chunks at once.
+        chunk: rows per block.
 
     Returns:
-        (..., n, m). Time O(n k m + n chunk (k + m)).
+        (..., n, m). Time O(n k m + n chunk (k + m)); memory O(n chunk + (n / chunk) k m) besides inputs.
     """
-    n = _n(a)
-    out = torch.empty(*c.shape[:-2], n, c.shape[-1], dtype=c.dtype, device=c.device)
-    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     if not causal:
-        state = sum(_rows(b, s, e).transpose(-1, -2) @ c[..., s:e, :] for s, e in spans)  # (..., k, m)
-        for s, e in spans:
-            out[..., s:e, :] = _rows(a, s, e) @ state
-        return out
-    state = None
-    for s, e in spans:
-        ar, br, cr = _rows(a, s, e), _rows(b, s, e), c[..., s:e, :]
-        blk = torch.tril(ar @ br.transpose(-1, -2)) @ cr  # (..., chunk, m): j <= i inside the chunk
-        out[..., s:e, :] = blk if state is None else blk + ar @ state
-        upd = br.transpose(-1, -2) @ cr  # (..., k, m): this chunk's keys for every later row
-        state = upd if state is None else state + upd
-    return out
+        return _apply(a, _t_matmul(b, c))
+    return _causal(a, b, c, chunk, transpose=False)
 
 
 def lowrank_matmul_t(a: Factor, b: Factor, c: Tensor, *, causal: bool, chunk: int = DEFAULT_CHUNK) -> Tensor:
@@ -71,19 +116,6 @@ def lowrank_matmul_t(a: Factor, b: Factor, c: Tensor, *, causal: bool, chunk: in
 
     Args / returns as :func:`lowrank_matmul` (a, b: (..., n, k); c: (..., n, m) -> (..., n, m)).
     """
-    n = _n(a)
-    out = torch.empty(*c.shape[:-2], n, c.shape[-1], dtype=c.dtype, device=c.device)
-    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     if not causal:
-        state = sum(_rows(a, s, e).transpose(-1, -2) @ c[..., s:e, :] for s, e in spans)
-        for s, e in spans:
-            out[..., s:e, :] = _rows(b, s, e) @ state
-        return out
-    state = None
-    for s, e in reversed(spans):
-        ar, br, cr = _rows(a, s, e), _rows(b, s, e), c[..., s:e, :]
-        blk = torch.tril(ar @ br.transpose(-1, -2)).transpose(-1, -2) @ cr  # i >= j inside the chunk
-        out[..., s:e, :] = blk if state is None else blk + br @ state
-        upd = ar.transpose(-1, -2) @ cr
-        state = upd if state is None else state + upd
-    return out
+        return _apply(b, _t_matmul(a, c))
+    return _causal(a, b, c, chunk, transpose=True)
