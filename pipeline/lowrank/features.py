@@ -118,7 +118,8 @@ class PolyFeatures:
         if x.shape[-1] != self.d:
             raise ValueError(f"expected last dimension {self.d}, got {tuple(x.shape)}")
         dev = x.device
-        xt = x.movedim(-1, 0)  # (d, ...): gathers along the leading dim copy whole contiguous rows
+        nd = x.dim()
+        xt = x.permute(nd - 1, *range(nd - 1))  # (d, ...): gathers along the leading dim copy whole rows
         parts = [torch.ones(1, *x.shape[:-1], dtype=x.dtype, device=dev)]
         prev = parts[0]
         for j in range(1, self.degree + 1):
@@ -129,4 +130,4 @@ class PolyFeatures:
             parts.append(cur)
             prev = cur
         coef = torch.exp(self.power * self._log_coef).to(dtype=x.dtype, device=dev)
-        return torch.cat(parts, dim=0).movedim(0, -1) * coef
+        return torch.cat(parts, dim=0).permute(*range(1, nd), 0) * coef  # (..., k); non-negative perm for ONNX
