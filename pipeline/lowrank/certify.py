@@ -130,8 +130,8 @@ def _valid_pairs(q: Tensor, k: Tensor, causal: bool, attn_mask: Optional[Tensor]
         m = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
         m = m[..., :nk]
         valid = valid & m
-        if m.shape[-2] == 1:  # a key-padding mask of self-attention: the same tokens are padding queries
-            valid = valid & m.transpose(-1, -2)
+        if nq == nk:  # self-attention: token i is padding as a query iff no query attends to it as a key
+            valid = valid & valid.any(dim=-2, keepdim=True).transpose(-1, -2)
     if causal:
         valid = valid & torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
     return valid
