@@ -156,3 +156,28 @@ def test_input_errors():
     with pytest.raises(ValueError, match="qk_bound"):
         CausalTransformer(8, 2, 1, qk_bound=0.0)
     assert math.isfinite(float(lowrank_attention(q, q, q, degree=0).sum()))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bounded_hf_decoder_caps_logits_and_runs_on_the_fast_gradient(tiny_models, family):
+    """bound_attention_: |logit| <= beta by construction; the polynomial kernel at the certified degree gives the
+    exact bounded model's gradient within the certified error, with and without padding."""
+    from pipeline.lowrank.bounded import bound_attention_, bounded_degree
+    from pipeline.models import load_model
+
+    exact, fast = (load_model(tiny_models[family]).model.double() for _ in range(2))
+    assert bound_attention_(exact, beta=0.5) == 2
+    deg = bounded_degree(0.5, 1e-6)
+    assert bound_attention_(fast, beta=0.5, degree=deg) == 2
+    ids = torch.randint(5, 40, (2, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0  # right padding: a causal-with-padding mask reaches the kernel
+    grads = []
+    for m in (exact, fast):
+        m.zero_grad()
+        out = m(input_ids=ids, attention_mask=mask).logits
+        (out * mask[..., None]).pow(2).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
+    with pytest.raises(ValueError, match="beta"):
+        bound_attention_(exact, beta=0.0)
