@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +32,7 @@ __all__ = [
     "BetaProbe",
     "LowRankHeads",
     "head_applicability",
+    "HeadPlan",
     "key_padding_mask",
 ]
 
@@ -250,9 +251,3 @@ class LowRankHeads:
                 out[h] = y[:, j]
         return torch.stack(out, dim=1)  # type: ignore[arg-type]
 
-
-def iter_heads(stats: Iterable[Sequence[tuple[float, float]]]) -> Iterable[tuple[int, int, float, float]]:
-    """(layer, head, beta, beta_p99) over a per-layer list of per-head stats."""
-    for layer, per_head in enumerate(stats):
-        for head, (beta, p99) in enumerate(per_head):
-            yield layer, head, beta, p99
