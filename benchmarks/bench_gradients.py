@@ -283,42 +283,8 @@ def bounded(args) -> None:
     gpt_stats = _head_betas(unc, batches)
 
     # long-sequence recover steps on the bounded model (32 heads of 4, cap 0.5): exact SDPA vs polynomial kernel
-    from pipeline.recover import recover_
-
     src = models[("bounded", 32, 0.5)]
-    deg = bounded_degree(0.5, 1e-3)
-    # certificate of the bounded model's almost-linear gradient: whole-model parameter gradient, exact vs polynomial
-    cert = []
-    for n in args.certify_ns:
-        grads = []
-        for mode in ("exact", "lowrank"):
-            m = _long_copy(src, n, tokenizer_len=len(tokenizer))
-            bound_attention_(m, beta=0.5, degree=deg if mode == "lowrank" else None)
-            ids = train_ids[:n][None]
-            t0 = time.perf_counter()
-            m(input_ids=ids, labels=ids).loss.backward()
-            grads.append((torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]), time.perf_counter() - t0))
-        (ge, te), (gf, tf) = grads
-        cert.append({"n": n, "rel_err": float((gf - ge).norm() / ge.norm()), "exact_seconds": te, "lowrank_seconds": tf})
-        print(json.dumps(cert[-1]), flush=True)
-
-    rec_rows = []
-    for n in args.recover_ns:
-        res_n = {"n": n}
-        for mode in ("exact", "lowrank"):
-            if mode == "exact" and n > args.max_exact_recover_n:
-                res_n["exact_seconds_per_step"] = None
-                continue
-            student, teacher = (_long_copy(src, n, tokenizer_len=len(tokenizer)) for _ in range(2))
-            for m in (student, teacher):
-                bound_attention_(m, beta=0.5, degree=deg if mode == "lowrank" else None)
-            ids = train_ids[:n].repeat(-(-n // train_ids.numel()))[:n][None] if train_ids.numel() < n else train_ids[:n][None]
-            batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
-            res = recover_(student, teacher, batch, steps=args.recover_steps, lr=1e-4, loss="kl_logits", heldout=None, freeze_embeddings=True)
-            res_n[f"{mode}_seconds_per_step"] = res.seconds / res.steps
-            res_n[f"{mode}_loss_first"] = res.loss_first
-        rec_rows.append(res_n)
-        print(json.dumps(res_n), flush=True)
+    cert, rec_rows, deg = _certify_and_recover(src, train_ids, args)
     out = {"meta": _host(), "settings": {**{k: v for k, v in vars(s).items() if k != "data_sha256"}}, "quality": rows,
            "small_gpt_beta": {**_beta_summary(gpt_stats, s.n_embd // 4), "per_head": gpt_stats},
            "certificate": {"degree": deg, "kernel_eps": 1e-3, "rows": cert},
@@ -327,7 +293,72 @@ def bounded(args) -> None:
     print("wrote", path)
 
 
-def _long_copy(model, n: int, tokenizer_len: int):
+def _certify_and_recover(src, train_ids, args):
+    """Whole-model gradient of a bounded GPT-2 (cap 0.5), exact SDPA vs polynomial kernel, at ``args.certify_ns``;
+    then ``recover_`` steps (teacher = student = the same model, KL on logits) at ``args.recover_ns``."""
+    from pipeline.lowrank.bounded import bound_attention_, bounded_degree
+    from pipeline.recover import recover_
+
+    deg = bounded_degree(0.5, 1e-3)
+    cert = []
+    for n in args.certify_ns:
+        grads = []
+        for mode in ("exact", "lowrank"):
+            m = _long_copy(src, n)
+            bound_attention_(m, beta=0.5, degree=deg if mode == "lowrank" else None)
+            ids = _ids(train_ids, n)
+            t0 = time.perf_counter()
+            m(input_ids=ids, labels=ids).loss.backward()
+            grads.append((torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]), time.perf_counter() - t0))
+        (ge, te), (gf, tf) = grads
+        cert.append({"n": n, "rel_err": float((gf - ge).norm() / ge.norm()), "exact_seconds": te, "lowrank_seconds": tf})
+        print(json.dumps(cert[-1]), flush=True)
+    rec_rows = []
+    for n in args.recover_ns:
+        res_n = {"n": n}
+        for mode in ("exact", "lowrank"):
+            if mode == "exact" and n > args.max_exact_recover_n:
+                res_n["exact_seconds_per_step"] = None
+                continue
+            student, teacher = (_long_copy(src, n) for _ in range(2))
+            with torch.no_grad():  # the student differs from the teacher (as a pruned model would): 2% weight noise
+                gen = torch.Generator().manual_seed(0)
+                for p in student.transformer.h.parameters():
+                    p.mul_(1 + 0.02 * torch.randn(p.shape, generator=gen))
+            for m in (student, teacher):
+                bound_attention_(m, beta=0.5, degree=deg if mode == "lowrank" else None)
+            ids = _ids(train_ids, n)
+            batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+            res = recover_(student, teacher, batch, steps=args.recover_steps, lr=1e-4, loss="kl_logits", heldout=None, freeze_embeddings=True)
+            res_n[f"{mode}_seconds_per_step"] = res.seconds / res.steps
+            res_n[f"{mode}_loss_first"] = res.loss_first
+        rec_rows.append(res_n)
+        print(json.dumps(res_n), flush=True)
+    return cert, rec_rows, deg
+
+
+def _ids(stream, n: int):
+    """(1, n) ids: the first n tokens of the stream, repeated if it is shorter."""
+    reps = -(-n // stream.numel())
+    return stream.repeat(reps)[:n][None]
+
+
+def bounded_speed(args) -> None:
+    """Certificate and recover timing on a freshly initialized bounded GPT-2 of the trained architecture (the cap
+    bounds every logit whatever the weights, so the regime does not depend on training)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    src = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=128, n_embd=128, n_layer=4, n_head=32)).eval()
+    ids = torch.randint(0, 4096, (70000,), generator=torch.Generator().manual_seed(0))
+    cert, rec_rows, deg = _certify_and_recover(src, ids, args)
+    path = _save("bounded_speed", {"meta": _host(), "model": "GPT-2, 4 layers, width 128, 32 heads of 4, random init, cap 0.5",
+                                   "certificate": {"degree": deg, "kernel_eps": 1e-3, "rows": cert},
+                                   "recover": {"degree": deg, "steps": args.recover_steps, "rows": rec_rows}})
+    print("wrote", path)
+
+
+def _long_copy(model, n: int):
     """A copy of a trained GPT-2 whose position table is tiled to ``n`` rows (row i = trained row i mod context):
     for timing long sequences only; quality beyond the trained context is not measured."""
     from transformers import GPT2LMHeadModel
@@ -409,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     te.add_argument("--repeats", type=int, default=3)
     sub.add_parser("beta")
     sub.add_parser("report")
+    bs = sub.add_parser("bounded-speed")
+    bs.add_argument("--recover-ns", type=int, nargs="+", default=[4096, 8192, 16384])
+    bs.add_argument("--max-exact-recover-n", type=int, default=8192)
+    bs.add_argument("--recover-steps", type=int, default=2)
+    bs.add_argument("--certify-ns", type=int, nargs="+", default=[4096])
     bo = sub.add_parser("bounded")
     bo.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fortunes.txt"))
     bo.add_argument("--steps", type=int, default=200)
@@ -420,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if getattr(args, "max_sdpa_n", None):
         args.max_sdpa_n = {int(k): v for k, v in args.max_sdpa_n.items()}
-    {"scaling": scaling, "tensor": tensor, "beta": beta, "bounded": bounded, "report": report}[args.section](args)
+    {"scaling": scaling, "tensor": tensor, "beta": beta, "bounded": bounded, "bounded-speed": bounded_speed, "report": report}[args.section](args)
     return 0
 
 
