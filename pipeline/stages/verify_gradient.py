@@ -47,6 +47,28 @@ def _load64(art: Artifact, ctx: StageContext, *, reference: bool):
     return loaded
 
 
+def _reapply_swap(model, record: dict, kernel: Optional[str] = None) -> int:
+    """Re-apply the recorded attention swap (``kernel`` overrides). Works with the typed record of
+    ``pipeline.kernels.change`` where it exists, else with the dict API of the attention stage."""
+    try:
+        from pipeline.kernels.change import AttentionChange, apply_attention_change
+    except ImportError:
+        from pipeline.stages.attention import apply_attention_change
+
+        return apply_attention_change(model, record, kernel=kernel)
+    return apply_attention_change(model, AttentionChange.from_record(record), kernel=kernel)
+
+
+def _is_block_sparse(record: Optional[dict]) -> bool:
+    if not record:
+        return False
+    try:
+        from pipeline.kernels.registry import kernel_spec
+    except ImportError:
+        return record["kernel"] == "block_sparse"
+    return bool(kernel_spec(record["kernel"]).block_sparse)
+
+
 def _long_ids(loaded, texts: list[str], n: int, seed: int):
     """(1, n) token ids: the calibration passages' tokens, concatenated and repeated to n."""
     import torch
@@ -96,9 +118,9 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
 
     from pipeline.kernels import swap_attention_
     from pipeline.lowrank.certify import BetaProbe, LowRankHeads, compare_layer_gradients, head_applicability, install_attention_probe
-    from pipeline.stages.attention import apply_attention_change
 
     change = art.torch_changes.get("attention")
+    block_sparse = _is_block_sparse(change)
     calib, _ = text_sets(ctx)
     seed = ctx.run.seed
     failures: list[dict[str, Any]] = []
@@ -106,9 +128,9 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
     # (a) kernel gradients: the model as it stands vs the float64 exact reference, per layer
     cand = _load64(art, ctx, reference=False)
     if change:
-        apply_attention_change(cand.model, change)
+        _reapply_swap(cand.model, change)
     ref = _load64(art, ctx, reference=True)
-    if not (change and change["kernel"] == "block_sparse"):
+    if not block_sparse:
         swap_attention_(ref.model, kernel="naive")  # dense softmax in float64 (block-sparse: already masked naive)
     batches = encode(cand, calib[: cfg.samples], max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
     try:
@@ -158,7 +180,7 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
     notes: list[str] = []
     if n_app and not cfg.fast_gradient:
         notes.append("fast_gradient: off in the config")
-    elif n_app and change and change["kernel"] == "block_sparse":
+    elif n_app and block_sparse:
         notes.append("fast_gradient: skipped, the polynomial method has no block-sparse mask here (dense attention only)")
     elif n_app:
         if n_fast < cfg.seq_len:
