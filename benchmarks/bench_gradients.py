@@ -229,9 +229,9 @@ def beta(args) -> None:
 def bounded(args) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import train_small_gpt as tsg
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from pipeline.lowrank.bounded import bound_attention_, bounded_degree
+    from pipeline.lowrank import feature_count
+    from pipeline.lowrank.bounded import bounded_degree
 
     data = Path(args.data)
     s = tsg.Settings(data_sha256="", steps=args.steps)
@@ -242,35 +242,12 @@ def bounded(args) -> None:
     variants = [("unconstrained", 4, None), ("unconstrained", 32, None), ("bounded", 32, 0.5), ("bounded", 32, 2.0)]
     rows, models = [], {}
     for kind, n_head, cap in variants:
-        torch.manual_seed(s.seed)
-        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=s.context, n_embd=s.n_embd, n_layer=s.n_layer, n_head=n_head,
-                         resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
-        model = GPT2LMHeadModel(cfg)
-        if cap is not None:
-            bound_attention_(model, beta=cap)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
-        gen = torch.Generator().manual_seed(s.seed)
-        t0 = time.perf_counter()
-        for step in range(s.steps):
-            model.train()
-            for group in opt.param_groups:
-                group["lr"] = tsg._lr_at(step, s)
-            starts = torch.randint(0, train_ids.numel() - s.context - 1, (s.batch_size,), generator=gen)
-            xy = torch.stack([train_ids[i : i + s.context + 1] for i in starts.tolist()])
-            loss = model(input_ids=xy[:, :-1], labels=xy[:, :-1]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+        model, seconds = _train_gpt(tsg, s, len(tokenizer), eot, train_ids, n_head, cap)
         ppl = tsg.heldout_perplexity(model, held_ids, s.context)
         row = {"attention": kind, "heads": n_head, "head_dim": s.n_embd // n_head, "beta_cap": cap, "steps": s.steps,
-               "train_seconds": round(time.perf_counter() - t0, 1), "heldout_ppl": ppl}
+               "train_seconds": round(seconds, 1), "heldout_ppl": ppl}
         if cap is not None:
             row["certified_degree_1e-3"] = bounded_degree(cap, 1e-3)
-            from pipeline.lowrank import feature_count
-
             row["features"] = feature_count(s.n_embd // n_head, row["certified_degree_1e-3"])
         rows.append(row)
         models[(kind, n_head, cap)] = model.eval()
@@ -291,6 +268,58 @@ def bounded(args) -> None:
            "recover": {"degree": deg, "steps": args.recover_steps, "rows": rec_rows}}
     path = _save("bounded", out)
     print("wrote", path)
+
+
+def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
+    """The small GPT of ``train_small_gpt.py`` (its settings ``s``, data order, schedule and optimizer), with
+    ``n_head`` heads and, if ``cap``, bounded-entry attention. Returns (model in eval mode, training seconds)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.lowrank.bounded import bound_attention_
+
+    torch.manual_seed(s.seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=s.context, n_embd=s.n_embd, n_layer=s.n_layer, n_head=n_head,
+                     resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    model = GPT2LMHeadModel(cfg)
+    if cap is not None:
+        bound_attention_(model, beta=cap)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(s.seed)
+    t0 = time.perf_counter()
+    for step in range(s.steps):
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = tsg._lr_at(step, s)
+        starts = torch.randint(0, train_ids.numel() - s.context - 1, (s.batch_size,), generator=gen)
+        xy = torch.stack([train_ids[i : i + s.context + 1] for i in starts.tolist()])
+        loss = model(input_ids=xy[:, :-1], labels=xy[:, :-1]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return model.eval(), time.perf_counter() - t0
+
+
+def small_gpt_beta(args) -> None:
+    """beta per head of the unconstrained small GPT (train_small_gpt.py settings, ``--steps``) on held-out windows."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_small_gpt as tsg
+
+    s = tsg.Settings(data_sha256="", steps=args.steps)
+    train_texts, held_texts = tsg.read_split(Path(args.data), s.holdout_fraction)
+    tokenizer = tsg.train_tokenizer(train_texts, s.vocab_size)
+    train_ids, held_ids = tsg.token_stream(tokenizer, train_texts), tsg.token_stream(tokenizer, held_texts)
+    model, seconds = _train_gpt(tsg, s, len(tokenizer), tokenizer.convert_tokens_to_ids(tsg.EOT), train_ids, s.n_head, None)
+    ppl = tsg.heldout_perplexity(model, held_ids, s.context)
+    windows = held_ids[: (held_ids.numel() // s.context) * s.context].view(-1, s.context)[:16]
+    batches = [{"input_ids": windows[i : i + 8], "attention_mask": torch.ones_like(windows[i : i + 8])} for i in range(0, windows.shape[0], 8)]
+    stats = _head_betas(model, batches)
+    out = {"meta": _host(), "steps": s.steps, "train_seconds": seconds, "heldout_ppl": ppl,
+           **_beta_summary(stats, s.n_embd // s.n_head), "per_head": stats}
+    print(json.dumps({k: v for k, v in out.items() if k not in ("per_head", "meta")}))
+    print("wrote", _save("small_gpt_beta", out))
 
 
 def _certify_and_recover(src, train_ids, args):
@@ -440,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     te.add_argument("--repeats", type=int, default=3)
     sub.add_parser("beta")
     sub.add_parser("report")
+    sg = sub.add_parser("small-gpt-beta")
+    sg.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fortunes.txt"))
+    sg.add_argument("--steps", type=int, default=80)
     bs = sub.add_parser("bounded-speed")
     bs.add_argument("--recover-ns", type=int, nargs="+", default=[4096, 8192, 16384])
     bs.add_argument("--max-exact-recover-n", type=int, default=8192)
@@ -456,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if getattr(args, "max_sdpa_n", None):
         args.max_sdpa_n = {int(k): v for k, v in args.max_sdpa_n.items()}
-    {"scaling": scaling, "tensor": tensor, "beta": beta, "bounded": bounded, "bounded-speed": bounded_speed, "report": report}[args.section](args)
+    {"scaling": scaling, "tensor": tensor, "beta": beta, "bounded": bounded, "bounded-speed": bounded_speed, "small-gpt-beta": small_gpt_beta, "report": report}[args.section](args)
     return 0
 
 
