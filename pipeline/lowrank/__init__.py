@@ -4,7 +4,7 @@ Sources: paper notes ../shared/papers/gradient-dp-mlp-diffusion.md §0 (toolkit)
 arXiv 2408.13233), §3 (tensor attention training, arXiv 2405.16411).
 """
 
-from .attention import attention_beta, lowrank_attention, lowrank_attention_backward, lowrank_attention_forward, poly_attention_ref, softmax_attention_grads_ref, softmax_attention_ref
+from .attention import lowrank_attention, lowrank_attention_backward, lowrank_attention_forward, poly_attention_ref, softmax_attention_grads_ref, softmax_attention_ref
 from .features import PolyFeatures, degree_for, degree_rule, feature_count, taylor_error_bound
 from .layers import AttentionGrads, CausalTransformer, attention_layer, attention_layer_grads
 from .ops import lowrank_matmul, lowrank_matmul_t, rowwise_kron
@@ -21,7 +21,6 @@ __all__ = [
     "tensor_attention_grads_ref",
     "tensor_attention_ref",
     "PolyFeatures",
-    "attention_beta",
     "degree_for",
     "degree_rule",
     "feature_count",

@@ -34,7 +34,6 @@ __all__ = [
     "softmax_attention_ref",
     "softmax_attention_grads_ref",
     "poly_attention_ref",
-    "attention_beta",
 ]
 
 
@@ -88,12 +87,6 @@ def poly_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: O
     if m is not None:
         a = a * m
     return (a @ v) / a.sum(-1, keepdim=True)
-
-
-def attention_beta(q: Tensor, k: Tensor, *, scale: Optional[float] = None) -> Tensor:
-    """Cauchy–Schwarz bound on max |s q_i . k_j| per (B, H) in O(N D): s max_i |q_i| max_j |k_j|."""
-    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return s * q.norm(dim=-1).amax(-1) * k.norm(dim=-1).amax(-1)
 
 
 def _features(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, degree: int) -> tuple[Tensor, Tensor]:

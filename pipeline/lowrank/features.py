@@ -17,7 +17,7 @@ from itertools import combinations_with_replacement
 import torch
 from torch import Tensor
 
-__all__ = ["taylor_error_bound", "degree_rule", "degree_for", "feature_count", "PolyFeatures", "trilinear_error_bound"]
+__all__ = ["taylor_error_bound", "degree_rule", "degree_for", "feature_count", "PolyFeatures"]
 
 
 def taylor_error_bound(beta: float, degree: int) -> float:
@@ -38,11 +38,6 @@ def taylor_error_bound(beta: float, degree: int) -> float:
         return math.exp(2 * beta + (degree + 1) * math.log(beta) - math.lgamma(degree + 2))
     except OverflowError:
         return math.inf
-
-
-def trilinear_error_bound(beta: float, degree: int) -> float:
-    """The same Taylor bound for tensor attention, where |logit| <= beta = B^3 (notes §3 (b))."""
-    return taylor_error_bound(beta, degree)
 
 
 def degree_rule(beta: float, eps: float) -> int:
