@@ -111,6 +111,8 @@ def _forward(u1: Tensor, u2: Tensor, v: Tensor, causal: bool, chunk: int) -> tup
     c = torch.cat([v, torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)], dim=-1)
     nd = lowrank_matmul(u1, u2, c, causal=causal, chunk=chunk)
     den = nd[..., -1:]  # (B, H, N, 1) = Dt
+    # a query that sees no real key (left padding under a causal mask) has Dt = 0 and numerator 0: output 0
+    den = torch.where(den == 0, torch.ones_like(den), den)
     return nd[..., :-1] / den, den
 
 
