@@ -181,3 +181,13 @@ def test_bounded_hf_decoder_caps_logits_and_runs_on_the_fast_gradient(tiny_model
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
     with pytest.raises(ValueError, match="beta"):
         bound_attention_(exact, beta=0.0)
+
+
+def test_left_padded_causal_rows_are_zero_not_nan():
+    q, k, v = (_uniform((1, 2, 9, 4), 0.5, i).requires_grad_() for i in range(3))
+    key_mask = torch.tensor([[False, False, False] + [True] * 6])
+    y = lowrank_attention(q, k, v, degree=4, causal=True, key_mask=key_mask, chunk=4)
+    assert torch.equal(y[:, :, :3], torch.zeros_like(y[:, :, :3]))
+    torch.testing.assert_close(y[:, :, 3:], softmax_attention_ref(q, k, v, causal=True, key_mask=key_mask)[:, :, 3:], rtol=0, atol=1e-4)
+    y.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
