@@ -20,6 +20,7 @@ ORDER = [
     ("sparse_e2e.md", "Issue 4 — 2-layer Llama end to end, block-sparse vs dense"),
     ("io.md", "Issue 4 — counted I/O vs lower bounds"),
     ("models_brought.md", "Issue 11 — models people bring: int8 against the peer, int8 weight types per CPU, external data"),
+    ("gradients.md", "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries"),
     ("tune.md", "Issue 15 — edgepipe tune (functional run on a tiny model; MiniLM benchmark not run)"),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
     ("diffusion.md", "Issue 18 — GMM score network: dense vs pruned vs quantized (verify_diffusion)"),

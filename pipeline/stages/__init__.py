@@ -5,8 +5,9 @@ from pipeline.stages import attention, prune, recover  # noqa: F401
 from pipeline.stages import compile_program  # noqa: F401
 from pipeline.stages import verify_diffusion  # noqa: F401  (also registers the score-model implementations)
 from pipeline.stages import private_context, verify_dp  # noqa: F401
+from pipeline.stages import verify_gradient  # noqa: F401
 
 __all__ = [
     "attention", "export", "quantize", "validate", "benchmark", "prune", "recover", "compile_program", "verify_diffusion",
-    "private_context", "verify_dp",
+    "private_context", "verify_dp", "verify_gradient",
 ]

@@ -1,0 +1,119 @@
+"""Bounded-entry attention for HF decoders (GPT-2, Llama): normalized q / k with a capped logit scale.
+
+The almost-linear results (notes §0 T1, §1) need every logit |s q.k| <= beta with small beta; pretrained heads
+are far outside (MiniLM: beta 3-47). Here each head's q and k are L2-normalized and the logit scale is a fixed
+cap ``beta`` (an [I] choice: a fixed cap, not a learned one), so |logit| <= beta by construction on any input.
+A model trained or adapted this way is in the polynomial regime at every sequence length, and its attention
+can run on :func:`~pipeline.lowrank.attention.lowrank_attention` (``degree``) with the factorized backward.
+
+Mechanism: one function registered with ``transformers.AttentionInterface`` under ``"edgepipe_bounded"`` (the
+same interface :mod:`pipeline.kernels.swap` uses); per-module options live on the attention module.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attention import lowrank_attention
+from .certify import key_padding_mask
+from .features import degree_for
+
+__all__ = ["BOUNDED_ATTN_IMPLEMENTATION", "bound_attention_", "bounded_degree"]
+
+BOUNDED_ATTN_IMPLEMENTATION = "edgepipe_bounded"
+_ATTR = "_edgepipe_bounded_opts"
+
+
+@dataclass(frozen=True)
+class _BoundedOpts:
+    beta: float
+    degree: Optional[int]
+
+
+def bounded_degree(beta: float, eps: float) -> int:
+    """The Taylor degree that certifies kernel relative error ``eps`` for a model bounded at ``beta``."""
+    return degree_for(beta, eps)
+
+
+def _bounded_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                       scaling: Optional[float] = None, dropout: float = 0.0, is_causal: Optional[bool] = None,
+                       **kwargs) -> tuple[Tensor, None]:
+    """AttentionInterface function: query (B, Hq, N, D), key / value (B, Hkv, N, D) -> ((B, N, Hq, D), None)."""
+    opts: _BoundedOpts = getattr(module, _ATTR)
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    q, k = nn.functional.normalize(query, dim=-1), nn.functional.normalize(key, dim=-1)  # |q.k| <= 1
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    n = q.shape[2]
+    causal = bool(is_causal) and n > 1 and attention_mask is None
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    if opts.degree is None:
+        out = nn.functional.scaled_dot_product_attention(q, k, value, attn_mask=attention_mask, dropout_p=dropout,
+                                                         is_causal=causal, scale=opts.beta)
+    else:
+        if dropout > 0:
+            raise ValueError(f"attention dropout={dropout} is not supported by the polynomial kernel; call model.eval()")
+        if q.shape[2] != key.shape[2]:
+            raise ValueError("the polynomial kernel needs n_q == n_k (no KV cache)")
+        key_mask, causal = key_padding_mask(attention_mask, causal, key.shape[2])  # padding / causal masks only
+        out = lowrank_attention(q, k, value, degree=opts.degree, scale=opts.beta, causal=causal, key_mask=key_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(BOUNDED_ATTN_IMPLEMENTATION, _bounded_attention)
+    AttentionMaskInterface.register(BOUNDED_ATTN_IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    out = []
+    for m in model.modules():
+        mod = sys.modules.get(type(m).__module__)
+        if mod is not None and hasattr(mod, "ALL_ATTENTION_FUNCTIONS") and hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"):
+            out.append(m)
+    return out
+
+
+def bound_attention_(model: nn.Module, *, beta: float, degree: Optional[int] = None) -> int:
+    """Make every attention of an HF GPT-2 / Llama-family model bounded: normalized q, k and logit scale ``beta``.
+
+    Args:
+        model: the HF model (changed in place; train it or fine-tune it afterwards to adapt).
+        beta: the cap (> 0): every |logit| <= beta.
+        degree: None = exact attention (torch SDPA, dropout allowed); an int = polynomial features of that degree
+            with the factorized (almost-linear) backward; :func:`bounded_degree` gives the certified degree.
+
+    Returns:
+        The number of attention modules changed.
+
+    Raises:
+        ValueError: beta <= 0, degree < 0, or no supported attention module (BERT-style encoders are not handled).
+    """
+    if not beta > 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be a positive finite number, got {beta}")
+    if degree is not None and degree < 0:
+        raise ValueError(f"degree must be >= 0, got {degree}")
+    mods = _attention_modules(model)
+    if not mods:
+        raise ValueError(f"bound_attention_: no GPT-2 / Llama-style attention module in {type(model).__name__}")
+    from transformers import PreTrainedModel
+
+    _register()
+    for pm in model.modules():
+        if isinstance(pm, PreTrainedModel):
+            pm.set_attn_implementation(BOUNDED_ATTN_IMPLEMENTATION)
+    opts = _BoundedOpts(float(beta), degree)
+    for m in mods:
+        setattr(m, _ATTR, opts)
+    return len(mods)
