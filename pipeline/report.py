@@ -37,7 +37,7 @@ def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[
         if data_file(src).is_file():  # external data: its name is recorded inside the graph (see exporters.onnx)
             if data_file(src).name != "model.onnx.data":
                 raise ValueError(f"{src}: external data {data_file(src).name} cannot be published as model.onnx.data")
-            _link_or_copy(data_file(src), tmp / "model.onnx.data")
+            _copy(data_file(src), tmp / "model.onnx.data")
             files["model_data"] = f"{name}/model.onnx.data"
         for label, ref in tm.files.items():
             p = run_dir / ref

@@ -65,7 +65,11 @@ def _build(root: Path, kind: str, **over) -> Path:
 
 
 def _run(model: Path, stages: list, tmp_path: Path, **cal):
-    cfg = {"model": {"path": str(model)}, "targets": ["host-cpu"], "calibration": {**CAL, **cal}, "stages": stages}
+    from pipeline.model_folder import has_tokenizer_files
+
+    # decoders here use the hash tokenizer: a folder without tokenizer files must say so (model.tokenizer: false)
+    cfg = {"model": {"path": str(model), "tokenizer": has_tokenizer_files(model)}, "targets": ["host-cpu"],
+           "calibration": {**CAL, **cal}, "stages": stages}
     return pipeline.run(cfg, workdir=tmp_path / "run", progress=False)
 
 
@@ -174,7 +178,7 @@ def test_flash_lowering_exports_every_llama_variant(tmp_path, kind, over):
 def test_base_llama_block_sparse_is_causal(tmp_path):
     """A bare LlamaModel (feature-extraction) is still causal: a bidirectional window is refused, causal_window lowers."""
     path = _build(tmp_path, "llama_base")
-    with pytest.raises(StageError, match="see the future"):
+    with pytest.raises(ConfigError, match="see the future"):  # refused before anything runs (preflight)
         _run(path, [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "window"}}], tmp_path / "a")
     rep = _run(path, [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "causal_window"}}, {"export": {}},
                       {"validate": {"min_cos_mean": None}}], tmp_path / "b", max_length=40)
