@@ -17,12 +17,8 @@ from pipeline.lowrank import (
     softmax_attention_ref,
 )
 
-D64 = torch.float64
-
-
-def _uniform(shape, bound, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, generator=g, dtype=D64) * 2 - 1) * bound
+from tests.pipeline.lowrank.common import D64
+from tests.pipeline.lowrank.common import uniform as _uniform
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -20,12 +20,8 @@ from pipeline.lowrank import (
     taylor_error_bound,
 )
 
-D64 = torch.float64
-
-
-def _uniform(shape, bound, seed):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(*shape, generator=g, dtype=D64) * 2 - 1) * bound
+from tests.pipeline.lowrank.common import D64
+from tests.pipeline.lowrank.common import uniform as _uniform
 
 
 @pytest.mark.parametrize("d, g", [(1, 5), (3, 8), (5, 3)])
