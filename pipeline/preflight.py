@@ -16,6 +16,7 @@ Checked, each failure one line naming the file, key and stage (exit code 2):
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,7 +157,27 @@ def preflight(cfg: Any, *, source: str = "<config>") -> Preflight:
     return Preflight(cfg=cfg, profiles=profiles, model_path=model_path, task=task, family=family, texts=texts)
 
 
-def check_workdir(workdir: Any, model_path: Optional[Path], calibration: Optional[str] = None) -> Path:
+def folder_kind(run_dir: Path) -> str:
+    """What made an edgepipe folder: the ``kind`` in its :data:`RUN_MARKER` ("run" when the marker names none)."""
+    try:
+        data = json.loads((run_dir / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "run"
+    kind = data.get("kind", "run") if isinstance(data, dict) else "run"
+    return kind if isinstance(kind, str) else "run"
+
+
+def mark_folder(run_dir: Path, kind: str = "run") -> None:
+    """Write :data:`RUN_MARKER` into ``run_dir`` (once): edgepipe owns the folder and may replace anything in it."""
+    from pipeline.artifact import atomic_write_text
+    from pipeline.version import __version__
+
+    if not (run_dir / RUN_MARKER).is_file():
+        atomic_write_text(run_dir / RUN_MARKER, json.dumps(
+            {"edgepipe": __version__, "kind": kind, "what": f"edgepipe {kind} folder; edgepipe may replace anything in it"}) + "\n")
+
+
+def check_workdir(workdir: Any, model_path: Optional[Path], calibration: Optional[str] = None, *, kind: str = "run") -> Path:
     """The run folder, resolved, after checking edgepipe may use it: not empty text, not the model folder or
     inside it, not a file or below one, writable, and either absent, empty or an edgepipe run folder (holding
     :data:`RUN_MARKER`). Creates nothing.
@@ -190,6 +211,9 @@ def check_workdir(workdir: Any, model_path: Optional[Path], calibration: Optiona
         if not marker.is_file() and any(run_dir.iterdir()):
             raise ConfigError(f"{where}: exists, is not empty and is not an edgepipe run folder (no {RUN_MARKER});"
                               " edgepipe never writes into other folders: give a new or empty folder")
+        if marker.is_file() and folder_kind(run_dir) != kind:
+            raise ConfigError(f"{where}: holds the results of an edgepipe {folder_kind(run_dir)}, not of a {kind};"
+                              " give a new or empty folder")
         return run_dir
     parent = run_dir.parent
     while not parent.exists():

@@ -30,10 +30,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
-from pipeline.artifact import Artifact, atomic_write_json, atomic_write_text, hash_tree, make_temp_dir, replace_dir
+from pipeline.artifact import Artifact, atomic_write_json, hash_tree, make_temp_dir, replace_dir
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, StageError, ValidationFailed
-from pipeline.preflight import RUN_MARKER, check_workdir, preflight
+from pipeline.preflight import check_workdir, mark_folder, preflight
 from pipeline.stage import StageContext, stage_for
 from pipeline.version import __version__
 
@@ -59,8 +59,7 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
     edgepipe create or empty a file elsewhere."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / RUN_MARKER).is_file():
-            atomic_write_text(run_dir / RUN_MARKER, json.dumps({"edgepipe": __version__, "what": "edgepipe run folder; edgepipe may replace anything in it"}) + "\n")
+        mark_folder(run_dir, "run")
         fd = os.open(run_dir / ".edgepipe.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:

@@ -227,8 +227,9 @@ def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], op
     """
     import shutil
 
-    from pipeline.artifact import replace_dir
+    from pipeline.artifact import make_temp_dir, replace_dir
     from pipeline.errors import ConfigError, ValidationFailed
+    from pipeline.preflight import check_workdir, mark_folder
     from pipeline.programs.asm import apply_memory, assemble_file, read_memory_file
     from targets import load_target
 
@@ -244,13 +245,13 @@ def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], op
         profiles[prof.name] = prof
     if not profiles:
         raise ConfigError("--target: give at least one target")
-    workdir = Path(workdir)
-    if workdir.is_symlink() or (workdir.exists() and not workdir.is_dir()):
+    # the same ownership rule as `edgepipe run`: a new, empty or edgepipe-made compile-program folder only
+    workdir = check_workdir(workdir, None, kind="compile-program")
+    if workdir.is_symlink():
         raise ConfigError(f"--workdir: '{workdir}' is not a folder edgepipe can write into")
     workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / f".compile.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    mark_folder(workdir, "compile-program")
+    tmp = make_temp_dir(workdir, ".compile.tmp-")
     try:
         report = build_targets(prog, profiles, tmp, opts)
         report["workdir"] = str(workdir)

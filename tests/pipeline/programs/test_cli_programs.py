@@ -89,7 +89,7 @@ def test_a_failed_check_keeps_earlier_artifacts(tmp_path, monkeypatch, capsys):
     assert "not exact" in err and "host-cpu/fp32" in err
     assert json.loads((wd / "report.json").read_text())["ok"] is False
     assert (wd / "host-cpu" / "program.fp32.onnx").read_bytes() == good
-    assert not any(p.name.startswith(".") for p in wd.iterdir())
+    assert not any(p.name.startswith(".") and p.name != ".edgepipe-run" for p in wd.iterdir())  # no temp debris
 
 
 def test_stage_config_is_closed_and_typed():
@@ -152,3 +152,30 @@ def test_stage_without_a_program_says_so(tmp_path):
 
     with pytest.raises(ConfigError, match=r"stages\[0\].compile_program.program: required"):
         pipeline.run({"targets": ["host-cpu"], "stages": [{"compile_program": {}}]}, workdir=tmp_path / "r", progress=False)
+
+
+def test_compile_program_owns_only_its_own_folders(tmp_path, capsys):
+    """Like `edgepipe run`: a non-empty folder edgepipe did not make is refused and left byte-identical; a run
+    folder and a compile-program folder are not mixed; the command's own folder is reused."""
+    prog = str(EXAMPLES / "multiply.sq")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text("MY NOTES")
+    assert main(["compile-program", prog, "--target", "host-cpu", "--workdir", str(mine)]) == 2
+    assert (mine / "report.json").read_text() == "MY NOTES" and sorted(p.name for p in mine.iterdir()) == ["report.json"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an edgepipe run folder" in err[0]
+
+    own = tmp_path / "own"
+    for _ in range(2):
+        assert main(["compile-program", prog, "--target", "host-cpu", "--workdir", str(own), "--random-memories", "1"]) == 0
+    capsys.readouterr()
+    assert main(["run", "--workdir", str(own)]) == 2
+    assert "holds the results of an edgepipe compile-program" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".edgepipe-run").write_text('{"edgepipe": "0.1.0"}\n')  # a run folder from before markers named a kind
+    (run / "report.json").write_text("RUN REPORT")
+    assert main(["compile-program", prog, "--target", "host-cpu", "--workdir", str(run)]) == 2
+    assert (run / "report.json").read_text() == "RUN REPORT"
