@@ -10,7 +10,7 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.programs.build import BuildOptions, build_targets, shipped_precisions
 from pipeline.programs.compile import CONSTRUCTIONS, PROGRAM_IN
-from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 
 __all__ = ["CompileProgramConfig", "run_compile_program"]
 
@@ -32,20 +32,38 @@ class CompileProgramConfig(StageConfig):
     unroll_steps: Optional[int] = Field(None, ge=1, description="also ship an unrolled graph of this many steps")
     sparse: Literal["auto", "always", "never"] = Field("auto", description="sparse weight storage: auto = where it shrinks the file")
 
+    def assemble(self):
+        """The program with its memory applied (one-line ConfigError on a malformed program or memory)."""
+        from pipeline.errors import ConfigError
+        from pipeline.programs.asm import apply_memory, assemble_file, read_memory_file
+
+        if self.program is None:
+            raise ConfigError("program: required key is missing (the .sq file to compile)")
+        sizes = {k: v for k, v in {"word_bits": self.word_bits, "memory_cells": self.memory_cells, "program_slots": self.program_slots}.items() if v is not None}
+        prog = assemble_file(self.program, **sizes)
+        if self.memory is not None:
+            values = read_memory_file(self.memory) if isinstance(self.memory, str) else self.memory
+            prog = apply_memory(prog, values, source=self.memory if isinstance(self.memory, str) else "compile_program.memory")
+        return prog
+
+    def check(self, plan: RunPlan) -> None:
+        """Assemble before anything runs, so ``edgepipe validate`` finds a malformed program or memory."""
+        from pipeline.errors import ConfigError
+
+        try:
+            self.assemble()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
 @register_stage(CompileProgramConfig, version=1)
 def run_compile_program(art: Artifact, cfg: CompileProgramConfig, ctx: StageContext) -> Artifact:
     """Compile a SUBLEQ program to looped ReLU-MLP ONNX per target, bit-exact against the interpreter."""
     from pipeline.errors import ConfigError
-    from pipeline.programs.asm import apply_memory, assemble_file, read_memory_file
 
-    if cfg.program is None:
-        raise ConfigError(f"stages[{ctx.index}].compile_program.program: required key is missing (the .sq file to compile)")
-    sizes = {k: v for k, v in {"word_bits": cfg.word_bits, "memory_cells": cfg.memory_cells, "program_slots": cfg.program_slots}.items() if v is not None}
-    prog = assemble_file(cfg.program, **sizes)
-    if cfg.memory is not None:
-        values = read_memory_file(cfg.memory) if isinstance(cfg.memory, str) else cfg.memory
-        prog = apply_memory(prog, values, source=cfg.memory if isinstance(cfg.memory, str) else "compile_program.memory")
+    try:
+        prog = cfg.assemble()
+    except ConfigError as exc:
+        raise ConfigError(f"stages[{ctx.index}].compile_program: {exc}") from None
     opts = BuildOptions(construction=cfg.construction, program_in=cfg.program_in, max_steps=cfg.max_steps,
                         random_memories=cfg.random_memories, unroll_steps=cfg.unroll_steps, sparse=cfg.sparse, seed=ctx.run.seed)
     root = ctx.subdir("programs")

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from pipeline.artifact import Artifact
 from pipeline.errors import ConfigError, StageError
-from pipeline.stage import StageConfig, StageContext, register_stage
+from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets
 
 __all__ = ["PrivateContextConfig", "run_private_context", "read_private_kv", "guarantee_text"]
@@ -47,6 +47,23 @@ class PrivateContextConfig(StageConfig):
     mechanism: Literal["feature_sum", "dptree"] = Field("feature_sum", description="noisy feature sums (Gaussian) or the DPTree structures (Laplace, advanced composition)")
     max_release_mb: float = Field(256.0, gt=0, description="refuse releases larger than this (float32 MB over all heads)")
 
+    def check(self, plan: RunPlan) -> None:
+        """Before anything runs (``edgepipe validate`` too): the required keys, the privacy parameters, a file to
+        read, and a causal decoder to rewrite."""
+        from pipeline.models import is_causal_family
+        from pipeline.privacy.calibration import check_privacy_params
+
+        if self.context_file is None:
+            raise ValueError("context_file is missing: give the private context (a text or .safetensors file)")
+        if not Path(self.context_file).is_file():
+            raise ValueError(f"context_file: '{self.context_file}' is not a file")
+        try:
+            check_privacy_params(self.epsilon, self.delta, 1.0 if self.key_bound == "calibration" else self.key_bound,
+                                 1.0 if self.value_bound == "calibration" else self.value_bound, where="private_context")
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("private_context: ").removeprefix("private_context")) from None
+        if not is_causal_family(plan.family) or plan.task != "text-generation":
+            raise ValueError(f"needs a decoder for text-generation (GPT-2 / Llama family), got {plan.family} ({plan.task})")
 
 def guarantee_text(eps: float, delta: float, R: float, Rw: float, proj: bool) -> str:
     k = "‖Pᵀk‖∞" if proj else "‖k‖∞"

@@ -211,3 +211,23 @@ def test_precomputed_key_value_context_and_its_errors(tiny_models, tmp_path):
     cfg2["stages"] = cfg2["stages"][:1]
     with pytest.raises(ConfigError, match=r"context_file: bad.safetensors has no 'layers.1.key'/'layers.1.value'"):
         run(cfg2, workdir=tmp_path / "run2", progress=False)
+
+
+@pytest.mark.parametrize("stage, fragment", [
+    ({"epsilon": 1.0}, "context_file is missing"),
+    ({"context_file": "context.txt", "value_bound": 1.0}, "key_bound is missing"),
+    ({"context_file": "context.txt", "key_bound": 1.0, "value_bound": 1.0, "epsilon": 0.0}, "epsilon"),
+    ({"context_file": "context.txt", "key_bound": 1.0, "value_bound": 1.0}, "needs a decoder for text-generation"),
+])
+def test_validate_refuses_what_private_context_would_refuse(tmp_path, capsys, stage, fragment):
+    """`edgepipe validate` runs the same checks as the stage (packaged MiniLM: an encoder, so no decoder to rewrite)."""
+    import yaml
+
+    from pipeline.cli import main
+
+    (tmp_path / "context.txt").write_text("the private prefix\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"targets": ["host-cpu"], "stages": [{"private_context": stage}, {"export": {}}]}))
+    assert main(["validate", str(cfg)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "stages[0].private_context" in line and fragment in line

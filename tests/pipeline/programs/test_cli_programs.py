@@ -150,7 +150,7 @@ def test_stage_without_a_program_says_so(tmp_path):
     import pipeline
     from pipeline.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"stages\[0\].compile_program.program: required"):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.compile_program: program: required"):
         pipeline.run({"targets": ["host-cpu"], "stages": [{"compile_program": {}}]}, workdir=tmp_path / "r", progress=False)
 
 
@@ -179,3 +179,19 @@ def test_compile_program_owns_only_its_own_folders(tmp_path, capsys):
     (run / "report.json").write_text("RUN REPORT")
     assert main(["compile-program", prog, "--target", "host-cpu", "--workdir", str(run)]) == 2
     assert (run / "report.json").read_text() == "RUN REPORT"
+
+
+@pytest.mark.parametrize("stage, fragment", [
+    ({"program": "bad.sq"}, "bad.sq:1: unknown mnemonic 'bogus'"),
+    ({"program": str(EXAMPLES / "multiply.sq"), "memory": {"Q": 1}}, "key 'Q': not a data label"),
+    ({}, "program: required key is missing"),
+])
+def test_validate_finds_a_bad_program_before_anything_runs(tmp_path, capsys, stage, fragment):
+    import yaml
+
+    (tmp_path / "bad.sq").write_text("bogus instr\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"targets": ["host-cpu"], "stages": [{"export": {}}, {"compile_program": stage}]}))
+    assert main(["validate", str(cfg)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "stages[1].compile_program" in line and fragment in line
