@@ -93,7 +93,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for name, t in report["targets"].items():
             lat = t.get("latency_ms") or {}
             par = t.get("parity") or {}
-            print(f"  {name:<18} {t['precision']:<11} {t['size_bytes'] / 1e6:7.1f} MB  parity ok={par.get('ok')}  p50={lat.get('p50', float('nan')):.2f} ms")
+            p50 = f"  p50={lat['p50']:.2f} ms" if lat.get("p50") is not None else ""
+            print(f"  {name:<18} {t['precision']:<11} {t['size_bytes'] / 1e6:7.3g} MB  parity ok={par.get('ok')}{p50}")
     return 0
 
 

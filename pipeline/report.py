@@ -172,8 +172,11 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
         fid = t.get("fidelity") or {}
         lat = t.get("latency_ms") or {}
         cos = f"{_fmt(fid.get('cos_mean'))} / {_fmt(fid.get('cos_min'))}" if "cos_mean" in fid else "–"
-        L.append(f"| {name} | {t['precision']} | {t['size_bytes'] / 1e6:.1f} | {_fmt(par.get('max_abs_diff'), 3)} | {_fmt(par.get('ok'))} | {cos} | {_fmt(fid.get('recall_at_10'))} | {_fmt(fid.get('top1_agreement'))} | {_fmt(lat.get('p50'), 3)} | {_fmt(lat.get('p95'), 3)} | {_fmt(t.get('peak_rss_mb'), 4)} |")
-    L += ["", "Latency and memory were measured on the host that ran edgepipe, not on the device; run each target's `bundle/evaluate.py` on the device for its own numbers.", ""]
+        L.append(f"| {name} | {t['precision']} | {_fmt(t['size_bytes'] / 1e6, 3)} | {_fmt(par.get('max_abs_diff'), 3)} | {_fmt(par.get('ok'))} | {cos} | {_fmt(fid.get('recall_at_10'))} | {_fmt(fid.get('top1_agreement'))} | {_fmt(lat.get('p50'), 3)} | {_fmt(lat.get('p95'), 3)} | {_fmt(t.get('peak_rss_mb'), 4)} |")
+    if any(t.get("latency_ms") for t in rep["targets"].values()):
+        L += ["", "Latency and memory were measured on the host that ran edgepipe, not on the device; run each target's `bundle/evaluate.py` on the device for its own numbers.", ""]
+    else:
+        L += ["", "No benchmark stage ran: latency and memory were not measured.", ""]
     for p in plots:
         L += [f"![targets]({p})", ""]
     L += ["## Stages", "", "| # | stage | status | seconds |", "|---|---|---|---|"]

@@ -106,7 +106,8 @@ def format_validation_error(err: ValidationError, *, source: str, prefix: str = 
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = f"{e['msg'].removeprefix('Value error, ')[:200]} (got {shown(e.get('input'))})"
+            msg = e["msg"].removeprefix("Value error, ")[:200]
+            msg = msg if "got " in msg else f"{msg} (got {shown(e.get('input'))})"  # no second "got" when the message has one
         lines.append(f"{source}: {loc}: {msg}")
     return "; ".join(lines)
 
