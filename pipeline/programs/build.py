@@ -229,7 +229,7 @@ def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], op
 
     from pipeline.artifact import make_temp_dir, replace_dir
     from pipeline.errors import ConfigError, ValidationFailed
-    from pipeline.preflight import check_workdir, mark_folder
+    from pipeline.workdir import check_workdir, mark_folder
     from pipeline.programs.asm import apply_memory, assemble_file, read_memory_file
     from targets import load_target
 
