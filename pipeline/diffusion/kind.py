@@ -1,4 +1,4 @@
-"""Registers the GMM score network as an edgepipe model kind (:mod:`pipeline.families`): ``model_type``
+"""The GMM score network as an edgepipe model kind (registered by :mod:`pipeline.families`): ``model_type``
 ``edgepipe-score-mlp`` → family and task ``score-model``, loaded and saved by :mod:`pipeline.diffusion.network`."""
 
 from __future__ import annotations
@@ -7,14 +7,12 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.diffusion.network import FAMILY, MODEL_TYPE, TASK, ScoreModelError, load_score_model, mixture_of, save_score_model
-from pipeline.families import ModelKind, register_model_kind
+from pipeline.loaded import LoadedModel, ModelKind, ModelLoadError, check_weights
 
 __all__ = ["SCORE_MODEL_KIND"]
 
 
 def _load(path: Path, task: Optional[str]):
-    from pipeline.models import LoadedModel, ModelLoadError, check_weights
-
     if task not in (None, TASK):
         raise ModelLoadError(f"{path}: task {task!r} is not supported for {MODEL_TYPE!r} (supports {TASK!r})")
     if not path.is_dir():
@@ -32,4 +30,4 @@ def _save(loaded, out: Path) -> Path:
     return save_score_model(loaded.model, out)
 
 
-SCORE_MODEL_KIND = register_model_kind(ModelKind(model_type=MODEL_TYPE, family=FAMILY, tasks=(TASK,), load=_load, save=_save))
+SCORE_MODEL_KIND = ModelKind(model_type=MODEL_TYPE, family=FAMILY, tasks=(TASK,), load=_load, save=_save)
