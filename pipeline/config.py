@@ -80,7 +80,7 @@ class PipelineConfig(Frozen):
 
 
 def _registered() -> Mapping[str, Any]:
-    from pipeline import stages as _  # noqa: F401  (registers the built-in stages)
+    import pipeline.stages  # noqa: F401  (registers the built-in stages)
 
     return STAGES
 

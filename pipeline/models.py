@@ -345,10 +345,8 @@ def load_model(
     attn_implementation = _attention_for(_auto_class(task), config, attn_implementation)
     try:
         with _quiet_mismatch(narrowed):
-            model, info = _auto_class(task).from_pretrained(
-                path,
+            model, info = _auto_class(task).from_pretrained(path, trust_remote_code=False,  # untrusted: never its code
                 local_files_only=True,
-                trust_remote_code=False,
                 output_loading_info=True,
                 use_safetensors=True,
                 dtype=torch.float32,

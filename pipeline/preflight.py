@@ -136,7 +136,7 @@ def preflight(cfg: Any, *, source: str = "<config>") -> Preflight:
     Raises:
         ConfigError / TargetError / ModelInputError: bad input (exit code 2).
     """
-    from pipeline import stages as _  # noqa: F401  (register built-in stages)
+    import pipeline.stages  # noqa: F401  (register built-in stages)
 
     if not cfg.stages:
         raise ConfigError(f"{source}: stages: the pipeline has no stages (e.g. stages: [export, validate])")

@@ -145,7 +145,7 @@ def run(
         ConfigError / ModelInputError / StageError: bad input, before or during a stage (exit code 2).
         ValidationFailed: a validation gate failed; the report was written first (exit code 1).
     """
-    from pipeline import stages as _  # noqa: F401  (register built-in stages)
+    import pipeline.stages  # noqa: F401  (register built-in stages)
 
     cfg = coerce_config(config, stages=stages)
     source = str(config) if isinstance(config, (str, Path)) else ("<embedded default>" if config is None else "<python config>")
@@ -181,7 +181,7 @@ def run(
                     cached = None
             shared = ExitStack()
             if cached is None and cache_dir is not None:
-                from pipeline import cache as stage_cache
+                import pipeline.cache as stage_cache
 
                 shared.enter_context(stage_cache.key_lock(Path(cache_dir), key))  # same key elsewhere: wait, then reuse
                 cached = stage_cache.lookup(Path(cache_dir), key)

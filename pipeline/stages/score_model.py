@@ -26,10 +26,10 @@ from pipeline.stages.prune import PatternGivesNoSpeedup, PruneConfig
 from pipeline.stages.quantize import QuantizeConfig, quantize_targets
 from pipeline.stages.recover import RecoverConfig
 from pipeline.stages.validate import ValidateConfig
+from pipeline.diffusion.network import FAMILY  # the score-network family, said once
 
 __all__ = ["FAMILY", "model_inputs"]
 
-FAMILY = "score-model"
 _SEEDS = {"calibration": 1, "heldout": 2}  # disjoint draws of (x, t), offset by the run seed
 
 

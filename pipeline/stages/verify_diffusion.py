@@ -24,7 +24,7 @@ from pydantic import Field
 from pipeline.artifact import Artifact, hash_file
 from pipeline.errors import ConfigError, StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages import score_model as _score_model  # noqa: F401  (registers the score-model stage implementations)
+from pipeline.diffusion.network import FAMILY
 from pipeline.stages._common import load_dense, load_from_artifact
 
 __all__ = ["VerifyDiffusionConfig", "run_verify_diffusion"]
@@ -79,7 +79,7 @@ def run_verify_diffusion(art: Artifact, cfg: VerifyDiffusionConfig, ctx: StageCo
     from pipeline.diffusion.samplers import ddpm_sample, probability_flow_sample, time_grid
     from runtimes.session import make_session
 
-    if art.family != _score_model.FAMILY:
+    if art.family != FAMILY:
         raise StageError("verify_diffusion", f"needs a score network (model family 'score-model'), got family '{art.family}'")
     loaded = load_from_artifact(art, ctx)
     dense = load_dense(art)
