@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from exporters.quantize import convert_precision
-from pipeline.diffusion import histogram_tv, histogram_tv_floor, lipschitz_bound, score_error_points, score_mse, time_grid, tv_certificate
+from pipeline.diffusion import (
+    histogram_tv,
+    histogram_tv_floor,
+    lipschitz_bound,
+    score_error_points,
+    score_mse,
+    time_grid,
+    tv_certificate,
+)
 from pipeline.diffusion.evaluate import feeds_of, onnx_scorer, prune_linears_
 from pipeline.diffusion.metrics import finite_difference_opnorm, jacobian_opnorm
 from pipeline.diffusion.network import export_score_onnx, load_score_model, mixture_of
@@ -35,13 +43,22 @@ MODEL = ROOT / "examples" / "diffusion-gmm" / "score-model"
 OUT = ROOT / "benchmarks" / "results"
 TARGETS = ("host-cpu", "raspberry-pi-5")
 # (label, magnitude sparsity, precision)
-VARIANTS = [("dense", 0.0, "fp32"), ("dense", 0.0, "int8"), ("pruned 30%", 0.3, "fp32"), ("pruned 30%", 0.3, "fp16"),
-            ("pruned 30%", 0.3, "int8"), ("pruned 50%", 0.5, "int8"), ("pruned 90% (broken)", 0.9, "int8")]
+VARIANTS = [
+    ("dense", 0.0, "fp32"),
+    ("dense", 0.0, "int8"),
+    ("pruned 30%", 0.3, "fp32"),
+    ("pruned 30%", 0.3, "fp16"),
+    ("pruned 30%", 0.3, "int8"),
+    ("pruned 50%", 0.5, "int8"),
+    ("pruned 90% (broken)", 0.9, "int8"),
+]
 
 
 def _latency_ms(sess, d: int, batch: int, runs: int) -> float:
     g = torch.Generator().manual_seed(0)
-    feeds = feeds_of(torch.randn(batch, d, generator=g, dtype=torch.float64), torch.full((batch,), 0.5, dtype=torch.float64))
+    feeds = feeds_of(
+        torch.randn(batch, d, generator=g, dtype=torch.float64), torch.full((batch,), 0.5, dtype=torch.float64)
+    )
     for _ in range(3):
         sess.run(["score"], feeds)
     times = []
@@ -63,7 +80,9 @@ def main() -> None:
     base = load_score_model(MODEL)
     gmm = mixture_of(base.config)
     sch, T, delta = base.config.schedule, base.config.t_max, base.config.t_min
-    x, t, exact = score_error_points(gmm, 20_000, T=T, delta=delta, schedule=sch, generator=torch.Generator().manual_seed(11))
+    x, t, exact = score_error_points(
+        gmm, 20_000, T=T, delta=delta, schedule=sch, generator=torch.Generator().manual_seed(11)
+    )
     gl = torch.Generator().manual_seed(12)
     grid_c = time_grid(a.cert_steps, T=T, delta=delta, schedule=sch)
     tl = grid_c[torch.randint(len(grid_c), (512,), generator=gl)]
@@ -72,8 +91,14 @@ def main() -> None:
     floor = histogram_tv_floor(gmm, a.samples, generator=torch.Generator().manual_seed(14))
     exact_tv = {}
     for n in a.steps:
-        y = ddpm_sample(lambda v, s: gmm.score(v, s, sch), a.samples, gmm.d, time_grid(n, T=T, delta=delta, schedule=sch),
-                        schedule=sch, generator=torch.Generator().manual_seed(13))
+        y = ddpm_sample(
+            lambda v, s: gmm.score(v, s, sch),
+            a.samples,
+            gmm.d,
+            time_grid(n, T=T, delta=delta, schedule=sch),
+            schedule=sch,
+            generator=torch.Generator().manual_seed(13),
+        )
         exact_tv[n] = histogram_tv(y, gmm)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,30 +114,48 @@ def main() -> None:
             err = score_mse(fn(x, t), exact)
             tv = {}
             for n in a.steps:
-                y = ddpm_sample(fn, a.samples, gmm.d, time_grid(n, T=T, delta=delta, schedule=sch), schedule=sch,
-                                generator=torch.Generator().manual_seed(13))
+                y = ddpm_sample(
+                    fn,
+                    a.samples,
+                    gmm.d,
+                    time_grid(n, T=T, delta=delta, schedule=sch),
+                    schedule=sch,
+                    generator=torch.Generator().manual_seed(13),
+                )
                 tv[n] = histogram_tv(y, gmm)
             cert = tv_certificate(gmm, sch, grid_c, err["mse"])
             row = {
-                "variant": label, "sparsity": sparsity, "precision": precision,
+                "variant": label,
+                "sparsity": sparsity,
+                "precision": precision,
                 "targets": [n for n, p in profiles.items() if precision in p.precisions],
-                "eps_score2": err["mse"], "eps_score2_relative": err["relative"],
-                "lipschitz_jacobian_torch_fp32": float(jacobian_opnorm(lambda v, s: model(v.float(), s.float()), xl, tl).max()),
+                "eps_score2": err["mse"],
+                "eps_score2_relative": err["relative"],
+                "lipschitz_jacobian_torch_fp32": float(
+                    jacobian_opnorm(lambda v, s: model(v.float(), s.float()), xl, tl).max()
+                ),
                 "lipschitz_fd_onnx": float(finite_difference_opnorm(fn, xl, tl).max()),
-                "certificate": cert["total"], "certificate_score_limited": cert["score_limited"],
-                "tv_measured": tv, "latency_ms_batch1": _latency_ms(sess, gmm.d, 1, a.runs),
-                "latency_ms_batch1024": _latency_ms(sess, gmm.d, 1024, a.runs), "size_bytes": path.stat().st_size,
+                "certificate": cert["total"],
+                "certificate_score_limited": cert["score_limited"],
+                "tv_measured": tv,
+                "latency_ms_batch1": _latency_ms(sess, gmm.d, 1, a.runs),
+                "latency_ms_batch1024": _latency_ms(sess, gmm.d, 1024, a.runs),
+                "size_bytes": path.stat().st_size,
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {
-        "command": "PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_diffusion.py " + " ".join(
-            [f"--samples {a.samples}", "--steps " + " ".join(map(str, a.steps)), f"--cert-steps {a.cert_steps}"]),
+        "command": "PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_diffusion.py "
+        + " ".join(
+            [f"--samples {a.samples}", "--steps " + " ".join(map(str, a.steps)), f"--cert-steps {a.cert_steps}"]
+        ),
         "host": {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "lipschitz_bound_max": float(lipschitz_bound(gmm, tl, sch).max()),
         "lipschitz_exact_max": float(torch.linalg.matrix_norm(gmm.hessian(xl, tl, sch), ord=2).max()),
-        "tv_floor": floor, "tv_exact_score": exact_tv, "rows": rows,
+        "tv_floor": floor,
+        "tv_exact_score": exact_tv,
+        "rows": rows,
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "diffusion.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -143,12 +186,16 @@ def _plot(result: dict, steps: list[int]) -> None:
 
 def _table(result: dict, a) -> None:
     last = a.steps[-1]
-    print(f"\n| variant | precision | targets | ε_score² | rel. | Lipschitz (Jacobian, torch) | Lipschitz (FD, ONNX) | certificate @{a.cert_steps} | score-limited cert. | TV @{last} | ms/step b=1 | ms/step b=1024 | size KB |")
+    print(
+        f"\n| variant | precision | targets | ε_score² | rel. | Lipschitz (Jacobian, torch) | Lipschitz (FD, ONNX) | certificate @{a.cert_steps} | score-limited cert. | TV @{last} | ms/step b=1 | ms/step b=1024 | size KB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        print(f"| {r['variant']} | {r['precision']} | {', '.join(r['targets'])} | {r['eps_score2']:.4g} | {r['eps_score2_relative']:.3g} | "
-              f"{r['lipschitz_jacobian_torch_fp32']:.3g} | {r['lipschitz_fd_onnx']:.3g} | {r['certificate']:.3g} | {r['certificate_score_limited']:.3g} | "
-              f"{r['tv_measured'][last]:.4f} | {r['latency_ms_batch1']:.3f} | {r['latency_ms_batch1024']:.3f} | {r['size_bytes'] / 1e3:.1f} |")
+        print(
+            f"| {r['variant']} | {r['precision']} | {', '.join(r['targets'])} | {r['eps_score2']:.4g} | {r['eps_score2_relative']:.3g} | "
+            f"{r['lipschitz_jacobian_torch_fp32']:.3g} | {r['lipschitz_fd_onnx']:.3g} | {r['certificate']:.3g} | {r['certificate_score_limited']:.3g} | "
+            f"{r['tv_measured'][last]:.4f} | {r['latency_ms_batch1']:.3f} | {r['latency_ms_batch1024']:.3f} | {r['size_bytes'] / 1e3:.1f} |"
+        )
 
 
 if __name__ == "__main__":

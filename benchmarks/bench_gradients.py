@@ -47,9 +47,15 @@ WIDTH, HEADS, CAP, DEGREE = 16, 4, 0.5, 4
 
 
 def _host() -> dict[str, Any]:
-    return {"host": " ".join(platform.uname()), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "loadavg_at_end": os.getloadavg()}
+    return {
+        "host": " ".join(platform.uname()),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "loadavg_at_end": os.getloadavg(),
+    }
 
 
 def _rss_mb() -> float:
@@ -101,16 +107,27 @@ def scaling(args) -> None:
                 paths = {}
                 for kernel in ("exact", "sdpa", "lowrank"):
                     if kernel == "exact" and not _exact_fits(layers, n, args.mem_cap_gb):
-                        rows.append({"layers": layers, "kernel": kernel, "n": n, "skipped": f"needs > {args.mem_cap_gb} GB"})
+                        rows.append(
+                            {"layers": layers, "kernel": kernel, "n": n, "skipped": f"needs > {args.mem_cap_gb} GB"}
+                        )
                         continue
                     if kernel == "sdpa" and n > args.max_sdpa_n.get(layers, 10**9):
                         rows.append({"layers": layers, "kernel": kernel, "n": n, "skipped": "time budget"})
                         continue
                     p = Path(tmp) / f"{layers}-{kernel}-{n}.npy"
                     cmd = [sys.executable, __file__, "_point", str(layers), kernel, str(n), str(p)]
-                    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    res = subprocess.run(
+                        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+                    )
                     if res.returncode != 0:
-                        rows.append({"layers": layers, "kernel": kernel, "n": n, "skipped": res.stderr.strip().splitlines()[-1][:200]})
+                        rows.append(
+                            {
+                                "layers": layers,
+                                "kernel": kernel,
+                                "n": n,
+                                "skipped": res.stderr.strip().splitlines()[-1][:200],
+                            }
+                        )
                         continue
                     row = json.loads(res.stdout.strip().splitlines()[-1])
                     paths[kernel] = p
@@ -126,15 +143,41 @@ def scaling(args) -> None:
                 if "exact" in paths and "sdpa" in paths:
                     for r in rows:
                         if r.get("layers") == layers and r.get("n") == n and r.get("kernel") == "sdpa":
-                            r["rel_err"] = float(np.linalg.norm(np.load(paths["sdpa"]) - np.load(paths["exact"])) / np.linalg.norm(np.load(paths["exact"])))
+                            r["rel_err"] = float(
+                                np.linalg.norm(np.load(paths["sdpa"]) - np.load(paths["exact"]))
+                                / np.linalg.norm(np.load(paths["exact"]))
+                            )
     summary = {}
     for layers in args.layers:
         for kernel in ("exact", "sdpa", "lowrank"):
-            pts = [(r["n"], r["seconds"]) for r in rows if r.get("layers") == layers and r.get("kernel") == kernel and "seconds" in r]
+            pts = [
+                (r["n"], r["seconds"])
+                for r in rows
+                if r.get("layers") == layers and r.get("kernel") == kernel and "seconds" in r
+            ]
             if len(pts) >= 2:
                 big = [p for p in pts if p[0] >= 4096] or pts
-                summary[f"{layers}-{kernel}"] = {"slope_all": _slope(*zip(*pts)), "slope_n>=4k": _slope(*zip(*big)) if len(big) >= 2 else None, "points": len(pts)}
-    path = _save("scaling", {"meta": _host(), "setup": {"width": WIDTH, "heads": HEADS, "head_dim": WIDTH // HEADS, "qk_cap": CAP, "degree": DEGREE, "dtype": "float32"}, "rows": rows, "slopes": summary})
+                summary[f"{layers}-{kernel}"] = {
+                    "slope_all": _slope(*zip(*pts)),
+                    "slope_n>=4k": _slope(*zip(*big)) if len(big) >= 2 else None,
+                    "points": len(pts),
+                }
+    path = _save(
+        "scaling",
+        {
+            "meta": _host(),
+            "setup": {
+                "width": WIDTH,
+                "heads": HEADS,
+                "head_dim": WIDTH // HEADS,
+                "qk_cap": CAP,
+                "degree": DEGREE,
+                "dtype": "float32",
+            },
+            "rows": rows,
+            "slopes": summary,
+        },
+    )
     print(json.dumps(summary, indent=1))
     print("wrote", path)
 
@@ -178,10 +221,22 @@ def tensor(args) -> None:
     fast = [(r["n"], r["fast_seconds"]) for r in rows]
     dense = [(r["n"], r["dense_seconds"]) for r in rows if "dense_seconds" in r]
     big = [p for p in fast if p[0] >= 4096]
-    summary = {"fast_slope": _slope(*zip(*fast)), "fast_slope_n>=4k": _slope(*zip(*big)) if len(big) >= 2 else None,
-               "dense_slope": _slope(*zip(*dense)) if len(dense) >= 2 else None, "beta_bound": beta,
-               "kernel_eps_bound": taylor_error_bound(beta, deg)}
-    path = _save("tensor", {"meta": _host(), "setup": {"d": d, "degree": deg, "entries": bound, "dtype": "float32"}, "rows": rows, "summary": summary})
+    summary = {
+        "fast_slope": _slope(*zip(*fast)),
+        "fast_slope_n>=4k": _slope(*zip(*big)) if len(big) >= 2 else None,
+        "dense_slope": _slope(*zip(*dense)) if len(dense) >= 2 else None,
+        "beta_bound": beta,
+        "kernel_eps_bound": taylor_error_bound(beta, deg),
+    }
+    path = _save(
+        "tensor",
+        {
+            "meta": _host(),
+            "setup": {"d": d, "degree": deg, "entries": bound, "dtype": "float32"},
+            "rows": rows,
+            "summary": summary,
+        },
+    )
     print(json.dumps(summary, indent=1))
     print("wrote", path)
 
@@ -205,10 +260,17 @@ def _beta_summary(stats, head_dim: int, eps: float = 1e-3) -> dict[str, Any]:
 
     betas = [b for layer in stats for b, _ in layer]
     degs = [degree_for(b, eps) for b in betas]
-    return {"heads": len(betas), "beta_min": min(betas), "beta_median": float(np.median(betas)), "beta_max": max(betas),
-            "p99_median": float(np.median([p for layer in stats for _, p in layer])),
-            "degree_min": min(degs), "degree_max": max(degs), "features_min": feature_count(head_dim, min(degs)),
-            "per_layer_max": [max(b for b, _ in layer) for layer in stats]}
+    return {
+        "heads": len(betas),
+        "beta_min": min(betas),
+        "beta_median": float(np.median(betas)),
+        "beta_max": max(betas),
+        "p99_median": float(np.median([p for layer in stats for _, p in layer])),
+        "degree_min": min(degs),
+        "degree_max": max(degs),
+        "features_min": feature_count(head_dim, min(degs)),
+        "per_layer_max": [max(b for b, _ in layer) for layer in stats],
+    }
 
 
 def beta(args) -> None:
@@ -244,8 +306,15 @@ def bounded(args) -> None:
     for kind, n_head, cap in variants:
         model, seconds = _train_gpt(tsg, s, len(tokenizer), eot, train_ids, n_head, cap)
         ppl = tsg.heldout_perplexity(model, held_ids, s.context)
-        row = {"attention": kind, "heads": n_head, "head_dim": s.n_embd // n_head, "beta_cap": cap, "steps": s.steps,
-               "train_seconds": round(seconds, 1), "heldout_ppl": ppl}
+        row = {
+            "attention": kind,
+            "heads": n_head,
+            "head_dim": s.n_embd // n_head,
+            "beta_cap": cap,
+            "steps": s.steps,
+            "train_seconds": round(seconds, 1),
+            "heldout_ppl": ppl,
+        }
         if cap is not None:
             row["certified_degree_1e-3"] = bounded_degree(cap, 1e-3)
             row["features"] = feature_count(s.n_embd // n_head, row["certified_degree_1e-3"])
@@ -256,16 +325,23 @@ def bounded(args) -> None:
     # beta per head of the unconstrained small GPT (4 heads of 32) on held-out windows
     unc = models[("unconstrained", 4, None)]
     windows = held_ids[: (held_ids.numel() // s.context) * s.context].view(-1, s.context)[:16]
-    batches = [{"input_ids": windows[i : i + 8], "attention_mask": torch.ones_like(windows[i : i + 8])} for i in range(0, windows.shape[0], 8)]
+    batches = [
+        {"input_ids": windows[i : i + 8], "attention_mask": torch.ones_like(windows[i : i + 8])}
+        for i in range(0, windows.shape[0], 8)
+    ]
     gpt_stats = _head_betas(unc, batches)
 
     # long-sequence recover steps on the bounded model (32 heads of 4, cap 0.5): exact SDPA vs polynomial kernel
     src = models[("bounded", 32, 0.5)]
     cert, rec_rows, deg = _certify_and_recover(src, train_ids, args)
-    out = {"meta": _host(), "settings": {**{k: v for k, v in vars(s).items() if k != "data_sha256"}}, "quality": rows,
-           "small_gpt_beta": {**_beta_summary(gpt_stats, s.n_embd // 4), "per_head": gpt_stats},
-           "certificate": {"degree": deg, "kernel_eps": 1e-3, "rows": cert},
-           "recover": {"degree": deg, "steps": args.recover_steps, "rows": rec_rows}}
+    out = {
+        "meta": _host(),
+        "settings": {**{k: v for k, v in vars(s).items() if k != "data_sha256"}},
+        "quality": rows,
+        "small_gpt_beta": {**_beta_summary(gpt_stats, s.n_embd // 4), "per_head": gpt_stats},
+        "certificate": {"degree": deg, "kernel_eps": 1e-3, "rows": cert},
+        "recover": {"degree": deg, "steps": args.recover_steps, "rows": rec_rows},
+    }
     path = _save("bounded", out)
     print("wrote", path)
 
@@ -278,14 +354,29 @@ def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
     from pipeline.lowrank.bounded import bound_attention_
 
     torch.manual_seed(s.seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=s.context, n_embd=s.n_embd, n_layer=s.n_layer, n_head=n_head,
-                     resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=s.context,
+        n_embd=s.n_embd,
+        n_layer=s.n_layer,
+        n_head=n_head,
+        resid_pdrop=s.dropout,
+        embd_pdrop=s.dropout,
+        attn_pdrop=s.dropout,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
     model = GPT2LMHeadModel(cfg)
     if cap is not None:
         bound_attention_(model, beta=cap)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(s.seed)
     t0 = time.perf_counter()
     for step in range(s.steps):
@@ -311,13 +402,24 @@ def small_gpt_beta(args) -> None:
     train_texts, held_texts = tsg.read_split(Path(args.data), s.holdout_fraction)
     tokenizer = tsg.train_tokenizer(train_texts, s.vocab_size)
     train_ids, held_ids = tsg.token_stream(tokenizer, train_texts), tsg.token_stream(tokenizer, held_texts)
-    model, seconds = _train_gpt(tsg, s, len(tokenizer), tokenizer.convert_tokens_to_ids(tsg.EOT), train_ids, s.n_head, None)
+    model, seconds = _train_gpt(
+        tsg, s, len(tokenizer), tokenizer.convert_tokens_to_ids(tsg.EOT), train_ids, s.n_head, None
+    )
     ppl = tsg.heldout_perplexity(model, held_ids, s.context)
     windows = held_ids[: (held_ids.numel() // s.context) * s.context].view(-1, s.context)[:16]
-    batches = [{"input_ids": windows[i : i + 8], "attention_mask": torch.ones_like(windows[i : i + 8])} for i in range(0, windows.shape[0], 8)]
+    batches = [
+        {"input_ids": windows[i : i + 8], "attention_mask": torch.ones_like(windows[i : i + 8])}
+        for i in range(0, windows.shape[0], 8)
+    ]
     stats = _head_betas(model, batches)
-    out = {"meta": _host(), "steps": s.steps, "train_seconds": seconds, "heldout_ppl": ppl,
-           **_beta_summary(stats, s.n_embd // s.n_head), "per_head": stats}
+    out = {
+        "meta": _host(),
+        "steps": s.steps,
+        "train_seconds": seconds,
+        "heldout_ppl": ppl,
+        **_beta_summary(stats, s.n_embd // s.n_head),
+        "per_head": stats,
+    }
     print(json.dumps({k: v for k, v in out.items() if k not in ("per_head", "meta")}))
     print("wrote", _save("small_gpt_beta", out))
 
@@ -338,9 +440,13 @@ def _certify_and_recover(src, train_ids, args):
             ids = _ids(train_ids, n)
             t0 = time.perf_counter()
             m(input_ids=ids, labels=ids).loss.backward()
-            grads.append((torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]), time.perf_counter() - t0))
+            grads.append(
+                (torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]), time.perf_counter() - t0)
+            )
         (ge, te), (gf, tf) = grads
-        cert.append({"n": n, "rel_err": float((gf - ge).norm() / ge.norm()), "exact_seconds": te, "lowrank_seconds": tf})
+        cert.append(
+            {"n": n, "rel_err": float((gf - ge).norm() / ge.norm()), "exact_seconds": te, "lowrank_seconds": tf}
+        )
         print(json.dumps(cert[-1]), flush=True)
     rec_rows = []
     for n in args.recover_ns:
@@ -358,7 +464,16 @@ def _certify_and_recover(src, train_ids, args):
                 bound_attention_(m, beta=0.5, degree=deg if mode == "lowrank" else None)
             ids = _ids(train_ids, n)
             batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
-            res = recover_(student, teacher, batch, steps=args.recover_steps, lr=1e-4, loss="kl_logits", heldout=None, freeze_embeddings=True)
+            res = recover_(
+                student,
+                teacher,
+                batch,
+                steps=args.recover_steps,
+                lr=1e-4,
+                loss="kl_logits",
+                heldout=None,
+                freeze_embeddings=True,
+            )
             res_n[f"{mode}_seconds_per_step"] = res.seconds / res.steps
             res_n[f"{mode}_loss_first"] = res.loss_first
         rec_rows.append(res_n)
@@ -381,9 +496,15 @@ def bounded_speed(args) -> None:
     src = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=128, n_embd=128, n_layer=4, n_head=32)).eval()
     ids = torch.randint(0, 4096, (70000,), generator=torch.Generator().manual_seed(0))
     cert, rec_rows, deg = _certify_and_recover(src, ids, args)
-    path = _save("bounded_speed", {"meta": _host(), "model": "GPT-2, 4 layers, width 128, 32 heads of 4, random init, cap 0.5",
-                                   "certificate": {"degree": deg, "kernel_eps": 1e-3, "rows": cert},
-                                   "recover": {"degree": deg, "steps": args.recover_steps, "rows": rec_rows}})
+    path = _save(
+        "bounded_speed",
+        {
+            "meta": _host(),
+            "model": "GPT-2, 4 layers, width 128, 32 heads of 4, random init, cap 0.5",
+            "certificate": {"degree": deg, "kernel_eps": 1e-3, "rows": cert},
+            "recover": {"degree": deg, "steps": args.recover_steps, "rows": rec_rows},
+        },
+    )
     print("wrote", path)
 
 
@@ -421,16 +542,30 @@ def report(args) -> None:
     if sc.is_file():
         d = json.loads(sc.read_text())
         for layers in sorted({r["layers"] for r in d["rows"]}):
-            out.append(f"\n{layers} block(s): seconds (forward + backward), extra peak RSS MB, relative gradient error of lowrank\n")
-            out.append("| n | exact s | exact MB | sdpa s | sdpa MB | lowrank s | lowrank MB | lowrank rel err (vs) | exact / lowrank | sdpa / lowrank |")
+            out.append(
+                f"\n{layers} block(s): seconds (forward + backward), extra peak RSS MB, relative gradient error of lowrank\n"
+            )
+            out.append(
+                "| n | exact s | exact MB | sdpa s | sdpa MB | lowrank s | lowrank MB | lowrank rel err (vs) | exact / lowrank | sdpa / lowrank |"
+            )
             out.append("|---|---|---|---|---|---|---|---|---|---|")
             for n in sorted({r["n"] for r in d["rows"] if r["layers"] == layers}):
                 by = {r["kernel"]: r for r in d["rows"] if r["layers"] == layers and r["n"] == n}
                 e, sd, lr = by.get("exact", {}), by.get("sdpa", {}), by.get("lowrank", {})
                 ratio = lambda a, b: _fmt(a["seconds"] / b["seconds"]) if "seconds" in a and "seconds" in b else "n/a"  # noqa: E731
-                out.append(f"| {n} | {_fmt(e.get('seconds'))} | {_fmt(e.get('extra_mb'), 4)} | {_fmt(sd.get('seconds'))} | {_fmt(sd.get('extra_mb'), 4)} | "
-                           f"{_fmt(lr.get('seconds'))} | {_fmt(lr.get('extra_mb'), 4)} | {_fmt(lr.get('rel_err'), 2)} ({lr.get('rel_err_vs', '-')}) | {ratio(e, lr)} | {ratio(sd, lr)} |")
-        out.append("\nlog-log slopes of time in n: " + json.dumps({k: {kk: round(vv, 3) if isinstance(vv, float) else vv for kk, vv in v.items()} for k, v in d["slopes"].items()}))
+                out.append(
+                    f"| {n} | {_fmt(e.get('seconds'))} | {_fmt(e.get('extra_mb'), 4)} | {_fmt(sd.get('seconds'))} | {_fmt(sd.get('extra_mb'), 4)} | "
+                    f"{_fmt(lr.get('seconds'))} | {_fmt(lr.get('extra_mb'), 4)} | {_fmt(lr.get('rel_err'), 2)} ({lr.get('rel_err_vs', '-')}) | {ratio(e, lr)} | {ratio(sd, lr)} |"
+                )
+        out.append(
+            "\nlog-log slopes of time in n: "
+            + json.dumps(
+                {
+                    k: {kk: round(vv, 3) if isinstance(vv, float) else vv for kk, vv in v.items()}
+                    for k, v in d["slopes"].items()
+                }
+            )
+        )
     te = RESULTS / "gradients_tensor.json"
     if te.is_file():
         d = json.loads(te.read_text())
@@ -439,13 +574,17 @@ def report(args) -> None:
         out.append("|---|---|---|---|---|---|")
         for r in d["rows"]:
             ratio = _fmt(r["dense_seconds"] / r["fast_seconds"]) if "dense_seconds" in r else "n/a"
-            out.append(f"| {r['n']} | {_fmt(r['fast_seconds'])} | {_fmt(r.get('dense_seconds'))} | {ratio} | {_fmt(r.get('grad_rel_err'), 2)} | {_fmt(r.get('out_max_err'), 2)} |")
+            out.append(
+                f"| {r['n']} | {_fmt(r['fast_seconds'])} | {_fmt(r.get('dense_seconds'))} | {ratio} | {_fmt(r.get('grad_rel_err'), 2)} | {_fmt(r.get('out_max_err'), 2)} |"
+            )
         out.append("\n" + json.dumps(d["summary"]))
     for name in ("beta", "bounded"):
         f = RESULTS / f"gradients_{name}.json"
         if f.is_file():
             d = json.loads(f.read_text())
-            out.append(f"\n{name}: " + json.dumps({k: v for k, v in d.items() if k not in ("meta",)}, default=str)[:3000])
+            out.append(
+                f"\n{name}: " + json.dumps({k: v for k, v in d.items() if k not in ("meta",)}, default=str)[:3000]
+            )
     print("\n".join(out))
 
 
@@ -462,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--layers", type=int, nargs="+", default=[1, 4])
     sc.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     sc.add_argument("--mem-cap-gb", type=float, default=5.0)
-    sc.add_argument("--max-sdpa-n", type=json.loads, default={}, help='JSON {layers: max n} for the sdpa kernel')
+    sc.add_argument("--max-sdpa-n", type=json.loads, default={}, help="JSON {layers: max n} for the sdpa kernel")
     te = sub.add_parser("tensor")
     te.add_argument("--ns", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536])
     te.add_argument("--max-dense-n", type=int, default=256)
@@ -488,7 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if getattr(args, "max_sdpa_n", None):
         args.max_sdpa_n = {int(k): v for k, v in args.max_sdpa_n.items()}
-    {"scaling": scaling, "tensor": tensor, "beta": beta, "bounded": bounded, "bounded-speed": bounded_speed, "small-gpt-beta": small_gpt_beta, "report": report}[args.section](args)
+    {
+        "scaling": scaling,
+        "tensor": tensor,
+        "beta": beta,
+        "bounded": bounded,
+        "bounded-speed": bounded_speed,
+        "small-gpt-beta": small_gpt_beta,
+        "report": report,
+    }[args.section](args)
     return 0
 
 

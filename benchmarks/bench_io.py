@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.kernels import io_model as io  # noqa: E402
-from pipeline.kernels.planner import plan_attention  # noqa: E402
+from pipeline.kernels import io_model as io
+from pipeline.kernels.planner import plan_attention
 
 NS = [1024, 4096, 16384]
 DS = [64, 128]
@@ -87,7 +87,9 @@ def main() -> None:
         "|---|---|---|",
     ]
     for d in (32, 64, 128, 256):
-        lines.append(f"| {d} | {_crossover(io.fa1_forward_formula, 4096, d):.2f} | {_crossover(io.fa2_forward_formula, 4096, d):.2f} |")
+        lines.append(
+            f"| {d} | {_crossover(io.fa1_forward_formula, 4096, d):.2f} | {_crossover(io.fa2_forward_formula, 4096, d):.2f} |"
+        )
     lines += [
         "",
         "## Block-sparse FA2 forward (b from the planner, density s of kept blocks), M = 16 d^2, d = 64",
@@ -101,7 +103,9 @@ def main() -> None:
         for s in (0.1, 0.25, 0.5):
             p = plan_attention(cache_words=m, seq=n, head_dim=d, density=s)
             dense = io.block_sparse_forward_formula(n, d, p.block_q, (-(-n // p.block_q)) ** 2)
-            lines.append(f"| {n} | {s} | {p.block_q} | {p.predicted_io_words / dense:.3f} | {p.predicted_io_words / (s * io.lower_bound_forward(n, d, m)):.2f} |")
+            lines.append(
+                f"| {n} | {s} | {p.block_q} | {p.predicted_io_words / dense:.3f} | {p.predicted_io_words / (s * io.lower_bound_forward(n, d, m)):.2f} |"
+            )
     lines += [
         "",
         "## Why no ratio reaches the 1.1 goal",

@@ -58,7 +58,14 @@ def _case(kernel: str, n: int, reps: int) -> dict:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return {"kernel": kernel, "n": n, "seconds": sorted(times)[len(times) // 2], "reps": reps, "peak_delta_mib": max(0, peak - base) / 2**20, "out_mib": out.numel() * 4 / 2**20}
+    return {
+        "kernel": kernel,
+        "n": n,
+        "seconds": sorted(times)[len(times) // 2],
+        "reps": reps,
+        "peak_delta_mib": max(0, peak - base) / 2**20,
+        "out_mib": out.numel() * 4 / 2**20,
+    }
 
 
 def main() -> None:
@@ -78,7 +85,9 @@ def main() -> None:
             if kernel == "naive" and 2 * H * n * n * 4 > NAIVE_LIMIT_BYTES:
                 rows.append({"kernel": kernel, "n": n, "skipped": f"S and P need {2 * H * n * n * 4 / 2**30:.1f} GiB"})
                 continue
-            res = subprocess.run([sys.executable, __file__, "--case", kernel, str(n)], capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [sys.executable, __file__, "--case", kernel, str(n)], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     lines = [

@@ -51,7 +51,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,8 +65,16 @@ GPT_DIR = Path("~/.cache/edgepipe/small-gpt").expanduser()
 logger = logging.getLogger("bench_pruning")
 
 MODELS = ("minilm", "minilm-qk", "gpt")
-METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec", "attention", "attention-nocqk", "attention-noec",
-           "attention-paper")
+METHODS = (
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "sparsegpt-ec",
+    "attention",
+    "attention-nocqk",
+    "attention-noec",
+    "attention-paper",
+)
 SPARSITIES = ("30", "50", "70", "2:4", "s25", "s50", "s50h25", "q50", "q50f62")
 STRUCTURED_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-ec")  # heads/FFN units ("s..." rows)
 # "q..." rows narrow the q/k width of every head (structured_unit qk_dims, BERT family): chosen by the attention
@@ -78,21 +86,32 @@ MODEL_LABEL = {
     "minilm-qk": "all-MiniLM-L6-v2, q/k only (targets: qk)",
     "gpt": "small GPT (4 layers, hidden 128), whole model (targets: all)",
 }
-SPARSITY_LABEL = {"30": "30%", "50": "50%", "70": "70%", "2:4": "2:4", "s25": "struct 25%", "s50": "struct 50%",
-                  "s50+recover-v1": "struct 50% + recover (v1: 200 steps, 64 passages)",
-                  "s50+recover-v2": "struct 50% + recover (v2)", "s50+recover": "struct 50% + recover",
-                  "s50h25": "struct heads 25% + FFN 62.5%",
-                  "s50h25+recover-v2": "struct heads 25% + FFN 62.5% + recover (v2)",
-                  "s50h25+recover": "struct heads 25% + FFN 62.5% + recover",
-                  "q50": "struct q/k width 50%", "q50f62": "struct q/k width 50% + FFN 62.5%",
-                  "q50f62+recover-v2": "struct q/k width 50% + FFN 62.5% + recover (v2)",
-                  "q50f62+recover-v2-tn15": "struct q/k width 50% + FFN 62.5% + recover (v2), token noise 0.15",
-                  "q50f62+recover": "struct q/k width 50% + FFN 62.5% + recover",
-                  "q50f62+recover-tn15": "struct q/k width 50% + FFN 62.5% + recover, token noise 0.15"}
+SPARSITY_LABEL = {
+    "30": "30%",
+    "50": "50%",
+    "70": "70%",
+    "2:4": "2:4",
+    "s25": "struct 25%",
+    "s50": "struct 50%",
+    "s50+recover-v1": "struct 50% + recover (v1: 200 steps, 64 passages)",
+    "s50+recover-v2": "struct 50% + recover (v2)",
+    "s50+recover": "struct 50% + recover",
+    "s50h25": "struct heads 25% + FFN 62.5%",
+    "s50h25+recover-v2": "struct heads 25% + FFN 62.5% + recover (v2)",
+    "s50h25+recover": "struct heads 25% + FFN 62.5% + recover",
+    "q50": "struct q/k width 50%",
+    "q50f62": "struct q/k width 50% + FFN 62.5%",
+    "q50f62+recover-v2": "struct q/k width 50% + FFN 62.5% + recover (v2)",
+    "q50f62+recover-v2-tn15": "struct q/k width 50% + FFN 62.5% + recover (v2), token noise 0.15",
+    "q50f62+recover": "struct q/k width 50% + FFN 62.5% + recover",
+    "q50f62+recover-tn15": "struct q/k width 50% + FFN 62.5% + recover, token noise 0.15",
+}
 # recover rows (older recipes first) under the pruned row they start from, in table order
-RECOVER_ROWS = {"s50": ("s50+recover-v1", "s50+recover-v2", "s50+recover"),
-                "s50h25": ("s50h25+recover-v2", "s50h25+recover"),
-                "q50f62": ("q50f62+recover-v2", "q50f62+recover-v2-tn15", "q50f62+recover", "q50f62+recover-tn15")}
+RECOVER_ROWS = {
+    "s50": ("s50+recover-v1", "s50+recover-v2", "s50+recover"),
+    "s50h25": ("s50h25+recover-v2", "s50h25+recover"),
+    "q50f62": ("q50f62+recover-v2", "q50f62+recover-v2-tn15", "q50f62+recover", "q50f62+recover-tn15"),
+}
 
 
 @dataclass
@@ -119,7 +138,7 @@ class Settings:
     calib_lines: tuple[int, int] = (0, 64)
     heldout_lines: tuple[int, int] = (1000, 1256)
     max_length: int = 128
-    layers: Optional[int] = None
+    layers: int | None = None
     gpt_attn_passages: int = 128
     recover_steps: int = 2000
     recover_lr: float = 1e-3
@@ -146,7 +165,7 @@ class ModelCtx:
 # ------------------------------------------------------------------------------------------------- data / models
 
 
-def _truncate_layers(model: torch.nn.Module, n: Optional[int]) -> None:
+def _truncate_layers(model: torch.nn.Module, n: int | None) -> None:
     """Keep the first ``n`` blocks (``--quick``): BERT ``encoder.layer`` or GPT-2 ``transformer.h``."""
     if n is None:
         return
@@ -186,7 +205,7 @@ def _cache_dense(ctx: ModelCtx) -> None:
         ctx.ref["emb"] = np.concatenate(embs)
 
 
-def _attention_error_and_embeddings(ctx: ModelCtx, model: torch.nn.Module) -> tuple[Optional[float], Optional[np.ndarray]]:
+def _attention_error_and_embeddings(ctx: ModelCtx, model: torch.nn.Module) -> tuple[float | None, np.ndarray | None]:
     """Mean over layers of the relative Frobenius attention error vs the cached dense attentions.
 
     Same arithmetic as ``pipeline.pruning.metrics.attention_error`` (float64 sums over real query x real key
@@ -262,7 +281,7 @@ def _load_gpt(s: Settings, lines: list[str]) -> ModelCtx:
 # ------------------------------------------------------------------------------------------------- one row
 
 
-def _attention_options(method: str) -> Optional[Any]:
+def _attention_options(method: str) -> Any | None:
     from pipeline.pruning.attention import AttentionMethodConfig
 
     if method == "attention":
@@ -291,15 +310,17 @@ def _prune_config(ctx: ModelCtx, method: str, sp: str) -> Any:
     if sp == "2:4":
         kw.update(pattern="n:m", n=2, m=4)
     elif sp == "s50h25":  # as many MiniLM block parameters as s50, taken more from the FFN than from the heads
-        kw.update(pattern="structured", structured_unit="heads+ffn", sparsity=0.5, head_sparsity=0.25,
-                  ffn_sparsity=0.625)
+        kw.update(
+            pattern="structured", structured_unit="heads+ffn", sparsity=0.5, head_sparsity=0.25, ffn_sparsity=0.625
+        )
     elif sp.startswith("s"):
         kw.update(pattern="structured", structured_unit="heads+ffn", sparsity=int(sp[1:]) / 100)
     elif sp == "q50":  # q/k width halved in every head, nothing else
         kw.update(pattern="structured", structured_unit="qk_dims", sparsity=0.5)
     elif sp == "q50f62":  # q/k width 50 % + FFN 62.5 %: as many MiniLM block parameters as s50, all heads kept
-        kw.update(pattern="structured", structured_unit="qk_dims+ffn", sparsity=0.5, qk_sparsity=0.5,
-                  ffn_sparsity=0.625)
+        kw.update(
+            pattern="structured", structured_unit="qk_dims+ffn", sparsity=0.5, qk_sparsity=0.5, ffn_sparsity=0.625
+        )
     else:
         kw.update(pattern="unstructured", sparsity=int(sp) / 100)
     return PruneConfig(**kw)
@@ -346,8 +367,9 @@ def _latency(ctx: ModelCtx, model: torch.nn.Module, workdir: Path, tag: str, run
     with_past = False if ctx.loaded.is_decoder else None  # decoders: time the plain prefill graph (no KV IO)
     if ctx.onnx_dense is None:
         ctx.onnx_dense = export_onnx(ctx.loaded, workdir / f"{ctx.key}-dense", opset=18, with_past=with_past)
-    pruned = export_onnx(dataclasses.replace(ctx.loaded, model=model), workdir / f"{ctx.key}-{tag}", opset=18,
-                         with_past=with_past)
+    pruned = export_onnx(
+        dataclasses.replace(ctx.loaded, model=model), workdir / f"{ctx.key}-{tag}", opset=18, with_past=with_past
+    )
     sessions = {"dense": make_session(ctx.onnx_dense.path), "pruned": make_session(pruned.path)}
     feeds = dummy_feeds(ctx.onnx_dense, batch=1, seq=SETTINGS.max_length)
     # same ids for both graphs; a graph only gets the inputs it declares
@@ -371,11 +393,16 @@ def _latency(ctx: ModelCtx, model: torch.nn.Module, workdir: Path, tag: str, run
         ref = (ref.logits if ctx.loaded.is_decoder else ref.last_hidden_state).numpy()
     dense_ms = 1e3 * float(np.median(times["dense"]))
     pruned_ms = 1e3 * float(np.median(times["pruned"]))
-    return {"dense_ms": dense_ms, "pruned_ms": pruned_ms, "speedup": dense_ms / pruned_ms,
-            "dense_min_ms": 1e3 * min(times["dense"]), "pruned_min_ms": 1e3 * min(times["pruned"]),
-            "onnx_max_abs_vs_torch": float(np.abs(out0["pruned"] - ref).max()),
-            "onnx_mb_dense": ctx.onnx_dense.path.stat().st_size / 2**20,
-            "onnx_mb_pruned": pruned.path.stat().st_size / 2**20}
+    return {
+        "dense_ms": dense_ms,
+        "pruned_ms": pruned_ms,
+        "speedup": dense_ms / pruned_ms,
+        "dense_min_ms": 1e3 * min(times["dense"]),
+        "pruned_min_ms": 1e3 * min(times["pruned"]),
+        "onnx_max_abs_vs_torch": float(np.abs(out0["pruned"] - ref).max()),
+        "onnx_mb_dense": ctx.onnx_dense.path.stat().st_size / 2**20,
+        "onnx_mb_pruned": pruned.path.stat().st_size / 2**20,
+    }
 
 
 def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str, Any]]:
@@ -387,10 +414,14 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
     model = copy.deepcopy(ctx.loaded.model)
     torch.manual_seed(0)
     res = prune_model(model, cfg, ctx.calib)  # no eval_batches: 'seconds' is pruning only
-    row: dict[str, Any] = {"model": ctx.key, "method": method, "sparsity": sp,
-                           "prune_seconds": res.metrics["seconds"],
-                           "achieved_sparsity": res.metrics["sparsity"]["overall"],
-                           "parts": res.metrics.get("parts", {})}
+    row: dict[str, Any] = {
+        "model": ctx.key,
+        "method": method,
+        "sparsity": sp,
+        "prune_seconds": res.metrics["seconds"],
+        "achieved_sparsity": res.metrics["sparsity"]["overall"],
+        "parts": res.metrics.get("parts", {}),
+    }
     if method.startswith("attention"):
         qk = [pl.get("qk_stats", {}) for pl in res.metrics["per_layer"]]
         row["qk_seconds"] = sum(float(q.get("seconds", 0.0) or 0.0) for q in qk)
@@ -402,18 +433,32 @@ def run_row(ctx: ModelCtx, method: str, sp: str, workdir: Path) -> list[dict[str
     rows = [row]
     if sp in ("s50", "s50h25", "q50f62"):
         student = model  # the pruned row is already recorded; recover in place
-        rec = recover_(student, ctx.loaded.model, ctx.ref["distill"], steps=SETTINGS.recover_steps,
-                       lr=SETTINGS.recover_lr, loss=None, seed=0,  # default_loss: KL for GPT, hidden_mse for MiniLM
-                       layer_weight=SETTINGS.recover_layer_weight, schedule="cosine",
-                       warmup=SETTINGS.recover_steps // 20, freeze_embeddings=True,
-                       token_noise=SETTINGS.recover_token_noise)
+        rec = recover_(
+            student,
+            ctx.loaded.model,
+            ctx.ref["distill"],
+            steps=SETTINGS.recover_steps,
+            lr=SETTINGS.recover_lr,
+            loss=None,
+            seed=0,  # default_loss: KL for GPT, hidden_mse for MiniLM
+            layer_weight=SETTINGS.recover_layer_weight,
+            schedule="cosine",
+            warmup=SETTINGS.recover_steps // 20,
+            freeze_embeddings=True,
+            token_noise=SETTINGS.recover_token_noise,
+        )
         tn = SETTINGS.recover_token_noise
-        rrow = {**{k: row[k] for k in ("model", "method", "achieved_sparsity", "prune_seconds")},
-                "sparsity": f"{sp}+recover" + (f"-tn{round(100 * tn)}" if tn else ""),
-                "recover_seconds": rec.seconds, "recover_steps": rec.steps, "recover_token_noise": tn,
-                "recover_passages": sum(len(b["input_ids"]) for b in ctx.ref["distill"]),
-                "recover_loss": [rec.loss_first, rec.loss_last], "recover_kind": rec.loss,
-                "recover_layer_weight": SETTINGS.recover_layer_weight}
+        rrow = {
+            **{k: row[k] for k in ("model", "method", "achieved_sparsity", "prune_seconds")},
+            "sparsity": f"{sp}+recover" + (f"-tn{round(100 * tn)}" if tn else ""),
+            "recover_seconds": rec.seconds,
+            "recover_steps": rec.steps,
+            "recover_token_noise": tn,
+            "recover_passages": sum(len(b["input_ids"]) for b in ctx.ref["distill"]),
+            "recover_loss": [rec.loss_first, rec.loss_last],
+            "recover_kind": rec.loss,
+            "recover_layer_weight": SETTINGS.recover_layer_weight,
+        }
         rrow.update(_evaluate(ctx, student))
         for k in ("dense_ms", "pruned_ms", "speedup"):  # same architecture as the pruned row
             if k in row:
@@ -431,8 +476,12 @@ def _priority(model: str, method: str, sp: str) -> tuple[int, int, int, int]:
         tier = 0 if model.startswith("minilm") else 1
     else:
         tier = {"30": 2, "2:4": 3, "s50": 4, "s25": 5, "s50h25": 6, "q50": 7, "q50f62": 8}[sp]
-    return (tier, MODELS.index(model) if tier else ("minilm-qk", "minilm", "gpt").index(model),
-            SPARSITIES.index(sp), METHODS.index(method))
+    return (
+        tier,
+        MODELS.index(model) if tier else ("minilm-qk", "minilm", "gpt").index(model),
+        SPARSITIES.index(sp),
+        METHODS.index(method),
+    )
 
 
 def plan(models: list[str], methods: list[str], sparsities: list[str]) -> tuple[list[tuple[str, str, str]], list[str]]:
@@ -442,8 +491,10 @@ def plan(models: list[str], methods: list[str], sparsities: list[str]) -> tuple[
         for me in methods:
             for sp in sparsities:
                 if sp.startswith("s") and me not in STRUCTURED_METHODS:
-                    skipped.append(f"structured heads/FFN x {me}: the attention method removes heads/FFN through its"
-                                   " SparseGPT companion (= the sparsegpt rows)")
+                    skipped.append(
+                        f"structured heads/FFN x {me}: the attention method removes heads/FFN through its"
+                        " SparseGPT companion (= the sparsegpt rows)"
+                    )
                 elif sp.startswith("s") and mo == "minilm-qk":
                     skipped.append("minilm-qk x structured heads/FFN: those remove more than q/k (see the q50 rows)")
                 elif sp.startswith("q") and me not in QK_DIM_METHODS:
@@ -468,28 +519,31 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
     """Render all rows (grouped by model scope) plus run metadata to ``path``."""
     by = {(r["model"], r["method"], r["sparsity"]): r for r in rows}
     cmds = list(dict.fromkeys([r["cmd"] for r in rows if "cmd" in r] or [meta["command"]]))
-    L = ["# Pruning benchmark: method/variant x sparsity x model (`benchmarks/bench_pruning.py`)", "",
-         "- Command(s) (rows merged from these invocations): " + "; ".join(f"`{c}`" for c in cmds),
-         f"- Host: `{meta['uname']}`, nproc {meta['nproc']}, torch {meta['torch']}, onnxruntime {meta['ort']}, "
-         f"transformers {meta['transformers']}, python {meta['python']}; torch threads {meta['threads']}",
-         f"- Date: {meta['date']} (rows finished {meta['updated']})",
-         "- **Load note:** up to 6 agents share these 2 CPU cores; all seconds and latencies are noisy and "
-         "indicative only (compare rows measured side by side, not absolute values).",
-         f"- Settings: {meta['settings']}",
-         f"- `attention` = AttentionMethodConfig defaults `{meta['attn_default']}`; `attention-paper` = "
-         f"`{meta['attn_paper']}` (pipeline/pruning/attention.py sha256 {meta['attn_sha']}). In whole-model "
-         "scope the attention method prunes q/k itself and v/o/FFN with its companion (SparseGPT by default), so "
-         "those rows differ from `sparsegpt` only in q/k.",
-         "- Protocol: `prune_model` (sequential, layer by layer) on calibration fortunes lines "
-         f"{meta['calib']}, max length {meta['max_length']}; MiniLM held-out lines {meta['heldout']}; GPT "
-         "held-out = last 5% of fortunes lines (`train_small_gpt.read_split`), perplexity over non-overlapping "
-         "128-token windows; attention error / top-1 / KL on the first "
-         f"{meta['gpt_attn_passages']} GPT held-out passages.",
-         "- attn err = mean over layers of ‖A−A*‖_F/‖A*‖_F of held-out attention probabilities (layers whose head "
-         "count changed are skipped, hence — for structured); cos = cosine of mean-pooled sentence embeddings to "
-         "dense; R@10 = overlap of each passage's 10 nearest held-out neighbours with dense; prune s = "
-         "`prune_model` wall time without evaluation; sparsity = achieved fraction of the pruned matrices removed.",
-         ""]
+    L = [
+        "# Pruning benchmark: method/variant x sparsity x model (`benchmarks/bench_pruning.py`)",
+        "",
+        "- Command(s) (rows merged from these invocations): " + "; ".join(f"`{c}`" for c in cmds),
+        f"- Host: `{meta['uname']}`, nproc {meta['nproc']}, torch {meta['torch']}, onnxruntime {meta['ort']}, "
+        f"transformers {meta['transformers']}, python {meta['python']}; torch threads {meta['threads']}",
+        f"- Date: {meta['date']} (rows finished {meta['updated']})",
+        "- **Load note:** up to 6 agents share these 2 CPU cores; all seconds and latencies are noisy and "
+        "indicative only (compare rows measured side by side, not absolute values).",
+        f"- Settings: {meta['settings']}",
+        f"- `attention` = AttentionMethodConfig defaults `{meta['attn_default']}`; `attention-paper` = "
+        f"`{meta['attn_paper']}` (pipeline/pruning/attention.py sha256 {meta['attn_sha']}). In whole-model "
+        "scope the attention method prunes q/k itself and v/o/FFN with its companion (SparseGPT by default), so "
+        "those rows differ from `sparsegpt` only in q/k.",
+        "- Protocol: `prune_model` (sequential, layer by layer) on calibration fortunes lines "
+        f"{meta['calib']}, max length {meta['max_length']}; MiniLM held-out lines {meta['heldout']}; GPT "
+        "held-out = last 5% of fortunes lines (`train_small_gpt.read_split`), perplexity over non-overlapping "
+        "128-token windows; attention error / top-1 / KL on the first "
+        f"{meta['gpt_attn_passages']} GPT held-out passages.",
+        "- attn err = mean over layers of ‖A−A*‖_F/‖A*‖_F of held-out attention probabilities (layers whose head "
+        "count changed are skipped, hence — for structured); cos = cosine of mean-pooled sentence embeddings to "
+        "dense; R@10 = overlap of each passage's 10 nearest held-out neighbours with dense; prune s = "
+        "`prune_model` wall time without evaluation; sparsity = achieved fraction of the pruned matrices removed.",
+        "",
+    ]
     for mo in MODELS:
         mrows = [r for r in rows if r["model"] == mo]
         if not mrows:
@@ -498,11 +552,15 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
         if mo == "gpt":
             L.append(f"Dense held-out perplexity: {mrows[0].get('ppl_dense', float('nan')):.2f}.")
             L.append("")
-            L += ["| sparsity | method | attn err | ppl | top-1 agr. | KL (nats/tok) | achieved sparsity | prune s |",
-                  "|---|---|---|---|---|---|---|---|"]
+            L += [
+                "| sparsity | method | attn err | ppl | top-1 agr. | KL (nats/tok) | achieved sparsity | prune s |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
         else:
-            L += ["| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
-                  "|---|---|---|---|---|---|---|---|"]
+            L += [
+                "| sparsity | method | attn err | cos mean | cos min | R@10 | achieved sparsity | prune s |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
         for sp in [x for base in SPARSITIES for x in (base, *RECOVER_ROWS.get(base, ()))]:
             for me in METHODS:
                 r = by.get((mo, me, sp))
@@ -511,26 +569,36 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
                 secs = _fmt(r["prune_seconds"], ".1f")
                 if "recover_seconds" in r:  # the recipe: steps, passages, loss, layer weight
                     n = f"{r['recover_passages']} passages, " if "recover_passages" in r else ""
-                    secs += (f" + recover {r['recover_seconds']:.1f} ({r['recover_steps']} steps, {n}"
-                             f"{r.get('recover_kind', '?')}, lw {r['recover_layer_weight']:g})")
+                    secs += (
+                        f" + recover {r['recover_seconds']:.1f} ({r['recover_steps']} steps, {n}"
+                        f"{r.get('recover_kind', '?')}, lw {r['recover_layer_weight']:g})"
+                    )
                 if mo == "gpt":
                     mid = f"{_fmt(r['ppl'], '.2f')} | {_fmt(r['top1'], '.3f')} | {_fmt(r['kl'], '.4f')}"
                 else:
                     mid = f"{_fmt(r['cos_mean'])} | {_fmt(r['cos_min'])} | {_fmt(r['recall_at_10'], '.3f')}"
-                L.append(f"| {SPARSITY_LABEL[sp]} | {me} | {_fmt(r['attn_err'])} | {mid} | "
-                         f"{_fmt(r['achieved_sparsity'], '.3f')} | {secs} |")
+                L.append(
+                    f"| {SPARSITY_LABEL[sp]} | {me} | {_fmt(r['attn_err'])} | {mid} | "
+                    f"{_fmt(r['achieved_sparsity'], '.3f')} | {secs} |"
+                )
         lat = [r for r in mrows if "dense_ms" in r and r["sparsity"] in ("s25", "s50", "s50h25", "q50", "q50f62")]
         if lat:
-            L += ["", "Structured: host-CPU ONNX latency (dynamo export, opset 18, ORT 2 threads, no spin-wait, ABBA order, batch 1 x seq "
-                  f"{meta['max_length']}, median of {meta['latency_runs']} runs, dense and pruned interleaved):", "",
-                  "| sparsity | method | dense ms (median / min) | pruned ms (median / min) | speedup (median) | "
-                  "ONNX MB dense → pruned | max abs ORT vs torch |",
-                  "|---|---|---|---|---|---|---|"]
+            L += [
+                "",
+                "Structured: host-CPU ONNX latency (dynamo export, opset 18, ORT 2 threads, no spin-wait, ABBA order, batch 1 x seq "
+                f"{meta['max_length']}, median of {meta['latency_runs']} runs, dense and pruned interleaved):",
+                "",
+                "| sparsity | method | dense ms (median / min) | pruned ms (median / min) | speedup (median) | "
+                "ONNX MB dense → pruned | max abs ORT vs torch |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for r in lat:
-                L.append(f"| {SPARSITY_LABEL[r['sparsity']]} | {r['method']} | {r['dense_ms']:.2f} / "
-                         f"{r.get('dense_min_ms', float('nan')):.2f} | {r['pruned_ms']:.2f} / "
-                         f"{r.get('pruned_min_ms', float('nan')):.2f} | {r['speedup']:.2f}x | {r['onnx_mb_dense']:.1f} → "
-                         f"{r['onnx_mb_pruned']:.1f} | {r['onnx_max_abs_vs_torch']:.1e} |")
+                L.append(
+                    f"| {SPARSITY_LABEL[r['sparsity']]} | {r['method']} | {r['dense_ms']:.2f} / "
+                    f"{r.get('dense_min_ms', float('nan')):.2f} | {r['pruned_ms']:.2f} / "
+                    f"{r.get('pruned_min_ms', float('nan')):.2f} | {r['speedup']:.2f}x | {r['onnx_mb_dense']:.1f} → "
+                    f"{r['onnx_mb_pruned']:.1f} | {r['onnx_max_abs_vs_torch']:.1e} |"
+                )
         L.append("")
     if meta.get("skipped"):
         L += ["## Not run by design", ""] + [f"- {s}" for s in meta["skipped"]] + [""]
@@ -543,19 +611,26 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
 SETTINGS = Settings()
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     global SETTINGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--sparsities", nargs="+", choices=SPARSITIES, default=list(SPARSITIES))
-    ap.add_argument("--quick", action="store_true", help="2 layers, 16 calibration / 64 held-out passages, "
-                                                         "10 recover steps, 5 latency runs")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 layers, 16 calibration / 64 held-out passages, 10 recover steps, 5 latency runs",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recover-token-noise", type=float, default=0.0, help="token_noise of the recover rows")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pruning.md")
-    ap.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "bench_pruning_rows.json",
-                    help="rows are appended here as they finish")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "bench_pruning_rows.json",
+        help="rows are appended here as they finish",
+    )
     ap.add_argument("--resume", action="store_true", help="keep rows already in --json and skip them")
     ap.add_argument("--deadline", default=None, help="UTC HH:MM: start no new row after it")
     ap.add_argument("--render-only", action="store_true", help="only rewrite --out from the rows in --json")
@@ -564,9 +639,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one line per deduplicated initializer otherwise
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.quick:
-        SETTINGS = Settings(calib_lines=(0, 16), heldout_lines=(1000, 1064), max_length=64, layers=2,
-                            gpt_attn_passages=32, recover_steps=10, recover_passages=320, latency_runs=5,
-                            threads=args.threads, recover_token_noise=args.recover_token_noise)
+        SETTINGS = Settings(
+            calib_lines=(0, 16),
+            heldout_lines=(1000, 1064),
+            max_length=64,
+            layers=2,
+            gpt_attn_passages=32,
+            recover_steps=10,
+            recover_passages=320,
+            latency_runs=5,
+            threads=args.threads,
+            recover_token_noise=args.recover_token_noise,
+        )
     else:
         SETTINGS = Settings(threads=args.threads, recover_token_noise=args.recover_token_noise)
     torch.set_num_threads(SETTINGS.threads)
@@ -583,18 +667,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     attn_src = (ROOT / "pipeline" / "pruning" / "attention.py").read_bytes()
     meta = {
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/bench_pruning.py "
-                   + shlex.join(sys.argv[1:] if argv is None else argv),
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "uname": subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip(),
-        "nproc": os.cpu_count(), "torch": torch.__version__, "ort": onnxruntime.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(), "threads": SETTINGS.threads,
+        "nproc": os.cpu_count(),
+        "torch": torch.__version__,
+        "ort": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": SETTINGS.threads,
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        "settings": dataclasses.asdict(SETTINGS), "calib": "%d-%d" % (SETTINGS.calib_lines[0], SETTINGS.calib_lines[1] - 1),
+        "settings": dataclasses.asdict(SETTINGS),
+        "calib": "%d-%d" % (SETTINGS.calib_lines[0], SETTINGS.calib_lines[1] - 1),
         "heldout": "%d-%d" % (SETTINGS.heldout_lines[0], SETTINGS.heldout_lines[1] - 1),
-        "max_length": SETTINGS.max_length, "gpt_attn_passages": SETTINGS.gpt_attn_passages,
-        "latency_runs": SETTINGS.latency_runs, "skipped": skipped,
+        "max_length": SETTINGS.max_length,
+        "gpt_attn_passages": SETTINGS.gpt_attn_passages,
+        "latency_runs": SETTINGS.latency_runs,
+        "skipped": skipped,
         "attn_default": AttentionMethodConfig().model_dump(),
-        "attn_paper": {k: v for k, v in _attention_options("attention-paper").model_dump().items()
-                       if v != AttentionMethodConfig().model_dump()[k]},
+        "attn_paper": {
+            k: v
+            for k, v in _attention_options("attention-paper").model_dump().items()
+            if v != AttentionMethodConfig().model_dump()[k]
+        },
         "attn_sha": hashlib.sha256(attn_src).hexdigest()[:12],
     }
     lines = DATA.read_text().splitlines()  # raw line numbers, as prune_qk_probe.py
@@ -622,14 +716,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                 logger.info("loaded %s and its dense references in %.1fs", mo, time.perf_counter() - t)
             try:
                 new = run_row(ctxs[mo], me, sp, Path(tmp))
-            except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking the other rows
+            except Exception as e:
                 logger.exception("row %s/%s/%s failed", mo, me, sp)
-                pending = [p if p != f"{mo}/{me}/{sp}" else f"{p}: FAILED {type(e).__name__}: {str(e)[:200]}"
-                           for p in pending]
+                pending = [
+                    p if p != f"{mo}/{me}/{sp}" else f"{p}: FAILED {type(e).__name__}: {str(e)[:200]}" for p in pending
+                ]
                 continue
             for r in new:
-                logger.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                                   if k not in ("parts", "removed_units")})
+                logger.info(
+                    "%s",
+                    {
+                        k: (round(v, 4) if isinstance(v, float) else v)
+                        for k, v in r.items()
+                        if k not in ("parts", "removed_units")
+                    },
+                )
             for r in new:
                 r["cmd"] = meta["command"]
                 r["finished"] = f"{datetime.datetime.now(datetime.timezone.utc):%H:%M UTC}"

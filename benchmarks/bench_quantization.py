@@ -46,8 +46,12 @@ class _Encoder(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
 
 
 def mean_pool(h: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -70,47 +74,74 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
     Interleaved rounds: every variant runs once per round, ``--rounds`` rounds of ``--runs`` runs; ratios are
     per round (median ours / median peer).
     """
-    import exporters.onnx as eonnx
     from onnxruntime.quantization import quantize_dynamic
     from optimum.exporters.onnx import main_export
 
+    import exporters.onnx as eonnx
     from pipeline.models import default_model_path, load_model
     from targets import load_target
 
     prof = load_target("raspberry-pi-5")
     work = Path(tempfile.mkdtemp(prefix="bench_peer_"))
     loaded = load_model(default_model_path())
-    main_export(str(default_model_path()), output=str(work / "peer"), task="feature-extraction", library_name="transformers",
-                opset=18, do_validation=False, local_files_only=True)
+    main_export(
+        str(default_model_path()),
+        output=str(work / "peer"),
+        task="feature-extraction",
+        library_name="transformers",
+        opset=18,
+        do_validation=False,
+        local_files_only=True,
+    )
     variants = {"peer int8 (optimum export + quantize_dynamic per_channel)": work / "peer_int8.onnx"}
-    quantize_dynamic(str(work / "peer" / "model.onnx"), str(variants["peer int8 (optimum export + quantize_dynamic per_channel)"]), per_channel=True)
+    quantize_dynamic(
+        str(work / "peer" / "model.onnx"),
+        str(variants["peer int8 (optimum export + quantize_dynamic per_channel)"]),
+        per_channel=True,
+    )
     reorder = eonnx._gelu_in_fusable_order
-    for label, fix in (("edgepipe int8 before (GELU as exported)", False), (f"edgepipe int8 ({prof.name} profile)", True)):
+    for label, fix in (
+        ("edgepipe int8 before (GELU as exported)", False),
+        (f"edgepipe int8 ({prof.name} profile)", True),
+    ):
         eonnx._gelu_in_fusable_order = reorder if fix else (lambda model: 0)
         try:
             res = eonnx.export_onnx(loaded, work / ("fixed" if fix else "before"))
         finally:
             eonnx._gelu_in_fusable_order = reorder
         dst = work / f"{'fixed' if fix else 'before'}_int8.onnx"
-        convert_precision(res.path, dst, "int8", per_channel=True, int8_op_types=("MatMul", "Gemm", "Gather"),
-                          weight_type=prof.int8_weight_type)
+        convert_precision(
+            res.path,
+            dst,
+            "int8",
+            per_channel=True,
+            int8_op_types=("MatMul", "Gemm", "Gather"),
+            weight_type=prof.int8_weight_type,
+        )
         variants[label] = dst
     tok, hf = loaded.tokenizer, loaded.model
-    passages = [ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()][:64]
+    passages = [
+        ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+    ][:64]
     sessions = {k: make_session(p, threads=args.threads) for k, p in variants.items()}
     cos: dict[str, list[np.ndarray]] = {k: [] for k in variants}
     for i in range(0, len(passages), 8):
         enc = tok(passages[i : i + 8], padding=True, truncation=True, max_length=128, return_tensors="np")
         with torch.no_grad():
-            ref = mean_pool(hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy(), enc["attention_mask"])
+            ref = mean_pool(
+                hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy(), enc["attention_mask"]
+            )
         for k, s in sessions.items():
             cos[k].append(cosine_rows(ref, mean_pool(s.run(None, feeds_for(s, enc))[0], enc["attention_mask"])))
     rng = np.random.default_rng(0)
     peer = next(iter(variants))
     rows, ratios = [], {}
     for seq in (128, 512):
-        enc = {"input_ids": rng.integers(1000, 20000, (1, seq)).astype(np.int64), "attention_mask": np.ones((1, seq), np.int64),
-               "token_type_ids": np.zeros((1, seq), np.int64)}
+        enc = {
+            "input_ids": rng.integers(1000, 20000, (1, seq)).astype(np.int64),
+            "attention_mask": np.ones((1, seq), np.int64),
+            "token_type_ids": np.zeros((1, seq), np.int64),
+        }
         feeds = {k: feeds_for(s, enc) for k, s in sessions.items()}
         for k, s in sessions.items():
             for _ in range(3):
@@ -136,22 +167,24 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
     vnni = "avx512_vnni" in flags or "avx_vnni" in flags
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     cmd = "OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/bench_quantization.py " + " ".join(sys.argv[1:])
-    return "\n".join([
-        "### int8 against the peer path, side by side (raspberry-pi-5 profile, all-MiniLM-L6-v2)",
-        "",
-        f"- Command: `{cmd.strip()}`",
-        f"- Host: `{uname}`, nproc {os.cpu_count()}, AVX-VNNI: {'yes' if vnni else 'no'}; onnxruntime {ort.__version__},"
-        f" torch {torch.__version__}; date {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')};"
-        f" load average at the end {load}",
-        f"- One process, {args.threads} intra-op threads, CPU EP (ORT_ENABLE_ALL); {args.rounds} rounds of {args.runs}"
-        " interleaved runs at batch 1; ratio = median(variant) / median(peer) within a round (one number per round).",
-        "- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 on the first 64 fortunes.txt passages.",
-        "",
-        "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 (per round) | ratio vs peer 1x512 (per round) | cos mean | cos min |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-    ])
+    return "\n".join(
+        [
+            "### int8 against the peer path, side by side (raspberry-pi-5 profile, all-MiniLM-L6-v2)",
+            "",
+            f"- Command: `{cmd.strip()}`",
+            f"- Host: `{uname}`, nproc {os.cpu_count()}, AVX-VNNI: {'yes' if vnni else 'no'}; onnxruntime {ort.__version__},"
+            f" torch {torch.__version__}; date {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')};"
+            f" load average at the end {load}",
+            f"- One process, {args.threads} intra-op threads, CPU EP (ORT_ENABLE_ALL); {args.rounds} rounds of {args.runs}"
+            " interleaved runs at batch 1; ratio = median(variant) / median(peer) within a round (one number per round).",
+            "- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 on the first 64 fortunes.txt passages.",
+            "",
+            "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 (per round) | ratio vs peer 1x512 (per round) | cos mean | cos min |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
 
 
 def main() -> None:
@@ -159,8 +192,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30, help="timed runs per variant and shape")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="--peer-side-by-side: interleaved rounds (one ratio each)")
-    ap.add_argument("--peer-side-by-side", action="store_true",
-                    help="only edgepipe's raspberry-pi-5 int8 vs optimum export + quantize_dynamic(per_channel) (issue 11)")
+    ap.add_argument(
+        "--peer-side-by-side",
+        action="store_true",
+        help="only edgepipe's raspberry-pi-5 int8 vs optimum export + quantize_dynamic(per_channel) (issue 11)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quantization.md")
     ap.add_argument("--fortunes", type=Path, default=FORTUNES, help="--peer-side-by-side: real passages, one per line")
     args = ap.parse_args()

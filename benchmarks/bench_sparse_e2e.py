@@ -42,13 +42,13 @@ import onnxruntime as ort
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_sparse_ort import host_info, session  # noqa: E402
-from exporters.attention import (  # noqa: E402
+from benchmarks.bench_sparse_ort import host_info, session
+from exporters.attention import (
     lower_to_block_sparse,
     lower_to_fused_attention,
     mask_attention_with_input,
 )
-from exporters.block_sparse_graph import BlockSparsePattern, pattern_token_mask  # noqa: E402
+from exporters.block_sparse_graph import BlockSparsePattern, pattern_token_mask
 
 logger = logging.getLogger("bench_sparse_e2e")
 
@@ -60,16 +60,30 @@ def export_llama(path: Path) -> onnx.ModelProto:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=384, num_hidden_layers=2, num_attention_heads=6,
-                                   num_key_value_heads=6, intermediate_size=1024, max_position_embeddings=8192,
-                                   attn_implementation="sdpa", use_cache=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        intermediate_size=1024,
+        max_position_embeddings=8192,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, VOCAB, (1, 64))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(model, (ids,), dynamo=True, opset_version=23, verbose=False,
-                                 dynamic_shapes={"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}})
+        prog = torch.onnx.export(
+            model,
+            (ids,),
+            dynamo=True,
+            opset_version=23,
+            verbose=False,
+            dynamic_shapes={"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}},
+        )
     prog.save(str(path))
     return onnx.load(str(path))
 
@@ -100,8 +114,10 @@ def main() -> None:
     for n in args.seqs:
         ids = np.random.default_rng(n).integers(0, VOCAB, (1, n))
         ref = ref_sess.run(None, {"input_ids": ids, "pattern_mask": pattern_token_mask(PATTERN, n)})[0]
-        diffs = {m: float(np.abs(sessions[m].run(None, {"input_ids": ids})[0] - ref).max())
-                 for m in ("sparse_from_mask", "sparse")}
+        diffs = {
+            m: float(np.abs(sessions[m].run(None, {"input_ids": ids})[0] - ref).max())
+            for m in ("sparse_from_mask", "sparse")
+        }
         del ref
         rounds = args.rounds if n <= 4096 else max(3, args.rounds // 2)
         times: dict[str, list[float]] = {m: [] for m in sessions}
@@ -116,8 +132,17 @@ def main() -> None:
         med = {m: statistics.median(t) for m, t in times.items()}
         best_dense = min(("dense_attn23", "dense_mha"), key=med.get)
         for m in sessions:
-            rows.append({"n": n, "method": m, "median_ms": med[m], "min_ms": min(times[m]),
-                         "speedup": med[best_dense] / med[m], "best_dense": best_dense, "diff": diffs.get(m)})
+            rows.append(
+                {
+                    "n": n,
+                    "method": m,
+                    "median_ms": med[m],
+                    "min_ms": min(times[m]),
+                    "speedup": med[best_dense] / med[m],
+                    "best_dense": best_dense,
+                    "diff": diffs.get(m),
+                }
+            )
             logger.info("n=%d %s: median %.1f ms (x%.2f vs %s)", n, m, med[m], med[best_dense] / med[m], best_dense)
 
     lines = [
@@ -132,7 +157,7 @@ def main() -> None:
         "`torch.onnx.export(dynamo=True, opset_version=23)`; input `input_ids` only.",
         "- Pattern: `causal_window`, block 64, 7 blocks back + diagonal (density 0.110 at n=4096).",
         "- `sparse_from_mask` keeps padding semantics (still computes the exported dense (B,1,S,S) mask); "
-        "`sparse` uses `key_padding=\"none\"` (valid: no padding input) so the dense mask chain is removed.",
+        '`sparse` uses `key_padding="none"` (valid: no padding input) so the dense mask chain is removed.',
         "- max abs diff: logits vs the dense export with the same token-level pattern mask ANDed into each "
         "Attention's mask.",
         "- **Other agents were loading this 2-core machine during the run**: absolute ms are inflated and noisy; "
@@ -143,8 +168,10 @@ def main() -> None:
     ]
     for r in rows:
         diff = f"{r['diff']:.1e}" if r["diff"] is not None else "–"
-        lines.append(f"| {r['n']} | {r['method']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-                     f"{r['speedup']:.2f}x (vs {r['best_dense']}) | {diff} |")
+        lines.append(
+            f"| {r['n']} | {r['method']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
+            f"{r['speedup']:.2f}x (vs {r['best_dense']}) | {diff} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     logger.info("wrote %s", args.out)

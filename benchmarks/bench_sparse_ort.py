@@ -35,7 +35,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from exporters.block_sparse_graph import (  # noqa: E402
+from exporters.block_sparse_graph import (
     BlockSparsePattern,
     block_sparse_attention_model,
     pattern_token_mask,
@@ -73,8 +73,14 @@ def dense_attn23(causal: bool, masked: bool = False) -> onnx.ModelProto:
 def dense_mha(causal: bool) -> onnx.ModelProto:
     fl = TensorProto.FLOAT
     ins = [helper.make_tensor_value_info(n, fl, [B, "n", H * D]) for n in ("q3", "k3", "v3")]
-    node = helper.make_node("MultiHeadAttention", ["q3", "k3", "v3"], ["out"], domain="com.microsoft",
-                            num_heads=H, unidirectional=int(causal))
+    node = helper.make_node(
+        "MultiHeadAttention",
+        ["q3", "k3", "v3"],
+        ["out"],
+        domain="com.microsoft",
+        num_heads=H,
+        unidirectional=int(causal),
+    )
     return _model([node], ins, [helper.make_tensor_value_info("out", fl, [B, "n", H * D])], ms=True)
 
 
@@ -98,12 +104,15 @@ def bench_one(name: str, pattern: BlockSparsePattern, n: int, rounds: int, threa
     methods = {
         "dense_attn23": (session(dense_attn23(causal), threads), {"q": q, "k": k, "v": v}),
         "dense_mha": (session(dense_mha(causal), threads), {"q3": to3(q), "k3": to3(k), "v3": to3(v)}),
-        "sparse_attn23": (session(block_sparse_attention_model(pattern, num_heads=H, head_dim=D), threads),
-                          {"q": q, "k": k, "v": v}),
+        "sparse_attn23": (
+            session(block_sparse_attention_model(pattern, num_heads=H, head_dim=D), threads),
+            {"q": q, "k": k, "v": v},
+        ),
     }
     # correctness: sparse vs dense Attention with the equivalent token-level bool mask
     ref = session(dense_attn23(causal, masked=True), threads).run(
-        None, {"q": q, "k": k, "v": v, "mask": pattern_token_mask(pattern, n)})[0]
+        None, {"q": q, "k": k, "v": v, "mask": pattern_token_mask(pattern, n)}
+    )[0]
     sparse_out = methods["sparse_attn23"][0].run(None, methods["sparse_attn23"][1])[0]
     sparse_diff = float(np.abs(sparse_out - ref).max())
     del ref
@@ -121,11 +130,22 @@ def bench_one(name: str, pattern: BlockSparsePattern, n: int, rounds: int, threa
     best_dense = min(("dense_attn23", "dense_mha"), key=med.get)
     rows = []
     for m in methods:
-        rows.append({"pattern": name, "n": n, "density": density(pattern, n), "method": m,
-                     "median_ms": med[m], "min_ms": min(times[m]), "speedup": med[best_dense] / med[m],
-                     "best_dense": best_dense, "max_abs_diff": sparse_diff if m.startswith("sparse") else None})
-        logger.info("%s n=%d %s: median %.1f ms (x%.2f vs %s)", name, n, m, med[m], med[best_dense] / med[m],
-                    best_dense)
+        rows.append(
+            {
+                "pattern": name,
+                "n": n,
+                "density": density(pattern, n),
+                "method": m,
+                "median_ms": med[m],
+                "min_ms": min(times[m]),
+                "speedup": med[best_dense] / med[m],
+                "best_dense": best_dense,
+                "max_abs_diff": sparse_diff if m.startswith("sparse") else None,
+            }
+        )
+        logger.info(
+            "%s n=%d %s: median %.1f ms (x%.2f vs %s)", name, n, m, med[m], med[best_dense] / med[m], best_dense
+        )
     return rows
 
 
@@ -163,8 +183,10 @@ def write_markdown(rows: list[dict], path: Path, command: str, threads: int, rou
     ]
     for r in rows:
         diff = f"{r['max_abs_diff']:.1e}" if r["max_abs_diff"] is not None else "–"
-        lines.append(f"| {r['pattern']} | {r['n']} | {r['density']:.3f} | {r['method']} | {r['median_ms']:.1f} | "
-                     f"{r['min_ms']:.1f} | {r['speedup']:.2f}x (vs {r['best_dense']}) | {diff} |")
+        lines.append(
+            f"| {r['pattern']} | {r['n']} | {r['density']:.3f} | {r['method']} | {r['median_ms']:.1f} | "
+            f"{r['min_ms']:.1f} | {r['speedup']:.2f}x (vs {r['best_dense']}) | {diff} |"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -19,25 +19,45 @@ ORDER = [
     ("sparse_ort.md", "Issue 4 — ONNX Runtime block-sparse attention vs dense fused attention"),
     ("sparse_e2e.md", "Issue 4 — 2-layer Llama end to end, block-sparse vs dense"),
     ("io.md", "Issue 4 — counted I/O vs lower bounds"),
-    ("models_brought.md", "Issue 11 — models people bring: int8 against the peer, int8 weight types per CPU, external data"),
-    ("gradients.md", "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries"),
+    (
+        "models_brought.md",
+        "Issue 11 — models people bring: int8 against the peer, int8 weight types per CPU, external data",
+    ),
+    (
+        "gradients.md",
+        "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries",
+    ),
     ("tune.md", "Issue 15 — edgepipe tune (functional run on a tiny model; MiniLM benchmark not run)"),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
     ("diffusion.md", "Issue 18 — GMM score network: dense vs pruned vs quantized (verify_diffusion)"),
-    ("privacy_summary.md", "Issue 14 — DP cross-attention: utility vs privacy, summary (hand-written from the map below)"),
+    (
+        "privacy_summary.md",
+        "Issue 14 — DP cross-attention: utility vs privacy, summary (hand-written from the map below)",
+    ),
     ("privacy.md", "Issue 14 — DP cross-attention: the utility vs privacy map (`benchmarks/bench_privacy.py`)"),
 ]
 
 
 def main() -> None:
-    parts = ["# Benchmark results", "",
-             "Each section is written by the benchmark script named in it (command, host, date and numbers).",
-             "This 2-core machine is shared: absolute times are noisy; ratios measured in one process are the result.", ""]
+    parts = [
+        "# Benchmark results",
+        "",
+        "Each section is written by the benchmark script named in it (command, host, date and numbers).",
+        "This 2-core machine is shared: absolute times are noisy; ratios measured in one process are the result.",
+        "",
+    ]
     seen = set()
     for name, title in ORDER:
         p = HERE / "results" / name
         if p.exists():
-            parts += [f"## {title}", "", f"*(from `benchmarks/results/{name}`)*", "", p.read_text().strip().replace("\n# ", "\n### "), ""]
+            parts += [
+                f"## {title}",
+                "",
+                f"*(from `benchmarks/results/{name}`)*",
+                "",
+                p.read_text().strip().replace("\n# ", "\n### "),
+                "",
+            ]
             seen.add(name)
     for p in sorted((HERE / "results").glob("*.md")):
         if p.name not in seen:

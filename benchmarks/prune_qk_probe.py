@@ -31,8 +31,16 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "fortunes.txt"
 
 
-def _reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, n: int = 0, m: int = 0,
-                         blocksize: int = 128, percdamp: float = 0.01):
+def _reference_sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+):
     """SparseGPT (notes §A(e) recipe), used only if pipeline.pruning.sparsegpt is not there yet."""
     W = weight.detach().clone().double()
     H = hessian.detach().clone().double()
@@ -49,14 +57,14 @@ def _reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsit
         Err1 = torch.zeros_like(W1)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = prune
         if m == 0:
-            tmp = W1 ** 2 / torch.diag(U1)[None] ** 2
+            tmp = W1**2 / torch.diag(U1)[None] ** 2
             k = int(tmp.numel() * sparsity)
             if k:
                 mask1.view(-1)[tmp.flatten().topk(k, largest=False).indices] = True
         for i in range(i2 - i1):
             w, dd = W1[:, i], U1[i, i]
             if m and i % m == 0:
-                tmp = W1[:, i:i + m] ** 2 / torch.diag(U1)[i:i + m][None] ** 2
+                tmp = W1[:, i : i + m] ** 2 / torch.diag(U1)[i : i + m][None] ** 2
                 mask1.scatter_(1, i + tmp.topk(n, dim=1, largest=False).indices, True)
             q = w.clone()
             q[mask1[:, i]] = 0
@@ -73,6 +81,7 @@ def _reference_sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsit
 def _ensure_sparsegpt() -> str:
     try:
         import pipeline.pruning.sparsegpt  # noqa: F401
+
         return "pipeline.pruning.sparsegpt"
     except ImportError:
         mod = types.ModuleType("pipeline.pruning.sparsegpt")
@@ -109,13 +118,17 @@ def main() -> None:
     calib, hold = encode(calib_txt), encode(hold_txt)
     cfgm = model.config
     hd = cfgm.hidden_size // cfgm.num_attention_heads
-    geom = AttentionGeometry(cfgm.num_attention_heads, cfgm.num_attention_heads, hd, causal=False, scale=hd ** -0.5)
+    geom = AttentionGeometry(cfgm.num_attention_heads, cfgm.num_attention_heads, hd, causal=False, scale=hd**-0.5)
 
     def capture(enc):
         xs = {}
-        hooks = [layer.attention.self.register_forward_pre_hook(
-            lambda mod, a, kw, i=i: xs.__setitem__(i, (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
-            for i, layer in enumerate(model.encoder.layer)]
+        hooks = [
+            layer.attention.self.register_forward_pre_hook(
+                lambda mod, a, kw, i=i: xs.__setitem__(i, (a[0] if a else kw["hidden_states"]).detach()),
+                with_kwargs=True,
+            )
+            for i, layer in enumerate(model.encoder.layer)
+        ]
         with torch.no_grad():
             out = model(**enc, output_attentions=True)
         for h in hooks:
@@ -148,20 +161,34 @@ def main() -> None:
     variants = {
         "wanda": ("wanda", AttentionMethodConfig(support="wanda", **base)),
         "sparsegpt": ("sparsegpt", AttentionMethodConfig(support="sparsegpt", **base)),
-        "default": ("sparsegpt + refit 25 steps lr 3e-3 (outputs anchor 0.1, held-out early stop) [default]",
-                    AttentionMethodConfig()),
-        "refit60": ("sparsegpt + refit 60 steps lr 1e-3 (outputs anchor 0.1, held-out early stop)",
-                    AttentionMethodConfig(refit_steps=60, refit_lr=1e-3)),
-        "paper": ("paper mask (adam lr 0.01, λ 0.1, stop at mean M<0.5, score abs(M∘W), no refit)",
-                  AttentionMethodConfig(support="attention_mask", **base)),
-        "noanchor": ("sparsegpt + refit 25 steps lr 3e-3 (no anchor, held-out early stop)",
-                     AttentionMethodConfig(anchor="none")),
-        "anchor1": ("sparsegpt + refit 25 steps lr 3e-3 (outputs anchor 1.0, held-out early stop)",
-                    AttentionMethodConfig(anchor_reg=1.0)),
-        "wanda_refit": ("wanda + refit (no anchor, no early stop)", AttentionMethodConfig(
-            support="wanda", anchor="none", early_stop=False, holdout_fraction=0.0)),
-        "fast40": ("sparsegpt + refit 40 steps lr 2e-3 (outputs anchor 0.1, held-out early stop)",
-                   AttentionMethodConfig(refit_steps=40, refit_lr=2e-3)),
+        "default": (
+            "sparsegpt + refit 25 steps lr 3e-3 (outputs anchor 0.1, held-out early stop) [default]",
+            AttentionMethodConfig(),
+        ),
+        "refit60": (
+            "sparsegpt + refit 60 steps lr 1e-3 (outputs anchor 0.1, held-out early stop)",
+            AttentionMethodConfig(refit_steps=60, refit_lr=1e-3),
+        ),
+        "paper": (
+            "paper mask (adam lr 0.01, λ 0.1, stop at mean M<0.5, score abs(M∘W), no refit)",
+            AttentionMethodConfig(support="attention_mask", **base),
+        ),
+        "noanchor": (
+            "sparsegpt + refit 25 steps lr 3e-3 (no anchor, held-out early stop)",
+            AttentionMethodConfig(anchor="none"),
+        ),
+        "anchor1": (
+            "sparsegpt + refit 25 steps lr 3e-3 (outputs anchor 1.0, held-out early stop)",
+            AttentionMethodConfig(anchor_reg=1.0),
+        ),
+        "wanda_refit": (
+            "wanda + refit (no anchor, no early stop)",
+            AttentionMethodConfig(support="wanda", anchor="none", early_stop=False, holdout_fraction=0.0),
+        ),
+        "fast40": (
+            "sparsegpt + refit 40 steps lr 2e-3 (outputs anchor 0.1, held-out early stop)",
+            AttentionMethodConfig(refit_steps=40, refit_lr=2e-3),
+        ),
         "paper_refit": ("paper mask + refit (outputs anchor 0.1)", AttentionMethodConfig(support="attention_mask")),
     }
     keys = args.variants or list(variants)
@@ -178,13 +205,23 @@ def main() -> None:
             for i in range(args.layers):
                 sa = pruned.encoder.layer[i].attention.self
                 t = time.perf_counter()
-                r = prune_qk(sa.query.weight.data, sa.query.bias.data, sa.key.weight.data, sa.key.bias.data,
-                             xs_cal[i], pm_cal, geom, sparsity=sp, cfg=cfg)
+                r = prune_qk(
+                    sa.query.weight.data,
+                    sa.query.bias.data,
+                    sa.key.weight.data,
+                    sa.key.bias.data,
+                    xs_cal[i],
+                    pm_cal,
+                    geom,
+                    sparsity=sp,
+                    cfg=cfg,
+                )
                 secs += time.perf_counter() - t
                 sa0i = model.encoder.layer[i].attention.self
                 with torch.no_grad():
-                    Fd = qk_attention(sa0i.query.weight, sa0i.query.bias, sa0i.key.weight, sa0i.key.bias,
-                                      xs_hold[i], pm_hold, geom)
+                    Fd = qk_attention(
+                        sa0i.query.weight, sa0i.query.bias, sa0i.key.weight, sa0i.key.bias, xs_hold[i], pm_hold, geom
+                    )
                     Fp = qk_attention(r.wq, r.bq, r.wk, r.bk, xs_hold[i], pm_hold, geom)
                 errs.append(attention_error(Fp, Fd))
                 cal_errs.append(r.stats["attn_err_calib_final"])
@@ -200,8 +237,16 @@ def main() -> None:
             sims.fill_diagonal_(-2)
             nnp = sims.topk(10, dim=-1).indices
             recall = float(torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(nn0, nnp)]).mean())
-            row = (sp, name, sum(errs) / len(errs), sum(cal_errs) / len(cal_errs), float(cos.mean()), float(cos.min()),
-                   recall, secs)
+            row = (
+                sp,
+                name,
+                sum(errs) / len(errs),
+                sum(cal_errs) / len(cal_errs),
+                float(cos.mean()),
+                float(cos.min()),
+                recall,
+                secs,
+            )
             rows.append(row)
             print("%.2f | %-62s | err %.4f (calib-train %.4f) | cos %.4f / %.4f | R@10 %.3f | %.1fs" % row, flush=True)
             if args.out:
@@ -212,24 +257,31 @@ def _write(args, rows, sg_source, sanity) -> None:
     if args.out:
         host = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
         lines_md = [
-            "# prune_qk probe: attention-approximation q/k pruning on all-MiniLM-L6-v2", "",
+            "# prune_qk probe: attention-approximation q/k pruning on all-MiniLM-L6-v2",
+            "",
             f"Command: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/prune_qk_probe.py "
-            f"--sparsity {' '.join(map(str, args.sparsity))} --out {args.out}`", "",
+            f"--sparsity {' '.join(map(str, args.sparsity))} --out {args.out}`",
+            "",
             f"Host: `{host}`, nproc {os.cpu_count()}, torch {torch.__version__}, python {platform.python_version()}. "
             f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. Other agents were loading the "
-            "2 shared cores, so seconds are noisy (compare rows, not absolute times).", "",
+            "2 shared cores, so seconds are noisy (compare rows, not absolute times).",
+            "",
             f"SparseGPT implementation: {sg_source}. Sanity: max |our attention − HF eager attention| on layer 0 "
-            f"held-out = {sanity:.2e}.", "",
+            f"held-out = {sanity:.2e}.",
+            "",
             "Protocol: q/k only, all 6 layers, each pruned independently on dense captured inputs (not sequential); "
             "calibration = fortunes lines 0-63, held-out = lines 1000-1255, max length 128. attention error = "
             "relative Frobenius ‖F−F*‖/‖F*‖ on held-out, mean over layers; 'calib-train' = the same on the "
             "calibration training split (75 % of the 64 passages). cos = sentence-embedding cosine to dense "
             "(mean / min over 256 held-out passages); R@10 = overlap of 10 nearest neighbours with the dense model's.",
-            "", "| sparsity | variant | held-out attn err | calib-train attn err | cos mean | cos min | recall@10 | q/k seconds (6 layers) |",
+            "",
+            "| sparsity | variant | held-out attn err | calib-train attn err | cos mean | cos min | recall@10 | q/k seconds (6 layers) |",
             "|---|---|---|---|---|---|---|---|",
         ]
         if args.variants:
-            lines_md[2] = lines_md[2].replace("--out", "--variants " + " ".join(repr(v) for v in args.variants) + " --out")
+            lines_md[2] = lines_md[2].replace(
+                "--out", "--variants " + " ".join(repr(v) for v in args.variants) + " --out"
+            )
         for r in rows:
             lines_md.append("| %.0f%% | %s | %.4f | %.4f | %.4f | %.4f | %.3f | %.1f |" % (r[0] * 100, *r[1:]))
         args.out.write_text("\n".join(lines_md) + "\n")

@@ -94,7 +94,11 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     # model_input_names: a generic PreTrainedTokenizerFast also returns token_type_ids, and GPT-2 embeds
     # those with its word embedding (wte), so zeros would add wte[0] to every position.
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT,
+        tokenizer_object=bpe._tokenizer,
+        bos_token=EOT,
+        eos_token=EOT,
+        unk_token=EOT,
+        pad_token=EOT,
         model_input_names=["input_ids", "attention_mask"],
     )
 
@@ -153,13 +157,25 @@ def train(s: Settings, data: Path, out: Path, max_minutes: float, command: str) 
     held_ids = token_stream(tokenizer, held_texts)  # (N_held,)
     logger.info(
         "tokenizer: vocab %d in %.1fs; %d train passages / %d tokens, %d held-out passages / %d tokens",
-        len(tokenizer), time.perf_counter() - t_tok, len(train_texts), train_ids.numel(), len(held_texts),
+        len(tokenizer),
+        time.perf_counter() - t_tok,
+        len(train_texts),
+        train_ids.numel(),
+        len(held_texts),
         held_ids.numel(),
     )
     eot = tokenizer.convert_tokens_to_ids(EOT)
     cfg = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=s.context, n_embd=s.n_embd, n_layer=s.n_layer, n_head=s.n_head,
-        resid_pdrop=s.dropout, embd_pdrop=s.dropout, attn_pdrop=s.dropout, bos_token_id=eot, eos_token_id=eot,
+        vocab_size=len(tokenizer),
+        n_positions=s.context,
+        n_embd=s.n_embd,
+        n_layer=s.n_layer,
+        n_head=s.n_head,
+        resid_pdrop=s.dropout,
+        embd_pdrop=s.dropout,
+        attn_pdrop=s.dropout,
+        bos_token_id=eot,
+        eos_token_id=eot,
         pad_token_id=eot,
     )
     model = GPT2LMHeadModel(cfg)
@@ -171,7 +187,8 @@ def train(s: Settings, data: Path, out: Path, max_minutes: float, command: str) 
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr, betas=(0.9, 0.95),
+        lr=s.lr,
+        betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(s.seed)
     best_ppl, best_step, best_state = float("inf"), 0, None
@@ -195,7 +212,9 @@ def train(s: Settings, data: Path, out: Path, max_minutes: float, command: str) 
         if step % s.eval_every == 0 or step == s.steps or over_budget:
             ppl = heldout_perplexity(model, held_ids, s.context)
             history.append({"step": step, "train_loss": float(res.loss), "heldout_ppl": ppl, "seconds": elapsed})
-            logger.info("step %d/%d train loss %.3f held-out ppl %.2f (%.0fs)", step, s.steps, float(res.loss), ppl, elapsed)
+            logger.info(
+                "step %d/%d train loss %.3f held-out ppl %.2f (%.0fs)", step, s.steps, float(res.loss), ppl, elapsed
+            )
             if ppl < best_ppl:  # keep the best checkpoint: 178k words overfit a 4-layer model within minutes
                 best_ppl, best_step = ppl, step
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -289,11 +308,18 @@ def recover_demo(out: Path, data: Path, sparsity: float, steps: int, n_calib: in
     zeros = sum(int((m.weight == 0).sum()) for n, m in student.named_modules() if isinstance(m, Conv1D) and ".h." in n)
     total = sum(m.weight.numel() for n, m in student.named_modules() if isinstance(m, Conv1D) and ".h." in n)
     return {
-        "sparsity_after": zeros / total, "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned,
-        "ppl_recovered": ppl_recovered, "recover_seconds": res.seconds, "steps": res.steps,
-        "loss_first": res.loss_first, "loss_last": res.loss_last,
-        "heldout_before": res.heldout_before, "heldout_after": res.heldout_after,
-        "sparsity": sparsity, "lr": lr,
+        "sparsity_after": zeros / total,
+        "ppl_dense": ppl_dense,
+        "ppl_pruned": ppl_pruned,
+        "ppl_recovered": ppl_recovered,
+        "recover_seconds": res.seconds,
+        "steps": res.steps,
+        "loss_first": res.loss_first,
+        "loss_last": res.loss_last,
+        "heldout_before": res.heldout_before,
+        "heldout_after": res.heldout_after,
+        "sparsity": sparsity,
+        "lr": lr,
     }
 
 
@@ -303,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="cache directory (outside the repo)")
     parser.add_argument("--eval", action="store_true", help="only print held-out perplexity of the cached model")
     parser.add_argument(
-        "--recover-demo", action="store_true",
+        "--recover-demo",
+        action="store_true",
         help="prune the cached model by magnitude and distill it back with pipeline.recover (prints JSON)",
     )
     parser.add_argument("--demo-sparsity", type=float, default=0.5)
@@ -312,12 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-calib", type=int, default=256, help="calibration passages for the demo")
     parser.add_argument("--force", action="store_true", help="retrain even if the cache matches")
     parser.add_argument(
-        "--threads", type=int, default=2,
+        "--threads",
+        type=int,
+        default=2,
         help="torch intra-op threads (on an oversubscribed host 1 can be faster: threads wait on each other)",
     )
     parser.add_argument("--max-minutes", type=float, default=20.0, help="stop training after this wall time")
     defaults = Settings(data_sha256="")
-    for name in ("vocab_size", "n_layer", "n_embd", "n_head", "context", "batch_size", "steps", "eval_every", "seed", "warmup"):
+    for name in (
+        "vocab_size",
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "context",
+        "batch_size",
+        "steps",
+        "eval_every",
+        "seed",
+        "warmup",
+    ):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "min_lr_ratio", "dropout", "weight_decay", "holdout_fraction"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
@@ -332,8 +372,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.eval:
         res = evaluate(out, data)
-        print(f"held-out perplexity: {res['heldout_ppl']:.3f} ({res['eval_seconds']}s; trained "
-              f"{res['trained']['steps']} steps in {res['trained']['seconds']}s) [{out}]")
+        print(
+            f"held-out perplexity: {res['heldout_ppl']:.3f} ({res['eval_seconds']}s; trained "
+            f"{res['trained']['steps']} steps in {res['trained']['seconds']}s) [{out}]"
+        )
         return 0
 
     if args.recover_demo:
@@ -348,14 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     if info_path.is_file() and not args.force:
         cached = json.loads(info_path.read_text())
         if cached.get("settings_hash") == s.digest():
-            print(f"cached model matches settings {s.digest()}: held-out perplexity {cached['heldout_ppl']:.3f} "
-                  f"({cached['steps']} steps, {cached['seconds']}s) [{out}]")
+            print(
+                f"cached model matches settings {s.digest()}: held-out perplexity {cached['heldout_ppl']:.3f} "
+                f"({cached['steps']} steps, {cached['seconds']}s) [{out}]"
+            )
             return 0
         logger.info("cache at %s has settings %s != %s; retraining", out, cached.get("settings_hash"), s.digest())
     command = " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv])
     info = train(s, data, out, args.max_minutes, command)
-    print(f"trained {info['steps']} steps (best {info['best_step']}) in {info['seconds']}s: held-out perplexity "
-          f"{info['heldout_ppl']:.3f} [{out}]")
+    print(
+        f"trained {info['steps']} steps (best {info['best_step']}) in {info['seconds']}s: held-out perplexity "
+        f"{info['heldout_ppl']:.3f} [{out}]"
+    )
     return 0
 
 

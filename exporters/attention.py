@@ -72,8 +72,10 @@ def find_attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
         model: the ONNX model.
     """
     return [
-        n for n in model.graph.node
-        if n.op_type == "Attention" and (n.domain or "") in ("", "ai.onnx")
+        n
+        for n in model.graph.node
+        if n.op_type == "Attention"
+        and (n.domain or "") in ("", "ai.onnx")
         and not n.name.startswith(BLOCK_SPARSE_NODE_PREFIX)
     ]
 
@@ -93,8 +95,10 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     inferred = onnx.shape_inference.infer_shapes(model)
-    out = {vi.name: vi.type.tensor_type.elem_type
-           for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    out = {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
+    }
     out.update({i.name: i.data_type for i in inferred.graph.initializer})
     return out
 
@@ -134,7 +138,8 @@ def _head_counts(node: onnx.NodeProto, attrs: dict, shapes: dict) -> tuple[int, 
         raise AttentionLoweringError(f"Attention node {node.name!r}: Q rank {len(qs)} is not 3 or 4")
     if not all(isinstance(x, int) and x > 0 for x in (H, Hkv, D)):
         raise AttentionLoweringError(
-            f"Attention node {node.name!r}: need static heads and head dim, got H={H}, Hkv={Hkv}, D={D}")
+            f"Attention node {node.name!r}: need static heads and head dim, got H={H}, Hkv={Hkv}, D={D}"
+        )
     return len(qs), H, Hkv, D
 
 
@@ -147,15 +152,25 @@ class _Emit:
     def op(self, op_type: str, *inputs: str, out: str | None = None, domain: str = "", **attrs) -> str:
         self._i += 1
         out = out or f"{self.prefix}{op_type.lower()}_{self._i}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=f"{self.prefix}{op_type}_{self._i}",
-                                           domain=domain or None, **attrs))
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), [out], name=f"{self.prefix}{op_type}_{self._i}", domain=domain or None, **attrs
+            )
+        )
         return out
 
     def const(self, value, dtype=np.int64) -> str:
         self._i += 1
         out = f"{self.prefix}const_{self._i}"
-        self.nodes.append(helper.make_node("Constant", [], [out], name=f"{self.prefix}Constant_{self._i}",
-                                           value=numpy_helper.from_array(np.asarray(value, dtype=dtype), out)))
+        self.nodes.append(
+            helper.make_node(
+                "Constant",
+                [],
+                [out],
+                name=f"{self.prefix}Constant_{self._i}",
+                value=numpy_helper.from_array(np.asarray(value, dtype=dtype), out),
+            )
+        )
         return out
 
 
@@ -209,7 +224,8 @@ def _to_ms_mha(node: onnx.NodeProto, attrs: dict, shapes: dict, types: dict, k: 
     rank, H, Hkv, D = _head_counts(node, attrs, shapes)
     if Hkv != H:
         raise AttentionLoweringError(
-            f"Attention node {node.name!r} is GQA (H={H}, Hkv={Hkv}); com.microsoft MultiHeadAttention needs H == Hkv")
+            f"Attention node {node.name!r} is GQA (H={H}, Hkv={Hkv}); com.microsoft MultiHeadAttention needs H == Hkv"
+        )
     e = _Emit(f"ms_mha/{k}/")
     q, key, val = node.input[0], node.input[1], node.input[2]
     mask = node.input[3] if len(node.input) > 3 else ""
@@ -235,8 +251,13 @@ def _to_ms_mha(node: onnx.NodeProto, attrs: dict, shapes: dict, types: dict, k: 
             s_axis = 2 if rank == 4 else 1
             s_1d = e.op("Slice", e.op("Shape", node.input[0]), e.const([s_axis]), e.const([s_axis + 1]))
             bshape = e.op("Shape", bias)
-            target = e.op("Concat", e.op("Slice", bshape, e.const([0]), e.const([2])), s_1d,
-                          e.op("Slice", bshape, e.const([3]), e.const([4])), axis=0)
+            target = e.op(
+                "Concat",
+                e.op("Slice", bshape, e.const([0]), e.const([2])),
+                s_1d,
+                e.op("Slice", bshape, e.const([3]), e.const([4])),
+                axis=0,
+            )
             bias = e.op("Expand", bias, target)  # (B', H', S, L)
     mha_attrs = {"num_heads": H}
     if attrs.get("scale") is not None:
@@ -246,8 +267,16 @@ def _to_ms_mha(node: onnx.NodeProto, attrs: dict, shapes: dict, types: dict, k: 
     # MHA inputs: query, key, value, bias, key_padding_mask, attention_bias
     y = node.output[0]
     core_out = f"{y}/mha" if rank == 4 else y
-    e.nodes.append(helper.make_node("MultiHeadAttention", [q, key, val, "", "", bias] if bias else [q, key, val],
-                                    [core_out], name=f"ms_mha/{k}/core", domain="com.microsoft", **mha_attrs))
+    e.nodes.append(
+        helper.make_node(
+            "MultiHeadAttention",
+            [q, key, val, "", "", bias] if bias else [q, key, val],
+            [core_out],
+            name=f"ms_mha/{k}/core",
+            domain="com.microsoft",
+            **mha_attrs,
+        )
+    )
     if rank == 4:
         o4 = e.op("Reshape", core_out, e.const([0, 0, H, D]))  # (B, S, H, D)
         e.op("Transpose", o4, perm=[0, 2, 1, 3], out=y)  # (B, H, S, D)
@@ -366,8 +395,9 @@ def lower_to_block_sparse(
     if pattern.kind == "explicit":
         bi, bm = "block_index", "block_mask"
         out.graph.input.append(helper.make_tensor_value_info(bi, TensorProto.INT64, ["n_superblocks", "kb"]))
-        out.graph.input.append(helper.make_tensor_value_info(bm, TensorProto.BOOL,
-                                                             ["n_superblocks", pattern.superblock, "kb_tokens"]))
+        out.graph.input.append(
+            helper.make_tensor_value_info(bm, TensorProto.BOOL, ["n_superblocks", pattern.superblock, "kb_tokens"])
+        )
     positions = {id(n): i for i, n in enumerate(out.graph.node)}
     repl: dict[int, list[onnx.NodeProto]] = {}
     for j, node in enumerate(nodes):
@@ -382,7 +412,7 @@ def lower_to_block_sparse(
         q_orig = q
         if rank == 3:
             # (B, S, H*D) -> (B, H, S, D)
-            def to4(t: str, heads: int) -> str:
+            def to4(t: str, heads: int, e: _Emit = e, D: int = D) -> str:
                 return e.op("Transpose", e.op("Reshape", t, e.const([0, 0, heads, D])), perm=[0, 2, 1, 3])
 
             q, k, v = to4(q, H), to4(k, Hkv), to4(v, Hkv)
@@ -392,9 +422,22 @@ def lower_to_block_sparse(
         y = node.output[0]
         sparse_out = y if rank == 4 else f"{y}/bnsh"
         sub: list[onnx.NodeProto] = []
-        add_block_sparse_attention(sub, q, k, v, pattern, output=sparse_out, num_heads=H, head_dim=D,
-                                   num_kv_heads=Hkv, key_padding_mask=kpm, scale=attrs.get("scale"),
-                                   block_index=bi, block_mask=bm, index=index)
+        add_block_sparse_attention(
+            sub,
+            q,
+            k,
+            v,
+            pattern,
+            output=sparse_out,
+            num_heads=H,
+            head_dim=D,
+            num_kv_heads=Hkv,
+            key_padding_mask=kpm,
+            scale=attrs.get("scale"),
+            block_index=bi,
+            block_mask=bm,
+            index=index,
+        )
         tail = _Emit(f"{BLOCK_SPARSE_NODE_PREFIX}{index}/io_out_")
         if rank == 3:
             t = tail.op("Transpose", sparse_out, perm=[0, 2, 1, 3])  # (B, S, H, D)
@@ -403,8 +446,12 @@ def lower_to_block_sparse(
     _replace_nodes(out, repl)
     _set_opset(out, "", 23)
     removed = _remove_dead_nodes(out)
-    logger.info("replaced %d Attention node(s) with block-sparse %s subgraphs (%d dead nodes removed)",
-                len(nodes), pattern.kind, removed)
+    logger.info(
+        "replaced %d Attention node(s) with block-sparse %s subgraphs (%d dead nodes removed)",
+        len(nodes),
+        pattern.kind,
+        removed,
+    )
     return out, len(nodes)
 
 

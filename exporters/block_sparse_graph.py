@@ -172,7 +172,9 @@ class _Builder:
         arr = np.asarray(value, dtype=dtype)
         out = self._name("const")
         self.nodes.append(
-            helper.make_node("Constant", [], [out], name=self._name("Constant"), value=numpy_helper.from_array(arr, out))
+            helper.make_node(
+                "Constant", [], [out], name=self._name("Constant"), value=numpy_helper.from_array(arr, out)
+            )
         )
         return out
 
@@ -189,9 +191,7 @@ class _Builder:
         return self.op("Concat", *names, axis=0)
 
 
-def _in_graph_index_and_mask(
-    bld: _Builder, pattern: BlockSparsePattern, n: str, nr: str, nbk: str
-) -> tuple[str, str]:
+def _in_graph_index_and_mask(bld: _Builder, pattern: BlockSparsePattern, n: str, nr: str, nbk: str) -> tuple[str, str]:
     """Build idx (nr, KB) int64 and the pattern mask (nr, bq, L) bool from scalar ``n``.
 
     Args:
@@ -211,7 +211,9 @@ def _in_graph_index_and_mask(
     start = bld.op("Sub", bld.op("Mul", r_col, bld.scalar(G)), bld.scalar(w))  # (nr, 1) first window block
     raw_w = bld.op("Add", start, bld.const(np.arange(W)[None, :]))  # (nr, W) unclamped window blocks
     if g:
-        raw_g = bld.op("Expand", bld.const(np.arange(g)[None, :]), bld.shape_cat(bld.op("Unsqueeze", nr, bld.i64(0)), g))
+        raw_g = bld.op(
+            "Expand", bld.const(np.arange(g)[None, :]), bld.shape_cat(bld.op("Unsqueeze", nr, bld.i64(0)), g)
+        )
         raw = bld.op("Concat", raw_g, raw_w, axis=1)  # (nr, KB): global blocks first
     else:
         raw = raw_w
@@ -228,11 +230,15 @@ def _in_graph_index_and_mask(
     ktok = bld.op("Add", bld.op("Mul", bld.op("Unsqueeze", idx, bld.i64(2)), bld.scalar(b)), s)  # (nr, KB, b)
     ktok = bld.op("Reshape", ktok, bld.i64(0, 1, L))  # (nr, 1, L)
     kblk = bld.op("Div", ktok, bld.scalar(b))  # (nr, 1, L)
-    qtok = bld.op("Add", bld.op("Mul", bld.op("Unsqueeze", r_col, bld.i64(2)), bld.scalar(bq)),
-                  bld.const(np.arange(bq)[None, :, None]))  # (nr, bq, 1)
+    qtok = bld.op(
+        "Add",
+        bld.op("Mul", bld.op("Unsqueeze", r_col, bld.i64(2)), bld.scalar(bq)),
+        bld.const(np.arange(bq)[None, :, None]),
+    )  # (nr, bq, 1)
     qblk = bld.op("Div", qtok, bld.scalar(b))  # (nr, bq, 1)
-    blk_ok_t = bld.op("Reshape", bld.op("Expand", bld.op("Unsqueeze", blk_ok, bld.i64(2)), bld.i64(1, 1, b)),
-                      bld.i64(0, 1, L))  # (nr, 1, L)
+    blk_ok_t = bld.op(
+        "Reshape", bld.op("Expand", bld.op("Unsqueeze", blk_ok, bld.i64(2)), bld.i64(1, 1, b)), bld.i64(0, 1, L)
+    )  # (nr, 1, L)
     glob_t = bld.const(np.repeat(np.arange(KB) < g, b)[None, None, :], dtype=bool)  # (1, 1, L)
 
     diff = bld.op("Sub", qblk, kblk)  # (nr, bq, L) query block - key block
@@ -451,12 +457,28 @@ def block_sparse_attention_model(
     bi = bm = None
     if pattern.kind == "explicit":
         inputs.append(helper.make_tensor_value_info("block_index", TensorProto.INT64, ["n_superblocks", "kb"]))
-        inputs.append(helper.make_tensor_value_info("block_mask", TensorProto.BOOL,
-                                                    ["n_superblocks", pattern.superblock, "kb_tokens"]))
+        inputs.append(
+            helper.make_tensor_value_info(
+                "block_mask", TensorProto.BOOL, ["n_superblocks", pattern.superblock, "kb_tokens"]
+            )
+        )
         bi, bm = "block_index", "block_mask"
     nodes: list[onnx.NodeProto] = []
-    add_block_sparse_attention(nodes, "q", "k", "v", pattern, output="out", num_heads=num_heads, head_dim=head_dim,
-                               num_kv_heads=Hkv, key_padding_mask=kpm, scale=scale, block_index=bi, block_mask=bm)
+    add_block_sparse_attention(
+        nodes,
+        "q",
+        "k",
+        "v",
+        pattern,
+        output="out",
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_kv_heads=Hkv,
+        key_padding_mask=kpm,
+        scale=scale,
+        block_index=bi,
+        block_mask=bm,
+    )
     out = helper.make_tensor_value_info("out", fl, ["batch", num_heads, "seq", head_dim])
     graph = helper.make_graph(nodes, "block_sparse_attention", inputs, [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgepipe")

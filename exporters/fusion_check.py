@@ -37,8 +37,21 @@ FUSED_KEYS = (
 )
 
 # Ops allowed between the score MatMul and the Softmax (scale, bias, mask, casts).
-_SCORE_PASSTHROUGH = {"Add", "Sub", "Mul", "Div", "Where", "Cast", "Reshape", "Identity", "Transpose", "Clip",
-                      "Tanh", "Max", "Min"}
+_SCORE_PASSTHROUGH = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Where",
+    "Cast",
+    "Reshape",
+    "Identity",
+    "Transpose",
+    "Clip",
+    "Tanh",
+    "Max",
+    "Min",
+}
 # Ops allowed between the Softmax and the P @ V MatMul.
 _PROB_PASSTHROUGH = {"Cast", "Dropout", "Where", "Identity", "Reshape", "Mul"}
 _MATMULS = {"MatMul", "FusedMatMul", "Einsum"}
@@ -62,7 +75,7 @@ class AttentionNotFused(ValueError):
 def _block_sparse_id(node_name: str) -> str | None:
     if not node_name.startswith(BLOCK_SPARSE_NODE_PREFIX):
         return None
-    return node_name[len(BLOCK_SPARSE_NODE_PREFIX):].split("/", 1)[0]
+    return node_name[len(BLOCK_SPARSE_NODE_PREFIX) :].split("/", 1)[0]
 
 
 class _GraphIndex:
@@ -116,7 +129,9 @@ def _scores_from_activation_matmul(idx: _GraphIndex, name: str, depth: int = 0) 
         ins = [i for i in node.input if i]
         return len(ins) >= 2 and not any(idx.is_constant(i) for i in ins[:2])
     if node.op_type in _SCORE_PASSTHROUGH:
-        return any(_scores_from_activation_matmul(idx, i, depth + 1) for i in node.input if i and not idx.is_constant(i))
+        return any(
+            _scores_from_activation_matmul(idx, i, depth + 1) for i in node.input if i and not idx.is_constant(i)
+        )
     return False
 
 

@@ -169,8 +169,12 @@ def _parse_usability(lines: list[str]) -> dict[str, dict[str, Any]]:
             fixed_part = True
         elif m := _PARTITIONS.match(text):
             n_part, n_ok, n_all = (int(g) for g in m.group(1, 2, 3))
-            entry = {"partitions": n_part, "nodes_supported": n_ok, "nodes_total": n_all,
-                     "coverage": n_ok / n_all if n_all else 0.0}
+            entry = {
+                "partitions": n_part,
+                "nodes_supported": n_ok,
+                "nodes_total": n_all,
+                "coverage": n_ok / n_all if n_all else 0.0,
+            }
             current["fixed_shapes" if fixed_part else "as_is"] = entry
         elif m := _AS_IS.match(text):
             current["verdict_as_is"] = m.group(2)

@@ -36,9 +36,10 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -48,8 +49,20 @@ if TYPE_CHECKING:
 
     from pipeline.models import LoadedModel
 
-__all__ = ["EXTERNAL_DATA_THRESHOLD", "PARITY_ATOL", "ExportError", "ExportResult", "data_file", "dummy_feeds", "export_onnx",
-           "model_bytes", "move_onnx", "onnx_files", "save_onnx", "torch_reference"]
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "PARITY_ATOL",
+    "ExportError",
+    "ExportResult",
+    "data_file",
+    "dummy_feeds",
+    "export_onnx",
+    "model_bytes",
+    "move_onnx",
+    "onnx_files",
+    "save_onnx",
+    "torch_reference",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -83,13 +96,14 @@ def model_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in onnx_files(path))
 
 
-def tensor_bytes(model: "onnx.ModelProto") -> int:
+def tensor_bytes(model: onnx.ModelProto) -> int:
     """Serialized bytes of the model's initializers (what decides the 2 GiB protobuf limit)."""
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
-def save_onnx(model: "onnx.ModelProto", path: Path, *, external: bool | None = None,
-              threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+def save_onnx(
+    model: onnx.ModelProto, path: Path, *, external: bool | None = None, threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> bool:
     """Write ``model`` to ``path``; weights go to ``path``'s data file when ``external`` (``None``: when they exceed
     ``threshold`` bytes). A stale data file of an earlier single-file save is removed. Returns ``external``.
 
@@ -103,8 +117,15 @@ def save_onnx(model: "onnx.ModelProto", path: Path, *, external: bool | None = N
     data = data_file(path)
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024, convert_attribute=False)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+            convert_attribute=False,
+        )
     else:
         onnx.save_model(model, str(path), save_as_external_data=False)
     return external
@@ -116,7 +137,9 @@ def move_onnx(src: Path, dst: Path) -> None:
     src, dst = Path(src), Path(dst)
     if data_file(src).is_file():
         if data_file(src).name != data_file(dst).name:
-            raise ValueError(f"cannot rename {src.name} to {dst.name}: its external data is named {data_file(src).name}")
+            raise ValueError(
+                f"cannot rename {src.name} to {dst.name}: its external data is named {data_file(src).name}"
+            )
         os.replace(data_file(src), data_file(dst))
     else:
         data_file(dst).unlink(missing_ok=True)
@@ -164,7 +187,7 @@ class ExportResult:
 # --------------------------------------------------------------------------- wrappers
 
 
-def _cache_geometry(loaded: "LoadedModel") -> tuple[int, int, int]:
+def _cache_geometry(loaded: LoadedModel) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder, read from the modules themselves.
 
     The geometry is what one cached forward step returns, not what ``config`` says: structured
@@ -188,19 +211,21 @@ def _cache_geometry(loaded: "LoadedModel") -> tuple[int, int, int]:
             f"{loaded.model_type}: layers have different KV-cache shapes {sorted(shapes)} (heads, head_dim per key/value);"
             " one cache shape per graph is supported"
         )
-    (kh, kd, vh, vd), = shapes
+    ((kh, kd, vh, vd),) = shapes
     if (kh, kd) != (vh, vd):
-        raise ExportError(f"{loaded.model_type}: key cache ({kh} heads x {kd}) and value cache ({vh} x {vd}) differ in shape")
+        raise ExportError(
+            f"{loaded.model_type}: key cache ({kh} heads x {kd}) and value cache ({vh} x {vd}) differ in shape"
+        )
     return len(legacy), kh, kd
 
 
-def _is_causal_lm(loaded: "LoadedModel") -> bool:
+def _is_causal_lm(loaded: LoadedModel) -> bool:
     """Text-generation graphs get the decoder wrapper; everything else (incl. a GPT-2 body
     loaded for feature-extraction) the single-output encoder wrapper."""
     return loaded.task == "text-generation"
 
 
-def _has_token_type_ids(loaded: "LoadedModel") -> bool:
+def _has_token_type_ids(loaded: LoadedModel) -> bool:
     """Whether the encoder graph takes ``token_type_ids``.
 
     The model's ``forward`` must accept it (DistilBERT/MPNet do not); then the
@@ -218,7 +243,7 @@ def _has_token_type_ids(loaded: "LoadedModel") -> bool:
     return int(getattr(loaded.model.config, "type_vocab_size", 0) or 0) > 0
 
 
-def _encoder_wrapper(loaded: "LoadedModel") -> "torch.nn.Module":
+def _encoder_wrapper(loaded: LoadedModel) -> torch.nn.Module:
     import inspect
 
     import torch
@@ -251,7 +276,7 @@ def _encoder_wrapper(loaded: "LoadedModel") -> "torch.nn.Module":
     return EncoderWrapper(loaded.model)
 
 
-def _decoder_wrapper(loaded: "LoadedModel", with_past: bool) -> "torch.nn.Module":
+def _decoder_wrapper(loaded: LoadedModel, with_past: bool) -> torch.nn.Module:
     import torch
     from transformers import DynamicCache
 
@@ -281,9 +306,7 @@ def _decoder_wrapper(loaded: "LoadedModel", with_past: bool) -> "torch.nn.Module
             if with_past:
                 assert past is not None and len(past) == 2 * n_layers
                 # DynamicCache from legacy ((k, v), ...) pairs; flat order is k0, v0, k1, v1, ...
-                cache = DynamicCache.from_legacy_cache(
-                    tuple((past[2 * i], past[2 * i + 1]) for i in range(n_layers))
-                )
+                cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(n_layers)))
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -302,7 +325,7 @@ def _decoder_wrapper(loaded: "LoadedModel", with_past: bool) -> "torch.nn.Module
     return DecoderWrapper(loaded.model)
 
 
-def _io_names(loaded: "LoadedModel", with_past: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _io_names(loaded: LoadedModel, with_past: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Input and output names of the dynamo export (optimum naming)."""
     if not _is_causal_lm(loaded):
         inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if _has_token_type_ids(loaded) else ())
@@ -356,7 +379,7 @@ def dummy_feeds(result: ExportResult, batch: int, seq: int, past: int = 0, *, se
     return feeds
 
 
-def torch_reference(loaded: "LoadedModel", feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def torch_reference(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The PyTorch outputs for ONNX ``feeds``, under the ONNX output names.
 
     This is the parity reference: the same wrapper that is exported, run eagerly.
@@ -384,7 +407,7 @@ def torch_reference(loaded: "LoadedModel", feeds: dict[str, np.ndarray]) -> dict
         if with_past and all(t[k].shape[2] == 0 for k in past_names):
             # an empty cache carries no values, only a shape: take it from this model, which may be the
             # dense reference of a head-pruned export (validate feeds both the same prompts)
-            n_layers, n_kv, hd = _cache_geometry(loaded)
+            _n_layers, n_kv, hd = _cache_geometry(loaded)
             b = int(t["input_ids"].shape[0])
             past_names = [n for n in _io_names(loaded, True)[0] if n.startswith("past_key_values.")]
             t.update({k: torch.zeros(b, n_kv, 0, hd) for k in past_names})
@@ -406,7 +429,10 @@ def torch_reference(loaded: "LoadedModel", feeds: dict[str, np.ndarray]) -> dict
 def _quiet() -> Iterator[io.StringIO]:
     """Silence exporter chatter (stdout, warnings, INFO logs) without hiding exceptions."""
     buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "optimum", "transformers")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "optimum", "transformers")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -423,7 +449,7 @@ def _quiet() -> Iterator[io.StringIO]:
             lg.setLevel(lvl)
 
 
-def _export_dynamo(loaded: "LoadedModel", opset: int, with_past: bool) -> "onnx.ModelProto":
+def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.ModelProto:
     import torch
     from torch.export import Dim
 
@@ -469,7 +495,7 @@ def _export_dynamo(loaded: "LoadedModel", opset: int, with_past: bool) -> "onnx.
     return program.model_proto
 
 
-def _export_optimum(loaded: "LoadedModel", opset: int, with_past: bool, workdir: Path) -> "onnx.ModelProto":
+def _export_optimum(loaded: LoadedModel, opset: int, with_past: bool, workdir: Path) -> onnx.ModelProto:
     import onnx
     from optimum.exporters.onnx import main_export
 
@@ -492,7 +518,7 @@ def _export_optimum(loaded: "LoadedModel", opset: int, with_past: bool, workdir:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch.export colours its messages
 
 
-def _check_traceable_rope(loaded: "LoadedModel") -> None:
+def _check_traceable_rope(loaded: LoadedModel) -> None:
     """Refuse RoPE variants whose frequencies depend on the run-time sequence length.
 
     transformers recomputes ``inv_freq`` per call for ``rope_type`` "dynamic" (NTK-aware scaling) and
@@ -518,7 +544,7 @@ def _const_value(name: str, consts: dict) -> float | None:
     return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
 
 
-def _gelu_in_fusable_order(model: "onnx.ModelProto") -> int:
+def _gelu_in_fusable_order(model: onnx.ModelProto) -> int:
     """Reorder the exact-GELU tail so ONNX Runtime fuses it into one ``Gelu`` / ``BiasGelu`` kernel (in place).
 
     torch's dynamo exporter writes ``x * ((1 + erf(x / sqrt 2)) * 0.5)``; ORT's GeluFusion only knows
@@ -547,10 +573,17 @@ def _gelu_in_fusable_order(model: "onnx.ModelProto") -> int:
         add = producer.get(half.input[1 - k])
         if add is None or add.op_type != "Add":
             continue
-        erf = next((producer.get(i) for i in add.input if producer.get(i) is not None and producer[i].op_type == "Erf"), None)
+        erf = next(
+            (producer.get(i) for i in add.input if producer.get(i) is not None and producer[i].op_type == "Erf"), None
+        )
         one = next((i for i in add.input if _const_value(i, consts) == 1.0), None)
         div = producer.get(erf.input[0]) if erf is not None else None
-        if one is None or div is None or div.op_type != "Div" or abs((_const_value(div.input[1], consts) or 0) - 2**0.5) > 1e-5:
+        if (
+            one is None
+            or div is None
+            or div.op_type != "Div"
+            or abs((_const_value(div.input[1], consts) or 0) - 2**0.5) > 1e-5
+        ):
             continue
         x = div.input[0]
         outs = consumers.get(half.output[0], [])
@@ -565,7 +598,7 @@ def _gelu_in_fusable_order(model: "onnx.ModelProto") -> int:
     return count
 
 
-def _normalize(model: "onnx.ModelProto") -> None:
+def _normalize(model: onnx.ModelProto) -> None:
     """Make the serialised bytes a function of the graph alone (in place).
 
     Drops producer version and free-form metadata, clears doc strings, and
@@ -606,7 +639,7 @@ def _normalize(model: "onnx.ModelProto") -> None:
 
 
 def export_onnx(
-    loaded: "LoadedModel",
+    loaded: LoadedModel,
     out_dir: Path,
     *,
     opset: int = 18,
@@ -669,7 +702,7 @@ def export_onnx(
             tmp_file = tmp_dir / MODEL_FILENAME
             external = save_onnx(proto, tmp_file, threshold=external_data_threshold)
             onnx.checker.check_model(str(tmp_file), full_check=True)  # by path: handles external data
-        except Exception as e:  # noqa: BLE001 - one-line ExportError with the cause chained
+        except Exception as e:
             cause = _ANSI.sub("", (str(e).strip().splitlines() or [""])[0])[:300]
             raise ExportError(f"{loaded.model_type}: {exporter} export failed: {type(e).__name__}: {cause}") from e
         move_onnx(tmp_file, final)

@@ -20,7 +20,6 @@ Every output is written atomically (temp file in the destination folder, then
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from collections import defaultdict
@@ -34,7 +33,14 @@ import onnx
 
 from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
 
-__all__ = ["DEFAULT_INT8_OP_TYPES", "DEFAULT_KEEP_FP32", "INT8_WEIGHT_TYPES", "PRECISIONS", "QuantizeReport", "convert_precision"]
+__all__ = [
+    "DEFAULT_INT8_OP_TYPES",
+    "DEFAULT_KEEP_FP32",
+    "INT8_WEIGHT_TYPES",
+    "PRECISIONS",
+    "QuantizeReport",
+    "convert_precision",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +168,21 @@ def convert_precision(
         elif precision == "fp16":
             nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops, external)
         elif precision == "int8":
-            nodes, kept, notes = _int8_dynamic(src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type, external)
+            nodes, kept, notes = _int8_dynamic(
+                src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type, external
+            )
         else:
             nodes, kept, notes = _int8_static(
-                src, tmp, feeds or [], keep_fp32_ops, per_channel, int8_op_types, quantize_matmul_outputs, tmp_dir,
-                weight_type, external,
+                src,
+                tmp,
+                feeds or [],
+                keep_fp32_ops,
+                per_channel,
+                int8_op_types,
+                quantize_matmul_outputs,
+                tmp_dir,
+                weight_type,
+                external,
             )
         if external:
             notes.append(f"weights in external data ({data_file(dst).name})")
@@ -266,7 +282,7 @@ def _fp32(
 ) -> tuple[int, list[str], list[str]]:
     if not optimize:
         for f in onnx_files(src):
-            shutil.copyfile(f, tmp.with_name(tmp.name + f.name[len(src.name):]))  # model.onnx[.data]
+            shutil.copyfile(f, tmp.with_name(tmp.name + f.name[len(src.name) :]))  # model.onnx[.data]
         return 0, [], ["copied unchanged"]
     import onnxruntime as ort
 
@@ -319,16 +335,16 @@ def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str], external: bool) ->
     # value_info written by the converter goes stale when Cast pairs are removed; ONNX
     # shape inference (and ORT) recompute types, so drop it rather than ship contradictions.
     del out.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(out, strict_mode=True)  # before saving: external saving empties tensors
+    inferred = onnx.shape_inference.infer_shapes(
+        out, strict_mode=True
+    )  # before saving: external saving empties tensors
     save_onnx(out, tmp, external=external)
     fp16_tensors = {
         vi.name
         for vi in [*inferred.graph.value_info, *inferred.graph.output]
         if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     }
-    lowered = sum(
-        1 for n in inferred.graph.node if n.op_type != "Cast" and any(o in fp16_tensors for o in n.output)
-    )
+    lowered = sum(1 for n in inferred.graph.node if n.op_type != "Cast" and any(o in fp16_tensors for o in n.output))
     return lowered, kept, [f"kept {len(keep_nodes)} nodes in fp32 (norms, Softmax, residual Adds); fp32 I/O"]
 
 
@@ -336,12 +352,19 @@ def _weight_args(weight_type: str) -> dict:
     """``quantize_*`` keyword arguments for an :data:`INT8_WEIGHT_TYPES` entry."""
     from onnxruntime.quantization import QuantType
 
-    return {"weight_type": QuantType.QUInt8 if weight_type == "u8" else QuantType.QInt8,
-            "reduce_range": weight_type == "s8-reduce-range"}
+    return {
+        "weight_type": QuantType.QUInt8 if weight_type == "u8" else QuantType.QInt8,
+        "reduce_range": weight_type == "s8-reduce-range",
+    }
 
 
 def _int8_dynamic(
-    src: Path, tmp: Path, keep_fp32_ops: Sequence[str], per_channel: bool, op_types: Sequence[str], weight_type: str,
+    src: Path,
+    tmp: Path,
+    keep_fp32_ops: Sequence[str],
+    per_channel: bool,
+    op_types: Sequence[str],
+    weight_type: str,
     external: bool = False,
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import quantize_dynamic
@@ -352,7 +375,9 @@ def _int8_dynamic(
     quantize_dynamic(
         model,
         str(tmp),
-        op_types_to_quantize=list(op_types),  # never Attention: opset-23 Attention breaks if quantize_dynamic touches it
+        op_types_to_quantize=list(
+            op_types
+        ),  # never Attention: opset-23 Attention breaks if quantize_dynamic touches it
         per_channel=per_channel,
         nodes_to_exclude=exclude,
         use_external_data_format=external,  # writes <tmp>.data, the name exporters.onnx.data_file expects
@@ -370,7 +395,13 @@ def _int8_dynamic(
         }
         n += sum(1 for node in out.graph.node if node.op_type == "Gather" and node.input[0] in int8_inits)
     kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
-    return n, kept, [f"dynamic int8 ({weight_type} weights, u8 activations, per_channel={per_channel}) on {sorted(op_types)} with constant weights"]
+    return (
+        n,
+        kept,
+        [
+            f"dynamic int8 ({weight_type} weights, u8 activations, per_channel={per_channel}) on {sorted(op_types)} with constant weights"
+        ],
+    )
 
 
 class _FeedsReader:
@@ -454,7 +485,11 @@ def _int8_static(
         and p.op_type == "DequantizeLinear"
     )
     kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
-    return n, kept, [
-        f"static QDQ int8 (u8 activations, {weight_type} weights, per_channel={per_channel}) on {len(targets)} nodes of "
-        f"{sorted(op_types)}; outputs quantized: {quantize_outputs}; MinMax calibration on {len(feeds)} feeds"
-    ]
+    return (
+        n,
+        kept,
+        [
+            f"static QDQ int8 (u8 activations, {weight_type} weights, per_channel={per_channel}) on {len(targets)} nodes of "
+            f"{sorted(op_types)}; outputs quantized: {quantize_outputs}; MinMax calibration on {len(feeds)} feeds"
+        ],
+    )

@@ -12,21 +12,35 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
-__all__ = ["Artifact", "TargetModel", "atomic_write_text", "atomic_write_json", "atomic_copy", "replace_dir", "make_temp_dir", "temp_file_near", "hash_file", "hash_tree"]
+__all__ = [
+    "Artifact",
+    "TargetModel",
+    "atomic_copy",
+    "atomic_write_json",
+    "atomic_write_text",
+    "hash_file",
+    "hash_tree",
+    "make_temp_dir",
+    "replace_dir",
+    "temp_file_near",
+]
 
 
 @dataclass(frozen=True)
 class TargetModel:
     """The ONNX model for one target, as the stages have made it so far."""
 
-    model: str                      # run-relative path of the .onnx file
+    model: str  # run-relative path of the .onnx file
     precision: str = "fp32"
-    io: Mapping[str, Any] = field(default_factory=dict)   # exporter facts: input/output names, with_past, layers, ...
-    files: Mapping[str, str] = field(default_factory=dict)  # extra run-relative files (ort, required ops config, bundle)
+    io: Mapping[str, Any] = field(default_factory=dict)  # exporter facts: input/output names, with_past, layers, ...
+    files: Mapping[str, str] = field(
+        default_factory=dict
+    )  # extra run-relative files (ort, required ops config, bundle)
     metrics: Mapping[str, Any] = field(default_factory=dict)  # parity, fidelity, latency_ms, peak_rss_mb, ...
 
 
@@ -49,17 +63,17 @@ class Artifact:
     targets: Mapping[str, TargetModel] = field(default_factory=dict)
     torch_changes: Mapping[str, Any] = field(default_factory=dict)
 
-    def replace(self, **changes: Any) -> "Artifact":
+    def replace(self, **changes: Any) -> Artifact:
         return dataclasses.replace(self, **changes)
 
-    def with_target(self, name: str, tm: TargetModel) -> "Artifact":
+    def with_target(self, name: str, tm: TargetModel) -> Artifact:
         return self.replace(targets={**self.targets, name: tm})
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Artifact":
+    def from_json(cls, data: Mapping[str, Any]) -> Artifact:
         targets = {k: TargetModel(**v) for k, v in data.get("targets", {}).items()}
         return cls(**{**data, "targets": targets})
 
@@ -139,7 +153,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def hash_file(path: Path, h: Optional["hashlib._Hash"] = None) -> str:
+def hash_file(path: Path, h: hashlib._Hash | None = None) -> str:
     own = h is None
     h = h or hashlib.sha256()
     with open(path, "rb") as fh:
@@ -152,7 +166,11 @@ def hash_tree(root: Path) -> str:
     """Content hash of every file under ``root`` (names and bytes, sorted; hidden files skipped)."""
     h = hashlib.sha256()
     root = Path(root)
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(root).parts)):
+    for p in sorted(
+        q
+        for q in root.rglob("*")
+        if q.is_file() and not any(part.startswith(".") for part in q.relative_to(root).parts)
+    ):
         h.update(p.relative_to(root).as_posix().encode() + b"\0")
         hash_file(p, h)
         h.update(b"\0")

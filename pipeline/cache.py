@@ -21,11 +21,12 @@ import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
-__all__ = ["lookup", "materialize", "publish", "key_lock"]
+__all__ = ["key_lock", "lookup", "materialize", "publish"]
 
 RECORD = ".stage.json"
 
@@ -49,7 +50,7 @@ def key_lock(cache_dir: Path, key: str) -> Iterator[None]:
         fh.close()  # closing releases the lock (also when the process is killed)
 
 
-def lookup(cache_dir: Path, key: str) -> Optional[dict[str, Any]]:
+def lookup(cache_dir: Path, key: str) -> dict[str, Any] | None:
     """The stage record of a complete entry for ``key``, or None."""
     rec_path = _entry(cache_dir, key) / RECORD
     if rec_path.is_symlink() or not rec_path.is_file():

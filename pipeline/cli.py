@@ -20,21 +20,24 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import NoReturn
 
 __all__ = ["main"]
 
 log = logging.getLogger("edgepipe")
-MAX_PLAN_SEQ = 1 << 20        # plan-attention: longer sequences are refused (closed forms: answered in ~1 s)
+MAX_PLAN_SEQ = 1 << 20  # plan-attention: longer sequences are refused (closed forms: answered in ~1 s)
 MAX_PLAN_HEAD_DIM = 1024
-MAX_PLAN_CAUSAL_WORK = 1 << 21  # --causal counts tiles one by one: seq * head_dim above this is refused (~3 s at the cap)
+MAX_PLAN_CAUSAL_WORK = (
+    1 << 21
+)  # --causal counts tiles one by one: seq * head_dim above this is refused (~3 s at the cap)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit code 2, like every other bad input."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"edgepipe: error: {self.prog}: {message.splitlines()[0] if message else 'bad arguments'}\n")
 
 
@@ -56,7 +59,16 @@ def _setup_logging(quiet: bool, debug: bool) -> None:
     if not debug:
         # third-party chatter (exporter tracer warnings, optimum notices) is noise for a user; --debug shows it
         warnings.filterwarnings("ignore")
-        for name in ("torch", "transformers", "optimum", "onnxscript", "onnx_ir", "onnxruntime", "ort_format_model", ""):
+        for name in (
+            "torch",
+            "transformers",
+            "optimum",
+            "onnxscript",
+            "onnx_ir",
+            "onnxruntime",
+            "ort_format_model",
+            "",
+        ):
             logging.getLogger(name).setLevel(logging.ERROR)  # "" = the root logger some libraries log to directly
         root_logger = logging.getLogger()
         if not root_logger.handlers:
@@ -75,7 +87,7 @@ def _quiet_onnxruntime(debug: bool) -> None:
         import onnxruntime as ort
 
         ort.set_default_logger_severity(4)
-    except Exception:  # noqa: BLE001 - a missing or broken onnxruntime surfaces where it is used
+    except Exception:
         pass
 
 
@@ -103,10 +115,19 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune.duration import parse_duration
 
     budget = parse_duration(args.time_budget) if args.time_budget else None
-    report = tune(args.config, workdir=args.workdir, address=args.address, trials=args.trials, time_budget_s=budget, resume=args.resume,
-                  echo=(lambda s: None) if args.quiet else print)
+    report = tune(
+        args.config,
+        workdir=args.workdir,
+        address=args.address,
+        trials=args.trials,
+        time_budget_s=budget,
+        resume=args.resume,
+        echo=(lambda s: None) if args.quiet else print,
+    )
     if not args.quiet:
-        print(f"edgepipe: tune complete ({len(report['trials'])} trials) -> {Path(args.workdir) / 'tune' / 'report.md'}")
+        print(
+            f"edgepipe: tune complete ({len(report['trials'])} trials) -> {Path(args.workdir) / 'tune' / 'report.md'}"
+        )
         for name, t in report["targets"].items():
             print(f"  {name:<18} {'best-' + name + '.yaml' if t['best_yaml'] else 'no feasible recipe'}")
     return 0
@@ -120,8 +141,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     pre = preflight(cfg, source=args.config)
     if args.workdir is not None:
         check_workdir(args.workdir, pre.model_path, cfg.calibration.file)
-    print(f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(s.kind for s in cfg.stages)}; targets: {', '.join(pre.profiles)};"
-          f" model: {pre.family} {pre.task}; {len(pre.texts)} calibration passages)")
+    print(
+        f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(s.kind for s in cfg.stages)}; targets: {', '.join(pre.profiles)};"
+        f" model: {pre.family} {pre.task}; {len(pre.texts)} calibration passages)"
+    )
     return 0
 
 
@@ -159,10 +182,18 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.density is not None and not (math.isfinite(args.density) and 0.0 < args.density <= 1.0):
         raise ConfigError(f"plan-attention: --density must be a fraction in (0, 1], got {args.density}")
     if args.causal and args.density is None and args.seq * args.head_dim > MAX_PLAN_CAUSAL_WORK:
-        raise ConfigError(f"plan-attention: --causal counts every tile; --seq x --head-dim must be at most {MAX_PLAN_CAUSAL_WORK:,}"
-                          f" (got {args.seq:,} x {args.head_dim}); plan without --causal for an upper bound")
+        raise ConfigError(
+            f"plan-attention: --causal counts every tile; --seq x --head-dim must be at most {MAX_PLAN_CAUSAL_WORK:,}"
+            f" (got {args.seq:,} x {args.head_dim}); plan without --causal for an upper bound"
+        )
     prof = load_target(args.target)
-    plan = plan_attention(cache_words=cache_words_from_bytes(prof.cache_bytes()), seq=args.seq, head_dim=args.head_dim, causal=args.causal, density=args.density)
+    plan = plan_attention(
+        cache_words=cache_words_from_bytes(prof.cache_bytes()),
+        seq=args.seq,
+        head_dim=args.head_dim,
+        causal=args.causal,
+        density=args.density,
+    )
     data = {"target": prof.name, "cache_level": prof.cache.attention_level, **plan.__dict__}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
@@ -181,7 +212,11 @@ def _cmd_compile_program(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
     from pipeline.programs.build import BuildOptions, compile_to_workdir
 
-    for flag, v in (("--max-steps", args.max_steps), ("--random-memories", args.random_memories + 1), ("--unroll", args.unroll or 1)):
+    for flag, v in (
+        ("--max-steps", args.max_steps),
+        ("--random-memories", args.random_memories + 1),
+        ("--unroll", args.unroll or 1),
+    ):
         if v < 1:
             raise ConfigError(f"{flag}: must be positive, got {v}")
     if args.word_bits is not None and not 2 <= args.word_bits <= 32:
@@ -190,24 +225,43 @@ def _cmd_compile_program(args: argparse.Namespace) -> int:
         raise ConfigError(f"--memory-cells: must be positive, got {args.memory_cells}")
     if args.program_slots is not None and (args.program_slots < 2 or args.program_slots & (args.program_slots - 1)):
         raise ConfigError(f"--program-slots: must be a power of two >= 2, got {args.program_slots}")
-    opts = BuildOptions(construction=args.construction, program_in=args.program_in, max_steps=args.max_steps,
-                        random_memories=args.random_memories, unroll_steps=args.unroll, sparse=args.sparse, seed=args.seed)
+    opts = BuildOptions(
+        construction=args.construction,
+        program_in=args.program_in,
+        max_steps=args.max_steps,
+        random_memories=args.random_memories,
+        unroll_steps=args.unroll,
+        sparse=args.sparse,
+        seed=args.seed,
+    )
     sizes = {"word_bits": args.word_bits, "memory_cells": args.memory_cells, "program_slots": args.program_slots}
-    rep = compile_to_workdir(Path(args.program), Path(args.workdir), args.target, opts,
-                             memory_path=Path(args.memory) if args.memory else None, sizes=sizes)
+    rep = compile_to_workdir(
+        Path(args.program),
+        Path(args.workdir),
+        args.target,
+        opts,
+        memory_path=Path(args.memory) if args.memory else None,
+        sizes=sizes,
+    )
     if not args.quiet:
         net, m = rep["network"], rep["machine"]
-        print(f"edgepipe: {args.program}: N={m['word_bits']} M={m['memory_cells']} I={m['program_slots']}, {rep['construction']} "
-              f"depth {net['depth']}, max width {net['max_width']}, {net['nonzeros']} nonzero weights; "
-              f"interpreter: {rep['interpreter']['status']} after {rep['interpreter']['steps']} steps -> {Path(args.workdir) / 'report.json'}")
+        print(
+            f"edgepipe: {args.program}: N={m['word_bits']} M={m['memory_cells']} I={m['program_slots']}, {rep['construction']} "
+            f"depth {net['depth']}, max width {net['max_width']}, {net['nonzeros']} nonzero weights; "
+            f"interpreter: {rep['interpreter']['status']} after {rep['interpreter']['steps']} steps -> {Path(args.workdir) / 'report.json'}"
+        )
         for name, t in rep["targets"].items():
-            exact = ", ".join(f"{p} {'exact' if v else 'NOT exact'}" for p, v in t["bit_exact"].items() if v is not None)
+            exact = ", ".join(
+                f"{p} {'exact' if v else 'NOT exact'}" for p, v in t["bit_exact"].items() if v is not None
+            )
             print(f"  {name:<18} {exact:<24} {t['steps_per_s']:>10.0f} steps/s  {t['size_bytes'] / 1e3:8.1f} kB")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="edgepipe", description="Compress transformer models and ship validated ONNX models to edge targets.")
+    p = _Parser(
+        prog="edgepipe", description="Compress transformer models and ship validated ONNX models to edge targets."
+    )
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command")
 
@@ -221,19 +275,25 @@ def _parser() -> argparse.ArgumentParser:
     common(r)
     r.set_defaults(fn=_cmd_run)
 
-    tu = sub.add_parser("tune", help="search stage options per target on Ray Tune (fastest recipe within the accuracy/memory budget)")
+    tu = sub.add_parser(
+        "tune", help="search stage options per target on Ray Tune (fastest recipe within the accuracy/memory budget)"
+    )
     tu.add_argument("config", help="tune YAML: a base pipeline plus objective, space, search")
     tu.add_argument("--workdir", required=True, help="tune folder (trials, shared cache, tune/report.md)")
     tu.add_argument("--address", help="attach to a Ray cluster ('auto' or ray://HOST:PORT); default: local Ray")
     tu.add_argument("--trials", type=int, help="override search.trials")
     tu.add_argument("--time-budget", help="stop starting trials after this long (e.g. 30m, 2h, 90s)")
-    tu.add_argument("--resume", action="store_true", help="continue the tune in --workdir; finished trials are not repeated")
+    tu.add_argument(
+        "--resume", action="store_true", help="continue the tune in --workdir; finished trials are not repeated"
+    )
     common(tu)
     tu.set_defaults(fn=_cmd_tune)
 
     v = sub.add_parser("validate", help="check a config without running it")
     v.add_argument("config")
-    v.add_argument("--workdir", help="also check this run folder (edgepipe's own, new or empty; not in the model folder)")
+    v.add_argument(
+        "--workdir", help="also check this run folder (edgepipe's own, new or empty; not in the model folder)"
+    )
     common(v)
     v.set_defaults(fn=_cmd_validate)
 
@@ -246,20 +306,40 @@ def _parser() -> argparse.ArgumentParser:
 
     from pipeline.programs.compile import CONSTRUCTIONS, PROGRAM_IN
 
-    cp = sub.add_parser("compile-program", help="compile a SUBLEQ program into looped ReLU-MLP ONNX models, checked bit-exactly per target")
+    cp = sub.add_parser(
+        "compile-program",
+        help="compile a SUBLEQ program into looped ReLU-MLP ONNX models, checked bit-exactly per target",
+    )
     cp.add_argument("program", help="SUBLEQ assembly file (.sq)")
     cp.add_argument("--memory", help="JSON file {label: value or [values]} replacing initial memory cells")
     cp.add_argument("--target", action="append", required=True, help="target name or profile YAML (repeatable)")
     cp.add_argument("--workdir", required=True, help="output folder: <target>/ and report.json")
-    cp.add_argument("--construction", choices=CONSTRUCTIONS, default=CONSTRUCTIONS[0], help="shallow (default) or the paper's 23 layers")
-    cp.add_argument("--program-in", choices=PROGRAM_IN, default=PROGRAM_IN[0], help="code baked into the weights (default) or held in the state")
+    cp.add_argument(
+        "--construction",
+        choices=CONSTRUCTIONS,
+        default=CONSTRUCTIONS[0],
+        help="shallow (default) or the paper's 23 layers",
+    )
+    cp.add_argument(
+        "--program-in",
+        choices=PROGRAM_IN,
+        default=PROGRAM_IN[0],
+        help="code baked into the weights (default) or held in the state",
+    )
     cp.add_argument("--word-bits", type=int, help="N (default: the program's .bits, else 8)")
     cp.add_argument("--memory-cells", type=int, help="M (default: the cells the program declares)")
     cp.add_argument("--program-slots", type=int, help="I, a power of two (default: the smallest that holds the code)")
     cp.add_argument("--max-steps", type=int, default=10_000, help="step budget of the parity runs (default 10000)")
-    cp.add_argument("--random-memories", type=int, default=8, help="random memories checked besides the given one (default 8)")
+    cp.add_argument(
+        "--random-memories", type=int, default=8, help="random memories checked besides the given one (default 8)"
+    )
     cp.add_argument("--unroll", type=int, help="also ship an unrolled graph of this many steps")
-    cp.add_argument("--sparse", choices=["auto", "always", "never"], default="auto", help="sparse weight storage (auto: where it shrinks the file)")
+    cp.add_argument(
+        "--sparse",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="sparse weight storage (auto: where it shrinks the file)",
+    )
     cp.add_argument("--seed", type=int, default=0)
     common(cp)
     cp.set_defaults(fn=_cmd_compile_program)
@@ -276,7 +356,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.errors import EdgepipeError, ValidationFailed
 
     args = _parser().parse_args(argv)
@@ -311,7 +391,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # an edgepipe bug or an environment problem: still one line unless --debug
         if args.debug:
             raise
-        print(f"edgepipe: internal error: {type(exc).__name__}: {_one_line(exc, 300)} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"edgepipe: internal error: {type(exc).__name__}: {_one_line(exc, 300)} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 3
 
 

@@ -7,8 +7,9 @@ targets each produce one line naming the file, the key path and what was expecte
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -18,25 +19,33 @@ from pipeline.stage import STAGES, StageConfig
 
 __all__ = [
     "DEFAULT_TARGETS",
-    "ModelConfig",
     "CalibrationConfig",
+    "ModelConfig",
     "PipelineConfig",
+    "default_config",
     "load_config",
     "parse_config",
-    "default_config",
 ]
 
 DEFAULT_TARGETS = ("host-cpu", "raspberry-pi-5", "jetson-orin-nano", "android-arm64")
 
 
 class ModelConfig(Frozen):
-    path: Optional[str] = Field(None, description="local Hugging Face model directory; omitted = the packaged all-MiniLM-L6-v2")
-    task: Optional[str] = Field(None, description="what the model is used for (pipeline.models.known_tasks()); inferred from the config when omitted")
-    tokenizer: bool = Field(True, description="false: the model has no tokenizer (edgepipe then feeds hashed word ids); true: the folder must hold one")
+    path: str | None = Field(
+        None, description="local Hugging Face model directory; omitted = the packaged all-MiniLM-L6-v2"
+    )
+    task: str | None = Field(
+        None,
+        description="what the model is used for (pipeline.models.known_tasks()); inferred from the config when omitted",
+    )
+    tokenizer: bool = Field(
+        True,
+        description="false: the model has no tokenizer (edgepipe then feeds hashed word ids); true: the folder must hold one",
+    )
 
     @field_validator("task")
     @classmethod
-    def _known_task(cls, v: Optional[str]) -> Optional[str]:
+    def _known_task(cls, v: str | None) -> str | None:
         from pipeline.models import known_tasks
 
         if v is not None and v not in known_tasks():
@@ -45,7 +54,7 @@ class ModelConfig(Frozen):
 
 
 class CalibrationConfig(Frozen):
-    file: Optional[str] = Field(None, description="text file, one passage per line; omitted = edgepipe's built-in text")
+    file: str | None = Field(None, description="text file, one passage per line; omitted = edgepipe's built-in text")
     samples: int = Field(64, ge=1, description="passages used for calibration (pruning, static int8)")
     heldout: int = Field(64, ge=4, description="further passages held out for validation and fidelity")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per passage")
@@ -101,7 +110,7 @@ def _parse_stages(items: Any, source: str) -> list[StageConfig]:
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
             raise ConfigError(f"{where}: expected one mapping {{stage_kind: config}}, got {shown(item)}")
-        (kind, body), = item.items()
+        ((kind, body),) = item.items()
         if not isinstance(kind, str) or kind not in registry:
             raise ConfigError(f"{where}: unknown stage {shown(kind)}; known stages: {', '.join(sorted(registry))}")
         if body is None:
@@ -115,7 +124,7 @@ def _parse_stages(items: Any, source: str) -> list[StageConfig]:
     return out
 
 
-def parse_config(data: Any, *, source: str = "<config>", base_dir: Optional[Path] = None) -> PipelineConfig:
+def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None = None) -> PipelineConfig:
     """Validate config data (a mapping as read from YAML, or a :class:`PipelineConfig`).
 
     Relative ``model.path``, ``calibration.file`` and profile paths in ``targets`` are resolved against
@@ -136,7 +145,8 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Optional[Path
             raise ConfigError(format_validation_error(exc, source=source)) from None
         cfg = cfg.model_copy(update={"stages": stages})
     if base_dir is not None:
-        def _abs(p: Optional[str]) -> Optional[str]:
+
+        def _abs(p: str | None) -> str | None:
             if p is None:
                 return None
             q = Path(os.path.expanduser(p))
@@ -144,12 +154,14 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Optional[Path
 
         from targets import is_profile_path
 
-        cfg = cfg.model_copy(update={
-            "model": cfg.model.model_copy(update={"path": _abs(cfg.model.path)}),
-            "calibration": cfg.calibration.model_copy(update={"file": _abs(cfg.calibration.file)}),
-            "targets": [_abs(t) if is_profile_path(t) else t for t in cfg.targets],
-            "stages": [_abs_paths(s, _abs) for s in cfg.stages],
-        })
+        cfg = cfg.model_copy(
+            update={
+                "model": cfg.model.model_copy(update={"path": _abs(cfg.model.path)}),
+                "calibration": cfg.calibration.model_copy(update={"file": _abs(cfg.calibration.file)}),
+                "targets": [_abs(t) if is_profile_path(t) else t for t in cfg.targets],
+                "stages": [_abs_paths(s, _abs) for s in cfg.stages],
+            }
+        )
     _check_targets(cfg, source)
     return cfg
 
@@ -170,7 +182,7 @@ def _check_targets(cfg: PipelineConfig, source: str) -> None:
             raise TargetError(f"{source}: targets[{i}]: {exc}") from None
 
 
-def load_config(path: Union[str, Path]) -> PipelineConfig:
+def load_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     return parse_config(read_yaml(path), source=str(path), base_dir=path.resolve().parent)
 
@@ -185,7 +197,9 @@ def default_config() -> PipelineConfig:
     return parse_config(yaml.safe_load(text), source="<embedded default>")
 
 
-def coerce_config(config: Union[PipelineConfig, Mapping[str, Any], str, Path, None], *, stages: Optional[Sequence[Any]] = None) -> PipelineConfig:
+def coerce_config(
+    config: PipelineConfig | Mapping[str, Any] | str | Path | None, *, stages: Sequence[Any] | None = None
+) -> PipelineConfig:
     """Python API entry: a PipelineConfig, a dict shaped like the YAML, a YAML path, or None (the default).
 
     ``stages`` replaces the config's stages and takes the YAML forms too (``"export"``, ``{"export": {}}``) or

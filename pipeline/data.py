@@ -28,14 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 __all__ = [
     "builtin_calibration_texts",
+    "hash_token_ids",
     "load_texts",
     "read_text_file",
     "split_texts",
     "tokenize_batches",
-    "hash_token_ids",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,7 +81,9 @@ def read_text_file(path: Path | str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"'{p}' is not UTF-8 text (invalid byte at offset {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        raise ValueError(
+            f"'{p}' is not UTF-8 text (invalid byte at offset {exc.start}); convert it, e.g. iconv -f latin1 -t utf-8"
+        ) from None
 
 
 def builtin_calibration_texts() -> list[str]:
@@ -195,7 +196,7 @@ def hash_token_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     import torch  # lazily: reading texts (e.g. for a cached run's fingerprint) must not pay torch's import
 
     """Right-pad id lists to one length -> ``(ids, mask)``, both (B, T) int64."""
@@ -225,7 +226,7 @@ def tokenize_batches(
     batch_size: int,
     max_length: int,
     vocab_size: int | None = None,
-) -> list[dict[str, "torch.Tensor"]]:
+) -> list[dict[str, torch.Tensor]]:
     """Turn passages into right-padded batches.
 
     Args:
@@ -252,7 +253,7 @@ def tokenize_batches(
     if tokenizer is None and vocab_size is None:
         raise ValueError("tokenizer=None needs vocab_size for hash-based ids")
 
-    batches: list[dict[str, "torch.Tensor"]] = []
+    batches: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(texts), batch_size):
         chunk = list(texts[start : start + batch_size])
         if tokenizer is None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 __all__ = [
-    "EdgepipeError",
     "ConfigError",
+    "EdgepipeError",
     "ModelInputError",
     "StageError",
-    "ValidationFailed",
     "TargetError",
+    "ValidationFailed",
 ]
 
 

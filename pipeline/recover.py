@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RecoverResult", "LossKind", "recover_", "heldout_metrics", "is_causal_lm", "default_loss"]
+__all__ = ["LossKind", "RecoverResult", "default_loss", "heldout_metrics", "is_causal_lm", "recover_"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,7 @@ def _accepted_keys(model: torch.nn.Module) -> set[str] | None:
 
 def _feeds(batch: Mapping[str, Any], keys: set[str] | None, device: torch.device) -> dict[str, torch.Tensor]:
     """Batch tensors the model accepts, moved to its device (e.g. drop token_type_ids for Llama)."""
-    return {
-        k: v.to(device)
-        for k, v in batch.items()
-        if isinstance(v, torch.Tensor) and (keys is None or k in keys)
-    }
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor) and (keys is None or k in keys)}
 
 
 def _mask_of(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -152,18 +148,19 @@ def _attention_loss(s_atts: Sequence[torch.Tensor], t_atts: Sequence[torch.Tenso
     return torch.stack(terms).mean() if terms else mask.new_zeros(())
 
 
-def _layers_loss(s_layers: Sequence[torch.Tensor], t_layers: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+def _layers_loss(
+    s_layers: Sequence[torch.Tensor], t_layers: Sequence[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
     """Mean over intermediate blocks of the masked token MSE, each normalised by the teacher's mean square."""
     if len(s_layers) != len(t_layers):
-        raise ValueError(f"student has {len(s_layers) + 1} blocks, teacher {len(t_layers) + 1}: layer distillation needs equal depth")
+        raise ValueError(
+            f"student has {len(s_layers) + 1} blocks, teacher {len(t_layers) + 1}: layer distillation needs equal depth"
+        )
     if not t_layers:  # a one-block model: the main loss already covers its only block
         return mask.new_zeros(())
     m = mask.unsqueeze(-1)  # (B, T, 1)
     n = mask.sum().clamp_min(1.0) * t_layers[0].shape[-1]
-    terms = [
-        (((s - t) ** 2) * m).sum() / ((t**2) * m).sum().clamp_min(1e-12 * n)
-        for s, t in zip(s_layers, t_layers)
-    ]
+    terms = [(((s - t) ** 2) * m).sum() / ((t**2) * m).sum().clamp_min(1e-12 * n) for s, t in zip(s_layers, t_layers)]
     return torch.stack(terms).mean()
 
 
@@ -459,7 +456,8 @@ def recover_(
                     with torch.no_grad():
                         if extra:
                             t_out, t_layers, t_atts = _outputs_and_layers(
-                                teacher, _feeds(batch, t_keys, device), causal, want_att)
+                                teacher, _feeds(batch, t_keys, device), causal, want_att
+                            )
                         else:
                             t_out, t_layers, t_atts = _outputs(teacher, _feeds(batch, t_keys, device), causal), (), ()
                     cached = (t_out.detach(), tuple(t.detach() for t in t_layers), tuple(a.detach() for a in t_atts))
@@ -469,7 +467,9 @@ def recover_(
                         cache_bytes += size
                 t_out, t_layers, t_atts = cached
                 if extra:
-                    s_out, s_layers, s_atts = _outputs_and_layers(student, _feeds(batch, s_keys, device), causal, want_att)
+                    s_out, s_layers, s_atts = _outputs_and_layers(
+                        student, _feeds(batch, s_keys, device), causal, want_att
+                    )
                 else:
                     s_out, s_layers, s_atts = _outputs(student, _feeds(batch, s_keys, device), causal), (), ()
                 value = _distill_loss(kind, s_out, t_out, mask, temperature)
@@ -515,6 +515,11 @@ def recover_(
     )
     logger.info(
         "recover: %d steps in %.1fs, loss %.4g -> %.4g, heldout %s -> %s",
-        result.steps, seconds, result.loss_first, result.loss_last, before, after,
+        result.steps,
+        seconds,
+        result.loss_first,
+        result.loss_last,
+        before,
+        after,
     )
     return result

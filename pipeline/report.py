@@ -5,11 +5,20 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from exporters.onnx import data_file, model_bytes
-from pipeline.artifact import Artifact, temp_file_near, atomic_write_json, atomic_write_text, hash_file, make_temp_dir, replace_dir
+from pipeline.artifact import (
+    Artifact,
+    atomic_write_json,
+    atomic_write_text,
+    hash_file,
+    make_temp_dir,
+    replace_dir,
+    temp_file_near,
+)
 from pipeline.errors import ConfigError
 
 __all__ = ["publish_targets", "write_reports"]
@@ -46,7 +55,11 @@ def publish_targets(art: Artifact, run_dir: Path, names: Sequence[str]) -> dict[
                     _copy(f, tmp / label / f.relative_to(p))
                 files[label] = f"{name}/{label}"
             elif p.is_file():
-                dst_name = "model.ort" if label == "ort" else ("model.required_operators.config" if label == "required_operators" else p.name)
+                dst_name = (
+                    "model.ort"
+                    if label == "ort"
+                    else ("model.required_operators.config" if label == "required_operators" else p.name)
+                )
                 _copy(p, tmp / dst_name)
                 files[label] = f"{name}/{dst_name}"
         replace_dir(tmp, run_dir / name)
@@ -75,7 +88,9 @@ def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]
 
     plot_dir = run_dir / "plots"
     if plot_dir.is_symlink():
-        raise ConfigError(f"run folder '{run_dir}': 'plots' is a symbolic link; edgepipe does not write through links (remove it)")
+        raise ConfigError(
+            f"run folder '{run_dir}': 'plots' is a symbolic link; edgepipe does not write through links (remove it)"
+        )
     plot_dir.mkdir(exist_ok=True)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     names = [n for n, _ in rows]
@@ -103,7 +118,17 @@ def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]
     return ["plots/targets.png"]
 
 
-def write_reports(*, run_dir: Path, cfg: Any, target_names: Sequence[str], art: Artifact, records: list[dict[str, Any]], published: Mapping[str, Mapping[str, str]], manifest_extra: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+def write_reports(
+    *,
+    run_dir: Path,
+    cfg: Any,
+    target_names: Sequence[str],
+    art: Artifact,
+    records: list[dict[str, Any]],
+    published: Mapping[str, Mapping[str, str]],
+    manifest_extra: Mapping[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
     failures: list[dict[str, Any]] = []
     for r in records:
         failures.extend(r["metrics"].get("failures", []) if isinstance(r.get("metrics"), dict) else [])
@@ -140,13 +165,15 @@ def write_reports(*, run_dir: Path, cfg: Any, target_names: Sequence[str], art: 
     }
     if failures:
         head = "| target | check | value | limit |\n|---|---|---|---|\n"
-        report["failure_table"] = head + "\n".join(f"| {f['target']} | {f['check']} | {f['value']} | {f['limit']} |" for f in failures)
+        report["failure_table"] = head + "\n".join(
+            f"| {f['target']} | {f['check']} | {f['value']} | {f['limit']} |" for f in failures
+        )
     plots = _plots(run_dir, targets)
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", _markdown(report, plots))
     outputs = {}
-    for name, files in published.items():
-        for label, rel in files.items():
+    for files in published.values():
+        for _label, rel in files.items():
             p = run_dir / rel
             if p.is_file():
                 outputs[rel] = hash_file(p)
@@ -162,19 +189,36 @@ def write_reports(*, run_dir: Path, cfg: Any, target_names: Sequence[str], art: 
 
 
 def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
-    L = ["# edgepipe report", "", f"- model: `{rep['model']}` ({rep['family']}, {rep['task']})", f"- created: {rep['created']}, total {rep['seconds']:.1f} s",
-         f"- result: {'**all checks passed**' if rep['ok'] else '**FAILED** — see below'}", ""]
+    L = [
+        "# edgepipe report",
+        "",
+        f"- model: `{rep['model']}` ({rep['family']}, {rep['task']})",
+        f"- created: {rep['created']}, total {rep['seconds']:.1f} s",
+        f"- result: {'**all checks passed**' if rep['ok'] else '**FAILED** — see below'}",
+        "",
+    ]
     if rep.get("failures"):
         L += ["## Failed checks", "", rep["failure_table"], ""]
-    L += ["## Targets", "", "| target | precision | size MB | parity max abs diff | parity ok | cos mean / min | recall@10 | top-1 agree | p50 ms | p95 ms | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += [
+        "## Targets",
+        "",
+        "| target | precision | size MB | parity max abs diff | parity ok | cos mean / min | recall@10 | top-1 agree | p50 ms | p95 ms | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, t in rep["targets"].items():
         par = t.get("parity") or {}
         fid = t.get("fidelity") or {}
         lat = t.get("latency_ms") or {}
         cos = f"{_fmt(fid.get('cos_mean'))} / {_fmt(fid.get('cos_min'))}" if "cos_mean" in fid else "–"
-        L.append(f"| {name} | {t['precision']} | {_fmt(t['size_bytes'] / 1e6, 3)} | {_fmt(par.get('max_abs_diff'), 3)} | {_fmt(par.get('ok'))} | {cos} | {_fmt(fid.get('recall_at_10'))} | {_fmt(fid.get('top1_agreement'))} | {_fmt(lat.get('p50'), 3)} | {_fmt(lat.get('p95'), 3)} | {_fmt(t.get('peak_rss_mb'), 4)} |")
+        L.append(
+            f"| {name} | {t['precision']} | {_fmt(t['size_bytes'] / 1e6, 3)} | {_fmt(par.get('max_abs_diff'), 3)} | {_fmt(par.get('ok'))} | {cos} | {_fmt(fid.get('recall_at_10'))} | {_fmt(fid.get('top1_agreement'))} | {_fmt(lat.get('p50'), 3)} | {_fmt(lat.get('p95'), 3)} | {_fmt(t.get('peak_rss_mb'), 4)} |"
+        )
     if any(t.get("latency_ms") for t in rep["targets"].values()):
-        L += ["", "Latency and memory were measured on the host that ran edgepipe, not on the device; run each target's `bundle/evaluate.py` on the device for its own numbers.", ""]
+        L += [
+            "",
+            "Latency and memory were measured on the host that ran edgepipe, not on the device; run each target's `bundle/evaluate.py` on the device for its own numbers.",
+            "",
+        ]
     else:
         L += ["", "No benchmark stage ran: latency and memory were not measured.", ""]
     for p in plots:
@@ -193,9 +237,15 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
             sp = m.get("sparsity") or {}
             ae = m.get("attention_error") or {}
             parts = ", ".join(f"{k} {_fmt(v)}" for k, v in (m.get("parts") or {}).items())
-            L += ["### prune", "", f"- {m.get('method')} / {m.get('pattern')}: overall sparsity {_fmt(sp.get('overall'))} ({parts}); {_fmt(m.get('seconds'))} s"]
+            L += [
+                "### prune",
+                "",
+                f"- {m.get('method')} / {m.get('pattern')}: overall sparsity {_fmt(sp.get('overall'))} ({parts}); {_fmt(m.get('seconds'))} s",
+            ]
             if ae:  # transformers only (score networks have no attention)
-                L.append(f"- attention error vs dense (relative Frobenius, held-out): mean {_fmt(ae.get('mean'))}, row KL mean {_fmt(ae.get('row_kl_mean'))}")
+                L.append(
+                    f"- attention error vs dense (relative Frobenius, held-out): mean {_fmt(ae.get('mean'))}, row KL mean {_fmt(ae.get('row_kl_mean'))}"
+                )
             if m.get("warning"):
                 L.append(f"- warning: {m['warning']}")
             per = ae.get("per_layer") or []
@@ -204,26 +254,49 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
                 L += ["", "| layer | attention error | row KL | layer output error |", "|---|---|---|---|"]
                 kl = ae.get("row_kl") or []
                 for i in range(max(len(per), len(outs))):
-                    L.append(f"| {i} | {_fmt(per[i] if i < len(per) else None)} | {_fmt(kl[i] if i < len(kl) else None)} | {_fmt(outs[i] if i < len(outs) else None)} |")
+                    L.append(
+                        f"| {i} | {_fmt(per[i] if i < len(per) else None)} | {_fmt(kl[i] if i < len(kl) else None)} | {_fmt(outs[i] if i < len(outs) else None)} |"
+                    )
             L.append("")
         if r["name"] == "recover" and m:
-            L += ["### recover", "", f"- {m.get('steps')} steps ({m.get('loss')}), {_fmt(m.get('seconds'))} s; held-out before {m.get('heldout_before')} -> after {m.get('heldout_after')}" + (" — **rolled back** (it got worse)" if m.get("rolled_back") else ""), ""]
+            L += [
+                "### recover",
+                "",
+                f"- {m.get('steps')} steps ({m.get('loss')}), {_fmt(m.get('seconds'))} s; held-out before {m.get('heldout_before')} -> after {m.get('heldout_after')}"
+                + (" — **rolled back** (it got worse)" if m.get("rolled_back") else ""),
+                "",
+            ]
         if r["name"] == "verify_diffusion" and m:
             L += _verify_diffusion_lines(m)
         if r["name"] == "attention" and m:
-            L += ["### attention", "", f"- kernel {m.get('kernel')}: {m.get('replaced')} modules replaced, max |swapped - reference| {_fmt(m.get('max_abs_diff_vs_reference'), 3)}" + (f", block density {_fmt(m.get('block_density'))}" if "block_density" in m else ""), ""]
+            L += [
+                "### attention",
+                "",
+                f"- kernel {m.get('kernel')}: {m.get('replaced')} modules replaced, max |swapped - reference| {_fmt(m.get('max_abs_diff_vs_reference'), 3)}"
+                + (f", block density {_fmt(m.get('block_density'))}" if "block_density" in m else ""),
+                "",
+            ]
     return "\n".join(L)
 
 
 def _verify_diffusion_lines(m: Mapping[str, Any]) -> list[str]:
     """The verify_diffusion section: per network ε_score², certificate and measured TV, plus the references."""
     eps, cert, tv, lip = m["score_mse"], m["tv_certificate"], m["tv_measured"], m["lipschitz"]
-    L = ["### verify_diffusion", "", f"- DDPM, {cert['steps']} {cert['spacing']} steps, T={_fmt(cert['T'])}, δ={_fmt(cert['delta'])}; measured with {tv['samples']} samples ({tv['sampler']}); gate: {'passed' if m['gate']['ok'] else '**FAILED**'}",
-         f"- Lipschitz: network {_fmt(lip['empirical'])} (dense {_fmt(lip['dense'])}), exact score {_fmt(lip['exact'])}, k-independent bound {_fmt(lip['bound'])}",
-         f"- measured-TV references: exact score {_fmt(tv.get('exact_score'))}, estimator floor {_fmt(tv.get('floor'))}", "",
-         "| network | ε_score² | TV certificate (constants 1) | score-limited certificate | measured TV |", "|---|---|---|---|---|"]
+    L = [
+        "### verify_diffusion",
+        "",
+        f"- DDPM, {cert['steps']} {cert['spacing']} steps, T={_fmt(cert['T'])}, δ={_fmt(cert['delta'])}; measured with {tv['samples']} samples ({tv['sampler']}); gate: {'passed' if m['gate']['ok'] else '**FAILED**'}",
+        f"- Lipschitz: network {_fmt(lip['empirical'])} (dense {_fmt(lip['dense'])}), exact score {_fmt(lip['exact'])}, k-independent bound {_fmt(lip['bound'])}",
+        f"- measured-TV references: exact score {_fmt(tv.get('exact_score'))}, estimator floor {_fmt(tv.get('floor'))}",
+        "",
+        "| network | ε_score² | TV certificate (constants 1) | score-limited certificate | measured TV |",
+        "|---|---|---|---|---|",
+    ]
     terms = cert["terms"]
     rows = [("dense", eps["dense"], cert["dense"], terms["dense"], tv.get("dense"))]
-    rows += [(n, eps["per_target"][n], cert["per_target"][n], terms["per_target"][n], (tv.get("per_target") or {}).get(n)) for n in eps["per_target"]]
+    rows += [
+        (n, eps["per_target"][n], cert["per_target"][n], terms["per_target"][n], (tv.get("per_target") or {}).get(n))
+        for n in eps["per_target"]
+    ]
     L += [f"| {n} | {_fmt(e)} | {_fmt(c)} | {_fmt(t.get('score_limited'))} | {_fmt(v)} |" for n, e, c, t, v in rows]
     return L + [""]

@@ -25,20 +25,21 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any
 
 from pipeline.artifact import Artifact, atomic_write_json, hash_tree, make_temp_dir, replace_dir
 from pipeline.config import PipelineConfig, coerce_config
 from pipeline.errors import ConfigError, EdgepipeError, StageError, ValidationFailed
 from pipeline.preflight import preflight
-from pipeline.workdir import check_workdir, mark_folder
 from pipeline.stage import StageContext, stage_for
 from pipeline.version import __version__
+from pipeline.workdir import check_workdir, mark_folder
 
-__all__ = ["run", "STAGE_RECORD"]
+__all__ = ["STAGE_RECORD", "run"]
 
 log = logging.getLogger("edgepipe")
 STAGE_RECORD = ".stage.json"
@@ -48,7 +49,9 @@ def _own_path(run_dir: Path, name: str) -> Path:
     """``run_dir/name``, refusing a symbolic link planted there (edgepipe never writes through a link)."""
     p = run_dir / name
     if p.is_symlink():
-        raise ConfigError(f"run folder '{run_dir}': '{name}' is a symbolic link; edgepipe does not write through links (remove it)")
+        raise ConfigError(
+            f"run folder '{run_dir}': '{name}' is a symbolic link; edgepipe does not write through links (remove it)"
+        )
     return p
 
 
@@ -64,7 +67,9 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         fd = os.open(run_dir / ".edgepipe.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ConfigError(f"run folder '{run_dir}': .edgepipe.lock is a symbolic link; edgepipe does not write through links (remove it)") from None
+            raise ConfigError(
+                f"run folder '{run_dir}': .edgepipe.lock is a symbolic link; edgepipe does not write through links (remove it)"
+            ) from None
         raise ConfigError(f"--workdir '{run_dir}': cannot be used: {exc.strerror or exc}") from None
     try:
         try:
@@ -102,7 +107,18 @@ def _clean_stale(run_dir: Path) -> None:
 
 def _package_versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "edgepipe": __version__}
-    for name in ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxscript", "numpy", "safetensors", "pydantic"):
+    for name in (
+        "torch",
+        "transformers",
+        "optimum",
+        "optimum-onnx",
+        "onnx",
+        "onnxruntime",
+        "onnxscript",
+        "numpy",
+        "safetensors",
+        "pydantic",
+    ):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -119,12 +135,12 @@ def _input_fingerprint(texts: list[str], model_path: Path, profiles: Mapping[str
 
 
 def run(
-    config: Union[PipelineConfig, Mapping[str, Any], str, Path, None] = None,
+    config: PipelineConfig | Mapping[str, Any] | str | Path | None = None,
     *,
-    workdir: Union[str, Path] = "runs/latest",
-    stages: Optional[Sequence[Any]] = None,
+    workdir: str | Path = "runs/latest",
+    stages: Sequence[Any] | None = None,
     progress: bool = True,
-    cache_dir: Union[str, Path, None] = None,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run a pipeline and return its report (also written to ``workdir/report.json``).
 
@@ -148,7 +164,11 @@ def run(
     import pipeline.stages  # noqa: F401  (register built-in stages)
 
     cfg = coerce_config(config, stages=stages)
-    source = str(config) if isinstance(config, (str, Path)) else ("<embedded default>" if config is None else "<python config>")
+    source = (
+        str(config)
+        if isinstance(config, (str, Path))
+        else ("<embedded default>" if config is None else "<python config>")
+    )
     pre = preflight(cfg, source=source)
     profiles, model_path, task, family = pre.profiles, pre.model_path, pre.task, pre.family
     run_dir = check_workdir(workdir, model_path, cfg.calibration.file)
@@ -193,11 +213,28 @@ def run(
                     shared.close()
             if cached is not None:
                 art = Artifact.from_json(cached["artifact"])
-                records.append({"name": scfg.kind, "folder": f"stages/{name}", "status": "cached", "seconds": cached["seconds"], "metrics": cached["metrics"]})
+                records.append(
+                    {
+                        "name": scfg.kind,
+                        "folder": f"stages/{name}",
+                        "status": "cached",
+                        "seconds": cached["seconds"],
+                        "metrics": cached["metrics"],
+                    }
+                )
                 log.info("[%d/%d] %s: cached", i + 1, n, scfg.kind)
                 continue
             tmp = make_temp_dir(stages_dir, f".{name}.tmp-")
-            ctx = StageContext(dir=tmp, final_rel=f"stages/{name}", run_dir=run_dir, targets=profiles, run=cfg, index=i, progress=progress, log=logging.getLogger(f"edgepipe.{scfg.kind}"))
+            ctx = StageContext(
+                dir=tmp,
+                final_rel=f"stages/{name}",
+                run_dir=run_dir,
+                targets=profiles,
+                run=cfg,
+                index=i,
+                progress=progress,
+                log=logging.getLogger(f"edgepipe.{scfg.kind}"),
+            )
             log.info("[%d/%d] %s: running", i + 1, n, scfg.kind)
             _seed_everything(cfg.seed + i)
             t0 = time.perf_counter()
@@ -217,14 +254,29 @@ def run(
             if not isinstance(new_art, Artifact):
                 shared.close()
                 raise StageError(scfg.kind, f"stage function returned {type(new_art).__name__}, not an Artifact")
-            rec = {"key": key, "stage": scfg.kind, "config": scfg.model_dump(mode="json"), "seconds": seconds, "metrics": ctx.metrics, "artifact": new_art.to_json()}
+            rec = {
+                "key": key,
+                "stage": scfg.kind,
+                "config": scfg.model_dump(mode="json"),
+                "seconds": seconds,
+                "metrics": ctx.metrics,
+                "artifact": new_art.to_json(),
+            }
             atomic_write_json(tmp / STAGE_RECORD, rec)
             replace_dir(tmp, final)
             if cache_dir is not None:
                 stage_cache.publish(Path(cache_dir), key, final)
             shared.close()
             art = new_art
-            records.append({"name": scfg.kind, "folder": f"stages/{name}", "status": "ran", "seconds": seconds, "metrics": ctx.metrics})
+            records.append(
+                {
+                    "name": scfg.kind,
+                    "folder": f"stages/{name}",
+                    "status": "ran",
+                    "seconds": seconds,
+                    "metrics": ctx.metrics,
+                }
+            )
             log.info("[%d/%d] %s: ran in %.1f s", i + 1, n, scfg.kind, seconds)
 
         from pipeline.report import publish_targets, write_reports
@@ -237,11 +289,23 @@ def run(
             art=art,
             records=records,
             published=published,
-            manifest_extra={"versions": _package_versions(), "inputs": {"model_path": str(model_path), **{k: v for k, v in fingerprint.items() if k != "profiles"}}, "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}},
+            manifest_extra={
+                "versions": _package_versions(),
+                "inputs": {"model_path": str(model_path), **{k: v for k, v in fingerprint.items() if k != "profiles"}},
+                "host": {
+                    "machine": platform.machine(),
+                    "system": platform.system(),
+                    "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0],
+                },
+            },
             seconds=time.perf_counter() - t_run,
         )
     if not report["ok"]:
-        raise ValidationFailed(f"validation failed for {len(report['failures'])} check(s); see {run_dir / 'report.md'}", table=report.get("failure_table", ""))
+        raise ValidationFailed(
+            f"validation failed for {len(report['failures'])} check(s); see {run_dir / 'report.md'}",
+            table=report.get("failure_table", ""),
+        )
     return report
 
 

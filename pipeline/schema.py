@@ -10,10 +10,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Frozen", "format_validation_error", "read_yaml", "safe_yaml_load", "shown", "MAX_YAML_BYTES", "MAX_YAML_DEPTH"]
+__all__ = [
+    "MAX_YAML_BYTES",
+    "MAX_YAML_DEPTH",
+    "Frozen",
+    "format_validation_error",
+    "read_yaml",
+    "safe_yaml_load",
+    "shown",
+]
 
-MAX_YAML_BYTES = 1 << 20   # a config or profile is a few hundred bytes; 1 MiB leaves room and bounds the work
-MAX_YAML_DEPTH = 32        # nesting of mappings/sequences; edgepipe's own schema needs 4
+MAX_YAML_BYTES = 1 << 20  # a config or profile is a few hundred bytes; 1 MiB leaves room and bounds the work
+MAX_YAML_DEPTH = 32  # nesting of mappings/sequences; edgepipe's own schema needs 4
 
 
 class Frozen(BaseModel):
@@ -44,11 +52,15 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&, *) are not allowed in edgepipe files", event.start_mark)
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&, *) are not allowed in edgepipe files", event.start_mark
+            )
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark
+                )
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -64,7 +76,9 @@ class _StrictLoader(yaml.SafeLoader):
                 except TypeError:  # unhashable: the base class reports it
                     continue
                 if dup:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {shown(key)}", key_node.start_mark
+                    )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -76,7 +90,7 @@ def safe_yaml_load(text: str, source: str) -> Any:
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"{source}: file is larger than {MAX_YAML_BYTES // 1024} KiB; not an edgepipe config")
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -107,7 +121,9 @@ def format_validation_error(err: ValidationError, *, source: str, prefix: str = 
             msg = "required key is missing"
         else:
             msg = e["msg"].removeprefix("Value error, ")[:200]
-            msg = msg if "got " in msg else f"{msg} (got {shown(e.get('input'))})"  # no second "got" when the message has one
+            msg = (
+                msg if "got " in msg else f"{msg} (got {shown(e.get('input'))})"
+            )  # no second "got" when the message has one
         lines.append(f"{source}: {loc}: {msg}")
     return "; ".join(lines)
 

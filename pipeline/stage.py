@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from pipeline.schema import Frozen
 
-__all__ = ["StageConfig", "StageSpec", "StageContext", "RunPlan", "STAGES", "FAMILY_STAGES", "register_stage", "stage_for"]
+__all__ = [
+    "FAMILY_STAGES",
+    "STAGES",
+    "RunPlan",
+    "StageConfig",
+    "StageContext",
+    "StageSpec",
+    "register_stage",
+    "stage_for",
+]
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,9 @@ STAGES: dict[str, StageSpec] = {}
 FAMILY_STAGES: dict[tuple[str, str], StageSpec] = {}
 
 
-def register_stage(config_cls: type[StageConfig], *, version: int = 1, family: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def register_stage(
+    config_cls: type[StageConfig], *, version: int = 1, family: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as the implementation of ``config_cls.kind``.
 
     ``version`` is part of the cache key: bump it when the stage's output changes for the same input.

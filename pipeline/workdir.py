@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.schema import shown
@@ -35,11 +35,20 @@ def mark_folder(run_dir: Path, kind: str = "run") -> None:
     from pipeline.version import __version__
 
     if not (run_dir / RUN_MARKER).is_file():
-        atomic_write_text(run_dir / RUN_MARKER, json.dumps(
-            {"edgepipe": __version__, "kind": kind, "what": f"edgepipe {kind} folder; edgepipe may replace anything in it"}) + "\n")
+        atomic_write_text(
+            run_dir / RUN_MARKER,
+            json.dumps(
+                {
+                    "edgepipe": __version__,
+                    "kind": kind,
+                    "what": f"edgepipe {kind} folder; edgepipe may replace anything in it",
+                }
+            )
+            + "\n",
+        )
 
 
-def check_workdir(workdir: Any, model_path: Optional[Path], calibration: Optional[str] = None, *, kind: str = "run") -> Path:
+def check_workdir(workdir: Any, model_path: Path | None, calibration: str | None = None, *, kind: str = "run") -> Path:
     """The run folder, resolved, after checking edgepipe may use it: not empty text, not the model folder or
     inside it, not a file or below one, writable, and either absent, empty or an edgepipe run folder (holding
     :data:`RUN_MARKER`). Creates nothing.
@@ -71,11 +80,15 @@ def check_workdir(workdir: Any, model_path: Optional[Path], calibration: Optiona
         if marker.is_symlink() or (marker.exists() and not marker.is_file()):
             raise ConfigError(f"{where}: {RUN_MARKER} is not a plain file; refusing to use this folder")
         if not marker.is_file() and any(run_dir.iterdir()):
-            raise ConfigError(f"{where}: exists, is not empty and is not an edgepipe run folder (no {RUN_MARKER});"
-                              " edgepipe never writes into other folders: give a new or empty folder")
+            raise ConfigError(
+                f"{where}: exists, is not empty and is not an edgepipe run folder (no {RUN_MARKER});"
+                " edgepipe never writes into other folders: give a new or empty folder"
+            )
         if marker.is_file() and folder_kind(run_dir) != kind:
-            raise ConfigError(f"{where}: holds the results of an edgepipe {folder_kind(run_dir)}, not of a {kind};"
-                              " give a new or empty folder")
+            raise ConfigError(
+                f"{where}: holds the results of an edgepipe {folder_kind(run_dir)}, not of a {kind};"
+                " give a new or empty folder"
+            )
         return run_dir
     parent = run_dir.parent
     while not parent.exists():

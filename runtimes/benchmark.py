@@ -66,7 +66,9 @@ def benchmark_bundle(
         raise BundleRunError(f"{script} failed with exit code {proc.returncode}:\n{proc.stderr.strip()[-4000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("{")]
     if not lines:
-        raise BundleRunError(f"{script} printed no JSON result (exit {proc.returncode}); stderr:\n{proc.stderr[-4000:]}")
+        raise BundleRunError(
+            f"{script} printed no JSON result (exit {proc.returncode}); stderr:\n{proc.stderr[-4000:]}"
+        )
     try:
         result = json.loads(lines[-1])
     except json.JSONDecodeError as e:

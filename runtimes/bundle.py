@@ -133,5 +133,7 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("wrote bundle %s (%s, %d inputs, %d reference outputs)", out_dir, model_path.name, len(inputs), len(reference))
+    logger.info(
+        "wrote bundle %s (%s, %d inputs, %d reference outputs)", out_dir, model_path.name, len(inputs), len(reference)
+    )
     return out_dir

@@ -71,7 +71,13 @@ def _cosine_min(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def _compare_one(
-    name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float, min_cosine: float | None, mask: np.ndarray | None
+    name: str,
+    ref: np.ndarray,
+    got: np.ndarray,
+    atol: float,
+    rtol: float,
+    min_cosine: float | None,
+    mask: np.ndarray | None,
 ) -> Comparison:
     if ref.shape != got.shape:
         return Comparison(name, False, math.inf, math.inf, float("nan"), -math.inf, False)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mean_pool", "embedding_fidelity", "recall_at_k", "lm_fidelity", "perplexity"]
+__all__ = ["embedding_fidelity", "lm_fidelity", "mean_pool", "perplexity", "recall_at_k"]
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """(B, S, H) hidden states, (B, S) mask -> (B, H) L2-normalised mean over real tokens."""
-    m = mask.astype(np.float64)[..., None]                      # (B, S, 1)
+    m = mask.astype(np.float64)[..., None]  # (B, S, 1)
     pooled = (hidden.astype(np.float64) * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
     return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
 
@@ -37,7 +37,12 @@ def recall_at_k(ref: np.ndarray, got: np.ndarray, k: int = 10) -> float:
 def embedding_fidelity(ref: np.ndarray, got: np.ndarray, k: int = 10) -> dict[str, float]:
     """ref/got: (N, H) normalised embeddings of the same passages."""
     cos = np.sum(ref * got, axis=1)
-    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), f"recall_at_{k}": recall_at_k(ref, got, k), "n": int(ref.shape[0])}
+    return {
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        f"recall_at_{k}": recall_at_k(ref, got, k),
+        "n": int(ref.shape[0]),
+    }
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -48,7 +53,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def perplexity(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> float:
     """Next-token perplexity: logits (B, S, V) predict ids[:, 1:] where both positions are real tokens."""
-    lp = _log_softmax(logits[:, :-1])                             # (B, S-1, V)
+    lp = _log_softmax(logits[:, :-1])  # (B, S-1, V)
     tgt = ids[:, 1:]
     valid = (mask[:, 1:] * mask[:, :-1]).astype(bool)
     nll = -np.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
@@ -59,4 +64,10 @@ def lm_fidelity(ref_logits: np.ndarray, got_logits: np.ndarray, ids: np.ndarray,
     valid = mask.astype(bool)
     agree = (ref_logits.argmax(-1) == got_logits.argmax(-1))[valid]
     p_ref, p_got = perplexity(ref_logits, ids, mask), perplexity(got_logits, ids, mask)
-    return {"top1_agreement": float(agree.mean()), "ppl_dense": p_ref, "ppl": p_got, "ppl_delta": p_got - p_ref, "ppl_ratio": p_got / p_ref}
+    return {
+        "top1_agreement": float(agree.mean()),
+        "ppl_dense": p_ref,
+        "ppl": p_got,
+        "ppl_delta": p_got - p_ref,
+        "ppl_ratio": p_got / p_ref,
+    }

@@ -48,8 +48,8 @@ def _positions(mask: np.ndarray) -> np.ndarray:
 
 
 def greedy_generate_ort(
-    session: "onnxruntime.InferenceSession",
-    result: "ExportResult",
+    session: onnxruntime.InferenceSession,
+    result: ExportResult,
     input_ids: np.ndarray,
     max_new_tokens: int,
     *,
@@ -110,7 +110,7 @@ def greedy_generate_ort(
 
 
 def greedy_generate_torch(
-    loaded: "LoadedModel",
+    loaded: LoadedModel,
     input_ids: np.ndarray,
     max_new_tokens: int,
     *,

@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:  # onnxruntime is imported where used (house rule 11)
     import onnxruntime as ort
 
-__all__ = ["GRAPH_OPTIMIZATION_LEVELS", "available_providers", "make_session", "feeds_for"]
+__all__ = ["GRAPH_OPTIMIZATION_LEVELS", "available_providers", "feeds_for", "make_session"]
 
 logger = logging.getLogger(__name__)
 

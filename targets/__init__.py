@@ -11,4 +11,13 @@ from targets.profile import (
     load_target,
 )
 
-__all__ = ["Cache", "StaticShapes", "TargetProfile", "Tolerance", "builtin_target_names", "is_profile_path", "list_targets", "load_target"]
+__all__ = [
+    "Cache",
+    "StaticShapes",
+    "TargetProfile",
+    "Tolerance",
+    "builtin_target_names",
+    "is_profile_path",
+    "list_targets",
+    "load_target",
+]

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -19,15 +19,15 @@ from pipeline.errors import TargetError
 from pipeline.schema import Frozen, format_validation_error, read_yaml, shown
 
 __all__ = [
+    "RESERVED_NAMES",
     "Cache",
-    "Tolerance",
     "StaticShapes",
     "TargetProfile",
+    "Tolerance",
     "builtin_target_names",
     "is_profile_path",
-    "load_target",
-    "RESERVED_NAMES",
     "list_targets",
+    "load_target",
 ]
 
 Precision = Literal["fp32", "fp16", "int8", "int8-static"]
@@ -46,17 +46,17 @@ class Tolerance(Frozen):
 class Cache(Frozen):
     """Fast-memory sizes in KiB. ``auto`` (host only) reads them from this machine."""
 
-    l1_kb: Optional[int] = Field(None, gt=0, description="L1 data cache per core")
-    l2_kb: Optional[int] = Field(None, gt=0, description="L2 cache per core (or per cluster)")
-    l3_kb: Optional[int] = Field(None, gt=0, description="last-level cache")
-    gpu_shared_kb: Optional[int] = Field(None, gt=0, description="GPU shared memory per SM")
+    l1_kb: int | None = Field(None, gt=0, description="L1 data cache per core")
+    l2_kb: int | None = Field(None, gt=0, description="L2 cache per core (or per cluster)")
+    l3_kb: int | None = Field(None, gt=0, description="last-level cache")
+    gpu_shared_kb: int | None = Field(None, gt=0, description="GPU shared memory per SM")
     attention_level: Literal["l1", "l2", "l3", "gpu_shared"] = Field(
         "l2", description="which level the attention planner treats as fast memory M"
     )
     auto: bool = Field(False, description="detect l1/l2/l3 from /sys at load time (host profiles)")
 
     @model_validator(mode="after")
-    def _level_known(self) -> "Cache":
+    def _level_known(self) -> Cache:
         if not self.auto and getattr(self, f"{self.attention_level}_kb") is None:
             raise ValueError(f"attention_level is '{self.attention_level}' but {self.attention_level}_kb is not set")
         return self
@@ -88,12 +88,12 @@ class TargetProfile(Frozen):
     )
     precisions: list[Precision] = Field(min_length=1, description="supported precisions; the first is the default")
     opset: int = Field(23, ge=13, le=24, description="highest ONNX opset the target's runtime executes")
-    threads: Optional[int] = Field(None, ge=1, description="intra-op threads (None = all cores)")
+    threads: int | None = Field(None, ge=1, description="intra-op threads (None = all cores)")
     memory_budget_mb: int = Field(gt=0, description="RAM the model may use on the device")
     cache: Cache
     ort_format: bool = Field(False, description="also ship .ort + required-operators config (ORT Mobile)")
     mobile_check: bool = Field(False, description="run ORT's mobile usability check and report it")
-    static_shapes: Optional[StaticShapes] = None
+    static_shapes: StaticShapes | None = None
     fast_patterns: list[SparsityPattern] = Field(
         default_factory=lambda: ["structured"],
         description="sparsity patterns that make this target faster (others only save size, if anything)",
@@ -102,7 +102,7 @@ class TargetProfile(Frozen):
         default_factory=lambda: ["onnx_attention", "ms_mha"], description="fused attention ops, preferred first"
     )
     tolerances: dict[Precision, Tolerance] = Field(description="parity tolerance for each precision")
-    int8_weights: Optional[Int8Weights] = Field(
+    int8_weights: Int8Weights | None = Field(
         None,
         description="int8 weight type: s8 (u8 activations x s8 weights), u8 (u8 x u8) or s8-reduce-range (7-bit s8);"
         " omitted = u8 on x86_64 (u8 x s8 saturates int16 pair sums on CPUs without AVX-VNNI), s8 on ARM"
@@ -121,7 +121,7 @@ class TargetProfile(Frozen):
         return v
 
     @model_validator(mode="after")
-    def _tolerance_for_each_precision(self) -> "TargetProfile":
+    def _tolerance_for_each_precision(self) -> TargetProfile:
         missing = [p for p in self.precisions if p not in self.tolerances]
         if missing:
             raise ValueError(f"tolerances missing for precision(s) {missing}")
@@ -145,7 +145,7 @@ class TargetProfile(Frozen):
             return self.int8_weights
         return "u8" if self.arch == "x86_64" else "s8"
 
-    def cache_bytes(self, level: Optional[str] = None) -> int:
+    def cache_bytes(self, level: str | None = None) -> int:
         """Bytes of the cache level the attention planner uses (``cache.attention_level`` by default)."""
         level = level or self.cache.attention_level
         kb = getattr(self.cache, f"{level}_kb")
@@ -190,7 +190,14 @@ def _from_data(data: object, source: str) -> TargetProfile:
     cache = data.get("cache")
     if isinstance(cache, dict) and cache.get("auto"):
         detected = _detect_host_cache()
-        data = {**data, "cache": {**{"l1_kb": 32, "l2_kb": 512, "l3_kb": 8192}, **detected, **{k: v for k, v in cache.items() if v is not None}}}
+        data = {
+            **data,
+            "cache": {
+                **{"l1_kb": 32, "l2_kb": 512, "l3_kb": 8192},
+                **detected,
+                **{k: v for k, v in cache.items() if v is not None},
+            },
+        }
     try:
         return TargetProfile.model_validate(data)
     except ValidationError as exc:
@@ -226,7 +233,9 @@ def load_target(name_or_path: str | os.PathLike[str]) -> TargetProfile:
         if not path.is_file():
             raise TargetError(f"target profile file not found: {shown(s, 200)}")
     else:
-        raise TargetError(f"unknown target {shown(s)}; built-in targets: {', '.join(sorted(files))} (or give a path to a profile YAML)")
+        raise TargetError(
+            f"unknown target {shown(s)}; built-in targets: {', '.join(sorted(files))} (or give a path to a profile YAML)"
+        )
     return _load_cached(str(path), path.stat().st_mtime)
 
 

@@ -46,17 +46,30 @@ def device_python() -> str:
         venv.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         r = subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             f"numpy=={np.__version__}", f"onnxruntime=={ort.__version__}"],
-            capture_output=True, text=True, check=False, timeout=600,
+            [
+                str(py),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                f"numpy=={np.__version__}",
+                f"onnxruntime=={ort.__version__}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
         )
         if r.returncode != 0:
             pytest.skip(f"could not build the numpy+onnxruntime venv (offline, no pip cache?): {r.stderr[-500:]}")
         marker.write_text("ok\n")
     # the device venv must not see torch/edgepipe: evaluate.py may import only numpy + onnxruntime
-    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip() == "True"
     return str(py)
-
-

@@ -67,9 +67,7 @@ def _make_tokenizer(family: Family) -> Any:
     vocab = _vocab(specials)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
     if family == "bert":
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -102,25 +100,44 @@ def _make_config(family: Family, vocab_size: int, overrides: dict[str, Any]) -> 
 
     if family == "bert":
         kw: dict[str, Any] = dict(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
-            type_vocab_size=2, pad_token_id=0, architectures=["BertModel"],
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            type_vocab_size=2,
+            pad_token_id=0,
+            architectures=["BertModel"],
         )
         kw.update(overrides)
         return tf.BertConfig(**kw)
     if family == "gpt2":
         kw = dict(
-            vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-            bos_token_id=1, eos_token_id=2, architectures=["GPT2LMHeadModel"],
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            architectures=["GPT2LMHeadModel"],
         )
         kw.update(overrides)
         return tf.GPT2Config(**kw)
     if family == "llama":
         kw = dict(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-            tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+            architectures=["LlamaForCausalLM"],
         )
         kw.update(overrides)
         return tf.LlamaConfig(**kw)

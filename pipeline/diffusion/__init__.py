@@ -20,24 +20,31 @@ from pipeline.diffusion.bounds import (
     tv_certificate,
 )
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
-from pipeline.diffusion.metrics import histogram_kl, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_error_points, score_mse
+from pipeline.diffusion.metrics import (
+    histogram_kl,
+    histogram_tv,
+    histogram_tv_floor,
+    jacobian_opnorm,
+    score_error_points,
+    score_mse,
+)
 from pipeline.diffusion.samplers import ddpm_sample, probability_flow_sample, time_grid
 
 __all__ = [
     "GaussianMixture",
     "Schedule",
-    "lipschitz_bound",
-    "second_moment",
-    "kl_to_standard_normal_bound",
-    "early_stop_tv_bound",
-    "tv_certificate",
     "ddpm_sample",
+    "early_stop_tv_bound",
+    "histogram_kl",
+    "histogram_tv",
+    "histogram_tv_floor",
+    "jacobian_opnorm",
+    "kl_to_standard_normal_bound",
+    "lipschitz_bound",
     "probability_flow_sample",
-    "time_grid",
     "score_error_points",
     "score_mse",
-    "jacobian_opnorm",
-    "histogram_tv",
-    "histogram_kl",
-    "histogram_tv_floor",
+    "second_moment",
+    "time_grid",
+    "tv_certificate",
 ]

@@ -27,7 +27,7 @@ TV(p_δ, p_0) ≤ Σ_i α_i sqrt(½ KL(N_{i,δ} ‖ N_{i,0})) (joint convexity o
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -35,11 +35,11 @@ from pipeline.diffusion.gmm import GaussianMixture, Schedule
 
 __all__ = [
     "beta_min",
+    "early_stop_tv_bound",
+    "kl_to_standard_normal_bound",
     "lipschitz_bound",
     "lipschitz_region_radius",
     "second_moment",
-    "kl_to_standard_normal_bound",
-    "early_stop_tv_bound",
     "tv_certificate",
 ]
 
@@ -57,7 +57,9 @@ def beta_min(gmm: GaussianMixture, t: Any, schedule: Schedule = Schedule()) -> T
     return a * a * gmm.eigvals.min() + b * b
 
 
-def lipschitz_region_radius(gmm: GaussianMixture, t: Any, schedule: Schedule = Schedule(), *, sigmas: Optional[float] = None) -> Tensor:
+def lipschitz_region_radius(
+    gmm: GaussianMixture, t: Any, schedule: Schedule = Schedule(), *, sigmas: float | None = None
+) -> Tensor:
     """R_t for unequal covariances: every point within ``sigmas`` component standard deviations (default
     sqrt(d) + 5, an [I] choice covering all but ~1e-6 of the mass in low dimension) of some component mean
     satisfies max_i ‖x − a_t μ_i‖ ≤ R_t."""
@@ -69,7 +71,9 @@ def lipschitz_region_radius(gmm: GaussianMixture, t: Any, schedule: Schedule = S
     return a * spread + c * sd
 
 
-def lipschitz_bound(gmm: GaussianMixture, t: Any, schedule: Schedule = Schedule(), *, radius: Optional[Any] = None) -> Tensor:
+def lipschitz_bound(
+    gmm: GaussianMixture, t: Any, schedule: Schedule = Schedule(), *, radius: Any | None = None
+) -> Tensor:
     """Upper bound on ‖∇²log p_t(x)‖_op (the score's Lipschitz constant at time t), independent of k.
 
     Args:
@@ -143,10 +147,10 @@ def tv_certificate(gmm: GaussianMixture, schedule: Schedule, grid: Tensor, eps2:
         (``vacuous``: total ≥ 1, TV ≤ 1 holds anyway). Constants are set to 1 (module docstring; [I]).
     """
     grid = grid.to(torch.float64)
-    s = schedule.s(grid)                                                    # (N+1,) decreasing OU times
+    s = schedule.s(grid)  # (N+1,) decreasing OU times
     S, s_delta = float(s[0]), float(s[-1])
-    h = s[:-1] - s[1:]                                                      # (N,) step lengths in OU time
-    lo = grid[1:]                                                           # each step's less-noisy end: largest L_t
+    h = s[:-1] - s[1:]  # (N,) step lengths in OU time
+    lo = grid[1:]  # each step's less-noisy end: largest L_t
     L = lipschitz_bound(gmm, lo, schedule)
     m2 = torch.maximum(second_moment(gmm, grid[:-1], schedule), second_moment(gmm, lo, schedule))
     kl_init = math.exp(-2 * S) * kl_to_standard_normal_bound(gmm)

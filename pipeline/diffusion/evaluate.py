@@ -7,7 +7,7 @@ computes it (closed form, PyTorch in float32, an ONNX session in the target's pr
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,12 +17,14 @@ from pipeline.diffusion.gmm import GaussianMixture
 from pipeline.diffusion.network import ScoreMLP
 from pipeline.diffusion.samplers import ScoreFn
 
-__all__ = ["score_inputs", "feeds_of", "torch_scorer", "onnx_scorer", "prune_linears_", "PRUNE_METHODS"]
+__all__ = ["PRUNE_METHODS", "feeds_of", "onnx_scorer", "prune_linears_", "score_inputs", "torch_scorer"]
 
 PRUNE_METHODS = ("magnitude", "wanda")
 
 
-def score_inputs(model: ScoreMLP, n: int, *, seed: int, mixture: Optional[GaussianMixture] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def score_inputs(
+    model: ScoreMLP, n: int, *, seed: int, mixture: GaussianMixture | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (n, d), t (n,)) float64 with OU time uniform on the network's [t_min, t_max] and x ~ p_t: from ``mixture``
     when given, else from N(0, (a_t² v + b_t²) I) with the recorded data second moment v."""
     c = model.config
@@ -63,8 +65,15 @@ def onnx_scorer(session: Any) -> ScoreFn:
 
 
 @torch.no_grad()
-def prune_linears_(model: ScoreMLP, *, method: str, sparsity: float, n: int = 0, m: int = 0,
-                   calibration: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, Any]:
+def prune_linears_(
+    model: ScoreMLP,
+    *,
+    method: str,
+    sparsity: float,
+    n: int = 0,
+    m: int = 0,
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Prune every ``nn.Linear`` of the network in place: ``magnitude`` (|W| over each whole matrix) or ``wanda``
     (|W|·‖X_j‖ per output row, input norms from ``calibration`` (x, t)); N:M when ``m`` > 0.
 
@@ -84,8 +93,12 @@ def prune_linears_(model: ScoreMLP, *, method: str, sparsity: float, n: int = 0,
     if method == "wanda":
         if calibration is None:
             raise ValueError("wanda needs calibration inputs")
-        hooks = [mod.register_forward_hook(lambda mod, inp, out, name=name: norms.__setitem__(name, (inp[0].double() ** 2).sum(0)))
-                 for name, mod in linears]
+        hooks = [
+            mod.register_forward_hook(
+                lambda mod, inp, out, name=name: norms.__setitem__(name, (inp[0].double() ** 2).sum(0))
+            )
+            for name, mod in linears
+        ]
         try:
             model(calibration[0].to(torch.float32), calibration[1].to(torch.float32))
         finally:

@@ -18,8 +18,9 @@ convention of notes §5(a)), ``vp-linear`` is β(t) = β_min + (β_max - β_min)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal
 
 import torch
 
@@ -75,7 +76,7 @@ class Schedule:
         return {"kind": self.kind, "beta_min": self.beta_min, "beta_max": self.beta_max}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Schedule":
+    def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
         return cls(**{k: data[k] for k in ("kind", "beta_min", "beta_max") if k in data})
 
 
@@ -105,7 +106,9 @@ class GaussianMixture:
     def __post_init__(self) -> None:
         w, m, c = (torch.as_tensor(x, dtype=torch.float64) for x in (self.weights, self.means, self.covs))
         if m.ndim != 2 or w.shape != (m.shape[0],) or c.shape != (m.shape[0], m.shape[1], m.shape[1]):
-            raise ValueError(f"need weights (k,), means (k, d), covs (k, d, d); got {tuple(w.shape)}, {tuple(m.shape)}, {tuple(c.shape)}")
+            raise ValueError(
+                f"need weights (k,), means (k, d), covs (k, d, d); got {tuple(w.shape)}, {tuple(m.shape)}, {tuple(c.shape)}"
+            )
         if not all(torch.isfinite(x).all() for x in (w, m, c)):
             raise ValueError("mixture parameters must be finite")
         if (w <= 0).any() or abs(float(w.sum()) - 1.0) > 1e-6:
@@ -142,7 +145,7 @@ class GaussianMixture:
         return {"weights": self.weights.tolist(), "means": self.means.tolist(), "covs": self.covs.tolist()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GaussianMixture":
+    def from_dict(cls, data: Mapping[str, Any]) -> GaussianMixture:
         """From ``{"weights": [...], "means": [[...]], "covs": [[[...]]]}`` (``covs`` may also be a list of
         per-component variances ``"stds"`` for isotropic components)."""
         means = torch.as_tensor(data["means"], dtype=torch.float64)
@@ -155,12 +158,24 @@ class GaussianMixture:
         return cls(weights, means, covs)
 
     @classmethod
-    def random(cls, k: int, d: int, *, generator: Optional[torch.Generator] = None, spread: float = 2.0,
-               shared: bool = False, scale: tuple[float, float] = (0.1, 1.0)) -> "GaussianMixture":
+    def random(
+        cls,
+        k: int,
+        d: int,
+        *,
+        generator: torch.Generator | None = None,
+        spread: float = 2.0,
+        shared: bool = False,
+        scale: tuple[float, float] = (0.1, 1.0),
+    ) -> GaussianMixture:
         """A random mixture (Dirichlet weights, Gaussian means of std ``spread``, random SPD covariances with
         eigenvalues in ``scale``); ``shared=True`` gives every component one covariance."""
         g = generator
-        w = torch.distributions.Dirichlet(torch.ones(k, dtype=torch.float64)).sample() if g is None else _dirichlet(k, g)
+        w = (
+            torch.distributions.Dirichlet(torch.ones(k, dtype=torch.float64)).sample()
+            if g is None
+            else _dirichlet(k, g)
+        )
         means = spread * torch.randn(k, d, dtype=torch.float64, generator=g)
         n_cov = 1 if shared else k
         q, _ = torch.linalg.qr(torch.randn(n_cov, d, d, dtype=torch.float64, generator=g))
@@ -175,11 +190,11 @@ class GaussianMixture:
         lam, U = self._eig  # type: ignore[attr-defined]
         n = x.shape[0]
         t = as_time(t, n)
-        a = schedule.alpha(t)[:, None, None]                               # (n, 1, 1)
+        a = schedule.alpha(t)[:, None, None]  # (n, 1, 1)
         b2 = schedule.sigma(t)[:, None, None] ** 2
-        lam_t = a * a * lam[None] + b2                                       # (n, k, d): eigenvalues of Σ_{i,t}
-        diff = x[:, None, :] - a * self.means[None]                          # (n, k, d)
-        y = torch.einsum("kde,nkd->nke", U, diff)                            # (n, k, d): coordinates in Σ_i's eigenbasis
+        lam_t = a * a * lam[None] + b2  # (n, k, d): eigenvalues of Σ_{i,t}
+        diff = x[:, None, :] - a * self.means[None]  # (n, k, d)
+        y = torch.einsum("kde,nkd->nke", U, diff)  # (n, k, d): coordinates in Σ_i's eigenbasis
         logn = -0.5 * ((y * y / lam_t).sum(-1) + torch.log(lam_t).sum(-1) + self.d * math.log(2 * math.pi))
         return torch.log(self.weights)[None] + logn, y, lam_t, U
 
@@ -191,8 +206,8 @@ class GaussianMixture:
     def score(self, x: Tensor, t: Any = 0.0, schedule: Schedule = Schedule()) -> Tensor:
         """∇_x log p_t(x), (n, d)."""
         logc, y, lam_t, U = self._parts(x.to(torch.float64), t, schedule)
-        w = torch.softmax(logc, dim=1)                                       # (n, k) responsibilities
-        g = -torch.einsum("kde,nke->nkd", U, y / lam_t)                      # (n, k, d): -Σ_{i,t}⁻¹ (x - a μ_i)
+        w = torch.softmax(logc, dim=1)  # (n, k) responsibilities
+        g = -torch.einsum("kde,nke->nkd", U, y / lam_t)  # (n, k, d): -Σ_{i,t}⁻¹ (x - a μ_i)
         return torch.einsum("nk,nkd->nd", w, g)
 
     def hessian(self, x: Tensor, t: Any = 0.0, schedule: Schedule = Schedule()) -> Tensor:
@@ -200,27 +215,28 @@ class GaussianMixture:
         logc, y, lam_t, U = self._parts(x.to(torch.float64), t, schedule)
         w = torch.softmax(logc, dim=1)
         g = -torch.einsum("kde,nke->nkd", U, y / lam_t)
-        prec = torch.einsum("kde,nke,kfe->nkdf", U, 1.0 / lam_t, U)          # (n, k, d, d): Σ_{i,t}⁻¹
+        prec = torch.einsum("kde,nke,kfe->nkdf", U, 1.0 / lam_t, U)  # (n, k, d, d): Σ_{i,t}⁻¹
         mean_g = torch.einsum("nk,nkd->nd", w, g)
         second = torch.einsum("nk,nkd,nkf->ndf", w, g, g)
         return -torch.einsum("nk,nkdf->ndf", w, prec) + second - mean_g[:, :, None] * mean_g[:, None, :]
 
-    def marginal(self, t: float, schedule: Schedule = Schedule()) -> "GaussianMixture":
+    def marginal(self, t: float, schedule: Schedule = Schedule()) -> GaussianMixture:
         """p_t as a mixture: weights α, means a_t μ_i, covariances a_t² Σ_i + b_t² I."""
         tt = torch.tensor(float(t), dtype=torch.float64)
         a, b = float(schedule.alpha(tt)), float(schedule.sigma(tt))
         eye = torch.eye(self.d, dtype=torch.float64)
         return GaussianMixture(self.weights, a * self.means, a * a * self.covs + b * b * eye)
 
-    def sample(self, n: int, *, generator: Optional[torch.Generator] = None) -> Tensor:
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """n draws from p_0, (n, d) float64."""
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         lam, U = self._eig  # type: ignore[attr-defined]
         z = torch.randn(n, self.d, dtype=torch.float64, generator=generator)
         return self.means[comp] + torch.einsum("nde,ne->nd", U[comp], z * lam[comp].sqrt())
 
-    def sample_t(self, t: Tensor, *, generator: Optional[torch.Generator] = None,
-                 schedule: Schedule = Schedule()) -> Tensor:
+    def sample_t(
+        self, t: Tensor, *, generator: torch.Generator | None = None, schedule: Schedule = Schedule()
+    ) -> Tensor:
         """One draw of x_t ~ p_t per entry of t (n,): a_t x_0 + b_t z, (n, d)."""
         x0 = self.sample(t.shape[0], generator=generator)
         z = torch.randn(x0.shape, dtype=torch.float64, generator=generator)

@@ -4,15 +4,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
-from pipeline.diffusion.network import FAMILY, MODEL_TYPE, TASK, ScoreModelError, load_score_model, mixture_of, save_score_model
+from pipeline.diffusion.network import (
+    FAMILY,
+    MODEL_TYPE,
+    TASK,
+    ScoreModelError,
+    load_score_model,
+    mixture_of,
+    save_score_model,
+)
 from pipeline.loaded import LoadedModel, ModelKind, ModelLoadError, check_weights
 
 __all__ = ["SCORE_MODEL_KIND"]
 
 
-def _load(path: Path, task: Optional[str]):
+def _load(path: Path, task: str | None):
     if task not in (None, TASK):
         raise ModelLoadError(f"{path}: task {task!r} is not supported for {MODEL_TYPE!r} (supports {TASK!r})")
     if not path.is_dir():

@@ -12,20 +12,36 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
 
-__all__ = ["score_error_points", "score_mse", "jacobian_opnorm", "finite_difference_opnorm", "histogram_tv", "histogram_kl", "histogram_tv_floor", "MAX_HISTOGRAM_DIM"]
+__all__ = [
+    "MAX_HISTOGRAM_DIM",
+    "finite_difference_opnorm",
+    "histogram_kl",
+    "histogram_tv",
+    "histogram_tv_floor",
+    "jacobian_opnorm",
+    "score_error_points",
+    "score_mse",
+]
 
 Tensor = torch.Tensor
 MAX_HISTOGRAM_DIM = 3
 
 
-def score_error_points(gmm: GaussianMixture, n: int, *, T: float, delta: float, schedule: Schedule = Schedule(),
-                       generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor, Tensor]:
+def score_error_points(
+    gmm: GaussianMixture,
+    n: int,
+    *,
+    T: float,
+    delta: float,
+    schedule: Schedule = Schedule(),
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(x (n, d), t (n,), exact score (n, d)) with s(t) uniform on [s(δ), s(T)] and x ~ p_t, all float64."""
     s_lo = schedule.s(torch.tensor(delta, dtype=torch.float64))
     s_hi = schedule.s(torch.tensor(T, dtype=torch.float64))
@@ -50,11 +66,13 @@ def jacobian_opnorm(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor
     with torch.enable_grad():
         out = fn(x, t)
         rows = [torch.autograd.grad(out[:, j].sum(), x, retain_graph=True)[0] for j in range(out.shape[1])]
-    jac = torch.stack(rows, dim=1)                                           # (n, d_out, d_in)
+    jac = torch.stack(rows, dim=1)  # (n, d_out, d_in)
     return torch.linalg.matrix_norm(jac.to(torch.float64), ord=2)
 
 
-def finite_difference_opnorm(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, *, h: float = 1e-2) -> Tensor:
+def finite_difference_opnorm(
+    fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, t: Tensor, *, h: float = 1e-2
+) -> Tensor:
     """‖J‖_op per row with J from central differences of step h: works for any backend (an int8 ONNX graph has no
     autograd). Returns (n,). Quantized graphs are piecewise flat with jumps, so this is h-dependent there."""
     eye = torch.eye(x.shape[1], dtype=x.dtype)
@@ -63,7 +81,7 @@ def finite_difference_opnorm(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, 
 
 
 def _box(gmm: GaussianMixture, width: float = 5.0) -> tuple[Tensor, Tensor]:
-    sd = torch.sqrt(torch.diagonal(gmm.covs, dim1=1, dim2=2))               # (k, d) marginal stds
+    sd = torch.sqrt(torch.diagonal(gmm.covs, dim1=1, dim2=2))  # (k, d) marginal stds
     return (gmm.means - width * sd).min(0).values, (gmm.means + width * sd).max(0).values
 
 
@@ -77,14 +95,14 @@ def _bin_masses(gmm: GaussianMixture, lo: Tensor, hi: Tensor, bins: int, sub: in
     pts = torch.stack(torch.meshgrid(*mids, indexing="ij"), dim=-1).reshape(-1, d)
     dens = torch.cat([gmm.log_prob(p).exp() for p in pts.split(1 << 16)]) * cell
     dens = dens.reshape((fine,) * d)
-    for axis in range(d):                                                    # sum each bin's sub-cells
+    for axis in range(d):  # sum each bin's sub-cells
         shape = list(dens.shape)
         shape[axis : axis + 1] = [bins, sub]
         dens = dens.reshape(shape).sum(axis + 1)
     return dens.reshape(-1)
 
 
-def _histograms(samples: Tensor, gmm: GaussianMixture, bins: Optional[int], sub: int) -> tuple[Tensor, Tensor]:
+def _histograms(samples: Tensor, gmm: GaussianMixture, bins: int | None, sub: int) -> tuple[Tensor, Tensor]:
     """(empirical, exact) masses of the ``bins``^d grid cells plus a last entry for everything outside the grid."""
     x = torch.as_tensor(samples, dtype=torch.float64)
     d = gmm.d
@@ -106,7 +124,7 @@ def _histograms(samples: Tensor, gmm: GaussianMixture, bins: Optional[int], sub:
     return torch.cat([counts, (1.0 - counts.sum()).clamp_min(0).reshape(1)]), p
 
 
-def histogram_tv(samples: Tensor, gmm: GaussianMixture, *, bins: Optional[int] = None, sub: int = 4) -> float:
+def histogram_tv(samples: Tensor, gmm: GaussianMixture, *, bins: int | None = None, sub: int = 4) -> float:
     """½ Σ_b |p̂_b − p_b| over a regular grid of ``bins``^d cells covering p_0 (±5 std) plus one cell for the outside.
 
     Args:
@@ -122,7 +140,7 @@ def histogram_tv(samples: Tensor, gmm: GaussianMixture, *, bins: Optional[int] =
     return 0.5 * float((q - p).abs().sum())
 
 
-def histogram_kl(samples: Tensor, gmm: GaussianMixture, *, bins: Optional[int] = None, sub: int = 4) -> float:
+def histogram_kl(samples: Tensor, gmm: GaussianMixture, *, bins: int | None = None, sub: int = 4) -> float:
     """KL(p̂ ‖ p_0) between the same binned distributions as :func:`histogram_tv` (nats; plug-in estimate, biased
     upward by about (occupied cells − 1) / (2n)). Cells where p_0's mass underflows to 0 count with a 1e-300 floor."""
     q, p = _histograms(samples, gmm, bins, sub)
@@ -130,6 +148,8 @@ def histogram_kl(samples: Tensor, gmm: GaussianMixture, *, bins: Optional[int] =
     return float((q[m] * (torch.log(q[m]) - torch.log(p[m].clamp_min(1e-300)))).sum())
 
 
-def histogram_tv_floor(gmm: GaussianMixture, n: int, *, generator: Optional[torch.Generator] = None, bins: Optional[int] = None) -> float:
+def histogram_tv_floor(
+    gmm: GaussianMixture, n: int, *, generator: torch.Generator | None = None, bins: int | None = None
+) -> float:
     """:func:`histogram_tv` of n exact draws: what the estimator reports for a perfect sampler with n samples."""
     return histogram_tv(gmm.sample(n, generator=generator), gmm, bins=bins)

@@ -18,17 +18,30 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
 
-__all__ = ["MODEL_TYPE", "TASK", "FAMILY", "ScoreMLP", "ScoreModelConfig", "save_score_model", "load_score_model", "ScoreModelError", "mixture_of", "read_config", "export_score_onnx"]
+__all__ = [
+    "FAMILY",
+    "MODEL_TYPE",
+    "TASK",
+    "ScoreMLP",
+    "ScoreModelConfig",
+    "ScoreModelError",
+    "export_score_onnx",
+    "load_score_model",
+    "mixture_of",
+    "read_config",
+    "save_score_model",
+]
 
-MODEL_TYPE = "edgepipe-score-mlp"   # config.json "model_type"
+MODEL_TYPE = "edgepipe-score-mlp"  # config.json "model_type"
 TASK = "score-model"
 FAMILY = "score-model"
 
@@ -53,9 +66,18 @@ class ScoreModelConfig:
 
     model_type = MODEL_TYPE
 
-    def __init__(self, dim: int, hidden: int = 128, layers: int = 3, time_features: int = 16,
-                 schedule: Optional[Schedule] = None, t_min: float = 1e-3, t_max: float = 8.0,
-                 data_second_moment: float = 1.0, extra: Optional[Mapping[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden: int = 128,
+        layers: int = 3,
+        time_features: int = 16,
+        schedule: Schedule | None = None,
+        t_min: float = 1e-3,
+        t_max: float = 8.0,
+        data_second_moment: float = 1.0,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         self.dim, self.hidden, self.layers, self.time_features = int(dim), int(hidden), int(layers), int(time_features)
         self.schedule = schedule or Schedule()
         self.t_min, self.t_max, self.data_second_moment = float(t_min), float(t_max), float(data_second_moment)
@@ -73,12 +95,23 @@ class ScoreModelConfig:
             raise ScoreModelError("; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model_type": MODEL_TYPE, "architectures": ["ScoreMLP"], "task": TASK, "dim": self.dim, "hidden": self.hidden,
-                "layers": self.layers, "time_features": self.time_features, "schedule": self.schedule.to_dict(),
-                "t_min": self.t_min, "t_max": self.t_max, "data_second_moment": self.data_second_moment, **self.extra}
+        return {
+            "model_type": MODEL_TYPE,
+            "architectures": ["ScoreMLP"],
+            "task": TASK,
+            "dim": self.dim,
+            "hidden": self.hidden,
+            "layers": self.layers,
+            "time_features": self.time_features,
+            "schedule": self.schedule.to_dict(),
+            "t_min": self.t_min,
+            "t_max": self.t_max,
+            "data_second_moment": self.data_second_moment,
+            **self.extra,
+        }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ScoreModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ScoreModelConfig:
         known = {"dim", "hidden", "layers", "time_features", "t_min", "t_max", "data_second_moment"}
         extra = {k: v for k, v in data.items() if k not in known | {"model_type", "architectures", "task", "schedule"}}
         if not isinstance(data.get("schedule", {}), Mapping):
@@ -105,7 +138,7 @@ class ScoreMLP(nn.Module):
         self.config = config
         c = config
         freqs = torch.exp(torch.linspace(math.log(0.05), math.log(2.0), c.time_features // 2))
-        self.register_buffer("freqs", freqs, persistent=False)                # (F/2,)
+        self.register_buffer("freqs", freqs, persistent=False)  # (F/2,)
         dims = [c.dim + c.time_features] + [c.hidden] * c.layers
         mods: list[nn.Module] = []
         for i in range(c.layers):
@@ -114,16 +147,16 @@ class ScoreMLP(nn.Module):
         self.net = nn.Sequential(*mods)
 
     def _scales(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.config.schedule.s(t)                                          # (B,) OU time
+        s = self.config.schedule.s(t)  # (B,) OU time
         a2 = torch.exp(-2 * s)
-        sigma = torch.sqrt(1 - a2)                                             # (B,) b_t
-        c_in = torch.rsqrt(a2 * self.config.data_second_moment + 1 - a2)      # (B,) 1 / std of x_t
+        sigma = torch.sqrt(1 - a2)  # (B,) b_t
+        c_in = torch.rsqrt(a2 * self.config.data_second_moment + 1 - a2)  # (B,) 1 / std of x_t
         return sigma, c_in
 
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε̂(x, t), (B, d)."""
         _, c_in = self._scales(t)
-        u = torch.log(t)[:, None] * self.freqs[None]                           # (B, F/2)
+        u = torch.log(t)[:, None] * self.freqs[None]  # (B, F/2)
         h = torch.cat([x * c_in[:, None], torch.sin(u), torch.cos(u)], dim=1)  # (B, d + F)
         return self.net(h)
 
@@ -132,7 +165,7 @@ class ScoreMLP(nn.Module):
         return -self.eps(x, t) / sigma[:, None]
 
 
-def mixture_of(config: ScoreModelConfig) -> Optional[GaussianMixture]:
+def mixture_of(config: ScoreModelConfig) -> GaussianMixture | None:
     """The ``data_distribution`` the network was trained on, if its config records one."""
     spec = config.extra.get("data_distribution")
     if not spec:
@@ -208,7 +241,9 @@ def load_score_model(path: Path) -> ScoreMLP:
         raise ScoreModelError(f"{f}: tensors do not match config.json (missing {missing}, unexpected {unexpected})")
     for k, v in tensors.items():
         if tuple(v.shape) != tuple(want[k].shape):
-            raise ScoreModelError(f"{f}: tensor '{k}' has shape {tuple(v.shape)}, config.json implies {tuple(want[k].shape)}")
+            raise ScoreModelError(
+                f"{f}: tensor '{k}' has shape {tuple(v.shape)}, config.json implies {tuple(want[k].shape)}"
+            )
         if not torch.isfinite(v).all():
             raise ScoreModelError(f"{f}: tensor '{k}' has non-finite values")
     model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()})
@@ -243,9 +278,17 @@ def export_score_onnx(model: ScoreMLP, path: Path, *, opset: int) -> Path:
         for q in quiet:
             q.setLevel(logging.ERROR)
         try:
-            prog = torch.onnx.export(model.eval(), (x, t), dynamo=True, opset_version=opset, input_names=["x", "t"],
-                                     output_names=["score"], dynamic_shapes={"x": {0: batch}, "t": {0: batch}},
-                                     optimize=True, verbose=False)
+            prog = torch.onnx.export(
+                model.eval(),
+                (x, t),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["x", "t"],
+                output_names=["score"],
+                dynamic_shapes={"x": {0: batch}, "t": {0: batch}},
+                optimize=True,
+                verbose=False,
+            )
         finally:
             for q, lvl in zip(quiet, levels):
                 q.setLevel(lvl)

@@ -14,20 +14,23 @@ Time grids come from :func:`time_grid`.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
 from pipeline.diffusion.gmm import Schedule
 
-__all__ = ["ScoreFn", "time_grid", "ddpm_sample", "probability_flow_sample"]
+__all__ = ["ScoreFn", "ddpm_sample", "probability_flow_sample", "time_grid"]
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Spacing = Literal["uniform", "exponential"]
 
 
-def time_grid(steps: int, *, T: float, delta: float, schedule: Schedule = Schedule(), spacing: Spacing = "exponential") -> Tensor:
+def time_grid(
+    steps: int, *, T: float, delta: float, schedule: Schedule = Schedule(), spacing: Spacing = "exponential"
+) -> Tensor:
     """(steps + 1,) decreasing times from T to δ.
 
     ``uniform`` spaces the OU time s evenly; ``exponential`` spaces log s evenly (geometric steps, small near δ
@@ -52,13 +55,21 @@ def time_grid(steps: int, *, T: float, delta: float, schedule: Schedule = Schedu
     return grid
 
 
-def _start(n: int, d: int, generator: Optional[torch.Generator], dtype: torch.dtype) -> Tensor:
+def _start(n: int, d: int, generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
     return torch.randn(n, d, generator=generator, dtype=torch.float64).to(dtype)
 
 
 @torch.no_grad()
-def ddpm_sample(score_fn: ScoreFn, n: int, d: int, grid: Tensor, *, schedule: Schedule = Schedule(),
-                generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float64) -> Tensor:
+def ddpm_sample(
+    score_fn: ScoreFn,
+    n: int,
+    d: int,
+    grid: Tensor,
+    *,
+    schedule: Schedule = Schedule(),
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
     """n samples by DDPM with the exponential integrator on ``grid`` (decreasing, from :func:`time_grid`).
 
     Args:
@@ -85,9 +96,18 @@ def ddpm_sample(score_fn: ScoreFn, n: int, d: int, grid: Tensor, *, schedule: Sc
 
 
 @torch.no_grad()
-def probability_flow_sample(score_fn: ScoreFn, n: int, d: int, grid: Tensor, *, schedule: Schedule = Schedule(),
-                            corrector_steps: int = 1, corrector_step: float = 0.05,
-                            generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float64) -> Tensor:
+def probability_flow_sample(
+    score_fn: ScoreFn,
+    n: int,
+    d: int,
+    grid: Tensor,
+    *,
+    schedule: Schedule = Schedule(),
+    corrector_steps: int = 1,
+    corrector_step: float = 0.05,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
     """n samples by the probability-flow ODE (exponential predictor) plus a Langevin corrector after each step.
 
     Args:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ from pipeline.diffusion.bounds import second_moment
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
 from pipeline.diffusion.network import ScoreMLP, ScoreModelConfig, save_score_model
 
-__all__ = ["TrainRecipe", "example_mixture", "train_score_model", "main"]
+__all__ = ["TrainRecipe", "example_mixture", "main", "train_score_model"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ def example_mixture() -> GaussianMixture:
     return GaussianMixture(w / w.sum(), means, (0.45**2) * torch.eye(2, dtype=torch.float64).expand(k, 2, 2).clone())
 
 
-def train_score_model(gmm: GaussianMixture, recipe: TrainRecipe = TrainRecipe(), *, schedule: Schedule = Schedule(),
-                      log_every: int = 0) -> ScoreMLP:
+def train_score_model(
+    gmm: GaussianMixture, recipe: TrainRecipe = TrainRecipe(), *, schedule: Schedule = Schedule(), log_every: int = 0
+) -> ScoreMLP:
     """Train a :class:`ScoreMLP` on ``gmm`` by denoising score matching; deterministic for a given seed and build.
 
     Returns:
@@ -64,8 +65,14 @@ def train_score_model(gmm: GaussianMixture, recipe: TrainRecipe = TrainRecipe(),
     g = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     cfg = ScoreModelConfig(
-        dim=gmm.d, hidden=recipe.hidden, layers=recipe.layers, time_features=recipe.time_features, schedule=schedule,
-        t_min=recipe.t_min, t_max=recipe.t_max, data_second_moment=float(second_moment(gmm)) / gmm.d,
+        dim=gmm.d,
+        hidden=recipe.hidden,
+        layers=recipe.layers,
+        time_features=recipe.time_features,
+        schedule=schedule,
+        t_min=recipe.t_min,
+        t_max=recipe.t_max,
+        data_second_moment=float(second_moment(gmm)) / gmm.d,
         extra={"data_distribution": {"type": "gaussian-mixture", **gmm.to_dict()}, "training": asdict(recipe)},
     )
     model = ScoreMLP(cfg)
@@ -90,11 +97,13 @@ def train_score_model(gmm: GaussianMixture, recipe: TrainRecipe = TrainRecipe(),
         opt.step()
         sched.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{recipe.steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f}s", flush=True)
+            print(
+                f"step {step + 1}/{recipe.steps}  loss {loss.item():.4f}  {time.perf_counter() - t0:.1f}s", flush=True
+            )
     return model.eval()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.diffusion.train", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="model folder to write (config.json + model.safetensors)")
     p.add_argument("--mixture", help="JSON file {weights, means, covs|stds}; default: the 6-component 2-D ring example")
@@ -108,8 +117,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gmm = GaussianMixture.from_dict(json.loads(Path(a.mixture).read_text())) if a.mixture else example_mixture()
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         p.error(f"--mixture {a.mixture}: {type(exc).__name__}: {exc}")
-    recipe = TrainRecipe(steps=a.steps, batch=a.batch, lr=a.lr, hidden=a.hidden, layers=a.layers, t_min=a.t_min,
-                         t_max=a.t_max, seed=a.seed)
+    recipe = TrainRecipe(
+        steps=a.steps,
+        batch=a.batch,
+        lr=a.lr,
+        hidden=a.hidden,
+        layers=a.layers,
+        t_min=a.t_min,
+        t_max=a.t_max,
+        seed=a.seed,
+    )
     model = train_score_model(gmm, recipe, schedule=Schedule(a.schedule), log_every=max(1, a.steps // 10))
     print(f"wrote {save_score_model(model, Path(a.out))}")
     return 0

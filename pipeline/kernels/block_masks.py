@@ -17,7 +17,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["sliding_window", "global_tokens", "dilated", "random_blocks", "from_token_mask", "density"]
+__all__ = ["density", "dilated", "from_token_mask", "global_tokens", "random_blocks", "sliding_window"]
 
 
 def _check_blocks(n_blocks_q: int, n_blocks_k: int) -> None:
@@ -78,7 +78,9 @@ def dilated(n_blocks_q: int, n_blocks_k: int, dilation: int, causal: bool = Fals
     return keep[None, None]
 
 
-def random_blocks(n_blocks_q: int, n_blocks_k: int, density: float, *, generator: torch.Generator | None = None) -> Tensor:
+def random_blocks(
+    n_blocks_q: int, n_blocks_k: int, density: float, *, generator: torch.Generator | None = None
+) -> Tensor:
     """Each block kept independently with probability ``density`` (in [0, 1])."""
     _check_blocks(n_blocks_q, n_blocks_k)
     if not 0.0 <= density <= 1.0:

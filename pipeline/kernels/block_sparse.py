@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 
-import torch
 from torch import Tensor
 
 from .flash import FA2Function, fa2_backward_footprint
@@ -72,4 +71,6 @@ def _block_sparse_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache
     if block_size is None and block_mask is None:
         block_size = 64
     k, v, spec = tiled_inputs(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size)
-    return block_sparse_attention(q, k, v, spec, scale, block_size=spec.block_size or block_size, cache_words=cache_words)
+    return block_sparse_attention(
+        q, k, v, spec, scale, block_size=spec.block_size or block_size, cache_words=cache_words
+    )

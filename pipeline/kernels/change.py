@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
 from .patterns import BlockSparsePattern, pattern_layout
 from .registry import kernel_spec
@@ -29,14 +30,14 @@ class AttentionChange:
     """
 
     kernel: str
-    cache_words: Optional[int] = None
+    cache_words: int | None = None
     block_size: int = 64
     pattern: str = "window"
     window_blocks: int = 1
     global_blocks: int = 0
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "AttentionChange":
+    def from_record(cls, record: Mapping[str, Any]) -> AttentionChange:
         return cls(**dict(record))
 
     def to_record(self) -> dict[str, Any]:
@@ -49,13 +50,15 @@ class AttentionChange:
 
     @property
     def block_pattern(self) -> BlockSparsePattern:
-        return BlockSparsePattern(kind=self.pattern, block=self.block_size, window_blocks=self.window_blocks, global_blocks=self.global_blocks)
+        return BlockSparsePattern(
+            kind=self.pattern, block=self.block_size, window_blocks=self.window_blocks, global_blocks=self.global_blocks
+        )
 
 
 def _block_mask_fn(pattern: BlockSparsePattern):
     import torch
 
-    def fn(n_q: int, n_k: int) -> "torch.Tensor":
+    def fn(n_q: int, n_k: int) -> torch.Tensor:
         if n_q != n_k:
             raise ValueError(f"block-sparse attention here needs n_q == n_k (no KV cache), got {n_q} vs {n_k}")
         # (1, 1, nb, nb): the same layout the ONNX lowering computes in-graph
@@ -64,7 +67,7 @@ def _block_mask_fn(pattern: BlockSparsePattern):
     return fn
 
 
-def apply_attention_change(model: "torch.nn.Module", change: AttentionChange, *, kernel: Optional[str] = None) -> int:
+def apply_attention_change(model: torch.nn.Module, change: AttentionChange, *, kernel: str | None = None) -> int:
     """Re-apply a recorded swap to a freshly loaded model (``kernel`` overrides, e.g. "naive" as the oracle).
 
     Returns the number of attention modules switched (see ``swap_attention_``).
@@ -73,5 +76,7 @@ def apply_attention_change(model: "torch.nn.Module", change: AttentionChange, *,
 
     k = kernel or change.kernel
     if change.block_sparse:
-        return swap_attention_(model, kernel=k, block_size=change.block_size, block_mask_fn=_block_mask_fn(change.block_pattern))
+        return swap_attention_(
+            model, kernel=k, block_size=change.block_size, block_mask_fn=_block_mask_fn(change.block_pattern)
+        )
     return swap_attention_(model, kernel=k, cache_words=change.cache_words)

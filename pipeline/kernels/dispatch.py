@@ -55,10 +55,22 @@ def attention(
         raise ValueError(f"q, k, v must be 4-D (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     bsz, _, _, d = q.shape
     if k.shape != v.shape or k.shape[0] != bsz or k.shape[-1] != d:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, Hkv, Nk, D) matching q {tuple(q.shape)}")
+        raise ValueError(
+            f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B, Hkv, Nk, D) matching q {tuple(q.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if cache_words is not None and cache_words < 1:
         raise ValueError(f"cache_words must be positive, got {cache_words}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    return spec.fn(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, scale=scale, cache_words=cache_words, block_size=block_size)
+    return spec.fn(
+        q,
+        k,
+        v,
+        causal=causal,
+        attn_mask=attn_mask,
+        block_mask=block_mask,
+        scale=scale,
+        cache_words=cache_words,
+        block_size=block_size,
+    )

@@ -16,7 +16,7 @@ Python loop runs over tiles only. See ``reference.py`` for the shape legend and 
 from __future__ import annotations
 
 import logging
-import math
+
 import torch
 from torch import Tensor
 
@@ -26,7 +26,7 @@ from .registry import register_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FA2Function", "flash_attention", "flash_blocks", "fa2_forward_footprint", "fa2_backward_footprint"]
+__all__ = ["FA2Function", "fa2_backward_footprint", "fa2_forward_footprint", "flash_attention", "flash_blocks"]
 
 
 def fa2_forward_footprint(br: int, bc: int, d: int) -> int:
@@ -50,7 +50,14 @@ def _kept_tiles(spec: MaskSpec, rows: list[tuple[int, int]], cols: list[tuple[in
 
 
 def tiled_forward(
-    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, scale: float, br: int, bc: int, kept: list[list[bool]] | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: MaskSpec,
+    scale: float,
+    br: int,
+    bc: int,
+    kept: list[list[bool]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """FA2 forward over tiles.
 
@@ -62,7 +69,7 @@ def tiled_forward(
     Returns:
         o (B, H, Nq, D) and lse (B, H, Nq) with +inf on fully masked rows.
     """
-    bsz, h, nq, d = q.shape
+    bsz, h, nq, _d = q.shape
     nk = k.shape[2]
     rows, cols = _spans(nq, br), _spans(nk, bc)
     kept = kept if kept is not None else _kept_tiles(spec, rows, cols)
@@ -72,7 +79,7 @@ def tiled_forward(
         qi = q[:, :, i0:i1]  # (B, H, bi, D): resident for the whole inner loop
         m = torch.full((bsz, h, i1 - i0, 1), float("-inf"), dtype=q.dtype, device=q.device)
         m_safe = torch.zeros_like(m)
-        l = torch.zeros_like(m)  # noqa: E741  (running softmax denominator, Dao 2023's "l")
+        l = torch.zeros_like(m)
         acc = torch.zeros_like(qi)
         for j, (j0, j1) in enumerate(cols):
             if not kept[i][j]:
@@ -83,12 +90,14 @@ def tiled_forward(
             m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)  # rows with nothing seen yet: no NaN
             p = torch.exp(s - m_safe)  # (B, H, bi, bj)
             alpha = torch.exp(m - m_safe)  # rescales the old statistics; 0 when m = -inf
-            l = alpha * l + p.sum(dim=-1, keepdim=True)  # noqa: E741
+            l = alpha * l + p.sum(dim=-1, keepdim=True)
             acc = alpha * acc + torch.matmul(p, v[:, :, j0:j1])
             m = m_new
         seen = l > 0  # (B, H, bi, 1); False on fully masked rows
         o[:, :, i0:i1] = acc / torch.where(seen, l, torch.ones_like(l))  # acc is 0 where nothing was seen
-        lse[:, :, i0:i1] = torch.where(seen, m_safe + torch.log(torch.where(seen, l, torch.ones_like(l))), float("inf")).squeeze(-1)
+        lse[:, :, i0:i1] = torch.where(
+            seen, m_safe + torch.log(torch.where(seen, l, torch.ones_like(l))), float("inf")
+        ).squeeze(-1)
     return o, lse
 
 
@@ -148,11 +157,15 @@ class FA2Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = tiled_backward(q, k, v, o, lse, do.contiguous(), ctx.spec, ctx.scale, *ctx.bwd_blocks, kept=ctx.kept_bwd)
+        dq, dk, dv = tiled_backward(
+            q, k, v, o, lse, do.contiguous(), ctx.spec, ctx.scale, *ctx.bwd_blocks, kept=ctx.kept_bwd
+        )
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def flash_blocks(head_dim: int, cache_words: int | None, block_size: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
+def flash_blocks(
+    head_dim: int, cache_words: int | None, block_size: int | None
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """((B_r, B_c) forward, (B_r, B_c) backward) for the flash kernel, footprints checked against M.
 
     Args:
@@ -178,7 +191,14 @@ def flash_blocks(head_dim: int, cache_words: int | None, block_size: int | None)
 
 
 def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, scale: float, *, cache_words: int | None = None, block_size: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: MaskSpec,
+    scale: float,
+    *,
+    cache_words: int | None = None,
+    block_size: int | None = None,
 ) -> Tensor:
     """FA2 kernel on GQA-expanded inputs q, k, v (B, H, N, D); see ``attention`` for the public API."""
     fwd, bwd = flash_blocks(q.shape[-1], cache_words, block_size)
@@ -188,5 +208,13 @@ def flash_attention(
 
 @register_kernel("flash", description="FA2 tiling sized from the fast-memory budget (optimal for M >= ~d^2)")
 def _flash_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache_words, block_size) -> Tensor:
-    k, v, spec = tiled_inputs(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size if block_mask is not None else None)
+    k, v, spec = tiled_inputs(
+        q,
+        k,
+        v,
+        causal=causal,
+        attn_mask=attn_mask,
+        block_mask=block_mask,
+        block_size=block_size if block_mask is not None else None,
+    )
     return flash_attention(q, k, v, spec, scale, cache_words=cache_words, block_size=block_size)

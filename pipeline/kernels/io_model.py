@@ -30,36 +30,36 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_CACHE_WORDS",
     "IOCount",
-    "fa1_forward_blocks",
-    "fa1_backward_blocks",
-    "fa2_forward_blocks",
-    "fa2_backward_blocks",
-    "small_cache_tile",
-    "standard_forward_io",
-    "standard_backward_io",
-    "fa1_forward_io",
-    "fa1_backward_io",
-    "fa2_forward_io",
-    "fa2_backward_io",
-    "tiled_gemm_io",
-    "small_cache_forward_io",
-    "small_cache_backward_io",
-    "block_sparse_forward_io",
-    "block_sparse_backward_io",
-    "standard_forward_formula",
-    "standard_backward_formula",
-    "fa1_forward_formula",
-    "fa1_backward_formula",
-    "fa2_forward_formula",
-    "fa2_backward_formula",
-    "tiled_gemm_formula",
-    "small_cache_forward_formula",
-    "small_cache_backward_formula",
-    "block_sparse_forward_formula",
     "block_sparse_backward_formula",
-    "lower_bound_forward",
+    "block_sparse_backward_io",
+    "block_sparse_forward_formula",
+    "block_sparse_forward_io",
+    "fa1_backward_blocks",
+    "fa1_backward_formula",
+    "fa1_backward_io",
+    "fa1_forward_blocks",
+    "fa1_forward_formula",
+    "fa1_forward_io",
+    "fa2_backward_blocks",
+    "fa2_backward_formula",
+    "fa2_backward_io",
+    "fa2_forward_blocks",
+    "fa2_forward_formula",
+    "fa2_forward_io",
     "lower_bound_backward",
+    "lower_bound_forward",
     "lower_bound_sparse",
+    "small_cache_backward_formula",
+    "small_cache_backward_io",
+    "small_cache_forward_formula",
+    "small_cache_forward_io",
+    "small_cache_tile",
+    "standard_backward_formula",
+    "standard_backward_io",
+    "standard_forward_formula",
+    "standard_forward_io",
+    "tiled_gemm_formula",
+    "tiled_gemm_io",
 ]
 
 # 512 KiB of fp32 words: a typical edge-CPU L2 (Cortex-A72 / A76 class). Used when M is not given.
@@ -408,7 +408,9 @@ def _block_kept(block_mask: list[list[bool]]) -> Callable[[int, int], bool]:
     return lambda i, j: rows[i][j]
 
 
-def block_sparse_forward_io(n: int, d: int, block_size: int, block_mask: Iterable[Iterable[bool]], cache_words: int | None = None) -> IOCount:
+def block_sparse_forward_io(
+    n: int, d: int, block_size: int, block_mask: Iterable[Iterable[bool]], cache_words: int | None = None
+) -> IOCount:
     """Block-sparse FA2 forward with b x b blocks; only kept blocks load K_j, V_j.
 
     Args:
@@ -418,7 +420,9 @@ def block_sparse_forward_io(n: int, d: int, block_size: int, block_mask: Iterabl
     return _fa2_forward_walk(n, n, d, cache_words, block_size, block_size, _block_kept(bm))
 
 
-def block_sparse_backward_io(n: int, d: int, block_size: int, block_mask: Iterable[Iterable[bool]], cache_words: int | None = None) -> IOCount:
+def block_sparse_backward_io(
+    n: int, d: int, block_size: int, block_mask: Iterable[Iterable[bool]], cache_words: int | None = None
+) -> IOCount:
     """Block-sparse FA2 backward with b x b blocks; only kept blocks touch Q_i, dO_i, dQ_i."""
     bm = [list(map(bool, r)) for r in block_mask]
     return _fa2_backward_walk(n, n, d, cache_words, block_size, block_size, _block_kept(bm))

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["PatternKind", "BlockSparsePattern", "pattern_layout", "pattern_token_mask"]
+__all__ = ["BlockSparsePattern", "PatternKind", "pattern_layout", "pattern_token_mask"]
 
 PatternKind = Literal["window", "causal_window", "global_window", "explicit"]
 
@@ -67,7 +67,9 @@ class BlockSparsePattern:
             if lay.ndim != 2 or lay.shape[0] != lay.shape[1]:
                 raise ValueError(f"layout must be square (nb, nb), got shape {lay.shape}")
             if self.global_blocks:
-                raise ValueError(f"explicit layouts encode global blocks themselves; got global_blocks={self.global_blocks}")
+                raise ValueError(
+                    f"explicit layouts encode global blocks themselves; got global_blocks={self.global_blocks}"
+                )
         elif self.causal:
             raise ValueError(f"causal=True is only for kind 'explicit'; got kind {self.kind!r}")
 

@@ -36,7 +36,7 @@ from .io_model import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttentionPlan", "plan_attention", "cache_words_from_bytes"]
+__all__ = ["AttentionPlan", "cache_words_from_bytes", "plan_attention"]
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,11 @@ def _best_flash(m: int, n: int, d: int, causal: bool, io_slack: float) -> tuple[
         # by the diagonal with it (n=96, M=700: B_r 32 beats the largest fitting 33)
         for br_ in sorted({br, -(-n // -(-n // br))}):
             blocks = (br_, min(bc, n))
-            io = fa2_forward_io(n, d, m, blocks=blocks, causal=True).total if causal else fa2_forward_formula(n, d, m, blocks=blocks)
+            io = (
+                fa2_forward_io(n, d, m, blocks=blocks, causal=True).total
+                if causal
+                else fa2_forward_formula(n, d, m, blocks=blocks)
+            )
             cands.append((io, blocks))
     if not cands:
         return None
@@ -153,7 +157,16 @@ def plan_attention(
         io = block_sparse_forward_formula(n, d, b, kept)
         lbs = lower_bound_sparse(n * d, density * n * n, m)
         return AttentionPlan(
-            "block_sparse", b, b, io, lbs, io / lbs, fa2_backward_footprint(b, b, d), m, n, d,
+            "block_sparse",
+            b,
+            b,
+            io,
+            lbs,
+            io / lbs,
+            fa2_backward_footprint(b, b, d),
+            m,
+            n,
+            d,
             f"{header}; block_sparse b={b}, {kept}/{nb * nb} blocks kept; bound = reconstructed sparse bound [R/I]",
         )
 

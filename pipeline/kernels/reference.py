@@ -28,7 +28,7 @@ from .registry import register_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MaskSpec", "attention_ref", "masked_softmax", "expand_kv", "make_mask_spec", "tiled_inputs"]
+__all__ = ["MaskSpec", "attention_ref", "expand_kv", "make_mask_spec", "masked_softmax", "tiled_inputs"]
 
 
 def expand_kv(k: Tensor, hq: int) -> Tensor:
@@ -169,7 +169,9 @@ def make_mask_spec(
             raise ValueError(f"attn_mask must be 2-D (B, Nk) or 4-D (B, H, Nq, Nk), got shape {tuple(m.shape)}")
         for got, full, name in zip(m.shape, (b, hq, nq, nk), ("B", "H", "Nq", "Nk")):
             if got not in (1, full) or (name == "Nk" and got != full):
-                raise ValueError(f"attn_mask shape {tuple(m.shape)} does not broadcast to (B, H, Nq, Nk)=({b}, {hq}, {nq}, {nk})")
+                raise ValueError(
+                    f"attn_mask shape {tuple(m.shape)} does not broadcast to (B, H, Nq, Nk)=({b}, {hq}, {nq}, {nk})"
+                )
         if m.dtype == torch.bool:
             keep = m
         elif m.is_floating_point():
@@ -193,14 +195,23 @@ def make_mask_spec(
 
 
 def tiled_inputs(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Tensor | None, block_mask: Tensor | None, block_size: int | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    attn_mask: Tensor | None,
+    block_mask: Tensor | None,
+    block_size: int | None,
 ) -> tuple[Tensor, Tensor, MaskSpec]:
     """(k, v, spec) for the tiled kernels: k, v expanded to q's heads (B, Hq, Nk, D) and the normalised masks.
 
     Autograd sums dk, dv over each grouped-query head group through the expansion.
     """
     bsz, hq, nq, _ = q.shape
-    spec = make_mask_spec(bsz, hq, nq, k.shape[2], causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size)
+    spec = make_mask_spec(
+        bsz, hq, nq, k.shape[2], causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size
+    )
     return expand_kv(k, hq), expand_kv(v, hq), spec
 
 
@@ -254,7 +265,9 @@ def attention_ref(
         q, k, v = q.double(), k.double(), v.double()
     k = expand_kv(k, hq)  # (B, Hq, Nk, D)
     v = expand_kv(v, hq)
-    spec = make_mask_spec(bsz, hq, nq, nk, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size)
+    spec = make_mask_spec(
+        bsz, hq, nq, nk, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size
+    )
     s = torch.einsum("bhid,bhjd->bhij", q, k) * scale  # (B, Hq, Nq, Nk)
     s = spec.apply(s, 0, nq, 0, nk)
     p = masked_softmax(s)  # (B, Hq, Nq, Nk)
@@ -263,4 +276,14 @@ def attention_ref(
 
 @register_kernel("naive", description="dense einsum + masked softmax in the input dtype (the reference)", oracle=True)
 def _naive_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache_words, block_size) -> Tensor:
-    return attention_ref(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size, scale=scale, upcast=False)
+    return attention_ref(
+        q,
+        k,
+        v,
+        causal=causal,
+        attn_mask=attn_mask,
+        block_mask=block_mask,
+        block_size=block_size,
+        scale=scale,
+        upcast=False,
+    )

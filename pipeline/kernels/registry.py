@@ -12,12 +12,12 @@ and returns (B, Hq, Nq, D) in the dtype of q.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor
 
-__all__ = ["KernelSpec", "KERNELS", "register_kernel", "kernel_spec", "stage_kernels"]
+__all__ = ["KERNELS", "KernelSpec", "kernel_spec", "register_kernel", "stage_kernels"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ def register_kernel(name: str, *, description: str, oracle: bool = False, block_
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in KERNELS and KERNELS[name].fn is not fn:
-            raise ValueError(f"attention kernel '{name}' registered twice ({KERNELS[name].fn.__module__} and {fn.__module__})")
+            raise ValueError(
+                f"attention kernel '{name}' registered twice ({KERNELS[name].fn.__module__} and {fn.__module__})"
+            )
         KERNELS[name] = KernelSpec(name, fn, description, oracle, block_sparse)
         return fn
 

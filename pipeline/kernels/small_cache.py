@@ -24,7 +24,7 @@ from .registry import register_kernel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["tiled_matmul", "small_cache_attention"]
+__all__ = ["small_cache_attention", "tiled_matmul"]
 
 
 def tiled_matmul(a: Tensor, b: Tensor, tile: int) -> Tensor:
@@ -67,7 +67,7 @@ class _SmallCacheFn(torch.autograd.Function):
         s = _scores(q, k, spec, scale, tile)  # (B, H, Nq, Nk) in slow memory
         m = s.amax(dim=-1, keepdim=True)
         m = m.masked_fill(torch.isneginf(m), 0.0)  # fully masked rows: avoid -inf - -inf
-        l = torch.exp(s - m).sum(dim=-1, keepdim=True)  # noqa: E741
+        l = torch.exp(s - m).sum(dim=-1, keepdim=True)
         seen = l > 0
         lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))), float("inf"))  # (B, H, Nq, 1)
         p = torch.exp(s - lse)  # rows with L = +inf are 0
@@ -94,7 +94,14 @@ class _SmallCacheFn(torch.autograd.Function):
 
 
 def small_cache_attention(
-    q: Tensor, k: Tensor, v: Tensor, spec: MaskSpec, scale: float, *, cache_words: int | None = None, tile: int | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spec: MaskSpec,
+    scale: float,
+    *,
+    cache_words: int | None = None,
+    tile: int | None = None,
 ) -> Tensor:
     """Small-cache kernel on GQA-expanded q, k, v (B, H, N, D).
 
@@ -114,5 +121,13 @@ def small_cache_attention(
 
 @register_kernel("small_cache", description="tiled GEMMs with b = floor(sqrt(M/3)) (optimal for M = o(d^2))")
 def _small_cache_kernel(q, k, v, *, causal, attn_mask, block_mask, scale, cache_words, block_size) -> Tensor:
-    k, v, spec = tiled_inputs(q, k, v, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size if block_mask is not None else None)
+    k, v, spec = tiled_inputs(
+        q,
+        k,
+        v,
+        causal=causal,
+        attn_mask=attn_mask,
+        block_mask=block_mask,
+        block_size=block_size if block_mask is not None else None,
+    )
     return small_cache_attention(q, k, v, spec, scale, cache_words=cache_words, tile=block_size)

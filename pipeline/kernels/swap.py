@@ -30,7 +30,6 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from .dispatch import attention
@@ -38,7 +37,7 @@ from .registry import kernel_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["swap_attention_", "ATTN_IMPLEMENTATION"]
+__all__ = ["ATTN_IMPLEMENTATION", "swap_attention_"]
 
 ATTN_IMPLEMENTATION = "edgepipe"
 _OPTS_ATTR = "_edgepipe_attention_opts"
@@ -51,12 +50,22 @@ class _Opts:
     block_size: int | None
     block_mask_fn: Callable[[int, int], Tensor] | None
 
-    def run(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Tensor | None, scale: float | None) -> Tensor:
+    def run(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Tensor | None, scale: float | None
+    ) -> Tensor:
         """q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) -> (B, Hq, Nq, D)."""
         block_mask = self.block_mask_fn(q.shape[2], k.shape[2]) if self.block_mask_fn is not None else None
         return attention(
-            q, k, v, kernel=self.kernel, causal=causal, attn_mask=attn_mask, block_mask=block_mask,
-            scale=scale, cache_words=self.cache_words, block_size=self.block_size,
+            q,
+            k,
+            v,
+            kernel=self.kernel,
+            causal=causal,
+            attn_mask=attn_mask,
+            block_mask=block_mask,
+            scale=scale,
+            cache_words=self.cache_words,
+            block_size=self.block_size,
         )
 
 
@@ -217,7 +226,11 @@ def swap_attention_(
     opts = _Opts(kernel, cache_words, block_size, block_mask_fn)
     bert_like = [m for m in model.modules() if _is_bert_style(m)]
     distil_like = [m for m in model.modules() if _is_distilbert_style(m)]
-    iface = [m for m in model.modules() if not _is_bert_style(m) and not _is_distilbert_style(m) and _uses_attention_interface(m)]
+    iface = [
+        m
+        for m in model.modules()
+        if not _is_bert_style(m) and not _is_distilbert_style(m) and _uses_attention_interface(m)
+    ]
     for m in bert_like:
         if getattr(m, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"position_embedding_type={m.position_embedding_type!r} is not supported (absolute only)")
@@ -251,6 +264,8 @@ def swap_attention_(
         m.forward = types.MethodType(_distilbert_attention_forward, m)
     n = len(bert_like) + len(distil_like) + len(iface)
     if n == 0:
-        raise ValueError(f"swap_attention_: no BERT-, DistilBERT-, GPT-2- or Llama-style attention module found in {type(model).__name__}")
+        raise ValueError(
+            f"swap_attention_: no BERT-, DistilBERT-, GPT-2- or Llama-style attention module found in {type(model).__name__}"
+        )
     logger.info("swap_attention_: %d attention modules now use kernel=%r", n, kernel)
     return n

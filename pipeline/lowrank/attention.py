@@ -19,7 +19,6 @@ e^{2 beta} beta^{g+1} / (g+1)!, so each attention weight has relative error <= 2
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,15 +28,15 @@ from .ops import DEFAULT_CHUNK, lowrank_matmul, lowrank_matmul_t
 
 __all__ = [
     "lowrank_attention",
-    "lowrank_attention_forward",
     "lowrank_attention_backward",
-    "softmax_attention_ref",
-    "softmax_attention_grads_ref",
+    "lowrank_attention_forward",
     "poly_attention_ref",
+    "softmax_attention_grads_ref",
+    "softmax_attention_ref",
 ]
 
 
-def _mask_dense(n_q: int, n_k: int, causal: bool, key_mask: Optional[Tensor], device) -> Optional[Tensor]:
+def _mask_dense(n_q: int, n_k: int, causal: bool, key_mask: Tensor | None, device) -> Tensor | None:
     """bool (B|1, 1, Nq, Nk) True = attend, or None."""
     m = None
     if causal:
@@ -48,8 +47,9 @@ def _mask_dense(n_q: int, n_k: int, causal: bool, key_mask: Optional[Tensor], de
     return m
 
 
-def softmax_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, causal: bool = False,
-                          key_mask: Optional[Tensor] = None) -> Tensor:
+def softmax_attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, causal: bool = False, key_mask: Tensor | None = None
+) -> Tensor:
     """Dense float64 oracle: softmax(s Q K^T) V under the mask. q, k, v (B, H, N, D) -> (B, H, N, D) float64."""
     q, k, v = q.double(), k.double(), v.double()
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -60,8 +60,16 @@ def softmax_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[fl
     return torch.softmax(logits, dim=-1) @ v
 
 
-def softmax_attention_grads_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: Optional[float] = None,
-                                causal: bool = False, key_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+def softmax_attention_grads_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form dense gradients (notes §1 (c)) of <G, softmax(s Q K^T) V>: (dQ, dK, dV), float64, O(N^2)."""
     q, k, v, g = q.double(), k.double(), v.double(), g.double()
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -76,8 +84,16 @@ def softmax_attention_grads_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, s
     return s * p @ k, s * p.transpose(-1, -2) @ q, f.transpose(-1, -2) @ g
 
 
-def poly_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: Optional[float] = None,
-                       causal: bool = False, key_mask: Optional[Tensor] = None) -> Tensor:
+def poly_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    degree: int,
+    scale: float | None = None,
+    causal: bool = False,
+    key_mask: Tensor | None = None,
+) -> Tensor:
     """Dense float64 oracle of the *approximate* attention: T_g(s Q K^T) normalized, O(N^2) (checks factorization)."""
     q, k, v = q.double(), k.double(), v.double()
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -89,7 +105,7 @@ def poly_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: O
     return (a @ v) / a.sum(-1, keepdim=True)
 
 
-def _features(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, degree: int) -> tuple[Tensor, Tensor]:
+def _features(q: Tensor, k: Tensor, key_mask: Tensor | None, scale: float, degree: int) -> tuple[Tensor, Tensor]:
     feats = PolyFeatures(q.shape[-1], degree)
     root = math.sqrt(scale)
     u1 = feats(q * root)  # (B, H, N, k)
@@ -99,8 +115,17 @@ def _features(q: Tensor, k: Tensor, key_mask: Optional[Tensor], scale: float, de
     return u1, u2
 
 
-def lowrank_attention_forward(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: float, causal: bool,
-                              key_mask: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+def lowrank_attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    degree: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor]:
     """Factorized forward on equal head counts: q, k, v (B, H, N, D) -> (Y (B, H, N, D), Dt (B, H, N, 1))."""
     u1, u2 = _features(q, k, key_mask, scale, degree)
     return _forward(u1, u2, v, causal, chunk)
@@ -116,9 +141,20 @@ def _forward(u1: Tensor, u2: Tensor, v: Tensor, causal: bool, chunk: int) -> tup
     return nd[..., :-1] / den, den
 
 
-def lowrank_attention_backward(q: Tensor, k: Tensor, v: Tensor, y: Tensor, den: Tensor, g: Tensor, *, degree: int,
-                               scale: float, causal: bool, key_mask: Optional[Tensor] = None,
-                               chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+def lowrank_attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    y: Tensor,
+    den: Tensor,
+    g: Tensor,
+    *,
+    degree: int,
+    scale: float,
+    causal: bool,
+    key_mask: Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Factorized backward (notes §1 (b) steps 1-4): (dQ, dK, dV), each (B, H, N, D), in O(N k D^2).
 
     ``y`` and ``den`` are :func:`lowrank_attention_forward`'s outputs, ``g`` = dL/dY.
@@ -132,12 +168,15 @@ def _backward(q, k, v, y, den, g, u1, u2, *, scale: float, causal: bool, chunk: 
     r = (g * y).sum(-1, keepdim=True)  # (B, H, N, 1) = rowsum(f o G V^T)
     dv = lowrank_matmul_t(u1, u2, g / den, causal=causal, chunk=chunk)  # f^T G
     # P K = Dt^-1 [(U1 (.) G)(U2 (.) V)^T K - r (U1 U2^T) K]
-    pk = (lowrank_matmul((u1, g), (u2, v), k, causal=causal, chunk=chunk)
-          - r * lowrank_matmul(u1, u2, k, causal=causal, chunk=chunk)) / den
+    pk = (
+        lowrank_matmul((u1, g), (u2, v), k, causal=causal, chunk=chunk)
+        - r * lowrank_matmul(u1, u2, k, causal=causal, chunk=chunk)
+    ) / den
     # P^T Q = (U2 (.) V)(U1 (.) G)^T (Q / Dt) - U2 U1^T (r Q / Dt)
     qd = q / den
-    ptq = (lowrank_matmul_t((u1, g), (u2, v), qd, causal=causal, chunk=chunk)
-           - lowrank_matmul_t(u1, u2, r * qd, causal=causal, chunk=chunk))
+    ptq = lowrank_matmul_t((u1, g), (u2, v), qd, causal=causal, chunk=chunk) - lowrank_matmul_t(
+        u1, u2, r * qd, causal=causal, chunk=chunk
+    )
     return scale * pk, scale * ptq, dv
 
 
@@ -158,8 +197,17 @@ class _LowRankAttnFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: Optional[float] = None,
-                      causal: bool = False, key_mask: Optional[Tensor] = None, chunk: int = DEFAULT_CHUNK) -> Tensor:
+def lowrank_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    degree: int,
+    scale: float | None = None,
+    causal: bool = False,
+    key_mask: Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> Tensor:
     """Softmax attention approximated by degree-``degree`` polynomial features, with the factorized backward.
 
     Args:
@@ -177,7 +225,9 @@ def lowrank_attention(q: Tensor, k: Tensor, v: Tensor, *, degree: int, scale: Op
         ValueError: bad shapes / dtypes, degree < 0.
     """
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
-        raise ValueError(f"q (B, Hq, N, D), k and v (B, Hkv, N, D) expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q (B, Hq, N, D), k and v (B, Hkv, N, D) expected, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"self-attention only (Nq == Nk), got {q.shape[-2]} and {k.shape[-2]}")
     if q.shape[1] % k.shape[1]:

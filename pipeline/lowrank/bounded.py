@@ -15,9 +15,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from .attention import lowrank_attention
@@ -33,7 +31,7 @@ _ATTR = "_edgepipe_bounded_opts"
 @dataclass(frozen=True)
 class _BoundedOpts:
     beta: float
-    degree: Optional[int]
+    degree: int | None
 
 
 def bounded_degree(beta: float, eps: float) -> int:
@@ -41,9 +39,17 @@ def bounded_degree(beta: float, eps: float) -> int:
     return degree_for(beta, eps)
 
 
-def _bounded_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                       scaling: Optional[float] = None, dropout: float = 0.0, is_causal: Optional[bool] = None,
-                       **kwargs) -> tuple[Tensor, None]:
+def _bounded_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
     """AttentionInterface function: query (B, Hq, N, D), key / value (B, Hkv, N, D) -> ((B, N, Hq, D), None)."""
     opts: _BoundedOpts = getattr(module, _ATTR)
     rep = query.shape[1] // key.shape[1]
@@ -56,11 +62,14 @@ def _bounded_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if opts.degree is None:
-        out = nn.functional.scaled_dot_product_attention(q, k, value, attn_mask=attention_mask, dropout_p=dropout,
-                                                         is_causal=causal, scale=opts.beta)
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal, scale=opts.beta
+        )
     else:
         if dropout > 0:
-            raise ValueError(f"attention dropout={dropout} is not supported by the polynomial kernel; call model.eval()")
+            raise ValueError(
+                f"attention dropout={dropout} is not supported by the polynomial kernel; call model.eval()"
+            )
         if q.shape[2] != key.shape[2]:
             raise ValueError("the polynomial kernel needs n_q == n_k (no KV cache)")
         key_mask, causal = key_padding_mask(attention_mask, causal, key.shape[2])  # padding / causal masks only
@@ -80,12 +89,17 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     out = []
     for m in model.modules():
         mod = sys.modules.get(type(m).__module__)
-        if mod is not None and hasattr(mod, "ALL_ATTENTION_FUNCTIONS") and hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"):
+        if (
+            mod is not None
+            and hasattr(mod, "ALL_ATTENTION_FUNCTIONS")
+            and hasattr(m, "is_causal")
+            and type(m).__name__.endswith("Attention")
+        ):
             out.append(m)
     return out
 
 
-def bound_attention_(model: nn.Module, *, beta: float, degree: Optional[int] = None) -> int:
+def bound_attention_(model: nn.Module, *, beta: float, degree: int | None = None) -> int:
     """Make every attention of an HF GPT-2 / Llama-family model bounded: normalized q, k and logit scale ``beta``.
 
     Args:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,22 +25,22 @@ from .attention import lowrank_attention
 from .features import degree_for, feature_count
 
 __all__ = [
+    "BetaProbe",
+    "HeadPlan",
+    "LowRankHeads",
+    "compare_layer_gradients",
+    "gradients_by_layer",
+    "head_applicability",
+    "install_attention_probe",
+    "key_padding_mask",
     "layer_index",
     "projection_loss",
-    "gradients_by_layer",
-    "compare_layer_gradients",
-    "install_attention_probe",
-    "BetaProbe",
-    "LowRankHeads",
-    "head_applicability",
-    "HeadPlan",
-    "key_padding_mask",
 ]
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
 
 
-def layer_index(param_name: str) -> Optional[int]:
+def layer_index(param_name: str) -> int | None:
     """The transformer block a parameter belongs to (``encoder.layer.3.*``, ``model.layers.3.*``, ``h.3.*``), else None."""
     m = _LAYER_RE.search(param_name)
     return int(m.group(1)) if m else None
@@ -63,17 +64,18 @@ def projection_loss(model: nn.Module, batch: Mapping[str, Tensor], *, seed: int)
     return ((out @ r) * mask).sum()
 
 
-def gradients_by_layer(model: nn.Module) -> dict[Optional[int], Tensor]:
+def gradients_by_layer(model: nn.Module) -> dict[int | None, Tensor]:
     """Flattened parameter gradients grouped by :func:`layer_index` (None: embeddings, heads, final norms)."""
-    groups: dict[Optional[int], list[Tensor]] = {}
+    groups: dict[int | None, list[Tensor]] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
             groups.setdefault(layer_index(name), []).append(p.grad.detach().flatten())
     return {k: torch.cat(v) for k, v in groups.items()}
 
 
-def compare_layer_gradients(candidate: nn.Module, reference: nn.Module, batches: Sequence[Mapping[str, Tensor]], *,
-                            seed: int) -> dict[str, Any]:
+def compare_layer_gradients(
+    candidate: nn.Module, reference: nn.Module, batches: Sequence[Mapping[str, Tensor]], *, seed: int
+) -> dict[str, Any]:
     """Accumulated gradients of :func:`projection_loss` over ``batches``, candidate vs reference, per layer.
 
     Returns:
@@ -93,7 +95,14 @@ def compare_layer_gradients(candidate: nn.Module, reference: nn.Module, batches:
             raise ValueError(f"layer {layer}: candidate and reference have different parameters")
         diff = (a - b).norm().item()
         norm = b.norm().item()
-        rows.append({"layer": layer, "rel_err": diff / norm if norm > 0 else diff, "max_abs_err": (a - b).abs().max().item(), "params": int(b.numel())})
+        rows.append(
+            {
+                "layer": layer,
+                "rel_err": diff / norm if norm > 0 else diff,
+                "max_abs_err": (a - b).abs().max().item(),
+                "params": int(b.numel()),
+            }
+        )
     return {"max_rel_err": max((r["rel_err"] for r in rows), default=0.0), "per_layer": rows}
 
 
@@ -122,7 +131,7 @@ def install_attention_probe(model: nn.Module, make: Callable[[int, Any], Any]) -
     return len(mods)
 
 
-def _valid_pairs(q: Tensor, k: Tensor, causal: bool, attn_mask: Optional[Tensor]) -> Tensor:
+def _valid_pairs(q: Tensor, k: Tensor, causal: bool, attn_mask: Tensor | None) -> Tensor:
     """bool (B, 1, Nq, Nk): which (query, key) logits the model uses (padding queries excluded where known)."""
     b, _, nq, _ = q.shape
     nk = k.shape[2]
@@ -147,9 +156,11 @@ class BetaProbe:
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.values: dict[int, list[Tensor]] = {}
-        self.head_dim: Optional[int] = None
+        self.head_dim: int | None = None
 
-    def run(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    def run(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Tensor | None, scale: float | None
+    ) -> Tensor:
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         self.head_dim = q.shape[-1]
         ke = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, Nk, D)
@@ -191,7 +202,7 @@ def head_applicability(beta: float, head_dim: int, *, eps: float, max_features: 
     return HeadPlan(degree=g, features=k, applicable=k <= max_features)
 
 
-def key_padding_mask(attn_mask: Optional[Tensor], causal: bool, n: int) -> tuple[Optional[Tensor], bool]:
+def key_padding_mask(attn_mask: Tensor | None, causal: bool, n: int) -> tuple[Tensor | None, bool]:
     """Turn a model's attention mask into (key mask (B, N) or None, causal) for :func:`lowrank_attention`.
 
     Accepts None, key-padding masks (B, 1, 1, N) (bool or additive float) and bool (B, 1, N, N) masks that are
@@ -225,10 +236,12 @@ class LowRankHeads:
         inner: the module's original options; degrees: per query head, Taylor degree or None.
     """
 
-    def __init__(self, inner: Any, degrees: Sequence[Optional[int]]) -> None:
+    def __init__(self, inner: Any, degrees: Sequence[int | None]) -> None:
         self.inner, self.degrees = inner, list(degrees)
 
-    def run(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    def run(
+        self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, attn_mask: Tensor | None, scale: float | None
+    ) -> Tensor:
         hq = q.shape[1]
         if len(self.degrees) != hq:
             raise ValueError(f"{len(self.degrees)} head degrees for {hq} heads")
@@ -236,8 +249,8 @@ class LowRankHeads:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, Hq, N, D)
         s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         key_mask, fast_causal = key_padding_mask(attn_mask, causal, k.shape[2])
-        out: list[Optional[Tensor]] = [None] * hq
-        groups: dict[Optional[int], list[int]] = {}
+        out: list[Tensor | None] = [None] * hq
+        groups: dict[int | None, list[int]] = {}
         for h, g in enumerate(self.degrees):
             groups.setdefault(g, []).append(h)
         for g, heads in groups.items():
@@ -250,4 +263,3 @@ class LowRankHeads:
             for j, h in enumerate(heads):
                 out[h] = y[:, j]
         return torch.stack(out, dim=1)  # type: ignore[arg-type]
-

@@ -17,7 +17,7 @@ from itertools import combinations_with_replacement
 import torch
 from torch import Tensor
 
-__all__ = ["taylor_error_bound", "degree_rule", "degree_for", "feature_count", "PolyFeatures"]
+__all__ = ["PolyFeatures", "degree_for", "degree_rule", "feature_count", "taylor_error_bound"]
 
 
 def taylor_error_bound(beta: float, degree: int) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .attention import lowrank_attention_backward, lowrank_attention_forward, softmax_attention_ref
 from .ops import DEFAULT_CHUNK
 
-__all__ = ["AttentionGrads", "attention_layer", "attention_layer_grads", "CausalTransformer", "KERNEL_CHOICES"]
+__all__ = ["KERNEL_CHOICES", "AttentionGrads", "CausalTransformer", "attention_layer", "attention_layer_grads"]
 
 KERNEL_CHOICES = ("exact", "sdpa", "lowrank")
 
@@ -37,8 +37,9 @@ def _merge(t: Tensor) -> Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def attention_layer(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor, *, heads: int, causal: bool,
-                    residual: bool = True) -> Tensor:
+def attention_layer(
+    x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor, *, heads: int, causal: bool, residual: bool = True
+) -> Tensor:
     """Exact multi-head attention layer (dense float64-capable reference): x + concat_h(softmax(Q_h K_h^T / sqrt(D)) V_h) W_O.
 
     x: (B, N, C); w_q, w_k, w_v: (C, H D); w_o: (H D, C) -> (B, N, C).
@@ -60,8 +61,20 @@ class AttentionGrads:
     dw_o: Tensor
 
 
-def attention_layer_grads(x: Tensor, w_q: Tensor, w_k: Tensor, w_v: Tensor, w_o: Tensor, g_out: Tensor, *, heads: int,
-                          degree: int, causal: bool, residual: bool = True, chunk: int = DEFAULT_CHUNK) -> tuple[Tensor, AttentionGrads]:
+def attention_layer_grads(
+    x: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    w_v: Tensor,
+    w_o: Tensor,
+    g_out: Tensor,
+    *,
+    heads: int,
+    degree: int,
+    causal: bool,
+    residual: bool = True,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, AttentionGrads]:
     """Forward and factorized backward of :func:`attention_layer` with polynomial features, in O(N k D^2 H).
 
     Args:
@@ -114,7 +127,9 @@ class CausalTransformer(nn.Module):
         qk_bound: None (ordinary scaled dot-product attention) or beta > 0.
     """
 
-    def __init__(self, width: int, heads: int, layers: int, *, mlp: Optional[int] = None, qk_bound: Optional[float] = None) -> None:
+    def __init__(
+        self, width: int, heads: int, layers: int, *, mlp: int | None = None, qk_bound: float | None = None
+    ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} must be a multiple of heads {heads}")
@@ -141,8 +156,14 @@ class CausalTransformer(nn.Module):
 
         return lowrank_attention(q, k, v, degree=degree, scale=scale, causal=True, chunk=chunk)
 
-    def forward(self, x: Tensor, *, kernel: Literal["exact", "sdpa", "lowrank"] = "exact", degree: int = 4,
-                chunk: int = DEFAULT_CHUNK) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        kernel: Literal["exact", "sdpa", "lowrank"] = "exact",
+        degree: int = 4,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> Tensor:
         """x (B, N, C) -> (B, N, C)."""
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")

@@ -12,14 +12,12 @@ matrices are formed), so the n x a b matrix is never held either.
 
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 from torch import Tensor
 
-__all__ = ["Factor", "rowwise_kron", "lowrank_matmul", "lowrank_matmul_t", "DEFAULT_CHUNK"]
+__all__ = ["DEFAULT_CHUNK", "Factor", "lowrank_matmul", "lowrank_matmul_t", "rowwise_kron"]
 
-Factor = Union[Tensor, tuple[Tensor, Tensor]]
+Factor = Tensor | tuple[Tensor, Tensor]
 DEFAULT_CHUNK = 32
 
 
@@ -80,16 +78,24 @@ def _n(f: Factor) -> int:
 
 def _causal(a: Factor, b: Factor, c: Tensor, chunk: int, transpose: bool) -> Tensor:
     n = _n(a)
-    ac, bc, cc = _map(a, lambda t: _pad_chunks(t, chunk)), _map(b, lambda t: _pad_chunks(t, chunk)), _pad_chunks(c, chunk)
+    ac, bc, cc = (
+        _map(a, lambda t: _pad_chunks(t, chunk)),
+        _map(b, lambda t: _pad_chunks(t, chunk)),
+        _pad_chunks(c, chunk),
+    )
     tri = _gram(ac, bc).tril()  # (..., nc, chunk, chunk): i >= j inside each chunk
     if not transpose:
         states = _t_matmul(bc, cc)  # (..., nc, k, m): each chunk's keys
-        prefix = torch.cat([torch.zeros_like(states[..., :1, :, :]), states[..., :-1, :, :].cumsum(-3)], dim=-3)  # chunks before
+        prefix = torch.cat(
+            [torch.zeros_like(states[..., :1, :, :]), states[..., :-1, :, :].cumsum(-3)], dim=-3
+        )  # chunks before
         out = tri @ cc + _apply(ac, prefix)
     else:
         states = _t_matmul(ac, cc)
         rev = states.flip(-3)
-        suffix = torch.cat([torch.zeros_like(rev[..., :1, :, :]), rev[..., :-1, :, :].cumsum(-3)], dim=-3).flip(-3)  # chunks after
+        suffix = torch.cat([torch.zeros_like(rev[..., :1, :, :]), rev[..., :-1, :, :].cumsum(-3)], dim=-3).flip(
+            -3
+        )  # chunks after
         out = tri.transpose(-1, -2) @ cc + _apply(bc, suffix)
     return out.flatten(-3, -2)[..., :n, :]
 

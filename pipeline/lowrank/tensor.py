@@ -24,18 +24,22 @@ its backward is autograd through those prefix sums (still O(n k d) memory and ti
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
 from .features import PolyFeatures
 from .ops import rowwise_kron
 
-__all__ = ["tensor_attention_ref", "tensor_attention_grads_ref", "tensor_attention", "TensorAttention", "export_tensor_attention"]
+__all__ = [
+    "TensorAttention",
+    "export_tensor_attention",
+    "tensor_attention",
+    "tensor_attention_grads_ref",
+    "tensor_attention_ref",
+]
 
 
-def _scale(d: int, scale: Optional[float]) -> float:
+def _scale(d: int, scale: float | None) -> float:
     s = 1.0 / d if scale is None else float(scale)
     if s <= 0:
         raise ValueError(f"scale must be > 0, got {s}")
@@ -54,16 +58,26 @@ def _dense_f(q: Tensor, k1: Tensor, k2: Tensor, s: float, causal: bool) -> Tenso
     return torch.softmax(logits.flatten(-2), dim=-1).view(shp)
 
 
-def tensor_attention_ref(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, *, scale: Optional[float] = None,
-                         causal: bool = False) -> Tensor:
+def tensor_attention_ref(
+    q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, *, scale: float | None = None, causal: bool = False
+) -> Tensor:
     """Dense float64 oracle, O(n^3 d) time and O(n^3) memory: (..., n, d) x 5 -> (..., n, d) float64."""
     q, k1, k2, v1, v2 = (t.double() for t in (q, k1, k2, v1, v2))
     f = _dense_f(q, k1, k2, _scale(q.shape[-1], scale), causal)
     return torch.einsum("...lij,...it,...jt->...lt", f, v1, v2)
 
 
-def tensor_attention_grads_ref(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, g: Tensor, *,
-                               scale: Optional[float] = None, causal: bool = False) -> tuple[Tensor, ...]:
+def tensor_attention_grads_ref(
+    q: Tensor,
+    k1: Tensor,
+    k2: Tensor,
+    v1: Tensor,
+    v2: Tensor,
+    g: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+) -> tuple[Tensor, ...]:
     """Closed-form dense gradients of <G, Y> (notes §3 (b), dense reference): (dQ, dK1, dK2, dV1, dV2), float64.
 
     P[l, i, j] = f[l, i, j] (G[l] . (V1[i] o V2[j]) - r[l]), r = rowsum(G o Y);
@@ -149,8 +163,17 @@ class _TensorAttnFn(torch.autograd.Function):
         return dq, dk1, dk2, dv1, dv2, None, None
 
 
-def tensor_attention(q: Tensor, k1: Tensor, k2: Tensor, v1: Tensor, v2: Tensor, *, degree: int,
-                     scale: Optional[float] = None, causal: bool = False) -> Tensor:
+def tensor_attention(
+    q: Tensor,
+    k1: Tensor,
+    k2: Tensor,
+    v1: Tensor,
+    v2: Tensor,
+    *,
+    degree: int,
+    scale: float | None = None,
+    causal: bool = False,
+) -> Tensor:
     """Tensor attention by degree-``degree`` polynomial features, never forming an n^2 or n^3 tensor.
 
     Args:
@@ -186,7 +209,7 @@ class TensorAttention(nn.Module):
         degree: Taylor degree g; scale: logit scale (default 1/d); causal: prefix-sum variant.
     """
 
-    def __init__(self, degree: int, *, scale: Optional[float] = None, causal: bool = False) -> None:
+    def __init__(self, degree: int, *, scale: float | None = None, causal: bool = False) -> None:
         super().__init__()
         self.degree, self.scale, self.causal = int(degree), scale, bool(causal)
 
@@ -227,12 +250,28 @@ def export_tensor_attention(module: TensorAttention, path, *, d: int, opset: int
     try:
         if dynamo:
             batch, n = torch.export.Dim("batch"), torch.export.Dim("n")
-            prog = torch.onnx.export(module, example, input_names=names, output_names=["y"], opset_version=opset,
-                                     dynamic_shapes=tuple({0: batch, 1: n} for _ in names), dynamo=True, verbose=False)
+            prog = torch.onnx.export(
+                module,
+                example,
+                input_names=names,
+                output_names=["y"],
+                opset_version=opset,
+                dynamic_shapes=tuple({0: batch, 1: n} for _ in names),
+                dynamo=True,
+                verbose=False,
+            )
             prog.save(tmp)
         else:
-            torch.onnx.export(module, example, tmp, input_names=names, output_names=["y"], opset_version=opset,
-                              dynamic_axes={nm: {0: "batch", 1: "n"} for nm in names}, dynamo=False)
+            torch.onnx.export(
+                module,
+                example,
+                tmp,
+                input_names=names,
+                output_names=["y"],
+                opset_version=opset,
+                dynamic_axes={nm: {0: "batch", 1: "n"} for nm in names},
+                dynamo=False,
+            )
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

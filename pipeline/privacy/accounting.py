@@ -17,12 +17,12 @@ composition theorem (Dwork, Rothblum & Vadhan 2010), used by the DPTree structur
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from pipeline.privacy.calibration import analytic_gaussian_sigma, check_privacy_params, gaussian_delta
 
-__all__ = ["ACCOUNTING_METHODS", "NoisePlan", "plan_gaussian", "joint_delta", "advanced_composition_epsilon"]
+__all__ = ["ACCOUNTING_METHODS", "NoisePlan", "advanced_composition_epsilon", "joint_delta", "plan_gaussian"]
 
 ACCOUNTING_METHODS = ("gaussian_joint", "basic")
 
@@ -34,7 +34,7 @@ class NoisePlan:
     delta: float
     sigmas: tuple[float, ...]
     sensitivities: tuple[float, ...]
-    exact_delta: float      # the δ(ε) of the noise actually used, over all releases jointly
+    exact_delta: float  # the δ(ε) of the noise actually used, over all releases jointly
 
     @property
     def noise_multipliers(self) -> tuple[float, ...]:
@@ -47,7 +47,9 @@ def joint_delta(epsilon: float, sigmas: Sequence[float], sensitivities: Sequence
     return gaussian_delta(epsilon, 1.0, mu)
 
 
-def plan_gaussian(epsilon: float, delta: float, sensitivities: Sequence[float], method: str = "gaussian_joint") -> NoisePlan:
+def plan_gaussian(
+    epsilon: float, delta: float, sensitivities: Sequence[float], method: str = "gaussian_joint"
+) -> NoisePlan:
     """σ per release so that all releases together are (ε, δ)-DP for one changed context row.
 
     Raises:
@@ -64,8 +66,14 @@ def plan_gaussian(epsilon: float, delta: float, sensitivities: Sequence[float], 
         sigmas = tuple(analytic_gaussian_sigma(epsilon / m, delta / m, d) for d in sensitivities)
     else:
         raise ValueError(f"accounting must be one of {ACCOUNTING_METHODS}, got {method!r}")
-    return NoisePlan(method, float(epsilon), float(delta), sigmas, tuple(float(d) for d in sensitivities),
-                     joint_delta(epsilon, sigmas, sensitivities))
+    return NoisePlan(
+        method,
+        float(epsilon),
+        float(delta),
+        sigmas,
+        tuple(float(d) for d in sensitivities),
+        joint_delta(epsilon, sigmas, sensitivities),
+    )
 
 
 def advanced_composition_epsilon(epsilon: float, delta: float, k: int) -> float:

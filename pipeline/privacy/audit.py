@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -27,7 +27,14 @@ from pipeline.privacy.calibration import gaussian_epsilon
 from pipeline.privacy.release import KernelSpec, PublicBounds, replace_one_sensitivity
 from pipeline.privacy.sampler import NoiseSampler, SecureSampler
 
-__all__ = ["SensitivityResult", "sensitivity_search", "AuditResult", "privacy_loss_audit", "state_hash", "adaptive_stream_unchanged"]
+__all__ = [
+    "AuditResult",
+    "SensitivityResult",
+    "adaptive_stream_unchanged",
+    "privacy_loss_audit",
+    "sensitivity_search",
+    "state_hash",
+]
 
 
 @dataclass(frozen=True)
@@ -51,22 +58,33 @@ def _row_block(spec: KernelSpec, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     return phi[..., :, None] * u[..., None, :]
 
 
-def sensitivity_search(spec: KernelSpec, bounds: PublicBounds, dv: int, *, trials: int = 2000, steps: int = 3,
-                       rng: np.random.Generator | None = None) -> SensitivityResult:
+def sensitivity_search(
+    spec: KernelSpec,
+    bounds: PublicBounds,
+    dv: int,
+    *,
+    trials: int = 2000,
+    steps: int = 3,
+    rng: np.random.Generator | None = None,
+) -> SensitivityResult:
     """Random corner and interior pairs, then coordinate flips/scalings on the best pairs (deterministic for
     a given ``rng``). Returns the largest replace-one difference found and the bound Δ₂."""
     rng = rng or np.random.default_rng(0)
     R, Rw = bounds.key_bound, bounds.value_bound
     d = spec.d
+
     def sample(m: int) -> tuple[np.ndarray, np.ndarray]:
         corner = rng.random(m) < 0.7
         k = np.where(corner[:, None], R * rng.choice([-1.0, 1.0], (m, d)), rng.uniform(-R, R, (m, d)))
         v = Rw * rng.choice([-1.0, 1.0], (m, dv))
         return k, v
+
     k, v = sample(trials)
     k2, v2 = sample(trials)
+
     def score(a, b, c, e):
         return np.linalg.norm((_row_block(spec, a, b) - _row_block(spec, c, e)).reshape(len(a), -1), axis=1)
+
     s = score(k, v, k2, v2)
     top = np.argsort(s)[-16:]
     k, v, k2, v2, s = k[top], v[top], k2[top], v2[top], s[top]
@@ -88,16 +106,26 @@ def sensitivity_search(spec: KernelSpec, bounds: PublicBounds, dv: int, *, trial
 
 @dataclass(frozen=True)
 class AuditResult:
-    mu_hat: float             # measured separation in noise standard deviations (per release)
-    epsilon_measured: float   # ε at δ of a Gaussian with the measured separation (joint over `releases`)
-    epsilon_lower: float      # the same at a 3-standard-error lower bound of μ̂
+    mu_hat: float  # measured separation in noise standard deviations (per release)
+    epsilon_measured: float  # ε at δ of a Gaussian with the measured separation (joint over `releases`)
+    epsilon_lower: float  # the same at a 3-standard-error lower bound of μ̂
     epsilon_claimed: float
     flagged: bool
 
 
-def privacy_loss_audit(S_D: np.ndarray, S_D2: np.ndarray, sigma: float, epsilon: float, delta: float, *, releases: int = 1,
-                       trials: int = 2000, repeats: int = 64, redraw_per_query: bool = False,
-                       sampler: NoiseSampler | None = None) -> AuditResult:
+def privacy_loss_audit(
+    S_D: np.ndarray,
+    S_D2: np.ndarray,
+    sigma: float,
+    epsilon: float,
+    delta: float,
+    *,
+    releases: int = 1,
+    trials: int = 2000,
+    repeats: int = 64,
+    redraw_per_query: bool = False,
+    sampler: NoiseSampler | None = None,
+) -> AuditResult:
     """Distinguish S̃ = S(D) + N from S(D') + N (see the module doc).
 
     Args:
@@ -142,8 +170,14 @@ def state_hash(arrays: Iterable[np.ndarray] = (), files: Iterable[object] = ()) 
     return h.hexdigest()
 
 
-def adaptive_stream_unchanged(hash_fn: Callable[[], str], answer: Callable[[np.ndarray], np.ndarray], q0: np.ndarray,
-                              steps: int = 32, step: float = 0.5, rng: np.random.Generator | None = None) -> tuple[bool, str, str]:
+def adaptive_stream_unchanged(
+    hash_fn: Callable[[], str],
+    answer: Callable[[np.ndarray], np.ndarray],
+    q0: np.ndarray,
+    steps: int = 32,
+    step: float = 0.5,
+    rng: np.random.Generator | None = None,
+) -> tuple[bool, str, str]:
     """Run an adaptive stream: each next query moves toward the direction of the last answer (plus random
     probes). Returns (unchanged, hash before, hash after)."""
     rng = rng or np.random.default_rng(0)

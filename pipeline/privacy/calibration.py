@@ -17,22 +17,25 @@ import math
 from pipeline.errors import ConfigError
 
 __all__ = [
-    "check_privacy_params",
-    "log_ndtr",
-    "gaussian_delta",
     "analytic_gaussian_sigma",
+    "check_privacy_params",
     "classical_gaussian_sigma",
-    "laplace_scale",
+    "gaussian_delta",
     "gaussian_epsilon",
+    "laplace_scale",
+    "log_ndtr",
 ]
 
 
-def check_privacy_params(epsilon: object, delta: object, key_bound: object = 1.0, value_bound: object = 1.0, *, where: str = "privacy") -> None:
+def check_privacy_params(
+    epsilon: object, delta: object, key_bound: object = 1.0, value_bound: object = 1.0, *, where: str = "privacy"
+) -> None:
     """Refuse invalid privacy parameters with one line naming the key.
 
     Raises:
         ConfigError: ε not a finite number > 0, δ not in (0, 1), or a bound missing / not finite > 0.
     """
+
     def num(v: object) -> float | None:
         return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 

@@ -40,7 +40,9 @@ class DPTree:
         sampler: noise source (drawn here, once).
     """
 
-    def __init__(self, leaves: np.ndarray, epsilon: float, l1_sensitivity: float, sampler: NoiseSampler | None = None) -> None:
+    def __init__(
+        self, leaves: np.ndarray, epsilon: float, l1_sensitivity: float, sampler: NoiseSampler | None = None
+    ) -> None:
         sampler = sampler or SecureSampler()
         leaves = np.asarray(leaves, dtype=np.float64)
         m = leaves.shape[-1]
@@ -88,8 +90,16 @@ class DPTreeDistance:
     X and W are public (broadcastable to the leading shape); points and weights are clipped to them here.
     """
 
-    def __init__(self, x: np.ndarray, w: np.ndarray, x_bound: np.ndarray | float, w_bound: float, epsilon: float,
-                 bins: int = 64, sampler: NoiseSampler | None = None) -> None:
+    def __init__(
+        self,
+        x: np.ndarray,
+        w: np.ndarray,
+        x_bound: np.ndarray | float,
+        w_bound: float,
+        epsilon: float,
+        bins: int = 64,
+        sampler: NoiseSampler | None = None,
+    ) -> None:
         sampler = sampler or SecureSampler()
         x = np.asarray(x, np.float64)
         self.x_bound = np.broadcast_to(np.asarray(x_bound, np.float64), x.shape[:-1]).copy()
@@ -100,8 +110,12 @@ class DPTreeDistance:
         b = self._bin(x)
         lead = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
         flat_b = b.reshape(lead, -1) + (np.arange(lead) * bins)[:, None]
+
         def leafsum(vals: np.ndarray) -> np.ndarray:
-            return np.bincount(flat_b.ravel(), weights=vals.reshape(lead, -1).ravel(), minlength=lead * bins).reshape(x.shape[:-1] + (bins,))
+            return np.bincount(flat_b.ravel(), weights=vals.reshape(lead, -1).ravel(), minlength=lead * bins).reshape(
+                x.shape[:-1] + (bins,)
+            )
+
         e3 = epsilon / 3  # three trees share the structure's budget
         # replace-one L1 sensitivities: a row leaves one bin and enters another
         self.T_W = DPTree(leafsum(w), e3, 2 * w_bound, sampler)
@@ -147,8 +161,19 @@ class DPTreeSoftmax:
         (``releases`` > 1 splits a joint budget over that many heads by advanced composition).
     """
 
-    def __init__(self, K: np.ndarray, V: np.ndarray, spec: KernelSpec, bounds: PublicBounds, epsilon: float, delta: float,
-                 *, releases: int = 1, bins: int = 64, sampler: NoiseSampler | None = None) -> None:
+    def __init__(
+        self,
+        K: np.ndarray,
+        V: np.ndarray,
+        spec: KernelSpec,
+        bounds: PublicBounds,
+        epsilon: float,
+        delta: float,
+        *,
+        releases: int = 1,
+        bins: int = 64,
+        sampler: NoiseSampler | None = None,
+    ) -> None:
         from pipeline.privacy.features import monomials
 
         K, V = clip_rows(K, V, bounds)
@@ -156,16 +181,20 @@ class DPTreeSoftmax:
         dv = V.shape[1]
         idx, coef = monomials(spec.d, spec.degree, spec.scale)
         order = (idx < spec.d).sum(1)
-        x_bound = coef * bounds.key_bound ** order  # (r,): |φ_j(k)| ≤ coef_j·R^{|α_j|}
+        x_bound = coef * bounds.key_bound**order  # (r,): |φ_j(k)| ≤ coef_j·R^{|α_j|}
         phi = spec.features(K).T  # (r, n)
-        W = np.concatenate([V, np.ones((V.shape[0], 1))], axis=1).T  # (d_v+1, n); the ones column has bound 1 ≤ max(R_w, 1)
+        W = np.concatenate(
+            [V, np.ones((V.shape[0], 1))], axis=1
+        ).T  # (d_v+1, n); the ones column has bound 1 ≤ max(R_w, 1)
         self.structures = dv + 1
         k = spec.r * (dv + 1) * releases
         self.epsilon_each = advanced_composition_epsilon(epsilon, delta, k)
         x = np.broadcast_to(phi[:, None, :], (spec.r, dv + 1, self.n))
         w = np.broadcast_to(W[None, :, :], (spec.r, dv + 1, self.n))
         xb = np.broadcast_to(x_bound[:, None], (spec.r, dv + 1))
-        self.dist = DPTreeDistance(x, w, xb, max(bounds.value_bound, 1.0), self.epsilon_each, bins=bins, sampler=sampler)
+        self.dist = DPTreeDistance(
+            x, w, xb, max(bounds.value_bound, 1.0), self.epsilon_each, bins=bins, sampler=sampler
+        )
 
     def effective_sums(self) -> np.ndarray:
         """(r, d_v+1): the post-processed state φ(q)ᵀ· this = the structure's answer (T_S roots)."""
@@ -186,6 +215,10 @@ class DPTreeSoftmax:
         return np.clip(num / den_g[..., None], -self.bounds.value_bound, self.bounds.value_bound), guarded
 
     def answer_via_sums(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out, _, guarded = answer_from_sums(self.spec.features(q), self.effective_sums(),
-                                           guard_floor(q, self.n, self.spec, self.bounds), self.bounds.value_bound)
+        out, _, guarded = answer_from_sums(
+            self.spec.features(q),
+            self.effective_sums(),
+            guard_floor(q, self.n, self.spec, self.bounds),
+            self.bounds.value_bound,
+        )
         return out, guarded

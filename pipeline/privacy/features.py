@@ -16,7 +16,7 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 
-__all__ = ["monomials", "feature_count", "poly_features", "taylor_exp", "feature_norm_bound", "kernel_error_bound"]
+__all__ = ["feature_count", "feature_norm_bound", "kernel_error_bound", "monomials", "poly_features", "taylor_exp"]
 
 
 def feature_count(d: int, degree: int) -> int:

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +28,18 @@ from torch import Tensor, nn
 
 from pipeline.privacy.features import monomials
 
-__all__ = ["ATTN_IMPLEMENTATION", "DPPrefix", "context_kv", "public_kv", "fit_projection", "apply_dp_prefix_", "exact_prefix_logits", "prefix_cache", "attention_modules", "QueryRecorder"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "DPPrefix",
+    "QueryRecorder",
+    "apply_dp_prefix_",
+    "attention_modules",
+    "context_kv",
+    "exact_prefix_logits",
+    "fit_projection",
+    "prefix_cache",
+    "public_kv",
+]
 
 ATTN_IMPLEMENTATION = "edgepipe_dp_prefix"
 _ATTR = "_edgepipe_dp_prefix"
@@ -62,13 +73,20 @@ class DPPrefix:
 
         tensors = {f"sums.{l}": np.ascontiguousarray(s, dtype=np.float32) for l, s in self.sums.items()}
         tensors.update({f"proj.{l}": np.ascontiguousarray(p, dtype=np.float32) for l, p in self.proj.items()})
-        head = {"n": self.n, "degree": self.degree, "scale": self.scale, "key_bound": self.key_bound, "value_bound": self.value_bound, **self.meta}
+        head = {
+            "n": self.n,
+            "degree": self.degree,
+            "scale": self.scale,
+            "key_bound": self.key_bound,
+            "value_bound": self.value_bound,
+            **self.meta,
+        }
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata={"edgepipe_dp": json.dumps(head, sort_keys=True)})
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> "DPPrefix":
+    def load(cls, path: Path) -> DPPrefix:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as fh:
@@ -85,7 +103,11 @@ class DPPrefix:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The decoder's self-attention modules in layer order (GPT-2 ``attn``, Llama ``self_attn``)."""
-    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")]
+    mods = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")
+    ]
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
@@ -130,7 +152,7 @@ def fit_projection(keys: np.ndarray, dim: int) -> np.ndarray:
         raise ValueError(f"projection dim must be in [1, {d}], got {dim}")
     out = np.empty((H, d, dim))
     for h in range(H):
-        w, U = np.linalg.eigh(keys[h].T @ keys[h] / max(m, 1))
+        _w, U = np.linalg.eigh(keys[h].T @ keys[h] / max(m, 1))
         out[h] = U[:, ::-1][:, :dim]
     return out
 
@@ -148,14 +170,24 @@ def _features(x: Tensor, idx: Tensor, coef: Tensor) -> Tensor:
     return ext[..., idx].prod(dim=-1) * coef  # (..., r, s) -> (..., r)
 
 
-def _dp_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                  scaling: Optional[float] = None, dropout: float = 0.0, is_causal: Optional[bool] = None, head_mask=None, **kwargs) -> tuple[Tensor, None]:
+def _dp_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    head_mask=None,
+    **kwargs,
+) -> tuple[Tensor, None]:
     """AttentionInterface function: query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D) of the model's own tokens.
     Returns ((B, Nq, Hq, D), None)."""
     st = getattr(module, _ATTR)
     if dropout > 0.0 or head_mask is not None:
         raise ValueError("DP prefix attention supports eval mode without head_mask only")
-    B, Hq, Nq, D = query.shape
+    _B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     G = Hq // Hkv
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
@@ -205,10 +237,11 @@ def _offset_positions(n: int):
             pos = torch.arange(p, p + ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
         kwargs["position_ids"] = pos + n
         return args, kwargs
+
     return hook
 
 
-def apply_dp_prefix_(model: nn.Module, prefix: DPPrefix, *, recorder: Optional[QueryRecorder] = None) -> int:
+def apply_dp_prefix_(model: nn.Module, prefix: DPPrefix, *, recorder: QueryRecorder | None = None) -> int:
     """Rewrite every attention layer of ``model`` (in place) to attend to the private prefix through
     ``prefix``'s releases. Returns the number of layers rewritten.
 
@@ -222,7 +255,9 @@ def apply_dp_prefix_(model: nn.Module, prefix: DPPrefix, *, recorder: Optional[Q
         raise ValueError(f"{type(model).__name__}: no decoder attention modules found")
     missing = [m.layer_idx for m in mods if m.layer_idx not in prefix.sums]
     if missing:
-        raise ValueError(f"the release has no sums for layers {missing}; every layer that reads the context must be replaced")
+        raise ValueError(
+            f"the release has no sums for layers {missing}; every layer that reads the context must be replaced"
+        )
     cfg = mods[0].config
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or not getattr(cfg, "scale_attn_weights", True):
         raise ValueError("GPT-2 scale_attn_by_inverse_layer_idx=True / scale_attn_weights=False is not supported")
@@ -239,19 +274,36 @@ def apply_dp_prefix_(model: nn.Module, prefix: DPPrefix, *, recorder: Optional[Q
         p = proj.shape[-1] if proj is not None else sums.shape[-1] - 1
         idx, coef = monomials(p, prefix.degree, prefix.scale)
         if idx.shape[0] != sums.shape[1]:
-            raise ValueError(f"layer {l}: release has {sums.shape[1]} features, degree {prefix.degree} in {p} dims gives {idx.shape[0]}")
+            raise ValueError(
+                f"layer {l}: release has {sums.shape[1]} features, degree {prefix.degree} in {p} dims gives {idx.shape[0]}"
+            )
         m.register_buffer("dp_sums", sums.repeat_interleave(G, dim=0), persistent=False)  # (Hq, r, D+1)
-        m.register_buffer("dp_proj", torch.from_numpy(np.asarray(proj, np.float32)).repeat_interleave(G, dim=0) if proj is not None else None, persistent=False)
+        m.register_buffer(
+            "dp_proj",
+            torch.from_numpy(np.asarray(proj, np.float32)).repeat_interleave(G, dim=0) if proj is not None else None,
+            persistent=False,
+        )
         m.register_buffer("dp_idx", torch.from_numpy(idx), persistent=False)
         m.register_buffer("dp_coef", torch.from_numpy(coef.astype(np.float32)), persistent=False)
-        setattr(m, _ATTR, {"n": float(prefix.n), "scale": float(prefix.scale), "key_bound": float(prefix.key_bound),
-                           "value_bound": float(prefix.value_bound), "recorder": recorder})
+        setattr(
+            m,
+            _ATTR,
+            {
+                "n": float(prefix.n),
+                "scale": float(prefix.scale),
+                "key_bound": float(prefix.key_bound),
+                "value_bound": float(prefix.value_bound),
+                "recorder": recorder,
+            },
+        )
     _base(model).register_forward_pre_hook(_offset_positions(prefix.n), with_kwargs=True)
     return len(mods)
 
 
 @torch.no_grad()
-def exact_prefix_logits(model: nn.Module, ctx_ids: Optional[Tensor], batch: dict[str, Tensor], cache: Optional[list] = None) -> Tensor:
+def exact_prefix_logits(
+    model: nn.Module, ctx_ids: Tensor | None, batch: dict[str, Tensor], cache: list | None = None
+) -> Tensor:
     """Logits (B, S, V) of the unmodified model for ``batch`` with the exact private prefix in front (the
     fidelity reference; provider side): ``ctx_ids`` (n,) tokens, or ``cache``, the prefix's per-layer
     (1, H_kv, n, d) keys/values (from :func:`prefix_cache`, or precomputed), so it is encoded once: O(n·S)."""
@@ -264,12 +316,21 @@ def exact_prefix_logits(model: nn.Module, ctx_ids: Optional[Tensor], batch: dict
     past = DynamicCache.from_legacy_cache(tuple((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache))
     mask = torch.cat([torch.ones(B, n, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
     pos = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0) + n
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True, return_dict=True)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=past,
+        use_cache=True,
+        return_dict=True,
+    )
     return out.logits
 
 
 @torch.no_grad()
 def prefix_cache(model: nn.Module, ctx_ids: Tensor) -> list[tuple[Tensor, Tensor]]:
     """The exact KV cache of the private prefix: per layer (1, H_kv, n, d) key and value tensors."""
-    out = model(input_ids=ctx_ids[None], attention_mask=torch.ones_like(ctx_ids)[None], use_cache=True, return_dict=True)
+    out = model(
+        input_ids=ctx_ids[None], attention_mask=torch.ones_like(ctx_ids)[None], use_cache=True, return_dict=True
+    )
     return list(out.past_key_values.to_legacy_cache())

@@ -30,16 +30,16 @@ from pipeline.privacy.features import feature_count, feature_norm_bound, poly_fe
 from pipeline.privacy.sampler import NoiseSampler, SecureSampler
 
 __all__ = [
-    "PublicBounds",
+    "FeatureSumRelease",
     "KernelSpec",
+    "PublicBounds",
+    "answer_from_sums",
     "clip_rows",
-    "replace_one_sensitivity",
+    "exact_attention",
     "exact_sums",
     "guard_floor",
-    "answer_from_sums",
-    "FeatureSumRelease",
     "release_feature_sum",
-    "exact_attention",
+    "replace_one_sensitivity",
     "uniform_attention",
 ]
 
@@ -79,7 +79,11 @@ def clip_rows(K: np.ndarray, V: np.ndarray, bounds: PublicBounds) -> tuple[np.nd
 
 def replace_one_sensitivity(spec: KernelSpec, bounds: PublicBounds, dv: int) -> float:
     """Δ₂ = 2·sqrt(T_s(scale·d·R²))·sqrt(d_v·R_w² + 1) for S under replace-one neighbours."""
-    return 2.0 * feature_norm_bound(spec.d, spec.degree, spec.scale, bounds.key_bound) * math.sqrt(dv * bounds.value_bound**2 + 1.0)
+    return (
+        2.0
+        * feature_norm_bound(spec.d, spec.degree, spec.scale, bounds.key_bound)
+        * math.sqrt(dv * bounds.value_bound**2 + 1.0)
+    )
 
 
 def exact_sums(K: np.ndarray, V: np.ndarray, spec: KernelSpec, bounds: PublicBounds) -> np.ndarray:
@@ -96,7 +100,9 @@ def guard_floor(q: np.ndarray, n: int, spec: KernelSpec, bounds: PublicBounds) -
     return n * np.exp(-spec.scale * bounds.key_bound * np.abs(np.asarray(q, dtype=np.float64)).sum(-1))
 
 
-def answer_from_sums(phi_q: np.ndarray, S: np.ndarray, floor: np.ndarray, value_bound: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def answer_from_sums(
+    phi_q: np.ndarray, S: np.ndarray, floor: np.ndarray, value_bound: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(out (..., d_v), guarded denominator (...), guarded (...) bool) from φ(q) (..., r) and sums (r, d_v+1)."""
     nd = phi_q @ S  # (..., d_v + 1)
     num, den = nd[..., :-1], nd[..., -1]
@@ -120,23 +126,38 @@ class FeatureSumRelease:
 
     def answer(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """DP attention for queries q (..., d): (out (..., d_v), guarded (...) bool). Draws no noise."""
-        out, _, guarded = answer_from_sums(self.spec.features(q), self.sums, guard_floor(q, self.n, self.spec, self.bounds), self.bounds.value_bound)
+        out, _, guarded = answer_from_sums(
+            self.spec.features(q), self.sums, guard_floor(q, self.n, self.spec, self.bounds), self.bounds.value_bound
+        )
         return out, guarded
 
     def state_hash(self) -> str:
         return hashlib.sha256(np.ascontiguousarray(self.sums).tobytes()).hexdigest()
 
 
-def release_feature_sum(K: np.ndarray, V: np.ndarray, spec: KernelSpec, bounds: PublicBounds, sigma: float,
-                        sampler: NoiseSampler | None = None) -> FeatureSumRelease:
+def release_feature_sum(
+    K: np.ndarray,
+    V: np.ndarray,
+    spec: KernelSpec,
+    bounds: PublicBounds,
+    sigma: float,
+    sampler: NoiseSampler | None = None,
+) -> FeatureSumRelease:
     """Build S̃ = S + N(0, σ²) once. ``sigma`` comes from :mod:`pipeline.privacy.accounting` (σ ≥ 0; 0 = no
     noise, for kernel-only error checks, and then the result is not private)."""
     sampler = sampler or SecureSampler()
     S = exact_sums(K, V, spec, bounds)
     noisy = S + sampler.normal(S.shape, sigma) if sigma > 0 else S
     dv = S.shape[1] - 1
-    return FeatureSumRelease(noisy, spec, bounds, int(np.asarray(K).shape[0]), float(sigma),
-                             replace_one_sensitivity(spec, bounds, dv), sampler.name if sigma > 0 else "none (not private)")
+    return FeatureSumRelease(
+        noisy,
+        spec,
+        bounds,
+        int(np.asarray(K).shape[0]),
+        float(sigma),
+        replace_one_sensitivity(spec, bounds, dv),
+        sampler.name if sigma > 0 else "none (not private)",
+    )
 
 
 def exact_attention(q: np.ndarray, K: np.ndarray, V: np.ndarray, scale: float) -> np.ndarray:

@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.programs.machine import MachineSpec, Program
 
-__all__ = ["AssemblyError", "assemble", "assemble_file", "read_memory_file", "apply_memory"]
+__all__ = ["AssemblyError", "apply_memory", "assemble", "assemble_file", "read_memory_file"]
 
 _LABEL = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*(.*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _OPERAND = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)?\s*(?:([+-])\s*(\d+))?$")
 _EXPECT = re.compile(r"^[;#]\s*expect\s+([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d+)\])?\s*=\s*(-?\d+)\s*$")
 ZERO = "__Z"
-MAX_CELLS = 4096      # a larger machine would not fit any target's memory as a dense network anyway
+MAX_CELLS = 4096  # a larger machine would not fit any target's memory as a dense network anyway
 MAX_SLOTS = 4096
 
 
@@ -44,15 +45,21 @@ class AssemblyError(ConfigError):
     """A malformed program or memory file: ``FILE:LINE: cause`` (exit code 2 on the command line)."""
 
 
-def _int(tok: str) -> Optional[int]:
+def _int(tok: str) -> int | None:
     try:
         return int(tok, 0)
     except ValueError:
         return None
 
 
-def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] = None,
-             memory_cells: Optional[int] = None, program_slots: Optional[int] = None) -> Program:
+def assemble(
+    text: str,
+    *,
+    source: str = "<program>",
+    word_bits: int | None = None,
+    memory_cells: int | None = None,
+    program_slots: int | None = None,
+) -> Program:
     """Assemble SUBLEQ source into a :class:`Program` (code table of I slots, memory of M cells).
 
     Args:
@@ -66,13 +73,13 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
             that does not fit the word, an operand of the wrong kind, a program larger than the machine).
     """
     directives: dict[str, tuple[int, int]] = {}
-    code: list[tuple[int, str, list[str]]] = []          # (line, mnemonic, operands)
-    data: list[tuple[int, int]] = []                     # (line, value) per cell
+    code: list[tuple[int, str, list[str]]] = []  # (line, mnemonic, operands)
+    data: list[tuple[int, int]] = []  # (line, value) per cell
     code_labels: dict[str, int] = {}
     data_labels: dict[str, int] = {}
     label_line: dict[str, int] = {}
     expect: dict[str, tuple[int, str, int, int]] = {}
-    pending: list[tuple[str, int]] = []                  # labels waiting for the next statement
+    pending: list[tuple[str, int]] = []  # labels waiting for the next statement
 
     def err(line: int, msg: str) -> AssemblyError:
         return AssemblyError(f"{source}:{line}: {msg}")
@@ -129,10 +136,15 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
             data.extend((ln, v) for v in values)
             continue
         if op not in ("subleq", "jmp", "halt"):
-            raise err(ln, f"unknown mnemonic '{parts[0]}' (expected subleq, jmp, halt, .word, .zero, .bits, .cells, .slots)")
+            raise err(
+                ln, f"unknown mnemonic '{parts[0]}' (expected subleq, jmp, halt, .word, .zero, .bits, .cells, .slots)"
+            )
         want = {"subleq": (2, 3), "jmp": (1, 1), "halt": (0, 0)}[op]
         if not want[0] <= len(args) <= want[1] or any(not a for a in args):
-            raise err(ln, f"{op} takes {want[0] if want[0] == want[1] else f'{want[0]} or {want[1]}'} operand(s), got {len(args)}: '{line}'")
+            raise err(
+                ln,
+                f"{op} takes {want[0] if want[0] == want[1] else f'{want[0]} or {want[1]}'} operand(s), got {len(args)}: '{line}'",
+            )
         for name, _ in pending:
             code_labels[name] = len(code)
         pending.clear()
@@ -149,11 +161,15 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
     spec_n = MachineSpec(bits, 1, 2)
     for ln, v in data:
         if not spec_n.word_min <= v <= spec_n.word_max:
-            raise err(ln, f"value {v} does not fit a {bits}-bit two's-complement word [{spec_n.word_min}, {spec_n.word_max}]")
+            raise err(
+                ln, f"value {v} does not fit a {bits}-bit two's-complement word [{spec_n.word_min}, {spec_n.word_max}]"
+            )
 
     slots = program_slots or directives.get(".slots", (0, 0))[1] or max(2, 1 << (len(code) - 1).bit_length())
     if slots < 2 or slots & (slots - 1) or slots > MAX_SLOTS:
-        raise err(directives.get(".slots", (1, 0))[0], f"program slots must be a power of two in 2..{MAX_SLOTS}, got {slots}")
+        raise err(
+            directives.get(".slots", (1, 0))[0], f"program slots must be a power of two in 2..{MAX_SLOTS}, got {slots}"
+        )
     if len(code) > slots:
         raise err(code[slots][0], f"the program has {len(code)} instructions but the machine has {slots} slots")
     uses_zero = len(code) < slots or any(op in ("jmp", "halt") for _, op, _ in code)
@@ -165,7 +181,10 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
         where = directives[".cells"][0] if ".cells" in directives else (data[-1][0] or 1 if data else 1)
         raise err(where, f"the machine would have {cells} memory cells; at most {MAX_CELLS} are supported")
     if cells < len(data):
-        raise err(directives.get(".cells", (1, 0))[0], f"the program declares {len(data)} memory cells but the machine has {cells}")
+        raise err(
+            directives.get(".cells", (1, 0))[0],
+            f"the program declares {len(data)} memory cells but the machine has {cells}",
+        )
     spec = MachineSpec(bits, cells, slots)
 
     def operand(tok: str, ln: int, kind: str) -> int:
@@ -176,17 +195,24 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
                 raise err(ln, f"operand '{tok}' is not a label, label+k or a number")
             name, sign, off = om.group(1), om.group(2), int(om.group(3) or 0)
             if name.startswith("__"):
-                raise err(ln, f"operand '{tok}': '{name}' is reserved (names starting with '__' belong to the assembler)")
+                raise err(
+                    ln, f"operand '{tok}': '{name}' is reserved (names starting with '__' belong to the assembler)"
+                )
             table, other = (data_labels, code_labels) if kind == "data" else (code_labels, data_labels)
             if name not in table:
                 if name in other:
                     what = "a code label" if kind == "data" else "a data label"
-                    raise err(ln, f"operand '{tok}': '{name}' is {what}; {'a and b address memory cells' if kind == 'data' else 'c is an instruction slot'}")
+                    raise err(
+                        ln,
+                        f"operand '{tok}': '{name}' is {what}; {'a and b address memory cells' if kind == 'data' else 'c is an instruction slot'}",
+                    )
                 raise err(ln, f"operand '{tok}': undefined label '{name}'")
             v = table[name] + (-off if sign == "-" else off)
         limit = cells if kind == "data" else slots
         if not 0 <= v < limit:
-            raise err(ln, f"operand '{tok}' = {v} is outside the {'memory' if kind == 'data' else 'program'} (0..{limit - 1})")
+            raise err(
+                ln, f"operand '{tok}' = {v} is outside the {'memory' if kind == 'data' else 'program'} (0..{limit - 1})"
+            )
         return v
 
     table: list[tuple[int, int, int]] = []
@@ -206,7 +232,7 @@ def assemble(text: str, *, source: str = "<program>", word_bits: Optional[int] =
         table.append((z, z, j))
     memory = [v for _, v in data] + [0] * (cells - len(data))
     exp: dict[str, int] = {}
-    for key, (ln, name, k, v) in expect.items():
+    for key, (ln, name, _k, v) in expect.items():
         if name not in data_labels:
             raise err(ln, f"expect: undefined data label '{name}'")
         exp[key] = v
@@ -238,17 +264,25 @@ def apply_memory(program: Program, values: Mapping[str, Any], *, source: str = "
             start = program.data_labels[key]
         else:
             known = ", ".join(sorted(k for k in program.data_labels if not k.startswith("__")))
-            raise AssemblyError(f"{source}: key '{key}': not a data label of {program.source} (labels: {known}) nor '@address'")
+            raise AssemblyError(
+                f"{source}: key '{key}': not a data label of {program.source} (labels: {known}) nor '@address'"
+            )
         vals = val if isinstance(val, list) else [val]
         if start + len(vals) > spec.memory_cells:
-            raise AssemblyError(f"{source}: key '{key}': {len(vals)} value(s) from cell {start} run past the memory ({spec.memory_cells} cells)")
+            raise AssemblyError(
+                f"{source}: key '{key}': {len(vals)} value(s) from cell {start} run past the memory ({spec.memory_cells} cells)"
+            )
         for i, v in enumerate(vals):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise AssemblyError(f"{source}: key '{key}': values must be integers, got {v!r}")
             if start + i in reserved:
-                raise AssemblyError(f"{source}: key '{key}': cell {start + i} is the assembler's zero cell (halt and jmp need it to stay 0)")
+                raise AssemblyError(
+                    f"{source}: key '{key}': cell {start + i} is the assembler's zero cell (halt and jmp need it to stay 0)"
+                )
             if not spec.word_min <= v <= spec.word_max:
-                raise AssemblyError(f"{source}: key '{key}': {v} does not fit a {spec.word_bits}-bit two's-complement word")
+                raise AssemblyError(
+                    f"{source}: key '{key}': {v} does not fit a {spec.word_bits}-bit two's-complement word"
+                )
             mem[start + i] = v
     # the file's "; expect" lines describe its own memory, not this one
     return Program(program.spec, program.code, tuple(mem), program.data_labels, program.code_labels, program.source, {})

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from pipeline.programs.execute import OrtProgram
 from pipeline.programs.machine import Program, interpret
 from pipeline.programs.onnx_export import OPSET, PRECISIONS, check_int8, export_onnx
 
-__all__ = ["BuildOptions", "build_targets", "shipped_precisions", "parity", "steps_per_second", "program_manifest"]
+__all__ = ["BuildOptions", "build_targets", "parity", "program_manifest", "shipped_precisions", "steps_per_second"]
 
 log = logging.getLogger("edgepipe.programs")
 
@@ -36,7 +37,7 @@ class BuildOptions:
     program_in: str = "weights"
     max_steps: int = 10_000
     random_memories: int = 8
-    unroll_steps: Optional[int] = None
+    unroll_steps: int | None = None
     sparse: str = "auto"
     seed: int = 0
     timing_seconds: float = 0.3
@@ -47,7 +48,9 @@ def shipped_precisions(profile: Any) -> list[str]:
     return [p for p in profile.precisions if p in PRECISIONS]
 
 
-def parity(prog: Program, cp: CompiledProgram, runner: OrtProgram, memories: list[tuple[int, ...]], max_steps: int) -> dict[str, Any]:
+def parity(
+    prog: Program, cp: CompiledProgram, runner: OrtProgram, memories: list[tuple[int, ...]], max_steps: int
+) -> dict[str, Any]:
     """Run all ``memories`` as one batch in ONNX Runtime and compare memory, PC, steps and status with the
     interpreter. Returns ``{"bit_exact": bool, "runs": n, "mismatches": [...]}`` (at most 5 mismatches listed)."""
     states = np.stack([cp.layout.encode(prog, m) for m in memories])
@@ -62,8 +65,13 @@ def parity(prog: Program, cp: CompiledProgram, runner: OrtProgram, memories: lis
             continue
         got = (mem, pc, int(steps[i]), bool(halted[i]))
         if got != (ref.memory, ref.pc, ref.steps, ref.halted):
-            bad.append({"run": i, "expected": {"memory": ref.memory, "pc": ref.pc, "steps": ref.steps, "halted": ref.halted},
-                        "got": {"memory": mem, "pc": pc, "steps": got[2], "halted": got[3]}})
+            bad.append(
+                {
+                    "run": i,
+                    "expected": {"memory": ref.memory, "pc": ref.pc, "steps": ref.steps, "halted": ref.halted},
+                    "got": {"memory": mem, "pc": pc, "steps": got[2], "halted": got[3]},
+                }
+            )
     return {"bit_exact": not bad, "runs": len(memories), "mismatches": bad[:5]}
 
 
@@ -94,7 +102,9 @@ def random_memories(prog: Program, n: int, seed: int) -> list[tuple[int, ...]]:
     fixed = {v for k, v in prog.data_labels.items() if k.startswith("__")}
     out = []
     for _ in range(n):
-        mem = [int(v) if j in fixed else int(rng.integers(s.word_min, s.word_max + 1)) for j, v in enumerate(prog.memory)]
+        mem = [
+            int(v) if j in fixed else int(rng.integers(s.word_min, s.word_max + 1)) for j, v in enumerate(prog.memory)
+        ]
         out.append(tuple(mem))
     return out
 
@@ -107,14 +117,22 @@ def program_manifest(prog: Program, cp: CompiledProgram) -> dict[str, Any]:
         "machine": {"word_bits": s.word_bits, "memory_cells": s.memory_cells, "program_slots": s.program_slots},
         "construction": cp.construction,
         "program_in": lay.program_in,
-        "state": {"size": lay.size, "memory_offset": lay.mem_offset, "pc_offset": lay.pc_offset, "pc_bits": s.pc_bits,
-                  "code_offset": lay.inst_offset if lay.program_in == "state" else None,
-                  "bit_order": "cell-major, least significant bit first; two's complement"},
+        "state": {
+            "size": lay.size,
+            "memory_offset": lay.mem_offset,
+            "pc_offset": lay.pc_offset,
+            "pc_bits": s.pc_bits,
+            "code_offset": lay.inst_offset if lay.program_in == "state" else None,
+            "bit_order": "cell-major, least significant bit first; two's complement",
+        },
         "data_labels": dict(prog.data_labels),
         "code_labels": dict(prog.code_labels),
         "initial_memory": list(prog.memory),
         "code": [list(i) for i in prog.code],
-        "io": {"inputs": ["state (batch, D) float32", "max_steps () int64"], "outputs": ["final_state (batch, D) float32", "steps (batch,) int64", "halted (batch,) bool"]},
+        "io": {
+            "inputs": ["state (batch, D) float32", "max_steps () int64"],
+            "outputs": ["final_state (batch, D) float32", "steps (batch,) int64", "halted (batch,) bool"],
+        },
         "opset": OPSET,
     }
 
@@ -138,7 +156,9 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         if prof.opset < OPSET:
             raise TargetError(f"target '{name}': runs ONNX opset <= {prof.opset}, compiled programs need opset {OPSET}")
         if not shipped_precisions(prof):
-            raise TargetError(f"target '{name}': none of its precisions {prof.precisions} can ship a compiled program (needs one of {list(PRECISIONS)})")
+            raise TargetError(
+                f"target '{name}': none of its precisions {prof.precisions} can ship a compiled program (needs one of {list(PRECISIONS)})"
+            )
     t0 = time.perf_counter()
     cp = compile_program(prog, construction=opts.construction, program_in=opts.program_in)
     compile_s = time.perf_counter() - t0
@@ -147,8 +167,10 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         # ONNX Runtime densifies the weights when the session starts: they must fit the device
         mb = dense * (1 if shipped_precisions(prof)[0] == "int8" else 4) / 2**20
         if mb > prof.memory_budget_mb:
-            raise TargetError(f"target '{name}': the compiled network needs {mb:,.0f} MB of dense {shipped_precisions(prof)[0]} weights at run time, "
-                              f"over the profile's memory_budget_mb ({prof.memory_budget_mb}); use a smaller machine (N, M, I) or the shallow construction")
+            raise TargetError(
+                f"target '{name}': the compiled network needs {mb:,.0f} MB of dense {shipped_precisions(prof)[0]} weights at run time, "
+                f"over the profile's memory_budget_mb ({prof.memory_budget_mb}); use a smaller machine (N, M, I) or the shallow construction"
+            )
     ref = interpret(prog, opts.max_steps)
     memories = [prog.memory] + random_memories(prog, opts.random_memories, opts.seed)
     int8 = check_int8(cp.net)
@@ -159,7 +181,7 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         tdir = out_dir / name
         tdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(tdir / "program.json", manifest)
-        bit_exact: dict[str, Optional[bool]] = {p: None for p in PRECISIONS}
+        bit_exact: dict[str, bool | None] = {p: None for p in PRECISIONS}
         files: dict[str, str] = {}
         checks: dict[str, Any] = {}
         shipped: dict[str, Path] = {}
@@ -175,10 +197,22 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
             runner = OrtProgram(ship, threads=threads, providers=prof.providers)
             chk = parity(prog, cp, runner, memories, opts.max_steps)
             if opts.unroll_steps:
-                un = export_onnx(cp, tdir / f"program.{precision}.unrolled.onnx", precision=precision, variant="unrolled",
-                                 unroll_steps=opts.unroll_steps, sparse=opts.sparse)
+                un = export_onnx(
+                    cp,
+                    tdir / f"program.{precision}.unrolled.onnx",
+                    precision=precision,
+                    variant="unrolled",
+                    unroll_steps=opts.unroll_steps,
+                    sparse=opts.sparse,
+                )
                 files[f"{precision}_unrolled"] = un.path.name
-                u_chk = parity(prog, cp, OrtProgram(un.path, threads=threads, providers=prof.providers), memories, opts.unroll_steps)
+                u_chk = parity(
+                    prog,
+                    cp,
+                    OrtProgram(un.path, threads=threads, providers=prof.providers),
+                    memories,
+                    opts.unroll_steps,
+                )
                 chk = {**chk, "unrolled": u_chk, "bit_exact": chk["bit_exact"] and u_chk["bit_exact"]}
             bit_exact[precision] = chk["bit_exact"]
             checks[precision] = chk
@@ -186,9 +220,26 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         default = shipped_precisions(prof)[0]
         runner = OrtProgram(shipped[default], threads=threads, providers=prof.providers)
         sps = steps_per_second(runner, cp.layout.encode(prog)[None], opts.max_steps, seconds=opts.timing_seconds)
-        targets[name] = {"bit_exact": bit_exact, "steps_per_s": round(sps, 1), "size_bytes": shipped[default].stat().st_size, "depth": cp.net.depth}
-        details[name] = {"precision": default, "shipped": shipped[default].name, "files": files, "parity": checks, "threads": threads}
-        log.debug("%s: bit-exact %s, %.0f steps/s, %d bytes", name, {k: v for k, v in bit_exact.items() if v is not None}, sps, shipped[default].stat().st_size)
+        targets[name] = {
+            "bit_exact": bit_exact,
+            "steps_per_s": round(sps, 1),
+            "size_bytes": shipped[default].stat().st_size,
+            "depth": cp.net.depth,
+        }
+        details[name] = {
+            "precision": default,
+            "shipped": shipped[default].name,
+            "files": files,
+            "parity": checks,
+            "threads": threads,
+        }
+        log.debug(
+            "%s: bit-exact %s, %.0f steps/s, %d bytes",
+            name,
+            {k: v for k, v in bit_exact.items() if v is not None},
+            sps,
+            shipped[default].stat().st_size,
+        )
     ok = all(v is not False for t in targets.values() for v in t["bit_exact"].values())
     expect = {}
     if prog.expect:
@@ -203,10 +254,20 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
         "program_in": cp.layout.program_in,
         "max_steps": opts.max_steps,
         "network": {**cp.net.stats(), "state_size": cp.layout.size, "compile_seconds": round(compile_s, 3)},
-        "int8": {"margin": int8.margin, "max_weight": int8.max_weight, "max_activation": int8.max_activation,
-                 "max_accumulator": int8.max_accumulator, "accepted": int8.ok, "problems": list(int8.problems)},
-        "interpreter": {"status": ref.status, "steps": ref.steps, "pc": ref.pc,
-                        "memory": {k: ref.memory[v] for k, v in prog.data_labels.items() if not k.startswith("__")}},
+        "int8": {
+            "margin": int8.margin,
+            "max_weight": int8.max_weight,
+            "max_activation": int8.max_activation,
+            "max_accumulator": int8.max_accumulator,
+            "accepted": int8.ok,
+            "problems": list(int8.problems),
+        },
+        "interpreter": {
+            "status": ref.status,
+            "steps": ref.steps,
+            "pc": ref.pc,
+            "memory": {k: ref.memory[v] for k, v in prog.data_labels.items() if not k.startswith("__")},
+        },
         "expect": expect,
         "parity_memories": len(memories),
         "targets": targets,
@@ -215,9 +276,15 @@ def build_targets(prog: Program, profiles: Mapping[str, Any], out_dir: Path, opt
     }
 
 
-
-def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], opts: BuildOptions, *,
-                       memory_path: Optional[Path] = None, sizes: Optional[Mapping[str, Optional[int]]] = None) -> dict[str, Any]:
+def compile_to_workdir(
+    program_path: Path,
+    workdir: Path,
+    targets: list[str],
+    opts: BuildOptions,
+    *,
+    memory_path: Path | None = None,
+    sizes: Mapping[str, int | None] | None = None,
+) -> dict[str, Any]:
     """``edgepipe compile-program``: assemble, build every target in a hidden temp folder, then publish
     ``workdir/<target>/`` (each replaced atomically) and ``workdir/report.json``.
 
@@ -229,8 +296,8 @@ def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], op
 
     from pipeline.artifact import make_temp_dir, replace_dir
     from pipeline.errors import ConfigError, ValidationFailed
-    from pipeline.workdir import check_workdir, mark_folder
     from pipeline.programs.asm import apply_memory, assemble_file, read_memory_file
+    from pipeline.workdir import check_workdir, mark_folder
     from targets import load_target
 
     sizes = {k: v for k, v in (sizes or {}).items() if v is not None}
@@ -263,6 +330,8 @@ def compile_to_workdir(program_path: Path, workdir: Path, targets: list[str], op
         shutil.rmtree(tmp, ignore_errors=True)
     if not report["ok"]:
         failed = [f"{n}/{p}" for n, t in report["targets"].items() for p, v in t["bit_exact"].items() if v is False]
-        failed += [f"expect {k}: got {e['got']}, expected {e['expected']}" for k, e in report["expect"].items() if not e["ok"]]
+        failed += [
+            f"expect {k}: got {e['got']}, expected {e['expected']}" for k, e in report["expect"].items() if not e["ok"]
+        ]
         raise ValidationFailed(f"compiled program is not exact: {', '.join(failed)}; see {workdir / 'report.json'}")
     return report

@@ -7,25 +7,25 @@ The result is a plain MLP: ``h_l = ReLU(W_l h_{l-1} + b_l)`` for l = 1..L and a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["Lin", "Circuit", "LayeredNet"]
+__all__ = ["Circuit", "LayeredNet", "Lin"]
 
 
 class Lin:
     """A linear expression ``sum coeff * unit + const`` over circuit units; a unit is ``(layer, index)``."""
 
-    __slots__ = ("terms", "const")
+    __slots__ = ("const", "terms")
 
-    def __init__(self, terms: Optional[Mapping[tuple[int, int], float]] = None, const: float = 0.0) -> None:
+    def __init__(self, terms: Mapping[tuple[int, int], float] | None = None, const: float = 0.0) -> None:
         self.terms: dict[tuple[int, int], float] = dict(terms or {})
         self.const = float(const)
 
-    def __add__(self, other: "Lin | float") -> "Lin":
+    def __add__(self, other: Lin | float) -> Lin:
         if not isinstance(other, Lin):
             return Lin(self.terms, self.const + other)
         t = dict(self.terms)
@@ -35,18 +35,18 @@ class Lin:
 
     __radd__ = __add__
 
-    def __mul__(self, s: float) -> "Lin":
+    def __mul__(self, s: float) -> Lin:
         return Lin({k: v * s for k, v in self.terms.items()} if s else {}, self.const * s)
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> "Lin":
+    def __neg__(self) -> Lin:
         return self * -1.0
 
-    def __sub__(self, other: "Lin | float") -> "Lin":
-        return self + (-other if isinstance(other, Lin) else -other)
+    def __sub__(self, other: Lin | float) -> Lin:
+        return self + (-other)
 
-    def __rsub__(self, other: float) -> "Lin":
+    def __rsub__(self, other: float) -> Lin:
         return (-self) + other
 
     @property
@@ -80,7 +80,7 @@ class LayeredNet:
     readout: tuple[np.ndarray, np.ndarray, np.ndarray]
     readout_bias: np.ndarray
     widths: tuple[int, ...]
-    activation_bounds: Optional[tuple[np.ndarray, ...]] = None
+    activation_bounds: tuple[np.ndarray, ...] | None = None
 
     @property
     def depth(self) -> int:
@@ -111,8 +111,14 @@ class LayeredNet:
         """Depth, widths, weight count (dense), nonzeros and sparsity (fraction of zero weights)."""
         dense = sum(o * i for o, i in self.shapes())
         nnz = sum(len(v) for _, _, v in self.coo())
-        return {"depth": self.depth, "widths": list(self.widths), "max_width": max(self.widths), "weights": dense,
-                "nonzeros": nnz, "sparsity": 1.0 - nnz / dense if dense else 0.0}
+        return {
+            "depth": self.depth,
+            "widths": list(self.widths),
+            "max_width": max(self.widths),
+            "weights": dense,
+            "nonzeros": nnz,
+            "sparsity": 1.0 - nnz / dense if dense else 0.0,
+        }
 
     @cached_property
     def _csr(self) -> list:
@@ -135,7 +141,7 @@ class Circuit:
     def __init__(self, n_inputs: int) -> None:
         self.n_inputs = n_inputs
         self.layers: list[list[tuple[dict[int, float], float]]] = [[({}, 0.0)] * n_inputs]
-        self._carry: dict[tuple[int, int, int], int] = {}   # (layer, index, target layer) -> index there
+        self._carry: dict[tuple[int, int, int], int] = {}  # (layer, index, target layer) -> index there
 
     def input(self, i: int) -> Lin:
         return Lin({(0, i): 1.0})
@@ -157,7 +163,7 @@ class Circuit:
             self._carry[key] = len(self.layers[layer]) - 1
         return self._carry[key]
 
-    def relu(self, lin: Lin, at: Optional[int] = None) -> Lin:
+    def relu(self, lin: Lin, at: int | None = None) -> Lin:
         """A new unit ``ReLU(lin)`` in layer ``at`` (default: the layer after the deepest input of ``lin``)."""
         need = max(lin.layer + 1, 1)
         layer = need if at is None else at
@@ -171,7 +177,7 @@ class Circuit:
         self.layers[layer].append((terms, lin.const))
         return Lin({(layer, len(self.layers[layer]) - 1): 1.0})
 
-    def net(self, outputs: Sequence[Lin], depth: Optional[int] = None) -> LayeredNet:
+    def net(self, outputs: Sequence[Lin], depth: int | None = None) -> LayeredNet:
         """Close the circuit: the readout maps the last layer to ``outputs`` (one per state value, linearly)."""
         if len(outputs) != self.n_inputs:
             raise ValueError(f"{len(outputs)} outputs for a state of {self.n_inputs}")

@@ -30,20 +30,35 @@ Exact ReLU primitives (inputs are bits or small integers; paper notes §4b):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.programs.circuit import Circuit, LayeredNet, Lin, lsum
 from pipeline.programs.machine import MachineSpec, Program
 
-__all__ = ["CONSTRUCTIONS", "PROGRAM_IN", "PAPER_BUDGET", "StateLayout", "CompiledProgram", "compile_machine", "compile_program"]
+__all__ = [
+    "CONSTRUCTIONS",
+    "PAPER_BUDGET",
+    "PROGRAM_IN",
+    "CompiledProgram",
+    "StateLayout",
+    "compile_machine",
+    "compile_program",
+]
 
 CONSTRUCTIONS = ("shallow", "paper23")
 PROGRAM_IN = ("weights", "state")
 # the paper's layer budget per step, in order (arXiv 2410.09375; notes §4a [C])
-PAPER_BUDGET = (("read_addresses", 2), ("read_data", 2), ("subtraction", 7), ("write_back", 2), ("next_pc", 6), ("branch", 4))
+PAPER_BUDGET = (
+    ("read_addresses", 2),
+    ("read_data", 2),
+    ("subtraction", 7),
+    ("write_back", 2),
+    ("next_pc", 6),
+    ("branch", 4),
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,7 @@ class StateLayout:
     def mem_bit(self, cell: int, t: int) -> int:
         return cell * self.spec.word_bits + t
 
-    def encode(self, program: Program, memory: Optional[Sequence[int]] = None, pc: int = 0) -> np.ndarray:
+    def encode(self, program: Program, memory: Sequence[int] | None = None, pc: int = 0) -> np.ndarray:
         """The state vector (float32, (D,)) of ``program`` with ``memory`` (default: its own) and ``pc``."""
         s = self.spec
         x = np.zeros(self.size, np.float32)
@@ -110,7 +125,7 @@ class StateLayout:
         weights = 1 << np.arange(s.word_bits, dtype=np.int64)
         mem = bits[: self.pc_offset].reshape(s.memory_cells, s.word_bits) @ weights
         signed = tuple(int(v) - (1 << s.word_bits) if v >= (1 << (s.word_bits - 1)) else int(v) for v in mem)
-        pc = int(bits[self.pc_offset: self.inst_offset] @ (1 << np.arange(s.pc_bits, dtype=np.int64)))
+        pc = int(bits[self.pc_offset : self.inst_offset] @ (1 << np.arange(s.pc_bits, dtype=np.int64)))
         return signed, pc
 
 
@@ -121,14 +136,19 @@ class CompiledProgram:
     net: LayeredNet
     layout: StateLayout
     construction: str
-    program: Optional[Program]           # set when program_in == "weights"
+    program: Program | None  # set when program_in == "weights"
 
     @property
     def spec(self) -> MachineSpec:
         return self.layout.spec
 
     def stats(self) -> dict[str, object]:
-        return {"construction": self.construction, "program_in": self.layout.program_in, "state_size": self.layout.size, **self.net.stats()}
+        return {
+            "construction": self.construction,
+            "program_in": self.layout.program_in,
+            "state_size": self.layout.size,
+            **self.net.stats(),
+        }
 
 
 class _Placer:
@@ -171,7 +191,9 @@ def _select(vec: Sequence[Lin], code: int) -> Lin:
     return lsum(x if bit else 1 - x for x, bit in zip(vec, _bits_of(code, len(vec)))) - (len(vec) - 1)
 
 
-def compile_machine(spec: MachineSpec, *, construction: str = "shallow", program: Optional[Program] = None) -> CompiledProgram:
+def compile_machine(
+    spec: MachineSpec, *, construction: str = "shallow", program: Program | None = None
+) -> CompiledProgram:
     """Weights of one SUBLEQ step for machine ``spec``.
 
     Args:
@@ -226,13 +248,18 @@ def compile_machine(spec: MachineSpec, *, construction: str = "shallow", program
     carry: list[Lin] = [Lin(const=1.0)]
     for t in range(1, N + 1):
         terms = [pl.unit(lsum(p[:t]) - (t - 1), "subtraction")]  # the +1 carried through p_0..p_{t-1}
-        terms += [pl.unit(g[q] + lsum(p[q + 1: t]) - (t - q - 1), "subtraction") for q in range(t)]
+        terms += [pl.unit(g[q] + lsum(p[q + 1 : t]) - (t - q - 1), "subtraction") for q in range(t)]
         carry.append(lsum(terms))
     r = [pl.out(1 + g[t] - k[t] + carry[t] - 2 * carry[t + 1], "subtraction") for t in range(N)]
 
     # -- write-back into mem[b]
-    new_mem = [[pl.out(pl.unit(mem[m][t] - eB[m], "write_back") + pl.unit(r[t] + eB[m] - 1, "write_back"), "write_back")
-                for t in range(N)] for m in range(M)]
+    new_mem = [
+        [
+            pl.out(pl.unit(mem[m][t] - eB[m], "write_back") + pl.unit(r[t] + eB[m] - 1, "write_back"), "write_back")
+            for t in range(N)
+        ]
+        for m in range(M)
+    ]
 
     # -- next program counter: pc + 1 mod I
     inc = [Lin(const=1.0)] + [pl.unit(lsum(pc[:t]) - (t - 1), "next_pc") if t > 1 else pc[0] for t in range(1, P + 1)]
@@ -243,7 +270,9 @@ def compile_machine(spec: MachineSpec, *, construction: str = "shallow", program
     flag = r[N - 1] + z
     if pl.groups:
         flag = pl.unit(flag, "branch")
-    new_pc = [pl.out(pl.unit(flag + cbits[t] - 1, "branch") + pl.unit(pc1[t] - flag, "branch"), "branch") for t in range(P)]
+    new_pc = [
+        pl.out(pl.unit(flag + cbits[t] - 1, "branch") + pl.unit(pc1[t] - flag, "branch"), "branch") for t in range(P)
+    ]
 
     outputs: list[Lin] = [b for row in new_mem for b in row] + new_pc
     if program is None:
@@ -256,4 +285,6 @@ def compile_program(program: Program, *, construction: str = "shallow", program_
     """:func:`compile_machine` for ``program``'s machine, the code in the weights (default) or in the state."""
     if program_in not in PROGRAM_IN:
         raise ValueError(f"program_in must be one of {PROGRAM_IN}, got {program_in!r}")
-    return compile_machine(program.spec, construction=construction, program=program if program_in == "weights" else None)
+    return compile_machine(
+        program.spec, construction=construction, program=program if program_in == "weights" else None
+    )

@@ -3,8 +3,8 @@ exported graphs. Both return ``(state (B, D), steps (B,) int64, halted (B,) bool
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -23,14 +23,14 @@ def _torch_module_class():
         Weights are dense buffers (float32 by default; every value is a small integer, so fp32 is exact).
         """
 
-        def __init__(self, net: LayeredNet, dtype: "torch.dtype" = torch.float32) -> None:
+        def __init__(self, net: LayeredNet, dtype: torch.dtype = torch.float32) -> None:
             super().__init__()
             self.depth = net.depth
             for k, (W, b) in enumerate(net.dense(np.float64)):
-                self.register_buffer(f"W{k}", torch.as_tensor(W.T.copy(), dtype=dtype))   # (in, out) for h @ W
+                self.register_buffer(f"W{k}", torch.as_tensor(W.T.copy(), dtype=dtype))  # (in, out) for h @ W
                 self.register_buffer(f"b{k}", torch.as_tensor(b, dtype=dtype))
 
-        def step(self, state: "torch.Tensor") -> "torch.Tensor":
+        def step(self, state: torch.Tensor) -> torch.Tensor:
             """One SUBLEQ step. ``state``: (B, D)."""
             h = state
             for k in range(self.depth):
@@ -38,12 +38,12 @@ def _torch_module_class():
             return h @ getattr(self, f"W{self.depth}") + getattr(self, f"b{self.depth}")
 
         @torch.no_grad()
-        def forward(self, state: "torch.Tensor", max_steps: int):
+        def forward(self, state: torch.Tensor, max_steps: int):
             """Loop until every sample reached its fixed point or ``max_steps`` iterations ran.
 
             Returns ``(state (B, D), steps (B,) int64, halted (B,) bool)``.
             """
-            s = state.to(getattr(self, "W0").dtype)
+            s = state.to(self.W0.dtype)
             steps = torch.zeros(s.shape[0], dtype=torch.int64)
             for _ in range(int(max_steps)):
                 nxt = self.step(s)
@@ -57,7 +57,7 @@ def _torch_module_class():
     return _LoopedMLP
 
 
-def LoopedMLP(net: LayeredNet, dtype=None):  # noqa: N802  (a class factory: torch is imported lazily)
+def LoopedMLP(net: LayeredNet, dtype=None):
     """A ``torch.nn.Module`` running ``net`` in a loop; see ``_LoopedMLP``."""
     import torch
 
@@ -67,7 +67,9 @@ def LoopedMLP(net: LayeredNet, dtype=None):  # noqa: N802  (a class factory: tor
 class OrtProgram:
     """An ONNX Runtime session of an exported program (``.onnx`` or ``.ort``, Loop or unrolled)."""
 
-    def __init__(self, path: Path, *, threads: Optional[int] = 1, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+    def __init__(
+        self, path: Path, *, threads: int | None = 1, providers: Sequence[str] = ("CPUExecutionProvider",)
+    ) -> None:
         from runtimes.session import make_session
 
         self.path = Path(path)
@@ -75,7 +77,7 @@ class OrtProgram:
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.is_loop = "max_steps" in self.inputs
 
-    def run(self, states: np.ndarray, max_steps: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(self, states: np.ndarray, max_steps: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feeds = {"state": np.ascontiguousarray(np.atleast_2d(states), dtype=np.float32)}
         if self.is_loop:
             if max_steps is None:

@@ -12,12 +12,12 @@ first such step; ``steps`` counts the steps that changed the state.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["MachineSpec", "Program", "RunResult", "interpret", "wrap", "random_program"]
+__all__ = ["MachineSpec", "Program", "RunResult", "interpret", "random_program", "wrap"]
 
 
 def wrap(v: int, bits: int) -> int:
@@ -96,9 +96,17 @@ class Program:
             if not s.word_min <= v <= s.word_max:
                 raise ValueError(f"cell {j}: {v} does not fit {s.word_bits}-bit two's complement")
 
-    def with_memory(self, memory: Sequence[int]) -> "Program":
+    def with_memory(self, memory: Sequence[int]) -> Program:
         """The same code with other initial memory (values must fit the word)."""
-        return Program(self.spec, self.code, tuple(int(v) for v in memory), self.data_labels, self.code_labels, self.source, self.expect)
+        return Program(
+            self.spec,
+            self.code,
+            tuple(int(v) for v in memory),
+            self.data_labels,
+            self.code_labels,
+            self.source,
+            self.expect,
+        )
 
 
 @dataclass(frozen=True)
@@ -119,7 +127,7 @@ class RunResult:
         return self.status == "halted"
 
 
-def interpret(program: Program, max_steps: int, *, memory: Optional[Sequence[int]] = None, pc: int = 0) -> RunResult:
+def interpret(program: Program, max_steps: int, *, memory: Sequence[int] | None = None, pc: int = 0) -> RunResult:
     """Run ``program`` for at most ``max_steps`` iterations (the float64-free oracle of the compiled network).
 
     Each iteration executes one instruction; an iteration that changes nothing is the halting fixed point.
@@ -150,5 +158,7 @@ def random_program(spec: MachineSpec, rng: np.random.Generator, *, halt_slot: bo
         mem[z] = 0
         code[-1] = (z, z, I - 1)
         # nothing else writes the zero cell, so the halt slot stays a fixed point
-        code = [(a, b if b != z else (b + 1) % (M - 1), c) if j < I - 1 else (a, b, c) for j, (a, b, c) in enumerate(code)]
+        code = [
+            (a, b if b != z else (b + 1) % (M - 1), c) if j < I - 1 else (a, b, c) for j, (a, b, c) in enumerate(code)
+        ]
     return Program(spec, tuple(code), tuple(mem))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -27,9 +27,19 @@ from pipeline.errors import EdgepipeError
 from pipeline.programs.circuit import LayeredNet
 from pipeline.programs.compile import CompiledProgram
 
-__all__ = ["OPSET", "PRECISIONS", "VARIANTS", "Int8Check", "Int8MarginError", "ExportResult", "check_int8", "build_onnx", "export_onnx"]
+__all__ = [
+    "OPSET",
+    "PRECISIONS",
+    "VARIANTS",
+    "ExportResult",
+    "Int8Check",
+    "Int8MarginError",
+    "build_onnx",
+    "check_int8",
+    "export_onnx",
+]
 
-OPSET = 17           # Loop, MatMulInteger, int32 Relu (14+), ReduceMax with an axes attribute (<= 17)
+OPSET = 17  # Loop, MatMulInteger, int32 Relu (14+), ReduceMax with an axes attribute (<= 17)
 PRECISIONS = ("fp32", "int8")
 VARIANTS = ("loop", "unrolled")
 UINT8_MAX = 255
@@ -75,7 +85,7 @@ def check_int8(net: LayeredNet) -> Int8Check:
     """
     import scipy.sparse as sp
 
-    ub = np.ones(net.widths[0])           # every state entry is a bit
+    ub = np.ones(net.widths[0])  # every state entry is a bit
     worst_dev = 0.0
     max_w = max_act = max_acc = 0.0
     problems: list[str] = []
@@ -115,8 +125,8 @@ class ExportResult:
     size_bytes: int
     sparse_matrices: int
     dense_matrices: int
-    unroll_steps: Optional[int] = None
-    int8: Optional[Int8Check] = None
+    unroll_steps: int | None = None
+    int8: Int8Check | None = None
 
 
 def _weights(net: LayeredNet, precision: str, sparse: str, prefix: str = "W"):
@@ -127,16 +137,20 @@ def _weights(net: LayeredNet, precision: str, sparse: str, prefix: str = "W"):
     inits, sparse_inits, names = [], [], []
     for k, ((r, c, v), b, (out_f, in_f)) in enumerate(zip(net.coo(), net.all_biases(), net.shapes())):
         vals = (np.rint(v) if precision == "int8" else v).astype(dtype)
-        flat = (c * out_f + r).astype(np.int64)                  # (in, out) row-major position of W[r, c]
+        flat = (c * out_f + r).astype(np.int64)  # (in, out) row-major position of W[r, c]
         keep = vals != 0
         flat, vals = flat[keep], vals[keep]
         order = np.argsort(flat, kind="stable")
         flat, vals = flat[order], vals[order]
         dense_bytes = in_f * out_f * np.dtype(dtype).itemsize
-        sparse_bytes = len(flat) * (8 + np.dtype(dtype).itemsize)   # int64 linear indices + values
+        sparse_bytes = len(flat) * (8 + np.dtype(dtype).itemsize)  # int64 linear indices + values
         name = f"{prefix}{k}"
         if sparse == "always" or (sparse == "auto" and sparse_bytes < dense_bytes):
-            sparse_inits.append(helper.make_sparse_tensor(numpy_helper.from_array(vals, name), numpy_helper.from_array(flat, f"{name}_indices"), [in_f, out_f]))
+            sparse_inits.append(
+                helper.make_sparse_tensor(
+                    numpy_helper.from_array(vals, name), numpy_helper.from_array(flat, f"{name}_indices"), [in_f, out_f]
+                )
+            )
         else:
             W = np.zeros(in_f * out_f, dtype)
             W[flat] = vals
@@ -157,19 +171,25 @@ def _step_nodes(names, precision: str, s_in: str, s_out: str, tag: str):
         h = f"{tag}h0"
         nodes.append(helper.make_node("Cast", [s_in], [h], to=TensorProto.UINT8))
         for k, (w, b) in enumerate(names):
-            nodes += [helper.make_node("MatMulInteger", [h, w], [f"{tag}acc{k}"]),
-                      helper.make_node("Add", [f"{tag}acc{k}", b], [f"{tag}pre{k}"])]
+            nodes += [
+                helper.make_node("MatMulInteger", [h, w], [f"{tag}acc{k}"]),
+                helper.make_node("Add", [f"{tag}acc{k}", b], [f"{tag}pre{k}"]),
+            ]
             if k < depth:
-                nodes += [helper.make_node("Relu", [f"{tag}pre{k}"], [f"{tag}act{k}"]),
-                          helper.make_node("Cast", [f"{tag}act{k}"], [f"{tag}h{k + 1}"], to=TensorProto.UINT8)]
+                nodes += [
+                    helper.make_node("Relu", [f"{tag}pre{k}"], [f"{tag}act{k}"]),
+                    helper.make_node("Cast", [f"{tag}act{k}"], [f"{tag}h{k + 1}"], to=TensorProto.UINT8),
+                ]
                 h = f"{tag}h{k + 1}"
             else:
                 nodes.append(helper.make_node("Cast", [f"{tag}pre{k}"], [s_out], to=TensorProto.FLOAT))
     else:
         h = s_in
         for k, (w, b) in enumerate(names):
-            nodes += [helper.make_node("MatMul", [h, w], [f"{tag}mm{k}"]),
-                      helper.make_node("Add", [f"{tag}mm{k}", b], [f"{tag}pre{k}" if k < depth else s_out])]
+            nodes += [
+                helper.make_node("MatMul", [h, w], [f"{tag}mm{k}"]),
+                helper.make_node("Add", [f"{tag}mm{k}", b], [f"{tag}pre{k}" if k < depth else s_out]),
+            ]
             if k < depth:
                 nodes.append(helper.make_node("Relu", [f"{tag}pre{k}"], [f"{tag}h{k + 1}"]))
                 h = f"{tag}h{k + 1}"
@@ -180,14 +200,22 @@ def _changed_nodes(s_old: str, s_new: str, changed: str, tag: str):
     """``changed`` (B,) bool: did this step change the sample's state."""
     from onnx import helper
 
-    return [helper.make_node("Sub", [s_new, s_old], [f"{tag}d"]),
-            helper.make_node("Abs", [f"{tag}d"], [f"{tag}ad"]),
-            helper.make_node("ReduceMax", [f"{tag}ad"], [f"{tag}md"], axes=[1], keepdims=0),
-            helper.make_node("Greater", [f"{tag}md", "zero_f"], [changed])]
+    return [
+        helper.make_node("Sub", [s_new, s_old], [f"{tag}d"]),
+        helper.make_node("Abs", [f"{tag}d"], [f"{tag}ad"]),
+        helper.make_node("ReduceMax", [f"{tag}ad"], [f"{tag}md"], axes=[1], keepdims=0),
+        helper.make_node("Greater", [f"{tag}md", "zero_f"], [changed]),
+    ]
 
 
-def build_onnx(cp: CompiledProgram, *, precision: str = "fp32", variant: str = "loop", unroll_steps: int = 16,
-               sparse: Literal["auto", "always", "never"] = "auto"):
+def build_onnx(
+    cp: CompiledProgram,
+    *,
+    precision: str = "fp32",
+    variant: str = "loop",
+    unroll_steps: int = 16,
+    sparse: Literal["auto", "always", "never"] = "auto",
+):
     """The ONNX model (``onnx.ModelProto``) and the number of sparse-stored matrices. See the module docstring."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -200,35 +228,56 @@ def build_onnx(cp: CompiledProgram, *, precision: str = "fp32", variant: str = "
     D = cp.layout.size
     inits, sparse_inits, names = _weights(cp.net, precision, sparse)
     nodes = []
-    inits += [numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
-              numpy_helper.from_array(np.array([0], np.int64), "axis0"),
-              numpy_helper.from_array(np.array([1], np.int64), "one_1d")]
+    inits += [
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        numpy_helper.from_array(np.array([1], np.int64), "one_1d"),
+    ]
     state_in = helper.make_tensor_value_info("state", TensorProto.FLOAT, ["batch", D])
-    outputs = [helper.make_tensor_value_info("final_state", TensorProto.FLOAT, ["batch", D]),
-               helper.make_tensor_value_info("steps", TensorProto.INT64, ["batch"]),
-               helper.make_tensor_value_info("halted", TensorProto.BOOL, ["batch"])]
+    outputs = [
+        helper.make_tensor_value_info("final_state", TensorProto.FLOAT, ["batch", D]),
+        helper.make_tensor_value_info("steps", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("halted", TensorProto.BOOL, ["batch"]),
+    ]
     # steps0: (B,) int64 zeros
-    nodes += [helper.make_node("Shape", ["state"], ["state_shape"]),
-              helper.make_node("Slice", ["state_shape", "axis0", "one_1d"], ["batch_1d"]),
-              helper.make_node("ConstantOfShape", ["batch_1d"], ["steps0"], value=numpy_helper.from_array(np.zeros(1, np.int64)))]
+    nodes += [
+        helper.make_node("Shape", ["state"], ["state_shape"]),
+        helper.make_node("Slice", ["state_shape", "axis0", "one_1d"], ["batch_1d"]),
+        helper.make_node(
+            "ConstantOfShape", ["batch_1d"], ["steps0"], value=numpy_helper.from_array(np.zeros(1, np.int64))
+        ),
+    ]
     inputs = [state_in]
     if variant == "loop":
         inputs.append(helper.make_tensor_value_info("max_steps", TensorProto.INT64, []))
         body_nodes = _step_nodes(names, precision, "s_in", "s_out", "")
         body_nodes += _changed_nodes("s_in", "s_out", "chg", "c_")
-        body_nodes += [helper.make_node("Cast", ["chg"], ["chg_i"], to=TensorProto.INT64),
-                       helper.make_node("Add", ["n_in", "chg_i"], ["n_out"]),
-                       helper.make_node("ReduceMax", ["chg_i"], ["any_i"], keepdims=0),
-                       helper.make_node("Cast", ["any_i"], ["cond_out"], to=TensorProto.BOOL)]
+        body_nodes += [
+            helper.make_node("Cast", ["chg"], ["chg_i"], to=TensorProto.INT64),
+            helper.make_node("Add", ["n_in", "chg_i"], ["n_out"]),
+            helper.make_node("ReduceMax", ["chg_i"], ["any_i"], keepdims=0),
+            helper.make_node("Cast", ["any_i"], ["cond_out"], to=TensorProto.BOOL),
+        ]
         body = helper.make_graph(
-            body_nodes, "subleq_step",
-            [helper.make_tensor_value_info("iter", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-             helper.make_tensor_value_info("s_in", TensorProto.FLOAT, ["batch", D]), helper.make_tensor_value_info("n_in", TensorProto.INT64, ["batch"])],
-            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("s_out", TensorProto.FLOAT, ["batch", D]),
-             helper.make_tensor_value_info("n_out", TensorProto.INT64, ["batch"])])
+            body_nodes,
+            "subleq_step",
+            [
+                helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+                helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("s_in", TensorProto.FLOAT, ["batch", D]),
+                helper.make_tensor_value_info("n_in", TensorProto.INT64, ["batch"]),
+            ],
+            [
+                helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("s_out", TensorProto.FLOAT, ["batch", D]),
+                helper.make_tensor_value_info("n_out", TensorProto.INT64, ["batch"]),
+            ],
+        )
         inits.append(numpy_helper.from_array(np.array(True), "true"))
-        nodes += [helper.make_node("Loop", ["max_steps", "true", "state", "steps0"], ["final_state", "steps"], body=body),
-                  helper.make_node("Less", ["steps", "max_steps"], ["halted"])]
+        nodes += [
+            helper.make_node("Loop", ["max_steps", "true", "state", "steps0"], ["final_state", "steps"], body=body),
+            helper.make_node("Less", ["steps", "max_steps"], ["halted"]),
+        ]
     else:
         if unroll_steps < 1:
             raise ValueError(f"unroll_steps must be >= 1, got {unroll_steps}")
@@ -238,25 +287,48 @@ def build_onnx(cp: CompiledProgram, *, precision: str = "fp32", variant: str = "
             n_next = "steps" if t == unroll_steps - 1 else f"n{t + 1}"
             nodes += _step_nodes(names, precision, s, s_next, f"t{t}_")
             nodes += _changed_nodes(s, s_next, f"t{t}_chg", f"t{t}_c")
-            nodes += [helper.make_node("Cast", [f"t{t}_chg"], [f"t{t}_chg_i"], to=TensorProto.INT64),
-                      helper.make_node("Add", [n, f"t{t}_chg_i"], [n_next])]
+            nodes += [
+                helper.make_node("Cast", [f"t{t}_chg"], [f"t{t}_chg_i"], to=TensorProto.INT64),
+                helper.make_node("Add", [n, f"t{t}_chg_i"], [n_next]),
+            ]
             s, n = s_next, n_next
         inits.append(numpy_helper.from_array(np.array(unroll_steps, np.int64), "budget"))
         nodes.append(helper.make_node("Less", ["steps", "budget"], ["halted"]))
-    graph = helper.make_graph(nodes, f"subleq_{cp.construction}_{variant}_{precision}", inputs, outputs, inits,
-                              sparse_initializer=sparse_inits)
+    graph = helper.make_graph(
+        nodes,
+        f"subleq_{cp.construction}_{variant}_{precision}",
+        inputs,
+        outputs,
+        inits,
+        sparse_initializer=sparse_inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgepipe.programs")
     model.ir_version = 8
     s = cp.spec
-    for key, value in {"edgepipe.kind": "subleq", "word_bits": s.word_bits, "memory_cells": s.memory_cells, "program_slots": s.program_slots,
-                       "construction": cp.construction, "program_in": cp.layout.program_in, "depth": cp.net.depth,
-                       "precision": precision, "variant": variant}.items():
+    for key, value in {
+        "edgepipe.kind": "subleq",
+        "word_bits": s.word_bits,
+        "memory_cells": s.memory_cells,
+        "program_slots": s.program_slots,
+        "construction": cp.construction,
+        "program_in": cp.layout.program_in,
+        "depth": cp.net.depth,
+        "precision": precision,
+        "variant": variant,
+    }.items():
         model.metadata_props.add(key=key, value=str(value))
     return model, len(sparse_inits)
 
 
-def export_onnx(cp: CompiledProgram, path: Path, *, precision: str = "fp32", variant: str = "loop", unroll_steps: int = 16,
-                sparse: Literal["auto", "always", "never"] = "auto") -> ExportResult:
+def export_onnx(
+    cp: CompiledProgram,
+    path: Path,
+    *,
+    precision: str = "fp32",
+    variant: str = "loop",
+    unroll_steps: int = 16,
+    sparse: Literal["auto", "always", "never"] = "auto",
+) -> ExportResult:
     """Write the ONNX model to ``path`` atomically (checked with ``onnx.checker``).
 
     Raises:
@@ -285,5 +357,13 @@ def export_onnx(cp: CompiledProgram, path: Path, *, precision: str = "fp32", var
     finally:
         Path(tmp).unlink(missing_ok=True)
     n_mats = cp.net.depth + 1
-    return ExportResult(path, precision, variant, path.stat().st_size, n_sparse, n_mats - n_sparse,
-                        unroll_steps if variant == "unrolled" else None, check)
+    return ExportResult(
+        path,
+        precision,
+        variant,
+        path.stat().st_size,
+        n_sparse,
+        n_mats - n_sparse,
+        unroll_steps if variant == "unrolled" else None,
+        check,
+    )

@@ -14,15 +14,15 @@ holding q) instead of re-implementing any layer norm.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from pipeline.pruning.geometry import AttentionGeometry
 
-__all__ = ["MatrixRef", "BlockView", "blocks", "register_adapter", "ADAPTERS", "ROLES_BY_TARGET", "family_of"]
+__all__ = ["ADAPTERS", "ROLES_BY_TARGET", "BlockView", "MatrixRef", "blocks", "family_of", "register_adapter"]
 
 
 @dataclass
@@ -40,7 +40,7 @@ class MatrixRef:
     role: str
     qualname: str
     module: nn.Module
-    rows: Optional[slice] = None
+    rows: slice | None = None
     conv1d: bool = False
 
     @property
@@ -60,7 +60,7 @@ class MatrixRef:
             cur.copy_(new.to(cur.dtype))
 
     @property
-    def bias(self) -> Optional[torch.Tensor]:
+    def bias(self) -> torch.Tensor | None:
         """(out,) view of the bias, or None."""
         b = getattr(self.module, "bias", None)
         if b is None:
@@ -68,7 +68,7 @@ class MatrixRef:
         return b.data if self.rows is None else b.data[self.rows]
 
     @bias.setter
-    def bias(self, new: Optional[torch.Tensor]) -> None:
+    def bias(self, new: torch.Tensor | None) -> None:
         cur = self.bias
         if cur is None or new is None:
             if cur is not new:
@@ -186,11 +186,17 @@ def _bert_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
         )
         out.append(
             BlockView(
-                index=i, layer=layer, attention=att, family="bert",
-                q=_ref("q", att.self.query, names), k=_ref("k", att.self.key, names),
-                v=_ref("v", att.self.value, names), o=_ref("o", att.output.dense, names),
+                index=i,
+                layer=layer,
+                attention=att,
+                family="bert",
+                q=_ref("q", att.self.query, names),
+                k=_ref("k", att.self.key, names),
+                v=_ref("v", att.self.value, names),
+                o=_ref("o", att.output.dense, names),
                 ffn_in=[_ref("ffn_in.0", layer.intermediate.dense, names)],
-                ffn_out=_ref("ffn_out", layer.output.dense, names), geometry=geom,
+                ffn_out=_ref("ffn_out", layer.output.dense, names),
+                geometry=geom,
             )
         )
     return out
@@ -205,11 +211,17 @@ def _distilbert_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockVie
         geom = AttentionGeometry(att.n_heads, att.n_heads, hd, causal=False, scale=1.0 / math.sqrt(hd))
         out.append(
             BlockView(
-                index=i, layer=layer, attention=att, family="distilbert",
-                q=_ref("q", att.q_lin, names), k=_ref("k", att.k_lin, names),
-                v=_ref("v", att.v_lin, names), o=_ref("o", att.out_lin, names),
+                index=i,
+                layer=layer,
+                attention=att,
+                family="distilbert",
+                q=_ref("q", att.q_lin, names),
+                k=_ref("k", att.k_lin, names),
+                v=_ref("v", att.v_lin, names),
+                o=_ref("o", att.out_lin, names),
                 ffn_in=[_ref("ffn_in.0", layer.ffn.lin1, names)],
-                ffn_out=_ref("ffn_out", layer.ffn.lin2, names), geometry=geom,
+                ffn_out=_ref("ffn_out", layer.ffn.lin2, names),
+                geometry=geom,
             )
         )
     return out
@@ -228,13 +240,17 @@ def _gpt2_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
         geom = AttentionGeometry(attn.num_heads, attn.num_heads, attn.head_dim, causal=True, scale=scale)
         out.append(
             BlockView(
-                index=i, layer=block, attention=attn, family="gpt2",
+                index=i,
+                layer=block,
+                attention=attn,
+                family="gpt2",
                 q=_ref("q", attn.c_attn, names, rows=slice(0, s), conv1d=True),
                 k=_ref("k", attn.c_attn, names, rows=slice(s, 2 * s), conv1d=True),
                 v=_ref("v", attn.c_attn, names, rows=slice(2 * s, 3 * s), conv1d=True),
                 o=_ref("o", attn.c_proj, names, conv1d=True),
                 ffn_in=[_ref("ffn_in.0", block.mlp.c_fc, names, conv1d=True)],
-                ffn_out=_ref("ffn_out", block.mlp.c_proj, names, conv1d=True), geometry=geom,
+                ffn_out=_ref("ffn_out", block.mlp.c_proj, names, conv1d=True),
+                geometry=geom,
             )
         )
     return out
@@ -263,17 +279,27 @@ def _llama_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
         hd = a.head_dim
         # head counts from the weights, so the view stays right after structured pruning
         geom = AttentionGeometry(
-            num_heads=a.q_proj.out_features // hd, num_kv_heads=a.k_proj.out_features // hd,
-            head_dim=hd, causal=True, scale=float(a.scaling), rope=rope,
+            num_heads=a.q_proj.out_features // hd,
+            num_kv_heads=a.k_proj.out_features // hd,
+            head_dim=hd,
+            causal=True,
+            scale=float(a.scaling),
+            rope=rope,
         )
         mlp = layer.mlp
         out.append(
             BlockView(
-                index=i, layer=layer, attention=a, family="llama",
-                q=_ref("q", a.q_proj, names), k=_ref("k", a.k_proj, names),
-                v=_ref("v", a.v_proj, names), o=_ref("o", a.o_proj, names),
+                index=i,
+                layer=layer,
+                attention=a,
+                family="llama",
+                q=_ref("q", a.q_proj, names),
+                k=_ref("k", a.k_proj, names),
+                v=_ref("v", a.v_proj, names),
+                o=_ref("o", a.o_proj, names),
                 ffn_in=[_ref("ffn_in.0", mlp.gate_proj, names), _ref("ffn_in.1", mlp.up_proj, names)],
-                ffn_out=_ref("ffn_out", mlp.down_proj, names), geometry=geom,
+                ffn_out=_ref("ffn_out", mlp.down_proj, names),
+                geometry=geom,
             )
         )
     return out

@@ -13,8 +13,9 @@ import dataclasses
 import importlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,7 +87,9 @@ def _correct_toward_dense(ref: MatrixRef, stats: LayerStats, cross: torch.Tensor
     W = ref.weight.double()
     n_in = W.shape[1]
     bias = ref.bias
-    Wa = torch.cat([W, (bias.double() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64))[:, None]], 1)
+    Wa = torch.cat(
+        [W, (bias.double() if bias is not None else torch.zeros(W.shape[0], dtype=torch.float64))[:, None]], 1
+    )
     H = augmented_hessian(stats.hessians[ref.role], stats.sums[ref.role], stats.tokens[ref.role])
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -103,7 +106,7 @@ def _correct_toward_dense(ref: MatrixRef, stats: LayerStats, cross: torch.Tensor
         ref.bias = new[:, n_in]
 
 
-def _prune_matrix(ref: MatrixRef, method: str, cfg: PruneConfig, stats: Optional[LayerStats]) -> None:
+def _prune_matrix(ref: MatrixRef, method: str, cfg: PruneConfig, stats: LayerStats | None) -> None:
     """Prune one (out, in) matrix in place with a baseline method."""
     n, m = (cfg.n, cfg.m) if cfg.pattern == "n:m" else (0, 0)
     W = ref.weight.detach().clone(memory_format=torch.contiguous_format)  # GPT-2 slices are strided views
@@ -147,10 +150,10 @@ def _prune_block_unstructured(
     block: BlockView,
     cfg: PruneConfig,
     roles: list[str],
-    stats: Optional[LayerStats],
+    stats: LayerStats | None,
     prune_qk: Any,
-    cross: Optional[dict[str, torch.Tensor]] = None,
-    attn_target: Optional[torch.Tensor] = None,
+    cross: dict[str, torch.Tensor] | None = None,
+    attn_target: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     mats = block.matrices()
     info: dict[str, Any] = {}
@@ -166,10 +169,19 @@ def _prune_block_unstructured(
             start = (clone(q.weight), clone(q.bias), clone(k.weight), clone(k.bias))
         with torch.enable_grad():  # prune_qk may optimise masks with autograd; the driver runs under no_grad
             res = prune_qk(
-                *dense_qk, stats.attn_input, stats.attn_pad_mask, block.geometry,
+                *dense_qk,
+                stats.attn_input,
+                stats.attn_pad_mask,
+                block.geometry,
                 # one n:m convention everywhere: n weights kept in every group of m
-                sparsity=cfg.effective_sparsity, pattern=cfg.pattern, n=cfg.n, m=cfg.m, cfg=cfg.attention_options,
-                hessian_q=stats.hessians.get("q"), hessian_k=stats.hessians.get("k"), X_target=attn_target,
+                sparsity=cfg.effective_sparsity,
+                pattern=cfg.pattern,
+                n=cfg.n,
+                m=cfg.m,
+                cfg=cfg.attention_options,
+                hessian_q=stats.hessians.get("q"),
+                hessian_k=stats.hessians.get("k"),
+                X_target=attn_target,
                 start=start,
             )
         q.weight, k.weight = res.wq, res.wk
@@ -193,8 +205,9 @@ def _unit_method(cfg: PruneConfig) -> str:
     return _companion(cfg) if cfg.method == "attention" else cfg.method
 
 
-def _reduce_qk_dims(model: nn.Module, block: BlockView, cfg: PruneConfig, stats: Optional[LayerStats],
-                    attn_target: Optional[torch.Tensor]) -> dict[str, Any]:
+def _reduce_qk_dims(
+    model: nn.Module, block: BlockView, cfg: PruneConfig, stats: LayerStats | None, attn_target: torch.Tensor | None
+) -> dict[str, Any]:
     """Narrow every head's q/k width of one block (unit ``qk_dims``); returns the layer's report entry."""
     from pipeline.pruning.qk_dims import qk_keep, reduce_qk, replace_qk_
 
@@ -205,20 +218,34 @@ def _reduce_qk_dims(model: nn.Module, block: BlockView, cfg: PruneConfig, stats:
     q, k = block.q, block.k
     X = None if stats is None else stats.attn_input
     pad = None if stats is None else stats.attn_pad_mask
-    res = reduce_qk(q.weight, q.bias, k.weight, k.bias, X, pad, g, keep=keep, method=cfg.method,
-                    cfg=cfg.attention_options, X_target=attn_target)
+    res = reduce_qk(
+        q.weight,
+        q.bias,
+        k.weight,
+        k.bias,
+        X,
+        pad,
+        g,
+        keep=keep,
+        method=cfg.method,
+        cfg=cfg.attention_options,
+        X_target=attn_target,
+    )
     replace_qk_(model, block.index, res.wq, res.bq, res.wk, res.bk)
-    return {"qk_width": [g.head_dim, keep], "qk_stats": _jsonable({k_: v for k_, v in res.stats.items() if k_ != "qk_kept_dims"})}
+    return {
+        "qk_width": [g.head_dim, keep],
+        "qk_stats": _jsonable({k_: v for k_, v in res.stats.items() if k_ != "qk_kept_dims"}),
+    }
 
 
 def _prune_block_structured(
     model: nn.Module,
     block: BlockView,
     cfg: PruneConfig,
-    stats: Optional[LayerStats],
-    cross: Optional[dict[str, torch.Tensor]] = None,
-    units: Optional[tuple[str, ...]] = None,
-    attn_target: Optional[torch.Tensor] = None,
+    stats: LayerStats | None,
+    cross: dict[str, torch.Tensor] | None = None,
+    units: tuple[str, ...] | None = None,
+    attn_target: torch.Tensor | None = None,
 ) -> dict:
     """Remove q/k widths, heads and FFN neurons of one block (``units``: a subset of ``structured_units(cfg)``)."""
     method = _unit_method(cfg)
@@ -234,7 +261,12 @@ def _prune_block_structured(
             if cross is not None:
                 _correct_toward_dense(block.ffn_out, stats, cross["ffn_out"], cfg.correction_ridge)
             chosen = obs_select_and_compensate(
-                block.ffn_out, stats.hessians["ffn_out"], stats.sums["ffn_out"], stats.tokens["ffn_out"], 1, k,
+                block.ffn_out,
+                stats.hessians["ffn_out"],
+                stats.sums["ffn_out"],
+                stats.tokens["ffn_out"],
+                1,
+                k,
                 percdamp=cfg.percdamp,
             )
         info["ffn_removed"] = remove_ffn_neurons_(model, block, k, sq, units=chosen)
@@ -250,7 +282,12 @@ def _prune_block_structured(
                 _correct_toward_dense(block.o, stats, cross["o"], cfg.correction_ridge)
             # o_proj's input is the per-head attention output softmax(QK^T)V: its columns come in head groups
             chosen = obs_select_and_compensate(
-                block.o, stats.hessians["o"], stats.sums["o"], stats.tokens["o"], g.group_size * g.value_head_dim, k,
+                block.o,
+                stats.hessians["o"],
+                stats.sums["o"],
+                stats.tokens["o"],
+                g.group_size * g.value_head_dim,
+                k,
                 percdamp=cfg.percdamp,
             )
         info["heads_removed"] = remove_heads_(model, block, k, sq, units=chosen)
@@ -289,7 +326,7 @@ def _prune_block_corrected(
     dense_layer = copy.deepcopy(blocks(model)[index].layer)  # the dense stream keeps running the dense block
     attention = cfg.method == "attention"
     info: dict[str, Any] = {"pruned": []}
-    dense_next: Optional[list[torch.Tensor]] = None
+    dense_next: list[torch.Tensor] | None = None
     for group in _correction_groups(cfg, roles):
         block = blocks(model)[index]  # fresh view: structured removal replaces modules
         if cfg.pattern == "structured":
@@ -298,7 +335,11 @@ def _prune_block_corrected(
             mats = list(group)
         need_attn = (attention or cfg.pattern == "structured") and "q" in mats
         stats = collect_block_stats(
-            block, inputs, mats, hessian_roles=[r for r in hess_roles if r in mats], keep_attn_input=need_attn,
+            block,
+            inputs,
+            mats,
+            hessian_roles=[r for r in hess_roles if r in mats],
+            keep_attn_input=need_attn,
             keep_outputs=False,
         )
         correct_qk = attention and bool(getattr(cfg.attention_options, "correct_qk", False))
@@ -346,8 +387,8 @@ def prune_model(
     cfg: PruneConfig,
     calibration: Sequence[Batch],
     *,
-    eval_batches: Optional[Sequence[Batch]] = None,
-    progress: Optional[Progress] = None,
+    eval_batches: Sequence[Batch] | None = None,
+    progress: Progress | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with ``cfg``.
 
@@ -384,8 +425,10 @@ def prune_model(
     if structured:
         su = structured_units(cfg)
         roles = [
-            r for r in views[0].matrices()
-            if (("heads" in su or "qk_dims" in su) and _part(r) == "qk") or ("heads" in su and _part(r) == "vo")
+            r
+            for r in views[0].matrices()
+            if (("heads" in su or "qk_dims" in su) and _part(r) == "qk")
+            or ("heads" in su and _part(r) == "vo")
             or ("ffn" in su and _part(r) == "ffn")
         ]
     hess_roles: list[str] = []
@@ -412,7 +455,11 @@ def prune_model(
             if inputs is not None:
                 qk_dims = structured and "qk_dims" in structured_units(cfg)
                 stats = collect_block_stats(
-                    block, inputs, roles, hessian_roles=hess_roles, keep_attn_input=cfg.method == "attention" or qk_dims,
+                    block,
+                    inputs,
+                    roles,
+                    hessian_roles=hess_roles,
+                    keep_attn_input=cfg.method == "attention" or qk_dims,
                     keep_outputs=not cfg.sequential,
                 )
             if not do_prune:
@@ -449,8 +496,11 @@ def prune_model(
             p[0] += before[k] - w.numel()
             p[1] += before[k]
         metrics["removed_units"] = [
-            {"heads": info.get("heads_removed", []), "ffn": len(info.get("ffn_removed", [])),
-             **({"qk_width": info["qk_width"]} if "qk_width" in info else {})}
+            {
+                "heads": info.get("heads_removed", []),
+                "ffn": len(info.get("ffn_removed", [])),
+                **({"qk_width": info["qk_width"]} if "qk_width" in info else {}),
+            }
             for info in per_layer
         ]
         pruned_any = tot_a < tot_b
@@ -458,7 +508,7 @@ def prune_model(
         chosen = {k: w for k, (role, w) in after.items() if role in roles}
         metrics["sparsity"] = sparsity_report(model, chosen)
         parts = {}
-        for k, (role, w) in after.items():
+        for role, w in after.values():
             if role in roles:
                 p = parts.setdefault(_part(role), [0, 0])
                 p[0] += int((w == 0).sum())
@@ -479,6 +529,10 @@ def prune_model(
         model.train()
     logger.info(
         "pruned %d blocks with %s/%s: overall sparsity %.4f in %.2fs",
-        n_layers, cfg.method, cfg.pattern, metrics["sparsity"]["overall"], metrics["seconds"],
+        n_layers,
+        cfg.method,
+        cfg.pattern,
+        metrics["sparsity"]["overall"],
+        metrics["seconds"],
     )
     return PruneResult(model=model, metrics=metrics)

@@ -26,14 +26,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.pruning.masks import allowed_positions, binarize_scores
 from pipeline.pruning.geometry import AttentionGeometry
+from pipeline.pruning.masks import allowed_positions, binarize_scores
 
 __all__ = ["AttentionMethodConfig", "QKResult", "prune_qk", "qk_attention", "relative_frobenius_error"]
 
@@ -69,51 +70,80 @@ class AttentionMethodConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     support: Literal["attention_mask", "wanda", "sparsegpt"] = Field(
-        "sparsegpt", description="who chooses the kept q/k entries: the paper's mask optimisation, Wanda scores, or SparseGPT")
+        "sparsegpt",
+        description="who chooses the kept q/k entries: the paper's mask optimisation, Wanda scores, or SparseGPT",
+    )
     mask_solver: Literal["none", "gd", "adam"] = Field(
-        "adam", description="solver for the paper's real-valued mask (support='attention_mask' only); "
-                            "gd = theory mode with step 1/(safety·L̂), L̂ from Hessian-vector power iteration")
+        "adam",
+        description="solver for the paper's real-valued mask (support='attention_mask' only); "
+        "gd = theory mode with step 1/(safety·L̂), L̂ from Hessian-vector power iteration",
+    )
     mask_steps: int = Field(50, ge=1, description="max iterations of the mask solver")
     mask_lr: float = Field(0.01, gt=0, description="Adam step for the mask (GD ignores it and uses 1/(safety·L̂))")
     lambda_reg: float = Field(0.1, ge=0, description="λ of the L2 mask penalty (λ/2)·mean(M²); λ=0 keeps M=1 optimal")
     gd_safety: float = Field(2.0, ge=1, description="GD step = 1/(gd_safety·L̂); L̂ is local to M=1, hence > 1")
     mask_score: Literal["m", "mw", "mw_wanda"] = Field(
-        "mw", description="binarisation score: M, |M∘W|, or |M∘W|·‖X_j‖ (raw M ranks badly per the issue probe)")
-    mask_stop_mean: Optional[float] = Field(
-        0.5, gt=0, lt=1, description="stop the mask solver once mean(M) < this (the regularised minimiser is M→0, "
-                                     "which flattens attention; the mask only ranks well when stopped early); None = off")
+        "mw", description="binarisation score: M, |M∘W|, or |M∘W|·‖X_j‖ (raw M ranks badly per the issue probe)"
+    )
+    mask_stop_mean: float | None = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="stop the mask solver once mean(M) < this (the regularised minimiser is M→0, "
+        "which flattens attention; the mask only ranks well when stopped early); None = off",
+    )
     granularity: Literal["row", "matrix"] = Field(
-        "row", description="unstructured binarisation per output row (Wanda's granularity) or per matrix")
+        "row", description="unstructured binarisation per output row (Wanda's granularity) or per matrix"
+    )
     refit: bool = Field(True, description="re-optimise the kept q/k entries on the attention objective")
-    refit_steps: int = Field(25, ge=0, description="max Adam steps of the refit (25 ≈ 60 in quality on MiniLM, 2.4× faster)")
-    refit_lr: float = Field(3e-3, gt=0, description="Adam learning rate of the refit (MiniLM q/k weights are O(0.05-0.1))")
+    refit_steps: int = Field(
+        25, ge=0, description="max Adam steps of the refit (25 ≈ 60 in quality on MiniLM, 2.4× faster)"
+    )
+    refit_lr: float = Field(
+        3e-3, gt=0, description="Adam learning rate of the refit (MiniLM q/k weights are O(0.05-0.1))"
+    )
     refit_bias: bool = Field(True, description="also refit the (unpruned) q/k biases")
     refit_init: Literal["support", "original"] = Field(
-        "support", description="refit start: the support's weights (SparseGPT's reconstruction) or original∘mask")
+        "support", description="refit start: the support's weights (SparseGPT's reconstruction) or original∘mask"
+    )
     anchor: Literal["none", "weights", "outputs"] = Field(
-        "outputs", description="regulariser toward the dense layer: ‖ΔW‖²/‖W‖² or ‖XΔWᵀ‖²/‖XWᵀ‖² (SparseGPT's objective)")
-    anchor_reg: float = Field(0.1, ge=0, description="weight of the anchor term relative to the relative attention error")
+        "outputs",
+        description="regulariser toward the dense layer: ‖ΔW‖²/‖W‖² or ‖XΔWᵀ‖²/‖XWᵀ‖² (SparseGPT's objective)",
+    )
+    anchor_reg: float = Field(
+        0.1, ge=0, description="weight of the anchor term relative to the relative attention error"
+    )
     loss: Literal["frobenius"] = Field(
-        "frobenius", description="attention discrepancy: Σ‖F−F*‖²_F / Σ‖F*‖²_F (the paper's Frobenius loss, made scale-free)")
-    early_stop: bool = Field(True, description="keep the iterate with the best held-out attention error (step 0 included)")
+        "frobenius",
+        description="attention discrepancy: Σ‖F−F*‖²_F / Σ‖F*‖²_F (the paper's Frobenius loss, made scale-free)",
+    )
+    early_stop: bool = Field(
+        True, description="keep the iterate with the best held-out attention error (step 0 included)"
+    )
     holdout_fraction: float = Field(
-        0.25, ge=0, lt=1, description="fraction of calibration sequences held out for early stopping (0 = none)")
+        0.25, ge=0, lt=1, description="fraction of calibration sequences held out for early stopping (0 = none)"
+    )
     eval_every: int = Field(5, ge=1, description="held-out evaluation period in steps")
     patience: int = Field(4, ge=1, description="stop after this many evaluations without held-out improvement")
     chunk_size: int = Field(16, ge=1, description="sequences per length bucket (sorted by length to avoid padding)")
     seed: int = Field(0, description="seed of the held-out split")
     correct_qk: bool = Field(
-        True, description="with error correction: re-solve q/k toward the dense stream's linear outputs first (as "
-                          "SparseGPT-ec does); the support, the refit's start and its anchor then use those weights "
-                          "(MiniLM whole 70 %: worst-case cos 0.478 -> 0.522, SparseGPT 0.489)")
+        True,
+        description="with error correction: re-solve q/k toward the dense stream's linear outputs first (as "
+        "SparseGPT-ec does); the support, the refit's start and its anchor then use those weights "
+        "(MiniLM whole 70 %: worst-case cos 0.478 -> 0.522, SparseGPT 0.489)",
+    )
     qk_init: Literal["svd", "greedy"] = Field(
-        "svd", description="structured QK dims: start of the refit - per-head rank-r SVD of the bilinear form in the "
-                           "inputs' metric, or whole coordinate dims removed greedily by the attention loss [I]")
+        "svd",
+        description="structured QK dims: start of the refit - per-head rank-r SVD of the bilinear form in the "
+        "inputs' metric, or whole coordinate dims removed greedily by the attention loss [I]",
+    )
     companion: Literal["wanda", "sparsegpt"] = Field(
-        "sparsegpt", description="pruner the driver uses for v/o/FFN alongside this method (not used here)")
+        "sparsegpt", description="pruner the driver uses for v/o/FFN alongside this method (not used here)"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "AttentionMethodConfig":
+    def _check(self) -> AttentionMethodConfig:
         if self.support == "attention_mask" and self.mask_solver == "none":
             raise ValueError("support='attention_mask' needs mask_solver 'gd' or 'adam', got 'none'")
         return self
@@ -131,9 +161,9 @@ class QKResult:
     """
 
     wq: torch.Tensor
-    bq: Optional[torch.Tensor]
+    bq: torch.Tensor | None
     wk: torch.Tensor
-    bk: Optional[torch.Tensor]
+    bk: torch.Tensor | None
     mask_q: torch.Tensor
     mask_k: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
@@ -153,8 +183,9 @@ class _Chunk:
     positions: torch.Tensor
 
 
-def _make_chunks(X: torch.Tensor, pad_mask: Optional[torch.Tensor], geom: AttentionGeometry,
-                 seq_ids: list[int], chunk_size: int) -> list[_Chunk]:
+def _make_chunks(
+    X: torch.Tensor, pad_mask: torch.Tensor | None, geom: AttentionGeometry, seq_ids: list[int], chunk_size: int
+) -> list[_Chunk]:
     """Bucket sequences by real length and trim each bucket's trailing padding (cheap n² work)."""
     B, n, _ = X.shape
     if pad_mask is None:
@@ -166,7 +197,7 @@ def _make_chunks(X: torch.Tensor, pad_mask: Optional[torch.Tensor], geom: Attent
     order = sorted(seq_ids, key=lambda i: int(last[i]))
     chunks = []
     for s in range(0, len(order), chunk_size):
-        ids = torch.tensor(order[s:s + chunk_size], device=X.device)
+        ids = torch.tensor(order[s : s + chunk_size], device=X.device)
         L = max(int(last[ids].max()), 1)
         pm = pad_mask[ids, :L]
         allowed, row_valid = allowed_positions(L, causal=geom.causal, pad_mask=pm)
@@ -179,8 +210,14 @@ def _heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return x.view(b, n, n_heads, head_dim).transpose(1, 2)  # (b, n, h·hd) -> (b, h, n, hd)
 
 
-def _chunk_attention(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk: Optional[torch.Tensor],
-                     c: _Chunk, geom: AttentionGeometry) -> torch.Tensor:
+def _chunk_attention(
+    wq: torch.Tensor,
+    bq: torch.Tensor | None,
+    wk: torch.Tensor,
+    bk: torch.Tensor | None,
+    c: _Chunk,
+    geom: AttentionGeometry,
+) -> torch.Tensor:
     """(b, H, n, n) attention with padded query rows zeroed."""
     q = _heads(torch.nn.functional.linear(c.X, wq, bq), geom.num_heads, geom.head_dim)  # (b, H, n, hd)
     k = _heads(torch.nn.functional.linear(c.X, wk, bk), geom.num_kv_heads, geom.head_dim)  # (b, Hkv, n, hd)
@@ -193,8 +230,15 @@ def _chunk_attention(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Ten
     return F * c.row_valid[:, None, :, None]
 
 
-def qk_attention(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk: Optional[torch.Tensor],
-                 X: torch.Tensor, pad_mask: Optional[torch.Tensor], geom: AttentionGeometry) -> torch.Tensor:
+def qk_attention(
+    wq: torch.Tensor,
+    bq: torch.Tensor | None,
+    wk: torch.Tensor,
+    bk: torch.Tensor | None,
+    X: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    geom: AttentionGeometry,
+) -> torch.Tensor:
     """Softmax attention of one block, formed as the model forms it.
 
     Args:
@@ -223,8 +267,12 @@ class _Objective:
     """Σ_chunks ‖F − F*‖² / Σ‖F*‖² on a fixed set of sequences, with F* of the dense weights cached."""
 
     def __init__(
-        self, chunks: list[_Chunk], dense: tuple, geom: AttentionGeometry, target_chunks: Optional[list[_Chunk]] = None,
-        target_geom: Optional[AttentionGeometry] = None,
+        self,
+        chunks: list[_Chunk],
+        dense: tuple,
+        geom: AttentionGeometry,
+        target_chunks: list[_Chunk] | None = None,
+        target_geom: AttentionGeometry | None = None,
     ) -> None:
         """``target_chunks``: the same sequences as the dense model sees them (F* from those), default ``chunks``.
 
@@ -246,7 +294,7 @@ class _Objective:
         xa = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
         return xa.T @ xa
 
-    def sq_error(self, params: tuple | Callable[[], tuple], backward_scale: Optional[float] = None) -> float:
+    def sq_error(self, params: tuple | Callable[[], tuple], backward_scale: float | None = None) -> float:
         """Relative squared error; if ``backward_scale`` is given, backprop each chunk (memory stays one chunk).
 
         ``params`` may be a callable that rebuilds (wq, bq, wk, bk) from leaves, so each chunk gets its own graph.
@@ -266,9 +314,15 @@ class _Objective:
         return math.sqrt(self.sq_error(params))
 
 
-def split_objectives(X: torch.Tensor, pad_mask: Optional[torch.Tensor], dense: tuple, geom: AttentionGeometry,
-                     cfg: "AttentionMethodConfig", X_target: Optional[torch.Tensor] = None,
-                     fit_geom: Optional[AttentionGeometry] = None) -> tuple["_Objective", "_Objective"]:
+def split_objectives(
+    X: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    dense: tuple,
+    geom: AttentionGeometry,
+    cfg: AttentionMethodConfig,
+    X_target: torch.Tensor | None = None,
+    fit_geom: AttentionGeometry | None = None,
+) -> tuple[_Objective, _Objective]:
     """Train / held-out attention objectives over a seeded split of whole calibration sequences.
 
     Args:
@@ -282,7 +336,7 @@ def split_objectives(X: torch.Tensor, pad_mask: Optional[torch.Tensor], dense: t
         raise ValueError(f"X_target shape {tuple(X_target.shape)} != X shape {tuple(X.shape)}")
     B = X.shape[0]
     perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_hold = int(round(cfg.holdout_fraction * B)) if B > 1 else 0
+    n_hold = round(cfg.holdout_fraction * B) if B > 1 else 0
     Xt = None if X_target is None else X_target.detach().float()
     fit = fit_geom or geom
 
@@ -297,14 +351,14 @@ def split_objectives(X: torch.Tensor, pad_mask: Optional[torch.Tensor], dense: t
 # supports
 
 
-def _hessian(X: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _hessian(X: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
     """SparseGPT's H = (2/N) Σ x xᵀ over real tokens, (d, d) in float32."""
     x = X.reshape(-1, X.shape[-1]) if pad_mask is None else X[pad_mask]
     x = x.float()
     return 2.0 / max(x.shape[0], 1) * (x.T @ x)
 
 
-def _col_norms(X: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _col_norms(X: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
     """‖X_j‖₂ over real tokens, (d,)."""
     x = X.reshape(-1, X.shape[-1]) if pad_mask is None else X[pad_mask]
     return x.float().norm(dim=0)
@@ -316,8 +370,18 @@ def _binarize(scores: torch.Tensor, sparsity: float, pattern: str, n: int, m: in
     return binarize_scores(scores, sparsity, granularity=granularity)  # type: ignore[arg-type]
 
 
-def _mask_support(w: tuple, train: _Objective, hold: _Objective, col_norm: torch.Tensor, cfg: AttentionMethodConfig,
-                  sparsity: float, pattern: str, n: int, m: int, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask_support(
+    w: tuple,
+    train: _Objective,
+    hold: _Objective,
+    col_norm: torch.Tensor,
+    cfg: AttentionMethodConfig,
+    sparsity: float,
+    pattern: str,
+    n: int,
+    m: int,
+    stats: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's method on the real projections: real-valued M_q, M_k from 1, L2 penalty, early stop, score."""
     wq, bq, wk, bk = w
     Mq = torch.ones_like(wq, requires_grad=True)
@@ -347,21 +411,28 @@ def _mask_support(w: tuple, train: _Objective, hold: _Objective, col_norm: torch
     else:
         opt = torch.optim.Adam([Mq, Mk], lr=cfg.mask_lr)
     losses = []
-    for t in range(cfg.mask_steps):
+    for _t in range(cfg.mask_steps):
         with torch.no_grad():
             mean_m = float((Mq.sum() + Mk.sum()) / numel)
         if cfg.mask_stop_mean is not None and mean_m < cfg.mask_stop_mean:
             break
         losses.append(closure_grad())
         opt.step()
-    stats.update(mask_steps_run=len(losses), mask_loss_first=losses[0] if losses else None,
-                 mask_loss_last=losses[-1] if losses else None,
-                 mask_mean_final=float((Mq.sum() + Mk.sum()).detach() / numel))
-    return (_binarize(score(Mq, wq), sparsity, pattern, n, m, cfg.granularity),
-            _binarize(score(Mk, wk), sparsity, pattern, n, m, cfg.granularity))
+    stats.update(
+        mask_steps_run=len(losses),
+        mask_loss_first=losses[0] if losses else None,
+        mask_loss_last=losses[-1] if losses else None,
+        mask_mean_final=float((Mq.sum() + Mk.sum()).detach() / numel),
+    )
+    return (
+        _binarize(score(Mq, wq), sparsity, pattern, n, m, cfg.granularity),
+        _binarize(score(Mk, wk), sparsity, pattern, n, m, cfg.granularity),
+    )
 
 
-def _power_lipschitz(Mq: torch.Tensor, Mk: torch.Tensor, w: tuple, train: _Objective, penalty, iters: int = 10) -> float:
+def _power_lipschitz(
+    Mq: torch.Tensor, Mk: torch.Tensor, w: tuple, train: _Objective, penalty, iters: int = 10
+) -> float:
     """|λ_max| of the Hessian of the mask loss at the current (Mq, Mk), by Hessian-vector power iteration."""
     wq, bq, wk, bk = w
     gen = torch.Generator().manual_seed(0)
@@ -372,7 +443,8 @@ def _power_lipschitz(Mq: torch.Tensor, Mk: torch.Tensor, w: tuple, train: _Objec
     for _ in range(iters):
         loss = penalty() + 0.5 * sum(
             (_chunk_attention(Mq * wq, bq, Mk * wk, bk, c, train.geom) - t).pow(2).sum() / train.denom
-            for c, t in zip(train.chunks, train.targets))
+            for c, t in zip(train.chunks, train.targets)
+        )
         g = torch.autograd.grad(loss, [Mq, Mk], create_graph=True)
         hv = torch.autograd.grad(g, [Mq, Mk], grad_outputs=v)
         est = math.sqrt(sum(float(h.pow(2).sum()) for h in hv))
@@ -394,8 +466,16 @@ def _sparsegpt(w: torch.Tensor, H: torch.Tensor, sparsity: float, pattern: str, 
 # refit
 
 
-def _refit(start: tuple, masks: tuple, dense: tuple, train: _Objective, hold: _Objective, G: torch.Tensor,
-           cfg: AttentionMethodConfig, stats: dict) -> tuple:
+def _refit(
+    start: tuple,
+    masks: tuple,
+    dense: tuple,
+    train: _Objective,
+    hold: _Objective,
+    G: torch.Tensor,
+    cfg: AttentionMethodConfig,
+    stats: dict,
+) -> tuple:
     """Adam on the kept entries (forward uses W∘mask, so pruned entries get zero gradient and stay 0)."""
     mq, mk = masks
     wq0, bq0, wk0, bk0 = dense
@@ -406,7 +486,7 @@ def _refit(start: tuple, masks: tuple, dense: tuple, train: _Objective, hold: _O
     opt = torch.optim.Adam([p for p in (wq, wk, bq, bk) if p is not None and p.requires_grad], lr=cfg.refit_lr)
 
     # Anchor normalisers. "outputs": ‖[X,1](ΔW,Δb)ᵀ‖² = tr(ΔWa G ΔWaᵀ) with G = [X,1]ᵀ[X,1] over train tokens.
-    def aug(wt: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    def aug(wt: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         col = b if b is not None else torch.zeros(wt.shape[0], dtype=wt.dtype)
         return torch.cat([wt, col[:, None]], dim=1)  # (out, d+1)
 
@@ -452,9 +532,13 @@ def _refit(start: tuple, masks: tuple, dense: tuple, train: _Objective, hold: _O
                     break
     if not use_hold:
         best = (float("nan"), t, snapshot())
-    stats.update(refit_steps_run=t if cfg.refit_steps else 0, refit_best_step=best[1],
-                 refit_loss_first=losses[0] if losses else None, refit_loss_last=losses[-1] if losses else None,
-                 refit_loss_min=min(losses) if losses else None)
+    stats.update(
+        refit_steps_run=t if cfg.refit_steps else 0,
+        refit_best_step=best[1],
+        refit_loss_first=losses[0] if losses else None,
+        refit_loss_last=losses[-1] if losses else None,
+        refit_loss_min=min(losses) if losses else None,
+    )
     return best[2]
 
 
@@ -462,11 +546,25 @@ def _refit(start: tuple, masks: tuple, dense: tuple, train: _Objective, hold: _O
 # entry point
 
 
-def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk: Optional[torch.Tensor],
-             X: torch.Tensor, pad_mask: Optional[torch.Tensor], geom: AttentionGeometry, *, sparsity: float,
-             pattern: str = "unstructured", n: int = 2, m: int = 4, cfg: AttentionMethodConfig | None = None,
-             hessian_q: Optional[torch.Tensor] = None, hessian_k: Optional[torch.Tensor] = None,
-             X_target: Optional[torch.Tensor] = None, start: Optional[tuple] = None) -> QKResult:
+def prune_qk(
+    wq: torch.Tensor,
+    bq: torch.Tensor | None,
+    wk: torch.Tensor,
+    bk: torch.Tensor | None,
+    X: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    geom: AttentionGeometry,
+    *,
+    sparsity: float,
+    pattern: str = "unstructured",
+    n: int = 2,
+    m: int = 4,
+    cfg: AttentionMethodConfig | None = None,
+    hessian_q: torch.Tensor | None = None,
+    hessian_k: torch.Tensor | None = None,
+    X_target: torch.Tensor | None = None,
+    start: tuple | None = None,
+) -> QKResult:
     """Prune one block's query and key projections so that its softmax attention is preserved.
 
     Args:
@@ -506,8 +604,9 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
     out_dtype = wq.dtype
     f32 = lambda t: None if t is None else t.detach().float()  # noqa: E731 - optimisation runs in fp32
     dense = (f32(wq), f32(bq), f32(wk), f32(bk))
-    if start is not None and any((a is None) != (b is None) or (a is not None and a.shape != b.shape)
-                                 for a, b in zip(start, (wq, bq, wk, bk))):
+    if start is not None and any(
+        (a is None) != (b is None) or (a is not None and a.shape != b.shape) for a, b in zip(start, (wq, bq, wk, bk))
+    ):
         raise ValueError("start must have the shapes of (wq, bq, wk, bk)")
     base = dense if start is None else tuple(f32(t) for t in start)  # what is pruned; dense only sets the target
     Xf = X.detach().float()
@@ -519,7 +618,11 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
     # 1. support
     if cfg.support == "sparsegpt":
         Hq = _hessian(Xf, pad_mask) if hessian_q is None else hessian_q.float()
-        Hk = Hq if hessian_k is None and hessian_q is None else (_hessian(Xf, pad_mask) if hessian_k is None else hessian_k.float())
+        Hk = (
+            Hq
+            if hessian_k is None and hessian_q is None
+            else (_hessian(Xf, pad_mask) if hessian_k is None else hessian_k.float())
+        )
         wq_s, mq = _sparsegpt(base[0], Hq, sparsity, pattern, n, m)
         wk_s, mk = _sparsegpt(base[2], Hk, sparsity, pattern, n, m)
     else:
@@ -529,8 +632,7 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
             mk = _binarize(base[2].abs() * cn, sparsity, pattern, n, m, cfg.granularity)
         else:
             with torch.enable_grad():
-                mq, mk = _mask_support(base, train, hold, _col_norms(Xf, pad_mask), cfg, sparsity, pattern, n, m,
-                                       stats)
+                mq, mk = _mask_support(base, train, hold, _col_norms(Xf, pad_mask), cfg, sparsity, pattern, n, m, stats)
         wq_s, wk_s = base[0] * mq, base[2] * mk
     support_params = (wq_s * mq, base[1], wk_s * mk, base[3])
     stats["attn_err_calib_support"] = train.error(support_params) if train else None
@@ -552,7 +654,11 @@ def prune_qk(wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor, bk:
     stats["sparsity_q"] = 1.0 - float(mq.float().mean())  # achieved, counted from the mask
     stats["sparsity_k"] = 1.0 - float(mk.float().mean())
     stats["seconds"] = time.perf_counter() - t0
-    logger.debug("prune_qk %s: holdout attn err %.4f -> %.4f in %.1fs", cfg.support,
-                 stats["attn_err_holdout_support"] or float("nan"), stats["attn_err_holdout_final"] or float("nan"),
-                 stats["seconds"])
+    logger.debug(
+        "prune_qk %s: holdout attn err %.4f -> %.4f in %.1fs",
+        cfg.support,
+        stats["attn_err_holdout_support"] or float("nan"),
+        stats["attn_err_holdout_final"] or float("nan"),
+        stats["seconds"],
+    )
     return QKResult(wq_o, bq_o, wk_o, bk_o, mq, mk, stats)

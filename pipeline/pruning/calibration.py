@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,11 +28,11 @@ __all__ = [
     "LayerInput",
     "LayerStats",
     "capture_first_block_inputs",
-    "run_block",
     "collect_block_stats",
     "collect_cross_stats",
-    "tokenize_calibration",
     "random_calibration",
+    "run_block",
+    "tokenize_calibration",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,8 @@ class LayerStats:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    attn_input: Optional[torch.Tensor] = None
-    attn_pad_mask: Optional[torch.Tensor] = None
+    attn_input: torch.Tensor | None = None
+    attn_pad_mask: torch.Tensor | None = None
     outputs: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -103,8 +104,9 @@ def tokenize_calibration(
         tokenizer.pad_token = tokenizer.eos_token
     out = []
     for i in range(0, samples, batch_size):
-        enc = tokenizer(chosen[i : i + batch_size], padding=True, truncation=True, max_length=seq_len,
-                        return_tensors="pt")
+        enc = tokenizer(
+            chosen[i : i + batch_size], padding=True, truncation=True, max_length=seq_len, return_tensors="pt"
+        )
         out.append(dict(enc))
     return out
 
@@ -189,7 +191,7 @@ def collect_block_stats(
     hessian_roles: Sequence[str] = (),
     keep_attn_input: bool = False,
     keep_outputs: bool = True,
-    extra_norm_modules: Optional[dict[str, nn.Module]] = None,
+    extra_norm_modules: dict[str, nn.Module] | None = None,
 ) -> LayerStats:
     """Run ``block`` on ``inputs`` with hooks and accumulate the statistics of its linears.
 
@@ -270,9 +272,9 @@ def collect_cross_stats(
     dense_inputs: Sequence[LayerInput],
     roles: Sequence[str],
     *,
-    dense_layer: Optional[nn.Module] = None,
+    dense_layer: nn.Module | None = None,
     keep_attn_input: bool = False,
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
     """Cross moments between what each matrix sees in the pruned and in the dense model.
 
     Runs ``block`` once on the pruned-model inputs and its dense twin (``dense_layer``, or ``block`` itself while
@@ -320,9 +322,7 @@ def collect_cross_stats(
     if dense_layer is not None:  # the same hooks on the dense copy's corresponding modules (matched by name)
         names = {id(m): n for n, m in block.layer.named_modules()}
         twins = dict(dense_layer.named_modules())
-        handles += [
-            twins[names[key]].register_forward_pre_hook(make_hook(key)) for key, (mod, _) in by_module.items()
-        ]
+        handles += [twins[names[key]].register_forward_pre_hook(make_hook(key)) for key, (mod, _) in by_module.items()]
     cross: dict[str, torch.Tensor] = {}
     tokens = 0
     dense_out: list[torch.Tensor] = []

@@ -7,7 +7,7 @@ see :mod:`pipeline.pruning.magnitude`, :mod:`pipeline.pruning.wanda`, :mod:`pipe
 from __future__ import annotations
 
 import importlib
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -53,7 +53,8 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     method: Literal["magnitude", "wanda", "sparsegpt", "attention"] = Field(
-        "magnitude", description="pruning rule: magnitude |W|, Wanda |W|*||X_j||, SparseGPT OBS, or attention-matrix fidelity"
+        "magnitude",
+        description="pruning rule: magnitude |W|, Wanda |W|*||X_j||, SparseGPT OBS, or attention-matrix fidelity",
     )
     sparsity: float = Field(0.5, description="fraction of weights removed in each pruned matrix, in [0, 1)")
     pattern: Literal["unstructured", "n:m", "structured"] = Field(
@@ -67,14 +68,15 @@ class PruneConfig(BaseModel):
         " (FFN neurons), qk_dims (query/key width of every head; BERT family); the prune stage replaces an omitted"
         " value by the best measured unit for the family (qk_dims+ffn for BERT-family encoders)",
     )
-    head_sparsity: Optional[float] = Field(
+    head_sparsity: float | None = Field(
         None, description="structured: fraction of heads (KV groups) removed per layer; omitted = sparsity"
     )
-    ffn_sparsity: Optional[float] = Field(
+    ffn_sparsity: float | None = Field(
         None, description="structured: fraction of FFN neurons removed per layer; omitted = sparsity"
     )
-    qk_sparsity: Optional[float] = Field(
-        None, description="structured: fraction of each head's query/key width removed (unit qk_dims); omitted = sparsity"
+    qk_sparsity: float | None = Field(
+        None,
+        description="structured: fraction of each head's query/key width removed (unit qk_dims); omitted = sparsity",
     )
     targets: Literal["all", "attention", "qk", "ffn"] = Field(
         "all", description="matrices pruned in each block: all linears, attention q/k/v/o, q/k only, or FFN only"
@@ -86,7 +88,7 @@ class PruneConfig(BaseModel):
     )
     blocksize: int = Field(128, description="SparseGPT column block size (lazy batch updates)")
     percdamp: float = Field(0.01, description="SparseGPT Hessian dampening as a fraction of mean(diag H)")
-    error_correction: Optional[bool] = Field(
+    error_correction: bool | None = Field(
         None,
         description="reconstruct the dense model's outputs (W C^T H^-1, C = pruned x dense input moments) instead of"
         " the dense matrix applied to the pruned model's own inputs; None = on for method 'attention' (not for"
@@ -124,7 +126,7 @@ class PruneConfig(BaseModel):
 
     @field_validator("head_sparsity", "ffn_sparsity", "qk_sparsity")
     @classmethod
-    def _check_unit_sparsity(cls, v: Optional[float], info: Any) -> Optional[float]:
+    def _check_unit_sparsity(cls, v: float | None, info: Any) -> float | None:
         if v is not None and not 0.0 <= v < 1.0:
             raise ValueError(f"{info.field_name} must be in [0, 1), got {v!r}")
         return v
@@ -158,7 +160,7 @@ class PruneConfig(BaseModel):
         )
 
     @model_validator(mode="after")
-    def _check_pattern(self) -> "PruneConfig":
+    def _check_pattern(self) -> PruneConfig:
         if self.pattern == "n:m":
             if not (self.m >= 2 and 0 < self.n < self.m):
                 raise ValueError(f"n:m needs 0 < n < m and m >= 2, got n={self.n!r}, m={self.m!r}")
@@ -168,7 +170,9 @@ class PruneConfig(BaseModel):
                     f"sparsity={self.sparsity!r} contradicts pattern {self.n}:{self.m} (implies {implied!r}); omit sparsity"
                 )
         if self.error_correction and not self.sequential:
-            raise ValueError("error_correction needs sequential=True (it corrects the pruned stream toward the dense one)")
+            raise ValueError(
+                "error_correction needs sequential=True (it corrects the pruned stream toward the dense one)"
+            )
         if self.error_correction and self.method in ("magnitude", "wanda"):
             raise ValueError(
                 f"error_correction needs a reconstructing method ('sparsegpt' or 'attention'), got method={self.method!r}"
@@ -230,6 +234,9 @@ def structured_units(cfg: PruneConfig) -> tuple[str, ...]:
     """
     wanted = cfg.structured_unit.split("+")
     allowed = {
-        "all": ("qk_dims", "heads", "ffn"), "attention": ("qk_dims", "heads"), "ffn": ("ffn",), "qk": ("qk_dims",),
+        "all": ("qk_dims", "heads", "ffn"),
+        "attention": ("qk_dims", "heads"),
+        "ffn": ("ffn",),
+        "qk": ("qk_dims",),
     }[cfg.targets]
     return tuple(u for u in STRUCTURED_UNITS if u in wanted and u in allowed)

@@ -7,8 +7,8 @@ algorithm written against :class:`AttentionGeometry` works for BERT-, GPT-2- and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -38,14 +38,12 @@ class AttentionGeometry:
     head_dim: int
     causal: bool
     scale: float
-    rope: Optional[RopeFn] = None
-    v_head_dim: Optional[int] = None
+    rope: RopeFn | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
-            )
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
 
     @property
     def value_head_dim(self) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.pruning.masks import nm_mask, unstructured_mask
 
-__all__ = ["magnitude_scores", "magnitude_prune"]
+__all__ = ["magnitude_prune", "magnitude_scores"]
 
 
 def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,20 @@ the lower (flattened / column) index is pruned first. Masks are ``torch.bool`` w
 from __future__ import annotations
 
 import math
-from typing import Iterable, Literal, Mapping, Optional
+from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import torch
 
-__all__ = ["unstructured_mask", "nm_mask", "apply_mask_", "count_zeros", "num_pruned", "allowed_positions", "binarize_scores"]
+__all__ = [
+    "allowed_positions",
+    "apply_mask_",
+    "binarize_scores",
+    "count_zeros",
+    "nm_mask",
+    "num_pruned",
+    "unstructured_mask",
+]
 
 
 def num_pruned(size: int, sparsity: float) -> int:
@@ -19,7 +28,7 @@ def num_pruned(size: int, sparsity: float) -> int:
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     # The small epsilon guards against 0.3 * 10 = 2.9999999999999996 rounding down to 2.
-    return int(math.floor(sparsity * size + 1e-9))
+    return math.floor(sparsity * size + 1e-9)
 
 
 def unstructured_mask(scores: torch.Tensor, sparsity: float, *, per_row: bool) -> torch.Tensor:
@@ -93,7 +102,9 @@ def apply_mask_(linear_weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return linear_weight
 
 
-def count_zeros(model: torch.nn.Module, names: Iterable[str] | Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+def count_zeros(
+    model: torch.nn.Module, names: Iterable[str] | Mapping[str, torch.Tensor]
+) -> dict[str, tuple[int, int]]:
     """Count exact zeros in named weights.
 
     Args:
@@ -116,8 +127,9 @@ def count_zeros(model: torch.nn.Module, names: Iterable[str] | Mapping[str, torc
     return {n: (int((t == 0).sum().item()), t.numel()) for n, t in tensors.items()}
 
 
-def allowed_positions(n: int, *, causal: bool, pad_mask: Optional[torch.Tensor] = None,
-                      batch: int = 1, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def allowed_positions(
+    n: int, *, causal: bool, pad_mask: torch.Tensor | None = None, batch: int = 1, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Which (query, key) pairs enter the softmax, and which query rows enter the loss.
 
     Args:
@@ -143,8 +155,9 @@ def allowed_positions(n: int, *, causal: bool, pad_mask: Optional[torch.Tensor] 
     return allowed, pad_mask
 
 
-def binarize_scores(scores: torch.Tensor, sparsity: float, *, granularity: Literal["matrix", "row"] = "matrix",
-                    n: int = 0, m: int = 0) -> torch.Tensor:
+def binarize_scores(
+    scores: torch.Tensor, sparsity: float, *, granularity: Literal["matrix", "row"] = "matrix", n: int = 0, m: int = 0
+) -> torch.Tensor:
     """Keep the highest scores; bool keep-mask with exactly ``floor(sparsity·count)`` zeros (or the n:m pattern).
 
     Delegates to ``nm_mask`` / ``unstructured_mask`` so every pruner in the project breaks ties and rounds alike.

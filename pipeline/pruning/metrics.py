@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,16 +22,14 @@ from torch import nn
 from pipeline.pruning.adapters import blocks
 from pipeline.pruning.masks import count_zeros
 
-__all__ = ["sparsity_report", "attention_error", "layer_output_error", "eager_attention"]
+__all__ = ["attention_error", "eager_attention", "layer_output_error", "sparsity_report"]
 
 logger = logging.getLogger(__name__)
 
 _KL_EPS = 1e-12  # floor for Â inside log(A/Â): a pruned model may underflow a probability to exactly 0
 
 
-def sparsity_report(
-    model: nn.Module, names: Iterable[str] | Mapping[str, torch.Tensor]
-) -> dict[str, float]:
+def sparsity_report(model: nn.Module, names: Iterable[str] | Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Fraction of exact zeros per matrix plus ``"overall"`` (zeros / elements over all listed matrices).
 
     Args:
@@ -136,11 +135,13 @@ def layer_output_error(
     """Per-block relative error ``||h - ĥ||_F / ||h||_F`` of the block outputs over real tokens."""
 
     def outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        got: list[Optional[torch.Tensor]] = []
+        got: list[torch.Tensor | None] = []
         handles = []
         for b in blocks(model):
+
             def hook(_m: nn.Module, _a: tuple, out: Any) -> None:
                 got.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
+
             handles.append(b.layer.register_forward_hook(hook))
         try:
             model(**_kwargs(model, batch))

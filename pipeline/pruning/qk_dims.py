@@ -37,7 +37,7 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,10 +46,10 @@ from pipeline.pruning.geometry import AttentionGeometry
 
 __all__ = [
     "QK_DIMS_KEY",
-    "QKReducedSelfAttention",
     "QKReduceResult",
-    "reduce_qk",
+    "QKReducedSelfAttention",
     "qk_keep",
+    "reduce_qk",
     "replace_qk_",
     "restore_qk_dims_",
 ]
@@ -82,7 +82,9 @@ class QKReducedSelfAttention(nn.Module):
     def __init__(self, base: nn.Module, qk_head_dim: int) -> None:
         super().__init__()
         if getattr(base, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"QK-dimension pruning needs absolute position embeddings, got {base.position_embedding_type!r}")
+            raise ValueError(
+                f"QK-dimension pruning needs absolute position embeddings, got {base.position_embedding_type!r}"
+            )
         if getattr(base, "is_decoder", False):
             raise ValueError("QK-dimension pruning supports encoder self-attention only (is_decoder=True)")
         self.num_attention_heads = int(base.num_attention_heads)
@@ -104,14 +106,14 @@ class QKReducedSelfAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        head_mask: Optional[torch.Tensor] = None,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
         past_key_values: Any = None,
-        output_attentions: Optional[bool] = False,
-        cache_position: Optional[torch.Tensor] = None,
+        output_attentions: bool | None = False,
+        cache_position: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if encoder_hidden_states is not None or past_key_values is not None or kwargs.get("past_key_value") is not None:
             raise NotImplementedError("QKReducedSelfAttention has no cross-attention or KV cache")
         bsz, tgt_len, _ = hidden_states.shape
@@ -149,8 +151,9 @@ def _bert_self_attentions(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]
 
 
 @torch.no_grad()
-def replace_qk_(model: nn.Module, layer: int, wq: torch.Tensor, bq: Optional[torch.Tensor], wk: torch.Tensor,
-                bk: Optional[torch.Tensor]) -> QKReducedSelfAttention:
+def replace_qk_(
+    model: nn.Module, layer: int, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor, bk: torch.Tensor | None
+) -> QKReducedSelfAttention:
     """Install narrow q/k weights ``(H·r, d)`` in layer ``layer`` and record ``r`` in ``model.config``."""
     parent, sa = _bert_self_attentions(model)[layer]
     H = int(sa.num_attention_heads)
@@ -230,7 +233,9 @@ def restore_qk_dims_(model: nn.Module, model_dir: Path) -> int:
             for key in f.keys():
                 shape = tuple(f.get_slice(key).get_shape())
                 if key in state and shape != tuple(state[key].shape):
-                    raise ValueError(f"{path.name}: {key!r} has shape {shape}, the model expects {tuple(state[key].shape)}")
+                    raise ValueError(
+                        f"{path.name}: {key!r} has shape {shape}, the model expects {tuple(state[key].shape)}"
+                    )
     return len(dims)
 
 
@@ -243,18 +248,18 @@ class QKReduceResult:
     """Narrow query/key projections of one block: ``wq``/``wk`` (H·r, d), biases (H·r,) or None; ``stats``."""
 
     wq: torch.Tensor
-    bq: Optional[torch.Tensor]
+    bq: torch.Tensor | None
     wk: torch.Tensor
-    bk: Optional[torch.Tensor]
+    bk: torch.Tensor | None
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _tokens(X: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _tokens(X: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
     """(N_real, d) real tokens of X (B, n, d)."""
     return X.reshape(-1, X.shape[-1]) if pad_mask is None else X[pad_mask]
 
 
-def _aug(w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+def _aug(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """(out, d) weight + bias -> (out, d+1) (bias as the last column)."""
     return torch.cat([w, (torch.zeros(w.shape[0], dtype=w.dtype) if b is None else b)[:, None]], dim=1)
 
@@ -278,8 +283,8 @@ def _svd_init(dense: tuple, x: torch.Tensor, H: int, hd: int, r: int, damp: floa
     Ak = _aug(dense[2], dense[3]).double() if biased else dense[2].double()
     new_q, new_k = [], []
     for h in range(H):
-        P = L.T @ Aq[h * hd:(h + 1) * hd].T  # (d+1, hd): Lᵀ B L = P Qᵀ
-        Q = L.T @ Ak[h * hd:(h + 1) * hd].T
+        P = L.T @ Aq[h * hd : (h + 1) * hd].T  # (d+1, hd): Lᵀ B L = P Qᵀ
+        Q = L.T @ Ak[h * hd : (h + 1) * hd].T
         Qp, Rp = torch.linalg.qr(P)
         Qq, Rq = torch.linalg.qr(Q)
         U, S, Vh = torch.linalg.svd(Rp @ Rq.T)  # (hd, hd) core of P Qᵀ
@@ -302,7 +307,7 @@ def _coordinate_select(dense: tuple, H: int, hd: int, keep_idx: torch.Tensor) ->
     return pick(dense[0]), pick(dense[1]), pick(dense[2]), pick(dense[3])
 
 
-def _norm_scores(dense: tuple, x: Optional[torch.Tensor], H: int, hd: int) -> torch.Tensor:
+def _norm_scores(dense: tuple, x: torch.Tensor | None, H: int, hd: int) -> torch.Tensor:
     """(H, hd) per-dimension size of the logit term q_d k_d: ‖w_q,d‖‖w_k,d‖, or with activations ‖X w_q,d‖‖X w_k,d‖."""
     if x is None:
         sq, sk = dense[0].norm(dim=1), dense[2].norm(dim=1)
@@ -330,7 +335,7 @@ def _greedy_select(dense: tuple, train: Any, geom: AttentionGeometry, r: int) ->
             keep = (~removed).to(q.dtype)[None, :, None, :]  # (1, H, 1, hd)
             S = (q * keep) @ k.transpose(-1, -2)  # (b, H, n, n) current logits (unscaled)
             for d in range(hd):
-                Sd = S - q[..., d:d + 1] @ k[..., d:d + 1].transpose(-1, -2)  # drop dim d from every head
+                Sd = S - q[..., d : d + 1] @ k[..., d : d + 1].transpose(-1, -2)  # drop dim d from every head
                 F = torch.softmax((Sd * geom.scale).masked_fill(~c.allowed, float("-inf")), dim=-1)
                 F = F * c.row_valid[:, None, :, None]
                 cost[:, d] += (F - t).pow(2).sum(dim=(0, 2, 3)).double()
@@ -342,17 +347,17 @@ def _greedy_select(dense: tuple, train: Any, geom: AttentionGeometry, r: int) ->
 
 def reduce_qk(
     wq: torch.Tensor,
-    bq: Optional[torch.Tensor],
+    bq: torch.Tensor | None,
     wk: torch.Tensor,
-    bk: Optional[torch.Tensor],
+    bk: torch.Tensor | None,
     X: torch.Tensor,
-    pad_mask: Optional[torch.Tensor],
+    pad_mask: torch.Tensor | None,
     geom: AttentionGeometry,
     *,
     keep: int,
     method: str = "attention",
     cfg: Any = None,
-    X_target: Optional[torch.Tensor] = None,
+    X_target: torch.Tensor | None = None,
 ) -> QKReduceResult:
     """Narrow one block's q/k heads from ``geom.head_dim`` to ``keep`` (see the module docstring).
 
@@ -380,7 +385,9 @@ def reduce_qk(
     if not 1 <= keep <= hd:
         raise ValueError(f"keep must be in [1, {hd}], got {keep}")
     if wq.shape != (H * hd, wq.shape[1]) or wk.shape != wq.shape or (X is not None and X.shape[-1] != wq.shape[1]):
-        raise ValueError(f"wq {tuple(wq.shape)} / wk {tuple(wk.shape)} are not {H} heads of {hd} over the inputs' width")
+        raise ValueError(
+            f"wq {tuple(wq.shape)} / wk {tuple(wk.shape)} are not {H} heads of {hd} over the inputs' width"
+        )
     if method not in ("attention", "wanda", "magnitude"):
         raise ValueError(f"QK dims are chosen by 'attention', 'wanda' or 'magnitude', got {method!r}")
     f32 = lambda t: None if t is None else t.detach().float()  # noqa: E731
@@ -412,8 +419,15 @@ def reduce_qk(
             final = _refit(start, ones, start, train, hold, train.gram(), cfg, stats)
     stats["attn_err_holdout_final"] = hold.error(final) if hold else None
     stats["seconds"] = time.perf_counter() - t0
-    logger.debug("reduce_qk %s: q/k width %d -> %d, held-out attention error %s -> %s in %.1fs", method, hd, keep,
-                 stats["attn_err_holdout_init"], stats["attn_err_holdout_final"], stats["seconds"])
+    logger.debug(
+        "reduce_qk %s: q/k width %d -> %d, held-out attention error %s -> %s in %.1fs",
+        method,
+        hd,
+        keep,
+        stats["attn_err_holdout_init"],
+        stats["attn_err_holdout_final"],
+        stats["seconds"],
+    )
     wq_o, bq_o, wk_o, bk_o = final
     cast = lambda t, like: None if t is None or like is None else t.detach().to(like.dtype)  # noqa: E731
     return QKReduceResult(wq_o.detach().to(wq.dtype), cast(bq_o, bq), wk_o.detach().to(wk.dtype), cast(bk_o, bk), stats)

@@ -22,7 +22,7 @@ import torch
 
 from pipeline.pruning.masks import num_pruned
 
-__all__ = ["sparsegpt_prune", "hessian_from_inputs"]
+__all__ = ["hessian_from_inputs", "sparsegpt_prune"]
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -30,14 +29,14 @@ from transformers.pytorch_utils import prune_conv1d_layer, prune_linear_layer
 from pipeline.pruning.adapters import BlockView, MatrixRef
 
 __all__ = [
-    "units_to_remove",
-    "head_scores",
-    "ffn_scores",
-    "remove_heads_",
-    "remove_ffn_neurons_",
     "augmented_hessian",
+    "ffn_scores",
+    "head_scores",
     "obs_remove_groups",
     "obs_select_and_compensate",
+    "remove_ffn_neurons_",
+    "remove_heads_",
+    "units_to_remove",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,10 +46,10 @@ def units_to_remove(total: int, sparsity: float) -> int:
     """Units removed from ``total`` at ``sparsity``: ``round(sparsity * total)``, at least 1 kept."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-    return min(total - 1, int(math.floor(sparsity * total + 0.5)))
+    return min(total - 1, math.floor(sparsity * total + 0.5))
 
 
-def _weighted(ref: MatrixRef, sq_norms: Optional[dict[str, torch.Tensor]]) -> torch.Tensor:
+def _weighted(ref: MatrixRef, sq_norms: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """(out, in) float64 |W| (magnitude) or |W| * ||X_j|| (wanda) for one matrix."""
     w = ref.weight.double().abs()
     if sq_norms is None:
@@ -58,7 +57,7 @@ def _weighted(ref: MatrixRef, sq_norms: Optional[dict[str, torch.Tensor]]) -> to
     return w * sq_norms[ref.role].double().clamp_min(0).sqrt().reshape(1, -1)
 
 
-def head_scores(block: BlockView, sq_norms: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+def head_scores(block: BlockView, sq_norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Importance of each removable attention unit: (num_kv_heads,) for GQA/MHA (a KV head with its query group).
 
     Args:
@@ -74,7 +73,7 @@ def head_scores(block: BlockView, sq_norms: Optional[dict[str, torch.Tensor]] = 
     return (q + k + v + o).sqrt()
 
 
-def ffn_scores(block: BlockView, sq_norms: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+def ffn_scores(block: BlockView, sq_norms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Importance of each FFN neuron: (intermediate,)."""
     s = _weighted(block.ffn_out, sq_norms).pow(2).sum(0)  # columns of the output matrix
     for ref in block.ffn_in:
@@ -91,8 +90,8 @@ def remove_heads_(
     model: nn.Module,
     block: BlockView,
     count: int,
-    sq_norms: Optional[dict[str, torch.Tensor]] = None,
-    units: Optional[list[int]] = None,
+    sq_norms: dict[str, torch.Tensor] | None = None,
+    units: list[int] | None = None,
 ) -> list[int]:
     """Remove the ``count`` least important heads (Llama: KV groups) of ``block`` in place.
 
@@ -163,8 +162,8 @@ def remove_ffn_neurons_(
     model: nn.Module,
     block: BlockView,
     count: int,
-    sq_norms: Optional[dict[str, torch.Tensor]] = None,
-    units: Optional[list[int]] = None,
+    sq_norms: dict[str, torch.Tensor] | None = None,
+    units: list[int] | None = None,
 ) -> list[int]:
     """Remove the ``count`` least important FFN neurons of ``block`` in place; returns their indices.
 

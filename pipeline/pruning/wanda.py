@@ -12,7 +12,7 @@ import torch
 
 from pipeline.pruning.masks import nm_mask, unstructured_mask
 
-__all__ = ["wanda_scores", "wanda_prune"]
+__all__ = ["wanda_prune", "wanda_scores"]
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_norms: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -11,7 +12,20 @@ from pipeline.artifact import Artifact
 from pipeline.errors import ConfigError
 from pipeline.stage import StageContext
 
-__all__ = ["text_sets", "text_sets_and_rest", "load_from_artifact", "load_dense", "encode", "cap_length", "model_max_positions", "stage_warning", "warn_without_validate", "to_numpy_feeds", "model_path", "write_target_bundle"]
+__all__ = [
+    "cap_length",
+    "encode",
+    "load_dense",
+    "load_from_artifact",
+    "model_max_positions",
+    "model_path",
+    "stage_warning",
+    "text_sets",
+    "text_sets_and_rest",
+    "to_numpy_feeds",
+    "warn_without_validate",
+    "write_target_bundle",
+]
 
 
 def text_sets(ctx: StageContext) -> tuple[list[str], list[str]]:
@@ -129,8 +143,11 @@ def warn_without_validate(ctx: StageContext, stage: str) -> None:
     """Compression without a later ``validate`` stage is unchecked: say so (a broken model would ship silently)."""
     later = [s.kind for s in list(ctx.run.stages)[ctx.index + 1 :]]
     if "validate" not in later:
-        stage_warning(ctx, f"{stage} changes the model's numbers but no validate stage follows: nothing checks the result's"
-                      " fidelity against the dense model; add '- validate: {}' after it")
+        stage_warning(
+            ctx,
+            f"{stage} changes the model's numbers but no validate stage follows: nothing checks the result's"
+            " fidelity against the dense model; add '- validate: {}' after it",
+        )
 
 
 def model_input_names(model: Any) -> frozenset[str]:
@@ -140,8 +157,15 @@ def model_input_names(model: Any) -> frozenset[str]:
     return frozenset(inspect.signature(model.forward).parameters)
 
 
-def encode(loaded: Any, texts: Sequence[str], *, max_length: int, batch_size: int,
-           ctx: StageContext | None = None, setting: str = "calibration.max_length") -> list[dict[str, Any]]:
+def encode(
+    loaded: Any,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    ctx: StageContext | None = None,
+    setting: str = "calibration.max_length",
+) -> list[dict[str, Any]]:
     """Tokenized, padded torch batches (``input_ids``, ``attention_mask`` [, ``token_type_ids``]).
 
     ``max_length`` is capped at the model's position limit (:func:`cap_length`, noted under ``setting``);
@@ -155,7 +179,9 @@ def encode(loaded: Any, texts: Sequence[str], *, max_length: int, batch_size: in
 
     vocab = getattr(loaded.model.config, "vocab_size", None)
     max_length = cap_length(loaded, max_length, setting, ctx)
-    batches = tokenize_batches(loaded.tokenizer, list(texts), batch_size=batch_size, max_length=max_length, vocab_size=vocab)
+    batches = tokenize_batches(
+        loaded.tokenizer, list(texts), batch_size=batch_size, max_length=max_length, vocab_size=vocab
+    )
     rows = _embedding_rows(loaded.model)
     top = max(int(b["input_ids"].max()) for b in batches)
     if rows is not None and top >= rows:
@@ -179,8 +205,13 @@ def to_numpy_feeds(batch: Mapping[str, Any], io: Mapping[str, Any]) -> dict[str,
     ``io`` is the exporter's record (input names, layers, kv heads, head dim, with_past).
     """
     names = list(io.get("input_names", ()))
-    ids = np.asarray(batch["input_ids"].numpy() if hasattr(batch["input_ids"], "numpy") else batch["input_ids"], dtype=np.int64)
-    mask = np.asarray(batch["attention_mask"].numpy() if hasattr(batch["attention_mask"], "numpy") else batch["attention_mask"], dtype=np.int64)
+    ids = np.asarray(
+        batch["input_ids"].numpy() if hasattr(batch["input_ids"], "numpy") else batch["input_ids"], dtype=np.int64
+    )
+    mask = np.asarray(
+        batch["attention_mask"].numpy() if hasattr(batch["attention_mask"], "numpy") else batch["attention_mask"],
+        dtype=np.int64,
+    )
     b = ids.shape[0]
     feeds: dict[str, np.ndarray] = {}
     for name in names:
@@ -201,8 +232,18 @@ def to_numpy_feeds(batch: Mapping[str, Any], io: Mapping[str, Any]) -> dict[str,
     return feeds
 
 
-def write_target_bundle(ctx: StageContext, out_dir: Path, prof: Any, tm: Any, feeds: Mapping[str, np.ndarray],
-                        reference: Mapping[str, np.ndarray], *, threads: int, runs: int = 20, warmup: int = 3) -> Path:
+def write_target_bundle(
+    ctx: StageContext,
+    out_dir: Path,
+    prof: Any,
+    tm: Any,
+    feeds: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    *,
+    threads: int,
+    runs: int = 20,
+    warmup: int = 3,
+) -> Path:
     """The standalone evaluation bundle for one target: its shipped model (``.ort`` where the profile asks for
     ORT format), sample inputs, PyTorch reference of the first output and the profile's tolerance."""
     from runtimes.bundle import write_bundle
@@ -210,6 +251,16 @@ def write_target_bundle(ctx: StageContext, out_dir: Path, prof: Any, tm: Any, fe
     first = tm.io["output_names"][0]
     tol = prof.tolerances[tm.precision]
     model = ctx.resolve(tm.files["ort"]) if "ort" in tm.files else ctx.resolve(tm.model)
-    return write_bundle(out_dir, model_path=model, sample_inputs=dict(feeds), reference_outputs={first: reference[first]},
-                        atol=tol.atol, rtol=0.0, min_cosine=tol.min_cosine, threads=threads, providers=prof.providers,
-                        runs=runs, warmup=warmup)
+    return write_bundle(
+        out_dir,
+        model_path=model,
+        sample_inputs=dict(feeds),
+        reference_outputs={first: reference[first]},
+        atol=tol.atol,
+        rtol=0.0,
+        min_cosine=tol.min_cosine,
+        threads=threads,
+        providers=prof.providers,
+        runs=runs,
+        warmup=warmup,
+    )

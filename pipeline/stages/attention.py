@@ -7,7 +7,7 @@ runtime runs with its memory-efficient kernel, block-sparse to a subgraph that c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -18,7 +18,7 @@ from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import cap_length, encode, load_from_artifact, model_max_positions, text_sets
 
 if TYPE_CHECKING:  # torch is imported inside the functions: loading the stage registry must stay cheap
-    import torch
+    pass
 
 __all__ = ["AttentionConfig", "run_attention"]
 
@@ -27,15 +27,19 @@ class AttentionConfig(StageConfig):
     kind = "attention"
     works_on = "torch"
     kernel: str = Field(
-        "auto", description="a registered kernel (pipeline.kernels.stage_kernels()), or auto = the planner's pick for the smallest target cache (flash or small_cache)"
+        "auto",
+        description="a registered kernel (pipeline.kernels.stage_kernels()), or auto = the planner's pick for the smallest target cache (flash or small_cache)",
     )
     block_size: int = Field(64, ge=8, le=1024, description="block-sparse block size in tokens")
     pattern: Literal["window", "causal_window", "global_window"] = Field(
-        "window", description="block_sparse: window (bidirectional), causal_window (decoders), global_window (+ global blocks)"
+        "window",
+        description="block_sparse: window (bidirectional), causal_window (decoders), global_window (+ global blocks)",
     )
     window_blocks: int = Field(1, ge=0, description="block_sparse: neighbour key blocks kept on each allowed side")
     global_blocks: int = Field(0, ge=0, description="block_sparse: leading blocks that attend to / are attended by all")
-    cache_words: Optional[int] = Field(None, ge=64, description="fast-memory words M; omitted = smallest attention cache among the targets")
+    cache_words: int | None = Field(
+        None, ge=64, description="fast-memory words M; omitted = smallest attention cache among the targets"
+    )
     check_atol: float = Field(1e-4, gt=0, description="max |swapped - reference| on calibration text")
     check_samples: int = Field(2, ge=1, le=64, description="calibration passages for the swap check")
 
@@ -49,7 +53,7 @@ class AttentionConfig(StageConfig):
             raise ValueError(f"unknown kernel {v!r}; expected one of: {', '.join(allowed)}")
         return v
 
-    def causality_problem(self, causal: bool, model_type: str = "") -> Optional[str]:
+    def causality_problem(self, causal: bool, model_type: str = "") -> str | None:
         """Why this config cannot serve a causal (or a bidirectional) model, or None. Causality is the
         architecture's, not the task's: a bare LlamaModel used for feature-extraction is still causal."""
         block_sparse = self.kernel != "auto" and _is_block_sparse(self.kernel)
@@ -68,7 +72,7 @@ class AttentionConfig(StageConfig):
             raise ValueError(problem)
 
     @model_validator(mode="after")
-    def _pattern_args(self) -> "AttentionConfig":
+    def _pattern_args(self) -> AttentionConfig:
         if self.kernel != "auto" and _is_block_sparse(self.kernel):
             if self.pattern == "window" and self.global_blocks:
                 raise ValueError("pattern 'window' takes no global_blocks; use 'global_window'")
@@ -108,16 +112,28 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     window = getattr(conf, "sliding_window", None) if getattr(conf, "use_sliding_window", True) is not False else None
     limit = model_max_positions(loaded.model)
     if cfg.kernel == "block_sparse" and window and (limit is None or window < limit):
-        raise StageError("attention", f"{loaded.model_type} attends through a sliding window of {window} tokens (config.json sliding_window);"
-                         " the block-sparse lowering replaces the mask structure with its block pattern and cannot keep it: use kernel flash")
+        raise StageError(
+            "attention",
+            f"{loaded.model_type} attends through a sliding window of {window} tokens (config.json sliding_window);"
+            " the block-sparse lowering replaces the mask structure with its block pattern and cannot keep it: use kernel flash",
+        )
     head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // conf.num_attention_heads
     seq = cap_length(loaded, ctx.run.calibration.max_length, "calibration.max_length", ctx)
     caches = {n: cache_words_from_bytes(p.cache_bytes()) for n, p in ctx.targets.items()}
     m_words = cfg.cache_words or min(caches.values())
-    plans = {n: plan_attention(cache_words=cfg.cache_words or w, seq=seq, head_dim=head_dim, causal=decoder).__dict__ for n, w in caches.items()}
+    plans = {
+        n: plan_attention(cache_words=cfg.cache_words or w, seq=seq, head_dim=head_dim, causal=decoder).__dict__
+        for n, w in caches.items()
+    }
     kernel = cfg.kernel
     if kernel == "auto":
-        kernel = "small_cache" if plan_attention(cache_words=m_words, seq=seq, head_dim=head_dim, causal=decoder).algorithm.startswith("small") else "flash"
+        kernel = (
+            "small_cache"
+            if plan_attention(cache_words=m_words, seq=seq, head_dim=head_dim, causal=decoder).algorithm.startswith(
+                "small"
+            )
+            else "flash"
+        )
     change = AttentionChange(kernel, m_words, cfg.block_size, cfg.pattern, cfg.window_blocks, cfg.global_blocks)
 
     calib, _ = text_sets(ctx)
@@ -138,11 +154,23 @@ def run_attention(art: Artifact, cfg: AttentionConfig, ctx: StageContext) -> Art
     mask = batch["attention_mask"].numpy().astype(bool)
     diff = float(np.abs(got - ref_out)[mask].max())
     if diff > cfg.check_atol:
-        raise StageError("attention", f"swapped model differs from its reference by {diff:.3g} > check_atol {cfg.check_atol}")
-    metrics: dict[str, Any] = {"kernel": kernel, "replaced": replaced, "max_abs_diff_vs_reference": diff, "cache_words": m_words, "plans": plans}
+        raise StageError(
+            "attention", f"swapped model differs from its reference by {diff:.3g} > check_atol {cfg.check_atol}"
+        )
+    metrics: dict[str, Any] = {
+        "kernel": kernel,
+        "replaced": replaced,
+        "max_abs_diff_vs_reference": diff,
+        "cache_words": m_words,
+        "plans": plans,
+    }
     if change.block_sparse:
         lay = pattern_layout(change.block_pattern, seq)
-        metrics["block_density"] = float(lay.mean()) if change.pattern != "causal_window" else float(lay.sum() / (lay.shape[0] * (lay.shape[0] + 1) / 2))
+        metrics["block_density"] = (
+            float(lay.mean())
+            if change.pattern != "causal_window"
+            else float(lay.sum() / (lay.shape[0] * (lay.shape[0] + 1) / 2))
+        )
         metrics["max_abs_diff_vs_dense"] = float(np.abs(got - dense_out)[mask].max())
     ctx.metrics.update(metrics)
     return art.replace(torch_changes={**dict(art.torch_changes), "attention": change.to_record()})

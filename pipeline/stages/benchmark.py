@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import numpy as np
 from pydantic import Field
@@ -23,7 +22,9 @@ class BenchmarkConfig(StageConfig):
     warmup: int = Field(5, ge=0, description="untimed runs first")
     batch: int = Field(1, ge=1)
     seq: int = Field(128, ge=1, description="tokens per sequence (real text, truncated)")
-    threads: Optional[int] = Field(None, ge=1, description="intra-op threads; omitted = the profile's, capped at this host's cores")
+    threads: int | None = Field(
+        None, ge=1, description="intra-op threads; omitted = the profile's, capped at this host's cores"
+    )
 
 
 @register_stage(BenchmarkConfig)
@@ -39,7 +40,9 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     loaded = load_from_artifact(art, ctx, reference=True)
     _, heldout = text_sets(ctx)
     text = " ".join(heldout)
-    batch = encode(loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch, ctx=ctx, setting="benchmark.seq")[0]
+    batch = encode(
+        loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch, ctx=ctx, setting="benchmark.seq"
+    )[0]
     host_cores = os.cpu_count() or 1
     out = art
     summary = {}
@@ -53,7 +56,9 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
             ref_cache[key] = torch_reference(loaded, feeds)
         ref = ref_cache[key]
         threads = min(cfg.threads or prof.threads or host_cores, host_cores)
-        bdir = write_target_bundle(ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup)
+        bdir = write_target_bundle(
+            ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup
+        )
         res = benchmark_bundle(bdir, runs=cfg.runs, threads=threads)
         entry = {
             "latency_ms": res["latency_ms"],
@@ -67,7 +72,14 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
             "measured_on": "this host (not the device)",
         }
         summary[name] = entry
-        metrics = {**dict(tm.metrics), "latency_ms": entry["latency_ms"], "peak_rss_mb": entry["peak_rss_mb"], "benchmark": entry}
-        out = out.with_target(name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=dict(tm.files), metrics=metrics))
+        metrics = {
+            **dict(tm.metrics),
+            "latency_ms": entry["latency_ms"],
+            "peak_rss_mb": entry["peak_rss_mb"],
+            "benchmark": entry,
+        }
+        out = out.with_target(
+            name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=dict(tm.files), metrics=metrics)
+        )
     ctx.metrics.update({"targets": summary})
     return out

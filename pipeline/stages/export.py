@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -18,21 +18,36 @@ from pipeline.stages._common import encode, load_from_artifact, text_sets, to_nu
 if TYPE_CHECKING:
     from pipeline.kernels.change import AttentionChange
 
-__all__ = ["ExportConfig", "run_export", "DEFAULT_OPSET", "FUSED_ATTENTION_OPSET"]
+__all__ = ["DEFAULT_OPSET", "FUSED_ATTENTION_OPSET", "ExportConfig", "run_export"]
 
-DEFAULT_OPSET = 18          # the best-trodden path for quantization, fp16 and ORT format (platform notes §3-§6)
+DEFAULT_OPSET = 18  # the best-trodden path for quantization, fp16 and ORT format (platform notes §3-§6)
 FUSED_ATTENTION_OPSET = 23  # SDPA exports as the standard ONNX Attention op from opset 23
 
 
 class ExportConfig(StageConfig):
     kind = "export"
     works_on = "export"
-    exporter: Literal["dynamo", "optimum"] = Field("dynamo", description="torch.onnx dynamo exporter, or optimum's main_export")
-    opset: Optional[int] = Field(None, ge=13, le=24, description=f"ONNX opset; omitted = {DEFAULT_OPSET} ({FUSED_ATTENTION_OPSET} after an attention swap, for the fused Attention op)")
-    with_past: Optional[bool] = Field(None, description="decoders: export the KV cache (past/present); default on for decoders")
-    cross_check: bool = Field(False, description="also export with the other exporter and compare their outputs on calibration text")
-    external_data_mb: float = Field(1800.0, ge=0, description="weights above this many MiB go to model.onnx.data beside model.onnx"
-                                    " (ONNX external data: one protobuf file holds at most 2 GiB); later stages keep the split")
+    exporter: Literal["dynamo", "optimum"] = Field(
+        "dynamo", description="torch.onnx dynamo exporter, or optimum's main_export"
+    )
+    opset: int | None = Field(
+        None,
+        ge=13,
+        le=24,
+        description=f"ONNX opset; omitted = {DEFAULT_OPSET} ({FUSED_ATTENTION_OPSET} after an attention swap, for the fused Attention op)",
+    )
+    with_past: bool | None = Field(
+        None, description="decoders: export the KV cache (past/present); default on for decoders"
+    )
+    cross_check: bool = Field(
+        False, description="also export with the other exporter and compare their outputs on calibration text"
+    )
+    external_data_mb: float = Field(
+        1800.0,
+        ge=0,
+        description="weights above this many MiB go to model.onnx.data beside model.onnx"
+        " (ONNX external data: one protobuf file holds at most 2 GiB); later stages keep the split",
+    )
 
     def check(self, plan: RunPlan) -> None:
         for name, prof in plan.targets.items():
@@ -47,7 +62,7 @@ def _run(path, names, feeds) -> dict:
     return dict(zip(names, sess.run(list(names), feeds)))
 
 
-def _lower_attention(res, change: "AttentionChange", names: list[str], ctx: StageContext, opset: int) -> dict[str, Any]:
+def _lower_attention(res, change: AttentionChange, names: list[str], ctx: StageContext, opset: int) -> dict[str, Any]:
     """Lower the exported attention per target: {label: (model path, target names)}; zero rewrites is an error."""
     import onnx
 
@@ -103,7 +118,9 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
     loaded = load_from_artifact(art, ctx)
     by_opset: dict[int, list[str]] = {}
     for name, prof in ctx.targets.items():
-        opset = cfg.opset or min(prof.opset, FUSED_ATTENTION_OPSET if "attention" in art.torch_changes else DEFAULT_OPSET)
+        opset = cfg.opset or min(
+            prof.opset, FUSED_ATTENTION_OPSET if "attention" in art.torch_changes else DEFAULT_OPSET
+        )
         if opset > prof.opset:
             raise StageError("export", f"opset {opset} is newer than target '{name}' runs (opset ≤ {prof.opset})")
         by_opset.setdefault(opset, []).append(name)
@@ -125,19 +142,32 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
     exports = {}
     out = art
     for opset, names in sorted(by_opset.items()):
-        res = export_onnx(loaded, ctx.subdir(f"opset{opset}"), opset=opset, exporter=cfg.exporter, with_past=with_past,
-                          external_data_threshold=int(cfg.external_data_mb * 2**20))
+        res = export_onnx(
+            loaded,
+            ctx.subdir(f"opset{opset}"),
+            opset=opset,
+            exporter=cfg.exporter,
+            with_past=with_past,
+            external_data_threshold=int(cfg.external_data_mb * 2**20),
+        )
         io = _io_record(res)
         feeds = to_numpy_feeds(batch, io)
         m = np.asarray(feeds["attention_mask"], bool)
         first = res.output_names[0]
-        entry = {"exporter": cfg.exporter, "size_bytes": model_bytes(res.path), "targets": names, "with_past": res.with_past,
-                 "external_data": data_file(res.path).is_file()}
+        entry = {
+            "exporter": cfg.exporter,
+            "size_bytes": model_bytes(res.path),
+            "targets": names,
+            "with_past": res.with_past,
+            "external_data": data_file(res.path).is_file(),
+        }
         got = _run(res.path, res.output_names, feeds)
         entry["max_abs_diff_vs_torch"] = float(np.abs(got[first] - torch_reference(loaded, feeds)[first])[m].max())
         if cfg.cross_check:
             other = "optimum" if cfg.exporter == "dynamo" else "dynamo"
-            res2 = export_onnx(loaded, ctx.subdir(f"opset{opset}-{other}"), opset=opset, exporter=other, with_past=with_past)
+            res2 = export_onnx(
+                loaded, ctx.subdir(f"opset{opset}-{other}"), opset=opset, exporter=other, with_past=with_past
+            )
             got2 = _run(res2.path, res2.output_names, to_numpy_feeds(batch, _io_record(res2)))
             entry["cross_check"] = {"exporter": other, "max_abs_diff": float(np.abs(got2[first] - got[first])[m].max())}
         groups: dict[str, Any] = {"": (res.path, names)}
@@ -148,9 +178,13 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
             for label, (path, tnames) in groups.items():
                 counts = _check_fused(path, n_layers)
                 lowered = _run(path, res.output_names, feeds)
-                entry["attention"][label] = {**counts, "targets": tnames, "max_abs_diff_vs_torch": float(np.abs(lowered[first] - ref)[m].max())}
+                entry["attention"][label] = {
+                    **counts,
+                    "targets": tnames,
+                    "max_abs_diff_vs_torch": float(np.abs(lowered[first] - ref)[m].max()),
+                }
         exports[f"opset{opset}"] = entry
-        for label, (path, tnames) in groups.items():
+        for path, tnames in groups.values():
             for name in tnames:
                 out = out.with_target(name, TargetModel(model=ctx.ref(path), precision="fp32", io=io))
     ctx.metrics.update({"exports": exports})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -27,25 +27,44 @@ from pipeline.errors import ConfigError, StageError
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets
 
-__all__ = ["PrivateContextConfig", "run_private_context", "read_private_kv", "guarantee_text"]
+__all__ = ["PrivateContextConfig", "guarantee_text", "read_private_kv", "run_private_context"]
 
-Bound = Union[float, Literal["calibration"]]
+Bound = float | Literal["calibration"]
 
 
 class PrivateContextConfig(StageConfig):
     kind = "private_context"
     works_on = "torch"
     path_fields = ("context_file",)
-    context_file: Optional[str] = Field(None, description="required: the private context, a UTF-8 text file (the decoder's prefix) or a .safetensors file of per-layer 'layers.{l}.key'/'layers.{l}.value' tensors (H_kv, n, head_dim)")
+    context_file: str | None = Field(
+        None,
+        description="required: the private context, a UTF-8 text file (the decoder's prefix) or a .safetensors file of per-layer 'layers.{l}.key'/'layers.{l}.value' tensors (H_kv, n, head_dim)",
+    )
     epsilon: float = Field(1.0, gt=0, allow_inf_nan=False, description="total ε over all replaced heads and layers")
     delta: float = Field(1e-5, gt=0, lt=1, description="total δ")
-    key_bound: Optional[Bound] = Field(None, description="required: public R: |key entry| ≤ R after projection (keys are clipped to it); 'calibration' = the largest entry on the public calibration text")
-    value_bound: Optional[Bound] = Field(None, description="required: public R_w: |value entry| ≤ R_w (values are clipped to it); 'calibration' as above")
+    key_bound: Bound | None = Field(
+        None,
+        description="required: public R: |key entry| ≤ R after projection (keys are clipped to it); 'calibration' = the largest entry on the public calibration text",
+    )
+    value_bound: Bound | None = Field(
+        None, description="required: public R_w: |value entry| ≤ R_w (values are clipped to it); 'calibration' as above"
+    )
     degree: int = Field(4, ge=1, le=16, description="polynomial degree s of the exp kernel features")
-    projection_dim: Optional[int] = Field(None, ge=1, description="project q/k to this many dimensions per head, fitted on the public calibration text (omitted = full head dimension)")
-    accounting: Literal["gaussian_joint", "basic"] = Field("gaussian_joint", description="composition over heads/layers: exact joint Gaussian, or basic (ε/m, δ/m) each")
-    mechanism: Literal["feature_sum", "dptree"] = Field("feature_sum", description="noisy feature sums (Gaussian) or the DPTree structures (Laplace, advanced composition)")
-    max_release_mb: float = Field(256.0, gt=0, description="refuse releases larger than this (float32 MB over all heads)")
+    projection_dim: int | None = Field(
+        None,
+        ge=1,
+        description="project q/k to this many dimensions per head, fitted on the public calibration text (omitted = full head dimension)",
+    )
+    accounting: Literal["gaussian_joint", "basic"] = Field(
+        "gaussian_joint", description="composition over heads/layers: exact joint Gaussian, or basic (ε/m, δ/m) each"
+    )
+    mechanism: Literal["feature_sum", "dptree"] = Field(
+        "feature_sum",
+        description="noisy feature sums (Gaussian) or the DPTree structures (Laplace, advanced composition)",
+    )
+    max_release_mb: float = Field(
+        256.0, gt=0, description="refuse releases larger than this (float32 MB over all heads)"
+    )
 
     def check(self, plan: RunPlan) -> None:
         """Before anything runs (``edgepipe validate`` too): the required keys, the privacy parameters, a file to
@@ -58,19 +77,29 @@ class PrivateContextConfig(StageConfig):
         if not Path(self.context_file).is_file():
             raise ValueError(f"context_file: '{self.context_file}' is not a file")
         try:
-            check_privacy_params(self.epsilon, self.delta, 1.0 if self.key_bound == "calibration" else self.key_bound,
-                                 1.0 if self.value_bound == "calibration" else self.value_bound, where="private_context")
+            check_privacy_params(
+                self.epsilon,
+                self.delta,
+                1.0 if self.key_bound == "calibration" else self.key_bound,
+                1.0 if self.value_bound == "calibration" else self.value_bound,
+                where="private_context",
+            )
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("private_context: ").removeprefix("private_context")) from None
         if not is_causal_family(plan.family) or plan.task != "text-generation":
-            raise ValueError(f"needs a decoder for text-generation (GPT-2 / Llama family), got {plan.family} ({plan.task})")
+            raise ValueError(
+                f"needs a decoder for text-generation (GPT-2 / Llama family), got {plan.family} ({plan.task})"
+            )
+
 
 def guarantee_text(eps: float, delta: float, R: float, Rw: float, proj: bool) -> str:
     k = "‖Pᵀk‖∞" if proj else "‖k‖∞"
-    return (f"({eps:g}, {delta:g})-DP for replacing one context row (the key/value of one context position in every replaced "
-            f"layer and head), under the public bounds {k} ≤ {R:.4g} and |v| ≤ {Rw:.4g} enforced by clipping; n is public. "
-            f"Documents of g rows only via group privacy: (g·ε, g·e^((g−1)ε)·δ). Deeper decoder layers mix positions, so one "
-            f"token can move many rows there: per-token privacy holds exactly only where one token drives one row.")
+    return (
+        f"({eps:g}, {delta:g})-DP for replacing one context row (the key/value of one context position in every replaced "
+        f"layer and head), under the public bounds {k} ≤ {R:.4g} and |v| ≤ {Rw:.4g} enforced by clipping; n is public. "
+        f"Documents of g rows only via group privacy: (g·ε, g·e^((g−1)ε)·δ). Deeper decoder layers mix positions, so one "
+        f"token can move many rows there: per-token privacy holds exactly only where one token drives one row."
+    )
 
 
 def read_private_kv(path: Path, n_layers: int, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -84,21 +113,27 @@ def read_private_kv(path: Path, n_layers: int, where: str) -> list[tuple[np.ndar
             for l in range(n_layers):
                 kn, vn = f"layers.{l}.key", f"layers.{l}.value"
                 if kn not in names or vn not in names:
-                    raise ConfigError(f"{where}: {path.name} has no '{kn}'/'{vn}' (needs one pair per layer, {n_layers} layers)")
+                    raise ConfigError(
+                        f"{where}: {path.name} has no '{kn}'/'{vn}' (needs one pair per layer, {n_layers} layers)"
+                    )
                 K, V = fh.get_tensor(kn).astype(np.float64), fh.get_tensor(vn).astype(np.float64)
                 if K.ndim != 3 or K.shape[:2] != V.shape[:2]:
-                    raise ConfigError(f"{where}: {path.name}: layer {l} key {K.shape} / value {V.shape} are not (H_kv, n, d) with matching H_kv, n")
+                    raise ConfigError(
+                        f"{where}: {path.name}: layer {l} key {K.shape} / value {V.shape} are not (H_kv, n, d) with matching H_kv, n"
+                    )
                 if not (np.isfinite(K).all() and np.isfinite(V).all()):
                     raise ConfigError(f"{where}: {path.name}: layer {l} has non-finite entries")
                 out.append((K, V))
     except ConfigError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a corrupt file becomes one line
-        raise ConfigError(f"{where}: cannot read {path.name} as safetensors: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    except Exception as exc:
+        raise ConfigError(
+            f"{where}: cannot read {path.name} as safetensors: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     return out
 
 
-def _context_ids(loaded: Any, path: Path, where: str) -> "Any":
+def _context_ids(loaded: Any, path: Path, where: str) -> Any:
     import torch
 
     from pipeline.data import hash_token_ids
@@ -119,7 +154,9 @@ def _context_ids(loaded: Any, path: Path, where: str) -> "Any":
 def _bound(value: Bound, public: float, name: str) -> float:
     if value == "calibration":
         if not (math.isfinite(public) and public > 0):
-            raise StageError("private_context", f"{name}: the public calibration text gave {public}, not a usable bound")
+            raise StageError(
+                "private_context", f"{name}: the public calibration text gave {public}, not a usable bound"
+            )
         return float(public)
     return float(value)
 
@@ -138,12 +175,23 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
     # required keys are checked here, first (stage configs keep defaults so every kind builds with no arguments)
     if cfg.context_file is None:
         raise ConfigError(f"{where}: context_file is missing: give the private context (a text or .safetensors file)")
-    check_privacy_params(cfg.epsilon, cfg.delta, 1.0 if cfg.key_bound == "calibration" else cfg.key_bound,
-                         1.0 if cfg.value_bound == "calibration" else cfg.value_bound, where=where)
+    check_privacy_params(
+        cfg.epsilon,
+        cfg.delta,
+        1.0 if cfg.key_bound == "calibration" else cfg.key_bound,
+        1.0 if cfg.value_bound == "calibration" else cfg.value_bound,
+        where=where,
+    )
     if art.task != "text-generation":
-        raise StageError("private_context", f"needs a decoder for text-generation (GPT-2 / Llama family), got {art.family} ({art.task})")
+        raise StageError(
+            "private_context",
+            f"needs a decoder for text-generation (GPT-2 / Llama family), got {art.family} ({art.task})",
+        )
     if art.torch_changes.get("attention") or art.torch_changes.get("private_context"):
-        raise StageError("private_context", "the attention is already rewritten by an earlier stage; put private_context first and only once")
+        raise StageError(
+            "private_context",
+            "the attention is already rewritten by an earlier stage; put private_context first and only once",
+        )
     path = Path(cfg.context_file)
     if not path.is_file():
         raise ConfigError(f"{where}.context_file: '{path}' is not a file")
@@ -159,25 +207,34 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
         ids = _context_ids(loaded, path, f"{where}.context_file")
         max_pos = int(getattr(conf, "n_positions", None) or getattr(conf, "max_position_embeddings", 0) or 0)
         if max_pos and len(ids) + ctx.run.calibration.max_length > max_pos:
-            raise StageError("private_context", f"context of {len(ids)} tokens + calibration.max_length {ctx.run.calibration.max_length} exceeds the model's {max_pos} positions")
+            raise StageError(
+                "private_context",
+                f"context of {len(ids)} tokens + calibration.max_length {ctx.run.calibration.max_length} exceeds the model's {max_pos} positions",
+            )
         kv = context_kv(model, ids)
     H_kv, n, d = kv[0][0].shape
     dv = kv[0][1].shape[-1]
     if any(K.shape != (H_kv, n, d) or V.shape != (H_kv, n, dv) for K, V in kv):
         raise ConfigError(f"{where}.context_file: layers disagree in (H_kv, n, d)")
-    mods_heads = int(getattr(conf, "num_key_value_heads", None) or getattr(conf, "num_attention_heads", None) or conf.n_head)
+    mods_heads = int(
+        getattr(conf, "num_key_value_heads", None) or getattr(conf, "num_attention_heads", None) or conf.n_head
+    )
     if H_kv != mods_heads:
         raise ConfigError(f"{where}.context_file: {H_kv} KV heads per layer, the model has {mods_heads}")
 
     # public side: calibration text -> projection and (optionally) bounds
     calib, _ = text_sets(ctx)
-    batches = encode(loaded, calib, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
+    batches = encode(
+        loaded, calib, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size
+    )
     pub = public_kv(model, batches)
     p = cfg.projection_dim or d
     if p > d:
         raise ConfigError(f"{where}.projection_dim: {p} exceeds the head dimension {d}")
     proj = {l: fit_projection(pub[l][0], p) for l in range(n_layers)} if cfg.projection_dim else {}
-    pub_keys = max(float(np.abs(np.einsum("hmd,hdp->hmp", K, proj[l]) if proj else K).max()) for l, (K, _) in enumerate(pub))
+    pub_keys = max(
+        float(np.abs(np.einsum("hmd,hdp->hmp", K, proj[l]) if proj else K).max()) for l, (K, _) in enumerate(pub)
+    )
     R = _bound(cfg.key_bound, pub_keys, "key_bound")
     Rw = _bound(cfg.value_bound, max(float(np.abs(V).max()) for _, V in pub), "value_bound")
     bounds = PublicBounds(R, Rw)
@@ -186,7 +243,10 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
     m = n_layers * H_kv
     size_mb = m * spec.r * (dv + 1) * 4 / 1e6
     if size_mb > cfg.max_release_mb:
-        raise StageError("private_context", f"release would be {size_mb:.0f} MB ({spec.r} features × {dv + 1} columns × {m} heads) > max_release_mb {cfg.max_release_mb:g}; lower degree or set projection_dim")
+        raise StageError(
+            "private_context",
+            f"release would be {size_mb:.0f} MB ({spec.r} features × {dv + 1} columns × {m} heads) > max_release_mb {cfg.max_release_mb:g}; lower degree or set projection_dim",
+        )
 
     delta_f = replace_one_sensitivity(spec, bounds, dv)
     sampler = SecureSampler()
@@ -200,26 +260,70 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
             S = np.stack([exact_sums(Kp[h], V[h], spec, bounds) for h in range(H_kv)])  # (H_kv, r, dv+1)
             sums[l] = (S + sampler.normal(S.shape, sigma)).astype(np.float32)
         else:
-            trees = [DPTreeSoftmax(Kp[h], V[h], spec, bounds, cfg.epsilon, cfg.delta, releases=m, sampler=sampler) for h in range(H_kv)]
+            trees = [
+                DPTreeSoftmax(Kp[h], V[h], spec, bounds, cfg.epsilon, cfg.delta, releases=m, sampler=sampler)
+                for h in range(H_kv)
+            ]
             sums[l] = np.stack([t.effective_sums() for t in trees]).astype(np.float32)
     del kv
     if cfg.mechanism == "dptree":
         b = trees[0].dist.T_S.scale
-        sigma, exact_delta = float(math.sqrt(2) * b), float(cfg.delta)  # per-entry std in units of X_j; δ from advanced composition
-    meta = {"epsilon": cfg.epsilon, "delta": cfg.delta, "accounting": cfg.accounting if cfg.mechanism == "feature_sum" else "advanced_composition",
-            "mechanism": cfg.mechanism, "sigma": float(sigma), "sensitivity": float(delta_f), "releases": m, "exact_delta": float(exact_delta),
-            "sampler": sampler.name, "features": spec.r}
-    prefix = DPPrefix(n=int(n), degree=cfg.degree, scale=scale, key_bound=R, value_bound=Rw, sums=sums,
-                      proj={l: P.astype(np.float32) for l, P in proj.items()}, meta=meta)
+        sigma, exact_delta = (
+            float(math.sqrt(2) * b),
+            float(cfg.delta),
+        )  # per-entry std in units of X_j; δ from advanced composition
+    meta = {
+        "epsilon": cfg.epsilon,
+        "delta": cfg.delta,
+        "accounting": cfg.accounting if cfg.mechanism == "feature_sum" else "advanced_composition",
+        "mechanism": cfg.mechanism,
+        "sigma": float(sigma),
+        "sensitivity": float(delta_f),
+        "releases": m,
+        "exact_delta": float(exact_delta),
+        "sampler": sampler.name,
+        "features": spec.r,
+    }
+    prefix = DPPrefix(
+        n=int(n),
+        degree=cfg.degree,
+        scale=scale,
+        key_bound=R,
+        value_bound=Rw,
+        sums=sums,
+        proj={l: P.astype(np.float32) for l, P in proj.items()},
+        meta=meta,
+    )
     release_path = ctx.dir / "dp_release.safetensors"
     prefix.save(release_path)
-    replaced = apply_dp_prefix_(model, DPPrefix.load(release_path))  # the check that the saved release rewrites the model
-    ctx.metrics.update({
-        "epsilon": cfg.epsilon, "delta": cfg.delta, "sigma": float(sigma), "accounting": meta["accounting"],
-        "heads_replaced": int(m), "context_tokens": int(n), "bytes_shipped": prefix.nbytes,
-        "layers_replaced": replaced, "mechanism": cfg.mechanism, "exact_delta": float(exact_delta), "sensitivity": float(delta_f),
-        "features": spec.r, "key_bound": R, "value_bound": Rw, "sampler": sampler.name,
-        "raw_context_bytes": int(m * n * (d + dv) * 4), "guarantee": guarantee_text(cfg.epsilon, cfg.delta, R, Rw, bool(proj)),
-    })
-    change = {"release": ctx.ref(release_path), "context_file": str(path.resolve()), "mechanism": cfg.mechanism, "projection_dim": cfg.projection_dim}
+    replaced = apply_dp_prefix_(
+        model, DPPrefix.load(release_path)
+    )  # the check that the saved release rewrites the model
+    ctx.metrics.update(
+        {
+            "epsilon": cfg.epsilon,
+            "delta": cfg.delta,
+            "sigma": float(sigma),
+            "accounting": meta["accounting"],
+            "heads_replaced": int(m),
+            "context_tokens": int(n),
+            "bytes_shipped": prefix.nbytes,
+            "layers_replaced": replaced,
+            "mechanism": cfg.mechanism,
+            "exact_delta": float(exact_delta),
+            "sensitivity": float(delta_f),
+            "features": spec.r,
+            "key_bound": R,
+            "value_bound": Rw,
+            "sampler": sampler.name,
+            "raw_context_bytes": int(m * n * (d + dv) * 4),
+            "guarantee": guarantee_text(cfg.epsilon, cfg.delta, R, Rw, bool(proj)),
+        }
+    )
+    change = {
+        "release": ctx.ref(release_path),
+        "context_file": str(path.resolve()),
+        "mechanism": cfg.mechanism,
+        "projection_dim": cfg.projection_dim,
+    }
     return art.replace(torch_changes={**dict(art.torch_changes), "private_context": change})

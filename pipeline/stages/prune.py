@@ -12,7 +12,7 @@ from pipeline.pruning.config import PruneConfig as _PruneOptions
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, stage_warning, text_sets, warn_without_validate
 
-__all__ = ["PruneConfig", "run_prune", "PatternGivesNoSpeedup"]
+__all__ = ["PatternGivesNoSpeedup", "PruneConfig", "run_prune"]
 
 
 class PatternGivesNoSpeedup(UserWarning):
@@ -56,8 +56,10 @@ def resolve_structured_defaults(cfg: PruneConfig, loaded) -> tuple[PruneConfig, 
         # heads+ffn at s removes s * (4 h^2 + 2 h I); q/k width s removes s * 2 h^2, so FFN takes the rest
         update["ffn_sparsity"] = round(min(0.95, cfg.sparsity * (1 + hidden / inter)), 4)
     out = cfg.model_copy(update=update)
-    note = (f"structured_unit omitted: qk_dims+ffn (best measured for the BERT family), q/k width"
-            f" {out.qk_sparsity if out.qk_sparsity is not None else out.sparsity:g}, FFN {out.ffn_sparsity if out.ffn_sparsity is not None else out.sparsity:g}")
+    note = (
+        f"structured_unit omitted: qk_dims+ffn (best measured for the BERT family), q/k width"
+        f" {out.qk_sparsity if out.qk_sparsity is not None else out.sparsity:g}, FFN {out.ffn_sparsity if out.ffn_sparsity is not None else out.sparsity:g}"
+    )
     return out, note
 
 
@@ -80,13 +82,22 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
         ctx.log.info(chosen)
     warn_without_validate(ctx, "prune")
     if cfg.pattern == "structured" and "recover" not in [s.kind for s in list(ctx.run.stages)[ctx.index + 1 :]]:
-        stage_warning(ctx, f"structured pruning at {cfg.sparsity:.0%} without a recover stage after it: expect a large fidelity"
-                      " loss (MiniLM 50 %: held-out cosine 0.84 before recovery, 0.95 after); add '- recover: {}'")
+        stage_warning(
+            ctx,
+            f"structured pruning at {cfg.sparsity:.0%} without a recover stage after it: expect a large fidelity"
+            " loss (MiniLM 50 %: held-out cosine 0.84 before recovery, 0.95 after); add '- recover: {}'",
+        )
     calib, heldout = text_sets(ctx)
     c = ctx.run.calibration
     n_cal = min(cfg.calibration_samples, len(calib))
-    batches = encode(loaded, calib[:n_cal], max_length=min(cfg.calibration_seq_len, c.max_length), batch_size=c.batch_size, ctx=ctx,
-                     setting="calibration_seq_len" if cfg.calibration_seq_len < c.max_length else "calibration.max_length")
+    batches = encode(
+        loaded,
+        calib[:n_cal],
+        max_length=min(cfg.calibration_seq_len, c.max_length),
+        batch_size=c.batch_size,
+        ctx=ctx,
+        setting="calibration_seq_len" if cfg.calibration_seq_len < c.max_length else "calibration.max_length",
+    )
     evals = encode(loaded, heldout, max_length=c.max_length, batch_size=c.batch_size, ctx=ctx)
     from tqdm.auto import tqdm
 
@@ -110,5 +121,8 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     metrics["structured_unit"] = cfg.structured_unit if cfg.pattern == "structured" else None
     ctx.metrics.update(metrics)
     removed = float((metrics.get("sparsity") or {}).get("overall", cfg.sparsity))
-    changes = {**dict(art.torch_changes), "prune": {"method": cfg.method, "pattern": cfg.pattern, "sparsity": cfg.sparsity, "removed": removed}}
+    changes = {
+        **dict(art.torch_changes),
+        "prune": {"method": cfg.method, "pattern": cfg.pattern, "sparsity": cfg.sparsity, "removed": removed},
+    }
     return art.replace(model_dir=ctx.ref(out_dir), torch_changes=changes)

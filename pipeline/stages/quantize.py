@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal
 
 import onnx
 from pydantic import Field
@@ -14,24 +15,32 @@ from pipeline.errors import StageError
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, warn_without_validate
 
-__all__ = ["QuantizeConfig", "run_quantize", "quantize_targets", "check_ops_for_target"]
+__all__ = ["QuantizeConfig", "check_ops_for_target", "quantize_targets", "run_quantize"]
 
 Precision = Literal["fp32", "fp16", "int8", "int8-static"]
 
 
 class QuantizeConfig(StageConfig):
     kind = "quantize"
-    precision: Optional[Precision] = Field(None, description="one precision for every target; omitted = each profile's default")
+    precision: Precision | None = Field(
+        None, description="one precision for every target; omitted = each profile's default"
+    )
     per_target: dict[str, Precision] = Field(default_factory=dict, description="precision overrides by target name")
-    per_channel: bool = Field(True, description="int8: per-channel weight scales (much better fidelity than per-tensor)")
+    per_channel: bool = Field(
+        True, description="int8: per-channel weight scales (much better fidelity than per-tensor)"
+    )
     calibration_samples: int = Field(32, ge=1, description="int8-static: calibration passages")
-    quantize_embeddings: bool = Field(True, description="int8: also quantize embedding tables (Gather): ~2.5x smaller MiniLM at the same fidelity")
-    keep_fp32_ops: Optional[list[str]] = Field(None, description="op types kept in fp32 (default: LayerNorm, Softmax and residual-sensitive ops)")
+    quantize_embeddings: bool = Field(
+        True, description="int8: also quantize embedding tables (Gather): ~2.5x smaller MiniLM at the same fidelity"
+    )
+    keep_fp32_ops: list[str] | None = Field(
+        None, description="op types kept in fp32 (default: LayerNorm, Softmax and residual-sensitive ops)"
+    )
 
     def precision_for(self, name: str, prof) -> str:
         return self.per_target.get(name) or self.precision or prof.default_precision
 
-    def target_problem(self, targets) -> Optional[str]:
+    def target_problem(self, targets) -> str | None:
         """What makes this config unusable for ``targets`` (name -> profile), or None."""
         unknown = sorted(set(self.per_target) - set(targets))
         if unknown:
@@ -53,13 +62,18 @@ def check_ops_for_target(model_path: Path, target: str, opset: int) -> None:
     model = onnx.load(str(model_path), load_external_data=False)
     imported = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
     if imported.get("ai.onnx", 0) > opset:
-        raise StageError("quantize", f"target '{target}' runs ONNX opset ≤ {opset} but the model uses opset {imported['ai.onnx']}")
+        raise StageError(
+            "quantize", f"target '{target}' runs ONNX opset ≤ {opset} but the model uses opset {imported['ai.onnx']}"
+        )
     for node in model.graph.node:
         if node.domain in ("", "ai.onnx"):
             try:
                 onnx.defs.get_schema(node.op_type, opset, "")
             except onnx.defs.SchemaError:
-                raise StageError("quantize", f"op '{node.op_type}' (node '{node.name}') is not available at opset {opset} on target '{target}'") from None
+                raise StageError(
+                    "quantize",
+                    f"op '{node.op_type}' (node '{node.name}') is not available at opset {opset} on target '{target}'",
+                ) from None
 
 
 @register_stage(QuantizeConfig, version=2)
@@ -69,13 +83,17 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
     def text_feeds(tm: TargetModel) -> list[dict]:
         loaded = load_from_artifact(art, ctx)
         calib, _ = text_sets(ctx)
-        batches = encode(loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1, ctx=ctx)
+        batches = encode(
+            loaded, calib[: cfg.calibration_samples], max_length=ctx.run.calibration.max_length, batch_size=1, ctx=ctx
+        )
         return [to_numpy_feeds(b, tm.io) for b in batches]
 
     return quantize_targets(art, cfg, ctx, text_feeds)
 
 
-def quantize_targets(art: Artifact, cfg: QuantizeConfig, ctx: StageContext, calibration_feeds: Callable[[TargetModel], list[dict]]) -> Artifact:
+def quantize_targets(
+    art: Artifact, cfg: QuantizeConfig, ctx: StageContext, calibration_feeds: Callable[[TargetModel], list[dict]]
+) -> Artifact:
     """The quantize stage for any model kind: ``calibration_feeds(target_model)`` gives the int8-static
     calibration feeds (called at most once per run, only when a target needs them)."""
     from tqdm.auto import tqdm
@@ -114,7 +132,13 @@ def quantize_targets(art: Artifact, cfg: QuantizeConfig, ctx: StageContext, cali
             kwargs["keep_fp32_ops"] = cfg.keep_fp32_ops
         q = convert_precision(src, dst, precision, **kwargs)
         files = dict(tm.files)
-        info = {"precision": precision, "size_bytes": q.size_bytes, "external_data": data_file(dst).is_file(), "nodes_quantized": q.nodes_quantized, "ops_kept_fp32": list(q.ops_kept_fp32)}
+        info = {
+            "precision": precision,
+            "size_bytes": q.size_bytes,
+            "external_data": data_file(dst).is_file(),
+            "nodes_quantized": q.nodes_quantized,
+            "ops_kept_fp32": list(q.ops_kept_fp32),
+        }
         if precision.startswith("int8"):
             info["int8_weights"] = prof.int8_weight_type  # the per-profile choice (TargetProfile.int8_weight_type)
         if prof.ort_format:
@@ -128,6 +152,8 @@ def quantize_targets(art: Artifact, cfg: QuantizeConfig, ctx: StageContext, cali
         if prof.mobile_check:
             info["mobile_usability"] = mobile_usability(dst)
         report[name] = info
-        out = out.with_target(name, TargetModel(model=ctx.ref(dst), precision=precision, io=tm.io, files=files, metrics=dict(tm.metrics)))
+        out = out.with_target(
+            name, TargetModel(model=ctx.ref(dst), precision=precision, io=tm.io, files=files, metrics=dict(tm.metrics))
+        )
     ctx.metrics.update({"targets": report})
     return out

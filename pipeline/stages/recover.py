@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
@@ -10,43 +10,54 @@ from pipeline.artifact import Artifact
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_dense, load_from_artifact, stage_warning, text_sets_and_rest
 
-__all__ = ["RecoverConfig", "run_recover", "distillation_texts", "default_steps", "passages_needed"]
+__all__ = ["RecoverConfig", "default_steps", "distillation_texts", "passages_needed", "run_recover"]
 
 
 class RecoverConfig(StageConfig):
     kind = "recover"
     works_on = "torch"
-    steps: Optional[int] = Field(
-        None, ge=1, le=100000,
+    steps: int | None = Field(
+        None,
+        ge=1,
+        le=100000,
         description="optimizer steps; omitted = scales with the compression: max(200, 4000 x pruned fraction), 2000 at"
         " 50 % (the measured MiniLM recipe)",
     )
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (MiniLM structured: 1e-3 > 5e-4 > 2e-3)")
-    loss: Optional[Literal["hidden_mse", "cosine", "kl_logits"]] = Field(
-        None, description="omitted = kl_logits for causal LMs, hidden_mse (token-level last-hidden-state MSE + cosine"
-        " of mean-pooled embeddings) for encoders: MiniLM structured 50 %, 400 steps, 0.927 vs 0.923 with cosine only"
+    loss: Literal["hidden_mse", "cosine", "kl_logits"] | None = Field(
+        None,
+        description="omitted = kl_logits for causal LMs, hidden_mse (token-level last-hidden-state MSE + cosine"
+        " of mean-pooled embeddings) for encoders: MiniLM structured 50 %, 400 steps, 0.927 vs 0.923 with cosine only",
     )
     keep_masks: bool = Field(True, description="weights pruned to exactly zero stay zero")
-    samples: Optional[int] = Field(
-        None, ge=1,
+    samples: int | None = Field(
+        None,
+        ge=1,
         description="distillation passages: the calibration samples first, then passages after the held-out window;"
         " omitted = every passage of the calibration text except the held-out ones",
     )
     batch_size: int = Field(32, ge=1, le=4096, description="passages per step (batched by length: little padding)")
     layer_weight: float = Field(
-        10.0, ge=0, description="weight of matching every intermediate block's hidden states (0 = outputs only);"
-        " MiniLM structured 50 %, 400 steps: 1 -> 0.927, 3 -> 0.930, 10 -> 0.934, 30 -> 0.934 held-out cosine"
+        10.0,
+        ge=0,
+        description="weight of matching every intermediate block's hidden states (0 = outputs only);"
+        " MiniLM structured 50 %, 400 steps: 1 -> 0.927, 3 -> 0.930, 10 -> 0.934, 30 -> 0.934 held-out cosine",
     )
     attention_weight: float = Field(
-        0.0, ge=0, description="weight of matching every block's attention maps head by head (KL; blocks whose head"
-        " count changed are skipped); 0 = off"
+        0.0,
+        ge=0,
+        description="weight of matching every block's attention maps head by head (KL; blocks whose head"
+        " count changed are skipped); 0 = off",
     )
     schedule: Literal["constant", "cosine"] = Field("cosine", description="learning-rate schedule")
     warmup: float = Field(0.05, ge=0, lt=1, description="warm-up steps of the cosine schedule, as a fraction of steps")
     freeze_embeddings: bool = Field(True, description="leave the token embeddings (and a tied LM head) as they are")
     token_noise: float = Field(
-        0.0, ge=0, lt=1, description="fraction of inner tokens replaced per step by tokens of the same batch"
-        " (augmentation against over-fitting a small distillation set); 0 = off"
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of inner tokens replaced per step by tokens of the same batch"
+        " (augmentation against over-fitting a small distillation set); 0 = off",
     )
 
 
@@ -69,7 +80,7 @@ def _improved(before: dict, after: dict) -> bool:
     return after["kl"] <= before["kl"]
 
 
-def distillation_texts(ctx: StageContext, samples: Optional[int]) -> tuple[list[str], list[str]]:
+def distillation_texts(ctx: StageContext, samples: int | None) -> tuple[list[str], list[str]]:
     """(training passages for recover, held-out passages): the calibration passages, then those after the held-out
     window (never the held-out ones), up to ``samples`` (None = all of them)."""
     calib, heldout, rest = text_sets_and_rest(ctx)
@@ -93,9 +104,12 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     need = passages_needed(pruned)
     if pruned > 0 and len(train) < need:
         where = c.file or "the built-in calibration text"
-        stage_warning(ctx, f"recover has {len(train)} distillation passages ({where}) for {pruned:.0%} of the weights pruned;"
-                      f" about {need} are needed to recover fidelity: set calibration.file to a text file with that many"
-                      " passages (one per line)")
+        stage_warning(
+            ctx,
+            f"recover has {len(train)} distillation passages ({where}) for {pruned:.0%} of the weights pruned;"
+            f" about {need} are needed to recover fidelity: set calibration.file to a text file with that many"
+            " passages (one per line)",
+        )
     # sorted by length, so a batch pads to similar lengths (recover_ visits batches in a seeded random order)
     batches = encode(student, sorted(train, key=len), max_length=c.max_length, batch_size=cfg.batch_size, ctx=ctx)
     held = encode(student, heldout, max_length=c.max_length, batch_size=c.batch_size, ctx=ctx)
@@ -103,20 +117,47 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     loss = cfg.loss or default_loss(teacher.model)
     ctx.log.info("recover: %d steps on %d passages (%d batches), loss %s", cfg.steps, len(train), len(batches), loss)
     res = recover_(
-        student.model, teacher.model, batches, steps=cfg.steps, lr=cfg.lr, loss=loss, keep_masks=cfg.keep_masks,
-        heldout=held, seed=ctx.run.seed, layer_weight=cfg.layer_weight, attention_weight=cfg.attention_weight,
+        student.model,
+        teacher.model,
+        batches,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        loss=loss,
+        keep_masks=cfg.keep_masks,
+        heldout=held,
+        seed=ctx.run.seed,
+        layer_weight=cfg.layer_weight,
+        attention_weight=cfg.attention_weight,
         schedule=cfg.schedule,
         warmup=int(cfg.warmup * cfg.steps) if cfg.schedule == "cosine" else 0,
-        freeze_embeddings=cfg.freeze_embeddings, token_noise=cfg.token_noise,
+        freeze_embeddings=cfg.freeze_embeddings,
+        token_noise=cfg.token_noise,
     )
     rolled_back = not _improved(res.heldout_before, res.heldout_after)
     if rolled_back:
         # distillation made held-out fidelity worse (e.g. the student was already very close): keep the input
         student.model.load_state_dict(start)
-        ctx.log.warning("recover: held-out fidelity got worse (%s -> %s); kept the un-recovered model", res.heldout_before, res.heldout_after)
+        ctx.log.warning(
+            "recover: held-out fidelity got worse (%s -> %s); kept the un-recovered model",
+            res.heldout_before,
+            res.heldout_after,
+        )
     out_dir = ctx.subdir("model")
     save_model(student, out_dir)
-    ctx.metrics.update({"steps": res.steps, "seconds": res.seconds, "loss_first": res.loss_first, "loss_last": res.loss_last,
-                        "passages": len(train), "heldout_before": res.heldout_before, "heldout_after": res.heldout_after,
-                        "loss": res.loss, "layer_weight": cfg.layer_weight, "rolled_back": rolled_back})
-    return art.replace(model_dir=ctx.ref(out_dir), torch_changes={**dict(art.torch_changes), "recover": {"steps": res.steps}})
+    ctx.metrics.update(
+        {
+            "steps": res.steps,
+            "seconds": res.seconds,
+            "loss_first": res.loss_first,
+            "loss_last": res.loss_last,
+            "passages": len(train),
+            "heldout_before": res.heldout_before,
+            "heldout_after": res.heldout_after,
+            "loss": res.loss,
+            "layer_weight": cfg.layer_weight,
+            "rolled_back": rolled_back,
+        }
+    )
+    return art.replace(
+        model_dir=ctx.ref(out_dir), torch_changes={**dict(art.torch_changes), "recover": {"steps": res.steps}}
+    )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifact import Artifact, TargetModel
+from pipeline.diffusion.network import FAMILY  # the score-network family, said once
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import load_dense, load_from_artifact, write_target_bundle
@@ -26,7 +27,6 @@ from pipeline.stages.prune import PatternGivesNoSpeedup, PruneConfig
 from pipeline.stages.quantize import QuantizeConfig, quantize_targets
 from pipeline.stages.recover import RecoverConfig
 from pipeline.stages.validate import ValidateConfig
-from pipeline.diffusion.network import FAMILY  # the score-network family, said once
 
 __all__ = ["FAMILY", "model_inputs"]
 
@@ -38,7 +38,9 @@ def model_inputs(loaded: Any, ctx: StageContext, split: str, n: int):
     from pipeline.diffusion.evaluate import score_inputs
     from pipeline.diffusion.network import mixture_of
 
-    return score_inputs(loaded.model, n, seed=ctx.run.seed * 1000 + _SEEDS[split], mixture=mixture_of(loaded.model.config))
+    return score_inputs(
+        loaded.model, n, seed=ctx.run.seed * 1000 + _SEEDS[split], mixture=mixture_of(loaded.model.config)
+    )
 
 
 def _n_samples(ctx: StageContext, split: str) -> int:
@@ -56,7 +58,10 @@ def prune_score_model(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Art
     from pipeline.models import save_model
 
     if cfg.method not in PRUNE_METHODS or cfg.pattern == "structured":
-        raise StageError("prune", f"score networks support method {'/'.join(PRUNE_METHODS)} with pattern unstructured or n:m (got {cfg.method}/{cfg.pattern})")
+        raise StageError(
+            "prune",
+            f"score networks support method {'/'.join(PRUNE_METHODS)} with pattern unstructured or n:m (got {cfg.method}/{cfg.pattern})",
+        )
     slow = [n for n, p in ctx.targets.items() if cfg.pattern not in p.fast_patterns]
     if slow:
         msg = f"pattern '{cfg.pattern}' gives no speedup on target(s) {slow}"
@@ -78,10 +83,23 @@ def prune_score_model(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Art
     after = score_mse(torch_scorer(loaded.model)(x, t), ref)
     out_dir = ctx.subdir("model")
     save_model(loaded, out_dir)
-    ctx.metrics.update({**metrics, "method": cfg.method, "pattern": cfg.pattern,
-                        "score_mse": {"before": before, "after": after, "reference": "closed form" if mix is not None else "dense network"},
-                        **({"warning": msg} if slow else {})})
-    changes = {**dict(art.torch_changes), "prune": {"method": cfg.method, "pattern": cfg.pattern, "sparsity": cfg.sparsity}}
+    ctx.metrics.update(
+        {
+            **metrics,
+            "method": cfg.method,
+            "pattern": cfg.pattern,
+            "score_mse": {
+                "before": before,
+                "after": after,
+                "reference": "closed form" if mix is not None else "dense network",
+            },
+            **({"warning": msg} if slow else {}),
+        }
+    )
+    changes = {
+        **dict(art.torch_changes),
+        "prune": {"method": cfg.method, "pattern": cfg.pattern, "sparsity": cfg.sparsity},
+    }
     return art.replace(model_dir=ctx.ref(out_dir), torch_changes=changes)
 
 
@@ -109,11 +127,18 @@ def export_score_model(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> A
     for opset, names in sorted(by_opset.items()):
         try:
             path = export_score_onnx(loaded.model, ctx.subdir(f"opset{opset}") / "model.onnx", opset=opset)
-        except Exception as exc:  # noqa: BLE001 - the exporter's failure, one line
-            raise StageError("export", f"ONNX export failed at opset {opset}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        except Exception as exc:
+            raise StageError(
+                "export",
+                f"ONNX export failed at opset {opset}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            ) from exc
         (got,) = make_session(path).run(["score"], feeds_of(x, t))
-        exports[f"opset{opset}"] = {"exporter": "dynamo", "size_bytes": path.stat().st_size, "targets": names,
-                                    "max_abs_diff_vs_torch": float(np.abs(got - ref).max())}
+        exports[f"opset{opset}"] = {
+            "exporter": "dynamo",
+            "size_bytes": path.stat().st_size,
+            "targets": names,
+            "max_abs_diff_vs_torch": float(np.abs(got - ref).max()),
+        }
         for name in names:
             out = out.with_target(name, TargetModel(model=ctx.ref(path), precision="fp32", io={**io, "opset": opset}))
     ctx.metrics.update({"exports": exports})
@@ -166,20 +191,51 @@ def validate_score_model(art: Artifact, cfg: ValidateConfig, ctx: StageContext) 
         sess = make_session(path, threads=min(prof.threads or 2, 2))
         got = onnx_scorer(sess)(x, t)
         # one row of all n·d values: the cosine of a single 2-vector near a mode (score ≈ 0) is noise, not parity
-        rows = compare({"score": current.numpy().reshape(1, -1)}, {"score": got.numpy().reshape(1, -1)}, atol=tol.atol, min_cosine=tol.min_cosine)
-        parity = {"max_abs_diff": float(rows[0].max_abs_diff), "cosine_min": float(rows[0].cosine_min),
-                  "atol": tol.atol, "min_cosine": tol.min_cosine, "ok": bool(rows[0].ok)}
+        rows = compare(
+            {"score": current.numpy().reshape(1, -1)},
+            {"score": got.numpy().reshape(1, -1)},
+            atol=tol.atol,
+            min_cosine=tol.min_cosine,
+        )
+        parity = {
+            "max_abs_diff": float(rows[0].max_abs_diff),
+            "cosine_min": float(rows[0].cosine_min),
+            "atol": tol.atol,
+            "min_cosine": tol.min_cosine,
+            "ok": bool(rows[0].ok),
+        }
         if not parity["ok"]:
-            failures.append({"target": name, "check": "parity", "value": f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}", "limit": f"atol {tol.atol}, min_cosine {tol.min_cosine}"})
+            failures.append(
+                {
+                    "target": name,
+                    "check": "parity",
+                    "value": f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}",
+                    "limit": f"atol {tol.atol}, min_cosine {tol.min_cosine}",
+                }
+            )
         err = score_mse(got, exact)
-        fid = {"score_mse": err["mse"], "score_rel_mse": err["relative"], "reference": "closed form" if mix is not None else "dense network", "points": n}
+        fid = {
+            "score_mse": err["mse"],
+            "score_rel_mse": err["relative"],
+            "reference": "closed form" if mix is not None else "dense network",
+            "points": n,
+        }
         files = dict(tm.files)
         if cfg.bundle:
-            bundle = write_target_bundle(ctx, ctx.subdir(name, "bundle"), prof, tm, {k: v[:64] for k, v in feeds.items()},
-                                         {"score": current.numpy()[:64].astype(np.float32)}, threads=prof.threads or 1)
+            bundle = write_target_bundle(
+                ctx,
+                ctx.subdir(name, "bundle"),
+                prof,
+                tm,
+                {k: v[:64] for k, v in feeds.items()},
+                {"score": current.numpy()[:64].astype(np.float32)},
+                threads=prof.threads or 1,
+            )
             files["bundle"] = ctx.ref(bundle)
         summary[name] = {"precision": tm.precision, "parity": parity, "fidelity": fid, "table": comparison_table(rows)}
-        out = out.with_target(name, dataclasses.replace(tm, files=files, metrics={**dict(tm.metrics), "parity": parity, "fidelity": fid}))
+        out = out.with_target(
+            name, dataclasses.replace(tm, files=files, metrics={**dict(tm.metrics), "parity": parity, "fidelity": fid})
+        )
     ctx.metrics.update({"targets": summary, "failures": failures, "points": n})
     return out
 
@@ -203,13 +259,27 @@ def benchmark_score_model(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext
     for name, prof in ctx.targets.items():
         tm = art.targets[name]
         threads = min(cfg.threads or prof.threads or host_cores, host_cores)
-        bdir = write_target_bundle(ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup)
+        bdir = write_target_bundle(
+            ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup
+        )
         res = benchmark_bundle(bdir, runs=cfg.runs, threads=threads)
-        entry = {"latency_ms": res["latency_ms"], "peak_rss_mb": res["peak_rss_mb"], "provider": res.get("provider"), "threads": threads,
-                 "batch": cfg.batch, "size_bytes": ctx.resolve(tm.model).stat().st_size, "outputs_ok": res.get("ok"),
-                 "measured_on": "this host (not the device)"}
+        entry = {
+            "latency_ms": res["latency_ms"],
+            "peak_rss_mb": res["peak_rss_mb"],
+            "provider": res.get("provider"),
+            "threads": threads,
+            "batch": cfg.batch,
+            "size_bytes": ctx.resolve(tm.model).stat().st_size,
+            "outputs_ok": res.get("ok"),
+            "measured_on": "this host (not the device)",
+        }
         summary[name] = entry
-        metrics = {**dict(tm.metrics), "latency_ms": entry["latency_ms"], "peak_rss_mb": entry["peak_rss_mb"], "benchmark": entry}
+        metrics = {
+            **dict(tm.metrics),
+            "latency_ms": entry["latency_ms"],
+            "peak_rss_mb": entry["peak_rss_mb"],
+            "benchmark": entry,
+        }
         out = out.with_target(name, dataclasses.replace(tm, metrics=metrics))
     ctx.metrics.update({"targets": summary})
     return out
@@ -217,7 +287,9 @@ def benchmark_score_model(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext
 
 def _not_for_score_models(kind: str):
     def refuse(art: Artifact, cfg: StageConfig, ctx: StageContext) -> Artifact:
-        raise StageError(kind, "does not apply to score networks (model family 'score-model'); remove it from the pipeline")
+        raise StageError(
+            kind, "does not apply to score networks (model family 'score-model'); remove it from the pipeline"
+        )
 
     refuse.__doc__ = f"{kind}: not applicable to score networks."
     return refuse

@@ -3,7 +3,7 @@ writes each target's standalone on-device bundle. Gate failures are recorded (th
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -11,7 +11,15 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import cap_length, encode, load_dense, load_from_artifact, text_sets, to_numpy_feeds, write_target_bundle
+from pipeline.stages._common import (
+    cap_length,
+    encode,
+    load_dense,
+    load_from_artifact,
+    text_sets,
+    to_numpy_feeds,
+    write_target_bundle,
+)
 
 __all__ = ["ValidateConfig", "run_validate"]
 
@@ -20,12 +28,22 @@ _PROMPT_TOKENS = 8  # greedy-generation parity: prompt tokens taken from the fir
 
 class ValidateConfig(StageConfig):
     kind = "validate"
-    samples: Optional[int] = Field(None, ge=4, description="held-out passages to validate on; omitted = calibration.heldout")
-    min_cos_mean: Optional[float] = Field(0.9, ge=-1, le=1, description="encoders: gate on mean embedding cosine vs the dense model (null = report only)")
-    min_recall_at_10: Optional[float] = Field(None, ge=0, le=1, description="encoders: gate on neighbour recall@10 vs dense")
-    min_top1_agreement: Optional[float] = Field(None, ge=0, le=1, description="LMs: gate on next-token top-1 agreement vs dense")
-    max_ppl_ratio: Optional[float] = Field(None, gt=0, description="causal LMs: gate on perplexity / dense perplexity")
-    generation_tokens: int = Field(8, ge=1, le=256, description="causal LMs: greedy tokens for the generation parity check")
+    samples: int | None = Field(
+        None, ge=4, description="held-out passages to validate on; omitted = calibration.heldout"
+    )
+    min_cos_mean: float | None = Field(
+        0.9, ge=-1, le=1, description="encoders: gate on mean embedding cosine vs the dense model (null = report only)"
+    )
+    min_recall_at_10: float | None = Field(
+        None, ge=0, le=1, description="encoders: gate on neighbour recall@10 vs dense"
+    )
+    min_top1_agreement: float | None = Field(
+        None, ge=0, le=1, description="LMs: gate on next-token top-1 agreement vs dense"
+    )
+    max_ppl_ratio: float | None = Field(None, gt=0, description="causal LMs: gate on perplexity / dense perplexity")
+    generation_tokens: int = Field(
+        8, ge=1, le=256, description="causal LMs: greedy tokens for the generation parity check"
+    )
     bundle: bool = Field(True, description="write the standalone on-device evaluation bundle for each target")
 
 
@@ -62,7 +80,9 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     dense = load_dense(art)
     _, heldout = text_sets(ctx)
     heldout = heldout[: cfg.samples] if cfg.samples else heldout
-    batches = encode(loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size, ctx=ctx)
+    batches = encode(
+        loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size, ctx=ctx
+    )
     decoder = art.task == "text-generation"
 
     # PyTorch references, computed once: the current (maybe pruned) model for parity, the dense one for fidelity
@@ -88,7 +108,15 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
         got = _run_session(sess, [to_numpy_feeds(b, tm.io) for b in batches], tm.io["output_names"])
         rows = []
         for g, r, f in zip(got, ref_cur, feeds_all):
-            rows.extend(compare({first: r[first]}, {first: g[first]}, atol=tol.atol, min_cosine=tol.min_cosine, mask=f["attention_mask"]))
+            rows.extend(
+                compare(
+                    {first: r[first]},
+                    {first: g[first]},
+                    atol=tol.atol,
+                    min_cosine=tol.min_cosine,
+                    mask=f["attention_mask"],
+                )
+            )
         parity = {
             "max_abs_diff": float(max(c.max_abs_diff for c in rows)),
             "cosine_min": float(min(c.cosine_min for c in rows)),
@@ -97,45 +125,97 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
             "ok": bool(all(c.ok for c in rows)),
         }
         if not parity["ok"]:
-            failures.append({"target": name, "check": "parity", "value": f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}", "limit": f"atol {tol.atol}, min_cosine {tol.min_cosine}"})
+            failures.append(
+                {
+                    "target": name,
+                    "check": "parity",
+                    "value": f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}",
+                    "limit": f"atol {tol.atol}, min_cosine {tol.min_cosine}",
+                }
+            )
         got_first = _pad_cat([g[first] for g in got])
         if decoder or first == "logits":
             fid = lm_fidelity(dense_first, got_first, ids, masks)
             if cfg.min_top1_agreement is not None and _below(fid["top1_agreement"], cfg.min_top1_agreement):
-                failures.append({"target": name, "check": "top1_agreement", "value": round(fid["top1_agreement"], 4), "limit": cfg.min_top1_agreement})
+                failures.append(
+                    {
+                        "target": name,
+                        "check": "top1_agreement",
+                        "value": round(fid["top1_agreement"], 4),
+                        "limit": cfg.min_top1_agreement,
+                    }
+                )
             if decoder and cfg.max_ppl_ratio is not None and not fid["ppl_ratio"] <= cfg.max_ppl_ratio:
-                failures.append({"target": name, "check": "ppl_ratio", "value": round(fid["ppl_ratio"], 4), "limit": cfg.max_ppl_ratio})
+                failures.append(
+                    {
+                        "target": name,
+                        "check": "ppl_ratio",
+                        "value": round(fid["ppl_ratio"], 4),
+                        "limit": cfg.max_ppl_ratio,
+                    }
+                )
         else:
             fid = embedding_fidelity(mean_pool(dense_first, masks), mean_pool(got_first, masks))
             if cfg.min_cos_mean is not None and _below(fid["cos_mean"], cfg.min_cos_mean):
-                failures.append({"target": name, "check": "cos_mean", "value": round(fid["cos_mean"], 4), "limit": cfg.min_cos_mean})
+                failures.append(
+                    {"target": name, "check": "cos_mean", "value": round(fid["cos_mean"], 4), "limit": cfg.min_cos_mean}
+                )
             if cfg.min_recall_at_10 is not None and _below(fid["recall_at_10"], cfg.min_recall_at_10):
-                failures.append({"target": name, "check": "recall_at_10", "value": round(fid["recall_at_10"], 4), "limit": cfg.min_recall_at_10})
+                failures.append(
+                    {
+                        "target": name,
+                        "check": "recall_at_10",
+                        "value": round(fid["recall_at_10"], 4),
+                        "limit": cfg.min_recall_at_10,
+                    }
+                )
         metrics: dict[str, Any] = {**dict(tm.metrics), "parity": parity, "fidelity": fid}
         if decoder and tm.io.get("with_past"):
             prompt_len = min(_PROMPT_TOKENS, feeds_all[0]["input_ids"].shape[1])
             n_new = cap_length(loaded, cfg.generation_tokens, "validate.generation_tokens", ctx, reserve=prompt_len)
             metrics["generation"] = _generation_parity(loaded, sess, tm, feeds_all[0], n_new)
             if tm.precision == "fp32" and not metrics["generation"]["identical"]:
-                failures.append({"target": name, "check": "greedy_generation", "value": f"{metrics['generation']['token_agreement']:.3f} agreement", "limit": "identical tokens (fp32)"})
+                failures.append(
+                    {
+                        "target": name,
+                        "check": "greedy_generation",
+                        "value": f"{metrics['generation']['token_agreement']:.3f} agreement",
+                        "limit": "identical tokens (fp32)",
+                    }
+                )
         files = dict(tm.files)
         if cfg.bundle:
-            bundle = write_target_bundle(ctx, ctx.subdir(name, "bundle"), prof, tm, feeds_all[0], ref_cur[0], threads=prof.threads or 1)
+            bundle = write_target_bundle(
+                ctx, ctx.subdir(name, "bundle"), prof, tm, feeds_all[0], ref_cur[0], threads=prof.threads or 1
+            )
             files["bundle"] = ctx.ref(bundle)
-        summary[name] = {"precision": tm.precision, "parity": parity, "fidelity": fid, "table": comparison_table(rows[:1])}
-        out = out.with_target(name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=files, metrics=metrics))
+        summary[name] = {
+            "precision": tm.precision,
+            "parity": parity,
+            "fidelity": fid,
+            "table": comparison_table(rows[:1]),
+        }
+        out = out.with_target(
+            name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=files, metrics=metrics)
+        )
     ctx.metrics.update({"targets": summary, "failures": failures, "passages": len(heldout)})
     return out
 
 
 def _generation_parity(loaded, sess, tm: TargetModel, feeds: dict, n_tokens: int) -> dict[str, Any]:
-    from runtimes.generate import greedy_generate_ort, greedy_generate_torch
-    from exporters.onnx import ExportResult
     from pathlib import Path
+
+    from exporters.onnx import ExportResult
+    from runtimes.generate import greedy_generate_ort, greedy_generate_torch
 
     res = ExportResult(path=Path("."), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in tm.io.items()})
     prompts = feeds["input_ids"][:, :_PROMPT_TOKENS]
     ort_ids = greedy_generate_ort(sess, res, prompts, n_tokens)
     pt_ids = greedy_generate_torch(loaded, prompts, n_tokens)
     agree = float(np.mean(ort_ids[:, -n_tokens:] == pt_ids[:, -n_tokens:]))
-    return {"tokens": n_tokens, "prompts": int(prompts.shape[0]), "identical": bool(np.array_equal(ort_ids, pt_ids)), "token_agreement": agree}
+    return {
+        "tokens": n_tokens,
+        "prompts": int(prompts.shape[0]),
+        "identical": bool(np.array_equal(ort_ids, pt_ids)),
+        "token_agreement": agree,
+    }

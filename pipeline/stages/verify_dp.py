@@ -18,7 +18,7 @@ belong to the provider's report, not to the device bundle.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -34,13 +34,26 @@ __all__ = ["VerifyDPConfig", "run_verify_dp"]
 class VerifyDPConfig(StageConfig):
     kind = "verify_dp"
     works_on = "any"
-    max_rel_err: float = Field(0.1, gt=0, description="gate: mean relative error of DP context attention vs exact must not exceed this")
-    min_top1_agreement: Optional[float] = Field(None, ge=0, le=1, description="gate: next-token top-1 agreement with the exact-context model (null = report only)")
-    samples: Optional[int] = Field(None, ge=1, description="held-out passages used as public queries; omitted = calibration.heldout")
+    max_rel_err: float = Field(
+        0.1, gt=0, description="gate: mean relative error of DP context attention vs exact must not exceed this"
+    )
+    min_top1_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="gate: next-token top-1 agreement with the exact-context model (null = report only)",
+    )
+    samples: int | None = Field(
+        None, ge=1, description="held-out passages used as public queries; omitted = calibration.heldout"
+    )
     sensitivity_trials: int = Field(2000, ge=16, description="random neighbour pairs in the sensitivity search")
     audit_trials: int = Field(2000, ge=100, description="independent builds per neighbour in the privacy-loss audit")
-    audit_repeats: int = Field(64, ge=2, description="repeated queries the attacker averages (the broken control redraws noise for each)")
-    adaptive_queries: int = Field(16, ge=1, description="steps of the adaptive query stream before the state hash is re-checked")
+    audit_repeats: int = Field(
+        64, ge=2, description="repeated queries the attacker averages (the broken control redraws noise for each)"
+    )
+    adaptive_queries: int = Field(
+        16, ge=1, description="steps of the adaptive query stream before the state hash is re-checked"
+    )
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,7 +79,7 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     meta = prefix.meta
     eps, delta = float(meta["epsilon"]), float(meta["delta"])
     layers = sorted(prefix.sums)
-    H_kv, r, dv1 = prefix.sums[layers[0]].shape
+    _H_kv, _r, dv1 = prefix.sums[layers[0]].shape
     dv = dv1 - 1
     p = prefix.proj[layers[0]].shape[-1] if prefix.proj else dv
     spec = KernelSpec(p, prefix.degree, prefix.scale)
@@ -85,7 +98,10 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
         cache = prefix_cache(base, ctx_ids)  # (1, H_kv, n, d) per layer, encoded once
         kv = [(k[0].double().numpy(), v[0].double().numpy()) for k, v in cache]
     if kv[0][0].shape[1] != prefix.n:
-        raise StageError("verify_dp", f"the context file now has {kv[0][0].shape[1]} rows but the release was built from {prefix.n}; re-run private_context")
+        raise StageError(
+            "verify_dp",
+            f"the context file now has {kv[0][0].shape[1]} rows but the release was built from {prefix.n}; re-run private_context",
+        )
 
     # (a) privacy audits
     sens = sensitivity_search(spec, bounds, dv, trials=cfg.sensitivity_trials)
@@ -100,27 +116,68 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     m = int(meta["releases"])
     gaussian = meta["mechanism"] == "feature_sum"
     audit_sigma = sigma if gaussian else float(meta["sensitivity"])  # the control needs some noise scale
-    broken = privacy_loss_audit(S_a, S_b, audit_sigma, eps, delta, releases=m, trials=cfg.audit_trials, repeats=cfg.audit_repeats, redraw_per_query=True)
+    broken = privacy_loss_audit(
+        S_a,
+        S_b,
+        audit_sigma,
+        eps,
+        delta,
+        releases=m,
+        trials=cfg.audit_trials,
+        repeats=cfg.audit_repeats,
+        redraw_per_query=True,
+    )
     audit: dict[str, Any] = {"max_sensitivity_ratio": float(sens.ratio), "broken_control_flagged": bool(broken.flagged)}
     if gaussian:
-        real = privacy_loss_audit(S_a, S_b, sigma, eps, delta, releases=m, trials=cfg.audit_trials, repeats=cfg.audit_repeats)
+        real = privacy_loss_audit(
+            S_a, S_b, sigma, eps, delta, releases=m, trials=cfg.audit_trials, repeats=cfg.audit_repeats
+        )
         exact_d = joint_delta(eps, [sigma] * m, [float(meta["sensitivity"])] * m)
-        audit.update({"exact_delta": exact_d, "epsilon_measured": real.epsilon_measured, "epsilon_lower": real.epsilon_lower,
-                      "broken_epsilon_measured": broken.epsilon_measured})
+        audit.update(
+            {
+                "exact_delta": exact_d,
+                "epsilon_measured": real.epsilon_measured,
+                "epsilon_lower": real.epsilon_lower,
+                "broken_epsilon_measured": broken.epsilon_measured,
+            }
+        )
         if real.flagged:
-            failures.append({"target": "*", "check": "privacy_audit", "value": f"ε ≥ {real.epsilon_lower:.3g} measured", "limit": f"ε = {eps:g}"})
+            failures.append(
+                {
+                    "target": "*",
+                    "check": "privacy_audit",
+                    "value": f"ε ≥ {real.epsilon_lower:.3g} measured",
+                    "limit": f"ε = {eps:g}",
+                }
+            )
         if exact_d > delta * (1 + 1e-9):
-            failures.append({"target": "*", "check": "exact_delta", "value": f"{exact_d:.3g}", "limit": f"δ = {delta:g}"})
+            failures.append(
+                {"target": "*", "check": "exact_delta", "value": f"{exact_d:.3g}", "limit": f"δ = {delta:g}"}
+            )
     else:
-        audit.update({"exact_delta": None, "note": "DPTree releases are Laplace under advanced composition; the Gaussian privacy-loss fit does not apply"})
+        audit.update(
+            {
+                "exact_delta": None,
+                "note": "DPTree releases are Laplace under advanced composition; the Gaussian privacy-loss fit does not apply",
+            }
+        )
     if not broken.flagged:
-        failures.append({"target": "*", "check": "broken_control", "value": "not flagged", "limit": "the per-query-noise control must be flagged"})
+        failures.append(
+            {
+                "target": "*",
+                "check": "broken_control",
+                "value": "not flagged",
+                "limit": "the per-query-noise control must be flagged",
+            }
+        )
 
     # the DP model as the device runs it: each target's ONNX model, or (no export yet) the PyTorch DP model
     loaded = _plain(art, ctx)
     rec = QueryRecorder()
     apply_dp_prefix_(loaded.model, prefix, recorder=rec)  # the DP model, recording its queries
-    runners = {name: _onnx_runner(ctx.resolve(tm.model), tm.io) for name, tm in art.targets.items()} or {"pytorch": _torch_runner(loaded.model)}
+    runners = {name: _onnx_runner(ctx.resolve(tm.model), tm.io) for name, tm in art.targets.items()} or {
+        "pytorch": _torch_runner(loaded.model)
+    }
 
     # adaptive stream: next tokens chosen from the last answer; the released state must not change
     files = [release_path] + [ctx.resolve(tm.model) for tm in art.targets.values()]
@@ -131,19 +188,30 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
         ids = (np.abs(q.astype(np.int64)) % vocab).reshape(1, -1)
         return first({"input_ids": ids, "attention_mask": np.ones_like(ids)})[0, -1, : q.size]
 
-    unchanged, h0, h1 = adaptive_stream_unchanged(lambda: state_hash(arrays=[loaded.model.get_buffer(n) for n, _ in loaded.model.named_buffers() if n.endswith("dp_sums")], files=files),
-                                                  answer, np.arange(1, 9, dtype=np.float32) * 3, steps=cfg.adaptive_queries)
+    unchanged, h0, _h1 = adaptive_stream_unchanged(
+        lambda: state_hash(
+            arrays=[loaded.model.get_buffer(n) for n, _ in loaded.model.named_buffers() if n.endswith("dp_sums")],
+            files=files,
+        ),
+        answer,
+        np.arange(1, 9, dtype=np.float32) * 3,
+        steps=cfg.adaptive_queries,
+    )
     rec.rows.clear()
     audit["state_hash_unchanged"] = bool(unchanged)
     audit["state_hash"] = h0
     if not unchanged:
-        failures.append({"target": "*", "check": "state_hash", "value": "changed", "limit": "unchanged after adaptive queries"})
+        failures.append(
+            {"target": "*", "check": "state_hash", "value": "changed", "limit": "unchanged after adaptive queries"}
+        )
 
     # (b) utility on public queries
     _, heldout = text_sets(ctx)
     heldout = heldout[: cfg.samples] if cfg.samples else heldout
-    batches = encode(loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
-    errs, uerrs, guarded = [], [], []
+    batches = encode(
+        loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size
+    )
+    errs, uerrs, _guarded = [], [], []
     top1: dict[str, list[float]] = {name: [] for name in runners}
     nll: dict[str, list[float]] = {}  # name -> [Σ NLL with the DP model, Σ NLL with the exact context]
     for b in batches:
@@ -168,20 +236,41 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     agreement = {k: float(np.mean(v)) for k, v in top1.items()}
     t1 = min(agreement.values())
     ppl_ratio = {k: float(np.exp((a - c) / max(_ntok(batches), 1))) for k, (a, c) in nll.items()}
-    utility = {"rel_err": rel_err, "uniform_rel_err": uni, "top1_agreement": t1, "rel_err_worst_head": float(np.max(errs)), "ppl_ratio": ppl_ratio,
-               "top1_per_target": agreement, "queries": int(sum(int(b["attention_mask"].sum()) for b in batches))}
+    utility = {
+        "rel_err": rel_err,
+        "uniform_rel_err": uni,
+        "top1_agreement": t1,
+        "rel_err_worst_head": float(np.max(errs)),
+        "ppl_ratio": ppl_ratio,
+        "top1_per_target": agreement,
+        "queries": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+    }
 
     # (c) gate
     if rel_err > cfg.max_rel_err:
-        failures.append({"target": "*", "check": "dp_rel_err", "value": round(rel_err, 4), "limit": f"≤ {cfg.max_rel_err}"})
+        failures.append(
+            {"target": "*", "check": "dp_rel_err", "value": round(rel_err, 4), "limit": f"≤ {cfg.max_rel_err}"}
+        )
     if rel_err >= uni:
-        failures.append({"target": "*", "check": "dp_vs_uniform", "value": round(rel_err, 4), "limit": f"< uniform-attention error {uni:.4g}"})
+        failures.append(
+            {
+                "target": "*",
+                "check": "dp_vs_uniform",
+                "value": round(rel_err, 4),
+                "limit": f"< uniform-attention error {uni:.4g}",
+            }
+        )
     if cfg.min_top1_agreement is not None and t1 < cfg.min_top1_agreement:
-        failures.append({"target": "*", "check": "dp_top1_agreement", "value": round(t1, 4), "limit": f"≥ {cfg.min_top1_agreement}"})
+        failures.append(
+            {"target": "*", "check": "dp_top1_agreement", "value": round(t1, 4), "limit": f"≥ {cfg.min_top1_agreement}"}
+        )
     gate = "refuse" if failures else "pass"
     ctx.metrics.update({"audit": audit, "utility": utility, "gate": gate, "failures": failures})
     if failures:
-        ctx.log.error("verify_dp refuses to deploy: %s", "; ".join(f"{f['check']} {f['value']} (limit {f['limit']})" for f in failures))
+        ctx.log.error(
+            "verify_dp refuses to deploy: %s",
+            "; ".join(f"{f['check']} {f['value']} (limit {f['limit']})" for f in failures),
+        )
         return art.replace(targets={})  # nothing that claims privacy gets published
     return art
 
@@ -198,7 +287,9 @@ def _nll(logits: np.ndarray, batch: dict) -> float:
 
 
 def _ntok(batches: list) -> int:
-    return int(sum((np.asarray(b["attention_mask"])[:, 1:] & np.asarray(b["attention_mask"])[:, :-1]).sum() for b in batches))
+    return int(
+        sum((np.asarray(b["attention_mask"])[:, 1:] & np.asarray(b["attention_mask"])[:, :-1]).sum() for b in batches)
+    )
 
 
 def _onnx_runner(path: Path, io: Any):
@@ -215,6 +306,7 @@ def _torch_runner(model: Any):
         t = {k: torch.as_tensor(np.asarray(batch[k])) for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             return model(**t).logits.numpy()
+
     return run
 
 

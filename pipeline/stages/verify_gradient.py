@@ -14,7 +14,7 @@ heads (factorized backward, pipeline.lowrank) vs exact float64 autograd: relativ
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import Field
 
@@ -30,16 +30,28 @@ class VerifyGradientConfig(StageConfig):
     kind = "verify_gradient"
     works_on = "any"  # reads the PyTorch model as it stands; changes nothing
     samples: int = Field(4, ge=1, le=256, description="calibration passages for the gradient check and the beta probe")
-    max_rel_err: float = Field(1e-4, gt=0, description="gate: per-layer relative gradient error vs float64 exact autograd")
-    kernel_eps: float = Field(1e-4, gt=0, lt=1, description="kernel relative error the polynomial degree is chosen for (Taylor bound)")
-    max_features: Optional[int] = Field(
-        None, ge=1, description="a head applies when its feature count k <= this; omitted = seq_len / head_dim (then the"
-        " factorized gradient's O(N k D^2) cost is below exact O(N^2 D))"
+    max_rel_err: float = Field(
+        1e-4, gt=0, description="gate: per-layer relative gradient error vs float64 exact autograd"
+    )
+    kernel_eps: float = Field(
+        1e-4, gt=0, lt=1, description="kernel relative error the polynomial degree is chosen for (Taylor bound)"
+    )
+    max_features: int | None = Field(
+        None,
+        ge=1,
+        description="a head applies when its feature count k <= this; omitted = seq_len / head_dim (then the"
+        " factorized gradient's O(N k D^2) cost is below exact O(N^2 D))",
     )
     fast_gradient: bool = Field(True, description="compute the almost-linear gradient at seq_len where heads apply")
-    seq_len: int = Field(4096, ge=16, le=65536, description="tokens of the fast-gradient check (capped by the model's positions)")
-    max_fast_rel_err: float = Field(1e-3, gt=0, description="gate: relative error of the fast gradient vs exact autograd")
-    timing_repeats: int = Field(2, ge=1, le=10, description="fast and exact gradients are timed this many times, interleaved; the best counts")
+    seq_len: int = Field(
+        4096, ge=16, le=65536, description="tokens of the fast-gradient check (capped by the model's positions)"
+    )
+    max_fast_rel_err: float = Field(
+        1e-3, gt=0, description="gate: relative error of the fast gradient vs exact autograd"
+    )
+    timing_repeats: int = Field(
+        2, ge=1, le=10, description="fast and exact gradients are timed this many times, interleaved; the best counts"
+    )
 
 
 def _load64(art: Artifact, ctx: StageContext, *, reference: bool):
@@ -48,14 +60,14 @@ def _load64(art: Artifact, ctx: StageContext, *, reference: bool):
     return loaded
 
 
-def _reapply_swap(model, record: dict, kernel: Optional[str] = None) -> int:
+def _reapply_swap(model, record: dict, kernel: str | None = None) -> int:
     """Re-apply the recorded attention swap (``kernel`` overrides, e.g. "naive" for the dense oracle)."""
     from pipeline.kernels.change import AttentionChange, apply_attention_change
 
     return apply_attention_change(model, AttentionChange.from_record(record), kernel=kernel)
 
 
-def _is_block_sparse(record: Optional[dict]) -> bool:
+def _is_block_sparse(record: dict | None) -> bool:
     from pipeline.kernels.change import AttentionChange
 
     return bool(record) and AttentionChange.from_record(record).block_sparse
@@ -78,7 +90,7 @@ def _long_ids(loaded, texts: list[str], n: int, seed: int):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _max_positions(conf: Any) -> Optional[int]:
+def _max_positions(conf: Any) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         v = getattr(conf, key, None)
         if isinstance(v, int) and v > 0:
@@ -109,7 +121,13 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
     import torch
 
     from pipeline.kernels import swap_attention_
-    from pipeline.lowrank.certify import BetaProbe, LowRankHeads, compare_layer_gradients, head_applicability, install_attention_probe
+    from pipeline.lowrank.certify import (
+        BetaProbe,
+        LowRankHeads,
+        compare_layer_gradients,
+        head_applicability,
+        install_attention_probe,
+    )
 
     change = art.torch_changes.get("attention")
     block_sparse = _is_block_sparse(change)
@@ -124,15 +142,23 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
     ref = _load64(art, ctx, reference=True)
     if not block_sparse:
         swap_attention_(ref.model, kernel="naive")  # dense softmax in float64 (block-sparse: already masked naive)
-    batches = encode(cand, calib[: cfg.samples], max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size)
+    batches = encode(
+        cand, calib[: cfg.samples], max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size
+    )
     try:
         kernel_gradients = compare_layer_gradients(cand.model, ref.model, batches, seed=seed)
     except ValueError as exc:
         raise StageError("verify_gradient", str(exc)) from None
     for row in kernel_gradients["per_layer"]:
         if not row["rel_err"] <= cfg.max_rel_err:
-            failures.append({"target": "pytorch", "check": f"kernel_gradients layer {row['layer']}",
-                             "value": f"{row['rel_err']:.3g}", "limit": cfg.max_rel_err})
+            failures.append(
+                {
+                    "target": "pytorch",
+                    "check": f"kernel_gradients layer {row['layer']}",
+                    "value": f"{row['rel_err']:.3g}",
+                    "limit": cfg.max_rel_err,
+                }
+            )
     del cand
 
     # (b) beta per head on calibration text (the reference model computes the same q, k)
@@ -150,30 +176,43 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
     max_pos = _max_positions(conf)
     n_fast = min(cfg.seq_len, max_pos) if max_pos else cfg.seq_len
     heads: list[dict[str, Any]] = []
-    degrees: list[list[Optional[int]]] = []
+    degrees: list[list[int | None]] = []
     for layer, probe in enumerate(probes):
         d = probe.head_dim or 1
         limit = cfg.max_features if cfg.max_features is not None else max(1, n_fast // d)
-        layer_degrees: list[Optional[int]] = []
+        layer_degrees: list[int | None] = []
         for head, (beta, p99) in enumerate(probe.stats()):
             plan = head_applicability(beta, d, eps=cfg.kernel_eps, max_features=limit)
-            heads.append({"layer": layer, "head": head, "beta": beta, "beta_p99": p99, "applicable": plan.applicable,
-                          "degree": plan.degree, "features": plan.features})
+            heads.append(
+                {
+                    "layer": layer,
+                    "head": head,
+                    "beta": beta,
+                    "beta_p99": p99,
+                    "applicable": plan.applicable,
+                    "degree": plan.degree,
+                    "features": plan.features,
+                }
+            )
             layer_degrees.append(plan.degree if plan.applicable else None)
         # the layer's applicable heads run together at their largest degree (one call; more accurate, not less)
         top = max((g for g in layer_degrees if g is not None), default=None)
         degrees.append([None if g is None else top for g in layer_degrees])
     del ref
     n_app = sum(h["applicable"] for h in heads)
-    ctx.log.info("verify_gradient: %d of %d heads in the polynomial regime (kernel_eps %g)", n_app, len(heads), cfg.kernel_eps)
+    ctx.log.info(
+        "verify_gradient: %d of %d heads in the polynomial regime (kernel_eps %g)", n_app, len(heads), cfg.kernel_eps
+    )
 
     # (c) the fast gradient at seq_len, where heads apply
-    fast: Optional[dict[str, Any]] = None
+    fast: dict[str, Any] | None = None
     notes: list[str] = []
     if n_app and not cfg.fast_gradient:
         notes.append("fast_gradient: off in the config")
     elif n_app and block_sparse:
-        notes.append("fast_gradient: skipped, the polynomial method has no block-sparse mask here (dense attention only)")
+        notes.append(
+            "fast_gradient: skipped, the polynomial method has no block-sparse mask here (dense attention only)"
+        )
     elif n_app:
         if n_fast < cfg.seq_len:
             notes.append(f"fast_gradient: seq_len {cfg.seq_len} capped to the model's {n_fast} positions")
@@ -193,18 +232,27 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
             t_fast.append(t)
         del exact, fast_m
         rel = float((g_fast - g_exact).norm() / g_exact.norm())
-        fast = {"seq_len": n_fast, "rel_err": rel, "seconds": round(min(t_fast), 4), "exact_seconds": round(min(t_exact), 4)}
+        fast = {
+            "seq_len": n_fast,
+            "rel_err": rel,
+            "seconds": round(min(t_fast), 4),
+            "exact_seconds": round(min(t_exact), 4),
+        }
         if not rel <= cfg.max_fast_rel_err:
-            failures.append({"target": "pytorch", "check": "fast_gradient", "value": f"{rel:.3g}", "limit": cfg.max_fast_rel_err})
+            failures.append(
+                {"target": "pytorch", "check": "fast_gradient", "value": f"{rel:.3g}", "limit": cfg.max_fast_rel_err}
+            )
 
-    ctx.metrics.update({
-        "kernel_gradients": kernel_gradients,
-        "heads": heads,
-        "fast_gradient": fast,
-        "applicable_heads": n_app,
-        "kernel": change["kernel"] if change else None,
-        "samples": len(calib[: cfg.samples]),
-        "failures": failures,
-        **({"notes": notes} if notes else {}),
-    })
+    ctx.metrics.update(
+        {
+            "kernel_gradients": kernel_gradients,
+            "heads": heads,
+            "fast_gradient": fast,
+            "applicable_heads": n_app,
+            "kernel": change["kernel"] if change else None,
+            "samples": len(calib[: cfg.samples]),
+            "failures": failures,
+            **({"notes": notes} if notes else {}),
+        }
+    )
     return art

@@ -13,10 +13,11 @@ import io
 import json
 import sys
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
-__all__ = ["board_targets", "bench_bundle_dir", "BoardBench"]
+__all__ = ["BoardBench", "bench_bundle_dir", "board_targets"]
 
 
 def board_targets(names: list[str]) -> list[str]:
@@ -27,7 +28,7 @@ def board_targets(names: list[str]) -> list[str]:
     return [n for n in names if have.get(n, 0) >= 1]
 
 
-def bench_bundle_dir(run_dir: Path, report: Mapping[str, Any], target: str) -> Optional[Path]:
+def bench_bundle_dir(run_dir: Path, report: Mapping[str, Any], target: str) -> Path | None:
     """The benchmark stage's bundle for ``target`` (its input length), else the validate bundle."""
     for s in report.get("stages", []):
         if s["name"] == "benchmark":
@@ -58,14 +59,24 @@ def _run_packed(blob: bytes, runs: int, threads: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="edgepipe-bench-") as d:
         with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
             tar.extractall(d, filter="data")  # refuses absolute paths, links out of the folder
-        r = subprocess.run([sys.executable, "evaluate.py", "--runs", str(runs), "--threads", str(threads)], cwd=d, capture_output=True, text=True, timeout=1800)
+        r = subprocess.run(
+            [sys.executable, "evaluate.py", "--runs", str(runs), "--threads", str(threads)],
+            cwd=d,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode not in (0, 1) or not lines:
-            raise RuntimeError(f"evaluate.py on {socket.gethostname()} exited {r.returncode}: {r.stderr.strip()[-300:]}")
+            raise RuntimeError(
+                f"evaluate.py on {socket.gethostname()} exited {r.returncode}: {r.stderr.strip()[-300:]}"
+            )
         out = json.loads(lines[-1])
     import ray
 
-    out["node"] = f"{socket.gethostname()} ({platform.machine()}, ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    out["node"] = (
+        f"{socket.gethostname()} ({platform.machine()}, ray node {ray.get_runtime_context().get_node_id()[:12]})"
+    )
     return out
 
 
@@ -89,6 +100,16 @@ class BoardBench:
             bundle = bench_bundle_dir(run_dir, report, name)
             if entry is None or bundle is None:
                 continue
-            res = ray.get(remote.options(resources={name: 1}, num_cpus=0).remote(_pack(bundle), self.runs, self.threads.get(name, 1)))
-            entry.update({"latency_ms": res["latency_ms"], "peak_rss_mb": res["peak_rss_mb"], "measured_on": f"board {res['node']}"})
+            res = ray.get(
+                remote.options(resources={name: 1}, num_cpus=0).remote(
+                    _pack(bundle), self.runs, self.threads.get(name, 1)
+                )
+            )
+            entry.update(
+                {
+                    "latency_ms": res["latency_ms"],
+                    "peak_rss_mb": res["peak_rss_mb"],
+                    "measured_on": f"board {res['node']}",
+                }
+            )
         return report

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 __all__ = ["METRICS", "target_metrics"]
 
 
-def _fid(name: str) -> Callable[[Mapping[str, Any]], Optional[float]]:
+def _fid(name: str) -> Callable[[Mapping[str, Any]], float | None]:
     return lambda t: (t.get("fidelity") or {}).get(name)
 
 
 # name -> extractor from report.json["targets"][target]; the registry of allowed objective/constraint names
-METRICS: dict[str, Callable[[Mapping[str, Any]], Optional[float]]] = {
-    "latency_ms": lambda t: (t.get("latency_ms") or {}).get("p50"),   # benchmark p50, ms
+METRICS: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
+    "latency_ms": lambda t: (t.get("latency_ms") or {}).get("p50"),  # benchmark p50, ms
     "latency_p95_ms": lambda t: (t.get("latency_ms") or {}).get("p95"),
     "size_mb": lambda t: t["size_bytes"] / 1e6 if t.get("size_bytes") is not None else None,
     "peak_rss_mb": lambda t: t.get("peak_rss_mb"),
@@ -25,9 +26,9 @@ METRICS: dict[str, Callable[[Mapping[str, Any]], Optional[float]]] = {
 }
 
 
-def target_metrics(entry: Mapping[str, Any]) -> dict[str, Optional[float]]:
+def target_metrics(entry: Mapping[str, Any]) -> dict[str, float | None]:
     """Every registered metric of one target's report entry (None where the run did not measure it)."""
-    out: dict[str, Optional[float]] = {}
+    out: dict[str, float | None] = {}
     for name, fn in METRICS.items():
         v = fn(entry)
         out[name] = None if v is None else float(v)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -14,7 +15,7 @@ from pipeline.errors import EdgepipeError, ValidationFailed
 from pipeline.tune.spec import TuneSpec, apply_params
 from pipeline.tune.trial import Layout, summarize_run
 
-__all__ = ["pareto", "choose", "run_references", "write_tune_report"]
+__all__ = ["choose", "pareto", "run_references", "write_tune_report"]
 
 
 def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -26,7 +27,7 @@ def pareto(points: Mapping[str, Sequence[float]]) -> list[str]:
     return [k for k, p in points.items() if not any(_dominates(q, p) for j, q in points.items() if j != k)]
 
 
-def _signed(spec: TuneSpec, metrics: Mapping[str, Any]) -> Optional[list[float]]:
+def _signed(spec: TuneSpec, metrics: Mapping[str, Any]) -> list[float] | None:
     out = []
     for m, mode in spec.directions():
         v = metrics.get(m)
@@ -48,9 +49,13 @@ def front(spec: TuneSpec, records: Sequence[Mapping[str, Any]], target: str) -> 
     return pareto(pts)
 
 
-def choose(spec: TuneSpec, records: Sequence[Mapping[str, Any]], target: str) -> Optional[Mapping[str, Any]]:
+def choose(spec: TuneSpec, records: Sequence[Mapping[str, Any]], target: str) -> Mapping[str, Any] | None:
     """The chosen recipe for ``target``: the feasible trial best on the first objective, ties broken by the next."""
-    cands = [r for r in records if r["targets"].get(target, {}).get("feasible") and _signed(spec, r["targets"][target]["metrics"]) is not None]
+    cands = [
+        r
+        for r in records
+        if r["targets"].get(target, {}).get("feasible") and _signed(spec, r["targets"][target]["metrics"]) is not None
+    ]
     return min(cands, key=lambda r: (_signed(spec, r["targets"][target]["metrics"]), r["key"])) if cands else None
 
 
@@ -61,11 +66,25 @@ def _reference_configs(spec: TuneSpec) -> dict[str, Any]:
     keep = [s for s in spec.base.stages if s.kind not in ("prune", "recover")]
     out = {}
     if spec.references.dense:
-        out["dense"] = spec.base.model_copy(update={"stages": [s.model_copy(update={"precision": "fp32", "per_target": {}}) if s.kind == "quantize" else s for s in keep]})
+        out["dense"] = spec.base.model_copy(
+            update={
+                "stages": [
+                    s.model_copy(update={"precision": "fp32", "per_target": {}}) if s.kind == "quantize" else s
+                    for s in keep
+                ]
+            }
+        )
     if spec.references.peer and any(s.kind == "quantize" for s in keep):
         int8 = [t for t in spec.base.targets if "int8" in load_target(t).precisions]
         if int8:
-            peer_stages = [s.model_copy(update={"precision": "int8", "per_target": {}, "per_channel": True, "quantize_embeddings": False}) if s.kind == "quantize" else s for s in keep]
+            peer_stages = [
+                s.model_copy(
+                    update={"precision": "int8", "per_target": {}, "per_channel": True, "quantize_embeddings": False}
+                )
+                if s.kind == "quantize"
+                else s
+                for s in keep
+            ]
             out["peer"] = spec.base.model_copy(update={"stages": peer_stages, "targets": int8})
     return out
 
@@ -88,7 +107,12 @@ def run_references(spec: TuneSpec, layout: Layout, board: Any = None) -> dict[st
         if report is not None and board is not None:
             report = board(run_dir, report)
         sub = spec.model_copy(update={"base": cfg})
-        out[name] = {"status": status, "reason": reason, "run_dir": str(run_dir), "targets": summarize_run(sub, report, status, reason)}
+        out[name] = {
+            "status": status,
+            "reason": reason,
+            "run_dir": str(run_dir),
+            "targets": summarize_run(sub, report, status, reason),
+        }
     return out
 
 
@@ -98,22 +122,49 @@ def _plot(spec: TuneSpec, records, refs, target: str, keys_front: list[str], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fid = "cos_mean" if any(r["targets"].get(target, {}).get("metrics", {}).get("cos_mean") is not None for r in records) else "top1_agreement"
+    fid = (
+        "cos_mean"
+        if any(r["targets"].get(target, {}).get("metrics", {}).get("cos_mean") is not None for r in records)
+        else "top1_agreement"
+    )
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for feas, style in ((True, dict(c="tab:blue", marker="o", label="feasible trial")), (False, dict(c="tab:gray", marker="x", label="infeasible trial"))):
-        xs = [(r["targets"][target]["metrics"].get("latency_ms"), r["targets"][target]["metrics"].get(fid)) for r in records if r["targets"].get(target, {}).get("feasible") == feas]
+    for feas, style in (
+        (True, dict(c="tab:blue", marker="o", label="feasible trial")),
+        (False, dict(c="tab:gray", marker="x", label="infeasible trial")),
+    ):
+        xs = [
+            (r["targets"][target]["metrics"].get("latency_ms"), r["targets"][target]["metrics"].get(fid))
+            for r in records
+            if r["targets"].get(target, {}).get("feasible") == feas
+        ]
         xs = [p for p in xs if None not in p]
         if xs:
             ax.scatter([p[0] for p in xs], [p[1] for p in xs], **style)
-    fr = sorted((r["targets"][target]["metrics"]["latency_ms"], r["targets"][target]["metrics"].get(fid)) for r in records if r["key"] in keys_front)
+    fr = sorted(
+        (r["targets"][target]["metrics"]["latency_ms"], r["targets"][target]["metrics"].get(fid))
+        for r in records
+        if r["key"] in keys_front
+    )
     fr = [p for p in fr if p[1] is not None]
     if fr:
-        ax.plot([p[0] for p in fr], [p[1] for p in fr], "-", c="tab:red", label=f"Pareto front ({', '.join(m for m, _ in spec.directions())})")
+        ax.plot(
+            [p[0] for p in fr],
+            [p[1] for p in fr],
+            "-",
+            c="tab:red",
+            label=f"Pareto front ({', '.join(m for m, _ in spec.directions())})",
+        )
     for name, marker in (("dense", "*"), ("peer", "D")):
         t = refs.get(name, {}).get("targets", {}).get(target)
         if t and t["metrics"].get("latency_ms") is not None and t["metrics"].get(fid) is not None:
-            ax.scatter([t["metrics"]["latency_ms"]], [t["metrics"][fid]], c="black" if name == "dense" else "tab:green", marker=marker, s=120,
-                       label="dense fp32" if name == "dense" else "peer: export + ORT int8 per-channel")
+            ax.scatter(
+                [t["metrics"]["latency_ms"]],
+                [t["metrics"][fid]],
+                c="black" if name == "dense" else "tab:green",
+                marker=marker,
+                s=120,
+                label="dense fp32" if name == "dense" else "peer: export + ORT int8 per-channel",
+            )
     ax.set_xlabel("latency p50 (ms)")
     ax.set_ylabel(f"{fid} vs dense")
     ax.set_title(f"{target}: latency vs fidelity")
@@ -143,7 +194,15 @@ def _fmt(v: Any, nd: int = 4) -> str:
     return "–" if v is None else (f"{v:.{nd}g}" if isinstance(v, float) else str(v))
 
 
-def write_tune_report(spec: TuneSpec, layout: Layout, records: list[dict[str, Any]], refs: Mapping[str, Any], *, seconds: float, boards: Sequence[str]) -> dict[str, Any]:
+def write_tune_report(
+    spec: TuneSpec,
+    layout: Layout,
+    records: list[dict[str, Any]],
+    refs: Mapping[str, Any],
+    *,
+    seconds: float,
+    boards: Sequence[str],
+) -> dict[str, Any]:
     targets = [_name(t) for t in spec.base.targets]
     per_target: dict[str, Any] = {}
     plots = {}
@@ -164,7 +223,9 @@ def write_tune_report(spec: TuneSpec, layout: Layout, records: list[dict[str, An
             "chosen_params": chosen["params"] if chosen else None,
             "chosen_metrics": chosen["targets"][t]["metrics"] if chosen else None,
             "best_yaml": best_file.name if best_file else None,
-            "measured_on": f"board in the Ray cluster (resource '{t}')" if t in boards else "this host, with the profile's threads (not the device)",
+            "measured_on": f"board in the Ray cluster (resource '{t}')"
+            if t in boards
+            else "this host, with the profile's threads (not the device)",
             "references": {n: r["targets"].get(t, {}).get("metrics") for n, r in refs.items()},
         }
     report = {
@@ -186,29 +247,48 @@ def write_tune_report(spec: TuneSpec, layout: Layout, records: list[dict[str, An
 
 def _markdown(spec: TuneSpec, rep: Mapping[str, Any]) -> str:
     dirs = spec.directions()
-    L = [f"# edgepipe tune: {rep['source']}", "",
-         f"{len(rep['trials'])} trials, {spec.search.algorithm} (seed {spec.search.seed}), {rep['seconds']:.0f} s. "
-         f"Objective: {', '.join(f'{m} ({mode})' for m, mode in dirs)}; constraints: {', '.join(f'{k} {v}' for k, v in rep['objective']['constraints'].items()) or 'none'}.", ""]
+    L = [
+        f"# edgepipe tune: {rep['source']}",
+        "",
+        f"{len(rep['trials'])} trials, {spec.search.algorithm} (seed {spec.search.seed}), {rep['seconds']:.0f} s. "
+        f"Objective: {', '.join(f'{m} ({mode})' for m, mode in dirs)}; constraints: {', '.join(f'{k} {v}' for k, v in rep['objective']['constraints'].items()) or 'none'}.",
+        "",
+    ]
     for t, info in rep["targets"].items():
         L += [f"## {t}", "", f"Latency measured on {info['measured_on']}.", ""]
         if info["chosen"]:
             m = info["chosen_metrics"]
-            L.append(f"Chosen recipe: trial `{info['chosen']}` ({', '.join(f'{k}={v}' for k, v in sorted(info['chosen_params'].items()))}): "
-                     + ", ".join(f"{k} {_fmt(m.get(k))}" for k in ("latency_ms", "size_mb", "peak_rss_mb", "cos_mean", "recall_at_10") if m.get(k) is not None)
-                     + f" → `{info['best_yaml']}`")
+            L.append(
+                f"Chosen recipe: trial `{info['chosen']}` ({', '.join(f'{k}={v}' for k, v in sorted(info['chosen_params'].items()))}): "
+                + ", ".join(
+                    f"{k} {_fmt(m.get(k))}"
+                    for k in ("latency_ms", "size_mb", "peak_rss_mb", "cos_mean", "recall_at_10")
+                    if m.get(k) is not None
+                )
+                + f" → `{info['best_yaml']}`"
+            )
         else:
             L.append("No feasible trial: no recipe chosen.")
         L.append("")
         for n, m in info["references"].items():
             if m:
-                L.append(f"- reference {n}: latency {_fmt(m.get('latency_ms'))} ms, size {_fmt(m.get('size_mb'))} MB, cos_mean {_fmt(m.get('cos_mean'))}")
+                L.append(
+                    f"- reference {n}: latency {_fmt(m.get('latency_ms'))} ms, size {_fmt(m.get('size_mb'))} MB, cos_mean {_fmt(m.get('cos_mean'))}"
+                )
         if t in rep["plots"]:
             L += ["", f"![Pareto {t}]({rep['plots'][t]})"]
         L += ["", f"Pareto front: {', '.join(f'`{k}`' for k in info['pareto']) or 'empty'}", ""]
-    L += ["## Every trial", "", "| trial | options | target | feasible | latency ms | size MB | peak RSS MB | cos_mean | recall@10 | why infeasible |", "|---|---|---|---|---|---|---|---|---|---|"]
+    L += [
+        "## Every trial",
+        "",
+        "| trial | options | target | feasible | latency ms | size MB | peak RSS MB | cos_mean | recall@10 | why infeasible |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["trials"]:
         opts = ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
         for t, x in r["targets"].items():
             m = x["metrics"]
-            L.append(f"| `{r['key'][:8]}` | {opts} | {t} | {'yes' if x['feasible'] else 'no'} | {_fmt(m.get('latency_ms'))} | {_fmt(m.get('size_mb'))} | {_fmt(m.get('peak_rss_mb'))} | {_fmt(m.get('cos_mean'))} | {_fmt(m.get('recall_at_10'))} | {x['why_infeasible'].replace('|', '/')} |")
+            L.append(
+                f"| `{r['key'][:8]}` | {opts} | {t} | {'yes' if x['feasible'] else 'no'} | {_fmt(m.get('latency_ms'))} | {_fmt(m.get('size_mb'))} | {_fmt(m.get('peak_rss_mb'))} | {_fmt(m.get('cos_mean'))} | {_fmt(m.get('recall_at_10'))} | {x['why_infeasible'].replace('|', '/')} |"
+            )
     return "\n".join(L) + "\n"

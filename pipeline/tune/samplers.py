@@ -3,12 +3,13 @@ Ray checkpoints the searcher, sampler included, by pickling it."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-__all__ = ["UnvisitedGridSampler", "ConstrainedOptunaSearch"]
+__all__ = ["ConstrainedOptunaSearch", "UnvisitedGridSampler"]
 
 
 class UnvisitedGridSampler(optuna.samplers.GridSampler):
@@ -39,7 +40,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
     to the sampler, (b) marks a trial that measured nothing as pruned, and (c) starts from the trials a resumed
     tune already finished: ``prior`` = [(params, values or None, constraints)]."""
 
-    def __init__(self, *args: Any, prior: Sequence[tuple[dict[str, Any], Optional[list[float]], list[float]]] = (), **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, prior: Sequence[tuple[dict[str, Any], list[float] | None, list[float]]] = (), **kwargs: Any
+    ) -> None:
         self._prior = list(prior)
         super().__init__(*args, **kwargs)
 
@@ -51,8 +54,16 @@ class ConstrainedOptunaSearch(OptunaSearch):
                 continue  # a journal from another space: not a point of this study
             state = optuna.trial.TrialState.COMPLETE if values is not None else optuna.trial.TrialState.PRUNED
             attrs = smp.grid_attrs(params) if isinstance(smp, UnvisitedGridSampler) else {}
-            self._ot_study.add_trial(optuna.trial.create_trial(params=params, distributions=self._space, values=values, state=state,
-                                                               user_attrs={"constraints": cons}, system_attrs=attrs))
+            self._ot_study.add_trial(
+                optuna.trial.create_trial(
+                    params=params,
+                    distributions=self._space,
+                    values=values,
+                    state=state,
+                    user_attrs={"constraints": cons},
+                    system_attrs=attrs,
+                )
+            )
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         ot_trial = self._ot_trials.get(trial_id)

@@ -14,14 +14,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from pipeline.errors import ConfigError, EdgepipeError
 from pipeline.tune.spec import SAMPLERS, TuneSpec, load_tune
 from pipeline.tune.trial import Layout, metric_names, objective_values, read_journal, run_trial
 
-__all__ = ["tune", "MissingExtra"]
+__all__ = ["MissingExtra", "tune"]
 
 
 class MissingExtra(EdgepipeError):
@@ -29,13 +30,17 @@ class MissingExtra(EdgepipeError):
 
 
 def _require() -> None:
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0: our own progress lines only
+    os.environ.setdefault(
+        "RAY_AIR_NEW_OUTPUT", "0"
+    )  # the classic reporter honours verbose=0: our own progress lines only
     try:
         import optuna  # noqa: F401
         import ray  # noqa: F401
         from ray import tune as _  # noqa: F401
     except ImportError as exc:
-        raise MissingExtra(f"edgepipe tune needs the 'tune' extra ({exc.name} is missing): pip install 'edgepipe[tune]'") from None
+        raise MissingExtra(
+            f"edgepipe tune needs the 'tune' extra ({exc.name} is missing): pip install 'edgepipe[tune]'"
+        ) from None
 
 
 def _distributions(spec: TuneSpec) -> dict[str, Any]:
@@ -63,8 +68,14 @@ def _searcher(spec: TuneSpec, prior: list[dict[str, Any]]):
     for rec in prior:
         values, cons = objective_values(spec, rec)
         prior_trials.append((rec["params"], values, cons))
-    return ConstrainedOptunaSearch(space=_distributions(spec), metric=[m for m, _ in names], mode=[md for _, md in names], sampler=sampler,
-                                   seed=spec.search.seed, prior=prior_trials)
+    return ConstrainedOptunaSearch(
+        space=_distributions(spec),
+        metric=[m for m, _ in names],
+        mode=[md for _, md in names],
+        sampler=sampler,
+        seed=spec.search.seed,
+        prior=prior_trials,
+    )
 
 
 def _trainable(config: dict[str, Any], source: str, workdir: str, board: Any) -> dict[str, Any]:
@@ -111,15 +122,21 @@ def _line(rec: dict[str, Any], done: int, total: int, spec: TuneSpec, best: dict
                 best[name] = (rec["key"], m[main])
     best_s = ", ".join(f"{n} {main}={v:.4g} ({k[:8]})" for n, (k, v) in best.items()) or "none feasible yet"
     again = " (recalled from the journal)" if rec.get("recalled") else ""
-    return f"edgepipe tune: trial {done}/{total} {rec['key'][:8]}{again} [{params}] {' | '.join(parts)} || best: {best_s}"
+    return (
+        f"edgepipe tune: trial {done}/{total} {rec['key'][:8]}{again} [{params}] {' | '.join(parts)} || best: {best_s}"
+    )
 
 
-def _ray_init(address: Optional[str], layout: Layout) -> Optional[str]:
+def _ray_init(address: str | None, layout: Layout) -> str | None:
     """Start local Ray (or attach); returns the Ray temp dir to remove afterwards (None when attached)."""
     import ray
 
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())}} if not address else None
+    env = (
+        {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())}}
+        if not address
+        else None
+    )
     if address:
         ray.init(address=address, **kwargs)
         return None
@@ -134,12 +151,12 @@ def _ray_init(address: Optional[str], layout: Layout) -> Optional[str]:
 
 
 def tune(
-    config: Union[str, Path, TuneSpec],
+    config: str | Path | TuneSpec,
     *,
-    workdir: Union[str, Path],
-    address: Optional[str] = None,
-    trials: Optional[int] = None,
-    time_budget_s: Optional[float] = None,
+    workdir: str | Path,
+    address: str | None = None,
+    trials: int | None = None,
+    time_budget_s: float | None = None,
     resume: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -170,7 +187,9 @@ def tune(
     layout = Layout(Path(workdir), spec)
     prior = read_journal(layout.journal)
     if prior and not resume:
-        raise EdgepipeError(f"'{layout.root}' already holds a tune ({len(prior)} finished trials); pass --resume to continue it or choose another --workdir")
+        raise EdgepipeError(
+            f"'{layout.root}' already holds a tune ({len(prior)} finished trials); pass --resume to continue it or choose another --workdir"
+        )
     for p in (layout.out, layout.trials, layout.cache, layout.ray):
         p.mkdir(parents=True, exist_ok=True)
     remaining = max(0, spec.search.trials - len(prior))
@@ -197,7 +216,9 @@ def tune(
         from pipeline.tune.report import run_references, write_tune_report
 
         refs = run_references(spec, layout, board)
-        report = write_tune_report(spec, layout, read_journal(layout.journal), refs, seconds=time.perf_counter() - t0, boards=boards)
+        report = write_tune_report(
+            spec, layout, read_journal(layout.journal), refs, seconds=time.perf_counter() - t0, boards=boards
+        )
     finally:
         ray.shutdown()
         if ray_tmp and not address:
@@ -205,7 +226,16 @@ def tune(
     return report
 
 
-def _fit(spec: TuneSpec, source: str, layout: Layout, prior: list, remaining: int, time_budget_s: Optional[float], board: Any, echo: Callable[[str], None]) -> None:
+def _fit(
+    spec: TuneSpec,
+    source: str,
+    layout: Layout,
+    prior: list,
+    remaining: int,
+    time_budget_s: float | None,
+    board: Any,
+    echo: Callable[[str], None],
+) -> None:
     import ray
     from ray import tune as rt
 
@@ -223,15 +253,31 @@ def _fit(spec: TuneSpec, source: str, layout: Layout, prior: list, remaining: in
 
         def on_trial_error(self, iteration, trials, trial, **info):
             done[0] += 1
-            echo(f"edgepipe tune: trial {done[0]}/{spec.search.trials} {trial.trial_id}: the trial process died ({trial.error_file or 'no error file'}); recorded as failed")
+            echo(
+                f"edgepipe tune: trial {done[0]}/{spec.search.trials} {trial.trial_id}: the trial process died ({trial.error_file or 'no error file'}); recorded as failed"
+            )
 
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = spec.search.max_concurrent or max(1, int(cpus // spec.search.cpus_per_trial))
-    trainable = rt.with_resources(rt.with_parameters(_trainable, source=source, workdir=str(layout.root), board=board), {"cpu": spec.search.cpus_per_trial})
+    trainable = rt.with_resources(
+        rt.with_parameters(_trainable, source=source, workdir=str(layout.root), board=board),
+        {"cpu": spec.search.cpus_per_trial},
+    )
     run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tuner = rt.Tuner(
         trainable,
-        tune_config=rt.TuneConfig(search_alg=_searcher(spec, prior), num_samples=remaining, max_concurrent_trials=concurrent, time_budget_s=time_budget_s),
-        run_config=rt.RunConfig(name=run_name, storage_path=str(layout.ray), verbose=0, callbacks=[_Progress()], failure_config=rt.FailureConfig(max_failures=0, fail_fast=False)),
+        tune_config=rt.TuneConfig(
+            search_alg=_searcher(spec, prior),
+            num_samples=remaining,
+            max_concurrent_trials=concurrent,
+            time_budget_s=time_budget_s,
+        ),
+        run_config=rt.RunConfig(
+            name=run_name,
+            storage_path=str(layout.ray),
+            verbose=0,
+            callbacks=[_Progress()],
+            failure_config=rt.FailureConfig(max_failures=0, fail_fast=False),
+        ),
     )
     tuner.fit()

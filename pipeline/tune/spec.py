@@ -8,8 +8,9 @@ objective's metrics against :data:`pipeline.tune.metrics.METRICS`, the algorithm
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any
 
 from pydantic import Field, ValidationError
 
@@ -18,7 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.schema import Frozen, format_validation_error, read_yaml
 from pipeline.tune.metrics import METRICS
 
-__all__ = ["TuneSpec", "Dimension", "Constraint", "SAMPLERS", "load_tune", "parse_tune", "apply_params"]
+__all__ = ["SAMPLERS", "Constraint", "Dimension", "TuneSpec", "apply_params", "load_tune", "parse_tune"]
 
 _TUNE_KEYS = ("objective", "space", "search", "cache", "references")
 _CONSTRAINT_RE = re.compile(r"^\s*(<=|>=|<|>)\s*(\S+)\s*$")
@@ -70,10 +71,10 @@ class Dimension(Frozen):
     name: str
     stage: str
     option: str
-    choices: Optional[tuple[Any, ...]] = None
-    low: Optional[float] = None
-    high: Optional[float] = None
-    step: Optional[float] = None
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
     log: bool = False
     integer: bool = False
 
@@ -81,13 +82,13 @@ class Dimension(Frozen):
 class Constraint(Frozen):
     metric: str
     op: str
-    value: Optional[float] = None   # None: the profile's memory_budget_mb
+    value: float | None = None  # None: the profile's memory_budget_mb
     text: str
 
     def limit(self, profile: Any) -> float:
         return float(profile.memory_budget_mb) if self.value is None else self.value
 
-    def violation(self, x: Optional[float], profile: Any) -> float:
+    def violation(self, x: float | None, profile: Any) -> float:
         """How far ``x`` is outside the bound (<= 0: satisfied; a missing value violates by 1)."""
         if x is None:
             return 1.0
@@ -99,22 +100,30 @@ class Constraint(Frozen):
 
 
 class Objective(Frozen):
-    minimize: list[str] = Field(default_factory=lambda: ["latency_ms"], min_length=1, description="metrics to minimise, per target; the first one picks the best recipe")
+    minimize: list[str] = Field(
+        default_factory=lambda: ["latency_ms"],
+        min_length=1,
+        description="metrics to minimise, per target; the first one picks the best recipe",
+    )
     maximize: list[str] = Field(default_factory=list, description="metrics to maximise, per target")
-    constraints: dict[str, str] = Field(default_factory=dict, description="metric: '>= 0.97' / '<= 100' / '<= profile' (memory_budget_mb)")
+    constraints: dict[str, str] = Field(
+        default_factory=dict, description="metric: '>= 0.97' / '<= 100' / '<= profile' (memory_budget_mb)"
+    )
 
 
 class Search(Frozen):
     algorithm: str = Field("nsga2", description="Optuna sampler: " + ", ".join(SAMPLERS))
     trials: int = Field(24, ge=1)
     seed: int = 0
-    population: Optional[int] = Field(None, ge=2, description="NSGA-II/III population; omitted = max(2, trials // 3)")
-    max_concurrent: Optional[int] = Field(None, ge=1, description="trials at once; omitted = one per CPU Ray has")
+    population: int | None = Field(None, ge=2, description="NSGA-II/III population; omitted = max(2, trials // 3)")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at once; omitted = one per CPU Ray has")
     cpus_per_trial: float = Field(1.0, gt=0)
 
 
 class CacheOptions(Frozen):
-    dir: Optional[str] = Field(None, description="shared stage cache; omitted = <workdir>/cache (use shared storage on a cluster)")
+    dir: str | None = Field(
+        None, description="shared stage cache; omitted = <workdir>/cache (use shared storage on a cluster)"
+    )
 
 
 class References(Frozen):
@@ -150,9 +159,13 @@ def _model(cls, data: Any, source: str, key: str):
 def _stage_index(base: PipelineConfig, kind: str, where: str) -> int:
     idx = [i for i, s in enumerate(base.stages) if s.kind == kind]
     if not idx:
-        raise ConfigError(f"{where}: stage '{kind}' is not in the base pipeline's stages ({', '.join(s.kind for s in base.stages)})")
+        raise ConfigError(
+            f"{where}: stage '{kind}' is not in the base pipeline's stages ({', '.join(s.kind for s in base.stages)})"
+        )
     if len(idx) > 1:
-        raise ConfigError(f"{where}: stage '{kind}' appears {len(idx)} times in the base pipeline; a space key must name one stage")
+        raise ConfigError(
+            f"{where}: stage '{kind}' appears {len(idx)} times in the base pipeline; a space key must name one stage"
+        )
     return idx[0]
 
 
@@ -162,7 +175,9 @@ def _check_value(base: PipelineConfig, kind: str, option: str, value: Any, where
     try:
         type(stage).model_validate({**stage.model_dump(mode="json"), option: value})
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=where.split(": ")[0], prefix=f"{where.split(': ', 1)[1]}")) from None
+        raise ConfigError(
+            format_validation_error(exc, source=where.split(": ")[0], prefix=f"{where.split(': ', 1)[1]}")
+        ) from None
 
 
 def _parse_dimension(base: PipelineConfig, name: Any, body: Any, source: str) -> Dimension:
@@ -173,13 +188,17 @@ def _parse_dimension(base: PipelineConfig, name: Any, body: Any, source: str) ->
     i = _stage_index(base, kind, where)
     fields = type(base.stages[i]).model_fields
     if option not in fields:
-        raise ConfigError(f"{where}: unknown option '{option}' of stage '{kind}' (options: {', '.join(sorted(fields))})")
+        raise ConfigError(
+            f"{where}: unknown option '{option}' of stage '{kind}' (options: {', '.join(sorted(fields))})"
+        )
     if isinstance(body, list):
         if not body:
             raise ConfigError(f"{where}: empty list of choices")
         for v in body:
             if v is not None and not isinstance(v, (bool, int, float, str)):
-                raise ConfigError(f"{where}: choices must be scalars (number, string, bool, null), got {type(v).__name__}")
+                raise ConfigError(
+                    f"{where}: choices must be scalars (number, string, bool, null), got {type(v).__name__}"
+                )
             _check_value(base, kind, option, v, where)
         if len(set(map(repr, body))) != len(body):
             raise ConfigError(f"{where}: a choice is listed twice")
@@ -214,7 +233,9 @@ def _parse_constraint(metric: Any, text: Any, source: str) -> Constraint:
     op, val = m.groups()
     if val == "profile":
         if metric not in _PROFILE_METRICS or op not in ("<=", "<"):
-            raise ConfigError(f"{where}: 'profile' (memory_budget_mb) bounds only {' / '.join(_PROFILE_METRICS)} from above")
+            raise ConfigError(
+                f"{where}: 'profile' (memory_budget_mb) bounds only {' / '.join(_PROFILE_METRICS)} from above"
+            )
         return Constraint(metric=metric, op=op, value=None, text=f"{op} profile")
     try:
         num = float(val)
@@ -223,7 +244,7 @@ def _parse_constraint(metric: Any, text: Any, source: str) -> Constraint:
     return Constraint(metric=metric, op=op, value=num, text=f"{op} {val}")
 
 
-def parse_tune(data: Any, *, source: str = "<tune config>", base_dir: Optional[Path] = None) -> TuneSpec:
+def parse_tune(data: Any, *, source: str = "<tune config>", base_dir: Path | None = None) -> TuneSpec:
     """Validate a tune file's data; raises :class:`ConfigError` (one line naming the file and key)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the tune file must be a mapping, got {type(data).__name__}")
@@ -253,10 +274,19 @@ def parse_tune(data: Any, *, source: str = "<tune config>", base_dir: Optional[P
     if cache.dir is not None and base_dir is not None and not Path(cache.dir).is_absolute():
         cache = CacheOptions(dir=str((base_dir / cache.dir).resolve()))
     refs = _model(References, parts["references"], source, "references")
-    return TuneSpec(base=base, source=source, objective=objective, dimensions=dims, constraints=constraints, search=search, cache=cache, references=refs)
+    return TuneSpec(
+        base=base,
+        source=source,
+        objective=objective,
+        dimensions=dims,
+        constraints=constraints,
+        search=search,
+        cache=cache,
+        references=refs,
+    )
 
 
-def load_tune(path: Union[str, Path]) -> TuneSpec:
+def load_tune(path: str | Path) -> TuneSpec:
     path = Path(path)
     return parse_tune(read_yaml(path), source=str(path), base_dir=path.resolve().parent)
 

@@ -13,15 +13,16 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any
 
 from pipeline.errors import EdgepipeError, ValidationFailed
 from pipeline.tune.metrics import target_metrics
 from pipeline.tune.spec import TuneSpec, apply_params
 
-__all__ = ["Layout", "params_key", "read_journal", "run_trial", "summarize_run", "objective_values", "metric_names"]
+__all__ = ["Layout", "metric_names", "objective_values", "params_key", "read_journal", "run_trial", "summarize_run"]
 
 
 class Layout:
@@ -29,10 +30,10 @@ class Layout:
 
     def __init__(self, workdir: Path, spec: TuneSpec) -> None:
         self.root = Path(workdir).resolve()
-        self.out = self.root / "tune"            # report.md/json, plots, best-<target>.yaml, trials.jsonl
-        self.trials = self.root / "trials"       # one edgepipe run folder per distinct trial
-        self.refs = self.root / "references"     # dense and peer runs
-        self.ray = self.root / "ray"             # Ray Tune experiment state
+        self.out = self.root / "tune"  # report.md/json, plots, best-<target>.yaml, trials.jsonl
+        self.trials = self.root / "trials"  # one edgepipe run folder per distinct trial
+        self.refs = self.root / "references"  # dense and peer runs
+        self.ray = self.root / "ray"  # Ray Tune experiment state
         self.cache = Path(spec.cache.dir).resolve() if spec.cache.dir else self.root / "cache"
         self.journal = self.out / "trials.jsonl"
 
@@ -75,14 +76,14 @@ def _append(journal: Path, rec: Mapping[str, Any]) -> None:
             os.fsync(fh.fileno())
 
 
-def _read_report(run_dir: Path) -> Optional[dict[str, Any]]:
+def _read_report(run_dir: Path) -> dict[str, Any] | None:
     try:
         return json.loads((run_dir / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def summarize_run(spec: TuneSpec, report: Optional[Mapping[str, Any]], status: str, reason: str) -> dict[str, Any]:
+def summarize_run(spec: TuneSpec, report: Mapping[str, Any] | None, status: str, reason: str) -> dict[str, Any]:
     """Per-target metrics, constraint violations and feasibility of one finished run."""
     from targets import load_target
 
@@ -97,11 +98,19 @@ def summarize_run(spec: TuneSpec, report: Optional[Mapping[str, Any]], status: s
         viol = {c.metric: c.violation(metrics.get(c.metric), prof) for c in spec.constraints}
         failed_gates = gate.get(prof.name, [])
         feasible = entry is not None and status != "failed" and not failed_gates and all(v <= 0 for v in viol.values())
-        why = [f"gate {g}" for g in failed_gates] + [f"{c.metric} {metrics.get(c.metric)} not {c.text}" for c in spec.constraints if viol[c.metric] > 0]
+        why = [f"gate {g}" for g in failed_gates] + [
+            f"{c.metric} {metrics.get(c.metric)} not {c.text}" for c in spec.constraints if viol[c.metric] > 0
+        ]
         if entry is None:
             why.append(reason or "no result")
-        out[prof.name] = {"metrics": metrics, "violations": viol, "gate_failures": failed_gates, "feasible": feasible, "why_infeasible": "; ".join(why),
-                          "measured_on": (entry or {}).get("measured_on") or f"this host ({_threads(prof)} threads, the profile's)"}
+        out[prof.name] = {
+            "metrics": metrics,
+            "violations": viol,
+            "gate_failures": failed_gates,
+            "feasible": feasible,
+            "why_infeasible": "; ".join(why),
+            "measured_on": (entry or {}).get("measured_on") or f"this host ({_threads(prof)} threads, the profile's)",
+        }
     return out
 
 
@@ -147,12 +156,12 @@ def run_trial(spec: TuneSpec, params: Mapping[str, Any], layout: Layout, *, boar
         return rec
 
 
-def objective_values(spec: TuneSpec, rec: Mapping[str, Any]) -> tuple[Optional[list[float]], list[float]]:
+def objective_values(spec: TuneSpec, rec: Mapping[str, Any]) -> tuple[list[float] | None, list[float]]:
     """(objective values in :func:`metric_names` order, or None if any is unmeasured; Optuna constraint values,
     <= 0 feasible: every constraint's violation per target, plus 1 per target that failed a gate or the run)."""
     from targets import load_target
 
-    values: Optional[list[float]] = []
+    values: list[float] | None = []
     cons: list[float] = []
     for ref in spec.base.targets:
         t = rec["targets"][load_target(ref).name]

@@ -81,9 +81,12 @@ def verdict(
     """(ok, per-output metrics): every output has the right shape, is within ``atol + rtol |ref|`` everywhere and,
     when ``min_cosine`` is given, has a (defined) minimum row cosine >= it. The host's ``runtimes.compare`` rule;
     a test holds the two to identical verdicts."""
-    per_output = {n: check(reference[n], outputs[n], atol, rtol, mask) if n in outputs else
-                  {"shape_ok": False, "max_abs_diff": math.inf, "cosine_min": float("nan"), "within_tol": False}
-                  for n in reference}
+    per_output = {
+        n: check(reference[n], outputs[n], atol, rtol, mask)
+        if n in outputs
+        else {"shape_ok": False, "max_abs_diff": math.inf, "cosine_min": float("nan"), "within_tol": False}
+        for n in reference
+    }
 
     def one_ok(r: dict) -> bool:
         cos_ok = min_cosine is None or (not math.isnan(r["cosine_min"]) and r["cosine_min"] >= min_cosine)
@@ -117,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", default=None, help="force one execution provider (CPU fallback kept)")
     args = ap.parse_args(argv)
     if args.runs < 1 or args.threads < 1 or args.warmup < 0:
-        print(f"runs and threads must be >= 1 and warmup >= 0, got {args.runs}, {args.threads}, {args.warmup}",
-              file=sys.stderr)
+        print(
+            f"runs and threads must be >= 1 and warmup >= 0, got {args.runs}, {args.threads}, {args.warmup}",
+            file=sys.stderr,
+        )
         return 2
 
     opts = ort.SessionOptions()
@@ -140,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     outputs = dict(zip(names, sess.run(names, feeds)))
     ok, per_output = verdict(reference, outputs, cfg["atol"], cfg["rtol"], cfg.get("min_cosine"), mask)
     max_abs = max(r["max_abs_diff"] for r in per_output.values())
-    cos_min = min((r["cosine_min"] for r in per_output.values() if not math.isnan(r["cosine_min"])), default=float("nan"))
+    cos_min = min(
+        (r["cosine_min"] for r in per_output.values() if not math.isnan(r["cosine_min"])), default=float("nan")
+    )
 
     for _ in range(args.warmup):
         sess.run(names, feeds)
@@ -161,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": cfg["model_file"],
         "runs": args.runs,
         "threads": args.threads,
-        "outputs": {n: {k: json_safe(v) if isinstance(v, float) else v for k, v in r.items()} for n, r in per_output.items()},
+        "outputs": {
+            n: {k: json_safe(v) if isinstance(v, float) else v for k, v in r.items()} for n, r in per_output.items()
+        },
     }
     print(json.dumps(result))
     return 0 if ok else 1

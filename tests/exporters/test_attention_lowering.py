@@ -38,8 +38,15 @@ def tiny_bert():
     import torch
     import transformers
 
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=512, attn_implementation="sdpa")
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     return transformers.BertModel(cfg).eval()
 
@@ -48,9 +55,17 @@ def tiny_llama():
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=1024,
-                                   attn_implementation="sdpa", use_cache=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=1024,
+        attn_implementation="sdpa",
+        use_cache=False,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -67,8 +82,9 @@ def export_dynamo(module, path: Path, *, with_mask: bool = True) -> onnx.ModelPr
         shapes["attention_mask"] = {0: batch, 1: seq}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(module, (ids,), kwargs=kwargs, dynamo=True, opset_version=23,
-                                 dynamic_shapes=shapes, verbose=False)
+        prog = torch.onnx.export(
+            module, (ids,), kwargs=kwargs, dynamo=True, opset_version=23, dynamic_shapes=shapes, verbose=False
+        )
     prog.save(str(path))
     return onnx.load(str(path))
 
@@ -81,9 +97,16 @@ def export_legacy(module, path: Path) -> onnx.ModelProto:
     am = torch.ones(1, 16, dtype=torch.long)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (ids, am), str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                          dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
+        torch.onnx.export(
+            module,
+            (ids, am),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}},
+        )
     return onnx.load(str(path))
 
 
@@ -135,8 +158,7 @@ def _with_dense_pattern_mask(model: onnx.ModelProto) -> onnx.ModelProto:
     ref = onnx.ModelProto()
     ref.CopyFrom(model)
     ref.graph.input.append(onnx.helper.make_tensor_value_info("pattern_mask", onnx.TensorProto.BOOL, ["s", "s"]))
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in onnx.shape_inference.infer_shapes(ref).graph.value_info}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in onnx.shape_inference.infer_shapes(ref).graph.value_info}
     new_nodes, done = [], set()
     for node in ref.graph.node:
         if node in find_attention_nodes(ref):
@@ -146,12 +168,19 @@ def _with_dense_pattern_mask(model: onnx.ModelProto) -> onnx.ModelProto:
             elif types[mask] == onnx.TensorProto.BOOL:
                 new_nodes.append(onnx.helper.make_node("And", [mask, "pattern_mask"], [mask + "/pat"]))
             else:  # additive float mask: add -inf outside the pattern
-                new_nodes.append(onnx.helper.make_node(
-                    "Constant", [], [mask + "/ninf"], value=onnx.helper.make_tensor("", 1, [], [-np.inf])))
-                new_nodes.append(onnx.helper.make_node(
-                    "Constant", [], [mask + "/zero"], value=onnx.helper.make_tensor("", 1, [], [0.0])))
-                new_nodes.append(onnx.helper.make_node("Where", ["pattern_mask", mask + "/zero", mask + "/ninf"],
-                                                       [mask + "/padd"]))
+                new_nodes.append(
+                    onnx.helper.make_node(
+                        "Constant", [], [mask + "/ninf"], value=onnx.helper.make_tensor("", 1, [], [-np.inf])
+                    )
+                )
+                new_nodes.append(
+                    onnx.helper.make_node(
+                        "Constant", [], [mask + "/zero"], value=onnx.helper.make_tensor("", 1, [], [0.0])
+                    )
+                )
+                new_nodes.append(
+                    onnx.helper.make_node("Where", ["pattern_mask", mask + "/zero", mask + "/ninf"], [mask + "/padd"])
+                )
                 new_nodes.append(onnx.helper.make_node("Add", [mask, mask + "/padd"], [mask + "/pat"]))
             done.add(mask)
             node.input[3] = mask + "/pat"
@@ -208,17 +237,21 @@ def test_lower_to_fused_attention(op: str, which: str, bert_onnx, llama_onnx) ->
 
 
 def test_lower_to_fused_attention_rejects_model_without_attention(bert_onnx) -> None:
-    g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
-                               [onnx.helper.make_tensor_value_info("x", 1, [2])],
-                               [onnx.helper.make_tensor_value_info("y", 1, [2])])
+    g = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", 1, [2])],
+        [onnx.helper.make_tensor_value_info("y", 1, [2])],
+    )
     plain = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 23)])
     with pytest.raises(AttentionLoweringError, match="no opset-23 Attention"):
         lower_to_fused_attention(plain)
     with pytest.raises(AttentionLoweringError, match="no opset-23 Attention"):
         lower_to_block_sparse(plain, BlockSparsePattern("window", block=64, window_blocks=1))
     assert lower_to_fused_attention(plain, allow_noop=True)[1] == 0
-    assert lower_to_block_sparse(plain, BlockSparsePattern("window", block=64, window_blocks=1),
-                                 allow_noop=True)[1] == 0
+    assert (
+        lower_to_block_sparse(plain, BlockSparsePattern("window", block=64, window_blocks=1), allow_noop=True)[1] == 0
+    )
 
 
 def _tiny_attention_graph(*, rank: int, H: int, Hkv: int, D: int, causal: bool) -> onnx.ModelProto:
@@ -231,9 +264,12 @@ def _tiny_attention_graph(*, rank: int, H: int, Hkv: int, D: int, causal: bool) 
         shapes = (["b", "s", H * D], ["b", "s", Hkv * D], ["b", "s", H * D])
         attrs = {"q_num_heads": H, "kv_num_heads": Hkv}
     node = onnx.helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=int(causal), **attrs)
-    g = onnx.helper.make_graph([node], "attn", [onnx.helper.make_tensor_value_info(n, fl, s) for n, s in
-                                               zip("qkv", (shapes[0], shapes[1], shapes[1]))],
-                               [onnx.helper.make_tensor_value_info("y", fl, shapes[2])])
+    g = onnx.helper.make_graph(
+        [node],
+        "attn",
+        [onnx.helper.make_tensor_value_info(n, fl, s) for n, s in zip("qkv", (shapes[0], shapes[1], shapes[1]))],
+        [onnx.helper.make_tensor_value_info("y", fl, shapes[2])],
+    )
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 23)])
     m.ir_version = 10
     return m
@@ -268,8 +304,7 @@ def test_ms_mha_on_causal_node_without_mask(rank: int) -> None:
         ("bert", BlockSparsePattern("window", block=64, window_blocks=1), 23),
         ("bert", BlockSparsePattern("global_window", block=64, window_blocks=1, global_blocks=1), 0),
         ("llama", BlockSparsePattern("causal_window", block=64, window_blocks=1), 23),
-        ("llama", BlockSparsePattern("causal_window", block=32, window_blocks=1, global_blocks=1,
-                                     query_group=3), 0),
+        ("llama", BlockSparsePattern("causal_window", block=32, window_blocks=1, global_blocks=1, query_group=3), 0),
     ],
 )
 def test_lower_to_block_sparse_matches_dense_masked(which, pattern, pad, bert_onnx, llama_onnx) -> None:
@@ -315,14 +350,18 @@ def test_block_sparse_on_hand_built_gqa_node(rank: int) -> None:
         k, v = (rng.standard_normal((1, 2, n, 8)).astype(np.float32) for _ in range(2))
         feeds = {"q": q, "k": k, "v": v}
     else:
-        feeds = {"q": rng.standard_normal((1, n, 32)).astype(np.float32),
-                 "k": rng.standard_normal((1, n, 16)).astype(np.float32),
-                 "v": rng.standard_normal((1, n, 16)).astype(np.float32)}
+        feeds = {
+            "q": rng.standard_normal((1, n, 32)).astype(np.float32),
+            "k": rng.standard_normal((1, n, 16)).astype(np.float32),
+            "v": rng.standard_normal((1, n, 16)).astype(np.float32),
+        }
+
     def bnsh(x, h):  # (1, n, h*8) -> (1, h, n, 8)
         return x.reshape(1, n, h, 8).transpose(0, 2, 1, 3) if rank == 3 else x
 
-    ref = reference_block_sparse(bnsh(feeds["q"], 4), bnsh(feeds["k"], 2), bnsh(feeds["v"], 2),
-                                 pattern_layout(pattern, n), block=64, causal=True)
+    ref = reference_block_sparse(
+        bnsh(feeds["q"], 4), bnsh(feeds["k"], 2), bnsh(feeds["v"], 2), pattern_layout(pattern, n), block=64, causal=True
+    )
     if rank == 3:
         ref = ref.transpose(0, 2, 1, 3).reshape(1, n, 32)
     np.testing.assert_allclose(run(lowered, feeds), ref, atol=SPARSE_ATOL, rtol=0)
@@ -368,8 +407,7 @@ def test_block_sparse_explicit_pattern_adds_inputs() -> None:
     n = 250
     feeds = {x: rng.standard_normal((1, 2, n, 8)).astype(np.float32) for x in "qkv"}
     got = run(lowered, {**feeds, **explicit_block_inputs(pattern, n)})
-    ref = reference_block_sparse(feeds["q"], feeds["k"], feeds["v"], pattern_layout(pattern, n), block=64,
-                                 causal=False)
+    ref = reference_block_sparse(feeds["q"], feeds["k"], feeds["v"], pattern_layout(pattern, n), block=64, causal=False)
     np.testing.assert_allclose(got, ref, atol=SPARSE_ATOL, rtol=0)
 
 
@@ -382,5 +420,4 @@ def test_mask_attention_with_input_matches_test_oracle(which: str, bert_onnx, ll
     lib = run(mask_attention_with_input(model), feeds)
     np.testing.assert_allclose(lib, run(_with_dense_pattern_mask(model), feeds), atol=DENSE_ATOL, rtol=0)
     feeds["pattern_mask"] = np.ones((200, 200), dtype=bool)  # an all-true pattern is a no-op
-    np.testing.assert_allclose(run(mask_attention_with_input(model), feeds), run(model, feeds), atol=DENSE_ATOL,
-                               rtol=0)
+    np.testing.assert_allclose(run(mask_attention_with_input(model), feeds), run(model, feeds), atol=DENSE_ATOL, rtol=0)

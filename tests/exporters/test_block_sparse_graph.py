@@ -68,8 +68,9 @@ def test_matches_float64_oracle(name: str, n: int, key_padding: bool) -> None:
     if key_padding:
         feeds["key_padding_mask"] = kpm
     out = _session(model).run(None, feeds)[0]
-    ref = reference_block_sparse(q, k, v, pattern_layout(pat, n), block=pat.block, causal=pat.is_causal,
-                                 key_padding=kpm)
+    ref = reference_block_sparse(
+        q, k, v, pattern_layout(pat, n), block=pat.block, causal=pat.is_causal, key_padding=kpm
+    )
     assert out.shape == (B, H, n, D)
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
 

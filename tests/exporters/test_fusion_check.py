@@ -47,8 +47,13 @@ def test_lowered_models_are_fused(bert_models) -> None:
 
 def _graph(nodes, inputs, inits=()) -> onnx.ModelProto:
     fl = TensorProto.FLOAT
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, fl, None) for n in inputs],
-                          [helper.make_tensor_value_info("y", fl, None)], initializer=list(inits))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, fl, None) for n in inputs],
+        [helper.make_tensor_value_info("y", fl, None)],
+        initializer=list(inits),
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -57,19 +62,25 @@ def test_softmax_over_weight_matmul_is_not_attention() -> None:
     w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     w2 = numpy_helper.from_array(np.ones((4, 4), np.float32), "w2")
     wt = helper.make_node("Transpose", ["w"], ["wt"])  # constant-derived: still a weight
-    nodes = [wt, helper.make_node("MatMul", ["x", "wt"], ["s"]), helper.make_node("Softmax", ["s"], ["p"]),
-             helper.make_node("MatMul", ["p", "w2"], ["y"])]
+    nodes = [
+        wt,
+        helper.make_node("MatMul", ["x", "wt"], ["s"]),
+        helper.make_node("Softmax", ["s"], ["p"]),
+        helper.make_node("MatMul", ["p", "w2"], ["y"]),
+    ]
     assert count_attention_nodes(_graph(nodes, ["x"], [w, w2]))["unfused_softmax_attention"] == 0
 
 
 def test_handwritten_unfused_attention_with_scale_and_mask() -> None:
-    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
-             helper.make_node("MatMul", ["q", "kt"], ["s"]),
-             helper.make_node("Div", ["s", "c"], ["s2"]),
-             helper.make_node("Add", ["s2", "mask"], ["s3"]),
-             helper.make_node("Softmax", ["s3"], ["p"], axis=-1, name="sm"),
-             helper.make_node("Cast", ["p"], ["p2"], to=TensorProto.FLOAT),
-             helper.make_node("MatMul", ["p2", "v"], ["y"])]
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["s"]),
+        helper.make_node("Div", ["s", "c"], ["s2"]),
+        helper.make_node("Add", ["s2", "mask"], ["s3"]),
+        helper.make_node("Softmax", ["s3"], ["p"], axis=-1, name="sm"),
+        helper.make_node("Cast", ["p"], ["p2"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["p2", "v"], ["y"]),
+    ]
     c = numpy_helper.from_array(np.array(2.0, np.float32), "c")
     model = _graph(nodes, ["q", "k", "v", "mask"], [c])
     with pytest.raises(AttentionNotFused) as err:

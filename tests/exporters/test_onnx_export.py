@@ -237,7 +237,9 @@ def test_optimum_matches_dynamo(root: Path, loaded: dict[str, LoadedModel], expo
 # ---------------------------------------------------------------- determinism, atomicity, errors
 
 
-def test_reexport_is_byte_identical(root: Path, loaded: dict[str, LoadedModel], exported: dict[str, ExportResult]) -> None:
+def test_reexport_is_byte_identical(
+    root: Path, loaded: dict[str, LoadedModel], exported: dict[str, ExportResult]
+) -> None:
     """A second export in the same process (where the raw dynamo output differs) gives the same bytes."""
     again = export_onnx(loaded["gpt2"], root / "onnx" / "gpt2-again")
     assert again.path.read_bytes() == exported["gpt2"].path.read_bytes()
@@ -293,7 +295,8 @@ def test_minilm_export_parity_on_real_sentences(tmp_path: Path) -> None:
         m = feeds["attention_mask"][..., None]
         pool = lambda h: (h * m).sum(1) / m.sum(1)  # noqa: E731
         cos = (pool(got["last_hidden_state"]) * pool(ref["last_hidden_state"])).sum(-1) / (
-            np.linalg.norm(pool(got["last_hidden_state"]), axis=-1) * np.linalg.norm(pool(ref["last_hidden_state"]), axis=-1)
+            np.linalg.norm(pool(got["last_hidden_state"]), axis=-1)
+            * np.linalg.norm(pool(ref["last_hidden_state"]), axis=-1)
         )
         assert cos.min() > 0.99999
 
@@ -302,7 +305,10 @@ def _dynamo_gelu_graph(width: int) -> onnx.ModelProto:
     """x * ((1 + erf(x / sqrt 2)) * 0.5): exact GELU in the order torch's dynamo exporter writes it."""
     from onnx import TensorProto, helper, numpy_helper
 
-    c = {n: numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5))}
+    c = {
+        n: numpy_helper.from_array(np.array(v, np.float32), n)
+        for n, v in (("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5))
+    }
     nodes = [
         helper.make_node("Div", ["x", "sqrt2"], ["d"]),
         helper.make_node("Erf", ["d"], ["e"]),
@@ -310,8 +316,13 @@ def _dynamo_gelu_graph(width: int) -> onnx.ModelProto:
         helper.make_node("Mul", ["half", "a"], ["h"]),
         helper.make_node("Mul", ["x", "h"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", width])], list(c.values()))
+    graph = helper.make_graph(
+        nodes,
+        "gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", width])],
+        list(c.values()),
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 

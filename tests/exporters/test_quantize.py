@@ -64,7 +64,10 @@ def _block_model(path: Path, *, fused_ln: bool, seed: int = 0) -> Path:
     nodes: list = []
     inits: list = []
     if fused_ln:
-        inits += [numpy_helper.from_array(np.ones(D, np.float32), "g1"), numpy_helper.from_array(np.zeros(D, np.float32), "b1")]
+        inits += [
+            numpy_helper.from_array(np.ones(D, np.float32), "g1"),
+            numpy_helper.from_array(np.zeros(D, np.float32), "b1"),
+        ]
         nodes.append(helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["ln1"], axis=-1, epsilon=1e-5))
         ln1 = "ln1"
     else:
@@ -78,7 +81,10 @@ def _block_model(path: Path, *, fused_ln: bool, seed: int = 0) -> Path:
     nodes += n + [helper.make_node("Add", ["x", h2], ["res"])]  # (B, S, D) residual stream
     inits += i
     if fused_ln:
-        inits += [numpy_helper.from_array(np.ones(D, np.float32), "g2"), numpy_helper.from_array(np.zeros(D, np.float32), "b2")]
+        inits += [
+            numpy_helper.from_array(np.ones(D, np.float32), "g2"),
+            numpy_helper.from_array(np.zeros(D, np.float32), "b2"),
+        ]
         nodes.append(helper.make_node("LayerNormalization", ["res", "g2", "b2"], ["ln2"], axis=-1, epsilon=1e-5))
         ln2 = "ln2"
     else:
@@ -247,13 +253,21 @@ def test_int8_residual_add_collapse_regression(tmp_path: Path) -> None:
         def __init__(self) -> None:
             self._it = iter(calib)
 
-        def get_next(self):  # noqa: ANN201 - ORT protocol
+        def get_next(self):
             return next(self._it, None)
 
     all_ops = sorted({n.op_type for n in onnx.load(str(src)).graph.node})
     naive = tmp_path / "naive.onnx"
-    quantize_static(str(src), str(naive), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=all_ops,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(src),
+        str(naive),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=all_ops,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     ours = tmp_path / "ours.onnx"
     convert_precision(src, ours, "int8-static", calibration_feeds=calib)
 
@@ -293,7 +307,10 @@ def test_int8_static_output_quantization_switch(block: Path, tmp_path: Path) -> 
         out = onnx.load(str(dst))
         producer = {o: n for n in out.graph.node for o in n.output}
         q_after_mm = sum(
-            1 for n in out.graph.node if n.op_type == "QuantizeLinear" and producer.get(n.input[0]) is not None
+            1
+            for n in out.graph.node
+            if n.op_type == "QuantizeLinear"
+            and producer.get(n.input[0]) is not None
             and producer[n.input[0]].op_type == "MatMul"
         )
         assert q_after_mm == expect_q_after_matmul

@@ -33,9 +33,18 @@ def test_dense_kernels_lower_to_each_targets_fused_op(tiny_models, tmp_path, fam
     assert all(t["parity"]["ok"] for t in rep["targets"].values())
 
 
-@pytest.mark.parametrize("family, pattern", [("bert", "window"), ("bert", "global_window"), ("llama", "causal_window"), ("gpt2", "causal_window")])
+@pytest.mark.parametrize(
+    "family, pattern",
+    [("bert", "window"), ("bert", "global_window"), ("llama", "causal_window"), ("gpt2", "causal_window")],
+)
 def test_block_sparse_lowers_to_kept_block_subgraphs(tiny_models, tmp_path, family, pattern):
-    att = {"kernel": "block_sparse", "block_size": 8, "pattern": pattern, "window_blocks": 1, "global_blocks": 1 if pattern == "global_window" else 0}
+    att = {
+        "kernel": "block_sparse",
+        "block_size": 8,
+        "pattern": pattern,
+        "window_blocks": 1,
+        "global_blocks": 1 if pattern == "global_window" else 0,
+    }
     rep = _run(tiny_models[family], att, tmp_path, targets=("host-cpu",), max_length=48)  # 6 blocks of 8
     swap = rep["stages"][0]["metrics"]
     assert swap["replaced"] == 2 and swap["block_density"] < 1.0
@@ -48,11 +57,19 @@ def test_block_sparse_lowers_to_kept_block_subgraphs(tiny_models, tmp_path, fami
 
 def test_bidirectional_window_on_a_decoder_is_refused(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match=r"stages\[0\].attention: .*see the future"):  # refused before anything runs
-        _run(tiny_models["gpt2"], {"kernel": "block_sparse", "block_size": 8, "pattern": "window"}, tmp_path, targets=("host-cpu",))
+        _run(
+            tiny_models["gpt2"],
+            {"kernel": "block_sparse", "block_size": 8, "pattern": "window"},
+            tmp_path,
+            targets=("host-cpu",),
+        )
 
 
 def test_bad_attention_config():
     with pytest.raises(ConfigError, match="stages\\[0\\].attention.kernl"):
         pipeline.run({"stages": [{"attention": {"kernl": "flash"}}]}, workdir="/nonexistent/never-written")
     with pytest.raises(ConfigError, match="global_blocks"):
-        pipeline.run({"stages": [{"attention": {"kernel": "block_sparse", "pattern": "global_window"}}]}, workdir="/nonexistent/never-written")
+        pipeline.run(
+            {"stages": [{"attention": {"kernel": "block_sparse", "pattern": "global_window"}}]},
+            workdir="/nonexistent/never-written",
+        )

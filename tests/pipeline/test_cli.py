@@ -15,7 +15,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def edgepipe(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
+    )
 
 
 def _one_line_error(res: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -30,7 +37,9 @@ def test_misspelled_key_exit_2_names_the_key(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("targets: [host-cpu]\nstages:\n  - export: {}\n  - validate: {min_cos_maen: 0.9}\n")
     for cmd in ("validate", "run"):
-        line = _one_line_error(edgepipe(cmd, str(cfg), "--workdir", str(tmp_path / "w")) if cmd == "run" else edgepipe(cmd, str(cfg)))
+        line = _one_line_error(
+            edgepipe(cmd, str(cfg), "--workdir", str(tmp_path / "w")) if cmd == "run" else edgepipe(cmd, str(cfg))
+        )
         assert "min_cos_maen" in line and str(cfg) in line
     assert not (tmp_path / "w").exists()  # rejected before anything ran
 
@@ -84,7 +93,15 @@ def test_malformed_yaml(tmp_path):
 def test_targets_list_and_show(tmp_path):
     res = edgepipe("targets")
     assert res.returncode == 0
-    for name in ("host-cpu", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "jetson-agx-orin", "android-arm64", "ios-arm64"):
+    for name in (
+        "host-cpu",
+        "raspberry-pi-4",
+        "raspberry-pi-5",
+        "jetson-orin-nano",
+        "jetson-agx-orin",
+        "android-arm64",
+        "ios-arm64",
+    ):
         assert name in res.stdout
     show = edgepipe("targets", "show", "android-arm64")
     assert show.returncode == 0 and "ort_format: true" in show.stdout
@@ -96,7 +113,9 @@ def test_targets_list_and_show(tmp_path):
 
 def test_unsupported_precision_for_target(tmp_path, tiny_models):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{path: {tiny_models['bert']}}}\ntargets: [raspberry-pi-5]\ncalibration: {{samples: 4, heldout: 8, max_length: 16}}\nstages: [export, {{quantize: {{precision: fp16}}}}]\n")
+    cfg.write_text(
+        f"model: {{path: {tiny_models['bert']}}}\ntargets: [raspberry-pi-5]\ncalibration: {{samples: 4, heldout: 8, max_length: 16}}\nstages: [export, {{quantize: {{precision: fp16}}}}]\n"
+    )
     line = _one_line_error(edgepipe("run", str(cfg), "--workdir", str(tmp_path / "w")))
     assert "precision 'fp16' is not supported by target 'raspberry-pi-5'" in line
 
@@ -111,7 +130,9 @@ def test_op_newer_than_target_opset(tmp_path, tiny_models):
     prof = tmp_path / "old.yaml"
     prof.write_text(yaml.safe_dump(data))
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model: {{path: {tiny_models['bert']}}}\ntargets: [{prof}]\ncalibration: {{samples: 4, heldout: 8, max_length: 16}}\nstages: [{{export: {{opset: 18}}}}]\n")
+    cfg.write_text(
+        f"model: {{path: {tiny_models['bert']}}}\ntargets: [{prof}]\ncalibration: {{samples: 4, heldout: 8, max_length: 16}}\nstages: [{{export: {{opset: 18}}}}]\n"
+    )
     line = _one_line_error(edgepipe("run", str(cfg), "--workdir", str(tmp_path / "w")))
     assert "opset 18" in line and "old-runtime" in line
 
@@ -136,16 +157,22 @@ def test_tiny_models_run_end_to_end(tmp_path, tiny_models, family):
         assert host["generation"]["identical"] is True
         import onnx
 
-        names = [i.name for i in onnx.load(str(tmp_path / "w" / host["artifact"]), load_external_data=False).graph.input]
+        names = [
+            i.name for i in onnx.load(str(tmp_path / "w" / host["artifact"]), load_external_data=False).graph.input
+        ]
         assert "past_key_values.0.key" in names
 
 
 def test_plan_attention_reads_the_target_cache():
-    big = json.loads(edgepipe("plan-attention", "--target", "raspberry-pi-5", "--seq", "4096", "--head-dim", "64", "--json").stdout)
+    big = json.loads(
+        edgepipe("plan-attention", "--target", "raspberry-pi-5", "--seq", "4096", "--head-dim", "64", "--json").stdout
+    )
     assert big["cache_words"] == 512 * 1024 // 4 and big["algorithm"] == "flash"
     assert big["predicted_io_words"] >= big["lower_bound_words"] > 0 and big["peak_working_words"] <= big["cache_words"]
     # Pi 4 plans against its 32 KiB L1 (8192 words), far below d^2 for d = 256: the small-cache algorithm
-    small = json.loads(edgepipe("plan-attention", "--target", "raspberry-pi-4", "--seq", "4096", "--head-dim", "256", "--json").stdout)
+    small = json.loads(
+        edgepipe("plan-attention", "--target", "raspberry-pi-4", "--seq", "4096", "--head-dim", "256", "--json").stdout
+    )
     assert small["cache_words"] == 8192 and small["algorithm"] == "small_cache"
     text = edgepipe("plan-attention", "--target", "raspberry-pi-5", "--seq", "1024", "--head-dim", "64")
     assert text.returncode == 0 and "lower bound" in text.stdout

@@ -31,7 +31,7 @@ def test_builtin_texts_are_many_varied_unique_passages() -> None:
     # Variety: questions, dialogue and a large vocabulary (neighbour recall needs distinct passages).
     assert sum(t.endswith("?") for t in texts) >= 10
     assert sum(t.startswith('"') for t in texts) >= 10
-    vocab = {w.lower().strip('.,?!"\'') for t in texts for w in t.split()}
+    vocab = {w.lower().strip(".,?!\"'") for t in texts for w in t.split()}
     assert len(vocab) > 1500, len(vocab)
 
 

@@ -25,9 +25,10 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 
@@ -74,7 +75,13 @@ class _Guard:
 
             return f
 
-        for mod, attr in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads"), (pickle, "Unpickler")):
+        for mod, attr in (
+            (torch, "load"),
+            (torch.serialization, "load"),
+            (pickle, "load"),
+            (pickle, "loads"),
+            (pickle, "Unpickler"),
+        ):
             monkeypatch.setattr(mod, attr, trap(f"{mod.__name__}.{attr}"))
 
 
@@ -85,7 +92,7 @@ def guard(monkeypatch):
     assert not g.calls, f"an unpickler was reached: {g.calls}"
 
 
-def run_cli(capsys, argv: list[str], cwd: Optional[Path] = None) -> tuple[int, str, str]:
+def run_cli(capsys, argv: list[str], cwd: Path | None = None) -> tuple[int, str, str]:
     old = os.getcwd()
     if cwd is not None:
         os.chdir(cwd)
@@ -130,12 +137,12 @@ def base_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
 class Case:
     """A bad input: files to lay out under the case folder, the command, what the one line must say."""
 
-    files: dict[str, Any] = field(default_factory=dict)    # rel path -> str | bytes | callable(path) | None (dir)
+    files: dict[str, Any] = field(default_factory=dict)  # rel path -> str | bytes | callable(path) | None (dir)
     argv: tuple[str, ...] = ("validate", "c.yaml")
     fragments: tuple[str, ...] = ()
-    model: Optional[str] = "bert"                           # copied to ./model (None = no model folder)
-    both: bool = False                                      # also `run` (must give the same line)
-    ok: bool = False                                        # a valid input: exit 0
+    model: str | None = "bert"  # copied to ./model (None = no model folder)
+    both: bool = False  # also `run` (must give the same line)
+    ok: bool = False  # a valid input: exit 0
 
 
 def _cfg(body: str, targets: str = "[host-cpu]") -> str:
@@ -157,10 +164,14 @@ def _json_edit(**kw: Any) -> Callable[[Path], None]:
 
 _DEL = object()
 _PLANT = "import pathlib; pathlib.Path(__file__).with_name('EXECUTED').write_text('pwned')\n"
-_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
-    for i in range(8)
-) + "stages: [*i]\n"
+_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8)
+    )
+    + "stages: [*i]\n"
+)
 
 
 def _profile(**kw: Any) -> str:
@@ -224,158 +235,698 @@ CASES = [
     C("empty-file", files={"c.yaml": ""}, fragments=("no stages",), model=None, both=True),
     C("empty-stages", files={"c.yaml": _cfg("stages: []\n")}, fragments=("stages", "no stages"), both=True),
     C("empty-mapping", files={"c.yaml": "{}\n"}, fragments=("no stages",), model=None),
-    C("quantize-before-export", files={"c.yaml": _cfg("stages: [quantize, export]\n")}, fragments=("stages[0].quantize", "before 'quantize'"), both=True),
-    C("prune-after-export", files={"c.yaml": _cfg("stages: [export, prune]\n")}, fragments=("stages[1].prune", "before 'export'"), both=True),
-    C("recover-after-export", files={"c.yaml": _cfg("stages: [export, recover, validate]\n")}, fragments=("stages[1].recover",)),
-    C("attention-after-export", files={"c.yaml": _cfg("stages: [export, attention]\n")}, fragments=("stages[1].attention",)),
-    C("validate-without-export", files={"c.yaml": _cfg("stages: [validate]\n")}, fragments=("stages[0].validate", "export"), both=True),
+    C(
+        "quantize-before-export",
+        files={"c.yaml": _cfg("stages: [quantize, export]\n")},
+        fragments=("stages[0].quantize", "before 'quantize'"),
+        both=True,
+    ),
+    C(
+        "prune-after-export",
+        files={"c.yaml": _cfg("stages: [export, prune]\n")},
+        fragments=("stages[1].prune", "before 'export'"),
+        both=True,
+    ),
+    C(
+        "recover-after-export",
+        files={"c.yaml": _cfg("stages: [export, recover, validate]\n")},
+        fragments=("stages[1].recover",),
+    ),
+    C(
+        "attention-after-export",
+        files={"c.yaml": _cfg("stages: [export, attention]\n")},
+        fragments=("stages[1].attention",),
+    ),
+    C(
+        "validate-without-export",
+        files={"c.yaml": _cfg("stages: [validate]\n")},
+        fragments=("stages[0].validate", "export"),
+        both=True,
+    ),
     C("benchmark-without-export", files={"c.yaml": _cfg("stages: [benchmark]\n")}, fragments=("stages[0].benchmark",)),
-    C("precision-target-cannot-run", files={"c.yaml": _cfg("stages: [export, {quantize: {precision: fp16}}]\n", "[host-cpu, raspberry-pi-5]")},
-      fragments=("stages[1].quantize", "'fp16'", "raspberry-pi-5"), both=True),
-    C("per-target-unknown", files={"c.yaml": _cfg("stages: [export, {quantize: {per_target: {jetson-orin-nano: fp16}}}]\n")},
-      fragments=("per_target", "jetson-orin-nano"), both=True),
-    C("per-target-precision-unsupported", files={"c.yaml": _cfg("stages: [export, {quantize: {per_target: {android-arm64: fp16}}}]\n", "[host-cpu, android-arm64]")},
-      fragments=("'fp16'", "android-arm64")),
-    C("export-opset-newer-than-target", files={"old.yaml": _profile(name="old-rt", opset=16), "c.yaml": _cfg("stages: [{export: {opset: 18}}]\n", "[old.yaml]")},
-      fragments=("opset 18", "old-rt"), both=True),
-    C("prune-strict-no-speedup", files={"c.yaml": _cfg("stages: [{prune: {pattern: unstructured, strict: true}}, export]\n")}, fragments=("stages[0].prune", "no speedup")),
-    C("block-sparse-causal-window-on-encoder", files={"c.yaml": _cfg("stages: [{attention: {kernel: block_sparse, pattern: causal_window}}, export]\n")},
-      fragments=("stages[0].attention", "causal_window")),
+    C(
+        "precision-target-cannot-run",
+        files={"c.yaml": _cfg("stages: [export, {quantize: {precision: fp16}}]\n", "[host-cpu, raspberry-pi-5]")},
+        fragments=("stages[1].quantize", "'fp16'", "raspberry-pi-5"),
+        both=True,
+    ),
+    C(
+        "per-target-unknown",
+        files={"c.yaml": _cfg("stages: [export, {quantize: {per_target: {jetson-orin-nano: fp16}}}]\n")},
+        fragments=("per_target", "jetson-orin-nano"),
+        both=True,
+    ),
+    C(
+        "per-target-precision-unsupported",
+        files={
+            "c.yaml": _cfg(
+                "stages: [export, {quantize: {per_target: {android-arm64: fp16}}}]\n", "[host-cpu, android-arm64]"
+            )
+        },
+        fragments=("'fp16'", "android-arm64"),
+    ),
+    C(
+        "export-opset-newer-than-target",
+        files={
+            "old.yaml": _profile(name="old-rt", opset=16),
+            "c.yaml": _cfg("stages: [{export: {opset: 18}}]\n", "[old.yaml]"),
+        },
+        fragments=("opset 18", "old-rt"),
+        both=True,
+    ),
+    C(
+        "prune-strict-no-speedup",
+        files={"c.yaml": _cfg("stages: [{prune: {pattern: unstructured, strict: true}}, export]\n")},
+        fragments=("stages[0].prune", "no speedup"),
+    ),
+    C(
+        "block-sparse-causal-window-on-encoder",
+        files={"c.yaml": _cfg("stages: [{attention: {kernel: block_sparse, pattern: causal_window}}, export]\n")},
+        fragments=("stages[0].attention", "causal_window"),
+    ),
     C("unknown-stage", files={"c.yaml": _cfg("stages: [frobnicate]\n")}, fragments=("unknown stage 'frobnicate'",)),
-    C("unknown-stage-huge-name", files={"c.yaml": _cfg("stages: [" + "x" * 200000 + "]\n")}, fragments=("unknown stage",)),
-    C("stage-list-in-list", files={"c.yaml": _cfg("stages: [[export]]\n")}, fragments=("stages[0]", "expected one mapping")),
-    C("stage-two-keys", files={"c.yaml": _cfg("stages: [{export: {}, quantize: {}}]\n")}, fragments=("expected one mapping",)),
-    C("stage-options-scalar", files={"c.yaml": _cfg("stages: [{export: 3}]\n")}, fragments=("stages[0].export", "mapping")),
+    C(
+        "unknown-stage-huge-name",
+        files={"c.yaml": _cfg("stages: [" + "x" * 200000 + "]\n")},
+        fragments=("unknown stage",),
+    ),
+    C(
+        "stage-list-in-list",
+        files={"c.yaml": _cfg("stages: [[export]]\n")},
+        fragments=("stages[0]", "expected one mapping"),
+    ),
+    C(
+        "stage-two-keys",
+        files={"c.yaml": _cfg("stages: [{export: {}, quantize: {}}]\n")},
+        fragments=("expected one mapping",),
+    ),
+    C(
+        "stage-options-scalar",
+        files={"c.yaml": _cfg("stages: [{export: 3}]\n")},
+        fragments=("stages[0].export", "mapping"),
+    ),
     C("stages-not-a-list", files={"c.yaml": _cfg("stages: export\n")}, fragments=("stages", "list")),
     C("config-is-a-list", files={"c.yaml": "- export\n"}, fragments=("must be a mapping",), model=None),
     C("config-is-a-scalar", files={"c.yaml": "hello\n"}, fragments=("must be a mapping",), model=None),
-    C("unknown-top-level-key", files={"c.yaml": _cfg("stages: [export]\nstagse: []\n")}, fragments=("unknown key 'stagse'",)),
-    C("unknown-stage-key", files={"c.yaml": _cfg("stages: [{export: {opsett: 18}}]\n")}, fragments=("stages[0].export.opsett",), both=True),
-    C("bad-precision-value", files={"c.yaml": _cfg("stages: [export, {quantize: {precision: int4}}]\n")}, fragments=("stages[1].quantize.precision",)),
-    C("seed-2-pow-70", files={"c.yaml": _cfg("seed: 1180591620717411303424\nstages: [export]\n")}, fragments=("seed",), both=True),
+    C(
+        "unknown-top-level-key",
+        files={"c.yaml": _cfg("stages: [export]\nstagse: []\n")},
+        fragments=("unknown key 'stagse'",),
+    ),
+    C(
+        "unknown-stage-key",
+        files={"c.yaml": _cfg("stages: [{export: {opsett: 18}}]\n")},
+        fragments=("stages[0].export.opsett",),
+        both=True,
+    ),
+    C(
+        "bad-precision-value",
+        files={"c.yaml": _cfg("stages: [export, {quantize: {precision: int4}}]\n")},
+        fragments=("stages[1].quantize.precision",),
+    ),
+    C(
+        "seed-2-pow-70",
+        files={"c.yaml": _cfg("seed: 1180591620717411303424\nstages: [export]\n")},
+        fragments=("seed",),
+        both=True,
+    ),
     C("seed-negative", files={"c.yaml": _cfg("seed: -1\nstages: [export]\n")}, fragments=("seed",)),
     C("seed-text", files={"c.yaml": _cfg("seed: abc\nstages: [export]\n")}, fragments=("seed",)),
-    C("nan-option", files={"c.yaml": _cfg("stages: [{prune: {sparsity: .nan}}, export]\n")}, fragments=("stages[0].prune.sparsity",)),
-    C("inf-option", files={"c.yaml": _cfg("stages: [export, {validate: {max_ppl_ratio: .inf}}]\n")}, fragments=("stages[1].validate.max_ppl_ratio",)),
-    C("negative-inf-gate", files={"c.yaml": _cfg("stages: [export, {validate: {min_cos_mean: -.inf}}]\n")}, fragments=("min_cos_mean",)),
-    C("max-length-zero", files={"c.yaml": "model: {path: model}\ntargets: [host-cpu]\ncalibration: {max_length: 0}\nstages: [export]\n"}, fragments=("calibration.max_length",)),
-    C("batch-size-zero", files={"c.yaml": "model: {path: model}\ntargets: [host-cpu]\ncalibration: {batch_size: 0}\nstages: [export]\n"}, fragments=("calibration.batch_size",)),
-    C("task-unknown", files={"c.yaml": "model: {path: model, task: translation}\ntargets: [host-cpu]\nstages: [export]\n"}, fragments=("model.task",)),
-    C("task-wrong-family", files={"c.yaml": "model: {path: model, task: text-generation}\ntargets: [host-cpu]\n" + SMALL + "stages: [export]\n"}, fragments=("text-generation",), both=True),
+    C(
+        "nan-option",
+        files={"c.yaml": _cfg("stages: [{prune: {sparsity: .nan}}, export]\n")},
+        fragments=("stages[0].prune.sparsity",),
+    ),
+    C(
+        "inf-option",
+        files={"c.yaml": _cfg("stages: [export, {validate: {max_ppl_ratio: .inf}}]\n")},
+        fragments=("stages[1].validate.max_ppl_ratio",),
+    ),
+    C(
+        "negative-inf-gate",
+        files={"c.yaml": _cfg("stages: [export, {validate: {min_cos_mean: -.inf}}]\n")},
+        fragments=("min_cos_mean",),
+    ),
+    C(
+        "max-length-zero",
+        files={"c.yaml": "model: {path: model}\ntargets: [host-cpu]\ncalibration: {max_length: 0}\nstages: [export]\n"},
+        fragments=("calibration.max_length",),
+    ),
+    C(
+        "batch-size-zero",
+        files={"c.yaml": "model: {path: model}\ntargets: [host-cpu]\ncalibration: {batch_size: 0}\nstages: [export]\n"},
+        fragments=("calibration.batch_size",),
+    ),
+    C(
+        "task-unknown",
+        files={"c.yaml": "model: {path: model, task: translation}\ntargets: [host-cpu]\nstages: [export]\n"},
+        fragments=("model.task",),
+    ),
+    C(
+        "task-wrong-family",
+        files={
+            "c.yaml": "model: {path: model, task: text-generation}\ntargets: [host-cpu]\n"
+            + SMALL
+            + "stages: [export]\n"
+        },
+        fragments=("text-generation",),
+        both=True,
+    ),
     # ---- YAML itself
     C("billion-laughs", files={"c.yaml": _BOMB}, fragments=("anchors and aliases",), model=None, both=True),
     C("alias", files={"c.yaml": "x: &s [export]\nstages: *s\n"}, fragments=("anchors and aliases",), model=None),
-    C("anchor-only", files={"c.yaml": "stages: &s [export]\n"}, fragments=("anchors and aliases", "line 1"), model=None),
-    C("merge-key", files={"c.yaml": "base: &b {sparsity: 0.5}\nstages: [{prune: {<<: *b}}]\n"}, fragments=("anchors and aliases",), model=None),
-    C("deep-brackets", files={"c.yaml": "stages: " + "[" * 5000}, fragments=("nested deeper than",), model=None, both=True),
+    C(
+        "anchor-only",
+        files={"c.yaml": "stages: &s [export]\n"},
+        fragments=("anchors and aliases", "line 1"),
+        model=None,
+    ),
+    C(
+        "merge-key",
+        files={"c.yaml": "base: &b {sparsity: 0.5}\nstages: [{prune: {<<: *b}}]\n"},
+        fragments=("anchors and aliases",),
+        model=None,
+    ),
+    C(
+        "deep-brackets",
+        files={"c.yaml": "stages: " + "[" * 5000},
+        fragments=("nested deeper than",),
+        model=None,
+        both=True,
+    ),
     C("deep-braces", files={"c.yaml": "stages: " + "{a: " * 5000}, fragments=("nested deeper than",), model=None),
-    C("duplicate-stage-option", files={"c.yaml": _cfg("stages: [{prune: {sparsity: 0.5, sparsity: 0.9}}, export]\n")}, fragments=("duplicate key 'sparsity'", "line 4"), both=True),
-    C("duplicate-top-level-key", files={"c.yaml": _cfg("stages: [export]\nstages: [quantize]\n")}, fragments=("duplicate key 'stages'",)),
-    C("python-tag", files={"c.yaml": "stages: !!python/object/apply:os.system ['touch EXECUTED']\n"}, fragments=("python/object",), model=None),
+    C(
+        "duplicate-stage-option",
+        files={"c.yaml": _cfg("stages: [{prune: {sparsity: 0.5, sparsity: 0.9}}, export]\n")},
+        fragments=("duplicate key 'sparsity'", "line 4"),
+        both=True,
+    ),
+    C(
+        "duplicate-top-level-key",
+        files={"c.yaml": _cfg("stages: [export]\nstages: [quantize]\n")},
+        fragments=("duplicate key 'stages'",),
+    ),
+    C(
+        "python-tag",
+        files={"c.yaml": "stages: !!python/object/apply:os.system ['touch EXECUTED']\n"},
+        fragments=("python/object",),
+        model=None,
+    ),
     C("malformed-yaml", files={"c.yaml": "stages: [export\n  targets: {\n"}, fragments=("malformed YAML",), model=None),
     C("yaml-not-utf8", files={"c.yaml": b"stages: [export] # caf\xe9\n"}, fragments=("not UTF-8",), model=None),
     C("yaml-is-directory", files={"c.yaml": None}, fragments=("is a directory",), model=None),
     C("yaml-missing", files={}, fragments=("file not found",), model=None, both=True),
-    C("yaml-huge", files={"c.yaml": "# " + "x" * (2 << 20) + "\nstages: [export]\n"}, fragments=("larger than",), model=None),
+    C(
+        "yaml-huge",
+        files={"c.yaml": "# " + "x" * (2 << 20) + "\nstages: [export]\n"},
+        fragments=("larger than",),
+        model=None,
+    ),
     # ---- targets and profiles
     C("targets-empty", files={"c.yaml": _cfg("stages: [export]\n", "[]")}, fragments=("targets",)),
-    C("targets-twice", files={"c.yaml": _cfg("stages: [export]\n", "[host-cpu, host-cpu]")}, fragments=("listed twice",)),
-    C("target-unknown", files={"c.yaml": _cfg("stages: [export]\n", "[jetson-nano-9000]")}, fragments=("targets[0]", "jetson-nano-9000"), both=True),
-    C("target-name-nul", files={"c.yaml": _cfg("stages: [export]\n", '["host\\0cpu"]')}, fragments=("targets[0]", "NUL"), both=True),
-    C("target-name-newline", files={"c.yaml": _cfg("stages: [export]\n", '["host\\ncpu"]')}, fragments=("targets[0]", "\\n"),),
-    C("profile-named-stages", files={"p.yaml": _profile(name="stages"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("reserved",), both=True),
-    C("profile-named-plots", files={"p.yaml": _profile(name="plots"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("reserved",)),
-    C("profile-name-control-char", files={"p.yaml": _profile(name="a\x07b"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("name",)),
-    C("profile-name-nul", files={"p.yaml": _profile(name="a\x00b"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("name",), both=True),
-    C("profile-name-slash", files={"p.yaml": _profile(name="../evil"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("name",)),
-    C("profile-name-dot", files={"p.yaml": _profile(name="a.b"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("name",)),
-    C("profile-name-space", files={"p.yaml": _profile(name="my board"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("name",)),
-    C("profile-name-dash-first", files={"p.yaml": _profile(name="-rf"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("name",)),
-    C("profile-nan-tolerance", files={"p.yaml": _profile(name="b", tolerances={"fp32": {"atol": float("nan")}, "int8": {"atol": 1}, "fp16": {"atol": 1}}),
-                                      "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("atol",)),
+    C(
+        "targets-twice",
+        files={"c.yaml": _cfg("stages: [export]\n", "[host-cpu, host-cpu]")},
+        fragments=("listed twice",),
+    ),
+    C(
+        "target-unknown",
+        files={"c.yaml": _cfg("stages: [export]\n", "[jetson-nano-9000]")},
+        fragments=("targets[0]", "jetson-nano-9000"),
+        both=True,
+    ),
+    C(
+        "target-name-nul",
+        files={"c.yaml": _cfg("stages: [export]\n", '["host\\0cpu"]')},
+        fragments=("targets[0]", "NUL"),
+        both=True,
+    ),
+    C(
+        "target-name-newline",
+        files={"c.yaml": _cfg("stages: [export]\n", '["host\\ncpu"]')},
+        fragments=("targets[0]", "\\n"),
+    ),
+    C(
+        "profile-named-stages",
+        files={"p.yaml": _profile(name="stages"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("reserved",),
+        both=True,
+    ),
+    C(
+        "profile-named-plots",
+        files={"p.yaml": _profile(name="plots"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("reserved",),
+    ),
+    C(
+        "profile-name-control-char",
+        files={"p.yaml": _profile(name="a\x07b"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("name",),
+    ),
+    C(
+        "profile-name-nul",
+        files={"p.yaml": _profile(name="a\x00b"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("name",),
+        both=True,
+    ),
+    C(
+        "profile-name-slash",
+        files={"p.yaml": _profile(name="../evil"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("name",),
+    ),
+    C(
+        "profile-name-dot",
+        files={"p.yaml": _profile(name="a.b"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("name",),
+    ),
+    C(
+        "profile-name-space",
+        files={"p.yaml": _profile(name="my board"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("name",),
+    ),
+    C(
+        "profile-name-dash-first",
+        files={"p.yaml": _profile(name="-rf"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("name",),
+    ),
+    C(
+        "profile-nan-tolerance",
+        files={
+            "p.yaml": _profile(
+                name="b", tolerances={"fp32": {"atol": float("nan")}, "int8": {"atol": 1}, "fp16": {"atol": 1}}
+            ),
+            "c.yaml": _cfg("stages: [export]\n", "[p.yaml]"),
+        },
+        fragments=("atol",),
+    ),
     C("profile-missing", files={"c.yaml": _cfg("stages: [export]\n", "[nope.yaml]")}, fragments=("not found",)),
-    C("profile-malformed", files={"p.yaml": "name: [\n", "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("malformed YAML",)),
-    C("profile-alias-bomb", files={"p.yaml": _BOMB, "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("anchors and aliases",)),
-    C("profile-duplicate-key", files={"p.yaml": "name: a\nname: b\n", "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")}, fragments=("duplicate key 'name'",)),
-    C("two-profiles-one-name", files={"p.yaml": _profile(name="twin"), "q.yaml": _profile(name="twin"), "c.yaml": _cfg("stages: [export]\n", "[p.yaml, q.yaml]")},
-      fragments=("two targets are named 'twin'",), both=True),
-    C("profile-relative-to-yaml-folder", files={"sub/p.yaml": _profile(name="my-board"), "sub/c.yaml": "model: {path: ../model}\ntargets: [p.yaml]\n" + SMALL.replace("calib.txt", "../calib.txt") + "stages: [export]\n"},
-      argv=("validate", "sub/c.yaml"), ok=True),
+    C(
+        "profile-malformed",
+        files={"p.yaml": "name: [\n", "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("malformed YAML",),
+    ),
+    C(
+        "profile-alias-bomb",
+        files={"p.yaml": _BOMB, "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("anchors and aliases",),
+    ),
+    C(
+        "profile-duplicate-key",
+        files={"p.yaml": "name: a\nname: b\n", "c.yaml": _cfg("stages: [export]\n", "[p.yaml]")},
+        fragments=("duplicate key 'name'",),
+    ),
+    C(
+        "two-profiles-one-name",
+        files={
+            "p.yaml": _profile(name="twin"),
+            "q.yaml": _profile(name="twin"),
+            "c.yaml": _cfg("stages: [export]\n", "[p.yaml, q.yaml]"),
+        },
+        fragments=("two targets are named 'twin'",),
+        both=True,
+    ),
+    C(
+        "profile-relative-to-yaml-folder",
+        files={
+            "sub/p.yaml": _profile(name="my-board"),
+            "sub/c.yaml": "model: {path: ../model}\ntargets: [p.yaml]\n"
+            + SMALL.replace("calib.txt", "../calib.txt")
+            + "stages: [export]\n",
+        },
+        argv=("validate", "sub/c.yaml"),
+        ok=True,
+    ),
     # ---- calibration text
-    C("calibration-missing", files={"c.yaml": _cfg("stages: [export]\n").replace("calib.txt", "nope.txt")}, fragments=("calibration.file", "not found"), both=True),
-    C("calibration-empty", files={"calib.txt": "", "c.yaml": _cfg("stages: [export]\n")}, fragments=("calibration.file", "no non-blank"), both=True),
-    C("calibration-blank-lines", files={"calib.txt": "\n \n\t\n", "c.yaml": _cfg("stages: [export]\n")}, fragments=("calibration.file", "no non-blank")),
-    C("calibration-binary", files={"calib.txt": b"\x00\x01\x02PK\x03\x04" * 100, "c.yaml": _cfg("stages: [export]\n")}, fragments=("calibration.file", "binary"), both=True),
-    C("calibration-latin1", files={"calib.txt": ("caf\xe9 au lait\n" * 40).encode("latin-1"), "c.yaml": _cfg("stages: [export]\n")}, fragments=("calibration.file", "not UTF-8"), both=True),
-    C("calibration-directory", files={"calib.txt": None, "c.yaml": _cfg("stages: [export]\n")}, fragments=("calibration.file", "directory"), both=True),
-    C("calibration-too-few", files={"calib.txt": "one\ntwo\n", "c.yaml": _cfg("stages: [export]\n")}, fragments=("calibration", "2 passages"), both=True),
-    C("calibration-dev-null", files={"c.yaml": _cfg("stages: [export]\n").replace("calib.txt", "/dev/null")}, fragments=("calibration.file", "not a regular file")),
+    C(
+        "calibration-missing",
+        files={"c.yaml": _cfg("stages: [export]\n").replace("calib.txt", "nope.txt")},
+        fragments=("calibration.file", "not found"),
+        both=True,
+    ),
+    C(
+        "calibration-empty",
+        files={"calib.txt": "", "c.yaml": _cfg("stages: [export]\n")},
+        fragments=("calibration.file", "no non-blank"),
+        both=True,
+    ),
+    C(
+        "calibration-blank-lines",
+        files={"calib.txt": "\n \n\t\n", "c.yaml": _cfg("stages: [export]\n")},
+        fragments=("calibration.file", "no non-blank"),
+    ),
+    C(
+        "calibration-binary",
+        files={"calib.txt": b"\x00\x01\x02PK\x03\x04" * 100, "c.yaml": _cfg("stages: [export]\n")},
+        fragments=("calibration.file", "binary"),
+        both=True,
+    ),
+    C(
+        "calibration-latin1",
+        files={"calib.txt": ("caf\xe9 au lait\n" * 40).encode("latin-1"), "c.yaml": _cfg("stages: [export]\n")},
+        fragments=("calibration.file", "not UTF-8"),
+        both=True,
+    ),
+    C(
+        "calibration-directory",
+        files={"calib.txt": None, "c.yaml": _cfg("stages: [export]\n")},
+        fragments=("calibration.file", "directory"),
+        both=True,
+    ),
+    C(
+        "calibration-too-few",
+        files={"calib.txt": "one\ntwo\n", "c.yaml": _cfg("stages: [export]\n")},
+        fragments=("calibration", "2 passages"),
+        both=True,
+    ),
+    C(
+        "calibration-dev-null",
+        files={"c.yaml": _cfg("stages: [export]\n").replace("calib.txt", "/dev/null")},
+        fragments=("calibration.file", "not a regular file"),
+    ),
     # ---- model folder, refused before any weights are read
-    C("model-path-missing", files={"c.yaml": _cfg("stages: [export]\n")}, model=None, fragments=("model.path", "not a directory"), both=True),
-    C("model-path-is-file", files={"model": "x", "c.yaml": _cfg("stages: [export]\n")}, model=None, fragments=("model.path", "not a directory")),
+    C(
+        "model-path-missing",
+        files={"c.yaml": _cfg("stages: [export]\n")},
+        model=None,
+        fragments=("model.path", "not a directory"),
+        both=True,
+    ),
+    C(
+        "model-path-is-file",
+        files={"model": "x", "c.yaml": _cfg("stages: [export]\n")},
+        model=None,
+        fragments=("model.path", "not a directory"),
+    ),
     C("no-config-json", files={"model/config.json": _DEL, "c.yaml": _OK}, fragments=("model.path", "no config.json")),
-    C("config-json-garbage", files={"model/config.json": "{not json", "c.yaml": _OK}, fragments=("model.path", "config.json")),
-    C("config-json-list", files={"model/config.json": "[1, 2]", "c.yaml": _OK}, fragments=("config.json", "JSON object")),
-    C("config-json-not-utf8", files={"model/config.json": b'{"model_type": "b\xe9rt"}', "c.yaml": _OK}, fragments=("config.json", "UTF-8")),
-    C("config-json-deep", files={"model/config.json": "[" * 100000 + "]" * 100000, "c.yaml": _OK}, fragments=("config.json",)),
-    C("model-type-unsupported", files={"model/config.json": _json_edit(model_type="whisper"), "c.yaml": _OK}, fragments=("unsupported model_type 'whisper'",), both=True),
-    C("model-type-missing", files={"model/config.json": _json_edit(model_type=_DEL), "c.yaml": _OK}, fragments=("model_type",)),
-    C("heads-as-text", files={"model/config.json": _json_edit(num_attention_heads="two"), "c.yaml": _OK}, fragments=("num_attention_heads", "'two'"), both=True),
-    C("layers-negative", files={"model/config.json": _json_edit(num_hidden_layers=-1), "c.yaml": _OK}, fragments=("num_hidden_layers",)),
+    C(
+        "config-json-garbage",
+        files={"model/config.json": "{not json", "c.yaml": _OK},
+        fragments=("model.path", "config.json"),
+    ),
+    C(
+        "config-json-list",
+        files={"model/config.json": "[1, 2]", "c.yaml": _OK},
+        fragments=("config.json", "JSON object"),
+    ),
+    C(
+        "config-json-not-utf8",
+        files={"model/config.json": b'{"model_type": "b\xe9rt"}', "c.yaml": _OK},
+        fragments=("config.json", "UTF-8"),
+    ),
+    C(
+        "config-json-deep",
+        files={"model/config.json": "[" * 100000 + "]" * 100000, "c.yaml": _OK},
+        fragments=("config.json",),
+    ),
+    C(
+        "model-type-unsupported",
+        files={"model/config.json": _json_edit(model_type="whisper"), "c.yaml": _OK},
+        fragments=("unsupported model_type 'whisper'",),
+        both=True,
+    ),
+    C(
+        "model-type-missing",
+        files={"model/config.json": _json_edit(model_type=_DEL), "c.yaml": _OK},
+        fragments=("model_type",),
+    ),
+    C(
+        "heads-as-text",
+        files={"model/config.json": _json_edit(num_attention_heads="two"), "c.yaml": _OK},
+        fragments=("num_attention_heads", "'two'"),
+        both=True,
+    ),
+    C(
+        "layers-negative",
+        files={"model/config.json": _json_edit(num_hidden_layers=-1), "c.yaml": _OK},
+        fragments=("num_hidden_layers",),
+    ),
     C("vocab-bool", files={"model/config.json": _json_edit(vocab_size=True), "c.yaml": _OK}, fragments=("vocab_size",)),
-    C("hidden-size-float", files={"model/config.json": _json_edit(hidden_size=32.5), "c.yaml": _OK}, fragments=("hidden_size",)),
-    C("heads-do-not-divide-hidden", files={"model/config.json": _json_edit(hidden_size=30), "c.yaml": _OK}, fragments=("not divisible",)),
-    C("architectures-not-list", files={"model/config.json": _json_edit(architectures="BertModel"), "c.yaml": _OK}, fragments=("architectures",)),
-    C("auto-map-in-config", files={"model/config.json": _json_edit(auto_map={"AutoModel": "evil.EvilModel"}), "model/evil.py": _PLANT, "c.yaml": _OK},
-      fragments=("auto_map", "never runs code"), both=True),
-    C("auto-map-in-tokenizer-config", files={"model/tokenizer_config.json": _json_edit(auto_map={"AutoTokenizer": ["evil.Tok", None]}), "model/evil.py": _PLANT, "c.yaml": _OK},
-      fragments=("tokenizer_config.json", "auto_map"), both=True),
-    C("auto-map-in-other-json", files={"model/preprocessor_config.json": json.dumps({"auto_map": {"AutoProcessor": "evil.P"}}), "model/evil.py": _PLANT, "c.yaml": _OK},
-      fragments=("preprocessor_config.json", "auto_map")),
-    C("pickle-only", files={"model/model.safetensors": _DEL, "model/pytorch_model.bin": b"\x80\x04K\x01.", "c.yaml": _OK}, fragments=("pickle weights are not loaded",), both=True),
-    C("index-with-bin-shards", files={"model": _shard_setup("pytorch_model-00001-of-00001.bin"), "c.yaml": _OK}, fragments=("pickle weights are not loaded",), both=True),
-    C("index-bin-beside-safetensors", files={"model": _shard_setup("pytorch_model.bin", keep_safetensors=True), "c.yaml": _OK}, fragments=("pickle weights are not loaded",)),
-    C("index-shard-outside-folder", files={"model": _shard_setup("../model.safetensors"), "c.yaml": _OK}, fragments=("outside the model folder",)),
-    C("index-shard-absolute", files={"model": _shard_setup("/etc/model.safetensors"), "c.yaml": _OK}, fragments=("outside the model folder",)),
-    C("index-shard-missing", files={"model": _shard_setup("model-00001-of-00002.safetensors"), "c.yaml": _OK}, fragments=("is missing",)),
-    C("index-malformed", files={"model/model.safetensors.index.json": '{"weight_map": 7}', "c.yaml": _OK}, fragments=("weight_map",)),
+    C(
+        "hidden-size-float",
+        files={"model/config.json": _json_edit(hidden_size=32.5), "c.yaml": _OK},
+        fragments=("hidden_size",),
+    ),
+    C(
+        "heads-do-not-divide-hidden",
+        files={"model/config.json": _json_edit(hidden_size=30), "c.yaml": _OK},
+        fragments=("not divisible",),
+    ),
+    C(
+        "architectures-not-list",
+        files={"model/config.json": _json_edit(architectures="BertModel"), "c.yaml": _OK},
+        fragments=("architectures",),
+    ),
+    C(
+        "auto-map-in-config",
+        files={
+            "model/config.json": _json_edit(auto_map={"AutoModel": "evil.EvilModel"}),
+            "model/evil.py": _PLANT,
+            "c.yaml": _OK,
+        },
+        fragments=("auto_map", "never runs code"),
+        both=True,
+    ),
+    C(
+        "auto-map-in-tokenizer-config",
+        files={
+            "model/tokenizer_config.json": _json_edit(auto_map={"AutoTokenizer": ["evil.Tok", None]}),
+            "model/evil.py": _PLANT,
+            "c.yaml": _OK,
+        },
+        fragments=("tokenizer_config.json", "auto_map"),
+        both=True,
+    ),
+    C(
+        "auto-map-in-other-json",
+        files={
+            "model/preprocessor_config.json": json.dumps({"auto_map": {"AutoProcessor": "evil.P"}}),
+            "model/evil.py": _PLANT,
+            "c.yaml": _OK,
+        },
+        fragments=("preprocessor_config.json", "auto_map"),
+    ),
+    C(
+        "pickle-only",
+        files={"model/model.safetensors": _DEL, "model/pytorch_model.bin": b"\x80\x04K\x01.", "c.yaml": _OK},
+        fragments=("pickle weights are not loaded",),
+        both=True,
+    ),
+    C(
+        "index-with-bin-shards",
+        files={"model": _shard_setup("pytorch_model-00001-of-00001.bin"), "c.yaml": _OK},
+        fragments=("pickle weights are not loaded",),
+        both=True,
+    ),
+    C(
+        "index-bin-beside-safetensors",
+        files={"model": _shard_setup("pytorch_model.bin", keep_safetensors=True), "c.yaml": _OK},
+        fragments=("pickle weights are not loaded",),
+    ),
+    C(
+        "index-shard-outside-folder",
+        files={"model": _shard_setup("../model.safetensors"), "c.yaml": _OK},
+        fragments=("outside the model folder",),
+    ),
+    C(
+        "index-shard-absolute",
+        files={"model": _shard_setup("/etc/model.safetensors"), "c.yaml": _OK},
+        fragments=("outside the model folder",),
+    ),
+    C(
+        "index-shard-missing",
+        files={"model": _shard_setup("model-00001-of-00002.safetensors"), "c.yaml": _OK},
+        fragments=("is missing",),
+    ),
+    C(
+        "index-malformed",
+        files={"model/model.safetensors.index.json": '{"weight_map": 7}', "c.yaml": _OK},
+        fragments=("weight_map",),
+    ),
     C("no-weights", files={"model/model.safetensors": _DEL, "c.yaml": _OK}, fragments=("no weights found",)),
-    C("no-tokenizer", files={"c.yaml": _OK}, model="bert-notok", fragments=("no tokenizer files", "model.tokenizer: false"), both=True),
-    C("no-tokenizer-declared", files={"c.yaml": _OK.replace("{path: model}", "{path: model, tokenizer: false}")}, model="bert-notok", ok=True),
-    C("tokenizer-false-but-present", files={"c.yaml": _OK.replace("{path: model}", "{path: model, tokenizer: false}")}, fragments=("model.tokenizer",)),
+    C(
+        "no-tokenizer",
+        files={"c.yaml": _OK},
+        model="bert-notok",
+        fragments=("no tokenizer files", "model.tokenizer: false"),
+        both=True,
+    ),
+    C(
+        "no-tokenizer-declared",
+        files={"c.yaml": _OK.replace("{path: model}", "{path: model, tokenizer: false}")},
+        model="bert-notok",
+        ok=True,
+    ),
+    C(
+        "tokenizer-false-but-present",
+        files={"c.yaml": _OK.replace("{path: model}", "{path: model, tokenizer: false}")},
+        fragments=("model.tokenizer",),
+    ),
     C("valid-config", files={"c.yaml": _OK}, ok=True),
     # ---- the run folder (refused before anything is written)
-    C("workdir-empty-string", files={"c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", ""), fragments=("--workdir", "empty")),
-    C("workdir-is-model-folder", files={"c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", "model"), fragments=("--workdir", "model folder")),
-    C("workdir-inside-model-folder", files={"c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", "model/runs"), fragments=("--workdir", "model folder")),
-    C("workdir-holds-model-folder", files={"c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", "."), fragments=("--workdir", "model folder")),
-    C("workdir-is-file", files={"w": "my notes", "c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", "w"), fragments=("--workdir", "is a file")),
-    C("workdir-below-file", files={"w": "my notes", "c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", "w/run"), fragments=("--workdir", "is a file")),
-    C("workdir-foreign-folder", files={"w/report.md": "my thesis", "w/host-cpu/notes.txt": "n", "w/stages/01-export/keep.txt": "k", "w/.thesis.tmp": "t", "c.yaml": _OK},
-      argv=("run", "c.yaml", "--workdir", "w"), fragments=("not an edgepipe run folder",)),
-    C("workdir-only-hidden-file", files={"w/.thesis.tmp": "t", "c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", "w"), fragments=("not an edgepipe run folder",)),
-    C("workdir-marker-is-link", files={"w/.edgepipe-run": ("link", "../c.yaml"), "c.yaml": _OK}, argv=("run", "c.yaml", "--workdir", "w"), fragments=(".edgepipe-run",)),
-    C("workdir-lock-is-link", files={"w/.edgepipe-run": "{}", "w/.edgepipe.lock": ("link", "../victim.txt"), "victim.txt": "precious", "c.yaml": _OK},
-      argv=("run", "c.yaml", "--workdir", "w"), fragments=(".edgepipe.lock", "symbolic link")),
-    C("workdir-stages-is-link", files={"w/.edgepipe-run": "{}", "w/stages": ("link", "../victim"), "victim/keep.txt": "precious", "c.yaml": _OK},
-      argv=("run", "c.yaml", "--workdir", "w"), fragments=("'stages' is a symbolic link",)),
-    C("validate-checks-workdir", files={"w/report.md": "mine", "c.yaml": _OK}, argv=("validate", "c.yaml", "--workdir", "w"), fragments=("not an edgepipe run folder",)),
+    C(
+        "workdir-empty-string",
+        files={"c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", ""),
+        fragments=("--workdir", "empty"),
+    ),
+    C(
+        "workdir-is-model-folder",
+        files={"c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", "model"),
+        fragments=("--workdir", "model folder"),
+    ),
+    C(
+        "workdir-inside-model-folder",
+        files={"c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", "model/runs"),
+        fragments=("--workdir", "model folder"),
+    ),
+    C(
+        "workdir-holds-model-folder",
+        files={"c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", "."),
+        fragments=("--workdir", "model folder"),
+    ),
+    C(
+        "workdir-is-file",
+        files={"w": "my notes", "c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", "w"),
+        fragments=("--workdir", "is a file"),
+    ),
+    C(
+        "workdir-below-file",
+        files={"w": "my notes", "c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", "w/run"),
+        fragments=("--workdir", "is a file"),
+    ),
+    C(
+        "workdir-foreign-folder",
+        files={
+            "w/report.md": "my thesis",
+            "w/host-cpu/notes.txt": "n",
+            "w/stages/01-export/keep.txt": "k",
+            "w/.thesis.tmp": "t",
+            "c.yaml": _OK,
+        },
+        argv=("run", "c.yaml", "--workdir", "w"),
+        fragments=("not an edgepipe run folder",),
+    ),
+    C(
+        "workdir-only-hidden-file",
+        files={"w/.thesis.tmp": "t", "c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", "w"),
+        fragments=("not an edgepipe run folder",),
+    ),
+    C(
+        "workdir-marker-is-link",
+        files={"w/.edgepipe-run": ("link", "../c.yaml"), "c.yaml": _OK},
+        argv=("run", "c.yaml", "--workdir", "w"),
+        fragments=(".edgepipe-run",),
+    ),
+    C(
+        "workdir-lock-is-link",
+        files={
+            "w/.edgepipe-run": "{}",
+            "w/.edgepipe.lock": ("link", "../victim.txt"),
+            "victim.txt": "precious",
+            "c.yaml": _OK,
+        },
+        argv=("run", "c.yaml", "--workdir", "w"),
+        fragments=(".edgepipe.lock", "symbolic link"),
+    ),
+    C(
+        "workdir-stages-is-link",
+        files={
+            "w/.edgepipe-run": "{}",
+            "w/stages": ("link", "../victim"),
+            "victim/keep.txt": "precious",
+            "c.yaml": _OK,
+        },
+        argv=("run", "c.yaml", "--workdir", "w"),
+        fragments=("'stages' is a symbolic link",),
+    ),
+    C(
+        "validate-checks-workdir",
+        files={"w/report.md": "mine", "c.yaml": _OK},
+        argv=("validate", "c.yaml", "--workdir", "w"),
+        fragments=("not an edgepipe run folder",),
+    ),
     # ---- other commands
     C("targets-show-no-name", argv=("targets", "show"), fragments=("targets show",), model=None),
-    C("targets-show-unknown", argv=("targets", "show", "nope-9000"), fragments=("unknown target 'nope-9000'",), model=None),
-    C("targets-show-malformed-file", files={"p.yaml": "name: [\n"}, argv=("targets", "show", "p.yaml"), fragments=("malformed YAML",), model=None),
+    C(
+        "targets-show-unknown",
+        argv=("targets", "show", "nope-9000"),
+        fragments=("unknown target 'nope-9000'",),
+        model=None,
+    ),
+    C(
+        "targets-show-malformed-file",
+        files={"p.yaml": "name: [\n"},
+        argv=("targets", "show", "p.yaml"),
+        fragments=("malformed YAML",),
+        model=None,
+    ),
     C("targets-file-missing", argv=("targets", "--file", "nope.yaml"), fragments=("not found",), model=None),
     C("targets-show-nul", argv=("targets", "show", "a\x00b"), fragments=("NUL",), model=None),
-    C("plan-seq-zero", argv=("plan-attention", "--target", "host-cpu", "--seq", "0", "--head-dim", "64"), fragments=("--seq",), model=None),
-    C("plan-seq-negative", argv=("plan-attention", "--target", "host-cpu", "--seq", "-5", "--head-dim", "64"), fragments=("--seq",), model=None),
-    C("plan-head-dim-zero", argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "0"), fragments=("--head-dim",), model=None),
-    C("plan-density-above-one", argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "64", "--density", "1.5"), fragments=("--density",), model=None),
-    C("plan-density-nan", argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "64", "--density", "nan"), fragments=("--density",), model=None),
-    C("plan-density-zero", argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "64", "--density", "0"), fragments=("--density",), model=None),
-    C("plan-huge-causal", argv=("plan-attention", "--target", "host-cpu", "--seq", "100000000", "--causal", "--head-dim", "64"), fragments=("--seq",), model=None),
-    C("plan-long-causal", argv=("plan-attention", "--target", "host-cpu", "--seq", "100000", "--causal", "--head-dim", "64"), fragments=("--causal",), model=None),
-    C("plan-unknown-target", argv=("plan-attention", "--target", "nope", "--seq", "128", "--head-dim", "64"), fragments=("unknown target",), model=None),
-    C("plan-seq-not-int", argv=("plan-attention", "--target", "host-cpu", "--seq", "many", "--head-dim", "64"), fragments=("--seq",), model=None),
+    C(
+        "plan-seq-zero",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "0", "--head-dim", "64"),
+        fragments=("--seq",),
+        model=None,
+    ),
+    C(
+        "plan-seq-negative",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "-5", "--head-dim", "64"),
+        fragments=("--seq",),
+        model=None,
+    ),
+    C(
+        "plan-head-dim-zero",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "0"),
+        fragments=("--head-dim",),
+        model=None,
+    ),
+    C(
+        "plan-density-above-one",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "64", "--density", "1.5"),
+        fragments=("--density",),
+        model=None,
+    ),
+    C(
+        "plan-density-nan",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "64", "--density", "nan"),
+        fragments=("--density",),
+        model=None,
+    ),
+    C(
+        "plan-density-zero",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "128", "--head-dim", "64", "--density", "0"),
+        fragments=("--density",),
+        model=None,
+    ),
+    C(
+        "plan-huge-causal",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "100000000", "--causal", "--head-dim", "64"),
+        fragments=("--seq",),
+        model=None,
+    ),
+    C(
+        "plan-long-causal",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "100000", "--causal", "--head-dim", "64"),
+        fragments=("--causal",),
+        model=None,
+    ),
+    C(
+        "plan-unknown-target",
+        argv=("plan-attention", "--target", "nope", "--seq", "128", "--head-dim", "64"),
+        fragments=("unknown target",),
+        model=None,
+    ),
+    C(
+        "plan-seq-not-int",
+        argv=("plan-attention", "--target", "host-cpu", "--seq", "many", "--head-dim", "64"),
+        fragments=("--seq",),
+        model=None,
+    ),
     C("unknown-command", argv=("frobnicate",), fragments=("frobnicate",), model=None),
     C("run-config-missing", argv=("run", "nope.yaml", "--workdir", "w"), fragments=("file not found",), model=None),
 ]
@@ -441,12 +992,24 @@ def test_battery_size():
 @pytest.mark.parametrize(
     "name, edit, fragments",
     [
-        ("missing-layer-1", _weights_edit(lambda sd: {k: v for k, v in sd.items() if "layer.1." not in k}), ("lack tensor", "encoder.layer.1.")),
+        (
+            "missing-layer-1",
+            _weights_edit(lambda sd: {k: v for k, v in sd.items() if "layer.1." not in k}),
+            ("lack tensor", "encoder.layer.1."),
+        ),
         ("config-4-layers-weights-2", "layers4", ("lack tensor", "encoder.layer.2.")),
         ("config-1-layer-weights-2", "layers1", ("config has no place for", "encoder.layer.1.")),
         ("shape-mismatch", "inter48", ("intermediate.dense", "shape")),
-        ("nan-weight", _weights_edit(lambda sd: _nan(sd, float("nan"))), ("encoder.layer.1.attention.self.query.weight", "NaN or inf")),
-        ("inf-weight", _weights_edit(lambda sd: _nan(sd, float("inf"))), ("encoder.layer.1.attention.self.query.weight", "NaN or inf")),
+        (
+            "nan-weight",
+            _weights_edit(lambda sd: _nan(sd, float("nan"))),
+            ("encoder.layer.1.attention.self.query.weight", "NaN or inf"),
+        ),
+        (
+            "inf-weight",
+            _weights_edit(lambda sd: _nan(sd, float("inf"))),
+            ("encoder.layer.1.attention.self.query.weight", "NaN or inf"),
+        ),
         ("garbage-safetensors", "garbage", ("failed to load",)),
         ("truncated-safetensors", "truncated", ("failed to load",)),
     ],
@@ -534,8 +1097,11 @@ def real_run(base_models, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("owned")
     (root / "calib.txt").write_text(CALIB)
-    cfg = {"model": {"path": str(base_models["bert"])}, "targets": ["host-cpu"],
-           "calibration": {"file": str(root / "calib.txt"), "samples": 4, "heldout": 8, "max_length": 16}}
+    cfg = {
+        "model": {"path": str(base_models["bert"])},
+        "targets": ["host-cpu"],
+        "calibration": {"file": str(root / "calib.txt"), "samples": 4, "heldout": 8, "max_length": 16},
+    }
     model_before = snapshot(base_models["bert"])
     report = pipeline.run(cfg, stages=["export"], workdir=root / "w", progress=False)  # the YAML form via the API
     assert snapshot(base_models["bert"]) == model_before
@@ -599,7 +1165,14 @@ def test_subprocess_cli_one_line_no_traceback(tmp_path):
     (tmp_path / "deep.yaml").write_text("stages: " + "[" * 5000)
     for argv in (["validate", "bomb.yaml"], ["validate", "deep.yaml"], ["targets", "show"]):
         t0 = time.perf_counter()
-        res = subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *argv],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
         assert time.perf_counter() - t0 < 60
         assert_refused(res.returncode, res.stderr, ())
 
@@ -607,11 +1180,15 @@ def test_subprocess_cli_one_line_no_traceback(tmp_path):
 def test_tool_loggers_silent_without_debug(tmp_path):
     """onnxruntime's ORT-format converter sets its logger to DEBUG and calls logging.basicConfig(); without
     --debug its INFO lines ("Created config in ...") must not reach the user, even under --quiet."""
-    code = ("import logging, sys; from pipeline.cli import _setup_logging; _setup_logging({quiet}, False)\n"
-            "from onnxruntime.tools.ort_format_model import utils\n"
-            "utils.log.info('Created config in /somewhere'); logging.getLogger('check_usability').warning('chatter')\n")
+    code = (
+        "import logging, sys; from pipeline.cli import _setup_logging; _setup_logging({quiet}, False)\n"
+        "from onnxruntime.tools.ort_format_model import utils\n"
+        "utils.log.info('Created config in /somewhere'); logging.getLogger('check_usability').warning('chatter')\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for quiet in (True, False):
-        res = subprocess.run([sys.executable, "-c", code.format(quiet=quiet)], capture_output=True, text=True, env=env, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-c", code.format(quiet=quiet)], capture_output=True, text=True, env=env, timeout=120
+        )
         assert res.returncode == 0, res.stderr
         assert res.stderr == "", res.stderr

@@ -154,7 +154,9 @@ def test_pickle_only_weights_refused(tmp_path: Path) -> None:
     state = load_model(path).model.state_dict()
     (path / "model.safetensors").unlink()
     torch.save(state, path / "pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match=r"only pickle weights found \(pytorch_model.bin\).*safetensors only") as exc:
+    with pytest.raises(
+        ModelLoadError, match=r"only pickle weights found \(pytorch_model.bin\).*safetensors only"
+    ) as exc:
         load_model(path)
     assert str(path) in str(exc.value)
     assert "\n" not in str(exc.value)

@@ -20,14 +20,32 @@ def _cfg(model, stages, targets=("host-cpu",)):
 
 
 def test_unstructured_on_cpu_targets_warns_and_strict_fails(tiny_models, tmp_path):
-    with pytest.raises(ConfigError, match=r"stages\[0\].prune: pattern 'unstructured' gives no speedup on target"):  # before anything runs
-        pipeline.run(_cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5, "strict": True}}]), workdir=tmp_path / "a", progress=False)
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\].prune: pattern 'unstructured' gives no speedup on target"
+    ):  # before anything runs
+        pipeline.run(
+            _cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5, "strict": True}}]),
+            workdir=tmp_path / "a",
+            progress=False,
+        )
     with pytest.warns(PatternGivesNoSpeedup):
-        rep = pipeline.run(_cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5}}]), workdir=tmp_path / "b", progress=False)
+        rep = pipeline.run(
+            _cfg(tiny_models["bert"], [{"prune": {"method": "magnitude", "sparsity": 0.5}}]),
+            workdir=tmp_path / "b",
+            progress=False,
+        )
     m = rep["stages"][0]["metrics"]
     assert m["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01) and "warning" in m
     # 2:4 is a fast pattern on Jetson profiles: no warning there
-    rep = pipeline.run(_cfg(tiny_models["llama"], [{"prune": {"method": "wanda", "pattern": "n:m", "n": 2, "m": 4, "strict": True}}], targets=("jetson-orin-nano",)), workdir=tmp_path / "c", progress=False)
+    rep = pipeline.run(
+        _cfg(
+            tiny_models["llama"],
+            [{"prune": {"method": "wanda", "pattern": "n:m", "n": 2, "m": 4, "strict": True}}],
+            targets=("jetson-orin-nano",),
+        ),
+        workdir=tmp_path / "c",
+        progress=False,
+    )
     assert rep["stages"][0]["metrics"]["sparsity"]["overall"] == pytest.approx(0.5, abs=0.01)
 
 
@@ -50,7 +68,10 @@ def test_structured_prune_shrinks_the_export_and_recover_helps(tiny_models, tmp_
     before, after = rec["heldout_before"]["cos_mean"], rec["heldout_after"]["cos_mean"]
     assert rec["rolled_back"] is (after < before)
     pruned_cfg = json.loads((tmp_path / "pruned" / "stages" / "02-recover" / "model" / "config.json").read_text())
-    assert pruned_cfg["intermediate_size"] < json.loads((tiny_models["bert"] / "config.json").read_text())["intermediate_size"]
+    assert (
+        pruned_cfg["intermediate_size"]
+        < json.loads((tiny_models["bert"] / "config.json").read_text())["intermediate_size"]
+    )
 
 
 def test_attention_method_from_yaml(tiny_models, tmp_path):

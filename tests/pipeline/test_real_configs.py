@@ -40,8 +40,15 @@ def _build(root: Path, kind: str, **over) -> Path:
 
     torch.manual_seed(0)
     enc = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
-    dec = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               max_position_embeddings=128, tie_word_embeddings=False)
+    dec = dict(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     if kind == "bert":
         m = tf.BertModel(tf.BertConfig(**{**enc, **over}))
     elif kind == "roberta":
@@ -49,7 +56,9 @@ def _build(root: Path, kind: str, **over) -> Path:
     elif kind == "mpnet":
         m = tf.MPNetModel(tf.MPNetConfig(**{**enc, "vocab_size": 30527, **over}))
     elif kind == "distilbert":
-        m = tf.DistilBertModel(tf.DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64, **over))
+        m = tf.DistilBertModel(
+            tf.DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64, **over)
+        )
     elif kind == "gpt2":
         m = tf.GPT2LMHeadModel(tf.GPT2Config(**{"vocab_size": 400, "n_embd": 32, "n_layer": 2, "n_head": 4, **over}))
     elif kind in ("llama", "llama_base"):
@@ -60,16 +69,24 @@ def _build(root: Path, kind: str, **over) -> Path:
         m = cls(tf.Qwen2Config(**{**dec, "num_key_value_heads": 2, **over}))
     else:
         raise ValueError(kind)
-    return _save(root, kind + "".join(f"-{k}{v}" for k, v in over.items() if not isinstance(v, dict)), m.eval(),
-                 minilm_tokenizer=kind in ("bert", "roberta", "mpnet", "distilbert"))
+    return _save(
+        root,
+        kind + "".join(f"-{k}{v}" for k, v in over.items() if not isinstance(v, dict)),
+        m.eval(),
+        minilm_tokenizer=kind in ("bert", "roberta", "mpnet", "distilbert"),
+    )
 
 
 def _run(model: Path, stages: list, tmp_path: Path, **cal):
     from pipeline.model_folder import has_tokenizer_files
 
     # decoders here use the hash tokenizer: a folder without tokenizer files must say so (model.tokenizer: false)
-    cfg = {"model": {"path": str(model), "tokenizer": has_tokenizer_files(model)}, "targets": ["host-cpu"],
-           "calibration": {**CAL, **cal}, "stages": stages}
+    cfg = {
+        "model": {"path": str(model), "tokenizer": has_tokenizer_files(model)},
+        "targets": ["host-cpu"],
+        "calibration": {**CAL, **cal},
+        "stages": stages,
+    }
     return pipeline.run(cfg, workdir=tmp_path / "run", progress=False)
 
 
@@ -106,27 +123,41 @@ def test_tokenizer_larger_than_the_embedding_is_refused_naming_both(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    model = _save(tmp_path, "gpt2-minilm-tok", tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4)),
-                  minilm_tokenizer=True)
-    with pytest.raises(ConfigError, match=r"tokenizer \(30522 tokens\) produced id \d+ but the model's input embedding has 400 rows"):
+    model = _save(
+        tmp_path,
+        "gpt2-minilm-tok",
+        tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4)),
+        minilm_tokenizer=True,
+    )
+    with pytest.raises(
+        ConfigError, match=r"tokenizer \(30522 tokens\) produced id \d+ but the model's input embedding has 400 rows"
+    ):
         _run(model, [{"export": {}}], tmp_path)
 
 
 # ----------------------------------------------------------------------------- 3. shapes after structural pruning
 
 
-@pytest.mark.parametrize("kind, over", [
-    ("gpt2", {}),                                           # prune_heads: config.n_head stays 4
-    ("llama", {}),                                          # MHA
-    ("qwen2", {}),                                          # GQA 4/2, q/k/v biases
-    ("llama", {"num_key_value_heads": 2, "head_dim": 16}),  # GQA with explicit head_dim != hidden / heads
-])
+@pytest.mark.parametrize(
+    "kind, over",
+    [
+        ("gpt2", {}),  # prune_heads: config.n_head stays 4
+        ("llama", {}),  # MHA
+        ("qwen2", {}),  # GQA 4/2, q/k/v biases
+        ("llama", {"num_key_value_heads": 2, "head_dim": 16}),  # GQA with explicit head_dim != hidden / heads
+    ],
+)
 def test_structured_heads_pruning_then_kv_cache_export_validate_and_generation(tmp_path, kind, over):
-    stages = [{"prune": {"method": "wanda", "pattern": "structured", "structured_unit": "heads", "sparsity": 0.5}},
-              {"export": {}}, {"validate": {"min_cos_mean": None, "bundle": False}}]
+    stages = [
+        {"prune": {"method": "wanda", "pattern": "structured", "structured_unit": "heads", "sparsity": 0.5}},
+        {"export": {}},
+        {"validate": {"min_cos_mean": None, "bundle": False}},
+    ]
     rep = _run(_build(tmp_path, kind, **over), stages, tmp_path, max_length=32)
     assert all(u["heads"] for u in rep["stages"][0]["metrics"]["removed_units"])
-    io = json.loads((tmp_path / "run" / "stages" / "03-validate" / ".stage.json").read_text())["artifact"]["targets"]["host-cpu"]["io"]
+    io = json.loads((tmp_path / "run" / "stages" / "03-validate" / ".stage.json").read_text())["artifact"]["targets"][
+        "host-cpu"
+    ]["io"]
     dense_kv = over.get("num_key_value_heads") or (2 if kind == "qwen2" else 4)
     assert io["with_past"] and io["num_kv_heads"] == dense_kv // 2  # half the KV groups removed
     assert io["head_dim"] == over.get("head_dim", 8)
@@ -150,8 +181,12 @@ def test_mpnet_falls_back_to_eager_and_exports_quantizes_validates(tmp_path):
 
 def test_distilbert_with_a_bert_tokenizer_through_the_attention_stage(tmp_path):
     """DistilBERT is BERT family: the attention stage swaps it; the BERT tokenizer's token_type_ids are not fed."""
-    rep = _run(_build(tmp_path, "distilbert"), [{"attention": {"kernel": "flash"}}, {"export": {}}, {"validate": {"min_cos_mean": None, "bundle": False}}],
-               tmp_path, max_length=24)
+    rep = _run(
+        _build(tmp_path, "distilbert"),
+        [{"attention": {"kernel": "flash"}}, {"export": {}}, {"validate": {"min_cos_mean": None, "bundle": False}}],
+        tmp_path,
+        max_length=24,
+    )
     swap = rep["stages"][0]["metrics"]
     assert swap["replaced"] == 2 and swap["max_abs_diff_vs_reference"] < 1e-5
     assert rep["stages"][1]["metrics"]["exports"]["opset23"]["attention"]["onnx_attention"]["Attention"] == 2
@@ -161,15 +196,33 @@ def test_distilbert_with_a_bert_tokenizer_through_the_attention_stage(tmp_path):
 # ----------------------------------------------------------------------------- 5. attention lowering across Llama variants
 
 
-@pytest.mark.parametrize("kind, over", [
-    ("llama_base", {}),  # the issue's case, smaller: a bare LlamaModel without LM head
-    ("llama_base", {"num_key_value_heads": 2, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
-    ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
-])
+@pytest.mark.parametrize(
+    "kind, over",
+    [
+        ("llama_base", {}),  # the issue's case, smaller: a bare LlamaModel without LM head
+        (
+            "llama_base",
+            {
+                "num_key_value_heads": 2,
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                },
+            },
+        ),
+        ("qwen2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
+    ],
+)
 def test_flash_lowering_exports_every_llama_variant(tmp_path, kind, over):
-    rep = _run(_build(tmp_path, kind, **over), [{"attention": {"kernel": "flash"}}, {"export": {}}, {"validate": {"min_cos_mean": None, "bundle": False}}],
-               tmp_path, max_length=24)
+    rep = _run(
+        _build(tmp_path, kind, **over),
+        [{"attention": {"kernel": "flash"}}, {"export": {}}, {"validate": {"min_cos_mean": None, "bundle": False}}],
+        tmp_path,
+        max_length=24,
+    )
     att = rep["stages"][1]["metrics"]["exports"]["opset23"]["attention"]["onnx_attention"]
     assert att["Attention"] == 2 and att["max_abs_diff_vs_torch"] < 1e-4
     assert rep["targets"]["host-cpu"]["parity"]["ok"]
@@ -180,8 +233,16 @@ def test_base_llama_block_sparse_is_causal(tmp_path):
     path = _build(tmp_path, "llama_base")
     with pytest.raises(ConfigError, match="see the future"):  # refused before anything runs (preflight)
         _run(path, [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "window"}}], tmp_path / "a")
-    rep = _run(path, [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "causal_window"}}, {"export": {}},
-                      {"validate": {"min_cos_mean": None}}], tmp_path / "b", max_length=40)
+    rep = _run(
+        path,
+        [
+            {"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "causal_window"}},
+            {"export": {}},
+            {"validate": {"min_cos_mean": None}},
+        ],
+        tmp_path / "b",
+        max_length=40,
+    )
     assert rep["targets"]["host-cpu"]["parity"]["ok"]
 
 
@@ -194,11 +255,29 @@ def test_unlowerable_variants_are_one_line(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    mistral = _save(tmp_path, "mistral", tf.MistralForCausalLM(tf.MistralConfig(
-        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, sliding_window=16)), minilm_tokenizer=False)
+    mistral = _save(
+        tmp_path,
+        "mistral",
+        tf.MistralForCausalLM(
+            tf.MistralConfig(
+                vocab_size=400,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                sliding_window=16,
+            )
+        ),
+        minilm_tokenizer=False,
+    )
     with pytest.raises(StageError, match="sliding window of 16 tokens"):
-        _run(mistral, [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "causal_window"}}], tmp_path / "b")
+        _run(
+            mistral,
+            [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "causal_window"}}],
+            tmp_path / "b",
+        )
 
 
 # ----------------------------------------------------------------------------- 8. defaults that work
@@ -210,19 +289,32 @@ def test_structured_defaults_follow_the_family_and_warn_about_missing_text_recov
     assert (default_steps(0.0), default_steps(0.25), default_steps(0.5)) == (200, 1000, 2000)
     assert passages_needed(0.5) == 3000 and passages_needed(0.01) == 200
     # no validate and no recover after a structured prune: both are warned about; BERT family -> q/k width + FFN
-    rep = _run(tiny_models["bert"], [{"prune": {"method": "wanda", "pattern": "structured", "sparsity": 0.5}}], tmp_path / "a",
-               max_length=24)
+    rep = _run(
+        tiny_models["bert"],
+        [{"prune": {"method": "wanda", "pattern": "structured", "sparsity": 0.5}}],
+        tmp_path / "a",
+        max_length=24,
+    )
     m = rep["stages"][0]["metrics"]
     assert m["structured_unit"] == "qk_dims+ffn"
     assert any("q/k width 0.5, FFN 0.75" in n for n in m["notes"])  # hidden 32, FFN 64: 0.5 * (1 + 32/64) = 0.75
     assert {tuple(u["qk_width"]) for u in m["removed_units"]} == {(8, 4)}  # 8-wide q/k heads halved
     assert {u["ffn"] for u in m["removed_units"]} == {48}
-    assert any("no validate stage follows" in w for w in m["warnings"]) and any("without a recover stage" in w for w in m["warnings"])
+    assert any("no validate stage follows" in w for w in m["warnings"]) and any(
+        "without a recover stage" in w for w in m["warnings"]
+    )
     text = (tmp_path / "a" / "run" / "report.md").read_text()
     assert "no validate stage follows" in text
     # a decoder keeps heads+ffn; recover with omitted steps scales them and says how much text it needs
-    rep = _run(tiny_models["gpt2"], [{"prune": {"method": "wanda", "pattern": "structured", "sparsity": 0.1}},
-                                      {"recover": {"samples": 16, "batch_size": 16}}], tmp_path / "b", max_length=16)
+    rep = _run(
+        tiny_models["gpt2"],
+        [
+            {"prune": {"method": "wanda", "pattern": "structured", "sparsity": 0.1}},
+            {"recover": {"samples": 16, "batch_size": 16}},
+        ],
+        tmp_path / "b",
+        max_length=16,
+    )
     p, r = rep["stages"][0]["metrics"], rep["stages"][1]["metrics"]
     assert p["structured_unit"] == "heads+ffn" and not any("recover" in w for w in p["warnings"])
     assert 0 < p["sparsity"]["overall"] < 0.1
@@ -237,15 +329,27 @@ def test_external_data_is_carried_through_quantize_ort_validate_benchmark_and_bu
     """The switch point is a setting, so a tiny model takes the >2 GiB path (model.onnx + model.onnx.data) end to end."""
     import onnx
 
-    stages = [{"export": {"external_data_mb": 0}}, {"quantize": {"per_target": {"host-cpu": "fp32"}}},
-              {"validate": {"min_cos_mean": None}}, {"benchmark": {"runs": 2, "warmup": 0, "seq": 16}}]
-    cfg = {"model": {"path": str(tiny_models["bert"])}, "targets": ["host-cpu", "android-arm64"],
-           "calibration": {**CAL, "max_length": 24}, "stages": stages}
+    stages = [
+        {"export": {"external_data_mb": 0}},
+        {"quantize": {"per_target": {"host-cpu": "fp32"}}},
+        {"validate": {"min_cos_mean": None}},
+        {"benchmark": {"runs": 2, "warmup": 0, "seq": 16}},
+    ]
+    cfg = {
+        "model": {"path": str(tiny_models["bert"])},
+        "targets": ["host-cpu", "android-arm64"],
+        "calibration": {**CAL, "max_length": 24},
+        "stages": stages,
+    }
     rep = pipeline.run(cfg, workdir=tmp_path / "run", progress=False)
     run = tmp_path / "run"
     assert rep["stages"][0]["metrics"]["exports"]["opset18"]["external_data"]
     q = rep["stages"][1]["metrics"]["targets"]
-    assert q["host-cpu"]["external_data"] and q["android-arm64"]["external_data"] and q["android-arm64"]["ort_size_bytes"] > 0
+    assert (
+        q["host-cpu"]["external_data"]
+        and q["android-arm64"]["external_data"]
+        and q["android-arm64"]["ort_size_bytes"] > 0
+    )
     for name in ("host-cpu", "android-arm64"):
         graph = onnx.load(str(run / name / "model.onnx"), load_external_data=False)
         assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)

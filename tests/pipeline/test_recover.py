@@ -49,8 +49,14 @@ def _tiny_bert(seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
         # 0.1 instead of 0.02: with the default the blocks barely move the residual stream, so pruning them
         # costs almost nothing (cos 0.99997) and there is nothing to recover.
         initializer_range=0.1,
@@ -86,7 +92,13 @@ def test_encoder_recover_improves_heldout_and_keeps_zeros(data) -> None:
 
     seen: list[tuple[int, float]] = []
     res = recover_(
-        student, teacher, train, steps=60, lr=1e-3, heldout=hold, seed=0,
+        student,
+        teacher,
+        train,
+        steps=60,
+        lr=1e-3,
+        heldout=hold,
+        seed=0,
         progress=lambda s, v: seen.append((s, v)),
     )
     assert isinstance(res, RecoverResult)
@@ -175,8 +187,13 @@ def test_llama_ignores_token_type_ids_and_runs_kl() -> None:
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     teacher = LlamaForCausalLM(cfg).eval()
     student = copy.deepcopy(teacher)
@@ -203,8 +220,16 @@ def test_argument_and_shape_errors(data) -> None:
         recover_(copy.deepcopy(teacher), teacher, train, loss="kl_logits")
     with pytest.raises(ValueError, match="empty"):
         recover_(copy.deepcopy(teacher), teacher, [])
-    wide = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
-                                intermediate_size=64, max_position_embeddings=64))
+    wide = BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     with pytest.raises(ValueError, match="hidden size"):
         recover_(wide, teacher, train, steps=1)
 
@@ -238,8 +263,19 @@ def test_layer_distillation_schedule_and_frozen_embeddings(data) -> None:
     for lw in (0.0, 1.0):
         student = copy.deepcopy(pruned)
         emb = student.get_input_embeddings().weight.detach().clone()
-        res = recover_(student, teacher, train, steps=40, lr=1e-3, loss="cosine", seed=0, layer_weight=lw,
-                       schedule="cosine", warmup=4, freeze_embeddings=True)
+        res = recover_(
+            student,
+            teacher,
+            train,
+            steps=40,
+            lr=1e-3,
+            loss="cosine",
+            seed=0,
+            layer_weight=lw,
+            schedule="cosine",
+            warmup=4,
+            freeze_embeddings=True,
+        )
         assert torch.equal(student.get_input_embeddings().weight, emb)  # frozen
         runs[lw] = (mid_error(student), res)
     # matching intermediate blocks pulls the first block's output toward the teacher's far more than the
@@ -266,9 +302,16 @@ def test_attention_distillation_matches_attention_maps_and_skips_changed_heads(d
 
     def att_kl(model) -> float:
         with torch.no_grad():
-            vals = [float(_attention_loss(model(**b, output_attentions=True).attentions,
-                                          teacher(**b, output_attentions=True).attentions,
-                                          b["attention_mask"].float())) for b in hold]
+            vals = [
+                float(
+                    _attention_loss(
+                        model(**b, output_attentions=True).attentions,
+                        teacher(**b, output_attentions=True).attentions,
+                        b["attention_mask"].float(),
+                    )
+                )
+                for b in hold
+            ]
         return sum(vals) / len(vals)
 
     runs = {}
@@ -281,7 +324,9 @@ def test_attention_distillation_matches_attention_maps_and_skips_changed_heads(d
     t = torch.softmax(torch.randn(1, 2, 3, 3), -1)
     s = torch.softmax(torch.randn(1, 2, 3, 3), -1)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    by_hand = sum(float((t[0, h, i] * (t[0, h, i].log() - s[0, h, i].log())).sum()) for h in range(2) for i in range(2)) / 4
+    by_hand = (
+        sum(float((t[0, h, i] * (t[0, h, i].log() - s[0, h, i].log())).sum()) for h in range(2) for i in range(2)) / 4
+    )
     assert float(_attention_loss([s], [t], mask)) == pytest.approx(by_hand, rel=1e-5)
     assert float(_attention_loss([t], [t], mask)) == pytest.approx(0.0, abs=1e-7)
     assert float(_attention_loss([s[:, :1]], [t], mask)) == 0.0

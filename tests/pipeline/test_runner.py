@@ -24,7 +24,13 @@ DEFAULT_TARGETS = ("host-cpu", "raspberry-pi-5", "jetson-orin-nano", "android-ar
 
 
 def _cfg(model: Path, targets=DEFAULT_TARGETS, stages=STAGES, **extra):
-    return {"model": {"path": str(model)}, "targets": list(targets), "calibration": {"samples": 8, "heldout": 16, "max_length": 32}, "stages": stages, **extra}
+    return {
+        "model": {"path": str(model)},
+        "targets": list(targets),
+        "calibration": {"samples": 8, "heldout": 16, "max_length": 32},
+        "stages": stages,
+        **extra,
+    }
 
 
 def _artifact_hashes(run_dir: Path) -> dict[str, str]:
@@ -45,7 +51,12 @@ def test_report_contract(first_run):
     assert on_disk["ok"] is True and report["ok"] is True
     assert [s["name"] for s in on_disk["stages"]] == ["export", "quantize", "validate", "benchmark"]
     assert all(s["status"] == "ran" and s["seconds"] >= 0 for s in on_disk["stages"])
-    for name, prec in (("host-cpu", "fp32"), ("raspberry-pi-5", "int8"), ("jetson-orin-nano", "fp16"), ("android-arm64", "int8")):
+    for name, prec in (
+        ("host-cpu", "fp32"),
+        ("raspberry-pi-5", "int8"),
+        ("jetson-orin-nano", "fp16"),
+        ("android-arm64", "int8"),
+    ):
         t = on_disk["targets"][name]
         assert t["precision"] == prec
         assert (run_dir / t["artifact"]).is_file() and t["size_bytes"] == (run_dir / t["artifact"]).stat().st_size
@@ -59,7 +70,15 @@ def test_report_contract(first_run):
     assert (run_dir / files["ort"]).is_file() and (run_dir / files["required_operators"]).is_file()
     assert on_disk["targets"]["host-cpu"]["fidelity"]["cos_mean"] > 0.9999  # fp32 export of the unmodified model
     man = json.loads((run_dir / "manifest.json").read_text())
-    assert man["config"]["stages"][0] == {"export": {"exporter": "dynamo", "opset": None, "with_past": None, "cross_check": False, "external_data_mb": 1800.0}}
+    assert man["config"]["stages"][0] == {
+        "export": {
+            "exporter": "dynamo",
+            "opset": None,
+            "with_past": None,
+            "cross_check": False,
+            "external_data_mb": 1800.0,
+        }
+    }
     assert "torch" in man["versions"] and man["inputs"]["model_sha256"]
     assert (run_dir / "report.md").read_text().count("| host-cpu |") == 1
 
@@ -67,7 +86,9 @@ def test_report_contract(first_run):
 def test_raspberry_pi_bundle_runs_with_only_numpy_and_onnxruntime(first_run, device_python):
     run_dir, _, _ = first_run
     bundle = run_dir / "raspberry-pi-5" / "bundle"
-    res = subprocess.run([device_python, "evaluate.py", "--runs", "3"], cwd=bundle, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [device_python, "evaluate.py", "--runs", "3"], cwd=bundle, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["ok"] is True and out["latency_ms"]["p50"] > 0 and out["peak_rss_mb"] > 0
@@ -80,7 +101,9 @@ def test_raspberry_pi_bundle_runs_with_only_numpy_and_onnxruntime(first_run, dev
     shutil.copytree(bundle, broken)
     ref = dict(np.load(broken / "reference.npz"))
     np.savez(broken / "reference.npz", **{k: v + 1.0 for k, v in ref.items()})
-    res = subprocess.run([device_python, "evaluate.py", "--runs", "1"], cwd=broken, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [device_python, "evaluate.py", "--runs", "1"], cwd=broken, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 1 and json.loads(res.stdout.strip().splitlines()[-1])["ok"] is False
     shutil.rmtree(broken)
 
@@ -89,7 +112,11 @@ def test_unchanged_rerun_is_cached_and_identical(first_run):
     run_dir, _, first_seconds = first_run
     before = _artifact_hashes(run_dir)
     t0 = time.perf_counter()
-    report = pipeline.run(_cfg(Path(json.loads((run_dir / "manifest.json").read_text())["inputs"]["model_path"])), workdir=run_dir, progress=False)
+    report = pipeline.run(
+        _cfg(Path(json.loads((run_dir / "manifest.json").read_text())["inputs"]["model_path"])),
+        workdir=run_dir,
+        progress=False,
+    )
     again = time.perf_counter() - t0
     assert [s["status"] for s in report["stages"]] == ["cached"] * 4
     assert _artifact_hashes(run_dir) == before
@@ -106,7 +133,9 @@ def test_changing_a_later_stage_reruns_only_from_there(first_run, tiny_models):
 def test_failed_gate_writes_report_then_fails(tiny_models, tmp_path):
     stages = [{"export": {}}, {"quantize": {"precision": "int8"}}, {"validate": {"min_cos_mean": 0.99999999}}]
     with pytest.raises(ValidationFailed) as e:
-        pipeline.run(_cfg(tiny_models["bert"], targets=("host-cpu",), stages=stages), workdir=tmp_path / "r", progress=False)
+        pipeline.run(
+            _cfg(tiny_models["bert"], targets=("host-cpu",), stages=stages), workdir=tmp_path / "r", progress=False
+        )
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     assert rep["ok"] is False and rep["failures"][0]["check"] == "cos_mean"
     assert "| host-cpu | cos_mean |" in e.value.table
@@ -129,7 +158,9 @@ def test_kill_9_mid_run_resumes_to_identical_artifacts(tiny_models, tmp_path, fi
     # wait until export is complete and quantize has started writing, then SIGKILL
     deadline = time.time() + 240
     while time.time() < deadline:
-        if (wd / "stages" / "01-export" / ".stage.json").exists() and any(p.name.startswith(".02-quantize.tmp-") for p in (wd / "stages").iterdir()):
+        if (wd / "stages" / "01-export" / ".stage.json").exists() and any(
+            p.name.startswith(".02-quantize.tmp-") for p in (wd / "stages").iterdir()
+        ):
             break
         if proc.poll() is not None:
             break
@@ -148,10 +179,17 @@ def test_kill_9_mid_run_resumes_to_identical_artifacts(tiny_models, tmp_path, fi
     # every published file byte-identical, except .ort: ONNX Runtime's flatbuffer serializer orders some tables
     # differently from one conversion to the next (two conversions in one process differ), so for .ort we
     # check that it computes the same outputs
-    assert {k: v for k, v in ours.items() if not k.endswith(".ort")} == {k: v for k, v in ref.items() if not k.endswith(".ort")}
+    assert {k: v for k, v in ours.items() if not k.endswith(".ort")} == {
+        k: v for k, v in ref.items() if not k.endswith(".ort")
+    }
     import numpy as np
     import onnxruntime as ort
 
     feeds = dict(np.load(wd / "android-arm64" / "bundle" / "inputs.npz"))
-    outs = [ort.InferenceSession(str(d / "android-arm64" / "model.ort"), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for d in (wd, ref_dir)]
+    outs = [
+        ort.InferenceSession(str(d / "android-arm64" / "model.ort"), providers=["CPUExecutionProvider"]).run(
+            None, feeds
+        )[0]
+        for d in (wd, ref_dir)
+    ]
     np.testing.assert_array_equal(outs[0], outs[1])

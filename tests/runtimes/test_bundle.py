@@ -7,9 +7,7 @@ cached under <repo>/.cache/ keyed by the versions and Python.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +45,12 @@ def bundle(tmp_path: Path) -> Path:
 
 def test_bundle_layout(bundle: Path) -> None:
     assert sorted(p.name for p in bundle.iterdir()) == [
-        "README.md", "bundle.json", "evaluate.py", "inputs.npz", "reference.npz", "tiny.onnx",
+        "README.md",
+        "bundle.json",
+        "evaluate.py",
+        "inputs.npz",
+        "reference.npz",
+        "tiny.onnx",
     ]
     cfg = json.loads((bundle / "bundle.json").read_text())
     assert cfg["model_file"] == "tiny.onnx" and cfg["mask_input"] == "attention_mask"
@@ -105,8 +108,15 @@ def test_benchmark_bundle_errors(bundle: Path, tmp_path: Path) -> None:
 
 def test_write_bundle_validates(tmp_path: Path) -> None:
     model = tiny_encoder(tmp_path / "tiny.onnx")
-    kw = dict(model_path=model, sample_inputs={"x": np.zeros(1)}, reference_outputs={"y": np.zeros(1)},
-              rtol=0.0, min_cosine=None, threads=1, providers=[])
+    kw = dict(
+        model_path=model,
+        sample_inputs={"x": np.zeros(1)},
+        reference_outputs={"y": np.zeros(1)},
+        rtol=0.0,
+        min_cosine=None,
+        threads=1,
+        providers=[],
+    )
     with pytest.raises(ValueError, match="-0.1"):
         write_bundle(tmp_path / "b", atol=-0.1, **kw)
     with pytest.raises(ValueError, match="object"):

@@ -23,7 +23,9 @@ NEW_TOKENS = 10
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
-def decoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoadedModel, ExportResult]:
+def decoder(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[LoadedModel, ExportResult]:
     root = tmp_path_factory.mktemp(f"gen-{request.param}")
     # initializer_range 0.2: a spread of logits, so greedy picks are not decided by float noise
     loaded = load_model(make_tiny_model(root, request.param, initializer_range=0.2))

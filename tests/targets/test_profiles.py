@@ -8,7 +8,15 @@ import yaml
 from pipeline.errors import TargetError
 from targets import builtin_target_names, load_target
 
-BUILTIN = ["host-cpu", "raspberry-pi-4", "raspberry-pi-5", "jetson-orin-nano", "jetson-agx-orin", "android-arm64", "ios-arm64"]
+BUILTIN = [
+    "host-cpu",
+    "raspberry-pi-4",
+    "raspberry-pi-5",
+    "jetson-orin-nano",
+    "jetson-agx-orin",
+    "android-arm64",
+    "ios-arm64",
+]
 
 
 def test_builtin_names():

@@ -20,8 +20,13 @@ def tiny_score_model(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     gmm = example_mixture()
-    conf = ScoreModelConfig(dim=2, hidden=16, layers=2, data_second_moment=float(second_moment(gmm)) / 2,
-                            extra={"data_distribution": {"type": "gaussian-mixture", **gmm.to_dict()}})
+    conf = ScoreModelConfig(
+        dim=2,
+        hidden=16,
+        layers=2,
+        data_second_moment=float(second_moment(gmm)) / 2,
+        extra={"data_distribution": {"type": "gaussian-mixture", **gmm.to_dict()}},
+    )
     return save_score_model(ScoreMLP(conf), tmp_path_factory.mktemp("score") / "score-model")
 
 

@@ -32,7 +32,7 @@ def test_lipschitz_bound_holds(k, d, shared):
         x = gmm.sample_t(tt, generator=g)
         if shared:  # the global bound: also far outside the data
             x = torch.cat([x, 10 * torch.randn(200, d, dtype=torch.float64, generator=g)])
-        else:       # the region bound: only points inside max_i ‖x − a μ_i‖ ≤ R count
+        else:  # the region bound: only points inside max_i ‖x − a μ_i‖ ≤ R count
             a = sch.alpha(torch.tensor(t, dtype=torch.float64))
             r = lipschitz_region_radius(gmm, t, sch)
             x = x[torch.cdist(x, a * gmm.means).max(1).values <= r]

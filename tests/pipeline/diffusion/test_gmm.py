@@ -10,9 +10,11 @@ from pipeline.diffusion.gmm import GaussianMixture, Schedule
 SCHEDULES = [Schedule("ou"), Schedule("vp-linear", 0.1, 20.0)]
 
 
-def _autograd(gmm: GaussianMixture, x: torch.Tensor, t: torch.Tensor, sch: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+def _autograd(
+    gmm: GaussianMixture, x: torch.Tensor, t: torch.Tensor, sch: Schedule
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(gmm.log_prob(x, t, sch).sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(gmm.log_prob(x, t, sch).sum(), x, create_graph=True)
     hess = torch.stack([torch.autograd.grad(grad[:, j].sum(), x, retain_graph=True)[0] for j in range(x.shape[1])], 1)
     return grad.detach(), hess.detach()
 

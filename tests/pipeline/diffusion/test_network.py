@@ -14,7 +14,12 @@ from pipeline.models import ModelLoadError, infer_task, load_model, model_family
 
 def test_round_trip_through_pipeline_models(tiny_score_model, tmp_path):
     loaded = load_model(tiny_score_model)
-    assert (loaded.task, loaded.family, loaded.model_type, loaded.tokenizer) == ("score-model", "score-model", MODEL_TYPE, None)
+    assert (loaded.task, loaded.family, loaded.model_type, loaded.tokenizer) == (
+        "score-model",
+        "score-model",
+        MODEL_TYPE,
+        None,
+    )
     conf = json.loads((tiny_score_model / "config.json").read_text())
     ns = type("C", (), conf)
     assert model_family(ns) == "score-model" and infer_task(ns) == "score-model"
@@ -50,7 +55,9 @@ def test_refuses_bad_folders(tiny_score_model, tmp_path):
         load_model(bad)
 
     badmix = _copy(tiny_score_model, tmp_path / "bad-mixture")
-    (badmix / "config.json").write_text(json.dumps({**conf, "data_distribution": {"weights": [0.5, 0.6], "means": [[0, 0], [1, 1]], "stds": [1, 1]}}))
+    (badmix / "config.json").write_text(
+        json.dumps({**conf, "data_distribution": {"weights": [0.5, 0.6], "means": [[0, 0], [1, 1]], "stds": [1, 1]}})
+    )
     with pytest.raises(ModelLoadError, match="data_distribution"):
         load_model(badmix)
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from pipeline.diffusion.gmm import GaussianMixture, Schedule
-from pipeline.diffusion.metrics import finite_difference_opnorm, histogram_kl, histogram_tv, histogram_tv_floor, jacobian_opnorm, score_mse
+from pipeline.diffusion.metrics import (
+    finite_difference_opnorm,
+    histogram_kl,
+    histogram_tv,
+    histogram_tv_floor,
+    jacobian_opnorm,
+    score_mse,
+)
 from pipeline.diffusion.samplers import ddpm_sample, probability_flow_sample, time_grid
 
 GMM_1D = GaussianMixture.from_dict({"weights": [0.3, 0.7], "means": [[-2.0], [2.0]], "stds": [0.5, 0.5]})
@@ -46,7 +53,9 @@ def test_vp_linear_schedule_samples_the_mixture():
     sch = Schedule("vp-linear", 0.1, 20.0)
     gmm = GaussianMixture.random(3, 2, generator=torch.Generator().manual_seed(4))
     grid = time_grid(60, T=1.0, delta=1e-3, schedule=sch)
-    y = ddpm_sample(lambda x, t: gmm.score(x, t, sch), 10_000, 2, grid, schedule=sch, generator=torch.Generator().manual_seed(0))
+    y = ddpm_sample(
+        lambda x, t: gmm.score(x, t, sch), 10_000, 2, grid, schedule=sch, generator=torch.Generator().manual_seed(0)
+    )
     floor = histogram_tv_floor(gmm, 10_000, generator=torch.Generator().manual_seed(2))
     assert histogram_tv(y, gmm) < floor + 0.04
 

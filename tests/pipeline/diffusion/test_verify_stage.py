@@ -73,8 +73,15 @@ def test_yaml_run_reports_and_gates(example_score_model, tmp_path, capsys):
 
 def test_bad_stage_config_is_one_line(tiny_score_model, tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"model": {"path": str(tiny_score_model)}, "targets": ["host-cpu"],
-                                    "stages": [{"export": {}}, {"verify_diffusion": {"steps": 0}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tiny_score_model)},
+                "targets": ["host-cpu"],
+                "stages": [{"export": {}}, {"verify_diffusion": {"steps": 0}}],
+            }
+        )
+    )
     assert main(["run", str(path), "--workdir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "verify_diffusion.steps" in err[0]
@@ -82,7 +89,8 @@ def test_bad_stage_config_is_one_line(tiny_score_model, tmp_path, capsys):
 
 def test_transformer_only_stage_refused(tiny_score_model, tmp_path, capsys):
     path = tmp_path / "attn.yaml"
-    path.write_text(yaml.safe_dump({"model": {"path": str(tiny_score_model)}, "targets": ["host-cpu"],
-                                    "stages": [{"recover": {}}]}))
+    path.write_text(
+        yaml.safe_dump({"model": {"path": str(tiny_score_model)}, "targets": ["host-cpu"], "stages": [{"recover": {}}]})
+    )
     assert main(["run", str(path), "--workdir", str(tmp_path / "attn")]) == 2
     assert "does not apply to score networks" in capsys.readouterr().err

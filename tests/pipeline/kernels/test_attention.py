@@ -49,9 +49,24 @@ def _ref(q, k, v, do, **kw):
     return (out.detach(), *grads)
 
 
-def assert_matches_oracle(q, k, v, do, *, kernel, causal=False, attn_mask=None, block_mask=None, block_size=None, cache_words=None):
-    got = _run(q, k, v, do, kernel=kernel, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size, cache_words=cache_words)
-    naive = _run(q, k, v, do, kernel="naive", causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size)
+def assert_matches_oracle(
+    q, k, v, do, *, kernel, causal=False, attn_mask=None, block_mask=None, block_size=None, cache_words=None
+):
+    got = _run(
+        q,
+        k,
+        v,
+        do,
+        kernel=kernel,
+        causal=causal,
+        attn_mask=attn_mask,
+        block_mask=block_mask,
+        block_size=block_size,
+        cache_words=cache_words,
+    )
+    naive = _run(
+        q, k, v, do, kernel="naive", causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size
+    )
     ref = _ref(q, k, v, do, causal=causal, attn_mask=attn_mask, block_mask=block_mask, block_size=block_size)
     for name, g, n, r in zip(("out", "dq", "dk", "dv"), got, naive, ref):
         assert g.dtype == q.dtype and g.shape == r.shape, name
@@ -90,7 +105,9 @@ def _mask(kind, b, hq, nq, nk, dtype):
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype,causal,mask,cache_words", FLASH_CASES)
 def test_flash_matches_oracle(b, hq, hkv, nq, nk, d, dtype, causal, mask, cache_words):
     q, k, v, do = _inputs(b, hq, hkv, nq, nk, d, dtype)
-    assert_matches_oracle(q, k, v, do, kernel="flash", causal=causal, attn_mask=_mask(mask, b, hq, nq, nk, dtype), cache_words=cache_words)
+    assert_matches_oracle(
+        q, k, v, do, kernel="flash", causal=causal, attn_mask=_mask(mask, b, hq, nq, nk, dtype), cache_words=cache_words
+    )
 
 
 SMALL_CACHE_CASES = [
@@ -104,7 +121,16 @@ SMALL_CACHE_CASES = [
 @pytest.mark.parametrize("b,hq,hkv,nq,nk,d,dtype,causal,mask,cache_words", SMALL_CACHE_CASES)
 def test_small_cache_matches_oracle(b, hq, hkv, nq, nk, d, dtype, causal, mask, cache_words):
     q, k, v, do = _inputs(b, hq, hkv, nq, nk, d, dtype)
-    assert_matches_oracle(q, k, v, do, kernel="small_cache", causal=causal, attn_mask=_mask(mask, b, hq, nq, nk, dtype), cache_words=cache_words)
+    assert_matches_oracle(
+        q,
+        k,
+        v,
+        do,
+        kernel="small_cache",
+        causal=causal,
+        attn_mask=_mask(mask, b, hq, nq, nk, dtype),
+        cache_words=cache_words,
+    )
 
 
 def _block_mask(kind, hq, nbq, nbk, causal):
@@ -133,7 +159,9 @@ def test_block_sparse_matches_oracle(b, hq, hkv, nq, nk, d, dtype, causal, pad, 
     q, k, v, do = _inputs(b, hq, hkv, nq, nk, d, dtype)
     mask = _block_mask(kind, hq, math.ceil(nq / block), math.ceil(nk / block), causal)
     attn_mask = _pad_mask(b, nk) if pad else None
-    assert_matches_oracle(q, k, v, do, kernel="block_sparse", causal=causal, attn_mask=attn_mask, block_mask=mask, block_size=block)
+    assert_matches_oracle(
+        q, k, v, do, kernel="block_sparse", causal=causal, attn_mask=attn_mask, block_mask=mask, block_size=block
+    )
 
 
 def test_flash_with_block_mask_matches_oracle():
@@ -178,7 +206,15 @@ def test_causal_is_bottom_right_aligned():
     [
         ("flash", dict(block_size=3)),
         ("small_cache", dict(block_size=2)),
-        ("block_sparse", dict(block_size=2, block_mask=torch.tensor([[True, False, True], [True, True, False], [False, True, True], [True, True, True]])[None, None])),
+        (
+            "block_sparse",
+            dict(
+                block_size=2,
+                block_mask=torch.tensor(
+                    [[True, False, True], [True, True, False], [False, True, True], [True, True, True]]
+                )[None, None],
+            ),
+        ),
     ],
 )
 @pytest.mark.parametrize("causal", [False, True])
@@ -186,7 +222,9 @@ def test_gradcheck_float64(kernel, kw, causal):
     q, k, v, _ = _inputs(1, 2, 1, 7, 6, 4, torch.float64)
     pad = torch.tensor([[True] * 5 + [False]])
     leaves = tuple(t.clone().requires_grad_() for t in (q, k, v))
-    assert torch.autograd.gradcheck(lambda a, b, c: attention(a, b, c, kernel=kernel, causal=causal, attn_mask=pad, scale=0.7, **kw), leaves)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: attention(a, b, c, kernel=kernel, causal=causal, attn_mask=pad, scale=0.7, **kw), leaves
+    )
 
 
 def test_bad_arguments_raise():

@@ -10,10 +10,18 @@ from pipeline.kernels import block_masks as bm
 
 def test_sliding_window_causal_and_not():
     m = bm.sliding_window(4, 4, 1, causal=True)[0, 0]
-    assert m.tolist() == [[True, False, False, False], [True, True, False, False], [False, True, True, False], [False, False, True, True]]
+    assert m.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [False, True, True, False],
+        [False, False, True, True],
+    ]
     assert bm.sliding_window(4, 4, 1)[0, 0].sum() == 10
     # Nq < Nk: the diagonal is bottom-right aligned (last query block sees the last key block)
-    assert bm.sliding_window(2, 4, 0, causal=True)[0, 0].tolist() == [[False, False, True, False], [False, False, False, True]]
+    assert bm.sliding_window(2, 4, 0, causal=True)[0, 0].tolist() == [
+        [False, False, True, False],
+        [False, False, False, True],
+    ]
 
 
 def test_global_and_dilated():

@@ -24,7 +24,14 @@ def test_flash_walks_equal_closed_forms(n, d, m):
 
 @pytest.mark.parametrize("n,d,m", SIZES)
 def test_peak_fast_words_within_cache(n, d, m):
-    for walk in (io.fa1_forward_io, io.fa1_backward_io, io.fa2_forward_io, io.fa2_backward_io, io.small_cache_forward_io, io.small_cache_backward_io):
+    for walk in (
+        io.fa1_forward_io,
+        io.fa1_backward_io,
+        io.fa2_forward_io,
+        io.fa2_backward_io,
+        io.small_cache_forward_io,
+        io.small_cache_backward_io,
+    ):
         assert walk(n, d, m).peak_fast_words <= m, walk.__name__
     br, bc = io.fa2_forward_blocks(m, d)
     if br <= n and bc <= n:  # a full tile occurs, so the walk's peak is exactly the footprint
@@ -101,7 +108,9 @@ def test_flash_scaling_exponents(formula):
     assert _slope(lambda m: formula(2**18, 32, m), 2**16, 2**18) == pytest.approx(-1.0, abs=0.1)
 
 
-@pytest.mark.parametrize("formula", [io.small_cache_forward_formula, io.small_cache_backward_formula], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "formula", [io.small_cache_forward_formula, io.small_cache_backward_formula], ids=lambda f: f.__name__
+)
 def test_small_cache_scaling_exponents(formula):
     # small-cache regime (M < d^2); the O(n^2) softmax / elementwise passes bend the d and M slopes slightly
     assert _slope(lambda n: formula(n, 256, 768), 1024, 4096) == pytest.approx(2.0, abs=0.1)
@@ -146,8 +155,14 @@ def test_lower_bounds_phase_transition_and_optimal_ratios_are_bounded():
     assert io.lower_bound_forward(n, d, d * d // 4) == pytest.approx(n * n * d / (d / 2))
     assert io.lower_bound_backward(n, d, 4 * d * d) == pytest.approx((n * n * d * d + n * d**3) / (4 * d * d))
     # Theta(1) ratios where each algorithm is the optimal one: flat over 16x changes of n, d, M
-    fa = [io.fa2_forward_formula(nn, dd, mm) / io.lower_bound_forward(nn, dd, mm) for nn, dd, mm in [(4096, 32, 2**16), (16384, 32, 2**16), (16384, 64, 2**17), (16384, 64, 2**16)]]
-    tiled = [io.small_cache_forward_formula(nn, dd, mm) / io.lower_bound_forward(nn, dd, mm) for nn, dd, mm in [(2048, 256, 768), (4096, 256, 3072), (2048, 512, 12288)]]
+    fa = [
+        io.fa2_forward_formula(nn, dd, mm) / io.lower_bound_forward(nn, dd, mm)
+        for nn, dd, mm in [(4096, 32, 2**16), (16384, 32, 2**16), (16384, 64, 2**17), (16384, 64, 2**16)]
+    ]
+    tiled = [
+        io.small_cache_forward_formula(nn, dd, mm) / io.lower_bound_forward(nn, dd, mm)
+        for nn, dd, mm in [(2048, 256, 768), (4096, 256, 3072), (2048, 512, 12288)]
+    ]
     for ratios in (fa, tiled):
         assert min(ratios) >= 1.0
         assert max(ratios) / min(ratios) < 1.6, ratios

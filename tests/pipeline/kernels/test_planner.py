@@ -105,7 +105,13 @@ def _exhaustive_fa2_forward_min(n: int, d: int, m: int, causal: bool) -> int:
 
 @pytest.mark.parametrize(
     "n, d, m, causal",
-    [(4096, 64, 131072, False), (1000, 37, 20000, False), (777, 16, 4099, False), (96, 8, 700, True), (61, 5, 301, True)],
+    [
+        (4096, 64, 131072, False),
+        (1000, 37, 20000, False),
+        (777, 16, 4099, False),
+        (96, 8, 700, True),
+        (61, 5, 301, True),
+    ],
 )
 def test_flash_plan_is_within_io_slack_of_the_exhaustive_minimum(n, d, m, causal) -> None:
     """The planner's tiling is the exact minimum of the cost model up to ``io_slack`` (widest B_c kept), so no

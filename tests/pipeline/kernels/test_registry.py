@@ -37,7 +37,9 @@ def test_toy_kernel_through_attention_swap_and_stage_config(toy_kernel) -> None:
     out = attention(q, k, v, kernel="toy_float64", causal=True)
     torch.testing.assert_close(out, attention(q, k, v, kernel="flash", causal=True), atol=1e-6, rtol=0)
 
-    model = tf.BertModel(tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)).eval()
+    model = tf.BertModel(
+        tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    ).eval()
     ids = torch.randint(0, 100, (2, 11), generator=g)
     with torch.no_grad():
         dense = model(input_ids=ids).last_hidden_state

@@ -15,7 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _bert():
-    return tf.BertModel(tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    return tf.BertModel(
+        tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    )
 
 
 def _gpt2():
@@ -23,7 +25,15 @@ def _gpt2():
 
 
 def _llama():
-    cfg = tf.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    cfg = tf.LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return tf.LlamaForCausalLM(cfg)
 
 
@@ -64,7 +74,11 @@ def test_swap_preserves_outputs_and_gradients(build, padding_side, kernel):
     with torch.no_grad():  # no mask: causal models rely on is_causal
         torch.testing.assert_close(model(input_ids=ids[:1, :20])[0], before_nomask, rtol=0, atol=1e-5)
     after[valid].pow(2).mean().backward()
-    attn_params = [p for name, p in model.named_parameters() if any(s in name for s in ("attention.self", "attn.c_attn", "self_attn"))]
+    attn_params = [
+        p
+        for name, p in model.named_parameters()
+        if any(s in name for s in ("attention.self", "attn.c_attn", "self_attn"))
+    ]
     assert attn_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn_params)
 
 
@@ -74,7 +88,12 @@ def test_block_mask_fn_is_used():
     ids, _ = _batch("right")
     with torch.no_grad():
         dense = model(input_ids=ids)[0]
-    swap_attention_(model, kernel="block_sparse", block_size=8, block_mask_fn=lambda nq, nk: bm.sliding_window(-(-nq // 8), -(-nk // 8), 0, causal=True))
+    swap_attention_(
+        model,
+        kernel="block_sparse",
+        block_size=8,
+        block_mask_fn=lambda nq, nk: bm.sliding_window(-(-nq // 8), -(-nk // 8), 0, causal=True),
+    )
     with torch.no_grad():
         local = model(input_ids=ids)[0]
     torch.testing.assert_close(local[:, :8], dense[:, :8], rtol=0, atol=1e-5)  # first block sees the same keys

@@ -16,8 +16,6 @@ from pipeline.lowrank import (
     softmax_attention_grads_ref,
     softmax_attention_ref,
 )
-
-from tests.pipeline.lowrank.common import D64
 from tests.pipeline.lowrank.common import uniform as _uniform
 
 
@@ -51,10 +49,17 @@ def test_factorized_gradient_error_decays_exponentially_with_degree(causal):
     """Notes §1 (d) 3 set-up: n=24, d=3, B=0.9, scale 1/d (here with GQA and padding: measured about 3e-3, 2e-5,
     1e-7, 4e-10 for g = 2, 4, 6, 8; the notes' run gave 7e-4 ... 3e-12 on dX): exponential decay in g."""
     b, hq, hkv, n, d = 2, 4, 2, 24, 3
-    q, k, v, g = _uniform((b, hq, n, d), 0.9, 0), _uniform((b, hkv, n, d), 0.9, 1), _uniform((b, hkv, n, d), 0.9, 2), _uniform((b, hq, n, d), 1.0, 3)
+    q, k, v, g = (
+        _uniform((b, hq, n, d), 0.9, 0),
+        _uniform((b, hkv, n, d), 0.9, 1),
+        _uniform((b, hkv, n, d), 0.9, 2),
+        _uniform((b, hq, n, d), 1.0, 3),
+    )
     key_mask = torch.ones(b, n, dtype=torch.bool)
     key_mask[1, -5:] = False
-    ref = softmax_attention_grads_ref(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), g, scale=1 / d, causal=causal, key_mask=key_mask)
+    ref = softmax_attention_grads_ref(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), g, scale=1 / d, causal=causal, key_mask=key_mask
+    )
     ref = (ref[0], ref[1].unflatten(1, (hkv, 2)).sum(2), ref[2].unflatten(1, (hkv, 2)).sum(2))  # GQA: sum each group
     errs = []
     for deg in (2, 4, 6, 8):
@@ -184,6 +189,8 @@ def test_left_padded_causal_rows_are_zero_not_nan():
     key_mask = torch.tensor([[False, False, False] + [True] * 6])
     y = lowrank_attention(q, k, v, degree=4, causal=True, key_mask=key_mask, chunk=4)
     assert torch.equal(y[:, :, :3], torch.zeros_like(y[:, :, :3]))
-    torch.testing.assert_close(y[:, :, 3:], softmax_attention_ref(q, k, v, causal=True, key_mask=key_mask)[:, :, 3:], rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        y[:, :, 3:], softmax_attention_ref(q, k, v, causal=True, key_mask=key_mask)[:, :, 3:], rtol=0, atol=1e-4
+    )
     y.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -19,8 +19,6 @@ from pipeline.lowrank import (
     softmax_attention_ref,
     taylor_error_bound,
 )
-
-from tests.pipeline.lowrank.common import D64
 from tests.pipeline.lowrank.common import uniform as _uniform
 
 

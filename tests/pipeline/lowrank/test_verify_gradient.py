@@ -28,8 +28,9 @@ def _small_scale_llama(root):
 
     from tests.helpers import make_tiny_model
 
-    path = make_tiny_model(root, "llama", hidden_size=32, num_attention_heads=8, num_key_value_heads=4,
-                           max_position_embeddings=8192)
+    path = make_tiny_model(
+        root, "llama", hidden_size=32, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192
+    )
     model = LlamaForCausalLM.from_pretrained(path)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -50,8 +51,16 @@ def test_minilm_prune_attention_flash_is_certified_and_no_head_is_claimed(tmp_pa
         "targets": ["host-cpu"],
         "calibration": {"samples": 4, "heldout": 4, "max_length": 32},
         "stages": [
-            {"prune": {"method": "attention", "sparsity": 0.5, "calibration_samples": 4, "calibration_seq_len": 32,
-                       "strict": False, "attention": {"mask_steps": 5}}},
+            {
+                "prune": {
+                    "method": "attention",
+                    "sparsity": 0.5,
+                    "calibration_samples": 4,
+                    "calibration_seq_len": 32,
+                    "strict": False,
+                    "attention": {"mask_steps": 5},
+                }
+            },
             {"attention": {"kernel": "flash"}},
             {"verify_gradient": {"samples": 2}},
         ],
@@ -63,7 +72,9 @@ def test_minilm_prune_attention_flash_is_certified_and_no_head_is_claimed(tmp_pa
     assert [r["layer"] for r in kg["per_layer"]] == list(range(6))
     assert 0 < kg["max_rel_err"] <= 1e-4  # two different float64 computations: small but not identical
     assert len(m["heads"]) == 6 * 12
-    assert {tuple(sorted(h)) for h in m["heads"]} == {("applicable", "beta", "beta_p99", "degree", "features", "head", "layer")}
+    assert {tuple(sorted(h)) for h in m["heads"]} == {
+        ("applicable", "beta", "beta_p99", "degree", "features", "head", "layer")
+    }
     betas = [h["beta"] for h in m["heads"]]
     assert min(betas) > 1.0  # pretrained heads are far outside the regime (probe: 4.6 - 45)
     assert all(h["beta_p99"] <= h["beta"] for h in m["heads"])
@@ -109,15 +120,23 @@ def test_after_prune_recover_and_small_cache_then_a_failed_threshold_names_the_l
         {"attention": {"kernel": "small_cache", "cache_words": 4096}},
     ]
     with pytest.warns(UserWarning):
-        rep = pipeline.run({**base, "stages": stages + [{"verify_gradient": {"seq_len": 64}}]}, workdir=tmp_path / "ok", progress=False)
+        rep = pipeline.run(
+            {**base, "stages": stages + [{"verify_gradient": {"seq_len": 64}}]}, workdir=tmp_path / "ok", progress=False
+        )
     m = _metrics(rep)
     assert m["kernel"] == "small_cache" and m["kernel_gradients"]["max_rel_err"] <= 1e-4 and rep["ok"]
     with pytest.warns(UserWarning), pytest.raises(ValidationFailed) as err:
-        pipeline.run({**base, "stages": stages + [{"verify_gradient": {"seq_len": 64, "max_rel_err": 1e-300}}]},
-                     workdir=tmp_path / "fail", progress=False)
+        pipeline.run(
+            {**base, "stages": stages + [{"verify_gradient": {"seq_len": 64, "max_rel_err": 1e-300}}]},
+            workdir=tmp_path / "fail",
+            progress=False,
+        )
     assert "kernel_gradients layer 0" in err.value.table
     report = json.loads((tmp_path / "fail" / "report.json").read_text())
-    assert not report["ok"] and {f["check"] for f in report["failures"]} >= {"kernel_gradients layer 0", "kernel_gradients layer 1"}
+    assert not report["ok"] and {f["check"] for f in report["failures"]} >= {
+        "kernel_gradients layer 0",
+        "kernel_gradients layer 1",
+    }
 
 
 def test_block_sparse_kernel_gradients_are_certified_against_the_masked_reference(tiny_models, tmp_path):
@@ -125,7 +144,10 @@ def test_block_sparse_kernel_gradients_are_certified_against_the_masked_referenc
         "model": {"path": str(tiny_models["bert"])},
         "targets": ["host-cpu"],
         "calibration": {"samples": 4, "heldout": 4, "max_length": 48},
-        "stages": [{"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "window"}}, {"verify_gradient": {}}],
+        "stages": [
+            {"attention": {"kernel": "block_sparse", "block_size": 8, "pattern": "window"}},
+            {"verify_gradient": {}},
+        ],
     }
     m = _metrics(pipeline.run(cfg, workdir=tmp_path / "run", progress=False))
     assert m["kernel"] == "block_sparse" and 0 < m["kernel_gradients"]["max_rel_err"] <= 1e-4
@@ -165,7 +187,10 @@ def test_beta_probe_matches_q_k_computed_from_the_projections(tiny_models):
     install_attention_probe(model, lambda layer, inner: probes.append(BetaProbe(inner)) or probes[-1])
     captured = {}
     att = model.encoder.layer[0].attention.self
-    hooks = [getattr(att, n).register_forward_hook(lambda mod, i, o, n=n: captured.__setitem__(n, o)) for n in ("query", "key")]
+    hooks = [
+        getattr(att, n).register_forward_hook(lambda mod, i, o, n=n: captured.__setitem__(n, o))
+        for n in ("query", "key")
+    ]
     ids = torch.randint(5, 40, (2, 13), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, -4:] = 0

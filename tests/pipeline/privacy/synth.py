@@ -10,7 +10,6 @@ from tests.helpers import _CORPUS, _TOKEN_RE, make_tiny_model
 
 def make_low_dim_gpt2(root: Path, *, n_positions: int = 8192 + 64, gain: float = 8.0, seed: int = 0) -> Path:
     """GPT-2, 1 layer, 4 heads of dimension 2 (n_embd 8); q/k/v projections multiplied by ``gain``."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     path = make_tiny_model(root, "gpt2", seed=seed, n_embd=8, n_head=4, n_layer=1, n_positions=n_positions)

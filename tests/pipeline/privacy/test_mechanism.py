@@ -11,12 +11,23 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.privacy.accounting import advanced_composition_epsilon, joint_delta, plan_gaussian
 from pipeline.privacy.audit import adaptive_stream_unchanged, privacy_loss_audit, sensitivity_search, state_hash
-from pipeline.privacy.calibration import (analytic_gaussian_sigma, check_privacy_params, classical_gaussian_sigma,
-                                          gaussian_delta, gaussian_epsilon)
+from pipeline.privacy.calibration import (
+    analytic_gaussian_sigma,
+    check_privacy_params,
+    classical_gaussian_sigma,
+    gaussian_delta,
+    gaussian_epsilon,
+)
 from pipeline.privacy.dptree import DPTree, DPTreeDistance, DPTreeSoftmax
 from pipeline.privacy.features import feature_count, feature_norm_bound, kernel_error_bound, poly_features, taylor_exp
-from pipeline.privacy.release import (KernelSpec, PublicBounds, exact_attention, exact_sums, release_feature_sum,
-                                      replace_one_sensitivity)
+from pipeline.privacy.release import (
+    KernelSpec,
+    PublicBounds,
+    exact_attention,
+    exact_sums,
+    release_feature_sum,
+    replace_one_sensitivity,
+)
 from pipeline.privacy.sampler import SecureSampler, SeededSampler
 
 
@@ -71,11 +82,20 @@ def test_gaussian_delta_matches_a_numerical_integral_of_the_privacy_loss():
         assert gaussian_delta(eps, 1.0, mu) == pytest.approx(oracle, rel=1e-6)
 
 
-@pytest.mark.parametrize("kw,needle", [
-    (dict(epsilon=0.0), "epsilon"), (dict(epsilon=-1.0), "epsilon"), (dict(epsilon=float("inf")), "epsilon"),
-    (dict(epsilon=float("nan")), "epsilon"), (dict(delta=0.0), "delta"), (dict(delta=1.0), "delta"),
-    (dict(key_bound=None), "key_bound is missing"), (dict(value_bound=0.0), "value_bound"), (dict(epsilon="1"), "epsilon"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(epsilon=0.0), "epsilon"),
+        (dict(epsilon=-1.0), "epsilon"),
+        (dict(epsilon=float("inf")), "epsilon"),
+        (dict(epsilon=float("nan")), "epsilon"),
+        (dict(delta=0.0), "delta"),
+        (dict(delta=1.0), "delta"),
+        (dict(key_bound=None), "key_bound is missing"),
+        (dict(value_bound=0.0), "value_bound"),
+        (dict(epsilon="1"), "epsilon"),
+    ],
+)
 def test_invalid_privacy_parameters_are_refused_in_one_line(kw, needle):
     args = dict(epsilon=1.0, delta=1e-5, key_bound=1.0, value_bound=1.0) | kw
     with pytest.raises(ConfigError) as ei:
@@ -120,7 +140,9 @@ def test_sensitivity_search_stays_below_the_bound_and_finds_the_worst_corner_pai
         best = max(np.linalg.norm(x - y) for x in blocks for y in blocks)
         assert res.found >= best * (1 - 1e-9)
         # the reported pair really reaches the reported difference
-        diff = np.outer(poly_features(res.k, s, spec.scale), np.r_[res.v, 1]) - np.outer(poly_features(res.k2, s, spec.scale), np.r_[res.v2, 1])
+        diff = np.outer(poly_features(res.k, s, spec.scale), np.r_[res.v, 1]) - np.outer(
+            poly_features(res.k2, s, spec.scale), np.r_[res.v2, 1]
+        )
         assert np.linalg.norm(diff) == pytest.approx(res.found, rel=1e-12)
 
 
@@ -135,7 +157,10 @@ def test_error_times_n_times_epsilon_is_roughly_constant():
         S_kernel_err = np.abs(release_feature_sum(K, V, spec, b, 0.0).answer(q)[0] - ex).mean()
         for eps in (1.0, 4.0):
             sigma = plan_gaussian(eps, 1e-5, [replace_one_sensitivity(spec, b, 2)]).sigmas[0]
-            errs = [np.abs(release_feature_sum(K, V, spec, b, sigma, SeededSampler(100 * i + n)).answer(q)[0] - ex).mean() for i in range(24)]
+            errs = [
+                np.abs(release_feature_sum(K, V, spec, b, sigma, SeededSampler(100 * i + n)).answer(q)[0] - ex).mean()
+                for i in range(24)
+            ]
             assert S_kernel_err < 0.1 * np.mean(errs)  # the noise, not the kernel, dominates
             products.append(n * eps * float(np.mean(errs)))
     assert max(products) / min(products) < 1.6, products
@@ -147,7 +172,9 @@ def test_noise_is_drawn_once_and_adaptive_queries_leave_the_state_unchanged():
     q = np.array([[0.3, -0.2]])
     first = rel.answer(q)[0]
     np.testing.assert_array_equal(first, rel.answer(q)[0])
-    unchanged, h0, h1 = adaptive_stream_unchanged(rel.state_hash, lambda x: rel.answer(np.clip(x, -1, 1))[0], q, steps=50)
+    unchanged, h0, h1 = adaptive_stream_unchanged(
+        rel.state_hash, lambda x: rel.answer(np.clip(x, -1, 1))[0], q, steps=50
+    )
     assert unchanged and h0 == h1 == state_hash([rel.sums])
     assert rel.sampler.startswith("os.urandom")
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from pipeline.models import load_model
-from pipeline.privacy.model import DPPrefix, QueryRecorder, apply_dp_prefix_, context_kv, exact_prefix_logits, fit_projection
+from pipeline.privacy.model import (
+    DPPrefix,
+    QueryRecorder,
+    apply_dp_prefix_,
+    context_kv,
+    exact_prefix_logits,
+    fit_projection,
+)
 from pipeline.privacy.release import KernelSpec, PublicBounds, exact_sums
 
 
@@ -30,11 +37,21 @@ def _prefix(model, ids, degree, proj_dim=None):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_noise_free_release_reproduces_the_exact_prefix_model(tiny_models, family):
     loaded = load_model(tiny_models[family])
-    ids = torch.tensor(loaded.tokenizer("the quick brown fox jumps over the lazy dog all models are wrong", add_special_tokens=False)["input_ids"])
-    batch = dict(loaded.tokenizer(["hello world this is", "time flies like an arrow fruit flies"], return_tensors="pt", padding=True))
+    ids = torch.tensor(
+        loaded.tokenizer("the quick brown fox jumps over the lazy dog all models are wrong", add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
+    batch = dict(
+        loaded.tokenizer(
+            ["hello world this is", "time flies like an arrow fruit flies"], return_tensors="pt", padding=True
+        )
+    )
     ref = exact_prefix_logits(loaded.model, ids, batch)
     # full-rank projection (an orthogonal basis) must change nothing either
-    prefix, _ = _prefix(loaded.model, ids, degree=6, proj_dim=loaded.model.config.hidden_size // loaded.model.config.num_attention_heads)
+    prefix, _ = _prefix(
+        loaded.model, ids, degree=6, proj_dim=loaded.model.config.hidden_size // loaded.model.config.num_attention_heads
+    )
     plain = load_model(tiny_models[family])
     assert apply_dp_prefix_(plain.model, prefix) == loaded.model.config.num_hidden_layers
     with torch.no_grad():

@@ -33,11 +33,21 @@ def _texts(tmp: Path, n_ctx: int, seed: int = 0) -> tuple[Path, Path, str]:
 
 def _config(model: Path, ctx: Path, cal: Path, export: bool = True, **pc) -> dict:
     return {
-        "model": {"path": str(model)}, "targets": ["host-cpu"],
+        "model": {"path": str(model)},
+        "targets": ["host-cpu"],
         "calibration": {"file": str(cal), "samples": 12, "heldout": 6, "max_length": 24, "batch_size": 6},
-        "stages": [{"private_context": {"context_file": str(ctx), "key_bound": "calibration", "value_bound": "calibration", **pc}},
-                   *([{"export": {"with_past": False}}] if export else []),
-                   {"verify_dp": {"audit_trials": 400, "sensitivity_trials": 400, "adaptive_queries": 8}}],
+        "stages": [
+            {
+                "private_context": {
+                    "context_file": str(ctx),
+                    "key_bound": "calibration",
+                    "value_bound": "calibration",
+                    **pc,
+                }
+            },
+            *([{"export": {"with_past": False}}] if export else []),
+            {"verify_dp": {"audit_trials": 400, "sensitivity_trials": 400, "adaptive_queries": 8}},
+        ],
     }
 
 
@@ -64,10 +74,19 @@ def _search(root: Path, needles: dict[str, bytes]) -> list[str]:
 
 
 def test_private_context_config_errors_are_one_line(tmp_path):
-    base = {"targets": ["host-cpu"], "stages": [{"private_context": {"context_file": "x.txt", "key_bound": 1.0, "value_bound": 1.0}}]}
+    base = {
+        "targets": ["host-cpu"],
+        "stages": [{"private_context": {"context_file": "x.txt", "key_bound": 1.0, "value_bound": 1.0}}],
+    }
     parse_config(base)  # valid
-    for change, needle in (({"epsilon": 0}, "epsilon"), ({"epsilon": -2.0}, "epsilon"), ({"delta": 1.0}, "delta"),
-                           ({"epsilon": float("inf")}, "epsilon"), ({"degree": 0}, "degree"), ({"noise": 1}, "unknown key 'noise'")):
+    for change, needle in (
+        ({"epsilon": 0}, "epsilon"),
+        ({"epsilon": -2.0}, "epsilon"),
+        ({"delta": 1.0}, "delta"),
+        ({"epsilon": float("inf")}, "epsilon"),
+        ({"degree": 0}, "degree"),
+        ({"noise": 1}, "unknown key 'noise'"),
+    ):
         bad = {**base, "stages": [{"private_context": {**base["stages"][0]["private_context"], **change}}]}
         with pytest.raises(ConfigError) as ei:
             parse_config(bad)
@@ -78,12 +97,18 @@ def test_missing_bounds_or_context_are_refused_before_anything_runs(tiny_models,
     from pipeline.runner import run
 
     ctx, cal, _ = _texts(tmp_path, 20)
-    for body, needle in (({"context_file": str(ctx), "value_bound": 1.0}, "stages[0].private_context: key_bound is missing"),
-                         ({"context_file": str(ctx), "key_bound": 1.0}, "stages[0].private_context: value_bound is missing"),
-                         ({"key_bound": 1.0, "value_bound": 1.0}, "stages[0].private_context: context_file is missing"),
-                         ({"context_file": str(tmp_path / "nope.txt"), "key_bound": 1.0, "value_bound": 1.0}, "context_file: '")):
-        cfg = {"model": {"path": str(tiny_models["gpt2"])}, "targets": ["host-cpu"], "stages": [{"private_context": body}],
-               "calibration": {"file": str(cal), "samples": 12, "heldout": 6}}
+    for body, needle in (
+        ({"context_file": str(ctx), "value_bound": 1.0}, "stages[0].private_context: key_bound is missing"),
+        ({"context_file": str(ctx), "key_bound": 1.0}, "stages[0].private_context: value_bound is missing"),
+        ({"key_bound": 1.0, "value_bound": 1.0}, "stages[0].private_context: context_file is missing"),
+        ({"context_file": str(tmp_path / "nope.txt"), "key_bound": 1.0, "value_bound": 1.0}, "context_file: '"),
+    ):
+        cfg = {
+            "model": {"path": str(tiny_models["gpt2"])},
+            "targets": ["host-cpu"],
+            "stages": [{"private_context": body}],
+            "calibration": {"file": str(cal), "samples": 12, "heldout": 6},
+        }
         with pytest.raises(ConfigError) as ei:
             run(cfg, workdir=tmp_path / "run", progress=False)
         assert needle in str(ei.value) and "\n" not in str(ei.value)
@@ -97,8 +122,8 @@ def test_usable_region_passes_end_to_end_and_ships_no_raw_context(tmp_path):
     from pipeline.models import load_model
     from pipeline.privacy.model import DPPrefix, apply_dp_prefix_, context_kv
     from pipeline.runner import run
-    from runtimes.session import make_session
     from pipeline.stages._common import to_numpy_feeds
+    from runtimes.session import make_session
 
     model = make_low_dim_gpt2(tmp_path / "m", n_positions=8192 + 64)
     ctx, cal, text = _texts(tmp_path, 8192)
@@ -185,7 +210,9 @@ def test_precomputed_key_value_context_and_its_errors(tiny_models, tmp_path):
     good = tmp_path / "kv.safetensors"
     save_file(tensors, str(good))
     _, cal, _ = _texts(tmp_path, 10)
-    cfg = _config(tiny_models["llama"], good, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2, accounting="basic")
+    cfg = _config(
+        tiny_models["llama"], good, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2, accounting="basic"
+    )
     try:  # private_context + verify_dp on the PyTorch DP model (GQA, precomputed context): pass or refuse
         run(cfg, workdir=tmp_path / "run", progress=False)
     except ValidationFailed:
@@ -195,10 +222,14 @@ def test_precomputed_key_value_context_and_its_errors(tiny_models, tmp_path):
     vd = rep["stages"][1]["metrics"]
     assert vd["gate"] in ("pass", "refuse") and 0 <= vd["utility"]["top1_agreement"] <= 1
     assert vd["audit"]["broken_control_flagged"] and vd["audit"]["max_sensitivity_ratio"] <= 1
-    assert pc["context_tokens"] == 37 and pc["heads_replaced"] == 2 * 2 and pc["accounting"] == "basic"  # 2 layers × 2 KV heads (GQA)
+    assert (
+        pc["context_tokens"] == 37 and pc["heads_replaced"] == 2 * 2 and pc["accounting"] == "basic"
+    )  # 2 layers × 2 KV heads (GQA)
     assert pc["bytes_shipped"] == 4 * 45 * 9 * 4  # C(8+2, 2) = 45 features × (8 + 1) columns per KV head
     # the DPTree mechanism: same shapes, Laplace under advanced composition, far more noise
-    cfg3 = _config(tiny_models["llama"], good, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2, mechanism="dptree")
+    cfg3 = _config(
+        tiny_models["llama"], good, cal, export=False, key_bound=2.0, value_bound=2.0, degree=2, mechanism="dptree"
+    )
     cfg3["stages"] = cfg3["stages"][:1]
     rep3 = run(cfg3, workdir=tmp_path / "run3", progress=False)
     pc3 = rep3["stages"][0]["metrics"]
@@ -213,12 +244,15 @@ def test_precomputed_key_value_context_and_its_errors(tiny_models, tmp_path):
         run(cfg2, workdir=tmp_path / "run2", progress=False)
 
 
-@pytest.mark.parametrize("stage, fragment", [
-    ({"epsilon": 1.0}, "context_file is missing"),
-    ({"context_file": "context.txt", "value_bound": 1.0}, "key_bound is missing"),
-    ({"context_file": "context.txt", "key_bound": 1.0, "value_bound": 1.0, "epsilon": 0.0}, "epsilon"),
-    ({"context_file": "context.txt", "key_bound": 1.0, "value_bound": 1.0}, "needs a decoder for text-generation"),
-])
+@pytest.mark.parametrize(
+    "stage, fragment",
+    [
+        ({"epsilon": 1.0}, "context_file is missing"),
+        ({"context_file": "context.txt", "value_bound": 1.0}, "key_bound is missing"),
+        ({"context_file": "context.txt", "key_bound": 1.0, "value_bound": 1.0, "epsilon": 0.0}, "epsilon"),
+        ({"context_file": "context.txt", "key_bound": 1.0, "value_bound": 1.0}, "needs a decoder for text-generation"),
+    ],
+)
 def test_validate_refuses_what_private_context_would_refuse(tmp_path, capsys, stage, fragment):
     """`edgepipe validate` runs the same checks as the stage (packaged MiniLM: an encoder, so no decoder to rewrite)."""
     import yaml

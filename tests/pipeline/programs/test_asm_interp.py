@@ -12,10 +12,13 @@ from pipeline.programs.machine import MachineSpec, Program, interpret, wrap
 
 
 def test_assembles_labels_defaults_and_padding():
-    p = assemble("start: subleq X, Y\n  subleq X, Y, start ; back\n  halt\nX: .word 3\nY: .word 5, -1\nB: .zero 2\n", source="t.sq")
-    assert p.spec == MachineSpec(8, 6, 4)            # X, Y, Y+1, B, B+1, __Z ; 3 instructions -> 4 slots
+    p = assemble(
+        "start: subleq X, Y\n  subleq X, Y, start ; back\n  halt\nX: .word 3\nY: .word 5, -1\nB: .zero 2\n",
+        source="t.sq",
+    )
+    assert p.spec == MachineSpec(8, 6, 4)  # X, Y, Y+1, B, B+1, __Z ; 3 instructions -> 4 slots
     z = p.data_labels["__Z"]
-    assert p.code == ((0, 1, 1), (0, 1, 0), (z, z, 2), (z, z, 3))   # c omitted = next slot; padding = halt
+    assert p.code == ((0, 1, 1), (0, 1, 0), (z, z, 2), (z, z, 3))  # c omitted = next slot; padding = halt
     assert p.memory == (3, 5, -1, 0, 0, 0)
 
 
@@ -24,24 +27,27 @@ def test_label_offsets_and_numbers():
     assert p.code[0] == (1, 0, 1) and p.code[1] == (0, 0, 0)
 
 
-@pytest.mark.parametrize("src, line, fragment", [
-    ("subleq X, Y\nfoo X\nX: .word 1\nY: .word 2\n", 2, "unknown mnemonic 'foo'"),
-    ("subleq X, Q\nX: .word 1\n", 1, "undefined label 'Q'"),
-    ("subleq X\nX: .word 1\n", 1, "takes 2 or 3 operand(s)"),
-    ("L: subleq X, X\nL: subleq X, X\nX: .word 1\n", 2, "already defined on line 1"),
-    ("subleq X, X\nX: .word 300\n", 2, "does not fit a 8-bit"),
-    ("subleq X, X\nX: .word abc\n", 2, "not an integer"),
-    ("L: subleq X, X\nsubleq L, X\nX: .word 0\n", 2, "is a code label"),
-    ("subleq X, X, X\nX: .word 0\n", 1, "is a data label"),
-    ("subleq X, X\nX: .word 0\nDANGLING:\n", 3, "names nothing"),
-    ("subleq X+5, X\nX: .word 0\n", 1, "outside the memory"),
-    (".bits 40\nsubleq X, X\nX: .word 0\n", 1, "2..32 bits"),
-    (".slots 3\nsubleq X, X\nX: .word 0\n", 1, "power of two"),
-    ("subleq __Z, __Z\n", 1, "'__Z' is reserved"),
-    ("__Z: subleq X, X\nX: .word 0\n", 1, "reserved"),
-    ("X: .word 0\n", 1, "no instructions"),
-    ("; expect Q = 3\nsubleq X, X\nX: .word 0\n", 1, "undefined data label 'Q'"),
-])
+@pytest.mark.parametrize(
+    "src, line, fragment",
+    [
+        ("subleq X, Y\nfoo X\nX: .word 1\nY: .word 2\n", 2, "unknown mnemonic 'foo'"),
+        ("subleq X, Q\nX: .word 1\n", 1, "undefined label 'Q'"),
+        ("subleq X\nX: .word 1\n", 1, "takes 2 or 3 operand(s)"),
+        ("L: subleq X, X\nL: subleq X, X\nX: .word 1\n", 2, "already defined on line 1"),
+        ("subleq X, X\nX: .word 300\n", 2, "does not fit a 8-bit"),
+        ("subleq X, X\nX: .word abc\n", 2, "not an integer"),
+        ("L: subleq X, X\nsubleq L, X\nX: .word 0\n", 2, "is a code label"),
+        ("subleq X, X, X\nX: .word 0\n", 1, "is a data label"),
+        ("subleq X, X\nX: .word 0\nDANGLING:\n", 3, "names nothing"),
+        ("subleq X+5, X\nX: .word 0\n", 1, "outside the memory"),
+        (".bits 40\nsubleq X, X\nX: .word 0\n", 1, "2..32 bits"),
+        (".slots 3\nsubleq X, X\nX: .word 0\n", 1, "power of two"),
+        ("subleq __Z, __Z\n", 1, "'__Z' is reserved"),
+        ("__Z: subleq X, X\nX: .word 0\n", 1, "reserved"),
+        ("X: .word 0\n", 1, "no instructions"),
+        ("; expect Q = 3\nsubleq X, X\nX: .word 0\n", 1, "undefined data label 'Q'"),
+    ],
+)
 def test_malformed_programs_name_the_line(src, line, fragment):
     with pytest.raises(AssemblyError) as ei:
         assemble(src, source="bad.sq")

@@ -8,7 +8,7 @@ import pytest
 from pipeline.programs.compile import PAPER_BUDGET, compile_machine, compile_program
 from pipeline.programs.machine import MachineSpec, Program, interpret, random_program
 
-SIZES = [(8, 8, 8), (3, 5, 4), (5, 3, 2), (6, 7, 16), (16, 12, 8)]   # (N, M, I), odd sizes included
+SIZES = [(8, 8, 8), (3, 5, 4), (5, 3, 2), (6, 7, 16), (16, 12, 8)]  # (N, M, I), odd sizes included
 
 
 def _lockstep(prog: Program, cp, steps: int, memory=None) -> None:
@@ -19,7 +19,7 @@ def _lockstep(prog: Program, cp, steps: int, memory=None) -> None:
     for k in range(steps):
         s = cp.net.step(s)
         ref = interpret(prog, 1, memory=mem, pc=pc)
-        if ref.status == "halted":   # the fixed point: the net must leave the state unchanged
+        if ref.status == "halted":  # the fixed point: the net must leave the state unchanged
             assert cp.layout.decode(s[0]) == (mem, pc), f"step {k}: moved away from the halting fixed point"
             continue
         got = cp.layout.decode(s[0])
@@ -44,7 +44,7 @@ def test_random_programs_bit_exact(nmi, construction, program_in):
 def test_one_state_network_runs_any_program():
     spec = MachineSpec(6, 6, 8)
     rng = np.random.default_rng(7)
-    cp = compile_machine(spec, construction="shallow")          # program_in = state
+    cp = compile_machine(spec, construction="shallow")  # program_in = state
     for _ in range(4):
         _lockstep(random_program(spec, rng), cp, 20)
 
@@ -70,14 +70,18 @@ def test_halting_fixed_point_is_exact():
         s = cp.layout.encode(prog, ref.memory, pc=ref.pc)[None]
         for _ in range(5):
             s2 = cp.net.step(s)
-            assert np.array_equal(s2, s)   # exactly the same bits, step after step
+            assert np.array_equal(s2, s)  # exactly the same bits, step after step
             s = s2
 
 
 def test_depths_widths_and_budget():
     spec = MachineSpec(8, 8, 8)
     prog = random_program(spec, np.random.default_rng(0))
-    st = {(c, p): compile_program(prog, construction=c, program_in=p).stats() for c in ("shallow", "paper23") for p in ("weights", "state")}
+    st = {
+        (c, p): compile_program(prog, construction=c, program_in=p).stats()
+        for c in ("shallow", "paper23")
+        for p in ("weights", "state")
+    }
     assert st["shallow", "weights"]["depth"] == 6 and st["shallow", "state"]["depth"] == 8
     assert st["paper23", "weights"]["depth"] == st["paper23", "state"]["depth"] == sum(n for _, n in PAPER_BUDGET) == 23
     for s in st.values():

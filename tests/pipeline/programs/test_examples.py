@@ -30,7 +30,7 @@ def _cases(name: str, rng: np.random.Generator):
     for _ in range(12):
         if name == "multiply":
             x, y = int(rng.integers(-40, 41)), int(rng.integers(0, 12))
-            yield {"X": x, "Y": y, "P": 0}, {"P": wrap(x * y, 8)}          # wraps like the 8-bit machine
+            yield {"X": x, "Y": y, "P": 0}, {"P": wrap(x * y, 8)}  # wraps like the 8-bit machine
         elif name == "divide":
             x, y = int(rng.integers(0, 128)), int(rng.integers(1, 30))
             yield {"X": x, "Y": y, "Q": 0, "R": 0}, {"Q": x // y, "R": x % y}

@@ -19,15 +19,20 @@ from pipeline.programs.onnx_export import Int8MarginError, check_int8, export_on
 
 def _memories(prog, rng, n):
     s = prog.spec
-    return [prog.memory] + [tuple(int(v) for v in rng.integers(s.word_min, s.word_max + 1, size=s.memory_cells)) for _ in range(n)]
+    return [prog.memory] + [
+        tuple(int(v) for v in rng.integers(s.word_min, s.word_max + 1, size=s.memory_cells)) for _ in range(n)
+    ]
 
 
-@pytest.mark.parametrize("nmi, construction, program_in", [
-    ((8, 8, 8), "shallow", "weights"),
-    ((5, 6, 4), "paper23", "state"),
-    ((12, 5, 8), "paper23", "weights"),
-    ((6, 3, 4), "shallow", "state"),
-])
+@pytest.mark.parametrize(
+    "nmi, construction, program_in",
+    [
+        ((8, 8, 8), "shallow", "weights"),
+        ((5, 6, 4), "paper23", "state"),
+        ((12, 5, 8), "paper23", "weights"),
+        ((6, 3, 4), "shallow", "state"),
+    ],
+)
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_loop_and_unrolled_bit_exact_in_ort(tmp_path, nmi, construction, program_in, precision):
     rng = np.random.default_rng(sum(nmi))
@@ -43,7 +48,7 @@ def test_loop_and_unrolled_bit_exact_in_ort(tmp_path, nmi, construction, program
     body = next(n for n in onnx.load(str(loop.path)).graph.node if n.op_type == "Loop").attribute[0].g
     body_ops = {n.op_type for n in body.node}
     assert ({"MatMul", "Relu"} if precision == "fp32" else {"MatMulInteger", "Relu"}) <= body_ops
-    assert not any(n.domain not in ("", "ai.onnx") for n in body.node)   # no custom operator
+    assert not any(n.domain not in ("", "ai.onnx") for n in body.node)  # no custom operator
 
 
 def test_never_halting_program_stops_at_the_budget(tmp_path):
@@ -72,7 +77,11 @@ def test_torch_module_matches_interpreter():
         s, n, h = LoopedMLP(cp.net)(torch.as_tensor(np.stack([cp.layout.encode(prog, m) for m in mems])), 30)
         for i, m in enumerate(mems):
             ref = interpret(prog, 30, memory=m)
-            assert cp.layout.decode(s[i].numpy()) == (ref.memory, ref.pc) and int(n[i]) == ref.steps and bool(h[i]) == ref.halted
+            assert (
+                cp.layout.decode(s[i].numpy()) == (ref.memory, ref.pc)
+                and int(n[i]) == ref.steps
+                and bool(h[i]) == ref.halted
+            )
 
 
 def _perturbed(cp, eps: float, seed: int = 0):
@@ -82,8 +91,13 @@ def _perturbed(cp, eps: float, seed: int = 0):
     w = tuple((r, c, v + rng.uniform(-eps, eps, size=v.shape)) for r, c, v in net.weights)
     b = tuple(x + rng.uniform(-eps, eps, size=x.shape) for x in net.biases)
     ro = net.readout
-    new = dataclasses.replace(net, weights=w, biases=b, readout=(ro[0], ro[1], ro[2] + rng.uniform(-eps, eps, size=ro[2].shape)),
-                              readout_bias=net.readout_bias + rng.uniform(-eps, eps, size=net.readout_bias.shape))
+    new = dataclasses.replace(
+        net,
+        weights=w,
+        biases=b,
+        readout=(ro[0], ro[1], ro[2] + rng.uniform(-eps, eps, size=ro[2].shape)),
+        readout_bias=net.readout_bias + rng.uniform(-eps, eps, size=net.readout_bias.shape),
+    )
     return dataclasses.replace(cp, net=new)
 
 
@@ -98,7 +112,9 @@ def test_int8_margin_is_measured_and_breaking_quantizations_are_refused(tmp_path
     c2 = check_int8(noisy.net)
     assert c2.ok and 0 < c2.margin < 0.5
     mems = _memories(prog, rng, 4)
-    assert parity(prog, cp, OrtProgram(export_onnx(noisy, tmp_path / "q.onnx", precision="int8").path), mems, 30)["bit_exact"]
+    assert parity(prog, cp, OrtProgram(export_onnx(noisy, tmp_path / "q.onnx", precision="int8").path), mems, 30)[
+        "bit_exact"
+    ]
     assert not parity(prog, cp, OrtProgram(export_onnx(noisy, tmp_path / "f.onnx").path), mems, 30)["bit_exact"]
     # noise whose rounding can move a pre-activation by >= 0.5: refused, nothing written
     with pytest.raises(Int8MarginError, match="margin"):
@@ -123,4 +139,7 @@ def test_sparse_storage_shrinks_the_file_and_keeps_results(tmp_path):
         assert sparse.size_bytes < dense.size_bytes / 3
         for r in (sparse, dense):
             assert parity(prog, cp, OrtProgram(r.path), mems, 25)["bit_exact"]
-    assert export_onnx(cp, tmp_path / "i8.onnx", precision="int8", sparse="never").size_bytes < export_onnx(cp, tmp_path / "f.onnx", sparse="never").size_bytes / 3
+    assert (
+        export_onnx(cp, tmp_path / "i8.onnx", precision="int8", sparse="never").size_bytes
+        < export_onnx(cp, tmp_path / "f.onnx", sparse="never").size_bytes / 3
+    )

@@ -24,19 +24,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
 from pipeline.pruning.masks import allowed_positions, binarize_scores  # noqa: F401  (re-exported for the tests)
 
 __all__ = [
+    "MaskTrace",
+    "estimate_lipschitz",
+    "mask_grad",
+    "mask_loss",
     "masked_row_softmax",
     "merged_attention",
-    "mask_loss",
-    "mask_grad",
-    "estimate_lipschitz",
-    "MaskTrace",
     "optimize_mask",
 ]
 
@@ -53,8 +52,9 @@ def masked_row_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Ten
     return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
 
-def merged_attention(X: torch.Tensor, W: torch.Tensor, *, causal: bool,
-                     pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def merged_attention(
+    X: torch.Tensor, W: torch.Tensor, *, causal: bool, pad_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``F = row_softmax(mask(X W Xᵀ))`` for a batch, with padded query rows zeroed.
 
     Args:
@@ -72,8 +72,16 @@ def merged_attention(X: torch.Tensor, W: torch.Tensor, *, causal: bool,
     return masked_row_softmax(S, allowed) * row_valid[:, :, None]
 
 
-def mask_loss(M: torch.Tensor, W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
-              pad_mask: Optional[torch.Tensor] = None, F_star: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mask_loss(
+    M: torch.Tensor,
+    W: torch.Tensor,
+    X: torch.Tensor,
+    *,
+    lam: float,
+    causal: bool,
+    pad_mask: torch.Tensor | None = None,
+    F_star: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``L(M) = ½ Σ_b ‖F_b(M) − F_b*‖²_F + (λ/2)‖M‖²_F`` (sum over sequences, not mean).
 
     Args:
@@ -91,8 +99,16 @@ def mask_loss(M: torch.Tensor, W: torch.Tensor, X: torch.Tensor, *, lam: float, 
     return 0.5 * (F - F_star).pow(2).sum() + 0.5 * lam * M.pow(2).sum()
 
 
-def mask_grad(M: torch.Tensor, W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
-              pad_mask: Optional[torch.Tensor] = None, F_star: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mask_grad(
+    M: torch.Tensor,
+    W: torch.Tensor,
+    X: torch.Tensor,
+    *,
+    lam: float,
+    causal: bool,
+    pad_mask: torch.Tensor | None = None,
+    F_star: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Closed-form ``∇_M L = W ∘ (Σ_b X_bᵀ Ψ_b X_b) + λ M`` (no autograd).
 
     Args: as :func:`mask_loss`.
@@ -110,8 +126,17 @@ def mask_grad(M: torch.Tensor, W: torch.Tensor, X: torch.Tensor, *, lam: float, 
     return W * XtPsiX + lam * M
 
 
-def estimate_lipschitz(M: torch.Tensor, W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
-                       pad_mask: Optional[torch.Tensor] = None, iters: int = 30, seed: int = 0) -> float:
+def estimate_lipschitz(
+    M: torch.Tensor,
+    W: torch.Tensor,
+    X: torch.Tensor,
+    *,
+    lam: float,
+    causal: bool,
+    pad_mask: torch.Tensor | None = None,
+    iters: int = 30,
+    seed: int = 0,
+) -> float:
     """Local smoothness L̂ = |λ_max(∇²L(M))| by power iteration on Hessian-vector products.
 
     The paper proves a global Lipschitz bound whose constants are not confirmed (notes §A(c)); the notes'
@@ -130,8 +155,9 @@ def estimate_lipschitz(M: torch.Tensor, W: torch.Tensor, X: torch.Tensor, *, lam
     est = 0.0
     for _ in range(iters):
         Mv = M.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(mask_loss(Mv, W, X, lam=lam, causal=causal, pad_mask=pad_mask, F_star=F_star),
-                                   Mv, create_graph=True)
+        (g,) = torch.autograd.grad(
+            mask_loss(Mv, W, X, lam=lam, causal=causal, pad_mask=pad_mask, F_star=F_star), Mv, create_graph=True
+        )
         (Hv,) = torch.autograd.grad(g, Mv, grad_outputs=v)  # (d, d) Hessian-vector product
         est = float(Hv.norm())
         if est == 0.0:
@@ -154,15 +180,24 @@ class MaskTrace:
 
     M: torch.Tensor
     losses: list[float] = field(default_factory=list)
-    step_size: Optional[float] = None
-    lipschitz: Optional[float] = None
-    stopped_at: Optional[int] = None
+    step_size: float | None = None
+    lipschitz: float | None = None
+    stopped_at: int | None = None
 
 
-def optimize_mask(W: torch.Tensor, X: torch.Tensor, *, lam: float, causal: bool,
-                  pad_mask: Optional[torch.Tensor] = None, solver: Literal["gd", "adam"] = "gd",
-                  steps: int = 100, lr: Optional[float] = None, safety: float = 1.0,
-                  stop_mean_mask: Optional[float] = None) -> MaskTrace:
+def optimize_mask(
+    W: torch.Tensor,
+    X: torch.Tensor,
+    *,
+    lam: float,
+    causal: bool,
+    pad_mask: torch.Tensor | None = None,
+    solver: Literal[gd, adam] = "gd",
+    steps: int = 100,
+    lr: float | None = None,
+    safety: float = 1.0,
+    stop_mean_mask: float | None = None,
+) -> MaskTrace:
     """Paper Algorithm 1 (GD on the real-valued mask, M₀ = 1) or Adam.
 
     Args:

@@ -38,8 +38,12 @@ def test_config_rejects_bad_values_and_quotes_them(kwargs, match):
 
 @pytest.mark.parametrize(
     "cfg",
-    [PruneConfig(), PruneConfig(method="wanda", pattern="n:m", n=4, m=8), PruneConfig(pattern="structured", sparsity=0.25),
-     PruneConfig(method="sparsegpt", targets="ffn", sequential=False, blocksize=64, percdamp=0.05)],
+    [
+        PruneConfig(),
+        PruneConfig(method="wanda", pattern="n:m", n=4, m=8),
+        PruneConfig(pattern="structured", sparsity=0.25),
+        PruneConfig(method="sparsegpt", targets="ffn", sequential=False, blocksize=64, percdamp=0.05),
+    ],
 )
 def test_config_json_round_trip_and_frozen(cfg):
     assert PruneConfig.model_validate(json.loads(cfg.model_dump_json())) == cfg
@@ -70,14 +74,21 @@ def test_prune_model_contract(family):
     model = tiny_model(family)
     calls = []
     cal = random_batches(2)
-    res = prune_model(model, PruneConfig(method="wanda", sparsity=0.5), cal, eval_batches=random_batches(1, seed=9),
-                      progress=lambda stage, i, n: calls.append((stage, i, n)))
+    res = prune_model(
+        model,
+        PruneConfig(method="wanda", sparsity=0.5),
+        cal,
+        eval_batches=random_batches(1, seed=9),
+        progress=lambda stage, i, n: calls.append((stage, i, n)),
+    )
     assert res.model is model
     assert calls == [("prune", 1, 2), ("prune", 2, 2)]
     m = json.loads(json.dumps(res.metrics))  # JSON-serializable
     assert m["method"] == "wanda" and m["pattern"] == "unstructured"
     # per-row floor: BERT's 37-wide FFN output keeps 19 of 37 per row
-    assert set(m["parts"]) == {"qk", "vo", "ffn"} and all(v == pytest.approx(0.5, abs=0.015) for v in m["parts"].values())
+    assert set(m["parts"]) == {"qk", "vo", "ffn"} and all(
+        v == pytest.approx(0.5, abs=0.015) for v in m["parts"].values()
+    )
     assert len(m["attention_error"]["per_layer"]) == 2 and len(m["layer_output_error"]) == 2
     assert 0 < m["attention_error"]["mean"] < 1 and m["attention_error"]["row_kl_mean"] > 0
     assert all(0 < e < 1.5 for e in m["layer_output_error"]) and m["seconds"] > 0
@@ -99,8 +110,9 @@ def test_attention_method_wiring():
     pytest.importorskip("pipeline.pruning.attention")
     model = tiny_model("llama")
     cal = random_batches(2)
-    cfg = PruneConfig(method="attention", sparsity=0.5,
-                      attention={"companion": "wanda", "mask_steps": 3, "refit_steps": 3})
+    cfg = PruneConfig(
+        method="attention", sparsity=0.5, attention={"companion": "wanda", "mask_steps": 3, "refit_steps": 3}
+    )
     res = prune_model(model, cfg, cal)
     for b in blocks(model):
         for role, r in b.matrices().items():
@@ -111,8 +123,9 @@ def test_attention_method_wiring():
 def test_attention_method_n_m_keeps_n_of_every_m():
     """One n:m convention across the driver and prune_qk: 1:4 keeps one weight in every group of four."""
     model = tiny_model("llama")
-    cfg = PruneConfig(method="attention", pattern="n:m", n=1, m=4, targets="qk",
-                      attention={"mask_steps": 2, "refit_steps": 2})
+    cfg = PruneConfig(
+        method="attention", pattern="n:m", n=1, m=4, targets="qk", attention={"mask_steps": 2, "refit_steps": 2}
+    )
     prune_model(model, cfg, random_batches(2))
     for b in blocks(model):
         for role in ("q", "k"):

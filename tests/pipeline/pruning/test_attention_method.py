@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.pruning.attention import AttentionMethodConfig, relative_frobenius_error, prune_qk, qk_attention
+from pipeline.pruning.attention import AttentionMethodConfig, prune_qk, qk_attention, relative_frobenius_error
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.sparsegpt import sparsegpt_prune
 
@@ -20,12 +20,12 @@ def _rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=x.dtype) / hd))  # (hd/2,)
     ang = positions[:, None, :, None].to(x.dtype) * inv  # (B, 1, N, hd/2)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 def _geom(heads: int = 4, kv: int = 4, causal: bool = False, rope: bool = False) -> AttentionGeometry:
-    return AttentionGeometry(heads, kv, HD, causal=causal, scale=HD ** -0.5, rope=_rope if rope else None)
+    return AttentionGeometry(heads, kv, HD, causal=causal, scale=HD**-0.5, rope=_rope if rope else None)
 
 
 def _data(B: int, n: int, seed: int, rank: int = 4):
@@ -57,7 +57,7 @@ def _naive_attention(wq, bq, wk, bk, X, pad, geom) -> torch.Tensor:
         q_all = (X[b] @ wq.T + bq).view(n, geom.num_heads, HD).transpose(0, 1)[None]  # (1, H, n, hd)
         k_all = (X[b] @ wk.T + bk).view(n, geom.num_kv_heads, HD).transpose(0, 1)[None]
         if geom.rope is not None:
-            q_all, k_all = geom.rope(q_all, pos[b:b + 1]), geom.rope(k_all, pos[b:b + 1])
+            q_all, k_all = geom.rope(q_all, pos[b : b + 1]), geom.rope(k_all, pos[b : b + 1])
         for h in range(geom.num_heads):
             q, k = q_all[0, h], k_all[0, h // geom.group_size]  # GQA: query head h reads kv head h // g
             for i in range(n):
@@ -65,7 +65,7 @@ def _naive_attention(wq, bq, wk, bk, X, pad, geom) -> torch.Tensor:
                     continue
                 allowed = pad[b].clone()
                 if geom.causal:
-                    allowed[i + 1:] = False
+                    allowed[i + 1 :] = False
                 s = (k @ q[i]) * geom.scale
                 s[~allowed] = -math.inf
                 out[b, h, i] = torch.softmax(s, -1)
@@ -120,8 +120,16 @@ def test_sparsegpt_support_without_refit_is_sparsegpt() -> None:
     w = _weights(geom)
     x = X[pad]
     H = 2.0 / x.shape[0] * x.T @ x  # (d, d) SparseGPT Hessian over real tokens
-    r = prune_qk(*w, X, pad, geom, sparsity=0.5, hessian_q=H, hessian_k=H,
-                 cfg=AttentionMethodConfig(support="sparsegpt", refit=False))
+    r = prune_qk(
+        *w,
+        X,
+        pad,
+        geom,
+        sparsity=0.5,
+        hessian_q=H,
+        hessian_k=H,
+        cfg=AttentionMethodConfig(support="sparsegpt", refit=False),
+    )
     ref_w, ref_keep = sparsegpt_prune(w[0], H, sparsity=0.5)
     assert torch.equal(r.mask_q, ref_keep)
     assert torch.equal(r.wq, ref_w)
@@ -139,8 +147,9 @@ def test_refit_lowers_unseen_attention_error(support: str) -> None:
     Xt, padt = _data(24, 12, seed=6)
     w = _weights(geom)
     base = prune_qk(*w, X, pad, geom, sparsity=0.7, cfg=AttentionMethodConfig(support=support, refit=False))
-    fit = prune_qk(*w, X, pad, geom, sparsity=0.7,
-                   cfg=AttentionMethodConfig(support=support, refit_steps=80, refit_lr=3e-3))
+    fit = prune_qk(
+        *w, X, pad, geom, sparsity=0.7, cfg=AttentionMethodConfig(support=support, refit_steps=80, refit_lr=3e-3)
+    )
     F_star = qk_attention(*w, Xt, padt, geom)
     e_base = relative_frobenius_error(qk_attention(base.wq, base.bq, base.wk, base.bk, Xt, padt, geom), F_star)
     e_fit = relative_frobenius_error(qk_attention(fit.wq, fit.bq, fit.wk, fit.bk, Xt, padt, geom), F_star)
@@ -153,8 +162,9 @@ def test_paper_mask_gd_mode_runs_and_lowers_loss() -> None:
     geom = _geom(2, 2, causal=True)
     X, pad = _data(4, 8, seed=7)
     w = _weights(geom)
-    cfg = AttentionMethodConfig(support="attention_mask", mask_solver="gd", mask_steps=5, refit=False,
-                                mask_stop_mean=None, lambda_reg=1.0)
+    cfg = AttentionMethodConfig(
+        support="attention_mask", mask_solver="gd", mask_steps=5, refit=False, mask_stop_mean=None, lambda_reg=1.0
+    )
     r = prune_qk(w[0][:16], w[1][:16], w[2][:16], w[3][:16], X, pad, geom, sparsity=0.5, cfg=cfg)  # 2 heads
     assert r.stats["mask_steps_run"] == 5 and r.stats["mask_lipschitz"] > 0
     assert r.stats["mask_loss_last"] < r.stats["mask_loss_first"]

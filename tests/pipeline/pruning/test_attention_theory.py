@@ -24,7 +24,7 @@ def _problem(B: int = 2, n: int = 7, d: int = 5, w_scale: float = 0.6, seed: int
     X = torch.randn(B, n, d, generator=g, dtype=DT)
     W = w_scale * torch.randn(d, d, generator=g, dtype=DT)
     pad = torch.ones(B, n, dtype=torch.bool)
-    pad[-1, n - 2:] = False  # right padding on the last sequence
+    pad[-1, n - 2 :] = False  # right padding on the last sequence
     return X, W, pad
 
 
@@ -41,8 +41,9 @@ def test_closed_form_gradient_matches_autograd(causal: bool) -> None:
 def test_closed_form_gradient_matches_gradcheck() -> None:
     X, W, pad = _problem(n=5, d=4)
     M = torch.ones_like(W) * 0.8
-    assert torch.autograd.gradcheck(lambda m: mask_loss(m, W, X, lam=0.2, causal=True, pad_mask=pad),
-                                    (M.clone().requires_grad_(True),))
+    assert torch.autograd.gradcheck(
+        lambda m: mask_loss(m, W, X, lam=0.2, causal=True, pad_mask=pad), (M.clone().requires_grad_(True),)
+    )
 
 
 def test_padded_queries_and_keys_excluded() -> None:
@@ -59,8 +60,9 @@ def test_all_ones_mask_loss_and_gradient() -> None:
     M = torch.ones_like(W)
     lam = 0.37
     assert math.isclose(float(mask_loss(M, W, X, lam=lam, causal=True, pad_mask=pad)), lam / 2 * d * d, rel_tol=1e-12)
-    assert torch.allclose(mask_grad(M, W, X, lam=lam, causal=True, pad_mask=pad), lam * torch.ones_like(W),
-                          rtol=0, atol=1e-12)
+    assert torch.allclose(
+        mask_grad(M, W, X, lam=lam, causal=True, pad_mask=pad), lam * torch.ones_like(W), rtol=0, atol=1e-12
+    )
 
 
 def test_lambda_zero_prunes_nothing() -> None:

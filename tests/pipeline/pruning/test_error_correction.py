@@ -194,8 +194,9 @@ def test_correct_qk_moves_q_and_k_only_once_the_streams_differ():
     runs = {}
     for cqk in (False, True):
         m = tiny_model("bert")
-        prune_model(m, PruneConfig(method="attention", sparsity=0.5,
-                                   attention={"correct_qk": cqk, "refit_steps": 3}), cal)
+        prune_model(
+            m, PruneConfig(method="attention", sparsity=0.5, attention={"correct_qk": cqk, "refit_steps": 3}), cal
+        )
         runs[cqk] = blocks(m)
     # block 0: pruned and dense streams coincide, so the re-solve toward the dense outputs is the identity
     torch.testing.assert_close(runs[True][0].q.weight, runs[False][0].q.weight)

@@ -54,9 +54,13 @@ def test_adapter_views_reproduce_model_attention(family):
     assert torch.allclose(ours[real.expand_as(ours)], att.double()[real.expand_as(att)], atol=1e-10)
     g = views[0].geometry
     assert g.scale == pytest.approx(1 / math.sqrt(8)) and g.head_dim == 8
-    assert (g.num_heads, g.num_kv_heads, g.causal) == {"bert": (4, 4, False), "gpt2": (4, 4, True),
-                                                       "llama": (4, 2, True), "distilbert": (4, 4, False),
-                                                       "qwen2": (4, 2, True)}[family]
+    assert (g.num_heads, g.num_kv_heads, g.causal) == {
+        "bert": (4, 4, False),
+        "gpt2": (4, 4, True),
+        "llama": (4, 2, True),
+        "distilbert": (4, 4, False),
+        "qwen2": (4, 2, True),
+    }[family]
 
 
 def test_gpt2_fused_slices_are_transposed_views_with_setters():
@@ -66,7 +70,7 @@ def test_gpt2_fused_slices_are_transposed_views_with_setters():
     fused = model.transformer.h[0].attn.c_attn(x)  # (3, 96) = [q | k | v]
     for i, ref in enumerate((b.q, b.k, b.v)):
         assert ref.weight.shape == (32, 32)
-        assert torch.allclose(x @ ref.weight.T + ref.bias, fused[:, 32 * i: 32 * (i + 1)], atol=1e-6)
+        assert torch.allclose(x @ ref.weight.T + ref.bias, fused[:, 32 * i : 32 * (i + 1)], atol=1e-6)
     new = torch.arange(32 * 32, dtype=torch.float32).reshape(32, 32)
     b.k.weight = new
     stored = model.transformer.h[0].attn.c_attn.weight  # (in, 3*out)

@@ -50,10 +50,10 @@ def test_nm_mask_groups_and_tail(n, m, cols):
     keep = nm_mask(s, n, m)
     for r in range(5):
         for g0 in range(0, cols, m):
-            grp = s[r, g0:g0 + m]
+            grp = s[r, g0 : g0 + m]
             width = grp.numel()
             n_keep = n if width == m else math.ceil(n * width / m)
-            kept = keep[r, g0:g0 + m]
+            kept = keep[r, g0 : g0 + m]
             assert int(kept.sum()) == n_keep
             # the kept entries are the largest scores of the group
             assert set(torch.where(kept)[0].tolist()) == set(torch.argsort(grp, descending=True)[:n_keep].tolist())

@@ -39,7 +39,7 @@ def test_module_at_full_width_equals_bert_self_attention(seq):
         new.key.load_state_dict(sa.key.state_dict())
     x = torch.randn(3, seq, 32, dtype=torch.float32)
     mask = torch.zeros(3, 1, 1, seq)
-    mask[-1, ..., seq // 2 + 1:] = torch.finfo(torch.float32).min  # right padding in the last row (HF additive mask)
+    mask[-1, ..., seq // 2 + 1 :] = torch.finfo(torch.float32).min  # right padding in the last row (HF additive mask)
     ref_ctx, ref_probs = sa.__class__.__mro__[0].forward(sa, x, attention_mask=mask, output_attentions=True)
     for out_att in (False, True):  # SDPA path and the explicit-probabilities path
         ctx, probs = new(x, attention_mask=mask, output_attentions=out_att)
@@ -72,8 +72,8 @@ def _logit_error(dense, new, x):
     total = 0.0
     for h in range(H):
         hd0, hd1 = dense[0].shape[0] // H, new[0].shape[0] // H
-        B0 = aq(dense[0], dense[1])[h * hd0:(h + 1) * hd0].T @ aq(dense[2], dense[3])[h * hd0:(h + 1) * hd0]
-        B1 = aq(new[0], new[1])[h * hd1:(h + 1) * hd1].T @ aq(new[2], new[3])[h * hd1:(h + 1) * hd1]
+        B0 = aq(dense[0], dense[1])[h * hd0 : (h + 1) * hd0].T @ aq(dense[2], dense[3])[h * hd0 : (h + 1) * hd0]
+        B1 = aq(new[0], new[1])[h * hd1 : (h + 1) * hd1].T @ aq(new[2], new[3])[h * hd1 : (h + 1) * hd1]
         total += float((xa @ (B0 - B1) @ xa.T).pow(2).sum())
     return total
 
@@ -83,7 +83,12 @@ def test_svd_init_is_the_best_rank_r_logit_approximation():
     and at r = hd the SVD reproduces the dense logits."""
     torch.manual_seed(0)
     d, H, hd, r = 32, 4, 8, 3
-    dense = (torch.randn(H * hd, d) * 0.3, torch.randn(H * hd) * 0.3, torch.randn(H * hd, d) * 0.3, torch.randn(H * hd) * 0.3)
+    dense = (
+        torch.randn(H * hd, d) * 0.3,
+        torch.randn(H * hd) * 0.3,
+        torch.randn(H * hd, d) * 0.3,
+        torch.randn(H * hd) * 0.3,
+    )
     x = torch.randn(200, d) @ torch.randn(d, d) * 0.3 + 0.5  # correlated, non-centred inputs
     full = _svd_init(dense, x, H, hd, hd, damp=0.0)
     assert _logit_error(dense, full, x) < 1e-8 * _logit_error(dense, tuple(torch.zeros_like(t) for t in dense), x)
@@ -102,8 +107,9 @@ def test_svd_init_without_biases():
     x = torch.randn(50, 12)
     wq, bq, wk, bk = _svd_init(dense, x, 2, 8, 8, damp=0.0)
     assert bq is None and bk is None
-    torch.testing.assert_close(x @ wq[:8].T @ (x @ wk[:8].T).T, x @ dense[0][:8].T @ (x @ dense[2][:8].T).T,
-                               atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(
+        x @ wq[:8].T @ (x @ wk[:8].T).T, x @ dense[0][:8].T @ (x @ dense[2][:8].T).T, atol=1e-3, rtol=1e-4
+    )
 
 
 def test_attention_choice_beats_norm_criteria_and_refit_never_hurts_heldout():
@@ -132,7 +138,9 @@ def test_magnitude_qk_dims_equals_zeroing_the_dropped_dims():
     """Oracle: removing coordinate dims physically = zeroing those q and k rows (their q_d k_d terms vanish)."""
     model = tiny_model("bert")
     dense = copy.deepcopy(model)
-    prune_model(model, PruneConfig(method="magnitude", pattern="structured", structured_unit="qk_dims", sparsity=0.5), [])
+    prune_model(
+        model, PruneConfig(method="magnitude", pattern="structured", structured_unit="qk_dims", sparsity=0.5), []
+    )
     for bd in blocks(dense):
         q, k = bd.q.weight, bd.k.weight
         score = (q.norm(dim=1) * k.norm(dim=1)).reshape(4, 8)
@@ -162,8 +170,13 @@ def test_save_reload_round_trip_and_export_parity(units, correction, tmp_path):
     lm = load_model(make_tiny_model(tmp_path / "m", "bert", initializer_range=0.2))
     cal = random_batches(3, vocab=lm.model.config.vocab_size)
     # correction=True: the true-sequential corrected path (q/k widths aim at the dense stream's attention)
-    res = prune_model(lm.model, PruneConfig(method="attention", pattern="structured", structured_unit=units,
-                                            sparsity=0.5, error_correction=correction), cal)
+    res = prune_model(
+        lm.model,
+        PruneConfig(
+            method="attention", pattern="structured", structured_unit=units, sparsity=0.5, error_correction=correction
+        ),
+        cal,
+    )
     n_layers = len(blocks(lm.model))
     assert [u.get("qk_width") for u in res.metrics["removed_units"]] == [[8, 4]] * n_layers
     assert res.metrics["parts"]["qk"] > 0.49
@@ -192,8 +205,9 @@ def test_reload_refuses_a_corrupt_width_record(tmp_path):
     from tests.helpers import make_tiny_model
 
     lm = load_model(make_tiny_model(tmp_path / "m", "bert"))
-    prune_model(lm.model, PruneConfig(method="magnitude", pattern="structured", structured_unit="qk_dims",
-                                      sparsity=0.5), [])
+    prune_model(
+        lm.model, PruneConfig(method="magnitude", pattern="structured", structured_unit="qk_dims", sparsity=0.5), []
+    )
     save_model(lm, tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     cfg[QK_DIMS_KEY]["0"] = 3  # the weights are 4 wide
@@ -208,14 +222,22 @@ def test_heads_after_qk_dims_equal_zeroing_their_outputs():
     cal = random_batches(2)
     narrow_only = copy.deepcopy(model)
     # one-shot protocol: every layer sees dense inputs, so both runs narrow the same q/k dims
-    prune_model(narrow_only, PruneConfig(method="wanda", pattern="structured", structured_unit="qk_dims", sparsity=0.5,
-                                         sequential=False), cal)
-    res = prune_model(model, PruneConfig(method="wanda", pattern="structured", structured_unit="qk_dims+heads",
-                                         sparsity=0.5, sequential=False), cal)
+    prune_model(
+        narrow_only,
+        PruneConfig(method="wanda", pattern="structured", structured_unit="qk_dims", sparsity=0.5, sequential=False),
+        cal,
+    )
+    res = prune_model(
+        model,
+        PruneConfig(
+            method="wanda", pattern="structured", structured_unit="qk_dims+heads", sparsity=0.5, sequential=False
+        ),
+        cal,
+    )
     for b, rec in zip(blocks(narrow_only), res.metrics["removed_units"]):
         W = b.o.weight.clone()
         for u in rec["heads"]:
-            W[:, u * 8:(u + 1) * 8] = 0
+            W[:, u * 8 : (u + 1) * 8] = 0
         b.o.weight = W
     for b in blocks(model):
         assert b.geometry.num_heads == 2 and b.q.weight.shape == (8, 32) and b.v.weight.shape == (16, 32)
@@ -236,18 +258,27 @@ def test_config_validation_and_unsupported_families():
     from pipeline.pruning.config import structured_units
 
     assert structured_units(cfg) == ("qk_dims",)
-    assert structured_units(PruneConfig(pattern="structured", structured_unit="ffn+heads+qk_dims")) == ("qk_dims", "heads", "ffn")
+    assert structured_units(PruneConfig(pattern="structured", structured_unit="ffn+heads+qk_dims")) == (
+        "qk_dims",
+        "heads",
+        "ffn",
+    )
     for family in ("gpt2", "llama"):
         with pytest.raises(ValueError, match="BERT family|RoPE|BERT-family"):
-            prune_model(tiny_model(family), PruneConfig(method="wanda", pattern="structured", structured_unit="qk_dims"),
-                        random_batches(1))
+            prune_model(
+                tiny_model(family),
+                PruneConfig(method="wanda", pattern="structured", structured_unit="qk_dims"),
+                random_batches(1),
+            )
 
 
 def test_swap_rejects_narrowed_heads():
     from pipeline.kernels.swap import swap_attention_
 
     model = tiny_model("bert")
-    prune_model(model, PruneConfig(method="magnitude", pattern="structured", structured_unit="qk_dims", sparsity=0.5), [])
+    prune_model(
+        model, PruneConfig(method="magnitude", pattern="structured", structured_unit="qk_dims", sparsity=0.5), []
+    )
     with pytest.raises(ValueError, match="narrowed query/key"):
         swap_attention_(model, kernel="flash")
 

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-import transformers as T
 
 from pipeline.pruning import PruneConfig, blocks, prune_model
 from pipeline.pruning.structured import ffn_scores, head_scores, units_to_remove
@@ -25,7 +24,7 @@ def _zero_units_(dense, family, removed):
         width = g.group_size * g.head_dim  # query columns of o owned by one removable unit (a KV group)
         W = b.o.weight.clone()
         for u in rec["heads"]:
-            W[:, u * width:(u + 1) * width] = 0
+            W[:, u * width : (u + 1) * width] = 0
         b.o.weight = W
         F = b.ffn_out.weight.clone()
         F[:, rec["ffn"]] = 0
@@ -78,11 +77,18 @@ def test_lowest_units_are_removed():
     b = blocks(model)[0]
     # make KV group 1 and FFN neuron 7 nearly dead: they must be the ones removed
     q, k, v, o = (r.weight.clone() for r in (b.q, b.k, b.v, b.o))
-    q[16:32] *= 1e-3; k[8:16] *= 1e-3; v[8:16] *= 1e-3; o[:, 16:32] *= 1e-3
+    q[16:32] *= 1e-3
+    k[8:16] *= 1e-3
+    v[8:16] *= 1e-3
+    o[:, 16:32] *= 1e-3
     b.q.weight, b.k.weight, b.v.weight, b.o.weight = q, k, v, o
-    f = b.ffn_out.weight.clone(); f[:, 7] *= 1e-3; b.ffn_out.weight = f
+    f = b.ffn_out.weight.clone()
+    f[:, 7] *= 1e-3
+    b.ffn_out.weight = f
     for r in b.ffn_in:
-        w = r.weight.clone(); w[7] *= 1e-3; r.weight = w
+        w = r.weight.clone()
+        w[7] *= 1e-3
+        r.weight = w
     assert torch.argmin(head_scores(b)).item() == 1
     assert torch.argmin(ffn_scores(b)).item() == 7
     res = prune_model(model, PruneConfig(pattern="structured", sparsity=0.5), [])
@@ -102,9 +108,7 @@ def test_units_to_remove_and_unit_selection():
 
 def test_per_unit_structured_sparsity():
     model = tiny_model("bert")  # 4 heads, 37 FFN neurons per layer
-    res = prune_model(
-        model, PruneConfig(pattern="structured", sparsity=0.0, head_sparsity=0.25, ffn_sparsity=0.75), []
-    )
+    res = prune_model(model, PruneConfig(pattern="structured", sparsity=0.0, head_sparsity=0.25, ffn_sparsity=0.75), [])
     for info in res.metrics["per_layer"]:
         assert len(info["heads_removed"]) == 1 and len(info["ffn_removed"]) == 28
     assert model.config.intermediate_size == 9

@@ -31,7 +31,9 @@ def _problem(out=13, inp=45, tokens=300, seed=0):
     mix = torch.eye(inp, dtype=torch.float64) + 0.3 * torch.randn(inp, inp, generator=g, dtype=torch.float64) / inp**0.5
     scales = 0.5 + 1.5 * torch.rand(inp, generator=g, dtype=torch.float64)
     X = (torch.randn(tokens, inp, generator=g, dtype=torch.float64) @ mix) * scales  # (tokens, in)
-    X = X + torch.randn(tokens, 3, generator=g, dtype=torch.float64) @ torch.randn(3, inp, generator=g, dtype=torch.float64)
+    X = X + torch.randn(tokens, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, inp, generator=g, dtype=torch.float64
+    )
     W = torch.randn(out, inp, generator=g, dtype=torch.float64)
     return X, W
 
@@ -44,8 +46,12 @@ def test_wanda_scores_formula():
     X, W = _problem()
     sq = (X**2).sum(0)
     s = wanda_scores(W, sq)
-    oracle = torch.stack([torch.stack([W[i, j].abs() * torch.linalg.norm(X[:, j]) for j in range(W.shape[1])])
-                          for i in range(W.shape[0])])
+    oracle = torch.stack(
+        [
+            torch.stack([W[i, j].abs() * torch.linalg.norm(X[:, j]) for j in range(W.shape[1])])
+            for i in range(W.shape[0])
+        ]
+    )
     assert torch.allclose(s, oracle, rtol=1e-12)
     with pytest.raises(ValueError, match="in_features 45"):
         wanda_scores(W, sq[:-1])
@@ -131,8 +137,9 @@ def test_sequential_protocol_changes_later_layers_only():
     for role in ba[0].matrices():
         assert torch.equal(ba[0].matrices()[role].weight, bb[0].matrices()[role].weight)
     # layer 1 sees pruned (sequential) vs dense inputs: its input norms and hence some masks differ
-    diff = sum(int(((ba[1].matrices()[r].weight == 0) != (bb[1].matrices()[r].weight == 0)).sum())
-               for r in ba[1].matrices())
+    diff = sum(
+        int(((ba[1].matrices()[r].weight == 0) != (bb[1].matrices()[r].weight == 0)).sum()) for r in ba[1].matrices()
+    )
     assert diff > 0
 
 
@@ -213,7 +220,7 @@ def _reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, pe
             w = W1[:, i]
             d = Hinv1[i, i]
             if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+                tmp = W1[:, i : (i + prunem)] ** 2 / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, i]] = 0

@@ -13,7 +13,13 @@ from pipeline.tune.spec import apply_params, parse_tune
 
 BASE = {
     "targets": ["host-cpu"],
-    "stages": [{"prune": {"pattern": "structured"}}, {"export": {}}, {"quantize": {}}, {"validate": {}}, {"benchmark": {}}],
+    "stages": [
+        {"prune": {"pattern": "structured"}},
+        {"export": {}},
+        {"quantize": {}},
+        {"validate": {}},
+        {"benchmark": {}},
+    ],
     "objective": {"minimize": ["latency_ms"], "constraints": {"cos_mean": ">= 0.97", "peak_rss_mb": "<= profile"}},
     "space": {"prune.ffn_sparsity": {"low": 0.0, "high": 0.75}, "quantize.precision": ["fp32", "int8"]},
 }
@@ -82,12 +88,19 @@ def test_pareto_float64_oracle_on_odd_sizes():
     for n in (1, 3, 7, 13):
         pts = rng.integers(0, 4, size=(n, 3)).astype(np.float64)  # ties and duplicates included
         keys = {f"k{i}": list(p) for i, p in enumerate(pts)}
-        want = [f"k{i}" for i in range(n) if not any(np.all(pts[j] <= pts[i]) and np.any(pts[j] < pts[i]) for j in range(n))]
+        want = [
+            f"k{i}" for i in range(n) if not any(np.all(pts[j] <= pts[i]) and np.any(pts[j] < pts[i]) for j in range(n))
+        ]
         assert pareto(keys) == want
 
 
 def test_parse_duration():
-    assert parse_duration("30m") == 1800 and parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("12") == 12
+    assert (
+        parse_duration("30m") == 1800
+        and parse_duration("90s") == 90
+        and parse_duration("1.5h") == 5400
+        and parse_duration("12") == 12
+    )
     for bad in ("", "0", "-3m", "3d", "m"):
         with pytest.raises(ConfigError):
             parse_duration(bad)
@@ -97,4 +110,8 @@ def test_example_tune_file_parses(repo_root):
     from pipeline.tune.spec import load_tune
 
     spec = load_tune(repo_root / "examples" / "tune-minilm.yaml")
-    assert spec.search.algorithm == "nsga2" and len(spec.dimensions) == 5 and spec.base.targets == ["raspberry-pi-5", "host-cpu"]
+    assert (
+        spec.search.algorithm == "nsga2"
+        and len(spec.dimensions) == 5
+        and spec.base.targets == ["raspberry-pi-5", "host-cpu"]
+    )

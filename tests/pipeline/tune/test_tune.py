@@ -17,7 +17,7 @@ import yaml
 pytest.importorskip("ray")
 pytest.importorskip("optuna")
 
-from pipeline.tune.trial import params_key  # noqa: E402
+from pipeline.tune.trial import params_key
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,10 @@ def _tune_yaml(model: Path, **over) -> dict:
             {"validate": {"min_cos_mean": GATE}},
             {"benchmark": {"runs": 3, "warmup": 1, "seq": 32}},
         ],
-        "objective": {"minimize": ["latency_ms", "size_mb"], "constraints": {"cos_mean": ">= 0.5", "peak_rss_mb": "<= profile"}},
+        "objective": {
+            "minimize": ["latency_ms", "size_mb"],
+            "constraints": {"cos_mean": ">= 0.5", "peak_rss_mb": "<= profile"},
+        },
         "space": GRID,
         "search": {"algorithm": "grid", "trials": 6, "seed": 0},
     }
@@ -47,7 +50,11 @@ def _tune_yaml(model: Path, **over) -> dict:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _cli(*args: str) -> list[str]:
@@ -68,7 +75,14 @@ def tuned(tiny_models, tmp_path_factory):
     cfg = root / "tune.yaml"
     cfg.write_text(yaml.safe_dump(_tune_yaml(tiny_models["bert"])))
     workdir = root / "w"
-    proc = subprocess.Popen(_cli("tune", str(cfg), "--workdir", str(workdir)), cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli("tune", str(cfg), "--workdir", str(workdir)),
+        cwd=root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 600
     while time.time() < deadline and len(_journal(workdir)) < 1 and proc.poll() is None:
         time.sleep(0.5)
@@ -81,19 +95,42 @@ def tuned(tiny_models, tmp_path_factory):
     except ProcessLookupError:
         pass
     before = _journal(workdir)
-    mtimes = {r["key"]: (Path(r["run_dir"]) / "report.json").stat().st_mtime_ns for r in before if (Path(r["run_dir"]) / "report.json").exists()}
-    res = subprocess.Popen(_cli("tune", str(cfg), "--workdir", str(workdir), "--resume"), cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mtimes = {
+        r["key"]: (Path(r["run_dir"]) / "report.json").stat().st_mtime_ns
+        for r in before
+        if (Path(r["run_dir"]) / "report.json").exists()
+    }
+    res = subprocess.Popen(
+        _cli("tune", str(cfg), "--workdir", str(workdir), "--resume"),
+        cwd=root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     out, err = res.communicate(timeout=900)
     assert res.returncode == 0, out[-3000:] + err[-3000:]
-    return {"cfg": cfg, "workdir": workdir, "before": before, "mtimes": mtimes, "out": out, "err": err, "pid": res.pid,
-            "report": json.loads((workdir / "tune" / "report.json").read_text())}
+    return {
+        "cfg": cfg,
+        "workdir": workdir,
+        "before": before,
+        "mtimes": mtimes,
+        "out": out,
+        "err": err,
+        "pid": res.pid,
+        "report": json.loads((workdir / "tune" / "report.json").read_text()),
+    }
 
 
 def test_six_trial_tune_finishes_with_report(tuned):
     wd = tuned["workdir"]
     rep = tuned["report"]
     assert sorted(params_key(r["params"]) for r in rep["trials"]) == sorted(r["key"] for r in _journal(wd))
-    assert {tuple(sorted(r["params"].items())) for r in rep["trials"]} == {(("prune.sparsity", s), ("quantize.precision", p)) for s in GRID["prune.sparsity"] for p in GRID["quantize.precision"]}
+    assert {tuple(sorted(r["params"].items())) for r in rep["trials"]} == {
+        (("prune.sparsity", s), ("quantize.precision", p))
+        for s in GRID["prune.sparsity"]
+        for p in GRID["quantize.precision"]
+    }
     assert len(rep["trials"]) == 6
     out = wd / "tune"
     assert (out / "report.md").read_text().count("| host-cpu |") == 6
@@ -111,7 +148,9 @@ def test_six_trial_tune_finishes_with_report(tuned):
     import tempfile
 
     assert not (wd / ".ray-tmp").exists()  # Ray's temp folder is gone, also the one the killed run left
-    assert not (Path(tempfile.gettempdir()) / f"edgepipe-ray-{hashlib.sha256(str(wd.resolve()).encode()).hexdigest()[:12]}").exists()
+    assert not (
+        Path(tempfile.gettempdir()) / f"edgepipe-ray-{hashlib.sha256(str(wd.resolve()).encode()).hexdigest()[:12]}"
+    ).exists()
 
 
 def test_resume_after_kill_repeats_no_finished_trial(tuned):
@@ -146,9 +185,17 @@ def _brute_force(tiny_bert: Path, cache: Path, root: Path) -> dict:
                 rep = json.loads((wd / "report.json").read_text())
             t = rep["targets"]["host-cpu"]
             feasible = rep["ok"] and t["fidelity"]["cos_mean"] >= 0.5 and t["peak_rss_mb"] <= 4096
-            points[params_key({"prune.sparsity": s, "quantize.precision": p})] = (feasible, (t["latency_ms"]["p50"], t["size_bytes"] / 1e6), rep)
+            points[params_key({"prune.sparsity": s, "quantize.precision": p})] = (
+                feasible,
+                (t["latency_ms"]["p50"], t["size_bytes"] / 1e6),
+                rep,
+            )
     feas = {k: v for k, (ok, v, _) in points.items() if ok}
-    front = {k for k, v in feas.items() if not any(all(a <= b for a, b in zip(w, v)) and w != v for j, w in feas.items() if j != k)}
+    front = {
+        k
+        for k, v in feas.items()
+        if not any(all(a <= b for a, b in zip(w, v)) and w != v for j, w in feas.items() if j != k)
+    }
     return {"front": front, "points": points}
 
 
@@ -177,7 +224,11 @@ def test_shared_cache_hit_across_trials(tuned):
 
 
 def test_failing_gate_trial_is_infeasible_not_a_crash(tuned):
-    recs = {r["params"]["prune.sparsity"]: r for r in _journal(tuned["workdir"]) if r["params"]["quantize.precision"] == "fp32"}
+    recs = {
+        r["params"]["prune.sparsity"]: r
+        for r in _journal(tuned["workdir"])
+        if r["params"]["quantize.precision"] == "fp32"
+    }
     bad = recs[0.9]
     assert bad["status"] == "infeasible" and bad["targets"]["host-cpu"]["feasible"] is False
     assert "gate cos_mean" in bad["targets"]["host-cpu"]["why_infeasible"]
@@ -196,13 +247,22 @@ def test_best_yaml_reproduces_the_chosen_artifact(tuned, tmp_path):
     run(best, workdir=tmp_path / "again", progress=False)  # no cache: recomputed from scratch
     got = json.loads((tmp_path / "again" / "manifest.json").read_text())["outputs_sha256"]
     assert got["host-cpu/model.onnx"] == want["host-cpu/model.onnx"]
-    assert {k: v for k, v in got.items() if not k.endswith(".ort")} == {k: v for k, v in want.items() if not k.endswith(".ort")}
+    assert {k: v for k, v in got.items() if not k.endswith(".ort")} == {
+        k: v for k, v in want.items() if not k.endswith(".ort")
+    }
 
 
 def test_bad_space_is_one_line_error_before_anything_starts(tiny_models, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(_tune_yaml(tiny_models["bert"], space={"prune.sparsityy": [0.1]})))
-    res = subprocess.run(_cli("tune", str(cfg), "--workdir", str(tmp_path / "w")), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        _cli("tune", str(cfg), "--workdir", str(tmp_path / "w")),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "space.prune.sparsityy" in err[0] and "unknown option 'sparsityy'" in err[0], res.stderr
