@@ -330,8 +330,17 @@ def compile_to_workdir(
         shutil.rmtree(tmp, ignore_errors=True)
     if not report["ok"]:
         failed = [f"{n}/{p}" for n, t in report["targets"].items() for p, v in t["bit_exact"].items() if v is False]
-        failed += [
-            f"expect {k}: got {e['got']}, expected {e['expected']}" for k, e in report["expect"].items() if not e["ok"]
+        if failed:
+            raise ValidationFailed(
+                f"compiled program is not exact on {', '.join(failed)}; see {workdir / 'report.json'}"
+            )
+        # the network matched the interpreter everywhere: the program's own '; expect' lines are what failed
+        wrong = [
+            f"{k} = {e['got']} (the file expects {e['expected']})" for k, e in report["expect"].items() if not e["ok"]
         ]
-        raise ValidationFailed(f"compiled program is not exact: {', '.join(failed)}; see {workdir / 'report.json'}")
+        raise ValidationFailed(
+            f"{program_path}: the program's '; expect' check failed: the reference interpreter ends with "
+            f"{', '.join(wrong)}; the compiled network matches the interpreter, so the program or its expect "
+            f"line is wrong; see {workdir / 'report.json'}"
+        )
     return report

@@ -130,6 +130,20 @@ def test_a_failed_check_keeps_earlier_artifacts(tmp_path, monkeypatch, capsys):
     assert not any(p.name.startswith(".") and p.name != ".edgepipe-run" for p in wd.iterdir())  # no temp debris
 
 
+def test_wrong_expect_line_blames_the_program_not_the_compiler(tmp_path, capsys):
+    # the interpreter ends with X = 0; the file claims 5: the network is exact, the expectation is wrong
+    prog = tmp_path / "count.sq"
+    prog.write_text("loop: subleq ONE, X, done\njmp loop\ndone: halt\nX: .word 3\nONE: .word 1\n; expect X = 5\n")
+    wd = tmp_path / "out"
+    args = ["compile-program", str(prog), "--target", "host-cpu", "--workdir", str(wd), "--random-memories", "1"]
+    assert main([*args, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "not exact" not in err and "X = 0 (the file expects 5)" in err and str(prog) in err
+    rep = json.loads((wd / "report.json").read_text())
+    assert rep["expect"]["X"] == {"expected": 5, "got": 0, "ok": False}
+    assert all(v for v in rep["targets"]["host-cpu"]["bit_exact"].values())
+
+
 def test_stage_config_is_closed_and_typed():
     from pipeline.config import parse_config
     from pipeline.errors import ConfigError
