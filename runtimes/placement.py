@@ -239,7 +239,8 @@ def coverage_failure(target: str, profile: Any, summary: Mapping[str, Any]) -> d
         return None
     by = getattr(profile, "provider_coverage_by", "nodes")
     share = summary.get("node_share" if by == "nodes" else "flop_share")
-    ops = ", ".join(f"{op}x{n}" for op, n in (summary.get("unsupported") or {}).items())
+    label = "node share" if by == "nodes" else "FLOP share"
+    ops = ", ".join(f"{op}×{n}" for op, n in (summary.get("unsupported") or {}).items())
     where = f"{summary['provider']} ({summary['method']})"
     if share is None:
         why = (
@@ -250,7 +251,7 @@ def coverage_failure(target: str, profile: Any, summary: Mapping[str, Any]) -> d
         return {
             "target": target,
             "check": "provider_coverage",
-            "value": f"{by} share on {where} unknown: {why}",
+            "value": f"{label} on {where} unknown: {why}",
             "limit": f"min_provider_coverage {need:g}",
         }
     if share >= need:
@@ -258,6 +259,6 @@ def coverage_failure(target: str, profile: Any, summary: Mapping[str, Any]) -> d
     return {
         "target": target,
         "check": "provider_coverage",
-        "value": f"{by} share {share:.3f} on {where}; unsupported: {ops or 'none'}",
+        "value": f"{label} {share:.3f} on {where}; unsupported: {ops or 'none'}",
         "limit": f"min_provider_coverage {need:g}",
     }
