@@ -305,7 +305,7 @@ def _promises_lines(targets: Mapping[str, Mapping[str, Any]]) -> list[str]:
         more = len(cov.get("unsupported") or {}) - 6
         off += f" (+{more} more types)" if more > 0 else ""
         L.append(
-            f"| {name} | {_fmt(mem.get('budget_mb'))} | {_fmt(mem.get('estimate_mb'))} | {_fmt(mem.get('measured_mb'))} | {_fmt(mem.get('headroom_mb'))} | {_fmt(mem.get('ok'))} | {cov.get('provider', '–')} | {cov.get('method', '–')} | {_fmt(cov.get('node_share'))} | {_fmt(cov.get('flop_share'))} | {off or '–'} |"
+            f"| `{name}` | {_fmt(mem.get('budget_mb'))} | {_fmt(mem.get('estimate_mb'))} | {_fmt(mem.get('measured_mb'))} | {_fmt(mem.get('headroom_mb'))} | {_fmt(mem.get('ok'))} | {cov.get('provider', '–')} | {cov.get('method', '–')} | {_fmt(cov.get('node_share'))} | {_fmt(cov.get('flop_share'))} | {off or '–'} |"
         )
     L += [
         "",

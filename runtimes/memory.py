@@ -157,11 +157,19 @@ def _live_peak(model: Any, shapes: Mapping[str, tuple]) -> tuple[int, int, int]:
 
     Walks the nodes in graph (topological) order: an intermediate tensor is live from the node that makes it to
     its last consumer. Graph inputs and outputs are counted once, apart (they are the caller's arrays)."""
-    import onnx
-    from onnx import shape_inference
+    from onnx import helper, shape_inference
 
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = model  # the caller's own copy: changed in place, weights never duplicated
+    init_names = {t.name for t in m.graph.initializer}
+    # large initializers become typed graph inputs: shape inference needs their shapes, not their bytes (it
+    # serializes the model, which would copy every weight); small ones stay, as constant shapes for data_prop
+    big = [t for t in m.graph.initializer if math.prod(t.dims) > 4096]
+    for t in big:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del big
+    keep = [t for t in m.graph.initializer if math.prod(t.dims) <= 4096]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
     for inp in m.graph.input:
         if inp.name in shapes:
             dims = inp.type.tensor_type.shape.dim
@@ -170,7 +178,7 @@ def _live_peak(model: Any, shapes: Mapping[str, tuple]) -> tuple[int, int, int]:
                 d.dim_value = int(v)
     try:
         m = shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:
+    except Exception:  # an op onnx cannot infer: keep what is known (those tensors count in `unknown`)
         pass
     g = m.graph
     sizes: dict[str, int] = {}
@@ -181,9 +189,9 @@ def _live_peak(model: Any, shapes: Mapping[str, tuple]) -> tuple[int, int, int]:
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
         if all(d >= 0 for d in dims):
             sizes[vi.name] = _nbytes(t.elem_type, dims)
-    inits = {i.name for i in g.initializer}
-    io_names = {i.name for i in g.input} | {o.name for o in g.output}
-    io_bytes = sum(sizes.get(n, 0) for n in io_names if n not in inits)
+    inits = init_names
+    io_names = ({i.name for i in g.input} | {o.name for o in g.output}) - inits
+    io_bytes = sum(sizes.get(n, 0) for n in io_names)
     last: dict[str, int] = {}
     for k, node in enumerate(g.node):
         for x in node.input:
@@ -232,7 +240,7 @@ def estimate_memory(
     inits = {t.name: t for t in model.graph.initializer}
     weights = sum(_nbytes(t.data_type, list(t.dims)) for t in inits.values())
     prepack = _prepack_padding(model, inits)
-    live, io_bytes, unknown = _live_peak(model, shapes)
+    live, io_bytes, unknown = _live_peak(model, shapes)  # last use of `model`: it strips the initializers
     ids = shapes.get("input_ids") or next(iter(shapes.values()))
     kv = 0
     context = None

@@ -114,6 +114,6 @@ def _measure_memory(ctx: StageContext, loaded, text: str, prof, tm: TargetModel,
     try:
         mem = measure_memory(ctx.resolve(tm.model), feeds, threads=threads, providers=prof.providers)
     except RuntimeError as exc:
-        raise StageError("benchmark", f"target '{tm.model}': {exc}") from None
+        raise StageError("benchmark", f"target '{prof.name}': memory: {exc}") from None
     seq = int(feeds["input_ids"].shape[1])
     return {**mem, "batch": b, "seq": seq, "context": context, "budget_mb": prof.memory_budget_mb}

@@ -67,4 +67,4 @@ def test_75_mb_budget_fails_minilm_fp32_and_passes_int8(tmp_path: Path):
         assert placement["provider"] == "CPUExecutionProvider" and placement["nodes"]
     md = (tmp_path / "run" / "report.md").read_text()
     assert "## Memory budget and provider coverage" in md
-    assert "| tight-int8 | 75 |" in md and "| tight-fp32 | 75 |" in md
+    assert "| `tight-int8` | 75 |" in md and "| `tight-fp32` | 75 |" in md
