@@ -46,6 +46,12 @@ class ValidateConfig(StageConfig):
         8, ge=1, le=256, description="causal LMs: greedy tokens for the generation parity check"
     )
     bundle: bool = Field(True, description="write the standalone on-device evaluation bundle for each target")
+    memory_arena_factor: float = Field(
+        4.0, gt=0, le=64, description="memory estimate: arena bytes per peak live intermediate byte ([I], MiniLM fit)"
+    )
+    memory_overhead_mb: float = Field(
+        10.0, ge=0, le=65536, description="memory estimate: fixed ONNX Runtime session overhead in MiB ([I])"
+    )
 
 
 def _below(value: float, limit: float) -> bool:
@@ -185,7 +191,9 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
                     }
                 )
         files = dict(tm.files)
-        promises, broken = _profile_promises(ctx, name, prof, tm, path, batches[0], model_max_positions(loaded.model))
+        promises, broken = _profile_promises(
+            ctx, cfg, name, prof, tm, path, batches[0], model_max_positions(loaded.model)
+        )
         files["placement"] = promises.pop("placement")
         metrics.update(promises)
         failures.extend(broken)
@@ -209,7 +217,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
 
 
 def _profile_promises(
-    ctx: StageContext, name: str, prof, tm: TargetModel, path, batch, limit: int | None
+    ctx: StageContext, cfg: ValidateConfig, name: str, prof, tm: TargetModel, path, batch, limit: int | None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The profile's memory budget (estimated from the graph at the largest configured batch x seq, decoders'
     KV cache at the profile's max context) and provider coverage (``min_provider_coverage``): metrics, the
@@ -219,7 +227,11 @@ def _profile_promises(
 
     b, s = memory_shape(ctx.run.calibration, prof, limit)
     context = max_context(prof, limit) if tm.io.get("with_past") else None
-    est = {**estimate_memory(path, feed_shapes(tm.io, b, s, context), io=tm.io), "budget_mb": prof.memory_budget_mb}
+    shapes = feed_shapes(tm.io, b, s, context)
+    est = estimate_memory(
+        path, shapes, io=tm.io, arena_factor=cfg.memory_arena_factor, overhead_mb=cfg.memory_overhead_mb
+    )
+    est["budget_mb"] = prof.memory_budget_mb
     cov, placement = provider_coverage(path, to_numpy_feeds(batch, tm.io), prof.providers, threads=1)
     out = ctx.subdir(name) / "placement.json"
     atomic_write_json(out, {"provider": cov["provider"], "method": cov["method"], "nodes": placement})
