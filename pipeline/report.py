@@ -20,7 +20,7 @@ from pipeline.artifact import (
     temp_file_near,
 )
 from pipeline.errors import ConfigError
-from runtimes.memory import memory_summary
+from runtimes.memory import memory_summary, without_superseded_estimates
 
 __all__ = ["publish_targets", "write_reports"]
 
@@ -158,6 +158,7 @@ def write_reports(
             "files": files,
             **({"generation": m["generation"]} if "generation" in m else {}),
         }
+    failures = without_superseded_estimates(failures, {n: t["memory"] for n, t in targets.items()})
     report = {
         "edgepipe": manifest_extra.get("versions", {}).get("edgepipe"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -20,6 +20,7 @@ from runtimes.memory import (
     memory_feeds,
     memory_shape,
     memory_summary,
+    without_superseded_estimates,
 )
 
 
@@ -162,3 +163,17 @@ def test_budget_failure_line_and_summary():
         "ok": True,
     }
     assert memory_summary(75, est, None)["ok"] is False and memory_summary(75, None, None) is None
+
+
+def test_a_measurement_within_budget_supersedes_an_estimate_over_it():
+    est_row = {"target": "a", "check": "memory_budget", "value": "estimated 51.7 MiB at 8x32 ...", "limit": "x"}
+    meas_row = {"target": "b", "check": "memory_budget", "value": "measured 80.0 MiB at 8x32 ...", "limit": "x"}
+    other = {"target": "a", "check": "cos_mean", "value": 0.5, "limit": 0.9}
+    memory = {
+        "a": memory_summary(50, {"total_mb": 51.7}, {"model_mb": 48.2}),  # measured within: the estimate goes
+        "b": memory_summary(75, {"total_mb": 79.0}, {"model_mb": 80.0}),
+    }
+    assert without_superseded_estimates([est_row, meas_row, other], memory) == [meas_row, other]
+    # no measurement (no benchmark stage): the estimate stands
+    memory["a"] = memory_summary(50, {"total_mb": 51.7}, None)
+    assert without_superseded_estimates([est_row], memory) == [est_row]
