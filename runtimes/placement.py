@@ -193,7 +193,6 @@ def provider_coverage(
     from targets.providers import provider_ops
 
     preferred = providers[0]
-    shaped = _profile_run(model_path, feeds, [CPU], optimize=False, threads=threads)
     if preferred == CPU or preferred in ort.get_available_providers():
         chosen = [p for p in dict.fromkeys(providers) if p in ort.get_available_providers()]
         events = _profile_run(model_path, feeds, chosen, optimize=True, threads=threads)
@@ -208,6 +207,7 @@ def provider_coverage(
         ]
         return _summary(preferred, "measured", rows, "ONNX Runtime profiling (optimized graph)"), rows
     graph = _graph_nodes(model_path)
+    shaped = _profile_run(model_path, feeds, [CPU], optimize=False, threads=threads)  # the exported graph's shapes
     lookup = _shape_lookup(graph, shaped)
     doc = provider_ops(preferred)
     rows = []
