@@ -11,8 +11,9 @@ Two ways, chosen per target:
   documented operator list (:mod:`targets.providers`, an approximation of the documented list; ``max_rank``
   checked from real shapes). ``unknown`` when no list ships for it.
 
-Shapes for FLOPs and rank checks come from one CPU run with graph optimization disabled and profiling on (the
-events carry ``input_type_shape`` / ``output_type_shape``), so the nodes are the exported graph's own. FLOPs are
+Shapes for FLOPs and rank checks come from the profile's node events (``input_type_shape`` /
+``output_type_shape``): for ``static``, of one CPU run with graph optimization disabled, so the nodes are the
+exported graph's own. FLOPs are
 counted for MatMul-like ops (MatMul, Gemm, MatMulInteger, MatMulIntegerToFloat, QLinearMatMul, DynamicQuantizeMatMul, FusedMatMul,
 MatMulNBits, QGemm), Conv/ConvInteger/QLinearConv and attention ops (Attention, MultiHeadAttention,
 GroupQueryAttention): ``2 x MACs``; other ops count in the node share only.
