@@ -20,6 +20,7 @@ from pipeline.artifact import (
     temp_file_near,
 )
 from pipeline.errors import ConfigError
+from runtimes.memory import memory_summary, without_superseded_estimates
 
 __all__ = ["publish_targets", "write_reports"]
 
@@ -148,9 +149,16 @@ def write_reports(
             "fidelity": m.get("fidelity"),
             "latency_ms": m.get("latency_ms"),
             "peak_rss_mb": m.get("peak_rss_mb"),
+            "memory": memory_summary(
+                (m.get("memory_measured") or m.get("memory_estimate") or {}).get("budget_mb"),
+                m.get("memory_estimate"),
+                m.get("memory_measured"),
+            ),
+            "provider_coverage": m.get("provider_coverage"),
             "files": files,
             **({"generation": m["generation"]} if "generation" in m else {}),
         }
+    failures = without_superseded_estimates(failures, {n: t["memory"] for n, t in targets.items()})
     report = {
         "edgepipe": manifest_extra.get("versions", {}).get("edgepipe"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -221,6 +229,7 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
         ]
     else:
         L += ["", "No benchmark stage ran: latency and memory were not measured.", ""]
+    L += _promises_lines(rep["targets"])
     for p in plots:
         L += [f"![targets]({p})", ""]
     L += ["## Stages", "", "| # | stage | status | seconds |", "|---|---|---|---|"]
@@ -277,6 +286,38 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
                 "",
             ]
     return "\n".join(L)
+
+
+def _promises_lines(targets: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Memory budget (budget, figure, headroom) and share on the preferred provider, one row per target."""
+    rows = [(n, t) for n, t in targets.items() if t.get("memory") or t.get("provider_coverage")]
+    if not rows:
+        return []
+    L = [
+        "## Memory budget and provider coverage",
+        "",
+        "| target | budget MiB | estimate MiB | measured MiB | headroom MiB | within | first provider | how | node share | FLOP share | nodes off it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in rows:
+        mem = t.get("memory") or {}
+        cov = t.get("provider_coverage") or {}
+        off = ", ".join(f"{op}×{k}" for op, k in list((cov.get("unsupported") or {}).items())[:6])
+        more = len(cov.get("unsupported") or {}) - 6
+        off += f" (+{more} more types)" if more > 0 else ""
+        L.append(
+            f"| `{name}` | {_fmt(mem.get('budget_mb'))} | {_fmt(mem.get('estimate_mb'))} | {_fmt(mem.get('measured_mb'))} | {_fmt(mem.get('headroom_mb'))} | {_fmt(mem.get('ok'))} | {cov.get('provider', '–')} | {cov.get('method', '–')} | {_fmt(cov.get('node_share'))} | {_fmt(cov.get('flop_share'))} | {off or '–'} |"
+        )
+    L += [
+        "",
+        "Memory: the rise in resident memory from before the ONNX Runtime session to the peak of inference"
+        " (measured by benchmark in a fresh process; estimated by validate from the graph); headroom is from the"
+        " measured figure where there is one. Provider share: `measured` from ONNX Runtime's profile on this host,"
+        " `static` from the provider's documented operator list (an approximation); FLOPs count"
+        " MatMul/Gemm/Conv/Attention only. Each target's `placement.json` lists every node's provider.",
+        "",
+    ]
+    return L
 
 
 def _verify_diffusion_lines(m: Mapping[str, Any]) -> list[str]:

@@ -35,6 +35,8 @@ _README = """\
 
 Needs Python 3.9+ with `numpy` and `onnxruntime` only. Run `python evaluate.py [--runs N] [--threads T] [--provider P]`
 in this folder; it prints one JSON line (ok, max_abs_diff, cosine_min, latency_ms p50/p95, peak_rss_mb) and exits 0 if outputs match `reference.npz`.
+`python memory_probe.py {model} inputs.npz --threads T` prints the model's own memory (`model_mb`: the rise in resident
+memory from before the session to the peak of inference, the figure `memory_budget_mb` bounds) at these inputs.
 """
 
 
@@ -126,6 +128,8 @@ def write_bundle(
         (staging / "bundle.json").write_text(json.dumps(cfg, indent=2) + "\n")
         template = resources.files("runtimes").joinpath("bundle_files/evaluate.py")
         (staging / "evaluate.py").write_text(template.read_text())
+        # the model's own memory on the device, as benchmark measures it (memory_budget_mb)
+        (staging / "memory_probe.py").write_text(resources.files("runtimes").joinpath("memory_probe.py").read_text())
         (staging / "README.md").write_text(_README.format(model=model_path.name))
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -89,11 +89,32 @@ class TargetProfile(Frozen):
     precisions: list[Precision] = Field(min_length=1, description="supported precisions; the first is the default")
     opset: int = Field(23, ge=13, le=24, description="highest ONNX opset the target's runtime executes")
     threads: int | None = Field(None, ge=1, description="intra-op threads (None = all cores)")
-    memory_budget_mb: int = Field(gt=0, description="RAM the model may use on the device")
+    memory_budget_mb: int = Field(
+        gt=0,
+        description="RAM the model may use on the device, in MiB: the rise in resident memory from before the"
+        " ONNX Runtime session is created to the peak during inference (estimated by validate, measured by benchmark)",
+    )
+    max_context: int | None = Field(
+        None,
+        ge=1,
+        description="decoders: the longest context (prompt + generated tokens) the device serves; the KV cache is"
+        " budgeted at this length (omitted = the model's position limit)",
+    )
     cache: Cache
     ort_format: bool = Field(False, description="also ship .ort + required-operators config (ORT Mobile)")
     mobile_check: bool = Field(False, description="run ORT's mobile usability check and report it")
     static_shapes: StaticShapes | None = None
+    min_provider_coverage: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="fail the target when less than this share of the model runs on the first provider"
+        " (silent CPU fallback guard; omitted = report only)",
+    )
+    provider_coverage_by: Literal["nodes", "flops"] = Field(
+        "nodes",
+        description="what min_provider_coverage counts: the share of graph nodes, or of MatMul/Gemm/Conv/Attention FLOPs",
+    )
     fast_patterns: list[SparsityPattern] = Field(
         default_factory=lambda: ["structured"],
         description="sparsity patterns that make this target faster (others only save size, if anything)",

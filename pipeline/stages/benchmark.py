@@ -1,5 +1,7 @@
 """benchmark: latency p50/p95 and peak RSS of each target's model on this host, in a fresh process per target
-(the on-device evaluation script, so the numbers are the model's own), plus model size."""
+(the on-device evaluation script, so the numbers are the model's own), plus model size; and the model's memory
+against the profile's ``memory_budget_mb``, measured in a fresh numpy + onnxruntime process
+(:mod:`runtimes.memory`): over the budget fails the target."""
 
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, write_target_bundle
+from pipeline.stages._common import (
+    encode,
+    load_from_artifact,
+    model_max_positions,
+    text_sets,
+    to_numpy_feeds,
+    write_target_bundle,
+)
 
 __all__ = ["BenchmarkConfig", "run_benchmark"]
 
@@ -34,6 +43,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
 
     from exporters.onnx import model_bytes, torch_reference
     from runtimes.benchmark import benchmark_bundle
+    from runtimes.memory import budget_failure
 
     if not art.targets:
         raise StageError("benchmark", "no ONNX model yet: put an 'export' stage before 'benchmark'")
@@ -44,6 +54,8 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
         loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch, ctx=ctx, setting="benchmark.seq"
     )[0]
     host_cores = os.cpu_count() or 1
+    limit = model_max_positions(loaded.model)
+    failures: list[dict] = []
     out = art
     summary = {}
     ref_cache: dict[str, dict] = {}
@@ -71,15 +83,37 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
             "outputs_ok": res.get("ok"),
             "measured_on": "this host (not the device)",
         }
+        entry["memory"] = mem = _measure_memory(ctx, loaded, text, prof, tm, cfg, threads, limit)
+        fail = budget_failure(name, prof.memory_budget_mb, mem, measured=True)
+        failures.extend([fail] if fail else [])
         summary[name] = entry
         metrics = {
             **dict(tm.metrics),
             "latency_ms": entry["latency_ms"],
             "peak_rss_mb": entry["peak_rss_mb"],
             "benchmark": entry,
+            "memory_measured": mem,
         }
         out = out.with_target(
             name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=dict(tm.files), metrics=metrics)
         )
-    ctx.metrics.update({"targets": summary})
+    ctx.metrics.update({"targets": summary, "failures": failures})
     return out
+
+
+def _measure_memory(ctx: StageContext, loaded, text: str, prof, tm: TargetModel, cfg: BenchmarkConfig, threads, limit):
+    """The model's memory (MiB) in a fresh process at the largest configured batch x seq (calibration, static
+    shapes, this stage's own), a decoder's KV cache filled to the profile's max context."""
+    from runtimes.memory import max_context, measure_memory, memory_feeds, memory_shape
+
+    b, s = memory_shape(ctx.run.calibration, prof, limit)
+    b, s = max(b, cfg.batch), max(s, min(cfg.seq, limit or cfg.seq))
+    batch = encode(loaded, [text] * b, max_length=s, batch_size=b, ctx=ctx, setting="calibration.max_length")[0]
+    context = max_context(prof, limit) if tm.io.get("with_past") else None
+    feeds = memory_feeds(to_numpy_feeds(batch, tm.io), tm.io, context)
+    try:
+        mem = measure_memory(ctx.resolve(tm.model), feeds, threads=threads, providers=prof.providers)
+    except RuntimeError as exc:
+        raise StageError("benchmark", f"target '{prof.name}': memory: {exc}") from None
+    seq = int(feeds["input_ids"].shape[1])
+    return {**mem, "batch": b, "seq": seq, "context": context, "budget_mb": prof.memory_budget_mb}

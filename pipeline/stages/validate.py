@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from pipeline.artifact import Artifact, TargetModel
+from pipeline.artifact import Artifact, TargetModel, atomic_write_json
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import (
@@ -16,6 +16,7 @@ from pipeline.stages._common import (
     encode,
     load_dense,
     load_from_artifact,
+    model_max_positions,
     text_sets,
     to_numpy_feeds,
     write_target_bundle,
@@ -45,6 +46,12 @@ class ValidateConfig(StageConfig):
         8, ge=1, le=256, description="causal LMs: greedy tokens for the generation parity check"
     )
     bundle: bool = Field(True, description="write the standalone on-device evaluation bundle for each target")
+    memory_arena_factor: float = Field(
+        4.0, gt=0, le=64, description="memory estimate: arena bytes per peak live intermediate byte ([I], MiniLM fit)"
+    )
+    memory_overhead_mb: float = Field(
+        10.0, ge=0, le=65536, description="memory estimate: fixed ONNX Runtime session overhead in MiB ([I])"
+    )
 
 
 def _below(value: float, limit: float) -> bool:
@@ -184,6 +191,12 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
                     }
                 )
         files = dict(tm.files)
+        promises, broken = _profile_promises(
+            ctx, cfg, name, prof, tm, path, batches[0], model_max_positions(loaded.model)
+        )
+        files["placement"] = promises.pop("placement")
+        metrics.update(promises)
+        failures.extend(broken)
         if cfg.bundle:
             bundle = write_target_bundle(
                 ctx, ctx.subdir(name, "bundle"), prof, tm, feeds_all[0], ref_cur[0], threads=prof.threads or 1
@@ -194,12 +207,40 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
             "parity": parity,
             "fidelity": fid,
             "table": comparison_table(rows[:1]),
+            **promises,
         }
         out = out.with_target(
             name, TargetModel(model=tm.model, precision=tm.precision, io=tm.io, files=files, metrics=metrics)
         )
     ctx.metrics.update({"targets": summary, "failures": failures, "passages": len(heldout)})
     return out
+
+
+def _profile_promises(
+    ctx: StageContext, cfg: ValidateConfig, name: str, prof, tm: TargetModel, path, batch, limit: int | None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The profile's memory budget (estimated from the graph at the largest configured batch x seq, decoders'
+    KV cache at the profile's max context) and provider coverage (``min_provider_coverage``): metrics, the
+    placement file (every node's provider) and failure rows."""
+    from runtimes.memory import budget_failure, estimate_memory, feed_shapes, max_context, memory_shape
+    from runtimes.placement import coverage_failure, provider_coverage
+
+    b, s = memory_shape(ctx.run.calibration, prof, limit)
+    context = max_context(prof, limit) if tm.io.get("with_past") else None
+    shapes = feed_shapes(tm.io, b, s, context)
+    est = estimate_memory(
+        path, shapes, io=tm.io, arena_factor=cfg.memory_arena_factor, overhead_mb=cfg.memory_overhead_mb
+    )
+    est["budget_mb"] = prof.memory_budget_mb
+    cov, placement = provider_coverage(path, to_numpy_feeds(batch, tm.io), prof.providers, threads=1)
+    out = ctx.subdir(name) / "placement.json"
+    atomic_write_json(out, {"provider": cov["provider"], "method": cov["method"], "nodes": placement})
+    broken = [
+        f
+        for f in (budget_failure(name, prof.memory_budget_mb, est, measured=False), coverage_failure(name, prof, cov))
+        if f
+    ]
+    return {"memory_estimate": est, "provider_coverage": cov, "placement": ctx.ref(out)}, broken
 
 
 def _generation_parity(loaded, sess, tm: TargetModel, feeds: dict, n_tokens: int) -> dict[str, Any]:

@@ -49,6 +49,7 @@ def test_bundle_layout(bundle: Path) -> None:
         "bundle.json",
         "evaluate.py",
         "inputs.npz",
+        "memory_probe.py",
         "reference.npz",
         "tiny.onnx",
     ]
@@ -72,6 +73,19 @@ def test_evaluate_ok_in_numpy_ort_only_venv(bundle: Path, device_python: str) ->
     assert res["model"] == "tiny.onnx" and res["runs"] == 3
     assert 0 < res["latency_ms"]["p50"] <= res["latency_ms"]["p95"]
     assert 5 < res["peak_rss_mb"] < 2000  # a real MB figure, not KiB or bytes
+
+
+def test_memory_probe_runs_in_numpy_ort_only_venv(bundle: Path, device_python: str) -> None:
+    proc = subprocess.run(
+        [device_python, "memory_probe.py", "tiny.onnx", "inputs.npz", "--threads", "1"],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the model's own memory: a tiny encoder is a few MiB (session overhead), far below the ~30+ MiB interpreter
+    assert 0 < res["model_mb"] < res["baseline_mb"] and res["provider"] == "CPUExecutionProvider"
 
 
 def test_corrupted_reference_fails(bundle: Path, device_python: str) -> None:
