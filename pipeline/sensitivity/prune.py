@@ -65,6 +65,7 @@ def prune_sensitivity(
     from exporters.onnx import torch_reference
     from pipeline.pruning.adapters import blocks
     from pipeline.sensitivity.render import plot_sensitivity
+    from pipeline.sensitivity.units import block_roles
 
     feeds: list[dict[str, np.ndarray]] = []
     for b in batches:
@@ -99,8 +100,8 @@ def prune_sensitivity(
                 )  # nonzero weights before - after: zeroed (unstructured) or removed (structured)
                 rows.append(_row(f"block{dv.index}", dv.index, "block", removed, reference, got, feeds, output))
                 continue
-            for role, dref in dv.matrices().items():
-                pw = p_views[dv.index].matrices()[role].weight
+            for role, dref in block_roles(dv).items():
+                pw = block_roles(pv)[role].weight
                 if torch.equal(pw, dref.weight):
                     continue  # not pruned (e.g. targets: ffn leaves q/k/v/o dense)
                 saved = dref.weight.clone()

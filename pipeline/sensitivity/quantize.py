@@ -279,6 +279,7 @@ def measured_convert(
                 "met": True,
                 "probes": probes,
             }
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
         move_onnx(final, dst)
     plot = plot_sensitivity(rows, work_dir / "sensitivity.png", title=f"{precision}: per-unit sensitivity")
     return MeasuredConversion(final_rep, metrics, plot)

@@ -81,6 +81,13 @@ def weight_nodes(model: onnx.ModelProto, op_types: Sequence[str]) -> list[tuple[
     return out
 
 
+def block_roles(view: Any) -> dict[str, Any]:
+    """A block's matrices by role, with a single FFN input called ``ffn_in`` (adapters say ``ffn_in.0``;
+    Llama's gate and up stay ``ffn_in.0`` / ``ffn_in.1``)."""
+    single = len(view.ffn_in) == 1
+    return {("ffn_in" if single and r.startswith("ffn_in") else r): m for r, m in view.matrices().items()}
+
+
 def _torch_labels(torch_model: Any) -> dict[tuple[tuple[int, ...], str], tuple[int | None, str, str]]:
     """fingerprint of a weight (as stored and transposed) -> (block, role, parameter name)."""
     import torch
@@ -93,8 +100,7 @@ def _torch_labels(torch_model: Any) -> dict[tuple[tuple[int, ...], str], tuple[i
     except (ValueError, NotImplementedError, AttributeError, TypeError):
         views = []  # a family the adapters do not know: only embeddings/head get labels
     for b in views:
-        for role, ref in b.matrices().items():
-            role = "ffn_in" if role.startswith("ffn_in") else role  # Llama gate/up -> ffn_in
+        for role, ref in block_roles(b).items():
             roles.setdefault(id(ref.module.weight), (b.index, set()))[1].add(role)
     embed_ids = {id(m.weight) for m in torch_model.modules() if isinstance(m, torch.nn.Embedding)}
     out: dict[tuple[tuple[int, ...], str], tuple[int | None, str, str]] = {}
