@@ -472,9 +472,8 @@ def _int8_static(
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(op_types),
         nodes_to_quantize=targets,
-        nodes_to_exclude=sorted(
-            {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)} | set(nodes_to_exclude)
-        ),  # an empty nodes_to_quantize means "all" to ORT: the exclusion list must carry them too
+        # every node but the targets: an empty nodes_to_quantize means "all" to ORT (q @ k^T included)
+        nodes_to_exclude=sorted({n.name for n in model.graph.node} - set(targets)),
         per_channel=per_channel,
         activation_type=QuantType.QUInt8,  # asymmetric u8 activations (platform notes §4)
         **_weight_args(weight_type),

@@ -218,3 +218,29 @@ def test_prune_sensitivity_per_matrix_unstructured(tiny_models, tmp_path):
     assert [r["unit"] for r in rows] == [f"block{b}.{r}" for b in range(2) for r in roles]
     # magnitude 50 %: each matrix loses about half its weights (ties aside)
     assert all(r["params"] > 0 and r["sensitivity"] > 0 for r in rows)
+
+
+def test_nodes_to_exclude_keeps_exactly_those_nodes_in_fp32_on_both_int8_paths(sens_run, tmp_path):
+    from exporters.quantize import convert_precision
+
+    run_dir, _ = sens_run
+    src = next((run_dir / "stages").glob("01-export/*/model.onnx"))
+    g = onnx.load(str(src)).graph
+    inits = {t.name for t in g.initializer}
+    linear = [n.name for n in g.node if n.op_type == "MatMul" and n.input[1] in inits]
+    rng = np.random.default_rng(0)
+    feeds = [
+        {"input_ids": rng.integers(5, 40, (1, 7)), "attention_mask": np.ones((1, 7), np.int64),
+         "token_type_ids": np.zeros((1, 7), np.int64)}
+        for _ in range(2)
+    ]  # fmt: skip
+    for precision in ("int8", "int8-static"):
+        for exclude in ([linear[2]], linear):  # one node; every node (an empty nodes_to_quantize is "all" to ORT)
+            dst = tmp_path / precision / f"{len(exclude)}.onnx"
+            rep = convert_precision(src, dst, precision, calibration_feeds=feeds, nodes_to_exclude=exclude)
+            assert rep.nodes_quantized == len(linear) - len(exclude), (precision, exclude)
+            out = onnx.load(str(dst)).graph
+            producer = {o: n for n in out.node for o in n.output}
+            for n in out.node:
+                if n.name in exclude:  # still a float MatMul reading the fp32 initializer directly
+                    assert n.op_type == "MatMul" and n.input[1] not in producer
