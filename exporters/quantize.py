@@ -376,7 +376,10 @@ def _int8_dynamic(
 
     model = onnx.load(str(src))
     _name_nodes(model)
-    exclude = sorted({n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)} | set(nodes_to_exclude))
+    exclude = {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)} | set(nodes_to_exclude)
+    # quantize_dynamic first rewrites a Gemm as MatMul + Add named "<gemm>_MatMul", and checks exclusion on that
+    exclude |= {f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm" and n.name in exclude}
+    exclude = sorted(exclude)
     quantize_dynamic(
         model,
         str(tmp),

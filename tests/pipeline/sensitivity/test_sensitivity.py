@@ -244,3 +244,32 @@ def test_nodes_to_exclude_keeps_exactly_those_nodes_in_fp32_on_both_int8_paths(s
             for n in out.node:
                 if n.name in exclude:  # still a float MatMul reading the fp32 initializer directly
                     assert n.op_type == "MatMul" and n.input[1] not in producer
+
+
+def test_an_excluded_gemm_stays_fp32_on_the_dynamic_path(tmp_path):
+    """quantize_dynamic renames a Gemm to '<name>_MatMul' before it checks exclusions (GPT-2's Conv1D exports
+    as Gemm): excluding the Gemm's own name must still keep it fp32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporters.quantize import convert_precision
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.normal(size=(5, 7)).astype(np.float32), "w1")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1"], ["h"], name="g1", transB=1),
+            helper.make_node("Gemm", ["h", "w2t"], ["y"], name="g2", transB=1),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])],
+        [w1, numpy_helper.from_array(rng.normal(size=(5, 5)).astype(np.float32), "w2t")],
+    )
+    src = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    assert convert_precision(src, tmp_path / "all.onnx", "int8").nodes_quantized == 2
+    assert convert_precision(src, tmp_path / "one.onnx", "int8", nodes_to_exclude=["g1"]).nodes_quantized == 1
+    out = onnx.load(str(tmp_path / "one.onnx")).graph
+    ops = {n.name: n.op_type for n in out.node}
+    assert "MatMulInteger" not in {op for name, op in ops.items() if name.startswith("g1")}  # fp32 (maybe as MatMul)
+    assert "MatMulInteger" in {op for name, op in ops.items() if name.startswith("g2")}
