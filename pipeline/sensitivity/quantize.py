@@ -18,6 +18,7 @@ is the *shortest* prefix relies on fidelity growing with the number of units kep
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,8 @@ from pipeline.sensitivity.config import FidelityBudget, SensitivityOptions
 from pipeline.sensitivity.units import Unit, quantizable_units
 
 __all__ = ["MIXED_PRECISIONS", "BudgetUnmet", "Evidence", "MeasuredConversion", "measured_convert", "output_fidelity"]
+
+logger = logging.getLogger(__name__)
 
 #: Precisions whose converter takes a per-node exclusion list (``convert_precision(nodes_to_exclude=...)``).
 MIXED_PRECISIONS: tuple[str, ...] = ("int8", "int8-static")
@@ -197,6 +200,7 @@ def measured_convert(
             fid = output_fidelity(ref_fp32, _run(path, sample, out, threads), sample, out)
             shutil.rmtree(path.parent)
             rows.append(_row(u, fid))
+            logger.info("sensitivity %d/%d %s: %.3g", i + 1, len(units), u.name, rows[-1]["sensitivity"])
 
         # ---- uniform model: fidelity vs dense, and the profiles
         uniform, uniform_rep = build("uniform", set())
@@ -244,6 +248,7 @@ def measured_convert(
                         output_fidelity(evidence.reference, _run(path, feeds, out, threads), feeds, out),
                     )
                 fid = built[k][2]
+                logger.info("mixed: %d unit(s) kept in fp32 -> cos_mean %.6f", k, fid["cos_mean"])
                 probes.append({"kept": k, "cos_mean": fid["cos_mean"], "ok": _ok(fid, budget)})
                 return _ok(fid, budget)
 

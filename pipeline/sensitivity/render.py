@@ -38,7 +38,7 @@ def plot_sensitivity(rows: Sequence[Mapping[str, Any]], path: Path, *, title: st
 
     names = [r["unit"] for r in rows]
     xs = list(range(len(rows)))
-    sens = [max(float(r["sensitivity"]), 1e-9) for r in rows]
+    sens = [max(float(r["sensitivity"]), 1e-12) for r in rows]  # log scale: 0 drawn at the floor
     colors = ["tab:red" if r.get("kept_fp32") else "tab:blue" for r in rows]
     has_latency = any("latency_share" in r for r in rows)
     fig, axes = plt.subplots(
