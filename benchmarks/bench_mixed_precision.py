@@ -157,10 +157,11 @@ def main() -> None:
         mixed = m.get("mixed") or {}
         kept = f"{len(mixed['kept_fp32'])}/{mixed['units']}: {', '.join(mixed['kept_fp32'])}" if mixed else "–"
         calib = f"{mixed['cos_mean']:.5f}" if mixed else "–"
+        secs = f"{info[k]['seconds']:.0f} s" if "seconds" in info[k] else "–"  # fp32: the export, not timed here
         rows.append(
             f"| {k} | {models[k].stat().st_size / 1e6:.1f} | {kept} | {calib} | {c.mean():.5f} | {c.min():.5f} |"
             f" {np.median(p50[k]):.1f} | {', '.join(f'{x:.3f}' for x in ratios[k])} |"
-            f" {', '.join(f'{x:.3f}' for x in vs32[k])} | {info[k].get('seconds', 0):.0f} s |"
+            f" {', '.join(f'{x:.3f}' for x in vs32[k])} | {secs} |"
         )
     first_mixed = next((info[k]["metrics"] for k in order if k.startswith("mixed")), None)
     sens_rows = []
