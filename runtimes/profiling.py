@@ -3,7 +3,7 @@
 ``SessionOptions.enable_profiling`` makes ORT write one JSON trace (Chrome trace format) per session: one
 ``Session``/``model_run`` event per ``run`` call and one ``Node`` event ``<node name>_kernel_time`` per kernel
 executed, with durations in microseconds. Warm-up runs are dropped by keeping only the kernel events inside
-the later ``model_run`` intervals.
+the later ``model_run`` intervals; each node's time is the minimum over the repeats of a feed (contention only adds).
 
 ORT's graph optimizer renames what it fuses: a fused node usually keeps the name of the node it grew from plus
 a suffix (``n16_MatMul_quant`` for the int8 form of ``n16_MatMul``, ``n40_MatMul/MatMulScaleFusion/``), which
@@ -29,7 +29,7 @@ class NodeProfile:
     """Kernel time per node, averaged over the measured runs.
 
     Attributes:
-        node_ms: ORT node name (after ORT's graph optimization) -> milliseconds per ``run`` call (median over
+        node_ms: ORT node name (after ORT's graph optimization) -> milliseconds per ``run`` call (minimum over
             the repeats of each feed, mean over feeds).
         total_ms: sum of ``node_ms`` (kernel time only: no session overhead between kernels).
         runs: measured ``run`` calls (warm-up excluded).
@@ -95,12 +95,13 @@ def profile_nodes(
         if i >= 0 and e["ts"] <= ends[i]:
             key = name[: -len("_kernel_time")]
             per_call.setdefault(key, np.zeros(len(measured)))[i] += e["dur"] / 1000.0
-    # median over repeats of the same feed, then mean over feeds: one descheduled kernel on a shared machine
-    # (a 100x outlier is common) does not move the figure
+    # minimum over repeats of the same feed, then mean over feeds: contention only ever adds time (a kernel
+    # descheduled on a shared machine reads 10-100x slower, even in 2 of 3 repeats), so the minimum is the
+    # kernel's own cost
     n_feeds = len(feeds)
     complete = len(measured) == runs * n_feeds  # ORT wrote one model_run event per call (its buffer did not fill)
     node_ms = {
-        k: float(np.mean(np.median(v.reshape(runs, n_feeds), axis=0)) if complete else np.mean(v))
+        k: float(np.mean(np.min(v.reshape(runs, n_feeds), axis=0)) if complete else np.mean(v))
         for k, v in per_call.items()
     }
     return NodeProfile(node_ms=node_ms, total_ms=float(sum(node_ms.values())), runs=len(measured))
