@@ -281,7 +281,6 @@ def measured_convert(
                 "cos_mean": final_fid["cos_mean"],
                 "cos_min": final_fid["cos_min"],
                 "uniform_cos_mean": uniform_fid["cos_mean"],
-                "met": True,
                 "probes": probes,
             }
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
