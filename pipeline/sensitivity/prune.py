@@ -58,7 +58,7 @@ def prune_sensitivity(
 
     Returns:
         ``{"granularity", "samples", "metric", "rows": [{unit, block, role, params, sensitivity, cos_mean,
-        token_cos_min, max_abs_diff}], "plot": "sensitivity.png"}`` (plus ``note`` when the granularity changed).
+        token_cos_min, max_abs_diff}], "plot": "sensitivity.png"}`` (plus ``note_granularity`` when the granularity changed).
     """
     import torch
 

@@ -121,7 +121,7 @@ def test_sensitivity_table_has_one_labelled_row_per_unit(sens_run):
     assert "sensitivity_plot" in json.loads((run_dir / "report.json").read_text())["targets"][TARGET]["files"]
 
 
-def _evidence(model_dir: Path, run_dir: Path):
+def _evidence(model_dir: Path):
     """Calibration-like feeds and the dense PyTorch reference, built here independently of the stage."""
     from exporters.onnx import torch_reference
     from pipeline.models import load_model
@@ -155,7 +155,7 @@ def _dense_cos(path: Path, ev: Evidence) -> float:
 def test_mixed_keeps_the_most_sensitive_unit_first_and_meets_the_budget_as_measured(sens_run, tiny_models, tmp_path):
     run_dir, _ = sens_run
     src = next((run_dir / "stages").glob("01-export/*/model.onnx"))
-    _, ev = _evidence(tiny_models["bert"], run_dir)
+    _, ev = _evidence(tiny_models["bert"])
     kw = {"int8_op_types": ("MatMul", "Gemm", "Gather"), "weight_type": "u8"}
     opts = SensitivityOptions(samples=6, profile_runs=1)
     uniform = measured_convert(src, tmp_path / "u" / "model.onnx", "int8", kw, options=opts, budget=None,
