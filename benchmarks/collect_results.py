@@ -33,6 +33,10 @@ ORDER = [
         "Issue 16 — memory budget (measured vs estimated) and provider coverage per documented provider (MiniLM)",
     ),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
+    (
+        "mixed_precision.md",
+        "Issue 16 — per-layer sensitivity and mixed precision (`mixed: auto`) vs uniform int8 (MiniLM)",
+    ),
     ("diffusion.md", "Issue 18 — GMM score network: dense vs pruned vs quantized (verify_diffusion)"),
     (
         "privacy_summary.md",

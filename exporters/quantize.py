@@ -109,6 +109,7 @@ def convert_precision(
     int8_op_types: Sequence[str] = DEFAULT_INT8_OP_TYPES,
     quantize_matmul_outputs: bool = False,
     weight_type: str = "u8",
+    nodes_to_exclude: Sequence[str] = (),
 ) -> QuantizeReport:
     """Convert ``src`` to ``precision`` and write it atomically to ``dst``.
 
@@ -136,6 +137,8 @@ def convert_precision(
             need a full ``DQ -> MatMul -> Q`` group to pick an int8 kernel (QLinearMatMul).
         weight_type: int8 paths: one of :data:`INT8_WEIGHT_TYPES`. Default ``"u8"``: exact on every CPU
             (targets choose via ``TargetProfile.int8_weight_type``: u8 on x86_64, s8 on ARM).
+        nodes_to_exclude: int8 paths: node names left in fp32 on top of ``keep_fp32_ops`` (mixed precision,
+            see pipeline.sensitivity). Names are those of ``src`` (unnamed nodes get ``<op>_<index>``).
 
     Returns:
         A :class:`QuantizeReport`.
@@ -169,7 +172,7 @@ def convert_precision(
             nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops, external)
         elif precision == "int8":
             nodes, kept, notes = _int8_dynamic(
-                src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type, external
+                src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type, external, nodes_to_exclude
             )
         else:
             nodes, kept, notes = _int8_static(
@@ -183,6 +186,7 @@ def convert_precision(
                 tmp_dir,
                 weight_type,
                 external,
+                nodes_to_exclude,
             )
         if external:
             notes.append(f"weights in external data ({data_file(dst).name})")
@@ -366,12 +370,16 @@ def _int8_dynamic(
     op_types: Sequence[str],
     weight_type: str,
     external: bool = False,
+    nodes_to_exclude: Sequence[str] = (),
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import quantize_dynamic
 
     model = onnx.load(str(src))
     _name_nodes(model)
-    exclude = sorted(n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops))
+    exclude = {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)} | set(nodes_to_exclude)
+    # quantize_dynamic first rewrites a Gemm as MatMul + Add named "<gemm>_MatMul", and checks exclusion on that
+    exclude |= {f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm" and n.name in exclude}
+    exclude = sorted(exclude)
     quantize_dynamic(
         model,
         str(tmp),
@@ -439,6 +447,7 @@ def _int8_static(
     tmp_dir: str,
     weight_type: str,
     external: bool = False,
+    nodes_to_exclude: Sequence[str] = (),
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -449,7 +458,12 @@ def _int8_static(
     save_onnx(model, named, external=external)
     # Only layers with a constant weight (input 1), e.g. the linear layers, never q @ k^T.
     targets = sorted(
-        n.name for n in model.graph.node if n.op_type in set(op_types) and len(n.input) > 1 and n.input[1] in consts
+        n.name
+        for n in model.graph.node
+        if n.op_type in set(op_types)
+        and len(n.input) > 1
+        and n.input[1] in consts
+        and n.name not in set(nodes_to_exclude)
     )
     if not targets:
         logger.warning("int8-static: no MatMul/Gemm with constant weights in %s; nothing quantized", src)
@@ -461,7 +475,8 @@ def _int8_static(
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(op_types),
         nodes_to_quantize=targets,
-        nodes_to_exclude=sorted(n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)),
+        # every node but the targets: an empty nodes_to_quantize means "all" to ORT (q @ k^T included)
+        nodes_to_exclude=sorted({n.name for n in model.graph.node} - set(targets)),
         per_channel=per_channel,
         activation_type=QuantType.QUInt8,  # asymmetric u8 activations (platform notes §4)
         **_weight_args(weight_type),

@@ -267,6 +267,15 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
                         f"| {i} | {_fmt(per[i] if i < len(per) else None)} | {_fmt(kl[i] if i < len(kl) else None)} | {_fmt(outs[i] if i < len(outs) else None)} |"
                     )
             L.append("")
+        if r["name"] in ("quantize", "prune") and m:  # per-layer sensitivity (pipeline.sensitivity)
+            from pipeline.sensitivity.render import sensitivity_markdown
+
+            sens_plots = {
+                n: t["files"]["sensitivity_plot"] for n, t in rep["targets"].items() if "sensitivity_plot" in t["files"]
+            }
+            if (m.get("sensitivity") or {}).get("plot"):
+                sens_plots[""] = f"{r['folder']}/{m['sensitivity']['plot']}"
+            L += sensitivity_markdown(r["name"], m, sens_plots)
         if r["name"] == "recover" and m:
             L += [
                 "### recover",

@@ -3,12 +3,16 @@ unstructured, N:M or structured (physically smaller), and save it for the next s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
+
+from pydantic import Field
 
 from pipeline.artifact import Artifact
 from pipeline.errors import StageError
 from pipeline.pruning.config import PruneConfig as _PruneOptions
+from pipeline.sensitivity.config import PruneSensitivityOptions
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, stage_warning, text_sets, warn_without_validate
 
@@ -22,6 +26,9 @@ class PatternGivesNoSpeedup(UserWarning):
 class PruneConfig(_PruneOptions, StageConfig):
     kind = "prune"
     works_on = "torch"
+    sensitivity: PruneSensitivityOptions | None = Field(
+        None, description="per-layer report: the dense model with one pruned unit at a time, measured ({} = defaults)"
+    )
 
     def speedup_problem(self, targets) -> str:
         """Targets (name -> profile) this pattern will not speed up, as a message ('' when none)."""
@@ -109,6 +116,7 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
         bar.n = done
         bar.refresh()
 
+    dense_copy = copy.deepcopy(loaded.model) if cfg.sensitivity is not None else None
     try:
         res = prune_model(loaded.model, cfg, batches, eval_batches=evals, progress=progress)
     finally:
@@ -119,6 +127,12 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     if msg:
         metrics["warning"] = msg
     metrics["structured_unit"] = cfg.structured_unit if cfg.pattern == "structured" else None
+    if dense_copy is not None:
+        from pipeline.sensitivity.prune import prune_sensitivity
+
+        metrics["sensitivity"] = prune_sensitivity(
+            dense_copy, res.model, loaded, batches, cfg.sensitivity, pattern=cfg.pattern, plot_dir=ctx.dir
+        )
     ctx.metrics.update(metrics)
     removed = float((metrics.get("sparsity") or {}).get("overall", cfg.sparsity))
     changes = {

@@ -8,12 +8,20 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
+from pipeline.sensitivity.config import FidelityBudget, SensitivityOptions
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, warn_without_validate
+from pipeline.stages._common import (
+    encode,
+    load_dense,
+    load_from_artifact,
+    text_sets,
+    to_numpy_feeds,
+    warn_without_validate,
+)
 
 __all__ = ["QuantizeConfig", "check_ops_for_target", "quantize_targets", "run_quantize"]
 
@@ -36,6 +44,19 @@ class QuantizeConfig(StageConfig):
     keep_fp32_ops: list[str] | None = Field(
         None, description="op types kept in fp32 (default: LayerNorm, Softmax and residual-sensitive ops)"
     )
+    sensitivity: SensitivityOptions | None = Field(
+        None, description="per-layer sensitivity report joined with ORT profiler latency ({} = defaults)"
+    )
+    mixed: Literal["auto"] | None = Field(
+        None, description="auto: keep the most sensitive layers in fp32 until the measured `budget` is met"
+    )
+    budget: FidelityBudget | None = Field(None, description="fidelity budget of mixed: auto")
+
+    @model_validator(mode="after")
+    def _mixed_with_budget(self) -> QuantizeConfig:
+        if (self.mixed is None) != (self.budget is None):
+            raise ValueError("mixed: auto and budget go together, e.g. {mixed: auto, budget: {min_cos_mean: 0.99}}")
+        return self
 
     def precision_for(self, name: str, prof) -> str:
         return self.per_target.get(name) or self.precision or prof.default_precision
@@ -88,14 +109,33 @@ def run_quantize(art: Artifact, cfg: QuantizeConfig, ctx: StageContext) -> Artif
         )
         return [to_numpy_feeds(b, tm.io) for b in batches]
 
-    return quantize_targets(art, cfg, ctx, text_feeds)
+    evidence_cache: dict = {}
+
+    def evidence(tm: TargetModel):
+        """Calibration feeds + the dense model's outputs on them: what sensitivity and mixed: auto measure."""
+        if not evidence_cache:
+            from exporters.onnx import torch_reference
+            from pipeline.sensitivity.quantize import Evidence
+
+            feeds, dense, first = text_feeds(tm), load_dense(art), tm.io["output_names"][0]
+            ref = [torch_reference(dense, f)[first] for f in feeds]
+            evidence_cache[0] = Evidence(feeds, ref, first, load_from_artifact(art, ctx).model)
+        return evidence_cache[0]
+
+    return quantize_targets(art, cfg, ctx, text_feeds, evidence)
 
 
 def quantize_targets(
-    art: Artifact, cfg: QuantizeConfig, ctx: StageContext, calibration_feeds: Callable[[TargetModel], list[dict]]
+    art: Artifact,
+    cfg: QuantizeConfig,
+    ctx: StageContext,
+    calibration_feeds: Callable[[TargetModel], list[dict]],
+    evidence: Callable[[TargetModel], object] | None = None,
 ) -> Artifact:
     """The quantize stage for any model kind: ``calibration_feeds(target_model)`` gives the int8-static
-    calibration feeds (called at most once per run, only when a target needs them)."""
+    calibration feeds (called at most once per run, only when a target needs them); ``evidence(target_model)``
+    gives what ``sensitivity`` / ``mixed: auto`` measure (pipeline.sensitivity.quantize.Evidence; None = not
+    supported for this model kind)."""
     from tqdm.auto import tqdm
 
     from exporters.mobile import mobile_usability, to_ort_format
@@ -130,14 +170,32 @@ def quantize_targets(
             kwargs["int8_op_types"] = ("MatMul", "Gemm", "Gather")
         if cfg.keep_fp32_ops is not None:
             kwargs["keep_fp32_ops"] = cfg.keep_fp32_ops
-        q = convert_precision(src, dst, precision, **kwargs)
         files = dict(tm.files)
+        measured: dict = {}
+        if cfg.sensitivity is not None or cfg.mixed:
+            from pipeline.sensitivity.quantize import BudgetUnmet, measured_convert
+
+            if evidence is None:
+                raise StageError("quantize", "sensitivity and mixed: auto need a text model (calibration passages)")
+            try:
+                m = measured_convert(
+                    src, dst, precision, kwargs, options=cfg.sensitivity, budget=cfg.budget,
+                    evidence=evidence(tm), work_dir=tdir, threads=min(prof.threads or 1, 2),
+                )  # fmt: skip
+            except BudgetUnmet as exc:
+                raise StageError("quantize", f"target '{name}': {exc}") from None
+            q, measured = m.report, m.metrics
+            if m.plot is not None:
+                files["sensitivity_plot"] = ctx.ref(m.plot)
+        else:
+            q = convert_precision(src, dst, precision, **kwargs)
         info = {
             "precision": precision,
             "size_bytes": q.size_bytes,
             "external_data": data_file(dst).is_file(),
             "nodes_quantized": q.nodes_quantized,
             "ops_kept_fp32": list(q.ops_kept_fp32),
+            **measured,
         }
         if precision.startswith("int8"):
             info["int8_weights"] = prof.int8_weight_type  # the per-profile choice (TargetProfile.int8_weight_type)
