@@ -348,6 +348,24 @@ def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str], external: bool) ->
     return lowered, kept, [f"kept {len(keep_nodes)} nodes in fp32 (norms, Softmax, residual Adds); fp32 I/O"]
 
 
+def _without_shape_hints(path: Path) -> onnx.ModelProto:
+    """Drop the intermediate ``value_info`` of an int8 model in place and return its graph (weights left on disk).
+
+    Why: with every intermediate shape declared (the dynamo export declares them all and ORT's quantizer keeps
+    them), ONNX Runtime's ``SkipLayerNormFusion`` proves the residual ``Add`` operands equal-shaped and fuses each
+    ``Add -> LayerNormalization`` into the contrib ``SkipLayerNormalization``, whose CPU kernel is a scalar loop with
+    a division per element: 250 us against 36 us for ``Add`` + ``LayerNormalization`` at (1, 128, 384), on 1 or 2
+    threads (ORT 1.32; benchmarks/results/quantization.md). Twelve of them were edgepipe's int8 MiniLM's whole
+    per-inference gap to the peer path (optimum export + ``quantize_dynamic``, whose graph declares too few shapes
+    for 6 of its 12 norms to fuse). Without the hints ORT infers the shapes it can itself and leaves the norms
+    unfused; outputs are unchanged (the hints are optional metadata). Graph inputs/outputs keep their shapes.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))  # external tensors keep pointing at <path>.data: only the graph is rewritten
+    return model
+
+
 def _weight_args(weight_type: str) -> dict:
     """``quantize_*`` keyword arguments for an :data:`INT8_WEIGHT_TYPES` entry."""
     from onnxruntime.quantization import QuantType
@@ -387,7 +405,7 @@ def _int8_dynamic(
             "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed on ORT-fused graphs (platform notes §4)
         },
     )
-    out = onnx.load(str(tmp), load_external_data=False)
+    out = _without_shape_hints(tmp)
     n = sum(1 for node in out.graph.node if node.op_type in _INT8_DYNAMIC_OPS)
     if "Gather" in op_types:  # quantized embedding tables: Gather reads int8 data, DequantizeLinear follows
         int8_inits = {
@@ -474,7 +492,7 @@ def _int8_static(
             "OpTypesToExcludeOutputQuantization": [] if quantize_outputs else ["MatMul", "Gemm"],
         },
     )
-    out = onnx.load(str(tmp), load_external_data=False)
+    out = _without_shape_hints(tmp)
     producer, _ = _index(out.graph)
     n = sum(
         1
