@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -97,8 +98,19 @@ def model_bytes(path: Path) -> int:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Serialized bytes of the model's initializers (what decides the 2 GiB protobuf limit)."""
-    return sum(t.ByteSize() for t in model.graph.initializer)
+    """Bytes of the model's initializer data (what decides the 2 GiB protobuf limit), from dims and element type.
+
+    Not ``TensorProto.ByteSize()``: protobuf refuses to size a single message over 2 GiB (``EncodeError: Failed to
+    serialize proto``), which a 250k x 2304 fp32 embedding table is.
+    """
+    import onnx
+
+    def nbytes(t: onnx.TensorProto) -> int:
+        if t.data_type == onnx.TensorProto.STRING:
+            return sum(len(s) for s in t.string_data)
+        return math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+    return sum(nbytes(t) for t in model.graph.initializer)
 
 
 def save_onnx(
