@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from exporters.graph import GraphIndex
 from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
 
 __all__ = [
@@ -207,26 +207,6 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             seen.add(name)
 
 
-def _index(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
-    """Map tensor name -> producing node, and tensor name -> consuming nodes (top graph only)."""
-    producer: dict[str, onnx.NodeProto] = {}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for out in node.output:
-            producer[out] = node
-        for inp in node.input:
-            if inp:
-                consumers[inp].append(node)
-    return producer, consumers
-
-
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensor names that are constants: initializers and ``Constant`` node outputs."""
-    names = {t.name for t in graph.initializer}
-    names.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
-    return names
-
-
 def _fp32_node_names(model: onnx.ModelProto, keep_fp32_ops: Sequence[str]) -> set[str]:
     """Names of nodes to keep in fp32: listed op types, decomposed norms, and residual Adds feeding a norm.
 
@@ -235,7 +215,8 @@ def _fp32_node_names(model: onnx.ModelProto, keep_fp32_ops: Sequence[str]) -> se
     the producer of a norm's input ``x``.
     """
     graph = model.graph
-    producer, consumers = _index(graph)
+    idx = GraphIndex(graph)
+    producer, consumers = idx.producer, idx.consumers
     keep = set(keep_fp32_ops)
     names: set[str] = {n.name for n in graph.node if n.op_type in keep}
     norm_inputs: list[str] = [n.input[0] for n in graph.node if n.op_type in keep and "Norm" in n.op_type and n.input]
@@ -463,7 +444,7 @@ def _int8_static(
     model = onnx.load(str(src))
     _name_nodes(model)
     named = Path(tmp_dir) / "named.onnx"
-    consts = _constant_names(model.graph)
+    consts = GraphIndex(model.graph).direct_constants
     save_onnx(model, named, external=external)
     # Only layers with a constant weight (input 1), e.g. the linear layers, never q @ k^T.
     targets = sorted(
@@ -493,7 +474,7 @@ def _int8_static(
         },
     )
     out = _without_shape_hints(tmp)
-    producer, _ = _index(out.graph)
+    producer = GraphIndex(out.graph).producer
     n = sum(
         1
         for node in out.graph.node
