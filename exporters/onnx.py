@@ -566,7 +566,13 @@ def _gelu_as_exported(op, x, sqrt2, one, half):
 
 
 def _gelu_fusable(op, x, sqrt2, one, half):
-    return op.Mul(op.Mul(x, op.Add(op.Erf(op.Div(x, sqrt2)), one)), half)  # (x * (1 + erf(x / sqrt 2))) * 0.5
+    div = op.Div(x, sqrt2)
+    erf = op.Erf(div)
+    add = op.Add(erf, one)
+    mul = op.Mul(x, add)
+    for v in (div, erf, add, mul):  # element-wise with scalars: x's type and shape (kept in value_info as before)
+        v.type, v.shape = x.type, x.shape
+    return op.Mul(mul, half)  # (x * (1 + erf(x / sqrt 2))) * 0.5
 
 
 def _gelu_constants(context, x, sqrt2, one, half, **_) -> bool:
