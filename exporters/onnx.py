@@ -461,7 +461,7 @@ def _quiet() -> Iterator[io.StringIO]:
             lg.setLevel(lvl)
 
 
-def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.ModelProto:
+def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool):  # -> onnx_ir.Model
     import torch
     from torch.export import Dim
 
@@ -506,7 +506,7 @@ def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.Mod
     assert program is not None
     n = _gelu_in_fusable_order(program.model)  # on the exporter's IR: no second copy of the weights
     logger.debug("reordered %d exact-GELU tails for ORT's Gelu fusion", n)
-    return program.model_proto
+    return program.model
 
 
 def _export_optimum(loaded: LoadedModel, opset: int, with_past: bool, workdir: Path) -> onnx.ModelProto:
@@ -696,13 +696,29 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         tmp_dir = Path(tmp)
         try:
+            tmp_file = tmp_dir / MODEL_FILENAME
+            streamed = False
             if exporter == "dynamo":
-                proto = _export_dynamo(loaded, opset, with_past)
+                from onnxscript import ir
+
+                graph = _export_dynamo(loaded, opset, with_past)
+                weights = sum(
+                    v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None
+                )
+                if weights > external_data_threshold:
+                    # stream each weight from the exporter's tensors into model.onnx.data: building the whole
+                    # ModelProto first held a second and (while saving) a third copy of every weight
+                    ir.save(graph, tmp_file, external_data=data_file(tmp_file).name, size_threshold_bytes=1024)
+                    proto, streamed = onnx.load(str(tmp_file), load_external_data=False), True
+                else:
+                    proto = ir.to_proto(graph)
+                del graph
             else:
                 proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
             _normalize(proto)
-            tmp_file = tmp_dir / MODEL_FILENAME
-            external = save_onnx(proto, tmp_file, threshold=external_data_threshold)
+            if streamed:  # graph only: its initializers already point at the data file
+                onnx.save_model(proto, str(tmp_file))
+            external = streamed or save_onnx(proto, tmp_file, threshold=external_data_threshold)
             onnx.checker.check_model(str(tmp_file), full_check=True)  # by path: handles external data
         except Exception as e:
             cause = _ANSI.sub("", (str(e).strip().splitlines() or [""])[0])[:300]

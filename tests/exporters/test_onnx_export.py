@@ -366,3 +366,27 @@ def test_exported_bert_ffn_gelu_fuses(exported: dict[str, ExportResult], tmp_pat
     ort.InferenceSession(str(exported["bert"].path), so, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert "Erf" not in ops and ops & {"Gelu", "BiasGelu", "FastGelu"}
+
+
+def test_external_data_export_streams_the_weights_and_matches_the_single_file(
+    loaded: dict[str, LoadedModel], exported: dict[str, ExportResult], tmp_path: Path
+) -> None:
+    """Issue 11 item 2: over the threshold the weights go straight from the exporter to model.onnx.data (no
+    in-memory ModelProto with a copy of them); the graph and the outputs are those of the one-file export."""
+    from exporters.onnx import data_file
+
+    res = export_onnx(loaded["bert"], tmp_path / "ext", external_data_threshold=0)
+    single = onnx.load(str(exported["bert"].path))
+    graph = onnx.load(str(res.path), load_external_data=False)
+    big = [t for t in graph.graph.initializer if np.prod(t.dims) * 4 > 1024]  # fp32 tensors over 1 KiB
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    weights = sum(int(np.prod(t.dims)) * 4 for t in big)
+    assert data_file(res.path).stat().st_size >= weights > 16 * 1024
+    assert res.path.stat().st_size < exported["bert"].path.stat().st_size - weights + 4096  # no weight data in it
+    assert [(n.op_type, list(n.input), list(n.output)) for n in graph.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in single.graph.node
+    ]
+    feeds = dummy_feeds(res, 2, 7)
+    got = _run(_session(res.path), res, feeds)
+    ref = _run(_session(exported["bert"].path), exported["bert"], feeds)
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)
