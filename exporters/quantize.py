@@ -368,11 +368,21 @@ def _int8_dynamic(
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import quantize_dynamic
 
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=not external)
     _name_nodes(model)
     exclude = sorted(n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops))
+    model_input: onnx.ModelProto | str = model
+    if external:
+        # Hand ORT a file: given a ModelProto, quantize_dynamic deep-copies it, saves the copy and loads it back,
+        # three more copies of the weights in memory (the 2.4 GB encoder of issue 11 was killed at 14 GB). The named
+        # graph goes beside a copy of the source's data file (ORT writes beside its input; onnx refuses hard links).
+        named = tmp.parent / "named" / src.name
+        named.parent.mkdir()
+        shutil.copyfile(data_file(src), data_file(named))
+        onnx.save_model(model, str(named))  # graph only: its tensors point at the data file by its name
+        model_input = str(named)
     quantize_dynamic(
-        model,
+        model_input,
         str(tmp),
         op_types_to_quantize=list(
             op_types
