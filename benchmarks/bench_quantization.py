@@ -64,6 +64,51 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+def skip_layernorm_kernels(threads: int, runs: int = 2000, shape: tuple[int, int, int] = (1, 128, 384)) -> str:
+    """One SkipLayerNormalization node against Add + LayerNormalization on the same inputs, interleaved in one
+    process (graph optimizations off: the nodes run as written). Returns a markdown line with median us."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = shape[-1]
+    inits = [
+        numpy_helper.from_array(np.ones(d, np.float32), "g"),
+        numpy_helper.from_array(np.zeros(d, np.float32), "b"),
+    ]
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("x", "s")]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    skip = helper.make_node(
+        "SkipLayerNormalization", ["x", "s", "g", "b"], ["y"], domain="com.microsoft", epsilon=1e-12
+    )
+    pair = [
+        helper.make_node("Add", ["x", "s"], ["t"]),
+        helper.make_node("LayerNormalization", ["t", "g", "b"], ["y"], axis=-1, epsilon=1e-12),
+    ]
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = {
+        name: ort.InferenceSession(
+            helper.make_model(
+                helper.make_graph(nodes, name, ins, outs, inits), opset_imports=opsets
+            ).SerializeToString(),
+            so,
+            providers=["CPUExecutionProvider"],
+        )
+        for name, nodes in (("SkipLayerNormalization", [skip]), ("Add + LayerNormalization", pair))
+    }
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32), "s": rng.standard_normal(shape).astype(np.float32)}
+    lat: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(runs):
+        for k in list(sessions)[:: 1 if i % 2 else -1]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds)
+            lat[k].append((time.perf_counter() - t0) * 1e6)
+    cells = ", ".join(f"{k} {np.median(v):.1f} us" for k, v in lat.items())
+    return f"- One kernel at {shape}, {threads} thread(s), {runs} interleaved runs, median: {cells}."
+
+
 def op_profile(variants: dict[str, Path], feeds: dict[str, dict], threads: int, runs: int) -> dict:
     """ORT's profiler over interleaved runs: per variant, op type -> (nodes in ORT's optimized graph, sum over those
     nodes of each node's median kernel time in ms), plus ``"(whole run)"`` (median ms); and the nodes by median us."""
@@ -267,9 +312,19 @@ def main() -> None:
         action="store_true",
         help="only edgepipe's raspberry-pi-5 int8 vs optimum export + quantize_dynamic(per_channel) (issue 11)",
     )
+    ap.add_argument(
+        "--skip-layernorm-kernel",
+        action="store_true",
+        help="only time ORT's SkipLayerNormalization kernel against Add + LayerNormalization (issue 11 item 7)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quantization.md")
     ap.add_argument("--fortunes", type=Path, default=FORTUNES, help="--peer-side-by-side: real passages, one per line")
     args = ap.parse_args()
+    if args.skip_layernorm_kernel:
+        for threads in sorted({1, args.threads}):
+            print(skip_layernorm_kernels(threads))
+        print(f"- load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}, onnxruntime {ort.__version__}")
+        return
     if args.peer_side_by_side:
         logging.basicConfig(level=logging.WARNING)
         torch.set_num_threads(args.threads)
