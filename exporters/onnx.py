@@ -47,6 +47,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
     import torch
+    from onnxscript import ir
 
     from pipeline.models import LoadedModel
 
@@ -461,7 +462,7 @@ def _quiet() -> Iterator[io.StringIO]:
             lg.setLevel(lvl)
 
 
-def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool):  # -> onnx_ir.Model
+def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> ir.Model:
     import torch
     from torch.export import Dim
 
@@ -579,7 +580,7 @@ def _gelu_constants(context, x, sqrt2, one, half, **_) -> bool:
     return _is_scalar(sqrt2, 2**0.5, 1e-5) and _is_scalar(one, 1.0) and _is_scalar(half, 0.5)
 
 
-def _gelu_in_fusable_order(model) -> int:
+def _gelu_in_fusable_order(model: ir.Model) -> int:
     """Reorder the exact-GELU tail so ONNX Runtime fuses it into one ``Gelu`` / ``BiasGelu`` kernel (in place).
 
     torch's dynamo exporter writes ``x * ((1 + erf(x / sqrt 2)) * 0.5)``; ORT's GeluFusion only knows
