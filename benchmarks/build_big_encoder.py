@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = dict(
-    vocab_size=250002, hidden_size=2304, num_hidden_layers=1, num_attention_heads=18, intermediate_size=256
-)
+CONFIG = dict(vocab_size=250002, hidden_size=2304, num_hidden_layers=1, num_attention_heads=18, intermediate_size=256)
 STAGES = [
     ("export", "{export: {}}"),
     ("quantize", "{quantize: {precision: int8}}"),
@@ -70,6 +68,7 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     rows = []
+    print("| stage (run k: stages 1..k, earlier ones reused) | exit | wall h:mm:ss | peak RSS GiB |\n|---|---|---|---|")
     for k in range(1, len(STAGES) + 1):
         cfg = args.work / f"run{k}.yaml"
         cfg.write_text(
