@@ -64,20 +64,109 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
+def skip_layernorm_kernels(threads: int, runs: int = 2000, shape: tuple[int, int, int] = (1, 128, 384)) -> str:
+    """One SkipLayerNormalization node against Add + LayerNormalization on the same inputs, interleaved in one
+    process (graph optimizations off: the nodes run as written). Returns a markdown line with median us."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = shape[-1]
+    inits = [
+        numpy_helper.from_array(np.ones(d, np.float32), "g"),
+        numpy_helper.from_array(np.zeros(d, np.float32), "b"),
+    ]
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(shape)) for n in ("x", "s")]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    skip = helper.make_node(
+        "SkipLayerNormalization", ["x", "s", "g", "b"], ["y"], domain="com.microsoft", epsilon=1e-12
+    )
+    pair = [
+        helper.make_node("Add", ["x", "s"], ["t"]),
+        helper.make_node("LayerNormalization", ["t", "g", "b"], ["y"], axis=-1, epsilon=1e-12),
+    ]
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = {
+        name: ort.InferenceSession(
+            helper.make_model(
+                helper.make_graph(nodes, name, ins, outs, inits), opset_imports=opsets
+            ).SerializeToString(),
+            so,
+            providers=["CPUExecutionProvider"],
+        )
+        for name, nodes in (("SkipLayerNormalization", [skip]), ("Add + LayerNormalization", pair))
+    }
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(shape).astype(np.float32), "s": rng.standard_normal(shape).astype(np.float32)}
+    lat: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(runs):
+        for k in list(sessions)[:: 1 if i % 2 else -1]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds)
+            lat[k].append((time.perf_counter() - t0) * 1e6)
+    cells = ", ".join(f"{k} {np.median(v):.1f} us" for k, v in lat.items())
+    return f"- One kernel at {shape}, {threads} thread(s), {runs} interleaved runs, median: {cells}."
+
+
+def op_profile(variants: dict[str, Path], feeds: dict[str, dict], threads: int, runs: int) -> dict:
+    """ORT's profiler over interleaved runs: per variant, op type -> (nodes in ORT's optimized graph, sum over those
+    nodes of each node's median kernel time in ms), plus ``"(whole run)"`` (median ms); and the nodes by median us."""
+    import collections
+    import json
+
+    import onnx
+
+    work = Path(tempfile.mkdtemp(prefix="bench_prof_"))
+    sessions, counts = {}, {}
+    for k, path in variants.items():
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.optimized_model_filepath = str(work / f"{len(counts)}.opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        counts[k] = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.enable_profiling, so.profile_file_prefix = True, str(work / f"prof{len(sessions)}")
+        sessions[k] = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for i in range(runs + 5):
+        for k in list(sessions)[:: 1 if i % 2 else -1]:
+            sessions[k].run(None, feeds[k])
+    table, nodes = {}, {}
+    for k, sess in sessions.items():
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        whole = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+        per_node: dict[str, list[float]] = collections.defaultdict(list)
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node[f"{e['args']['op_name']} {e['name'][: -len('_kernel_time')]}"].append(e["dur"])
+        # per node the median over runs (robust to a run stalled by the shared machine), summed per op type
+        med = {n: float(np.median(v[5:] or v)) for n, v in per_node.items()}  # the first runs warm up
+        table[k] = {
+            op: (c, sum(t for n, t in med.items() if n.split(" ")[0] == op) / 1e3) for op, c in counts[k].items()
+        }
+        table[k]["(whole run)"] = (sum(counts[k].values()), float(np.median(whole[5:])) / 1e3)
+        nodes[k] = sorted(((t, n) for n, t in med.items()), reverse=True)
+    return {"ops": table, "nodes": nodes}
+
+
 def peer_side_by_side(args: argparse.Namespace) -> str:
     """Issue 11: edgepipe's raspberry-pi-5 int8 MiniLM against the peer path, side by side in one process.
 
     Peer: ``optimum.exporters.onnx.main_export`` (what ``optimum-cli export onnx`` runs) + ORT
     ``quantize_dynamic(per_channel=True)``. edgepipe: ``export_onnx`` (dynamo, opset 18) + ``convert_precision``
     with the quantize stage's settings for the profile (int8, per-channel, embeddings quantized, the profile's
-    int8 weight type). "before" is the same export without the GELU reordering (exporters.onnx), for the cause.
+    int8 weight type). "before" is the same int8 model with its intermediate ``value_info`` kept (what
+    convert_precision shipped before; ORT then fuses every residual Add + LayerNorm into SkipLayerNormalization).
     Interleaved rounds: every variant runs once per round, ``--rounds`` rounds of ``--runs`` runs; ratios are
-    per round (median ours / median peer).
+    per round (median ours / median peer). Then ORT's profiler over interleaved runs, per op type.
     """
+    import onnx
     from onnxruntime.quantization import quantize_dynamic
     from optimum.exporters.onnx import main_export
 
     import exporters.onnx as eonnx
+    import exporters.quantize as equant
     from pipeline.models import default_model_path, load_model
     from targets import load_target
 
@@ -93,32 +182,27 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
         do_validation=False,
         local_files_only=True,
     )
-    variants = {"peer int8 (optimum export + quantize_dynamic per_channel)": work / "peer_int8.onnx"}
-    quantize_dynamic(
-        str(work / "peer" / "model.onnx"),
-        str(variants["peer int8 (optimum export + quantize_dynamic per_channel)"]),
-        per_channel=True,
-    )
-    reorder = eonnx._gelu_in_fusable_order
-    for label, fix in (
-        ("edgepipe int8 before (GELU as exported)", False),
-        (f"edgepipe int8 ({prof.name} profile)", True),
-    ):
-        eonnx._gelu_in_fusable_order = reorder if fix else (lambda model: 0)
+    peer = "peer int8 (optimum export + quantize_dynamic per_channel)"
+    before = "edgepipe int8 before (intermediate shapes kept)"
+    ours = f"edgepipe int8 ({prof.name} profile)"
+    variants = {peer: work / "peer_int8.onnx", before: work / "before_int8.onnx", ours: work / "ours_int8.onnx"}
+    quantize_dynamic(str(work / "peer" / "model.onnx"), str(variants[peer]), per_channel=True)
+    res = eonnx.export_onnx(loaded, work / "fp32")
+    strip = equant._without_shape_hints
+    for label in (before, ours):
+        # "before": what convert_precision shipped until the fix, the quantizer's output with every shape kept
+        equant._without_shape_hints = strip if label == ours else (lambda path: onnx.load(str(path)))
         try:
-            res = eonnx.export_onnx(loaded, work / ("fixed" if fix else "before"))
+            convert_precision(
+                res.path,
+                variants[label],
+                "int8",
+                per_channel=True,
+                int8_op_types=("MatMul", "Gemm", "Gather"),
+                weight_type=prof.int8_weight_type,
+            )
         finally:
-            eonnx._gelu_in_fusable_order = reorder
-        dst = work / f"{'fixed' if fix else 'before'}_int8.onnx"
-        convert_precision(
-            res.path,
-            dst,
-            "int8",
-            per_channel=True,
-            int8_op_types=("MatMul", "Gemm", "Gather"),
-            weight_type=prof.int8_weight_type,
-        )
-        variants[label] = dst
+            equant._without_shape_hints = strip
     tok, hf = loaded.tokenizer, loaded.model
     passages = [
         ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
@@ -134,8 +218,8 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
         for k, s in sessions.items():
             cos[k].append(cosine_rows(ref, mean_pool(s.run(None, feeds_for(s, enc))[0], enc["attention_mask"])))
     rng = np.random.default_rng(0)
-    peer = next(iter(variants))
-    rows, ratios = [], {}
+    rows, ratios, load_start = [], {}, os.getloadavg()
+    feeds128 = {}
     for seq in (128, 512):
         enc = {
             "input_ids": rng.integers(1000, 20000, (1, seq)).astype(np.int64),
@@ -143,25 +227,43 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
             "token_type_ids": np.zeros((1, seq), np.int64),
         }
         feeds = {k: feeds_for(s, enc) for k, s in sessions.items()}
+        feeds128 = feeds128 or feeds
         for k, s in sessions.items():
             for _ in range(3):
                 s.run(None, feeds[k])
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             lat: dict[str, list[float]] = {k: [] for k in sessions}
-            for _ in range(args.runs):
-                for k, s in sessions.items():
+            for i in range(args.runs):
+                for k in list(sessions)[:: 1 if i % 2 else -1]:  # alternate the order: no variant always runs first
                     t0 = time.perf_counter()
-                    s.run(None, feeds[k])
+                    sessions[k].run(None, feeds[k])
                     lat[k].append((time.perf_counter() - t0) * 1e3)
             for k in sessions:
                 ratios.setdefault((k, seq), []).append(float(np.median(lat[k]) / np.median(lat[peer])))
                 ratios.setdefault((k, seq, "ms"), []).append(float(np.median(lat[k])))
     for k, p in variants.items():
         c = np.concatenate(cos[k])
-        r128 = ", ".join(f"{x:.3f}" for x in ratios[(k, 128)])
-        r512 = ", ".join(f"{x:.3f}" for x in ratios[(k, 512)])
+        cells = []
+        for q in (128, 512):
+            r = ratios[(k, q)]
+            cells.append(f"**{np.median(r):.3f}** ({min(r):.3f}-{max(r):.3f})")
         ms = " / ".join(f"{np.median(ratios[(k, q, 'ms')]):.1f}" for q in (128, 512))
-        rows.append(f"| {k} | {p.stat().st_size / 1e6:.1f} | {ms} | {r128} | {r512} | {c.mean():.5f} | {c.min():.5f} |")
+        rows.append(
+            f"| {k} | {p.stat().st_size / 1e6:.1f} | {ms} | {cells[0]} | {cells[1]} | {c.mean():.5f} | {c.min():.5f} |"
+        )
+    profile = op_profile(variants, feeds128, args.threads, args.runs)
+    ops = sorted(
+        {op for t in profile["ops"].values() for op in t},
+        key=lambda op: -max(t.get(op, (0, 0.0))[1] for t in profile["ops"].values()),
+    )
+    prow = [
+        f"| {op} | "
+        + " | ".join(f"{t.get(op, (0, 0.0))[0]} / {t.get(op, (0, 0.0))[1]:.3f}" for t in profile["ops"].values())
+        + " |"
+        for op in ops
+        if max(t.get(op, (0, 0.0))[1] for t in profile["ops"].values()) >= 0.05 or op == "(whole run)"
+    ]
+    slow = [f"- {k}: " + ", ".join(f"{n} {us:.0f} us" for us, n in profile["nodes"][k][:4]) for k in variants]
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     vnni = "avx512_vnni" in flags or "avx_vnni" in flags
@@ -174,14 +276,27 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
             f"- Command: `{cmd.strip()}`",
             f"- Host: `{uname}`, nproc {os.cpu_count()}, AVX-VNNI: {'yes' if vnni else 'no'}; onnxruntime {ort.__version__},"
             f" torch {torch.__version__}; date {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')};"
-            f" load average at the end {load}",
+            f" load average at the start {' / '.join(f'{x:.1f}' for x in load_start)}, at the end {load}",
             f"- One process, {args.threads} intra-op threads, CPU EP (ORT_ENABLE_ALL); {args.rounds} rounds of {args.runs}"
-            " interleaved runs at batch 1; ratio = median(variant) / median(peer) within a round (one number per round).",
+            " interleaved runs at batch 1 (order alternating); ratio = median(variant) / median(peer) within a round:"
+            " median over rounds (min-max).",
             "- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 on the first 64 fortunes.txt passages.",
             "",
-            "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 (per round) | ratio vs peer 1x512 (per round) | cos mean | cos min |",
+            "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 | ratio vs peer 1x512 | cos mean | cos min |",
             "|---|---|---|---|---|---|---|",
             *rows,
+            "",
+            f"ORT profiler at 1x128 ({args.runs} interleaved profiled runs per variant, after 5 warm-up runs): nodes of"
+            " each op type in ORT's optimized graph / the sum of those nodes' median kernel times in ms (op types under"
+            " 0.05 ms left out; whole run: median ms per run).",
+            "",
+            "| op type | " + " | ".join(variants) + " |",
+            "|---|" + "---|" * len(variants),
+            *prow,
+            "",
+            "Slowest nodes (median kernel time per run):",
+            "",
+            *slow,
             "",
         ]
     )
@@ -197,9 +312,19 @@ def main() -> None:
         action="store_true",
         help="only edgepipe's raspberry-pi-5 int8 vs optimum export + quantize_dynamic(per_channel) (issue 11)",
     )
+    ap.add_argument(
+        "--skip-layernorm-kernel",
+        action="store_true",
+        help="only time ORT's SkipLayerNormalization kernel against Add + LayerNormalization (issue 11 item 7)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quantization.md")
     ap.add_argument("--fortunes", type=Path, default=FORTUNES, help="--peer-side-by-side: real passages, one per line")
     args = ap.parse_args()
+    if args.skip_layernorm_kernel:
+        for threads in sorted({1, args.threads}):
+            print(skip_layernorm_kernels(threads))
+        print(f"- load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}, onnxruntime {ort.__version__}")
+        return
     if args.peer_side_by_side:
         logging.basicConfig(level=logging.WARNING)
         torch.set_num_threads(args.threads)

@@ -28,13 +28,14 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from exporters.block_sparse_graph import (
     BLOCK_SPARSE_NODE_PREFIX,
     BlockSparsePattern,
     add_block_sparse_attention,
 )
+from exporters.graph import NodeBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -143,37 +144,6 @@ def _head_counts(node: onnx.NodeProto, attrs: dict, shapes: dict) -> tuple[int, 
     return len(qs), H, Hkv, D
 
 
-class _Emit:
-    """Small node emitter with unique names under a prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix, self.nodes, self._i = prefix, [], 0
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, domain: str = "", **attrs) -> str:
-        self._i += 1
-        out = out or f"{self.prefix}{op_type.lower()}_{self._i}"
-        self.nodes.append(
-            helper.make_node(
-                op_type, list(inputs), [out], name=f"{self.prefix}{op_type}_{self._i}", domain=domain or None, **attrs
-            )
-        )
-        return out
-
-    def const(self, value, dtype=np.int64) -> str:
-        self._i += 1
-        out = f"{self.prefix}const_{self._i}"
-        self.nodes.append(
-            helper.make_node(
-                "Constant",
-                [],
-                [out],
-                name=f"{self.prefix}Constant_{self._i}",
-                value=numpy_helper.from_array(np.asarray(value, dtype=dtype), out),
-            )
-        )
-        return out
-
-
 def _remove_dead_nodes(model: onnx.ModelProto) -> int:
     """Drop nodes none of whose outputs is used (repeat to a fixed point); returns count."""
     removed = 0
@@ -226,7 +196,7 @@ def _to_ms_mha(node: onnx.NodeProto, attrs: dict, shapes: dict, types: dict, k: 
         raise AttentionLoweringError(
             f"Attention node {node.name!r} is GQA (H={H}, Hkv={Hkv}); com.microsoft MultiHeadAttention needs H == Hkv"
         )
-    e = _Emit(f"ms_mha/{k}/")
+    e = NodeBuilder(f"ms_mha/{k}/")
     q, key, val = node.input[0], node.input[1], node.input[2]
     mask = node.input[3] if len(node.input) > 3 else ""
     if rank == 4:
@@ -267,16 +237,8 @@ def _to_ms_mha(node: onnx.NodeProto, attrs: dict, shapes: dict, types: dict, k: 
     # MHA inputs: query, key, value, bias, key_padding_mask, attention_bias
     y = node.output[0]
     core_out = f"{y}/mha" if rank == 4 else y
-    e.nodes.append(
-        helper.make_node(
-            "MultiHeadAttention",
-            [q, key, val, "", "", bias] if bias else [q, key, val],
-            [core_out],
-            name=f"ms_mha/{k}/core",
-            domain="com.microsoft",
-            **mha_attrs,
-        )
-    )
+    mha_in = [q, key, val, "", "", bias] if bias else [q, key, val]
+    e.op("MultiHeadAttention", *mha_in, out=core_out, name=f"ms_mha/{k}/core", domain="com.microsoft", **mha_attrs)
     if rank == 4:
         o4 = e.op("Reshape", core_out, e.const([0, 0, H, D]))  # (B, S, H, D)
         e.op("Transpose", o4, perm=[0, 2, 1, 3], out=y)  # (B, H, S, D)
@@ -330,7 +292,7 @@ def lower_to_fused_attention(
 # ----------------------------------------------------------------------------------------
 
 
-def _key_padding_from_mask(e: _Emit, mask: str, q: str, shapes: dict, types: dict) -> str:
+def _key_padding_from_mask(e: NodeBuilder, mask: str, q: str, shapes: dict, types: dict) -> str:
     """(B, L) bool key padding from a dense (…, S, L) mask: its last query row.
 
     The last query row sees every real key under both bidirectional and causal masks, so
@@ -404,7 +366,7 @@ def lower_to_block_sparse(
         attrs = _check_supported(node, used)
         rank, H, Hkv, D = _head_counts(node, attrs, shapes)
         index = first_index + j
-        e = _Emit(f"{BLOCK_SPARSE_NODE_PREFIX}{index}/io_")
+        e = NodeBuilder(f"{BLOCK_SPARSE_NODE_PREFIX}{index}/io_")
         q, k, v = node.input[0], node.input[1], node.input[2]
         mask = node.input[3] if len(node.input) > 3 else ""
         if attrs.get("is_causal", 0) and not pattern.is_causal:
@@ -412,7 +374,7 @@ def lower_to_block_sparse(
         q_orig = q
         if rank == 3:
             # (B, S, H*D) -> (B, H, S, D)
-            def to4(t: str, heads: int, e: _Emit = e, D: int = D) -> str:
+            def to4(t: str, heads: int, e: NodeBuilder = e, D: int = D) -> str:
                 return e.op("Transpose", e.op("Reshape", t, e.const([0, 0, heads, D])), perm=[0, 2, 1, 3])
 
             q, k, v = to4(q, H), to4(k, Hkv), to4(v, Hkv)
@@ -438,7 +400,7 @@ def lower_to_block_sparse(
             block_mask=bm,
             index=index,
         )
-        tail = _Emit(f"{BLOCK_SPARSE_NODE_PREFIX}{index}/io_out_")
+        tail = NodeBuilder(f"{BLOCK_SPARSE_NODE_PREFIX}{index}/io_out_")
         if rank == 3:
             t = tail.op("Transpose", sparse_out, perm=[0, 2, 1, 3])  # (B, S, H, D)
             tail.op("Reshape", t, tail.const([0, 0, H * D]), out=y)  # (B, S, H*D)
@@ -473,7 +435,7 @@ def mask_attention_with_input(model: onnx.ModelProto, input_name: str = "pattern
         raise AttentionLoweringError("no opset-23 Attention node found")
     out.graph.input.append(helper.make_tensor_value_info(input_name, TensorProto.BOOL, ["pattern_q", "pattern_k"]))
     types = _elem_types(out)
-    head = _Emit("pattern_mask/")
+    head = NodeBuilder("pattern_mask/")
     zero, ninf = head.const(0.0, np.float32), head.const(-np.inf, np.float32)
     additive = head.op("Where", input_name, zero, ninf)  # (S, L) 0 / -inf
     combined: dict[str, str] = {}
@@ -481,7 +443,7 @@ def mask_attention_with_input(model: onnx.ModelProto, input_name: str = "pattern
     positions = {id(n): i for i, n in enumerate(out.graph.node)}
     for k, node in enumerate(nodes):
         mask = node.input[3] if len(node.input) > 3 else ""
-        e = _Emit(f"pattern_mask/{k}/")
+        e = NodeBuilder(f"pattern_mask/{k}/")
         if not mask:
             new = input_name
         elif mask in combined:

@@ -29,14 +29,14 @@ Where the block index and mask come from:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
+from exporters.graph import NodeBuilder
 from pipeline.kernels.patterns import BlockSparsePattern, pattern_layout, pattern_token_mask
 
 logger = logging.getLogger(__name__)
@@ -151,47 +151,9 @@ def explicit_block_inputs(pattern: BlockSparsePattern, n: int) -> dict[str, np.n
 # ----------------------------------------------------------------------------------------
 
 
-class _Builder:
-    """Appends uniquely named nodes; constants are Constant nodes (valid in functions too)."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.nodes: list[onnx.NodeProto] = []
-        self._n = itertools.count()
-
-    def _name(self, hint: str) -> str:
-        return f"{self.prefix}{hint}_{next(self._n)}"
-
-    def op(self, op_type: str, *inputs: str, out: str | None = None, name: str | None = None, **attrs) -> str:
-        out = out or self._name(op_type.lower())
-        node = helper.make_node(op_type, list(inputs), [out], name=name or self._name(op_type), **attrs)
-        self.nodes.append(node)
-        return out
-
-    def const(self, value, dtype=np.int64) -> str:
-        arr = np.asarray(value, dtype=dtype)
-        out = self._name("const")
-        self.nodes.append(
-            helper.make_node(
-                "Constant", [], [out], name=self._name("Constant"), value=numpy_helper.from_array(arr, out)
-            )
-        )
-        return out
-
-    def i64(self, *vals: int) -> str:
-        """1-D int64 constant."""
-        return self.const(list(vals))
-
-    def scalar(self, val: int) -> str:
-        return self.const(val)
-
-    def shape_cat(self, *parts: str | int) -> str:
-        """Concat 1-D pieces (names of 1-D int64 tensors or python ints) into a shape."""
-        names = [self.i64(p) if isinstance(p, int) else p for p in parts]
-        return self.op("Concat", *names, axis=0)
-
-
-def _in_graph_index_and_mask(bld: _Builder, pattern: BlockSparsePattern, n: str, nr: str, nbk: str) -> tuple[str, str]:
+def _in_graph_index_and_mask(
+    bld: NodeBuilder, pattern: BlockSparsePattern, n: str, nr: str, nbk: str
+) -> tuple[str, str]:
     """Build idx (nr, KB) int64 and the pattern mask (nr, bq, L) bool from scalar ``n``.
 
     Args:
@@ -302,7 +264,7 @@ def add_block_sparse_attention(
     rep = H // Hkv
     b, bq, g = pattern.block, pattern.superblock, pattern.global_blocks
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    bld = _Builder(f"{BLOCK_SPARSE_NODE_PREFIX}{index}/")
+    bld = NodeBuilder(f"{BLOCK_SPARSE_NODE_PREFIX}{index}/")
 
     # ---- sizes from the runtime sequence length
     n_1d = bld.op("Slice", bld.op("Shape", q), bld.i64(2), bld.i64(3))  # (1,) N

@@ -18,11 +18,11 @@ Only the main graph is inspected (not If/Loop bodies or local functions).
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 
 import onnx
 
 from exporters.block_sparse_graph import BLOCK_SPARSE_NODE_PREFIX
+from exporters.graph import GraphIndex
 
 logger = logging.getLogger(__name__)
 
@@ -78,50 +78,7 @@ def _block_sparse_id(node_name: str) -> str | None:
     return node_name[len(BLOCK_SPARSE_NODE_PREFIX) :].split("/", 1)[0]
 
 
-class _GraphIndex:
-    """Producer/consumer maps plus constant folding knowledge for one GraphProto."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for o in node.output:
-                self.producer[o] = node
-            for i in node.input:
-                if i:
-                    self.consumers[i].append(node)
-        self.initializers = {t.name for t in graph.initializer} | {t.name for t in graph.sparse_initializer}
-        self.graph_inputs = {i.name for i in graph.input} - self.initializers
-        self._const: dict[str, bool] = {}
-
-    def is_constant(self, name: str) -> bool:
-        """True when ``name`` depends only on initializers / Constant nodes (e.g. a weight)."""
-        if name in self._const:
-            return self._const[name]
-        stack, order = [name], []
-        while stack:  # iterative DFS: exported graphs can be deep
-            cur = stack.pop()
-            if cur in self._const or cur in order:
-                continue
-            order.append(cur)
-            node = self.producer.get(cur)
-            if node is not None:
-                stack.extend(i for i in node.input if i)
-        for cur in reversed(order):
-            if cur in self._const:
-                continue
-            if cur in self.initializers:
-                self._const[cur] = True
-            elif cur in self.graph_inputs or cur not in self.producer:
-                self._const[cur] = False
-            else:
-                node = self.producer[cur]
-                ins = [i for i in node.input if i]
-                self._const[cur] = all(self._const.get(i, False) for i in ins)  # Constant: no inputs -> True
-        return self._const[name]
-
-
-def _scores_from_activation_matmul(idx: _GraphIndex, name: str, depth: int = 0) -> bool:
+def _scores_from_activation_matmul(idx: GraphIndex, name: str, depth: int = 0) -> bool:
     node = idx.producer.get(name)
     if node is None or depth > _MAX_DEPTH:
         return False
@@ -135,7 +92,7 @@ def _scores_from_activation_matmul(idx: _GraphIndex, name: str, depth: int = 0) 
     return False
 
 
-def _feeds_matmul(idx: _GraphIndex, name: str, depth: int = 0) -> bool:
+def _feeds_matmul(idx: GraphIndex, name: str, depth: int = 0) -> bool:
     if depth > _MAX_DEPTH:
         return False
     for node in idx.consumers.get(name, []):
@@ -152,7 +109,7 @@ def find_unfused_attention(model: onnx.ModelProto) -> list[str]:
     Args:
         model: the ONNX model.
     """
-    idx = _GraphIndex(model.graph)
+    idx = GraphIndex(model.graph)
     found = []
     for node in model.graph.node:
         if node.op_type != "Softmax" or not node.input:

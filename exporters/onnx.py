@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -46,6 +47,7 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
     import torch
+    from onnxscript import ir
 
     from pipeline.models import LoadedModel
 
@@ -97,8 +99,19 @@ def model_bytes(path: Path) -> int:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Serialized bytes of the model's initializers (what decides the 2 GiB protobuf limit)."""
-    return sum(t.ByteSize() for t in model.graph.initializer)
+    """Bytes of the model's initializer data (what decides the 2 GiB protobuf limit), from dims and element type.
+
+    Not ``TensorProto.ByteSize()``: protobuf refuses to size a single message over 2 GiB (``EncodeError: Failed to
+    serialize proto``), which a 250k x 2304 fp32 embedding table is.
+    """
+    import onnx
+
+    def nbytes(t: onnx.TensorProto) -> int:
+        if t.data_type == onnx.TensorProto.STRING:
+            return sum(len(s) for s in t.string_data)
+        return math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+    return sum(nbytes(t) for t in model.graph.initializer)
 
 
 def save_onnx(
@@ -449,7 +462,7 @@ def _quiet() -> Iterator[io.StringIO]:
             lg.setLevel(lvl)
 
 
-def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.ModelProto:
+def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> ir.Model:
     import torch
     from torch.export import Dim
 
@@ -492,7 +505,9 @@ def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.Mod
             verbose=False,
         )
     assert program is not None
-    return program.model_proto
+    n = _gelu_in_fusable_order(program.model)  # on the exporter's IR: no second copy of the weights
+    logger.debug("reordered %d exact-GELU tails for ORT's Gelu fusion", n)
+    return program.model
 
 
 def _export_optimum(loaded: LoadedModel, opset: int, with_past: bool, workdir: Path) -> onnx.ModelProto:
@@ -538,64 +553,53 @@ def _check_traceable_rope(loaded: LoadedModel) -> None:
         )
 
 
-def _const_value(name: str, consts: dict) -> float | None:
-    """Scalar value of an initializer / Constant output, else None."""
-    arr = consts.get(name)
-    return float(arr.reshape(-1)[0]) if arr is not None and arr.size == 1 else None
+def _is_scalar(value, want: float, tol: float = 0.0) -> bool:
+    """``value`` (an onnx_ir Value) is a constant scalar within ``tol`` of ``want``."""
+    const = value.const_value if value is not None else None
+    if const is None:
+        return False
+    arr = const.numpy()
+    return arr.size == 1 and abs(float(arr.reshape(-1)[0]) - want) <= tol
 
 
-def _gelu_in_fusable_order(model: onnx.ModelProto) -> int:
+def _gelu_as_exported(op, x, sqrt2, one, half):
+    return op.Mul(x, op.Mul(op.Add(op.Erf(op.Div(x, sqrt2)), one), half))  # x * ((1 + erf(x / sqrt 2)) * 0.5)
+
+
+def _gelu_fusable(op, x, sqrt2, one, half):
+    div = op.Div(x, sqrt2)
+    erf = op.Erf(div)
+    add = op.Add(erf, one)
+    mul = op.Mul(x, add)
+    for v in (div, erf, add, mul):  # element-wise with scalars: x's type and shape (kept in value_info as before)
+        v.type, v.shape = x.type, x.shape
+    return op.Mul(mul, half)  # (x * (1 + erf(x / sqrt 2))) * 0.5
+
+
+def _gelu_constants(context, x, sqrt2, one, half, **_) -> bool:
+    return _is_scalar(sqrt2, 2**0.5, 1e-5) and _is_scalar(one, 1.0) and _is_scalar(half, 0.5)
+
+
+def _gelu_in_fusable_order(model: ir.Model) -> int:
     """Reorder the exact-GELU tail so ONNX Runtime fuses it into one ``Gelu`` / ``BiasGelu`` kernel (in place).
 
     torch's dynamo exporter writes ``x * ((1 + erf(x / sqrt 2)) * 0.5)``; ORT's GeluFusion only knows
     ``(x * 0.5) * (1 + erf(..))`` and ``(x * (1 + erf(..))) * 0.5``, so the dynamo graph ran five element-wise
     kernels over every (B, S, intermediate) FFN activation per inference (Div, Erf, Add, Mul, Mul) where the
-    optimum export runs one. Rewrites ``Mul(0.5, a) -> Mul(x, .)`` into ``Mul(x, a) -> Mul(., 0.5)``
-    (same value up to float rounding order). Returns the number of GELUs reordered.
-    """
-    from onnx import numpy_helper
+    optimum export runs one. An onnxscript rewrite rule (every operand order of the commutative ops) turns the
+    first form into the second: the same value up to float rounding order. Intermediate values used elsewhere
+    are not rewritten (the rewriter checks). Zero matches is not an error: not every model has exact GELU.
 
-    graph = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    for n in graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    count = 0
-    for half in [n for n in graph.node if n.op_type == "Mul" and len(n.input) == 2]:
-        k = next((j for j in (0, 1) if _const_value(half.input[j], consts) == 0.5), None)
-        if k is None:
-            continue
-        add = producer.get(half.input[1 - k])
-        if add is None or add.op_type != "Add":
-            continue
-        erf = next(
-            (producer.get(i) for i in add.input if producer.get(i) is not None and producer[i].op_type == "Erf"), None
-        )
-        one = next((i for i in add.input if _const_value(i, consts) == 1.0), None)
-        div = producer.get(erf.input[0]) if erf is not None else None
-        if (
-            one is None
-            or div is None
-            or div.op_type != "Div"
-            or abs((_const_value(div.input[1], consts) or 0) - 2**0.5) > 1e-5
-        ):
-            continue
-        x = div.input[0]
-        outs = consumers.get(half.output[0], [])
-        if len(outs) != 1 or outs[0].op_type != "Mul" or x not in outs[0].input:
-            continue
-        tail = outs[0]
-        # half: Mul(0.5, a) -> Mul(x, a); tail: Mul(x, half) -> Mul(half, 0.5)
-        half_const = half.input[k]
-        half.input[k], half.input[1 - k] = x, add.output[0]
-        tail.input[0], tail.input[1] = half.output[0], half_const
-        count += 1
-    return count
+    Args:
+        model: an ``onnx_ir.Model`` (what ``torch.onnx.export`` builds before serialising), changed in place.
+
+    Returns:
+        The number of GELUs reordered.
+    """
+    from onnxscript.rewriter import pattern
+
+    rule = pattern.RewriteRule(_gelu_as_exported, _gelu_fusable, _gelu_constants, name="GeluInFusableOrder")
+    return pattern.RewriteRuleSet([rule], commute=True).apply_to_model(model)
 
 
 def _normalize(model: onnx.ModelProto) -> None:
@@ -693,14 +697,29 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         tmp_dir = Path(tmp)
         try:
+            tmp_file = tmp_dir / MODEL_FILENAME
+            streamed = False
             if exporter == "dynamo":
-                proto = _export_dynamo(loaded, opset, with_past)
-                _gelu_in_fusable_order(proto)
+                from onnxscript import ir
+
+                graph = _export_dynamo(loaded, opset, with_past)
+                weights = sum(
+                    v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None
+                )
+                if weights > external_data_threshold:
+                    # stream each weight from the exporter's tensors into model.onnx.data: building the whole
+                    # ModelProto first held a second and (while saving) a third copy of every weight
+                    ir.save(graph, tmp_file, external_data=data_file(tmp_file).name, size_threshold_bytes=1024)
+                    proto, streamed = onnx.load(str(tmp_file), load_external_data=False), True
+                else:
+                    proto = ir.to_proto(graph)
+                del graph
             else:
                 proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
             _normalize(proto)
-            tmp_file = tmp_dir / MODEL_FILENAME
-            external = save_onnx(proto, tmp_file, threshold=external_data_threshold)
+            if streamed:  # graph only: its initializers already point at the data file
+                onnx.save_model(proto, str(tmp_file))
+            external = streamed or save_onnx(proto, tmp_file, threshold=external_data_threshold)
             onnx.checker.check_model(str(tmp_file), full_check=True)  # by path: handles external data
         except Exception as e:
             cause = _ANSI.sub("", (str(e).strip().splitlines() or [""])[0])[:300]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from exporters.graph import GraphIndex
 from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
 
 __all__ = [
@@ -211,26 +211,6 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             seen.add(name)
 
 
-def _index(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
-    """Map tensor name -> producing node, and tensor name -> consuming nodes (top graph only)."""
-    producer: dict[str, onnx.NodeProto] = {}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for out in node.output:
-            producer[out] = node
-        for inp in node.input:
-            if inp:
-                consumers[inp].append(node)
-    return producer, consumers
-
-
-def _constant_names(graph: onnx.GraphProto) -> set[str]:
-    """Tensor names that are constants: initializers and ``Constant`` node outputs."""
-    names = {t.name for t in graph.initializer}
-    names.update(o for n in graph.node if n.op_type == "Constant" for o in n.output)
-    return names
-
-
 def _fp32_node_names(model: onnx.ModelProto, keep_fp32_ops: Sequence[str]) -> set[str]:
     """Names of nodes to keep in fp32: listed op types, decomposed norms, and residual Adds feeding a norm.
 
@@ -239,7 +219,8 @@ def _fp32_node_names(model: onnx.ModelProto, keep_fp32_ops: Sequence[str]) -> se
     the producer of a norm's input ``x``.
     """
     graph = model.graph
-    producer, consumers = _index(graph)
+    idx = GraphIndex(graph)
+    producer, consumers = idx.producer, idx.consumers
     keep = set(keep_fp32_ops)
     names: set[str] = {n.name for n in graph.node if n.op_type in keep}
     norm_inputs: list[str] = [n.input[0] for n in graph.node if n.op_type in keep and "Norm" in n.op_type and n.input]
@@ -352,6 +333,24 @@ def _fp16(src: Path, tmp: Path, keep_fp32_ops: Sequence[str], external: bool) ->
     return lowered, kept, [f"kept {len(keep_nodes)} nodes in fp32 (norms, Softmax, residual Adds); fp32 I/O"]
 
 
+def _without_shape_hints(path: Path) -> onnx.ModelProto:
+    """Drop the intermediate ``value_info`` of an int8 model in place and return its graph (weights left on disk).
+
+    Why: with every intermediate shape declared (the dynamo export declares them all and ORT's quantizer keeps
+    them), ONNX Runtime's ``SkipLayerNormFusion`` proves the residual ``Add`` operands equal-shaped and fuses each
+    ``Add -> LayerNormalization`` into the contrib ``SkipLayerNormalization``, whose CPU kernel is a scalar loop with
+    a division per element: 250 us against 36 us for ``Add`` + ``LayerNormalization`` at (1, 128, 384), on 1 or 2
+    threads (ORT 1.32; benchmarks/results/quantization.md). Twelve of them were edgepipe's int8 MiniLM's whole
+    per-inference gap to the peer path (optimum export + ``quantize_dynamic``, whose graph declares too few shapes
+    for 6 of its 12 norms to fuse). Without the hints ORT infers the shapes it can itself and leaves the norms
+    unfused; outputs are unchanged (the hints are optional metadata). Graph inputs/outputs keep their shapes.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))  # external tensors keep pointing at <path>.data: only the graph is rewritten
+    return model
+
+
 def _weight_args(weight_type: str) -> dict:
     """``quantize_*`` keyword arguments for an :data:`INT8_WEIGHT_TYPES` entry."""
     from onnxruntime.quantization import QuantType
@@ -374,14 +373,24 @@ def _int8_dynamic(
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import quantize_dynamic
 
-    model = onnx.load(str(src))
+    model = onnx.load(str(src), load_external_data=not external)
     _name_nodes(model)
     exclude = {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)} | set(nodes_to_exclude)
     # quantize_dynamic first rewrites a Gemm as MatMul + Add named "<gemm>_MatMul", and checks exclusion on that
     exclude |= {f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm" and n.name in exclude}
     exclude = sorted(exclude)
+    model_input: onnx.ModelProto | str = model
+    if external:
+        # Hand ORT a file: given a ModelProto, quantize_dynamic deep-copies it, saves the copy and loads it back,
+        # three more copies of the weights in memory (the 2.4 GB encoder of issue 11 was killed at 14 GB). The named
+        # graph goes beside a copy of the source's data file (ORT writes beside its input; onnx refuses hard links).
+        named = tmp.parent / "named" / src.name
+        named.parent.mkdir()
+        shutil.copyfile(data_file(src), data_file(named))
+        onnx.save_model(model, str(named))  # graph only: its tensors point at the data file by its name
+        model_input = str(named)
     quantize_dynamic(
-        model,
+        model_input,
         str(tmp),
         op_types_to_quantize=list(
             op_types
@@ -395,7 +404,7 @@ def _int8_dynamic(
             "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed on ORT-fused graphs (platform notes §4)
         },
     )
-    out = onnx.load(str(tmp), load_external_data=False)
+    out = _without_shape_hints(tmp)
     n = sum(1 for node in out.graph.node if node.op_type in _INT8_DYNAMIC_OPS)
     if "Gather" in op_types:  # quantized embedding tables: Gather reads int8 data, DequantizeLinear follows
         int8_inits = {
@@ -454,7 +463,7 @@ def _int8_static(
     model = onnx.load(str(src))
     _name_nodes(model)
     named = Path(tmp_dir) / "named.onnx"
-    consts = _constant_names(model.graph)
+    consts = GraphIndex(model.graph).direct_constants
     save_onnx(model, named, external=external)
     # Only layers with a constant weight (input 1), e.g. the linear layers, never q @ k^T.
     targets = sorted(
@@ -489,8 +498,8 @@ def _int8_static(
             "OpTypesToExcludeOutputQuantization": [] if quantize_outputs else ["MatMul", "Gemm"],
         },
     )
-    out = onnx.load(str(tmp), load_external_data=False)
-    producer, _ = _index(out.graph)
+    out = _without_shape_hints(tmp)
+    producer = GraphIndex(out.graph).producer
     n = sum(
         1
         for node in out.graph.node

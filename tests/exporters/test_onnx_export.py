@@ -301,8 +301,9 @@ def test_minilm_export_parity_on_real_sentences(tmp_path: Path) -> None:
         assert cos.min() > 0.99999
 
 
-def _dynamo_gelu_graph(width: int) -> onnx.ModelProto:
-    """x * ((1 + erf(x / sqrt 2)) * 0.5): exact GELU in the order torch's dynamo exporter writes it."""
+def _dynamo_gelu_graph(width: int, swapped: bool = False) -> onnx.ModelProto:
+    """x * ((1 + erf(x / sqrt 2)) * 0.5): exact GELU in the order torch's dynamo exporter writes it
+    (``swapped``: every commutative operand pair the other way round)."""
     from onnx import TensorProto, helper, numpy_helper
 
     c = {
@@ -312,9 +313,9 @@ def _dynamo_gelu_graph(width: int) -> onnx.ModelProto:
     nodes = [
         helper.make_node("Div", ["x", "sqrt2"], ["d"]),
         helper.make_node("Erf", ["d"], ["e"]),
-        helper.make_node("Add", ["e", "one"], ["a"]),
-        helper.make_node("Mul", ["half", "a"], ["h"]),
-        helper.make_node("Mul", ["x", "h"], ["y"]),
+        helper.make_node("Add", ["one", "e"] if swapped else ["e", "one"], ["a"]),
+        helper.make_node("Mul", ["a", "half"] if swapped else ["half", "a"], ["h"]),
+        helper.make_node("Mul", ["h", "x"] if swapped else ["x", "h"], ["y"]),
     ]
     graph = helper.make_graph(
         nodes,
@@ -326,9 +327,12 @@ def _dynamo_gelu_graph(width: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_gelu_is_reordered_so_ort_fuses_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("swapped", [False, True])
+def test_gelu_is_reordered_so_ort_fuses_it(tmp_path: Path, swapped: bool) -> None:
     """Issue 11 item 7: the dynamo GELU tail ran as 5 kernels per FFN per inference; reordered, ORT fuses one Gelu."""
     from math import erf
+
+    from onnxscript import ir
 
     from exporters.onnx import _gelu_in_fusable_order
 
@@ -341,9 +345,12 @@ def test_gelu_is_reordered_so_ort_fuses_it(tmp_path: Path) -> None:
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
         return sorted(n.op_type for n in onnx.load(str(opt)).graph.node)
 
-    model = _dynamo_gelu_graph(37)
+    model = _dynamo_gelu_graph(37, swapped)
     assert "Gelu" not in fused_ops(model)
-    assert _gelu_in_fusable_order(model) == 1
+    graph = ir.from_proto(model)
+    assert _gelu_in_fusable_order(graph) == 1
+    assert _gelu_in_fusable_order(graph) == 0  # already in fusable order: nothing left to match
+    model = ir.to_proto(graph)
     assert fused_ops(model) == ["Gelu"]
     x = np.random.default_rng(0).standard_normal((3, 37)).astype(np.float32) * 4
     onnx.save(model, str(tmp_path / "r.onnx"))
@@ -359,3 +366,27 @@ def test_exported_bert_ffn_gelu_fuses(exported: dict[str, ExportResult], tmp_pat
     ort.InferenceSession(str(exported["bert"].path), so, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert "Erf" not in ops and ops & {"Gelu", "BiasGelu", "FastGelu"}
+
+
+def test_external_data_export_streams_the_weights_and_matches_the_single_file(
+    loaded: dict[str, LoadedModel], exported: dict[str, ExportResult], tmp_path: Path
+) -> None:
+    """Issue 11 item 2: over the threshold the weights go straight from the exporter to model.onnx.data (no
+    in-memory ModelProto with a copy of them); the graph and the outputs are those of the one-file export."""
+    from exporters.onnx import data_file
+
+    res = export_onnx(loaded["bert"], tmp_path / "ext", external_data_threshold=0)
+    single = onnx.load(str(exported["bert"].path))
+    graph = onnx.load(str(res.path), load_external_data=False)
+    big = [t for t in graph.graph.initializer if np.prod(t.dims) * 4 > 1024]  # fp32 tensors over 1 KiB
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    weights = sum(int(np.prod(t.dims)) * 4 for t in big)
+    assert data_file(res.path).stat().st_size >= weights > 16 * 1024
+    assert res.path.stat().st_size < exported["bert"].path.stat().st_size - weights + 4096  # no weight data in it
+    assert [(n.op_type, list(n.input), list(n.output)) for n in graph.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in single.graph.node
+    ]
+    feeds = dummy_feeds(res, 2, 7)
+    got = _run(_session(res.path), res, feeds)
+    ref = _run(_session(exported["bert"].path), exported["bert"], feeds)
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)

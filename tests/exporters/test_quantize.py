@@ -387,3 +387,32 @@ def test_profiles_choose_int8_weights_per_architecture() -> None:
     assert load_target("host-cpu").int8_weight_type == "u8"  # x86: exact on CPUs with and without VNNI
     assert load_target("raspberry-pi-5").int8_weight_type == "s8"  # ARM: int32 dot products, full 8-bit weights
     assert load_target("android-arm64").int8_weight_type == "s8"
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-static"])
+def test_int8_bert_runs_add_and_layernorm_not_the_slow_skip_layernorm(
+    tiny_models: dict[str, Path], tmp_path: Path, precision: str
+) -> None:
+    """Issue 11 item 7: ORT fuses each residual Add + LayerNormalization of a fully shape-annotated graph into
+    SkipLayerNormalization, whose CPU kernel is ~7x slower; the int8 paths ship a graph it leaves unfused."""
+    from exporters.onnx import dummy_feeds, export_onnx
+    from pipeline.models import load_model
+
+    res = export_onnx(load_model(tiny_models["bert"]), tmp_path / "fp32")
+    feeds = dummy_feeds(res, 2, 9)
+
+    def optimized_ops(path: Path) -> list[str]:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+
+    assert onnx.load(str(res.path)).graph.value_info  # the export declares every intermediate shape ...
+    assert "SkipLayerNormalization" in optimized_ops(res.path)  # ... which is what lets ORT fuse (test can fail)
+    dst = tmp_path / f"{precision}.onnx"
+    convert_precision(dst=dst, src=res.path, precision=precision, calibration_feeds=[feeds])
+    ops = optimized_ops(dst)
+    assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 5  # embeddings + 2 per layer
+    ref = ort.InferenceSession(str(res.path)).run(None, feeds)[0]
+    got = ort.InferenceSession(str(dst)).run(None, feeds)[0]
+    assert compare({"h": ref}, {"h": got}, atol=np.inf)[0].cosine_min > 0.99
