@@ -95,7 +95,7 @@ class _View:
             feeds, valid = [c[0] for c in chunks], [c[1] for c in chunks]
         ref_cur = [torch_reference(loaded, f) for f in feeds]
         first = io["output_names"][0]
-        rows = np.flatnonzero(np.concatenate(valid).any(axis=1))  # real rows: every passage has >= 1 token
+        rows = np.flatnonzero(_pad_cat(valid).any(axis=1))  # real rows: every passage has >= 1 token
         return cls(
             feeds=feeds,
             ref_cur=ref_cur,
