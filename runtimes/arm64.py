@@ -264,8 +264,8 @@ def _bundle_mask(bundle: Path) -> np.ndarray | None:
         return z[name] if name and name in z.files else None
 
 
-def _aarch64_targets(run_dir: Path) -> list[str]:
-    """Targets of the run whose profile is aarch64 and that have a bundle, in the run's order."""
+def _aarch64_targets(run_dir: Path) -> list[tuple[str, Any]]:
+    """(name, profile) of the run's targets whose profile is aarch64 and that have a bundle, in the run's order."""
     from targets.profile import load_target
 
     try:
@@ -277,7 +277,7 @@ def _aarch64_targets(run_dir: Path) -> list[str]:
     for entry in names:
         prof = load_target(entry)
         if prof.arch == "aarch64" and (run_dir / prof.name / "bundle" / "evaluate.py").is_file():
-            out.append(prof.name)
+            out.append((prof.name, prof))
     return out
 
 
@@ -289,10 +289,22 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def check_run(run_dir: Path, *, base: Path = DEFAULT_ROOTFS, cpu: str = DEFAULT_CPU, log=print) -> dict[str, Any]:
+def check_run(
+    run_dir: Path,
+    *,
+    base: Path = DEFAULT_ROOTFS,
+    cpu: str = DEFAULT_CPU,
+    include_gpu: bool = False,
+    timeout: float = 900.0,
+    log=print,
+) -> dict[str, Any]:
     """Run every aarch64 target's bundle of ``run_dir`` on the host and under QEMU; record and return the result.
 
     Writes ``report.json["arm64_check"]`` and the "aarch64 check" section of ``report.md`` (replaced on a rerun).
+    Targets whose profile says ``device: gpu`` are recorded as skipped unless ``include_gpu``: the board runs
+    them on its GPU providers, and QEMU can only run their CPU fallback (fp16 CPU kernels, very slow under
+    emulation). ``device: npu`` targets are run: their CPU fallback is what the phone runs where the NPU
+    provider refuses a node. ``timeout`` is per bundle run, in seconds.
 
     Returns:
         ``{"ok", "qemu_cpu", "onnxruntime", "targets": {name: {...}}}``; ``ok`` is False when any bundle
@@ -315,12 +327,16 @@ def check_run(run_dir: Path, *, base: Path = DEFAULT_ROOTFS, cpu: str = DEFAULT_
         raise ConfigError(f"arm64-check: {report_path} is missing or not JSON; run the pipeline first") from None
     root = (base / "root").resolve()
     targets: dict[str, Any] = {}
-    for name in _aarch64_targets(run_dir):
+    for name, prof in _aarch64_targets(run_dir):
         bundle = run_dir / name / "bundle"
+        if prof.device == "gpu" and not include_gpu:
+            targets[name] = {"skipped": "device gpu: runs on the board's GPU providers; QEMU runs only CPU kernels"}
+            log(f"arm64-check: {name}: skipped ({targets[name]['skipped']}; --include-gpu runs its CPU fallback)")
+            continue
         log(f"arm64-check: {name}: host run ...")
-        host = run_bundle(bundle, root=None)
+        host = run_bundle(bundle, root=None, timeout=timeout)
         log(f"arm64-check: {name}: aarch64 run under qemu ({cpu}) ...")
-        dev = run_bundle(bundle, root=root, cpu=cpu)
+        dev = run_bundle(bundle, root=root, cpu=cpu, timeout=timeout)
         entry: dict[str, Any] = {
             "ok": dev.exit_code == 0,
             "exit_code": dev.exit_code,
@@ -345,8 +361,9 @@ def check_run(run_dir: Path, *, base: Path = DEFAULT_ROOTFS, cpu: str = DEFAULT_
         log(f"arm64-check: {name}: {json.dumps(targets[name])}")
     import onnxruntime
 
+    checked = [t for t in targets.values() if "skipped" not in t]
     result = {
-        "ok": bool(targets) and all(t["ok"] for t in targets.values()),
+        "ok": bool(checked) and all(t["ok"] for t in checked),
         "qemu_cpu": cpu,
         "onnxruntime": onnxruntime.__version__,
         "suite": f"debian {SUITE} arm64",
@@ -377,6 +394,9 @@ def _markdown(result: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, t in result["targets"].items():
+        if "skipped" in t:
+            lines.append(f"| {name} | skipped: {t['skipped']} | | | | |")
+            continue
         ref = t.get("vs_reference", {})
         hv = t.get("host_vs_aarch64", {})
         lines.append(
@@ -384,8 +404,8 @@ def _markdown(result: Mapping[str, Any]) -> str:
             f" | {_num(ref.get('max_abs_diff'))} / {_num(ref.get('cosine_min'))}"
             f" | {_num(hv.get('max_abs_diff'))} | {_num(hv.get('cosine_min'), 6)} | {_num(hv.get('top1_agreement'))} |"
         )
-    if not result["targets"]:
-        lines.append("| (no aarch64 target with a bundle in this run) | **NO** | | | | |")
+    if not any("skipped" not in t for t in result["targets"].values()):
+        lines.append("| (no aarch64 CPU/NPU target with a bundle in this run) | **NO** | | | | |")
     return "\n".join([*lines, _SECTION_END]) + "\n"
 
 
@@ -403,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rootfs", default=str(DEFAULT_ROOTFS), help="where the root filesystem is built and cached")
     ap.add_argument("--cpu", default=DEFAULT_CPU, help=f"QEMU CPU model (default {DEFAULT_CPU}; 'max' for i8mm/SVE)")
     ap.add_argument("--build-only", action="store_true", help="build the root filesystem and stop")
+    ap.add_argument("--include-gpu", action="store_true", help="also run device: gpu targets' CPU fallback")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per bundle run (default 900)")
     ap.add_argument("--mirror", default=MIRROR, help="Debian mirror for debootstrap")
     args = ap.parse_args(argv)
     try:
@@ -411,11 +433,19 @@ def main(argv: list[str] | None = None) -> int:
         build_rootfs(Path(args.rootfs), mirror=args.mirror)
         if args.build_only:
             return 0
-        result = check_run(Path(args.run), base=Path(args.rootfs), cpu=args.cpu, log=lambda m: print(m, flush=True))
+        result = check_run(
+            Path(args.run),
+            base=Path(args.rootfs),
+            cpu=args.cpu,
+            include_gpu=args.include_gpu,
+            timeout=args.timeout,
+            log=lambda m: print(m, flush=True),
+        )
     except EdgepipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"arm64-check: {'PASS' if result['ok'] else 'FAIL'} ({len(result['targets'])} aarch64 target(s))")
+    n = sum("skipped" not in t for t in result["targets"].values())
+    print(f"arm64-check: {'PASS' if result['ok'] else 'FAIL'} ({n} aarch64 target(s) checked)")
     return 0 if result["ok"] else 1
 
 
