@@ -162,15 +162,20 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
             "min_cosine": tol.min_cosine,
             "ok": bool(all(c.ok for c in rows)),
         }
-        if not parity["ok"]:
-            failures.append(
-                {
-                    "target": name,
-                    "check": "parity",
-                    "value": f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}",
-                    "limit": f"atol {tol.atol}, min_cosine {tol.min_cosine}",
-                }
+        value, limit = (
+            f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}",
+            f"atol {tol.atol}, min_cosine {tol.min_cosine}",
+        )
+        if first == "logits" and tol.min_top1 is not None:  # (B, S, vocab): next-token argmax vs the reference
+            same = np.concatenate(
+                [(g[first].argmax(-1) == r[first].argmax(-1))[m.astype(bool)] for g, r, m in zip(got, ref_cur, valid)]
             )
+            parity |= {"top1_agreement": float(same.mean()), "min_top1": tol.min_top1}
+            parity["ok"] = parity["ok"] and not _below(parity["top1_agreement"], tol.min_top1)
+            value += f", top1 {parity['top1_agreement']:.4f}"
+            limit += f", min_top1 {tol.min_top1}"
+        if not parity["ok"]:
+            failures.append({"target": name, "check": "parity", "value": value, "limit": limit})
         got_first = _pad_cat([g[first] for g in got])[view.rows]
         if decoder or first == "logits":
             fid = lm_fidelity(dense_first, got_first, ids, masks)
