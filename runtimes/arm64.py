@@ -199,7 +199,7 @@ def run_bundle(bundle: Path, *, root: Path | None, cpu: str = DEFAULT_CPU, timeo
     bundle = Path(bundle)
     with tempfile.TemporaryDirectory(prefix="edgepipe-arm64-", dir=None if root is None else root / "tmp") as tmp:
         work = Path(tmp) / "bundle"
-        shutil.copytree(bundle, work, symlinks=False)
+        shutil.copytree(bundle, work, symlinks=True)  # a link stays a link: never read through it on the host
         if root is None:
             cmd = [sys.executable, str(work / "evaluate.py")]
             out_path = str(work / "outputs.npz")
