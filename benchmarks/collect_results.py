@@ -28,6 +28,10 @@ ORDER = [
         "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries",
     ),
     ("tune.md", "Issue 15 — edgepipe tune (functional run on a tiny model; MiniLM benchmark not run)"),
+    (
+        "int8_tolerance.md",
+        "Issue 16 — int8 parity across CPUs (host, AVX2 without VNNI, aarch64) and derived tolerances",
+    ),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
     ("diffusion.md", "Issue 18 — GMM score network: dense vs pruned vs quantized (verify_diffusion)"),
     (
