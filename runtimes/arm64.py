@@ -111,7 +111,7 @@ def build_rootfs(base: Path = DEFAULT_ROOTFS, *, mirror: str = MIRROR, force: bo
 
     The build goes to ``base/root.partial`` and is renamed to ``base/root`` only when a smoke test
     (``import numpy, onnxruntime`` under QEMU) passes, so an interrupted build never looks finished.
-    Downloads: the Debian mirror (~45 MB of packages) and PyPI (~40 MB of wheels). About a minute here.
+    Downloads: the Debian mirror (~45 MB of packages) and PyPI (~40 MB of wheels); 4 minutes here (loaded host).
 
     Raises:
         Arm64Error: not root, a tool missing, or a download/unpack step failed (log in ``base/build.log``).

@@ -145,7 +145,7 @@ def write_bundle(
         cfg = {
             "format_version": BUNDLE_FORMAT_VERSION,
             "model_file": model_path.name,
-            "input_names": list(inputs),
+            "input_names": [k for k in inputs if static_shape is None or k != VALID_MASK],  # the model's feeds
             "output_names": list(reference),
             "mask_input": mask_input if mask_input in inputs else None,
             "static_shape": None if static_shape is None else [int(d) for d in static_shape],
