@@ -19,7 +19,7 @@ encoder: a full-sequence model at ``(batch, seq)``.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,6 @@ __all__ = [
     "dynamic_dims",
     "fit_feeds",
     "make_static",
-    "unfit",
 ]
 
 #: inputs shaped (batch, sequence) that a fixed-shape model takes
@@ -191,9 +190,3 @@ def fit_feeds(
         valid[real:] = 0  # filler rows are not compared
         chunks.append((chunk, valid))
     return chunks
-
-
-def unfit(outputs: Sequence[np.ndarray], valid: Sequence[np.ndarray], batch_rows: int) -> np.ndarray:
-    """Join per-chunk (batch, seq, ...) outputs back into (rows, seq, ...) with the filler rows dropped."""
-    out = np.concatenate(list(outputs))
-    return out[:batch_rows]
