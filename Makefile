@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.edgepipe-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean arm64-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# opt-in, needs root + `apt-get install qemu-user-static debootstrap binfmt-support`: builds a Debian arm64 root
+# filesystem once in .arm64-rootfs/ and runs every aarch64 target's bundle of RUN under QEMU (README "Static shapes
+# and the aarch64 check")
+RUN ?= runs/demo
+arm64-check: setup
+	nice -n 10 $(PY) -m runtimes.arm64 --run $(RUN)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -32,6 +32,10 @@ ORDER = [
         "memory.md",
         "Issue 16 — memory budget (measured vs estimated) and provider coverage per documented provider (MiniLM)",
     ),
+    (
+        "int8_tolerance.md",
+        "Issue 16 — int8 parity across CPUs (host, AVX2 without VNNI, aarch64) and derived tolerances",
+    ),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
     (
         "mixed_precision.md",

@@ -24,11 +24,13 @@ import numpy as np
 
 from exporters.onnx import onnx_files
 
-__all__ = ["BUNDLE_FORMAT_VERSION", "write_bundle"]
+__all__ = ["BUNDLE_FORMAT_VERSION", "VALID_MASK", "write_bundle"]
 
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT_VERSION = 1
+#: the (B, S) mask of a static-shape bundle: 1 on real tokens, 0 on padding and filler rows (not a model input)
+VALID_MASK = "valid_mask"
 
 _README = """\
 # edgepipe evaluation bundle: {model}
@@ -52,6 +54,29 @@ def _check_arrays(kind: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndar
     return out
 
 
+def _fit_static(
+    inputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], shape: tuple[int, int], mask_input: str | None
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Inputs and reference at exactly ``shape`` = (batch, seq), plus the ``valid_mask`` input."""
+    from exporters.static_shapes import fit_feeds
+
+    batch, seq = shape
+    s = next(iter(inputs.values())).shape[-1]
+    if s > seq:
+        raise ValueError(
+            f"sample inputs have {s} positions but the model's static sequence is {seq}: compute the reference on"
+            f" inputs of at most {seq} tokens (truncating here would change what it was computed on)"
+        )
+    fitted, valid = fit_feeds(inputs, batch, seq, mask_name=mask_input or "attention_mask")[0]
+    real = min(batch, next(iter(inputs.values())).shape[0])
+    ref = {}
+    for name, r in reference.items():
+        out = np.zeros((batch, seq, *r.shape[2:]), dtype=r.dtype)  # (batch, seq, ...): zeros where not compared
+        out[:real, : r.shape[1]] = r[:real]
+        ref[name] = out
+    return {**fitted, VALID_MASK: valid}, ref
+
+
 def write_bundle(
     out_dir: Path,
     *,
@@ -66,6 +91,7 @@ def write_bundle(
     runs: int = 20,
     warmup: int = 3,
     mask_input: str | None = "attention_mask",
+    static_shape: tuple[int, int] | None = None,
 ) -> Path:
     """Write an evaluation bundle folder.
 
@@ -84,12 +110,16 @@ def write_bundle(
         warmup: untimed warm-up runs.
         mask_input: name of the (B, S) padding mask in ``sample_inputs`` for padding-aware
             checks; ignored if absent.
+        static_shape: ``(batch, seq)`` of a fixed-shape model: inputs are padded (rows: copies of the last
+            real row; positions: zeros) or cut (rows) to it, the reference is zero-padded the same way and a
+            ``valid_mask`` input (0 on filler rows and padding, never fed to the model) becomes the mask.
 
     Returns:
         ``out_dir``.
 
     Raises:
-        ValueError: bad tolerances/counts or empty/object arrays.
+        ValueError: bad tolerances/counts or empty/object arrays; with ``static_shape``, inputs longer than
+            ``seq`` (truncating them would change what the reference was computed on).
         FileNotFoundError: ``model_path`` does not exist.
     """
     if atol < 0 or rtol < 0:
@@ -103,6 +133,9 @@ def write_bundle(
         raise FileNotFoundError(f"model file not found: {str(model_path)!r}")
     inputs = _check_arrays("sample_inputs", sample_inputs)
     reference = _check_arrays("reference_outputs", reference_outputs)
+    if static_shape is not None:
+        inputs, reference = _fit_static(inputs, reference, static_shape, mask_input)
+        mask_input = VALID_MASK
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -114,9 +147,10 @@ def write_bundle(
         cfg = {
             "format_version": BUNDLE_FORMAT_VERSION,
             "model_file": model_path.name,
-            "input_names": list(inputs),
+            "input_names": [k for k in inputs if static_shape is None or k != VALID_MASK],  # the model's feeds
             "output_names": list(reference),
             "mask_input": mask_input if mask_input in inputs else None,
+            "static_shape": None if static_shape is None else [int(d) for d in static_shape],
             "atol": float(atol),
             "rtol": float(rtol),
             "min_cosine": None if min_cosine is None else float(min_cosine),

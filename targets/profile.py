@@ -41,6 +41,12 @@ class Tolerance(Frozen):
 
     atol: float = Field(gt=0, description="max |onnx - torch| over valid (non-padded) positions")
     min_cosine: float = Field(0.0, ge=-1, le=1, description="min per-token cosine vs the reference")
+    min_top1: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="models with a logits output: min share of valid positions whose argmax matches the reference",
+    )
 
 
 class Cache(Frozen):

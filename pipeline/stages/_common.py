@@ -245,7 +245,8 @@ def write_target_bundle(
     warmup: int = 3,
 ) -> Path:
     """The standalone evaluation bundle for one target: its shipped model (``.ort`` where the profile asks for
-    ORT format), sample inputs, PyTorch reference of the first output and the profile's tolerance."""
+    ORT format), sample inputs, PyTorch reference of the first output and the profile's tolerance; inputs padded
+    to the profile's ``static_shapes`` where it sets them."""
     from runtimes.bundle import write_bundle
 
     first = tm.io["output_names"][0]
@@ -263,4 +264,5 @@ def write_target_bundle(
         providers=prof.providers,
         runs=runs,
         warmup=warmup,
+        static_shape=(prof.static_shapes.batch, prof.static_shapes.seq) if prof.static_shapes else None,
     )

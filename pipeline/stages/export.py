@@ -110,6 +110,31 @@ def _io_record(res) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
+def _static_model(path: Path, prof, loaded, ctx: StageContext, done: dict[tuple, Path]) -> Path:
+    """``path`` itself, or for a profile with ``static_shapes`` its fixed-shape copy (one per shape, in ``done``)."""
+    shapes = prof.static_shapes
+    if shapes is None:
+        return path
+    key = (str(path), shapes.batch, shapes.seq)
+    if key not in done:
+        from exporters.static_shapes import StaticShapeError, make_static
+        from pipeline.stages._common import model_max_positions
+
+        limit = model_max_positions(loaded.model)
+        if limit is not None and shapes.seq > limit:
+            raise StageError(
+                "export",
+                f"target '{prof.name}': static_shapes.seq {shapes.seq} is more than the model's {limit} positions",
+            )
+        dst = path.parent / f"static-b{shapes.batch}-s{shapes.seq}" / "model.onnx"
+        try:
+            done[key] = make_static(path, dst, batch=shapes.batch, seq=shapes.seq)
+        except StaticShapeError as exc:
+            raise StageError("export", f"target '{prof.name}' sets static_shapes: {exc}") from None
+        ctx.log.info("fixed %s to batch %d, sequence %d for %s", path.name, shapes.batch, shapes.seq, prof.name)
+    return done[key]
+
+
 @register_stage(ExportConfig, version=2)
 def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
     """Export to ONNX once per distinct opset among the targets and check it against PyTorch."""
@@ -184,8 +209,12 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
                     "max_abs_diff_vs_torch": float(np.abs(lowered[first] - ref)[m].max()),
                 }
         exports[f"opset{opset}"] = entry
+        static: dict[tuple, Path] = {}
         for path, tnames in groups.values():
             for name in tnames:
-                out = out.with_target(name, TargetModel(model=ctx.ref(path), precision="fp32", io=io))
+                model = _static_model(Path(path), ctx.targets[name], loaded, ctx, static)
+                out = out.with_target(name, TargetModel(model=ctx.ref(model), precision="fp32", io=io))
+        if static:
+            entry["static_shapes"] = {f"{b}x{s}": ctx.ref(p) for (_, b, s), p in sorted(static.items())}
     ctx.metrics.update({"exports": exports})
     return out

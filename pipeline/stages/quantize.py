@@ -165,6 +165,11 @@ def quantize_targets(
             if calib_feeds is None:
                 calib_feeds = calibration_feeds(tm)
             feeds = calib_feeds
+            if prof.static_shapes:  # a fixed-shape model takes only (batch, seq) feeds
+                from exporters.static_shapes import fit_feeds
+
+                ss = prof.static_shapes
+                feeds = [chunk for f in feeds for chunk, _ in fit_feeds(f, ss.batch, ss.seq)]
         kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel, "weight_type": prof.int8_weight_type}
         if precision == "int8" and cfg.quantize_embeddings:
             kwargs["int8_op_types"] = ("MatMul", "Gemm", "Gather")
@@ -189,6 +194,13 @@ def quantize_targets(
                 files["sensitivity_plot"] = ctx.ref(m.plot)
         else:
             q = convert_precision(src, dst, precision, **kwargs)
+        if prof.static_shapes:  # the quantizer's new nodes carry no shapes: fix and check every dim again
+            from exporters.static_shapes import StaticShapeError, make_static
+
+            try:
+                make_static(dst, dst, batch=prof.static_shapes.batch, seq=prof.static_shapes.seq)
+            except StaticShapeError as exc:
+                raise StageError("quantize", f"target '{name}' sets static_shapes: {exc}") from None
         info = {
             "precision": precision,
             "size_bytes": q.size_bytes,

@@ -3,6 +3,7 @@ writes each target's standalone on-device bundle. Gate failures are recorded (th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -70,13 +71,55 @@ def _pad_cat(arrs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.pad(a, [(0, 0), (0, s - a.shape[1])] + [(0, 0)] * (a.ndim - 2)) for a in arrs])
 
 
+@dataclass(frozen=True)
+class _View:
+    """The held-out batches as one input shape sees them, with their PyTorch references.
+
+    ``feeds``/``ref_cur``/``valid``: per batch (B, S) feeds, current-model outputs and the (B, S) validity mask
+    (the attention mask; for a static shape also 0 on filler rows). ``masks``/``ids``/``dense_first``: all
+    batches joined, filler rows dropped (``rows`` selects the real rows of a joined target output).
+    """
+
+    feeds: list[dict[str, np.ndarray]]
+    ref_cur: list[dict[str, np.ndarray]]
+    valid: list[np.ndarray]
+    rows: np.ndarray
+    masks: np.ndarray
+    ids: np.ndarray
+    dense_first: np.ndarray
+
+    @classmethod
+    def build(cls, batches, io, loaded, dense, shape: tuple[int, int] | None) -> _View:
+        from exporters.onnx import torch_reference
+
+        feeds = [to_numpy_feeds(b, io) for b in batches]
+        if shape is None:
+            valid = [f["attention_mask"] for f in feeds]
+        else:  # (batch, seq) chunks: padded/truncated inputs, filler rows marked invalid
+            from exporters.static_shapes import fit_feeds
+
+            chunks = [c for f in feeds for c in fit_feeds(f, *shape)]
+            feeds, valid = [c[0] for c in chunks], [c[1] for c in chunks]
+        ref_cur = [torch_reference(loaded, f) for f in feeds]
+        first = io["output_names"][0]
+        rows = np.flatnonzero(_pad_cat(valid).any(axis=1))  # real rows: every passage has >= 1 token
+        return cls(
+            feeds=feeds,
+            ref_cur=ref_cur,
+            valid=valid,
+            rows=rows,
+            masks=_pad_cat(valid)[rows],
+            ids=_pad_cat([f["input_ids"] for f in feeds])[rows],
+            dense_first=_pad_cat([torch_reference(dense, f)[first] for f in feeds])[rows],
+        )
+
+
 @register_stage(ValidateConfig)
 def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artifact:
     """Check every target's model: onnx checker, parity vs PyTorch (profile tolerance), fidelity vs dense."""
     import onnx
     from tqdm.auto import tqdm
 
-    from exporters.onnx import torch_reference
     from runtimes.compare import compare, comparison_table
     from runtimes.fidelity import embedding_fidelity, lm_fidelity, mean_pool
     from runtimes.session import make_session
@@ -92,15 +135,11 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     )
     decoder = art.task == "text-generation"
 
-    # PyTorch references, computed once: the current (maybe pruned) model for parity, the dense one for fidelity
+    # PyTorch references, computed once per input shape: the current (maybe pruned) model for parity, the dense
+    # one for fidelity; a static-shape target gets its own, on the same padded/truncated inputs it runs
     any_io = next(iter(art.targets.values())).io
-    feeds_all = [to_numpy_feeds(b, any_io) for b in batches]
-    ref_cur = [torch_reference(loaded, f) for f in feeds_all]
-    ref_dense = [torch_reference(dense, f) for f in feeds_all]
     first = any_io["output_names"][0]
-    masks = _pad_cat([f["attention_mask"] for f in feeds_all])
-    ids = _pad_cat([f["input_ids"] for f in feeds_all])
-    dense_first = _pad_cat([r[first] for r in ref_dense])
+    views: dict[Any, _View] = {}
 
     failures: list[dict[str, Any]] = []
     out = art
@@ -108,22 +147,21 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     for name in tqdm(list(ctx.targets), desc="validate", disable=not ctx.progress, leave=False):
         prof = ctx.targets[name]
         tm = art.targets[name]
+        shape = (prof.static_shapes.batch, prof.static_shapes.seq) if prof.static_shapes else None
+        if shape not in views:
+            views[shape] = _View.build(batches, any_io, loaded, dense, shape)
+        view = views[shape]
+        feeds_all, ref_cur, valid = view.feeds, view.ref_cur, view.valid
+        masks, ids, dense_first = view.masks, view.ids, view.dense_first
         path = ctx.resolve(tm.model)
         onnx.checker.check_model(str(path), full_check=True)
         tol = prof.tolerances[tm.precision]
         sess = make_session(path, threads=min(prof.threads or 2, 2))
-        got = _run_session(sess, [to_numpy_feeds(b, tm.io) for b in batches], tm.io["output_names"])
+        names_in = tm.io["input_names"]
+        got = _run_session(sess, [{k: f[k] for k in names_in} for f in feeds_all], tm.io["output_names"])
         rows = []
-        for g, r, f in zip(got, ref_cur, feeds_all):
-            rows.extend(
-                compare(
-                    {first: r[first]},
-                    {first: g[first]},
-                    atol=tol.atol,
-                    min_cosine=tol.min_cosine,
-                    mask=f["attention_mask"],
-                )
-            )
+        for g, r, m in zip(got, ref_cur, valid):
+            rows.extend(compare({first: r[first]}, {first: g[first]}, atol=tol.atol, min_cosine=tol.min_cosine, mask=m))
         parity = {
             "max_abs_diff": float(max(c.max_abs_diff for c in rows)),
             "cosine_min": float(min(c.cosine_min for c in rows)),
@@ -131,16 +169,21 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
             "min_cosine": tol.min_cosine,
             "ok": bool(all(c.ok for c in rows)),
         }
-        if not parity["ok"]:
-            failures.append(
-                {
-                    "target": name,
-                    "check": "parity",
-                    "value": f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}",
-                    "limit": f"atol {tol.atol}, min_cosine {tol.min_cosine}",
-                }
+        value, limit = (
+            f"max_abs_diff {parity['max_abs_diff']:.3g}, cos_min {parity['cosine_min']:.4f}",
+            f"atol {tol.atol}, min_cosine {tol.min_cosine}",
+        )
+        if first == "logits" and tol.min_top1 is not None:  # (B, S, vocab): next-token argmax vs the reference
+            same = np.concatenate(
+                [(g[first].argmax(-1) == r[first].argmax(-1))[m.astype(bool)] for g, r, m in zip(got, ref_cur, valid)]
             )
-        got_first = _pad_cat([g[first] for g in got])
+            parity |= {"top1_agreement": float(same.mean()), "min_top1": tol.min_top1}
+            parity["ok"] = parity["ok"] and not _below(parity["top1_agreement"], tol.min_top1)
+            value += f", top1 {parity['top1_agreement']:.4f}"
+            limit += f", min_top1 {tol.min_top1}"
+        if not parity["ok"]:
+            failures.append({"target": name, "check": "parity", "value": value, "limit": limit})
+        got_first = _pad_cat([g[first] for g in got])[view.rows]
         if decoder or first == "logits":
             fid = lm_fidelity(dense_first, got_first, ids, masks)
             if cfg.min_top1_agreement is not None and _below(fid["top1_agreement"], cfg.min_top1_agreement):
@@ -198,8 +241,15 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
         metrics.update(promises)
         failures.extend(broken)
         if cfg.bundle:
+            real0 = valid[0].any(axis=1)  # (B,): rows of the first batch that are passages, not filler
             bundle = write_target_bundle(
-                ctx, ctx.subdir(name, "bundle"), prof, tm, feeds_all[0], ref_cur[0], threads=prof.threads or 1
+                ctx,
+                ctx.subdir(name, "bundle"),
+                prof,
+                tm,
+                {k: feeds_all[0][k][real0] for k in names_in},  # the real rows: the bundle pads them itself
+                {first: ref_cur[0][first][real0]},
+                threads=prof.threads or 1,
             )
             files["bundle"] = ctx.ref(bundle)
         summary[name] = {

@@ -3,7 +3,7 @@
 
 Needs only numpy + onnxruntime (+ the standard library). Run inside the bundle folder:
 
-    python evaluate.py [--runs N] [--threads T] [--provider P]
+    python evaluate.py [--runs N] [--threads T] [--provider P] [--save-outputs out.npz]
 
 It loads the model with the preferred providers from bundle.json that this onnxruntime
 has (falling back to CPU), checks the outputs against reference.npz (max abs diff and
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=cfg["warmup"], help="untimed warm-up runs")
     ap.add_argument("--threads", type=int, default=cfg["threads"], help="intra-op threads")
     ap.add_argument("--provider", default=None, help="force one execution provider (CPU fallback kept)")
+    ap.add_argument(
+        "--save-outputs", default=None, help="also write the checked outputs to this .npz (host-vs-device comparison)"
+    )
     args = ap.parse_args(argv)
     if args.runs < 1 or args.threads < 1 or args.warmup < 0:
         print(
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
     names = list(reference)
     outputs = dict(zip(names, sess.run(names, feeds)))
+    if args.save_outputs:
+        np.savez(args.save_outputs, **outputs)
     ok, per_output = verdict(reference, outputs, cfg["atol"], cfg["rtol"], cfg.get("min_cosine"), mask)
     max_abs = max(r["max_abs_diff"] for r in per_output.values())
     cos_min = min(

@@ -16,6 +16,7 @@ BUILTIN = [
     "jetson-agx-orin",
     "android-arm64",
     "ios-arm64",
+    "android-npu",
 ]
 
 
