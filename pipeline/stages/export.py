@@ -66,7 +66,7 @@ def _lower_attention(res, change: AttentionChange, names: list[str], ctx: StageC
     """Lower the exported attention per target: {label: (model path, target names)}; zero rewrites is an error."""
     import onnx
 
-    from exporters.attention import lower_to_block_sparse, lower_to_fused_attention
+    from exporters.attention_lowering import lower_to_block_sparse, lower_to_fused_attention
     from exporters.onnx import data_file, move_onnx, save_onnx
 
     model = onnx.load(str(res.path))
