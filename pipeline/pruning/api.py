@@ -125,15 +125,15 @@ def _prune_matrix(ref: MatrixRef, method: str, cfg: PruneConfig, stats: LayerSta
 
 def _import_prune_qk() -> Callable[..., Any]:
     try:
-        mod = importlib.import_module("pipeline.pruning.attention")
+        mod = importlib.import_module("pipeline.pruning.attention_objective")
     except ModuleNotFoundError as exc:
-        if exc.name != "pipeline.pruning.attention":
+        if exc.name != "pipeline.pruning.attention_objective":
             raise
         raise NotImplementedError(
-            "method 'attention' needs pipeline.pruning.attention.prune_qk, which is not available in this build"
+            "method 'attention' needs pipeline.pruning.attention_objective.prune_qk, which is not available in this build"
         ) from exc
     if not hasattr(mod, "prune_qk"):
-        raise NotImplementedError("pipeline.pruning.attention exists but defines no prune_qk")
+        raise NotImplementedError("pipeline.pruning.attention_objective exists but defines no prune_qk")
     return mod.prune_qk
 
 
@@ -405,7 +405,7 @@ def prune_model(
 
     Raises:
         ValueError: calibration missing for a data-driven method, or ``sparsity > 0`` pruned nothing.
-        NotImplementedError: ``method='attention'`` without :mod:`pipeline.pruning.attention`.
+        NotImplementedError: ``method='attention'`` without :mod:`pipeline.pruning.attention_objective`.
     """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)

@@ -15,12 +15,12 @@ __all__ = ["PruneConfig", "structured_units"]
 
 
 def _attention_config_class() -> type[BaseModel] | None:
-    """Return ``AttentionMethodConfig`` from :mod:`pipeline.pruning.attention` if that module exists yet."""
+    """Return ``AttentionMethodConfig`` from :mod:`pipeline.pruning.attention_objective` if that module exists yet."""
     try:
-        mod = importlib.import_module("pipeline.pruning.attention")
+        mod = importlib.import_module("pipeline.pruning.attention_objective")
     except ModuleNotFoundError as exc:
         # Only "the attention module is not written yet" is tolerated; a missing dependency *inside* it is a bug.
-        if exc.name != "pipeline.pruning.attention":
+        if exc.name != "pipeline.pruning.attention_objective":
             raise
         return None
     return getattr(mod, "AttentionMethodConfig", None)
@@ -101,7 +101,7 @@ class PruneConfig(BaseModel):
         " MiniLM 50%: 0.01 over-fits 64 calibration passages, 0.1-1.0 help, 1.0 best on worst-case cosine)",
     )
     attention: Any = Field(
-        None, description="options of the attention-matrix method (pipeline.pruning.attention.AttentionMethodConfig)"
+        None, description="options of the attention-matrix method (pipeline.pruning.attention_objective.AttentionMethodConfig)"
     )
     strict: bool = Field(False, description="reject patterns that give no speedup on the target (target-aware checks)")
     seed: int = Field(0, description="random seed recorded with the result")
@@ -156,7 +156,7 @@ class PruneConfig(BaseModel):
         if isinstance(v, dict) and not v:
             return {}
         raise ValueError(
-            f"attention options {v!r} given, but pipeline.pruning.attention.AttentionMethodConfig is not available yet"
+            f"attention options {v!r} given, but pipeline.pruning.attention_objective.AttentionMethodConfig is not available yet"
         )
 
     @model_validator(mode="after")

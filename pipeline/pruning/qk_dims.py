@@ -9,7 +9,7 @@ keep their size.
 Choosing the narrow q/k (``reduce_qk``):
 
 * ``method="attention"`` (the attention objective of arXiv 2410.11261): an initial rank-``r`` pair, then Adam on the
-  relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of :mod:`pipeline.pruning.attention`, with its
+  relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of :mod:`pipeline.pruning.attention_objective`, with its
   held-out early stop). Initial pair, ``AttentionMethodConfig.qk_init`` [I: our choice, measured in
   ``benchmarks/results/pruning.md``]:
 
@@ -367,13 +367,13 @@ def reduce_qk(
         geom: the dense block's geometry (MHA without RoPE).
         keep: narrow width r, 1 <= r <= hd.
         method: ``"attention"`` (init + refit on the attention objective), ``"wanda"`` or ``"magnitude"``.
-        cfg: :class:`pipeline.pruning.attention.AttentionMethodConfig` (``qk_init``, refit options).
+        cfg: :class:`pipeline.pruning.attention_objective.AttentionMethodConfig` (``qk_init``, refit options).
         X_target: (B, n, d) dense-model inputs for the target attention (error correction), or None.
 
     Returns:
         :class:`QKReduceResult` with (H·keep, d) weights; ``stats`` holds held-out attention errors.
     """
-    from pipeline.pruning.attention import AttentionMethodConfig, _refit, split_objectives
+    from pipeline.pruning.attention_objective import AttentionMethodConfig, _refit, split_objectives
 
     t0 = time.perf_counter()
     cfg = cfg or AttentionMethodConfig()

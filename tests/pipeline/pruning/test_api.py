@@ -54,7 +54,7 @@ def test_config_json_round_trip_and_frozen(cfg):
 
 def test_config_attention_options():
     try:
-        from pipeline.pruning.attention import AttentionMethodConfig
+        from pipeline.pruning.attention_objective import AttentionMethodConfig
     except ModuleNotFoundError:
         AttentionMethodConfig = None
     if AttentionMethodConfig is None:
@@ -107,7 +107,7 @@ def test_nothing_pruned_raises_and_zero_sparsity_is_a_noop():
 
 
 def test_attention_method_wiring():
-    pytest.importorskip("pipeline.pruning.attention")
+    pytest.importorskip("pipeline.pruning.attention_objective")
     model = tiny_model("llama")
     cal = random_batches(2)
     cfg = PruneConfig(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.pruning.attention import AttentionMethodConfig, prune_qk, qk_attention, relative_frobenius_error
+from pipeline.pruning.attention_objective import AttentionMethodConfig, prune_qk, qk_attention, relative_frobenius_error
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.sparsegpt import sparsegpt_prune
 

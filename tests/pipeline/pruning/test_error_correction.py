@@ -166,7 +166,7 @@ def test_error_correction_brings_the_pruned_model_closer_to_dense(family):
 
 def test_prune_qk_start_sets_the_support_but_not_the_target():
     """``start`` (e.g. q/k re-solved toward the dense stream) is what gets pruned; F* still comes from the dense q/k."""
-    from pipeline.pruning.attention import AttentionMethodConfig, _hessian, _sparsegpt, prune_qk
+    from pipeline.pruning.attention_objective import AttentionMethodConfig, _hessian, _sparsegpt, prune_qk
 
     model = tiny_model("bert")
     b = blocks(model)[0]

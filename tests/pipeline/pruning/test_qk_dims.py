@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.pruning import PruneConfig, QKReducedSelfAttention, blocks, prune_model, reduce_qk
-from pipeline.pruning.attention import AttentionMethodConfig, qk_attention
+from pipeline.pruning.attention_objective import AttentionMethodConfig, qk_attention
 from pipeline.pruning.qk_dims import QK_DIMS_KEY, _svd_init, qk_keep
 
 from .conftest import random_batches, tiny_model
