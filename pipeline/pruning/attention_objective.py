@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.masks import allowed_positions, binarize_scores
+from pipeline.pruning.registry import PruneMethod, matrix_methods, register_qk_method
 
 __all__ = ["AttentionMethodConfig", "QKResult", "prune_qk", "qk_attention", "relative_frobenius_error"]
 
@@ -138,9 +139,19 @@ class AttentionMethodConfig(BaseModel):
         description="structured QK dims: start of the refit - per-head rank-r SVD of the bilinear form in the "
         "inputs' metric, or whole coordinate dims removed greedily by the attention loss [I]",
     )
-    companion: Literal["wanda", "sparsegpt"] = Field(
-        "sparsegpt", description="pruner the driver uses for v/o/FFN alongside this method (not used here)"
+    companion: str = Field(
+        "sparsegpt",
+        description="pruner the driver uses for v/o/FFN alongside this method (not used here): a registered method"
+        " with a per-matrix rule (pipeline.pruning.registry.matrix_methods())",
     )
+
+    @field_validator("companion")
+    @classmethod
+    def _check_companion(cls, v: str) -> str:
+        allowed = matrix_methods()
+        if v not in allowed:
+            raise ValueError(f"companion must be one of {allowed}, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> AttentionMethodConfig:
@@ -662,3 +673,16 @@ def prune_qk(
         stats["seconds"],
     )
     return QKResult(wq_o, bq_o, wk_o, bk_o, mq, mk, stats)
+
+
+register_qk_method(
+    PruneMethod(
+        name="attention",
+        description="q/k pruned to preserve the softmax attention matrix (arXiv 2410.11261); v/o/FFN by its companion",
+        qk_rule=prune_qk,
+        qk_width_rule="attention",
+        options=AttentionMethodConfig,
+        reconstructs=True,
+        corrects_by_default=True,
+    )
+)
