@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
@@ -20,15 +20,17 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_OPSET", "FUSED_ATTENTION_OPSET", "ExportConfig", "run_export"]
 
-DEFAULT_OPSET = 18  # the best-trodden path for quantization, fp16 and ORT format (platform notes §3-§6)
+DEFAULT_OPSET = 18  # opset 18: quantize_dynamic, ORT's fp16 converter and .ort conversion all handle it (opset-23 Attention needs MatMul-only int8)
 FUSED_ATTENTION_OPSET = 23  # SDPA exports as the standard ONNX Attention op from opset 23
 
 
 class ExportConfig(StageConfig):
     kind = "export"
     works_on = "export"
-    exporter: Literal["dynamo", "optimum"] = Field(
-        "dynamo", description="torch.onnx dynamo exporter, or optimum's main_export"
+    exporter: str = Field(
+        "dynamo",
+        description="a registered exporter (exporters.registry.exporter_names()): dynamo = torch.onnx dynamo"
+        " exporter, optimum = optimum's main_export",
     )
     opset: int | None = Field(
         None,
@@ -40,7 +42,9 @@ class ExportConfig(StageConfig):
         None, description="decoders: export the KV cache (past/present); default on for decoders"
     )
     cross_check: bool = Field(
-        False, description="also export with the other exporter and compare their outputs on calibration text"
+        False,
+        description="also export with the first other registered exporter (dynamo <-> optimum) and compare their"
+        " outputs on calibration text",
     )
     external_data_mb: float = Field(
         1800.0,
@@ -48,6 +52,16 @@ class ExportConfig(StageConfig):
         description="weights above this many MiB go to model.onnx.data beside model.onnx"
         " (ONNX external data: one protobuf file holds at most 2 GiB); later stages keep the split",
     )
+
+    @field_validator("exporter")
+    @classmethod
+    def _check_exporter(cls, v: str) -> str:
+        from exporters.registry import exporter_names
+
+        allowed = exporter_names()
+        if v not in allowed:
+            raise ValueError(f"exporter must be one of {allowed}, got {v!r}")
+        return v
 
     def check(self, plan: RunPlan) -> None:
         for name, prof in plan.targets.items():
@@ -164,7 +178,9 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         got = _run(res.path, res.output_names, feeds)
         entry["max_abs_diff_vs_torch"] = float(np.abs(got[first] - torch_reference(loaded, feeds)[first])[m].max())
         if cfg.cross_check:
-            other = "optimum" if cfg.exporter == "dynamo" else "dynamo"
+            from exporters.registry import cross_check_exporter
+
+            other = cross_check_exporter(cfg.exporter)
             res2 = export_onnx(
                 loaded, ctx.subdir(f"opset{opset}-{other}"), opset=opset, exporter=other, with_past=with_past
             )

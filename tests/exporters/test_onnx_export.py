@@ -266,7 +266,7 @@ def test_export_error_is_one_line_and_atomic(root: Path, tmp_path: Path) -> None
 
 def test_bad_arguments(root: Path, loaded: dict[str, LoadedModel], exported: dict[str, ExportResult]) -> None:
     with pytest.raises(ValueError, match="'tflite'"):
-        export_onnx(loaded["bert"], root / "x", exporter="tflite")  # type: ignore[arg-type]
+        export_onnx(loaded["bert"], root / "x", exporter="tflite")
     with pytest.raises(ValueError, match="with_past=True needs a text-generation decoder"):
         export_onnx(loaded["bert"], root / "x", with_past=True)
     with pytest.raises(ValueError, match="opset"):
