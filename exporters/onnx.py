@@ -1,13 +1,14 @@
 """Export a :class:`~pipeline.models.LoadedModel` to an ONNX model (``model.onnx``; weights over
 :data:`EXTERNAL_DATA_THRESHOLD` in ``model.onnx.data`` beside it).
 
-Two exporters:
+Two exporters, registered here in the exporter registry (:mod:`exporters.registry`; a new one is one file plus
+one registration):
 
 * ``"dynamo"`` (default): ``torch.onnx.export(..., dynamo=True)`` on a thin
   wrapper module with flat tensor inputs/outputs. Decoders with KV cache use a
   wrapper that rebuilds a ``transformers.DynamicCache`` from flat
   ``past_key_values.{i}.key/value`` tensors and returns flat ``present.{i}.*``
-  tensors (platform notes §7). The attention-mask length gets its own ``Dim``
+  tensors (transformers' decoders take the cache object, not tuples). The attention-mask length gets its own ``Dim``
   because ``Dim(seq) + Dim(past)`` is rejected by ``torch.export``.
 * ``"optimum"``: ``optimum.exporters.onnx.main_export`` (cross-check/fallback;
   TorchScript tracer inside). Its names are used as-is.
@@ -39,9 +40,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from exporters.registry import exporter_spec, register_exporter
 
 if TYPE_CHECKING:
     import onnx
@@ -66,7 +69,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EXPORTERS = ("dynamo", "optimum")
 MODEL_FILENAME = "model.onnx"
 # fp32 ORT-vs-PyTorch parity bound for an un-optimised export (measured diffs are 1e-7..4e-6).
 PARITY_ATOL = 1e-4
@@ -161,7 +163,7 @@ class ExportResult:
         with_past: decoders only: KV-cache inputs/outputs are present.
         num_layers, num_kv_heads, head_dim: decoder cache geometry for building
             empty past feeds of shape ``(batch, num_kv_heads, past, head_dim)``; 0 for encoders.
-        exporter: ``"dynamo"`` or ``"optimum"``.
+        exporter: the registered exporter that made it (:mod:`exporters.registry`).
         opset: default-domain opset of the file.
         vocab_size: ``config.vocab_size`` (upper bound for dummy token ids).
     """
@@ -217,12 +219,6 @@ def _cache_geometry(loaded: LoadedModel) -> tuple[int, int, int]:
             f"{loaded.model_type}: key cache ({kh} heads x {kd}) and value cache ({vh} x {vd}) differ in shape"
         )
     return len(legacy), kh, kd
-
-
-def _is_causal_lm(loaded: LoadedModel) -> bool:
-    """Text-generation graphs get the decoder wrapper; everything else (incl. a GPT-2 body
-    loaded for feature-extraction) the single-output encoder wrapper."""
-    return loaded.task == "text-generation"
 
 
 def _has_token_type_ids(loaded: LoadedModel) -> bool:
@@ -327,7 +323,7 @@ def _decoder_wrapper(loaded: LoadedModel, with_past: bool) -> torch.nn.Module:
 
 def _io_names(loaded: LoadedModel, with_past: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Input and output names of the dynamo export (optimum naming)."""
-    if not _is_causal_lm(loaded):
+    if not loaded.is_causal_lm:
         inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if _has_token_type_ids(loaded) else ())
         return inputs, ("logits" if loaded.task == "fill-mask" else "last_hidden_state",)
     n_layers = _cache_geometry(loaded)[0]
@@ -394,7 +390,7 @@ def torch_reference(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[s
 
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     with torch.inference_mode():
-        if not _is_causal_lm(loaded):
+        if not loaded.is_causal_lm:
             names = _io_names(loaded, with_past=False)[1]
             out = _encoder_wrapper(loaded)(t["input_ids"], t["attention_mask"], t.get("token_type_ids"))
             return {names[0]: out.numpy()}
@@ -459,7 +455,7 @@ def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.Mod
     g = torch.Generator().manual_seed(0)
     vocab = int(loaded.model.config.vocab_size)
     ids = torch.randint(0, vocab, (B, S), generator=g)
-    if not _is_causal_lm(loaded):
+    if not loaded.is_causal_lm:
         module = _encoder_wrapper(loaded)
         args: tuple[Any, ...] = (ids, torch.ones(B, S, dtype=torch.long))
         shapes: tuple[Any, ...] = ({0: batch, 1: seq}, {0: batch, 1: seq})
@@ -638,12 +634,48 @@ def _normalize(model: onnx.ModelProto) -> None:
     del graph.metadata_props[:]
 
 
+def _check_optimum_loadable(loaded: LoadedModel) -> None:
+    """optimum re-loads the directory with plain transformers, which cannot rebuild edgepipe's structural edits
+    (the module transforms recorded in ``config.json``, :mod:`pipeline.transforms`)."""
+    import importlib.util
+
+    from pipeline.transforms import recorded_transforms
+
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters.onnx") is None:
+        raise ExportError(
+            "exporter 'optimum' needs the optional packages optimum and optimum-onnx: pip install 'edgepipe[optimum]'"
+        )
+    for t in recorded_transforms(loaded.model.config):
+        raise ExportError(
+            f"{loaded.model_type}: the optimum exporter cannot load {t.description} (config {t.key});"
+            " use exporter 'dynamo'"
+        )
+
+
+@register_exporter(
+    "dynamo", description="torch.onnx.export(dynamo=True) on a flat-IO wrapper (default)", check=_check_traceable_rope
+)
+def _dynamo_exporter(loaded: LoadedModel, opset: int, with_past: bool, workdir: Path) -> onnx.ModelProto:
+    proto = _export_dynamo(loaded, opset, with_past)
+    _gelu_in_fusable_order(proto)
+    return proto
+
+
+@register_exporter(
+    "optimum",
+    description="optimum.exporters.onnx.main_export (TorchScript tracer; reads the weights from the model folder)",
+    check=_check_optimum_loadable,
+)
+def _optimum_exporter(loaded: LoadedModel, opset: int, with_past: bool, workdir: Path) -> onnx.ModelProto:
+    return _export_optimum(loaded, opset, with_past, workdir / "optimum")
+
+
 def export_onnx(
     loaded: LoadedModel,
     out_dir: Path,
     *,
     opset: int = 18,
-    exporter: Literal["dynamo", "optimum"] = "dynamo",
+    exporter: str = "dynamo",
     with_past: bool | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportResult:
@@ -653,8 +685,8 @@ def export_onnx(
         loaded: the model (from :func:`pipeline.models.load_model`).
         out_dir: directory for ``model.onnx`` (created if needed).
         opset: default-domain opset (18; 23 maps SDPA to the ONNX ``Attention`` op).
-        exporter: ``"dynamo"`` (default) or ``"optimum"`` (reads the weights from ``loaded.path``,
-            so in-memory edits not saved there are not seen).
+        exporter: a registered exporter (:func:`exporters.registry.exporter_names`): ``"dynamo"`` (default) or
+            ``"optimum"`` (reads the weights from ``loaded.path``, so in-memory edits not saved there are not seen).
         with_past: text-generation only: include KV-cache IO. ``None`` means True for
             text-generation, False otherwise.
         external_data_threshold: weights larger than this many bytes are written to
@@ -669,22 +701,15 @@ def export_onnx(
     """
     import onnx
 
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    spec = exporter_spec(exporter)  # ValueError naming the registered exporters
     if not 14 <= opset <= 23:
         raise ValueError(f"opset must be in [14, 23], got {opset}")
     if with_past is None:
-        with_past = _is_causal_lm(loaded)
-    if with_past and not _is_causal_lm(loaded):
+        with_past = loaded.is_causal_lm
+    if with_past and not loaded.is_causal_lm:
         raise ValueError(f"with_past=True needs a text-generation decoder, got {loaded.model_type!r} ({loaded.task})")
-    if exporter == "optimum" and getattr(loaded.model.config, "edgepipe_qk_dims", None):
-        # optimum re-loads the directory with plain transformers, which cannot build narrowed q/k heads
-        raise ExportError(
-            f"{loaded.model_type}: the optimum exporter cannot load q/k heads narrowed by prune structured_unit"
-            " qk_dims (config edgepipe_qk_dims); use exporter 'dynamo'"
-        )
-    if exporter == "dynamo":
-        _check_traceable_rope(loaded)
+    if spec.check is not None:
+        spec.check(loaded)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILENAME
@@ -693,11 +718,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
         tmp_dir = Path(tmp)
         try:
-            if exporter == "dynamo":
-                proto = _export_dynamo(loaded, opset, with_past)
-                _gelu_in_fusable_order(proto)
-            else:
-                proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
+            proto = spec.fn(loaded, opset, with_past, tmp_dir)
             _normalize(proto)
             tmp_file = tmp_dir / MODEL_FILENAME
             external = save_onnx(proto, tmp_file, threshold=external_data_threshold)
@@ -709,7 +730,7 @@ def export_onnx(
     if external:
         logger.info("weights written to %s (external data)", data_file(final).name)
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    n_layers, n_kv, hd = _cache_geometry(loaded) if _is_causal_lm(loaded) else (0, 0, 0)
+    n_layers, n_kv, hd = _cache_geometry(loaded) if loaded.is_causal_lm else (0, 0, 0)
     result = ExportResult(
         path=final,
         task=loaded.task,

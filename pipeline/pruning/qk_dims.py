@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from pipeline.pruning.geometry import AttentionGeometry
+from pipeline.transforms import register_module_transform
 
 __all__ = [
     "QK_DIMS_KEY",
@@ -237,6 +238,11 @@ def restore_qk_dims_(model: nn.Module, model_dir: Path) -> int:
                         f"{path.name}: {key!r} has shape {shape}, the model expects {tuple(state[key].shape)}"
                     )
     return len(dims)
+
+
+register_module_transform(
+    QK_DIMS_KEY, restore_qk_dims_, description="q/k heads narrowed by prune structured_unit qk_dims"
+)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
+from pipeline.loaded import is_causal_lm
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import (
     cap_length,
@@ -83,7 +84,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     batches = encode(
         loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size, ctx=ctx
     )
-    decoder = art.task == "text-generation"
+    decoder = is_causal_lm(art.family, art.task)
 
     # PyTorch references, computed once: the current (maybe pruned) model for parity, the dense one for fidelity
     any_io = next(iter(art.targets.values())).io
