@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,8 @@ from pipeline.artifact import (
     temp_file_near,
 )
 from pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["publish_targets", "write_reports"]
 
@@ -81,7 +84,11 @@ def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]
     rows = [(n, t) for n, t in targets.items() if t.get("latency_ms")]
     if not rows:
         return []
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional (extra 'plots'): the tables say the same
+        logger.warning("latency plots skipped: matplotlib is not installed (pip install 'edgepipe[plots]')")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

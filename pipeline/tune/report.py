@@ -117,7 +117,10 @@ def run_references(spec: TuneSpec, layout: Layout, board: Any = None) -> dict[st
 
 
 def _plot(spec: TuneSpec, records, refs, target: str, keys_front: list[str], path: Path) -> bool:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional (extra 'tune' installs it): the CSV and the table say the same
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
