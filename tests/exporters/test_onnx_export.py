@@ -293,7 +293,7 @@ def test_minilm_export_parity_on_real_sentences(tmp_path: Path) -> None:
         _assert_parity(got, ref)
         # mean-pooled sentence embeddings agree too (the product's actual output)
         m = feeds["attention_mask"][..., None]
-        pool = lambda h: (h * m).sum(1) / m.sum(1)  # noqa: E731
+        pool = lambda h, m=m: (h * m).sum(1) / m.sum(1)  # noqa: E731
         cos = (pool(got["last_hidden_state"]) * pool(ref["last_hidden_state"])).sum(-1) / (
             np.linalg.norm(pool(got["last_hidden_state"]), axis=-1)
             * np.linalg.norm(pool(ref["last_hidden_state"]), axis=-1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -192,7 +193,7 @@ def optimize_mask(
     lam: float,
     causal: bool,
     pad_mask: torch.Tensor | None = None,
-    solver: Literal[gd, adam] = "gd",
+    solver: Literal["gd", "adam"] = "gd",
     steps: int = 100,
     lr: float | None = None,
     safety: float = 1.0,

@@ -72,7 +72,7 @@ def test_obs_group_removal_is_the_least_squares_refit_and_picks_the_best_group()
 def test_obs_single_columns_batched_matches_one_by_one_closely():
     W, X, H = _problem(out=6, d=40, n=400, seed=3)
     groups = [torch.tensor([j]) for j in range(40)]
-    exact, r1 = obs_remove_groups(W, H, groups, 20, percdamp=0.0, steps=20)  # one column per update
+    exact, _r1 = obs_remove_groups(W, H, groups, 20, percdamp=0.0, steps=20)  # one column per update
     batched, r2 = obs_remove_groups(W, H, groups, 20, percdamp=0.0, steps=10)  # two per joint update
     keep = torch.tensor(sorted(set(range(40)) - set(r2)))
     assert torch.allclose(batched[:, keep], _ls_refit(W, X, keep), atol=1e-8)  # joint updates stay exact LS
@@ -84,7 +84,7 @@ def test_obs_single_columns_batched_matches_one_by_one_closely():
 
 
 def test_augmented_hessian_matches_the_constant_column():
-    W, X, H = _problem()
+    _W, X, H = _problem()
     Xa = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
     ref = 2.0 * Xa.T @ Xa / X.shape[0]
     assert torch.allclose(augmented_hessian(H, X.sum(0), X.shape[0]), ref, atol=1e-10)
