@@ -71,7 +71,7 @@ def _part(role: str) -> str:
     return {"q": "qk", "k": "qk", "v": "vo", "o": "vo"}.get(role, "ffn")
 
 
-def _correct_toward_dense(ref: MatrixRef, stats: LayerStats, cross: torch.Tensor, ridge: float) -> None:
+def _correct_toward_dense(ref: MatrixRef, stats: LayerStats | None, cross: torch.Tensor, ridge: float) -> None:
     """Replace ``ref``'s weight (and bias) by the dense-output reconstruction in place.
 
     ``H`` and ``C`` are the augmented (in+1) moments of the pruned-model inputs and of pruned x dense inputs
@@ -81,6 +81,7 @@ def _correct_toward_dense(ref: MatrixRef, stats: LayerStats, cross: torch.Tensor
     shrunk toward the dense weight (not toward 0) because a calibration set of a few thousand tokens
     over-fits a full least-squares re-solve (MiniLM 50 %: ridge 0.01 lost 0.12 held-out cosine, 1.0 gained).
     """
+    assert stats is not None  # cross moments exist only where calibration statistics were collected
     W = ref.weight.double()
     n_in = W.shape[1]
     bias = ref.bias
@@ -141,6 +142,7 @@ def _prune_block_unstructured(
     info: dict[str, Any] = {}
     rest = roles
     if prune_qk is not None and {"q", "k"} <= set(roles):
+        assert stats is not None  # a q/k rule needs calibration (PruneMethod.needs_calibration)
         q, k = block.q, block.k
         clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
         dense_qk = (clone(q.weight), clone(q.bias), clone(k.weight), clone(k.bias))
@@ -195,6 +197,8 @@ def _reduce_qk_dims(
     q, k = block.q, block.k
     X = None if stats is None else stats.attn_input
     pad = None if stats is None else stats.attn_pad_mask
+    qk_rule = cfg.method_spec.qk_width_rule
+    assert qk_rule is not None  # PruneConfig refuses qk_dims for a method without one
     res = reduce_qk(
         q.weight,
         q.bias,
@@ -204,7 +208,7 @@ def _reduce_qk_dims(
         pad,
         g,
         keep=keep,
-        method=cfg.method_spec.qk_width_rule,
+        method=qk_rule,
         cfg=cfg.attention_options,
         X_target=attn_target,
     )
@@ -236,6 +240,7 @@ def _prune_block_structured(
         k = units_to_remove(block.ffn_out.in_features, cfg.sparsity if cfg.ffn_sparsity is None else cfg.ffn_sparsity)
         chosen = None
         if obs and k > 0:
+            assert stats is not None  # OBS reads the Hessian (hess_roles)
             if cross is not None:
                 _correct_toward_dense(block.ffn_out, stats, cross["ffn_out"], cfg.correction_ridge)
             chosen = obs_select_and_compensate(
@@ -256,6 +261,7 @@ def _prune_block_structured(
         k = units_to_remove(g.num_kv_heads, cfg.sparsity if cfg.head_sparsity is None else cfg.head_sparsity)
         chosen = None
         if obs and k > 0:
+            assert stats is not None  # OBS reads the Hessian (hess_roles)
             if cross is not None:
                 _correct_toward_dense(block.o, stats, cross["o"], cfg.correction_ridge)
             # o_proj's input is the per-head attention output softmax(QK^T)V: its columns come in head groups
@@ -421,12 +427,13 @@ def prune_model(
     inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
     # error correction: a second stream of dense hidden states; reconstructed matrices aim at the dense outputs
     correct = cfg.corrects_errors and inputs is not None
-    dense_inputs = list(inputs) if correct else None
+    dense_inputs = list(inputs) if correct and inputs is not None else None
     per_layer: list[dict[str, Any]] = []
     for i in range(n_layers):
         block = blocks(model)[i]  # fresh view: structured pruning replaces modules
         stats = None
         if correct:
+            assert inputs is not None and dense_inputs is not None
             info, dense_next = _prune_block_corrected(model, i, cfg, roles, hess_roles, inputs, dense_inputs, prune_qk)
             dense_inputs = [dataclasses.replace(inp, hidden=h) for inp, h in zip(dense_inputs, dense_next)]
         else:
@@ -453,6 +460,7 @@ def prune_model(
                 block = blocks(model)[i]
                 hidden = [run_block(block, inp) for inp in inputs]  # pruned outputs feed the next block
             else:
+                assert stats is not None  # collected whenever inputs are
                 hidden = stats.outputs  # dense outputs (one-shot protocol)
             inputs = [dataclasses.replace(inp, hidden=h) for inp, h in zip(inputs, hidden)]
         if progress is not None:
@@ -500,6 +508,7 @@ def prune_model(
             " (too few weights per row/unit for this sparsity?)"
         )
     if eval_batches:
+        assert dense is not None  # copied above when eval_batches were given
         metrics["attention_error"] = attention_error(dense, model, eval_batches)
         metrics["layer_output_error"] = layer_output_error(dense, model, eval_batches)
     metrics["seconds"] = time.perf_counter() - t0
