@@ -189,6 +189,11 @@ class ExportResult:
 # --------------------------------------------------------------------------- wrappers
 
 
+def _vocab_size(loaded: LoadedModel) -> int:
+    """``config.vocab_size`` of a transformers model (token ids are drawn below it)."""
+    return int(loaded.config.vocab_size)
+
+
 def _cache_geometry(loaded: LoadedModel) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder, read from the modules themselves.
 
@@ -302,7 +307,9 @@ def _decoder_wrapper(loaded: LoadedModel, with_past: bool) -> torch.nn.Module:
             if with_past:
                 assert past is not None and len(past) == 2 * n_layers
                 # DynamicCache from legacy ((k, v), ...) pairs; flat order is k0, v0, k1, v1, ...
-                cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(n_layers)))
+                pairs = tuple((past[2 * i], past[2 * i + 1]) for i in range(n_layers))
+                # transformers annotates the legacy cache as a 1-tuple; it takes one (k, v) pair per layer
+                cache = DynamicCache.from_legacy_cache(pairs)  # type: ignore[arg-type]
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -453,7 +460,7 @@ def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.Mod
     batch, seq = Dim("batch"), Dim("sequence_length")
     B, S = _TRACE_BATCH, _TRACE_SEQ
     g = torch.Generator().manual_seed(0)
-    vocab = int(loaded.model.config.vocab_size)
+    vocab = _vocab_size(loaded)
     ids = torch.randint(0, vocab, (B, S), generator=g)
     if not loaded.is_causal_lm:
         module = _encoder_wrapper(loaded)
@@ -742,7 +749,7 @@ def export_onnx(
         head_dim=hd,
         exporter=exporter,
         opset=int(opset_found),
-        vocab_size=int(loaded.model.config.vocab_size),
+        vocab_size=_vocab_size(loaded),
     )
     logger.info("exported %s to %s (%d nodes)", what, final, len(proto.graph.node))
     return result

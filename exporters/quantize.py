@@ -297,9 +297,9 @@ def _fp32(
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     opt = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for f in feeds[:4]:
-        f = _select_feeds(onnx.load(str(src), load_external_data=False), f)
-        for a, b in zip(ref.run(None, f), opt.run(None, f)):
+    for feed in feeds[:4]:
+        sel = _select_feeds(onnx.load(str(src), load_external_data=False), feed)
+        for a, b in zip(ref.run(None, sel), opt.run(None, sel)):
             worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
     if not worst <= 1e-4:
         shutil.copyfile(src, tmp)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TEXT_GENERATION",
+    "HFModule",
     "LoadedModel",
     "ModelKind",
     "ModelLoadError",
@@ -22,6 +23,11 @@ __all__ = [
     "is_causal_family",
     "is_causal_lm",
 ]
+
+# A transformers model or one of its sub-modules, read duck-typed: its attributes (``config``, ``encoder.layer``,
+# ``q_proj``, ``get_input_embeddings``, ...) differ per family and are reached through ``nn.Module.__getattr__``,
+# which types them as ``Tensor | Module``.
+HFModule = Any
 
 # Families whose attention is causal, whatever task they serve.
 _DECODER_FAMILIES = frozenset({"gpt2", "llama"})
@@ -53,6 +59,11 @@ class LoadedModel:
     family: str
     model_type: str
     path: Path
+
+    @property
+    def config(self) -> Any:
+        """``model.config``: the transformers ``PretrainedConfig`` (or the model kind's own config object)."""
+        return getattr(self.model, "config", None)
 
     @property
     def is_decoder(self) -> bool:

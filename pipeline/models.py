@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.loaded import LoadedModel, ModelLoadError, check_weights, is_causal_family
+from pipeline.loaded import HFModule, LoadedModel, ModelLoadError, check_weights, is_causal_family
 from pipeline.model_folder import TOKENIZER_FILES
 from pipeline.transforms import recorded_transforms
 
@@ -396,7 +396,8 @@ def save_model(loaded: LoadedModel, out_dir: str | Path) -> Path:
     if kind is not None:
         return kind.save(loaded, out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out, safe_serialization=True)
+    model: HFModule = loaded.model  # a transformers PreTrainedModel (other kinds saved themselves above)
+    model.save_pretrained(out, safe_serialization=True)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out)
     logger.debug("saved %s model to %s", loaded.model_type, out)

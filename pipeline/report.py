@@ -179,8 +179,8 @@ def write_reports(
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", _markdown(report, plots))
     outputs = {}
-    for files in published.values():
-        for _label, rel in files.items():
+    for published_files in published.values():
+        for _label, rel in published_files.items():
             p = run_dir / rel
             if p.is_file():
                 outputs[rel] = hash_file(p)

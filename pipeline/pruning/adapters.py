@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
+from pipeline.loaded import HFModule
 from pipeline.pruning.geometry import AttentionGeometry
 
 __all__ = [
@@ -33,11 +33,6 @@ __all__ = [
     "family_of",
     "register_adapter",
 ]
-
-# A transformers model or one of its sub-modules, read duck-typed: its attributes (``config``, ``encoder.layer``,
-# ``q_proj``, ``c_attn``, ...) differ per family and are reached through ``nn.Module.__getattr__``, which types
-# them as ``Tensor | Module``; the adapters below are where each family's layout is written down.
-HFModule = Any
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -17,6 +17,7 @@ from pipeline.stages._common import encode, load_from_artifact, text_sets, to_nu
 
 if TYPE_CHECKING:
     from pipeline.kernels.change import AttentionChange
+    from targets.profile import AttentionOp
 
 __all__ = ["DEFAULT_OPSET", "FUSED_ATTENTION_OPSET", "ExportConfig", "run_export"]
 
@@ -84,9 +85,11 @@ def _lower_attention(res, change: AttentionChange, names: list[str], ctx: StageC
     from exporters.onnx import data_file, move_onnx, save_onnx
 
     model = onnx.load(str(res.path))
-    by_op: dict[str, list[str]] = {}
+    by_op: dict[AttentionOp | Literal["block_sparse"], list[str]] = {}
     for name in names:
-        op = "block_sparse" if change.block_sparse else ctx.targets[name].attention_ops[0]
+        op: AttentionOp | Literal["block_sparse"] = (
+            "block_sparse" if change.block_sparse else ctx.targets[name].attention_ops[0]
+        )
         by_op.setdefault(op, []).append(name)
     out: dict[str, Any] = {}
     for op, tnames in sorted(by_op.items()):
@@ -152,7 +155,7 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         with_past = False
     reference = load_from_artifact(art, ctx, reference=True) if change else loaded
     conf = loaded.model.config
-    n_layers = int(getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", 0))
+    n_layers = int(getattr(conf, "num_hidden_layers", 0) or getattr(conf, "n_layer", 0))
     exports = {}
     out = art
     for opset, names in sorted(by_opset.items()):
@@ -168,7 +171,7 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         feeds = to_numpy_feeds(batch, io)
         m = np.asarray(feeds["attention_mask"], bool)
         first = res.output_names[0]
-        entry = {
+        entry: dict[str, Any] = {
             "exporter": cfg.exporter,
             "size_bytes": model_bytes(res.path),
             "targets": names,

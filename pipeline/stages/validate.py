@@ -209,7 +209,8 @@ def _generation_parity(loaded, sess, tm: TargetModel, feeds: dict, n_tokens: int
     from exporters.onnx import ExportResult
     from runtimes.generate import greedy_generate_ort, greedy_generate_torch
 
-    res = ExportResult(path=Path("."), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in tm.io.items()})
+    io: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in tm.io.items()}
+    res = ExportResult(path=Path("."), **io)
     prompts = feeds["input_ids"][:, :_PROMPT_TOKENS]
     ort_ids = greedy_generate_ort(sess, res, prompts, n_tokens)
     pt_ids = greedy_generate_torch(loaded, prompts, n_tokens)
