@@ -131,10 +131,11 @@ def _plot(spec: TuneSpec, records, refs, target: str, keys_front: list[str], pat
         else "top1_agreement"
     )
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for feas, style in (
+    styles: tuple[tuple[bool, dict[str, Any]], ...] = (
         (True, dict(c="tab:blue", marker="o", label="feasible trial")),
         (False, dict(c="tab:gray", marker="x", label="infeasible trial")),
-    ):
+    )
+    for feas, style in styles:
         xs = [
             (r["targets"][target]["metrics"].get("latency_ms"), r["targets"][target]["metrics"].get(fid))
             for r in records
