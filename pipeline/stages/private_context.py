@@ -235,6 +235,7 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
     pub_keys = max(
         float(np.abs(np.einsum("hmd,hdp->hmp", K, proj[l]) if proj else K).max()) for l, (K, _) in enumerate(pub)
     )
+    assert cfg.key_bound is not None and cfg.value_bound is not None  # check() requires both
     R = _bound(cfg.key_bound, pub_keys, "key_bound")
     Rw = _bound(cfg.value_bound, max(float(np.abs(V).max()) for _, V in pub), "value_bound")
     bounds = PublicBounds(R, Rw)
