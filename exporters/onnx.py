@@ -189,11 +189,6 @@ class ExportResult:
 # --------------------------------------------------------------------------- wrappers
 
 
-def _vocab_size(loaded: LoadedModel) -> int:
-    """``config.vocab_size`` of a transformers model (token ids are drawn below it)."""
-    return int(loaded.config.vocab_size)
-
-
 def _cache_geometry(loaded: LoadedModel) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder, read from the modules themselves.
 
@@ -460,7 +455,7 @@ def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> onnx.Mod
     batch, seq = Dim("batch"), Dim("sequence_length")
     B, S = _TRACE_BATCH, _TRACE_SEQ
     g = torch.Generator().manual_seed(0)
-    vocab = _vocab_size(loaded)
+    vocab = int(loaded.config.vocab_size)
     ids = torch.randint(0, vocab, (B, S), generator=g)
     if not loaded.is_causal_lm:
         module = _encoder_wrapper(loaded)
@@ -652,10 +647,11 @@ def _check_optimum_loadable(loaded: LoadedModel) -> None:
         raise ExportError(
             "exporter 'optimum' needs the optional packages optimum and optimum-onnx: pip install 'edgepipe[optimum]'"
         )
-    for t in recorded_transforms(loaded.model.config):
+    recorded = recorded_transforms(loaded.config)
+    if recorded:
         raise ExportError(
-            f"{loaded.model_type}: the optimum exporter cannot load {t.description} (config {t.key});"
-            " use exporter 'dynamo'"
+            f"{loaded.model_type}: the optimum exporter cannot load {recorded[0].description}"
+            f" (config {recorded[0].key}); use exporter 'dynamo'"
         )
 
 
@@ -749,7 +745,7 @@ def export_onnx(
         head_dim=hd,
         exporter=exporter,
         opset=int(opset_found),
-        vocab_size=_vocab_size(loaded),
+        vocab_size=int(loaded.config.vocab_size),
     )
     logger.info("exported %s to %s (%d nodes)", what, final, len(proto.graph.node))
     return result
