@@ -181,6 +181,11 @@ class ExportResult:
     vocab_size: int = 0
 
     @property
+    def is_causal_lm(self) -> bool:
+        """Exported from a causal LM (decided by :attr:`LoadedModel.is_causal_lm`): logits and a cache geometry."""
+        return self.num_layers > 0
+
+    @property
     def past_names(self) -> tuple[str, ...]:
         """The ``past_key_values.*`` input names, in layer order."""
         return tuple(n for n in self.input_names if n.startswith("past_key_values."))

@@ -18,8 +18,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.loaded import TEXT_GENERATION
-
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -70,7 +68,7 @@ def greedy_generate_ort(
     Returns:
         ``(B, S + max_new_tokens)`` int64 ids: the prompt followed by the generated tokens.
     """
-    if result.task != TEXT_GENERATION:  # the graph has logits and a KV cache (exported from a causal LM)
+    if not result.is_causal_lm:
         raise ValueError(f"greedy generation needs a text-generation export, got task {result.task!r}")
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = _check_prompt(ids, attention_mask, max_new_tokens)
