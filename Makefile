@@ -6,14 +6,15 @@ STAMP  := $(VENV)/.edgepipe-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast bench clean arm64-check
+.PHONY: setup demo lint test test-fast bench clean arm64-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, exactly pinned: a looser spec pulls a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	# the exact tested set (constraints.txt) within pyproject's ranges; '.[test]' = every extra + pytest, ruff, mypy
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $@
 
 setup: $(STAMP)
@@ -21,7 +22,13 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/edgepipe run --workdir runs/demo
 
-test: setup
+# style and types: ruff (lint + format, config in pyproject.toml) and mypy on the product packages
+lint: setup
+	$(VENV)/bin/ruff check pipeline exporters runtimes targets tests benchmarks
+	$(VENV)/bin/ruff format --check pipeline exporters runtimes targets tests benchmarks
+	$(VENV)/bin/mypy pipeline exporters runtimes targets
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -132,7 +132,7 @@ def main() -> None:
                 "eps_score2": err["mse"],
                 "eps_score2_relative": err["relative"],
                 "lipschitz_jacobian_torch_fp32": float(
-                    jacobian_opnorm(lambda v, s: model(v.float(), s.float()), xl, tl).max()
+                    jacobian_opnorm(lambda v, s, model=model: model(v.float(), s.float()), xl, tl).max()
                 ),
                 "lipschitz_fd_onnx": float(finite_difference_opnorm(fn, xl, tl).max()),
                 "certificate": cert["total"],

@@ -66,7 +66,7 @@ def main() -> None:
                     except ValueError:
                         return "no tile fits"
 
-                def std(fn, bound):
+                def std(fn, bound, n=n, d=d, m=m):
                     # the textbook count keeps a K/V matrix and a score row on chip: only valid if that fits
                     peak = io.standard_forward_io(n, d).peak_fast_words
                     return f"{fn(n, d) / bound:.2f}" if peak <= m else f"n/a (needs M >= {peak})"

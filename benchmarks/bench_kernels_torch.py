@@ -106,7 +106,7 @@ def main() -> None:
     for n in args.ns:
         by = {r["kernel"]: r for r in rows if r["n"] == n}
 
-        def cell(kern, key, fmt):
+        def cell(kern, key, fmt, by=by):
             r = by.get(kern)
             if r is None:
                 return "-"

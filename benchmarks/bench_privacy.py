@@ -218,7 +218,7 @@ def real_heads(gpt: Path | None, quick: bool) -> list[dict]:
             t0 = time.time()
             _, Kall, Vall = head_qkv(path, private, layer, head, max(ns))
             Q, _, _ = head_qkv(path, public_q, layer, head, 512)
-            Qf, Kf, Vf = head_qkv(path, public_fit, layer, head, 8000)
+            _Qf, Kf, Vf = head_qkv(path, public_fit, layer, head, 8000)
             d = Kall.shape[1]
             scale = 1 / math.sqrt(d)
             beta = float(np.abs(scale * Q[:64] @ Kall[:2048].T).max())
@@ -495,7 +495,6 @@ def render(data: dict, meta: dict) -> str:
         sub = [r for r in rows if r["model"] == model]
         for proj in dict.fromkeys(r["projection"] for r in sub):
             ss = [r for r in sub if r["projection"] == proj]
-            uni = ss[0]["uniform_rel_err"]
             title = model + ("" if proj == "-" else f", projection {proj}")
             L += [
                 f"#### {title}",

@@ -89,7 +89,7 @@ def speed(rounds: int, tmp: Path) -> list[dict]:
                 "unroll": T,
                 "python": budget / min(times["python"]),
             }
-            for key, (r, steps, size) in runners.items():
+            for key, (_r, steps, size) in runners.items():
                 row[key] = steps / min(times[key])
                 row[f"{key}_bytes"] = size
             rows.append(row)

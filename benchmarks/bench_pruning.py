@@ -282,7 +282,7 @@ def _load_gpt(s: Settings, lines: list[str]) -> ModelCtx:
 
 
 def _attention_options(method: str) -> Any | None:
-    from pipeline.pruning.attention import AttentionMethodConfig
+    from pipeline.pruning.attention_objective import AttentionMethodConfig
 
     if method == "attention":
         return AttentionMethodConfig()
@@ -530,7 +530,7 @@ def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any],
         "indicative only (compare rows measured side by side, not absolute values).",
         f"- Settings: {meta['settings']}",
         f"- `attention` = AttentionMethodConfig defaults `{meta['attn_default']}`; `attention-paper` = "
-        f"`{meta['attn_paper']}` (pipeline/pruning/attention.py sha256 {meta['attn_sha']}). In whole-model "
+        f"`{meta['attn_paper']}` (pipeline/pruning/attention_objective.py sha256 {meta['attn_sha']}). In whole-model "
         "scope the attention method prunes q/k itself and v/o/FFN with its companion (SparseGPT by default), so "
         "those rows differ from `sparsegpt` only in q/k.",
         "- Protocol: `prune_model` (sequential, layer by layer) on calibration fortunes lines "
@@ -658,13 +658,13 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import transformers
 
-    from pipeline.pruning.attention import AttentionMethodConfig
+    from pipeline.pruning.attention_objective import AttentionMethodConfig
 
     runs, skipped = plan(args.models, args.methods, args.sparsities)
     resume = args.resume or args.render_only
     rows: list[dict[str, Any]] = json.loads(args.json.read_text()) if (resume and args.json.is_file()) else []
     done = {(r["model"], r["method"], r["sparsity"]) for r in rows}
-    attn_src = (ROOT / "pipeline" / "pruning" / "attention.py").read_bytes()
+    attn_src = (ROOT / "pipeline" / "pruning" / "attention_objective.py").read_bytes()
     meta = {
         "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/bench_pruning.py "
         + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -677,8 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": SETTINGS.threads,
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         "settings": dataclasses.asdict(SETTINGS),
-        "calib": "%d-%d" % (SETTINGS.calib_lines[0], SETTINGS.calib_lines[1] - 1),
-        "heldout": "%d-%d" % (SETTINGS.heldout_lines[0], SETTINGS.heldout_lines[1] - 1),
+        "calib": f"{SETTINGS.calib_lines[0]}-{SETTINGS.calib_lines[1] - 1}",
+        "heldout": f"{SETTINGS.heldout_lines[0]}-{SETTINGS.heldout_lines[1] - 1}",
         "max_length": SETTINGS.max_length,
         "gpt_attn_passages": SETTINGS.gpt_attn_passages,
         "latency_runs": SETTINGS.latency_runs,

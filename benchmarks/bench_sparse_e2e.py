@@ -43,7 +43,7 @@ import onnxruntime as ort
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_sparse_ort import host_info, session
-from exporters.attention import (
+from exporters.attention_lowering import (
     lower_to_block_sparse,
     lower_to_fused_attention,
     mask_attention_with_input,

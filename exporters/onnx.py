@@ -1,13 +1,14 @@
 """Export a :class:`~pipeline.models.LoadedModel` to an ONNX model (``model.onnx``; weights over
 :data:`EXTERNAL_DATA_THRESHOLD` in ``model.onnx.data`` beside it).
 
-Two exporters:
+Two exporters, registered here in the exporter registry (:mod:`exporters.registry`; a new one is one file plus
+one registration):
 
 * ``"dynamo"`` (default): ``torch.onnx.export(..., dynamo=True)`` on a thin
   wrapper module with flat tensor inputs/outputs. Decoders with KV cache use a
   wrapper that rebuilds a ``transformers.DynamicCache`` from flat
   ``past_key_values.{i}.key/value`` tensors and returns flat ``present.{i}.*``
-  tensors (platform notes §7). The attention-mask length gets its own ``Dim``
+  tensors (transformers' decoders take the cache object, not tuples). The attention-mask length gets its own ``Dim``
   because ``Dim(seq) + Dim(past)`` is rejected by ``torch.export``.
 * ``"optimum"``: ``optimum.exporters.onnx.main_export`` (cross-check/fallback;
   TorchScript tracer inside). Its names are used as-is.
@@ -40,9 +41,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from exporters.registry import exporter_spec, register_exporter
 
 if TYPE_CHECKING:
     import onnx
@@ -68,7 +71,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EXPORTERS = ("dynamo", "optimum")
 MODEL_FILENAME = "model.onnx"
 # fp32 ORT-vs-PyTorch parity bound for an un-optimised export (measured diffs are 1e-7..4e-6).
 PARITY_ATOL = 1e-4
@@ -174,7 +176,7 @@ class ExportResult:
         with_past: decoders only: KV-cache inputs/outputs are present.
         num_layers, num_kv_heads, head_dim: decoder cache geometry for building
             empty past feeds of shape ``(batch, num_kv_heads, past, head_dim)``; 0 for encoders.
-        exporter: ``"dynamo"`` or ``"optimum"``.
+        exporter: the registered exporter that made it (:mod:`exporters.registry`).
         opset: default-domain opset of the file.
         vocab_size: ``config.vocab_size`` (upper bound for dummy token ids).
     """
@@ -190,6 +192,11 @@ class ExportResult:
     exporter: str
     opset: int
     vocab_size: int = 0
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """Exported from a causal LM (decided by :attr:`LoadedModel.is_causal_lm`): logits and a cache geometry."""
+        return self.num_layers > 0
 
     @property
     def past_names(self) -> tuple[str, ...]:
@@ -230,12 +237,6 @@ def _cache_geometry(loaded: LoadedModel) -> tuple[int, int, int]:
             f"{loaded.model_type}: key cache ({kh} heads x {kd}) and value cache ({vh} x {vd}) differ in shape"
         )
     return len(legacy), kh, kd
-
-
-def _is_causal_lm(loaded: LoadedModel) -> bool:
-    """Text-generation graphs get the decoder wrapper; everything else (incl. a GPT-2 body
-    loaded for feature-extraction) the single-output encoder wrapper."""
-    return loaded.task == "text-generation"
 
 
 def _has_token_type_ids(loaded: LoadedModel) -> bool:
@@ -319,7 +320,9 @@ def _decoder_wrapper(loaded: LoadedModel, with_past: bool) -> torch.nn.Module:
             if with_past:
                 assert past is not None and len(past) == 2 * n_layers
                 # DynamicCache from legacy ((k, v), ...) pairs; flat order is k0, v0, k1, v1, ...
-                cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(n_layers)))
+                pairs = tuple((past[2 * i], past[2 * i + 1]) for i in range(n_layers))
+                # transformers annotates the legacy cache as a 1-tuple; it takes one (k, v) pair per layer
+                cache = DynamicCache.from_legacy_cache(pairs)  # type: ignore[arg-type]
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -340,7 +343,7 @@ def _decoder_wrapper(loaded: LoadedModel, with_past: bool) -> torch.nn.Module:
 
 def _io_names(loaded: LoadedModel, with_past: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Input and output names of the dynamo export (optimum naming)."""
-    if not _is_causal_lm(loaded):
+    if not loaded.is_causal_lm:
         inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if _has_token_type_ids(loaded) else ())
         return inputs, ("logits" if loaded.task == "fill-mask" else "last_hidden_state",)
     n_layers = _cache_geometry(loaded)[0]
@@ -407,7 +410,7 @@ def torch_reference(loaded: LoadedModel, feeds: dict[str, np.ndarray]) -> dict[s
 
     t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
     with torch.inference_mode():
-        if not _is_causal_lm(loaded):
+        if not loaded.is_causal_lm:
             names = _io_names(loaded, with_past=False)[1]
             out = _encoder_wrapper(loaded)(t["input_ids"], t["attention_mask"], t.get("token_type_ids"))
             return {names[0]: out.numpy()}
@@ -470,9 +473,9 @@ def _export_dynamo(loaded: LoadedModel, opset: int, with_past: bool) -> ir.Model
     batch, seq = Dim("batch"), Dim("sequence_length")
     B, S = _TRACE_BATCH, _TRACE_SEQ
     g = torch.Generator().manual_seed(0)
-    vocab = int(loaded.model.config.vocab_size)
+    vocab = int(loaded.config.vocab_size)
     ids = torch.randint(0, vocab, (B, S), generator=g)
-    if not _is_causal_lm(loaded):
+    if not loaded.is_causal_lm:
         module = _encoder_wrapper(loaded)
         args: tuple[Any, ...] = (ids, torch.ones(B, S, dtype=torch.long))
         shapes: tuple[Any, ...] = ({0: batch, 1: seq}, {0: batch, 1: seq})
@@ -642,12 +645,48 @@ def _normalize(model: onnx.ModelProto) -> None:
     del graph.metadata_props[:]
 
 
+def _check_optimum_loadable(loaded: LoadedModel) -> None:
+    """optimum re-loads the directory with plain transformers, which cannot rebuild edgepipe's structural edits
+    (the module transforms recorded in ``config.json``, :mod:`pipeline.transforms`)."""
+    import importlib.util
+
+    from pipeline.transforms import recorded_transforms
+
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.exporters.onnx") is None:
+        raise ExportError(
+            "exporter 'optimum' needs the optional packages optimum and optimum-onnx: pip install 'edgepipe[optimum]'"
+        )
+    recorded = recorded_transforms(loaded.config)
+    if recorded:
+        raise ExportError(
+            f"{loaded.model_type}: the optimum exporter cannot load {recorded[0].description}"
+            f" (config {recorded[0].key}); use exporter 'dynamo'"
+        )
+
+
+@register_exporter(
+    "dynamo", description="torch.onnx.export(dynamo=True) on a flat-IO wrapper (default)", check=_check_traceable_rope
+)
+def _dynamo_exporter(loaded: LoadedModel, opset: int, with_past: bool, workdir: Path) -> ir.Model:
+    # the IR model, not a proto: export_onnx streams a large model's weights straight into external data
+    return _export_dynamo(loaded, opset, with_past)
+
+
+@register_exporter(
+    "optimum",
+    description="optimum.exporters.onnx.main_export (TorchScript tracer; reads the weights from the model folder)",
+    check=_check_optimum_loadable,
+)
+def _optimum_exporter(loaded: LoadedModel, opset: int, with_past: bool, workdir: Path) -> onnx.ModelProto:
+    return _export_optimum(loaded, opset, with_past, workdir / "optimum")
+
+
 def export_onnx(
     loaded: LoadedModel,
     out_dir: Path,
     *,
     opset: int = 18,
-    exporter: Literal["dynamo", "optimum"] = "dynamo",
+    exporter: str = "dynamo",
     with_past: bool | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> ExportResult:
@@ -657,8 +696,8 @@ def export_onnx(
         loaded: the model (from :func:`pipeline.models.load_model`).
         out_dir: directory for ``model.onnx`` (created if needed).
         opset: default-domain opset (18; 23 maps SDPA to the ONNX ``Attention`` op).
-        exporter: ``"dynamo"`` (default) or ``"optimum"`` (reads the weights from ``loaded.path``,
-            so in-memory edits not saved there are not seen).
+        exporter: a registered exporter (:func:`exporters.registry.exporter_names`): ``"dynamo"`` (default) or
+            ``"optimum"`` (reads the weights from ``loaded.path``, so in-memory edits not saved there are not seen).
         with_past: text-generation only: include KV-cache IO. ``None`` means True for
             text-generation, False otherwise.
         external_data_threshold: weights larger than this many bytes are written to
@@ -672,23 +711,17 @@ def export_onnx(
         ExportError: the exporter or the ONNX checker failed.
     """
     import onnx
+    from onnxscript import ir
 
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    spec = exporter_spec(exporter)  # ValueError naming the registered exporters
     if not 14 <= opset <= 23:
         raise ValueError(f"opset must be in [14, 23], got {opset}")
     if with_past is None:
-        with_past = _is_causal_lm(loaded)
-    if with_past and not _is_causal_lm(loaded):
+        with_past = loaded.is_causal_lm
+    if with_past and not loaded.is_causal_lm:
         raise ValueError(f"with_past=True needs a text-generation decoder, got {loaded.model_type!r} ({loaded.task})")
-    if exporter == "optimum" and getattr(loaded.model.config, "edgepipe_qk_dims", None):
-        # optimum re-loads the directory with plain transformers, which cannot build narrowed q/k heads
-        raise ExportError(
-            f"{loaded.model_type}: the optimum exporter cannot load q/k heads narrowed by prune structured_unit"
-            " qk_dims (config edgepipe_qk_dims); use exporter 'dynamo'"
-        )
-    if exporter == "dynamo":
-        _check_traceable_rope(loaded)
+    if spec.check is not None:
+        spec.check(loaded)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / MODEL_FILENAME
@@ -699,23 +732,21 @@ def export_onnx(
         try:
             tmp_file = tmp_dir / MODEL_FILENAME
             streamed = False
-            if exporter == "dynamo":
-                from onnxscript import ir
-
-                graph = _export_dynamo(loaded, opset, with_past)
+            made = spec.fn(loaded, opset, with_past, tmp_dir)
+            if isinstance(made, ir.Model):
                 weights = sum(
-                    v.const_value.nbytes for v in graph.graph.initializers.values() if v.const_value is not None
+                    v.const_value.nbytes for v in made.graph.initializers.values() if v.const_value is not None
                 )
                 if weights > external_data_threshold:
                     # stream each weight from the exporter's tensors into model.onnx.data: building the whole
                     # ModelProto first held a second and (while saving) a third copy of every weight
-                    ir.save(graph, tmp_file, external_data=data_file(tmp_file).name, size_threshold_bytes=1024)
+                    ir.save(made, tmp_file, external_data=data_file(tmp_file).name, size_threshold_bytes=1024)
                     proto, streamed = onnx.load(str(tmp_file), load_external_data=False), True
                 else:
-                    proto = ir.to_proto(graph)
-                del graph
+                    proto = ir.to_proto(made)
+                del made
             else:
-                proto = _export_optimum(loaded, opset, with_past, tmp_dir / "optimum")
+                proto = made
             _normalize(proto)
             if streamed:  # graph only: its initializers already point at the data file
                 onnx.save_model(proto, str(tmp_file))
@@ -728,7 +759,7 @@ def export_onnx(
     if external:
         logger.info("weights written to %s (external data)", data_file(final).name)
     opset_found = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    n_layers, n_kv, hd = _cache_geometry(loaded) if _is_causal_lm(loaded) else (0, 0, 0)
+    n_layers, n_kv, hd = _cache_geometry(loaded) if loaded.is_causal_lm else (0, 0, 0)
     result = ExportResult(
         path=final,
         task=loaded.task,
@@ -740,7 +771,7 @@ def export_onnx(
         head_dim=hd,
         exporter=exporter,
         opset=int(opset_found),
-        vocab_size=int(loaded.model.config.vocab_size),
+        vocab_size=int(loaded.config.vocab_size),
     )
     logger.info("exported %s to %s (%d nodes)", what, final, len(proto.graph.node))
     return result

@@ -2,7 +2,7 @@
 
 All paths wrap ONNX Runtime's own tooling (``onnxruntime.transformers.float16`` and
 ``onnxruntime.quantization``) and add the transformer-aware safety defaults that the
-anchors show are missing (anchors §1.10, §3.7):
+published failure reports show are missing:
 
 - **fp16**: a decomposed LayerNorm computes ``Pow(x - mean, 2)``; activations above ~256
   overflow fp16 (max 65504) and the whole norm becomes inf/NaN (ViT-B on TensorRT fell to
@@ -121,8 +121,8 @@ def convert_precision(
         calibration_feeds: ``name -> array`` feeds; required for ``int8-static`` (ranges
             are calibrated on them), used for the parity check of ``optimize_fp32``.
         keep_fp32_ops: op types never lowered (fp16) / never quantized (int8).
-        per_channel: per-output-channel weight scales for the int8 paths (platform notes
-            §4: cosine 0.955 -> 0.988 on MiniLM).
+        per_channel: per-output-channel weight scales for the int8 paths (MiniLM dynamic int8:
+            embedding cosine to PyTorch 0.955 per-tensor -> 0.988 per-channel).
         optimize_fp32: for ``fp32``, save ORT's ``ORT_ENABLE_EXTENDED`` offline
             optimization (not ``ENABLE_ALL``, whose layouts are hardware-specific) when it
             keeps parity on ``calibration_feeds`` (atol 1e-4); else copy unchanged.
@@ -282,9 +282,9 @@ def _fp32(
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     opt = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for f in feeds[:4]:
-        f = _select_feeds(onnx.load(str(src), load_external_data=False), f)
-        for a, b in zip(ref.run(None, f), opt.run(None, f)):
+    for feed in feeds[:4]:
+        sel = _select_feeds(onnx.load(str(src), load_external_data=False), feed)
+        for a, b in zip(ref.run(None, sel), opt.run(None, sel)):
             worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))))
     if not worst <= 1e-4:
         shutil.copyfile(src, tmp)
@@ -401,7 +401,7 @@ def _int8_dynamic(
         **_weight_args(weight_type),
         extra_options={
             "MatMulConstBOnly": True,  # only linear layers; q @ k^T has no constant operand
-            "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed on ORT-fused graphs (platform notes §4)
+            "DefaultTensorType": onnx.TensorProto.FLOAT,  # ORT-fused graphs: else 'Unable to find data type for weight_name'
         },
     )
     out = _without_shape_hints(tmp)
@@ -487,7 +487,7 @@ def _int8_static(
         # every node but the targets: an empty nodes_to_quantize means "all" to ORT (q @ k^T included)
         nodes_to_exclude=sorted({n.name for n in model.graph.node} - set(targets)),
         per_channel=per_channel,
-        activation_type=QuantType.QUInt8,  # asymmetric u8 activations (platform notes §4)
+        activation_type=QuantType.QUInt8,  # asymmetric u8 activations, s8 weights: ORT's CPU QDQ default
         **_weight_args(weight_type),
         calibrate_method=CalibrationMethod.MinMax,
         use_external_data_format=external,

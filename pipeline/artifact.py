@@ -120,7 +120,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def _json_default(o: Any) -> Any:
-    if dataclasses.is_dataclass(o):
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
         return dataclasses.asdict(o)
     if isinstance(o, Path):
         return str(o)

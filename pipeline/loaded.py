@@ -7,16 +7,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["LoadedModel", "ModelKind", "ModelLoadError", "check_weights", "is_causal_family"]
+__all__ = [
+    "TEXT_GENERATION",
+    "HFModule",
+    "LoadedModel",
+    "ModelKind",
+    "ModelLoadError",
+    "check_weights",
+    "is_causal_family",
+    "is_causal_lm",
+]
+
+# A transformers model or one of its sub-modules, read duck-typed: its attributes (``config``, ``encoder.layer``,
+# ``q_proj``, ``get_input_embeddings``, ...) differ per family and are reached through ``nn.Module.__getattr__``,
+# which types them as ``Tensor | Module``.
+HFModule = Any
 
 # Families whose attention is causal, whatever task they serve.
 _DECODER_FAMILIES = frozenset({"gpt2", "llama"})
+# The task of a causal LM head: next-token logits (and a KV cache when exported with past).
+TEXT_GENERATION = "text-generation"
 
 
 class ModelLoadError(Exception):
@@ -45,14 +61,32 @@ class LoadedModel:
     path: Path
 
     @property
+    def config(self) -> Any:
+        """``model.config``: the transformers ``PretrainedConfig`` (or the model kind's own config object)."""
+        return getattr(self.model, "config", None)
+
+    @property
     def is_decoder(self) -> bool:
-        """True for causal decoders (gpt2/llama families)."""
+        """True for causal decoders (gpt2/llama families), whatever task they serve: the attention is causal."""
         return is_causal_family(self.family)
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """True for a causal decoder loaded with its LM head (task ``text-generation``): next-token logits, a KV
+        cache in the export, perplexity in validation, greedy generation."""
+        return is_causal_lm(self.family, self.task)
 
 
 def is_causal_family(family: str) -> bool:
     """Whether models of ``family`` attend causally (decoders), whatever task they are used for."""
     return family in _DECODER_FAMILIES
+
+
+def is_causal_lm(family: str, task: str) -> bool:
+    """Whether a model of ``family`` serving ``task`` is a causal LM (decoder + LM head): the one place this is
+    decided, for a :class:`LoadedModel` (:attr:`LoadedModel.is_causal_lm`) and for artifacts and run plans, which
+    carry the same ``family`` and ``task``."""
+    return is_causal_family(family) and task == TEXT_GENERATION
 
 
 def check_weights(path: Path) -> None:

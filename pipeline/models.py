@@ -14,8 +14,8 @@ Families group model types that share an export recipe:
 * ``"llama"``: RoPE decoders with optional GQA (Llama, Qwen2, Mistral).
 
 Attention implementation: ``"sdpa"`` by default. The dynamo ONNX exporter
-handles it for encoders and for the KV-cache decoder wrapper (platform notes
-§3, §7); at opset 23 it maps to the standard ONNX ``Attention`` op, and at
+handles it for encoders and for the KV-cache decoder wrapper (MiniLM within 4e-6 of
+PyTorch; GPT-2 / Llama with KV cache within 2e-7); at opset 23 it maps to the standard ONNX ``Attention`` op, and at
 opset 18 it decomposes into MatMul/Softmax like eager. ``"eager"`` is accepted
 (e.g. for stages that need attention probabilities) via ``attn_implementation``. A class without
 an SDPA path (MPNet) falls back to ``"eager"``.
@@ -29,8 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.loaded import _DECODER_FAMILIES, LoadedModel, ModelLoadError, check_weights, is_causal_family  # noqa: F401  (re-exported)
+from pipeline.loaded import HFModule, LoadedModel, ModelLoadError, check_weights, is_causal_family
 from pipeline.model_folder import TOKENIZER_FILES
+from pipeline.transforms import recorded_transforms
 
 if TYPE_CHECKING:
     import torch
@@ -135,13 +136,13 @@ def infer_task(config: Any) -> str:
         return kind.tasks[0]
     family = model_family(config)
     arch = (getattr(config, "architectures", None) or [""])[0] or ""
-    if arch.endswith(("ForCausalLM", "LMHeadModel")) and family in _DECODER_FAMILIES:
+    if arch.endswith(("ForCausalLM", "LMHeadModel")) and is_causal_family(family):
         return "text-generation"
     if arch.endswith("ForMaskedLM") and family == "bert":
         return "fill-mask"
     if arch.endswith("Model") and "For" not in arch and not arch.endswith("LMHeadModel"):
         return "feature-extraction"
-    return "text-generation" if family in _DECODER_FAMILIES else "feature-extraction"
+    return "text-generation" if is_causal_family(family) else "feature-extraction"
 
 
 def default_model_path() -> Path:
@@ -232,7 +233,7 @@ def _load_tokenizer(path: Path, family: str) -> PreTrainedTokenizerBase | None:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise ModelLoadError(f"{path}: tokenizer failed to load: {type(e).__name__}: {e}") from e
-    if family in _DECODER_FAMILIES and tokenizer.pad_token is None:
+    if is_causal_family(family) and tokenizer.pad_token is None:
         # Decoders often ship without a pad token; batching needs one. eos is the usual choice.
         if tokenizer.eos_token is None:
             raise ModelLoadError(f"{path}: decoder tokenizer has neither pad_token nor eos_token")
@@ -333,8 +334,10 @@ def load_model(
             f"(family {family!r} supports {', '.join(_FAMILY_TASKS[family])})"
         )
     check_weights(path)  # the index is read here: safetensors shards inside the folder only
-    # edgepipe's QK-dimension pruning narrows q/k modules; HF builds them at full width and we rebuild them after
-    narrowed = bool(getattr(config, "edgepipe_qk_dims", None))
+    # structural edits recorded in config.json (e.g. q/k widths narrowed by pruning): HF builds those modules at
+    # the original shapes, the registered transforms rebuild them after
+    transforms = recorded_transforms(config)
+    narrowed = bool(transforms)
     attn_implementation = _attention_for(_auto_class(task), config, attn_implementation)
     try:
         with _quiet_mismatch(narrowed):
@@ -349,10 +352,8 @@ def load_model(
                 **({"ignore_mismatched_sizes": True} if narrowed else {}),
             )
         _check_loaded(path, model, info, narrowed)
-        if narrowed:
-            from pipeline.pruning.qk_dims import restore_qk_dims_
-
-            restore_qk_dims_(model, path)
+        for transform in transforms:
+            transform.rebuild(model, path)
     except ModelLoadError:
         raise
     except Exception as e:
@@ -395,7 +396,8 @@ def save_model(loaded: LoadedModel, out_dir: str | Path) -> Path:
     if kind is not None:
         return kind.save(loaded, out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded.model.save_pretrained(out, safe_serialization=True)
+    model: HFModule = loaded.model  # a transformers PreTrainedModel (other kinds saved themselves above)
+    model.save_pretrained(out, safe_serialization=True)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out)
     logger.debug("saved %s model to %s", loaded.model_type, out)

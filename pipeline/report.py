@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,8 @@ from pipeline.artifact import (
 )
 from pipeline.errors import ConfigError
 from runtimes.memory import memory_summary, without_superseded_estimates
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["publish_targets", "write_reports"]
 
@@ -82,7 +85,11 @@ def _plots(run_dir: Path, targets: Mapping[str, Mapping[str, Any]]) -> list[str]
     rows = [(n, t) for n, t in targets.items() if t.get("latency_ms")]
     if not rows:
         return []
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional (extra 'plots'): the tables say the same
+        logger.warning("latency plots skipped: matplotlib is not installed (pip install 'edgepipe[plots]')")
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -180,8 +187,8 @@ def write_reports(
     atomic_write_json(run_dir / "report.json", report)
     atomic_write_text(run_dir / "report.md", _markdown(report, plots))
     outputs = {}
-    for files in published.values():
-        for _label, rel in files.items():
+    for published_files in published.values():
+        for _label, rel in published_files.items():
             p = run_dir / rel
             if p.is_file():
                 outputs[rel] = hash_file(p)

@@ -142,8 +142,9 @@ def write_bundle(
     try:
         for f in onnx_files(model_path):  # the model and, when its weights are external, model.onnx.data
             shutil.copyfile(f, staging / f.name)
-        np.savez(staging / "inputs.npz", **inputs)
-        np.savez(staging / "reference.npz", **reference)
+        # numpy's stub types **kwds like its allow_pickle keyword: the arrays are what savez takes
+        np.savez(staging / "inputs.npz", **inputs)  # type: ignore[arg-type]
+        np.savez(staging / "reference.npz", **reference)  # type: ignore[arg-type]
         cfg = {
             "format_version": BUNDLE_FORMAT_VERSION,
             "model_file": model_path.name,

@@ -68,7 +68,7 @@ def greedy_generate_ort(
     Returns:
         ``(B, S + max_new_tokens)`` int64 ids: the prompt followed by the generated tokens.
     """
-    if result.task != "text-generation":
+    if not result.is_causal_lm:
         raise ValueError(f"greedy generation needs a text-generation export, got task {result.task!r}")
     ids = np.asarray(input_ids, dtype=np.int64)
     mask = _check_prompt(ids, attention_mask, max_new_tokens)
@@ -130,7 +130,7 @@ def greedy_generate_torch(
     import torch
     from transformers import DynamicCache
 
-    if loaded.task != "text-generation":
+    if not loaded.is_causal_lm:
         raise ValueError(f"greedy generation needs a text-generation model, got task {loaded.task!r}")
     ids = np.asarray(input_ids, dtype=np.int64)
     mask_np = _check_prompt(ids, attention_mask, max_new_tokens)

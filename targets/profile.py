@@ -122,11 +122,12 @@ class TargetProfile(Frozen):
         description="what min_provider_coverage counts: the share of graph nodes, or of MatMul/Gemm/Conv/Attention FLOPs",
     )
     fast_patterns: list[SparsityPattern] = Field(
-        default_factory=lambda: ["structured"],
+        default_factory=lambda: list[SparsityPattern](["structured"]),
         description="sparsity patterns that make this target faster (others only save size, if anything)",
     )
     attention_ops: list[AttentionOp] = Field(
-        default_factory=lambda: ["onnx_attention", "ms_mha"], description="fused attention ops, preferred first"
+        default_factory=lambda: list[AttentionOp](["onnx_attention", "ms_mha"]),
+        description="fused attention ops, preferred first",
     )
     tolerances: dict[Precision, Tolerance] = Field(description="parity tolerance for each precision")
     int8_weights: Int8Weights | None = Field(

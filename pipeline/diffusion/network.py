@@ -133,6 +133,8 @@ class ScoreMLP(nn.Module):
     Shapes: x (B, d) float32, t (B,) float32 in [t_min, t_max] → (B, d).
     """
 
+    freqs: torch.Tensor  # (F/2,) buffer: log-spaced time frequencies
+
     def __init__(self, config: ScoreModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -292,6 +294,7 @@ def export_score_onnx(model: ScoreMLP, path: Path, *, opset: int) -> Path:
         finally:
             for q, lvl in zip(quiet, levels):
                 q.setLevel(lvl)
+    assert prog is not None  # f=None: the exporter returns the program
     proto = prog.model_proto
     tmp = path.with_name(f".{path.name}.tmp")
     try:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from .patterns import BlockSparsePattern, pattern_layout
+from .patterns import BlockSparsePattern, PatternKind, pattern_layout
 from .registry import kernel_spec
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class AttentionChange:
     kernel: str
     cache_words: int | None = None
     block_size: int = 64
-    pattern: str = "window"
+    pattern: PatternKind = "window"
     window_blocks: int = 1
     global_blocks: int = 0
 

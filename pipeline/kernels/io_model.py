@@ -317,9 +317,15 @@ def fa2_backward_io(
     return _fa2_backward_walk(n, n, d, cache_words, br, bc, kept)
 
 
-def tiled_gemm_io(p: int, q: int, r: int, cache_words: int, *, tile: int | None = None) -> IOCount:
-    """C (p x r) = A (p x q) B (q x r) with b x b tiles: per output tile, stream the k-tiles of A and B."""
-    b = tile or small_cache_tile(cache_words)
+def tiled_gemm_io(p: int, q: int, r: int, cache_words: int | None, *, tile: int | None = None) -> IOCount:
+    """C (p x r) = A (p x q) B (q x r) with b x b tiles: per output tile, stream the k-tiles of A and B.
+
+    ``cache_words`` None means unbounded fast memory; ``tile`` is then required."""
+    if not tile:
+        if cache_words is None:
+            raise ValueError("tiled_gemm_io needs a tile size when cache_words is None (unbounded)")
+        tile = small_cache_tile(cache_words)
+    b = tile
     c = _Counter(cache_words)
     for _, si in _blocks(p, b):
         for _, sj in _blocks(r, b):
@@ -345,6 +351,7 @@ def _softmax_rows_io(c: _Counter, n_rows: int, n_cols: int) -> None:
             c.store(n_cols + 1)  # P row (in place of S), L_i
             c.free(n_cols + 2)
     else:
+        assert c.m is not None  # a row does not fit: the fast memory is bounded
         chunk = c.m - 2
         for _ in range(n_rows):
             c.alloc(2)

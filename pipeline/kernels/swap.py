@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from pipeline.loaded import HFModule
+
 from .dispatch import attention
 from .registry import kernel_spec
 
@@ -108,7 +110,7 @@ def _interface_attention(
 
 
 def _bert_self_attention_forward(
-    self: nn.Module,
+    self: HFModule,
     hidden_states: Tensor,
     attention_mask: Tensor | None = None,
     head_mask: Tensor | None = None,
@@ -137,7 +139,7 @@ def _bert_self_attention_forward(
 
 
 def _distilbert_attention_forward(
-    self: nn.Module,
+    self: HFModule,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -226,7 +228,7 @@ def swap_attention_(
     opts = _Opts(kernel, cache_words, block_size, block_mask_fn)
     bert_like = [m for m in model.modules() if _is_bert_style(m)]
     distil_like = [m for m in model.modules() if _is_distilbert_style(m)]
-    iface = [
+    iface: list[HFModule] = [  # transformers attention modules on the AttentionInterface
         m
         for m in model.modules()
         if not _is_bert_style(m) and not _is_distilbert_style(m) and _uses_attention_interface(m)

@@ -98,7 +98,9 @@ def poly_attention_ref(
     q, k, v = q.double(), k.double(), v.double()
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     x = s * q @ k.transpose(-1, -2)
-    a = sum(x**j / math.factorial(j) for j in range(degree + 1))
+    a = x**0  # (..., N, M) ones: the j = 0 term of the Taylor sum
+    for j in range(1, degree + 1):
+        a = a + x**j / math.factorial(j)
     m = _mask_dense(q.shape[-2], k.shape[-2], causal, key_mask, q.device)
     if m is not None:
         a = a * m
@@ -182,7 +184,7 @@ def _backward(q, k, v, y, den, g, u1, u2, *, scale: float, causal: bool, chunk: 
 
 class _LowRankAttnFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, scale, causal, degree, chunk):  # type: ignore[override]
+    def forward(ctx, q, k, v, key_mask, scale, causal, degree, chunk):
         u1, u2 = _features(q, k, key_mask, scale, degree)
         y, den = _forward(u1, u2, v, causal, chunk)
         ctx.save_for_backward(q, k, v, y, den, u1, u2)  # features kept: O(N k) memory, saves their recompute
@@ -190,7 +192,7 @@ class _LowRankAttnFn(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g):
         q, k, v, y, den, u1, u2 = ctx.saved_tensors
         scale, causal, chunk = ctx.cfg
         dq, dk, dv = _backward(q, k, v, y, den, g, u1, u2, scale=scale, causal=causal, chunk=chunk)

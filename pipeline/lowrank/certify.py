@@ -85,8 +85,8 @@ def compare_layer_gradients(
     """
     for m in (candidate, reference):
         m.zero_grad(set_to_none=True)
-        for b in batches:
-            projection_loss(m, b, seed=seed).backward()
+        for batch in batches:
+            projection_loss(m, batch, seed=seed).backward()
     gc, gr = gradients_by_layer(candidate), gradients_by_layer(reference)
     rows = []
     for layer in sorted(k for k in gr if k is not None):

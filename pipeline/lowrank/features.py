@@ -73,7 +73,7 @@ def _plan(d: int, degree: int) -> tuple[list[tuple[int, int]], list[int], list[i
     """Per degree j: the feature slice [start, stop); for every feature its parent (degree j-1) and last index,
     and its coefficient log(1/alpha!) (features are ordered by degree, multi-indices as sorted index tuples)."""
     slices, parent, last, log_coef = [(0, 1)], [0], [0], [0.0]
-    prev = {(): 0}
+    prev: dict[tuple[int, ...], int] = {(): 0}
     for j in range(1, degree + 1):
         start = len(parent)
         cur: dict[tuple[int, ...], int] = {}

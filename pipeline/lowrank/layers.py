@@ -168,6 +168,7 @@ class CausalTransformer(nn.Module):
         if kernel not in KERNEL_CHOICES:
             raise ValueError(f"kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
         for blk in self.blocks:
+            assert isinstance(blk, _Block)
             q, k, v = blk.qkv(blk.ln1(x)).chunk(3, dim=-1)
             y = self._attend(_split(q, self.heads), _split(k, self.heads), _split(v, self.heads), kernel, degree, chunk)
             x = x + blk.proj(_merge(y))

@@ -260,6 +260,7 @@ def export_tensor_attention(module: TensorAttention, path, *, d: int, opset: int
                 dynamo=True,
                 verbose=False,
             )
+            assert prog is not None  # f=None: the exporter returns the program
             prog.save(tmp)
         else:
             torch.onnx.export(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -158,7 +159,7 @@ def privacy_loss_audit(
     return AuditResult(float(mu), float(eps_m), float(eps_lo), float(epsilon), bool(eps_lo > epsilon))
 
 
-def state_hash(arrays: Iterable[np.ndarray] = (), files: Iterable[object] = ()) -> str:
+def state_hash(arrays: Iterable[np.ndarray] = (), files: Iterable[str | os.PathLike[str]] = ()) -> str:
     """SHA-256 over the bytes of ``arrays`` then of ``files`` (paths), in order."""
     h = hashlib.sha256()
     for a in arrays:

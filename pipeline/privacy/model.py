@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.loaded import HFModule
 from pipeline.privacy.features import monomials
 
 __all__ = [
@@ -101,9 +102,9 @@ class DPPrefix:
         return int(sum(s.size * 4 for s in self.sums.values()) + sum(p.size * 4 for p in self.proj.values()))
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
+def attention_modules(model: nn.Module) -> list[HFModule]:
     """The decoder's self-attention modules in layer order (GPT-2 ``attn``, Llama ``self_attn``)."""
-    mods = [
+    mods: list[HFModule] = [
         m
         for m in model.modules()
         if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")
@@ -171,7 +172,7 @@ def _features(x: Tensor, idx: Tensor, coef: Tensor) -> Tensor:
 
 
 def _dp_attention(
-    module: nn.Module,
+    module: HFModule,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -232,6 +233,7 @@ def _offset_positions(n: int):
         pos = kwargs.get("position_ids")
         if pos is None:
             ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else (args[0] if args else None)
+            assert ids is not None  # the model is called with token ids
             past = kwargs.get("past_key_values")
             p = past.get_seq_length() if past is not None else 0
             pos = torch.arange(p, p + ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
@@ -311,9 +313,12 @@ def exact_prefix_logits(
 
     B = batch["input_ids"].shape[0]
     if cache is None:
+        if ctx_ids is None:
+            raise ValueError("dp-free reference needs ctx_ids or cache")
         cache = prefix_cache(model, ctx_ids)
     n = cache[0][0].shape[2]
-    past = DynamicCache.from_legacy_cache(tuple((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache))
+    layers = tuple((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache)
+    past = DynamicCache.from_legacy_cache(layers)  # type: ignore[arg-type]  # annotated as a 1-tuple; one pair per layer
     mask = torch.cat([torch.ones(B, n, dtype=batch["attention_mask"].dtype), batch["attention_mask"]], dim=1)
     pos = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0) + n
     out = model(

@@ -111,9 +111,10 @@ def assemble(
         if op in (".bits", ".cells", ".slots"):
             if pending:
                 raise err(ln, f"a label cannot name the directive {op}")
-            if len(args) != 1 or _int(args[0]) is None:
+            value = _int(args[0]) if len(args) == 1 else None
+            if value is None:
                 raise err(ln, f"{op} takes one integer, got {', '.join(args) or 'nothing'}")
-            directives[op] = (ln, _int(args[0]))
+            directives[op] = (ln, value)
             continue
         if op in (".word", ".zero"):
             if not args:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class BuildOptions:
     max_steps: int = 10_000
     random_memories: int = 8
     unroll_steps: int | None = None
-    sparse: str = "auto"
+    sparse: Literal["auto", "always", "never"] = "auto"
     seed: int = 0
     timing_seconds: float = 0.3
 

@@ -100,9 +100,9 @@ class LayeredNet:
 
     def dense(self, dtype: type = np.float64) -> list[tuple[np.ndarray, np.ndarray]]:
         """``[(W (out, in), b (out,))]`` for every layer including the readout."""
-        out = []
+        out: list[tuple[np.ndarray, np.ndarray]] = []
         for (r, c, v), b, shp in zip(self.coo(), self.all_biases(), self.shapes()):
-            W = np.zeros(shp, dtype=dtype)
+            W: np.ndarray = np.zeros(shp, dtype=dtype)
             np.add.at(W, (r, c), v)
             out.append((W, b.astype(dtype)))
         return out

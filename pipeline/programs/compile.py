@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -48,8 +49,10 @@ __all__ = [
     "compile_program",
 ]
 
-CONSTRUCTIONS = ("shallow", "paper23")
-PROGRAM_IN = ("weights", "state")
+Construction = Literal["shallow", "paper23"]
+ProgramIn = Literal["weights", "state"]
+CONSTRUCTIONS: tuple[Construction, ...] = get_args(Construction)
+PROGRAM_IN: tuple[ProgramIn, ...] = get_args(ProgramIn)
 # the paper's layer budget per step, in order (arXiv 2410.09375; notes §4a [C])
 PAPER_BUDGET = (
     ("read_addresses", 2),

@@ -26,6 +26,7 @@ def _torch_module_class():
         def __init__(self, net: LayeredNet, dtype: torch.dtype = torch.float32) -> None:
             super().__init__()
             self.depth = net.depth
+            self.weight_dtype = dtype
             for k, (W, b) in enumerate(net.dense(np.float64)):
                 self.register_buffer(f"W{k}", torch.as_tensor(W.T.copy(), dtype=dtype))  # (in, out) for h @ W
                 self.register_buffer(f"b{k}", torch.as_tensor(b, dtype=dtype))
@@ -43,7 +44,7 @@ def _torch_module_class():
 
             Returns ``(state (B, D), steps (B,) int64, halted (B,) bool)``.
             """
-            s = state.to(self.W0.dtype)
+            s = state.to(self.weight_dtype)
             steps = torch.zeros(s.shape[0], dtype=torch.int64)
             for _ in range(int(max_steps)):
                 nxt = self.step(s)

@@ -304,12 +304,12 @@ def build_onnx(
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgepipe.programs")
     model.ir_version = 8
-    s = cp.spec
+    spec = cp.spec
     for key, value in {
         "edgepipe.kind": "subleq",
-        "word_bits": s.word_bits,
-        "memory_cells": s.memory_cells,
-        "program_slots": s.program_slots,
+        "word_bits": spec.word_bits,
+        "memory_cells": spec.memory_cells,
+        "program_slots": spec.program_slots,
         "construction": cp.construction,
         "program_in": cp.layout.program_in,
         "depth": cp.net.depth,

@@ -20,9 +20,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.loaded import HFModule
 from pipeline.pruning.geometry import AttentionGeometry
 
-__all__ = ["ADAPTERS", "ROLES_BY_TARGET", "BlockView", "MatrixRef", "blocks", "family_of", "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "ROLES_BY_TARGET",
+    "BlockView",
+    "HFModule",
+    "MatrixRef",
+    "blocks",
+    "family_of",
+    "register_adapter",
+]
 
 
 @dataclass
@@ -39,7 +49,7 @@ class MatrixRef:
 
     role: str
     qualname: str
-    module: nn.Module
+    module: HFModule  # nn.Linear, or transformers' Conv1D
     rows: slice | None = None
     conv1d: bool = False
 
@@ -98,8 +108,8 @@ class BlockView:
     """
 
     index: int
-    layer: nn.Module
-    attention: nn.Module
+    layer: HFModule
+    attention: HFModule
     family: str
     q: MatrixRef
     k: MatrixRef
@@ -169,7 +179,7 @@ def _ref(role: str, module: nn.Module, names: dict[int, str], **kw) -> MatrixRef
 
 
 @register_adapter("bert", "roberta", "xlm-roberta", "camembert")
-def _bert_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
+def _bert_blocks(model: HFModule, names: dict[int, str]) -> list[BlockView]:
     out = []
     causal = bool(getattr(model.config, "is_decoder", False))
     for i, layer in enumerate(model.base_model.encoder.layer):
@@ -203,7 +213,7 @@ def _bert_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
 
 
 @register_adapter("distilbert")
-def _distilbert_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
+def _distilbert_blocks(model: HFModule, names: dict[int, str]) -> list[BlockView]:
     out = []
     for i, layer in enumerate(model.base_model.transformer.layer):
         att = layer.attention
@@ -228,7 +238,7 @@ def _distilbert_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockVie
 
 
 @register_adapter("gpt2")
-def _gpt2_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
+def _gpt2_blocks(model: HFModule, names: dict[int, str]) -> list[BlockView]:
     out = []
     cfg = model.config
     for i, block in enumerate(model.base_model.h):
@@ -270,7 +280,7 @@ def _llama_rope(rotary: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
 
 
 @register_adapter("llama", "mistral", "qwen2")
-def _llama_blocks(model: nn.Module, names: dict[int, str]) -> list[BlockView]:
+def _llama_blocks(model: HFModule, names: dict[int, str]) -> list[BlockView]:
     out = []
     base = model.base_model
     rope = _llama_rope(base.rotary_emb)

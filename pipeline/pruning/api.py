@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +28,8 @@ from pipeline.pruning.calibration import (
     run_block,
 )
 from pipeline.pruning.config import PruneConfig, structured_units
-from pipeline.pruning.magnitude import magnitude_prune
 from pipeline.pruning.metrics import attention_error, layer_output_error, sparsity_report
-from pipeline.pruning.sparsegpt import sparsegpt_prune
+from pipeline.pruning.registry import MatrixInputs, PruneMethod, matrix_methods, prune_method
 from pipeline.pruning.structured import (
     augmented_hessian,
     obs_select_and_compensate,
@@ -39,7 +37,6 @@ from pipeline.pruning.structured import (
     remove_heads_,
     units_to_remove,
 )
-from pipeline.pruning.wanda import wanda_prune
 
 __all__ = ["PruneResult", "prune_model", "target_roles"]
 
@@ -74,7 +71,7 @@ def _part(role: str) -> str:
     return {"q": "qk", "k": "qk", "v": "vo", "o": "vo"}.get(role, "ffn")
 
 
-def _correct_toward_dense(ref: MatrixRef, stats: LayerStats, cross: torch.Tensor, ridge: float) -> None:
+def _correct_toward_dense(ref: MatrixRef, stats: LayerStats | None, cross: torch.Tensor, ridge: float) -> None:
     """Replace ``ref``'s weight (and bias) by the dense-output reconstruction in place.
 
     ``H`` and ``C`` are the augmented (in+1) moments of the pruned-model inputs and of pruned x dense inputs
@@ -84,6 +81,7 @@ def _correct_toward_dense(ref: MatrixRef, stats: LayerStats, cross: torch.Tensor
     shrunk toward the dense weight (not toward 0) because a calibration set of a few thousand tokens
     over-fits a full least-squares re-solve (MiniLM 50 %: ridge 0.01 lost 0.12 held-out cosine, 1.0 gained).
     """
+    assert stats is not None  # cross moments exist only where calibration statistics were collected
     W = ref.weight.double()
     n_in = W.shape[1]
     bias = ref.bias
@@ -106,44 +104,29 @@ def _correct_toward_dense(ref: MatrixRef, stats: LayerStats, cross: torch.Tensor
         ref.bias = new[:, n_in]
 
 
-def _prune_matrix(ref: MatrixRef, method: str, cfg: PruneConfig, stats: LayerStats | None) -> None:
-    """Prune one (out, in) matrix in place with a baseline method."""
-    n, m = (cfg.n, cfg.m) if cfg.pattern == "n:m" else (0, 0)
+def _prune_matrix(ref: MatrixRef, method: PruneMethod, cfg: PruneConfig, stats: LayerStats | None) -> None:
+    """Prune one (out, in) matrix in place with a method's per-matrix rule."""
+    assert method.prune_matrix is not None
     W = ref.weight.detach().clone(memory_format=torch.contiguous_format)  # GPT-2 slices are strided views
-    if method == "magnitude":
-        new, _ = magnitude_prune(W, sparsity=cfg.sparsity, n=n, m=m)
-    elif method == "wanda":
-        new, _ = wanda_prune(W, stats.sq_norms[ref.role], sparsity=cfg.sparsity, n=n, m=m)
-    elif method == "sparsegpt":
-        new, _ = sparsegpt_prune(
-            W, stats.hessians[ref.role], sparsity=cfg.sparsity, n=n, m=m, blocksize=cfg.blocksize, percdamp=cfg.percdamp
-        )
-    else:
-        raise ValueError(f"unknown baseline method {method!r}")
-    ref.weight = new
+    inputs = MatrixInputs(
+        sq_norms=stats.sq_norms[ref.role] if "sq_norms" in method.needs and stats is not None else None,
+        hessian=stats.hessians[ref.role] if "hessian" in method.needs and stats is not None else None,
+    )
+    ref.weight = method.prune_matrix(W, inputs, cfg)
 
 
-def _import_prune_qk() -> Callable[..., Any]:
-    try:
-        mod = importlib.import_module("pipeline.pruning.attention")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pipeline.pruning.attention":
-            raise
-        raise NotImplementedError(
-            "method 'attention' needs pipeline.pruning.attention.prune_qk, which is not available in this build"
-        ) from exc
-    if not hasattr(mod, "prune_qk"):
-        raise NotImplementedError("pipeline.pruning.attention exists but defines no prune_qk")
-    return mod.prune_qk
-
-
-def _companion(cfg: PruneConfig) -> str:
+def _matrix_method(cfg: PruneConfig) -> PruneMethod:
+    """The method whose per-matrix rule prunes the matrices (and chooses the units) the configured method does
+    not prune itself: the method, or a joint q/k method's companion (its options' ``companion``)."""
+    spec = cfg.method_spec
+    if spec.prune_matrix is not None:
+        return spec
     opts = cfg.attention_options
-    # the attention method's own default (AttentionMethodConfig.companion) when no options are given
+    # the q/k method's own default (AttentionMethodConfig.companion) when no options are given
     comp = opts.get("companion", "sparsegpt") if isinstance(opts, dict) else getattr(opts, "companion", "sparsegpt")
-    if comp not in ("wanda", "sparsegpt", "magnitude"):
-        raise ValueError(f"attention companion must be 'wanda', 'sparsegpt' or 'magnitude', got {comp!r}")
-    return comp
+    if comp not in matrix_methods():
+        raise ValueError(f"companion of method {cfg.method!r} must be one of {matrix_methods()}, got {comp!r}")
+    return prune_method(comp)
 
 
 def _prune_block_unstructured(
@@ -158,7 +141,8 @@ def _prune_block_unstructured(
     mats = block.matrices()
     info: dict[str, Any] = {}
     rest = roles
-    if cfg.method == "attention" and {"q", "k"} <= set(roles):
+    if prune_qk is not None and {"q", "k"} <= set(roles):
+        assert stats is not None  # a q/k rule needs calibration (PruneMethod.needs_calibration)
         q, k = block.q, block.k
         clone = lambda t: None if t is None else t.detach().clone()  # noqa: E731
         dense_qk = (clone(q.weight), clone(q.bias), clone(k.weight), clone(k.bias))
@@ -191,18 +175,13 @@ def _prune_block_unstructured(
             k.bias = res.bk
         info["qk_stats"] = _jsonable(getattr(res, "stats", {}))
         rest = [r for r in roles if r not in ("q", "k")]
-    method = _companion(cfg) if cfg.method == "attention" else cfg.method
+    method = _matrix_method(cfg)
     for role in rest:
-        if cross is not None and role in cross and method == "sparsegpt":
+        if cross is not None and role in cross and method.reconstructs:
             _correct_toward_dense(mats[role], stats, cross[role], cfg.correction_ridge)
         _prune_matrix(mats[role], method, cfg, stats)
     info["pruned"] = [mats[r].qualname for r in roles]
     return info
-
-
-def _unit_method(cfg: PruneConfig) -> str:
-    """Who chooses heads / FFN neurons: the method itself, or the attention method's companion."""
-    return _companion(cfg) if cfg.method == "attention" else cfg.method
 
 
 def _reduce_qk_dims(
@@ -218,6 +197,8 @@ def _reduce_qk_dims(
     q, k = block.q, block.k
     X = None if stats is None else stats.attn_input
     pad = None if stats is None else stats.attn_pad_mask
+    qk_rule = cfg.method_spec.qk_width_rule
+    assert qk_rule is not None  # PruneConfig refuses qk_dims for a method without one
     res = reduce_qk(
         q.weight,
         q.bias,
@@ -227,7 +208,7 @@ def _reduce_qk_dims(
         pad,
         g,
         keep=keep,
-        method=cfg.method,
+        method=qk_rule,
         cfg=cfg.attention_options,
         X_target=attn_target,
     )
@@ -248,9 +229,10 @@ def _prune_block_structured(
     attn_target: torch.Tensor | None = None,
 ) -> dict:
     """Remove q/k widths, heads and FFN neurons of one block (``units``: a subset of ``structured_units(cfg)``)."""
-    method = _unit_method(cfg)
-    sq = stats.sq_norms if (stats is not None and method == "wanda") else None
-    obs = method == "sparsegpt"  # OBS choice of the units + least-squares re-fit of the output matrix
+    method = _matrix_method(cfg)
+    # units ranked by input norms when the method reads them, by weight norms otherwise
+    sq = stats.sq_norms if (stats is not None and "sq_norms" in method.needs) else None
+    obs = method.reconstructs  # OBS choice of the units + least-squares re-fit of the output matrix
     info: dict[str, Any] = {}
     units = structured_units(cfg) if units is None else units
     if "ffn" in units:
@@ -258,6 +240,7 @@ def _prune_block_structured(
         k = units_to_remove(block.ffn_out.in_features, cfg.sparsity if cfg.ffn_sparsity is None else cfg.ffn_sparsity)
         chosen = None
         if obs and k > 0:
+            assert stats is not None  # OBS reads the Hessian (hess_roles)
             if cross is not None:
                 _correct_toward_dense(block.ffn_out, stats, cross["ffn_out"], cfg.correction_ridge)
             chosen = obs_select_and_compensate(
@@ -278,6 +261,7 @@ def _prune_block_structured(
         k = units_to_remove(g.num_kv_heads, cfg.sparsity if cfg.head_sparsity is None else cfg.head_sparsity)
         chosen = None
         if obs and k > 0:
+            assert stats is not None  # OBS reads the Hessian (hess_roles)
             if cross is not None:
                 _correct_toward_dense(block.o, stats, cross["o"], cfg.correction_ridge)
             # o_proj's input is the per-head attention output softmax(QK^T)V: its columns come in head groups
@@ -324,7 +308,7 @@ def _prune_block_corrected(
         (per-layer info, the dense block outputs = the next block's dense inputs).
     """
     dense_layer = copy.deepcopy(blocks(model)[index].layer)  # the dense stream keeps running the dense block
-    attention = cfg.method == "attention"
+    attention = cfg.method_spec.qk_rule is not None  # q and k pruned jointly on the attention objective
     info: dict[str, Any] = {"pruned": []}
     dense_next: list[torch.Tensor] | None = None
     for group in _correction_groups(cfg, roles):
@@ -405,14 +389,14 @@ def prune_model(
 
     Raises:
         ValueError: calibration missing for a data-driven method, or ``sparsity > 0`` pruned nothing.
-        NotImplementedError: ``method='attention'`` without :mod:`pipeline.pruning.attention`.
     """
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     was_training = model.training
     model.eval()
-    prune_qk = _import_prune_qk() if cfg.method == "attention" else None
-    needs_calib = cfg.method != "magnitude"
+    spec = cfg.method_spec
+    prune_qk = spec.qk_rule
+    needs_calib = spec.needs_calibration
     if needs_calib and not calibration:
         raise ValueError(f"method {cfg.method!r} needs calibration batches, got {len(calibration)}")
     dense = copy.deepcopy(model) if eval_batches else None
@@ -432,23 +416,24 @@ def prune_model(
             or ("ffn" in su and _part(r) == "ffn")
         ]
     hess_roles: list[str] = []
-    if cfg.method == "sparsegpt" or (cfg.method == "attention" and _companion(cfg) == "sparsegpt"):
-        hess_roles = [r for r in roles if not (cfg.method == "attention" and r in ("q", "k"))]
-    if cfg.method == "attention" and {"q", "k"} <= set(roles):
+    if "hessian" in _matrix_method(cfg).needs:
+        hess_roles = [r for r in roles if not (prune_qk is not None and r in ("q", "k"))]
+    if prune_qk is not None and {"q", "k"} <= set(roles):
         hess_roles += ["q", "k"]
     if structured:  # OBS needs the inputs of the output matrices only (head outputs, FFN activations)
-        hess_roles = [r for r in ("o", "ffn_out") if r in roles] if _unit_method(cfg) == "sparsegpt" else []
+        hess_roles = [r for r in ("o", "ffn_out") if r in roles] if _matrix_method(cfg).reconstructs else []
 
     do_prune = cfg.removes_anything
     inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
     # error correction: a second stream of dense hidden states; reconstructed matrices aim at the dense outputs
     correct = cfg.corrects_errors and inputs is not None
-    dense_inputs = list(inputs) if correct else None
+    dense_inputs = list(inputs) if correct and inputs is not None else None
     per_layer: list[dict[str, Any]] = []
     for i in range(n_layers):
         block = blocks(model)[i]  # fresh view: structured pruning replaces modules
         stats = None
         if correct:
+            assert inputs is not None and dense_inputs is not None
             info, dense_next = _prune_block_corrected(model, i, cfg, roles, hess_roles, inputs, dense_inputs, prune_qk)
             dense_inputs = [dataclasses.replace(inp, hidden=h) for inp, h in zip(dense_inputs, dense_next)]
         else:
@@ -459,7 +444,7 @@ def prune_model(
                     inputs,
                     roles,
                     hessian_roles=hess_roles,
-                    keep_attn_input=cfg.method == "attention" or qk_dims,
+                    keep_attn_input=prune_qk is not None or qk_dims,
                     keep_outputs=not cfg.sequential,
                 )
             if not do_prune:
@@ -475,6 +460,7 @@ def prune_model(
                 block = blocks(model)[i]
                 hidden = [run_block(block, inp) for inp in inputs]  # pruned outputs feed the next block
             else:
+                assert stats is not None  # collected whenever inputs are
                 hidden = stats.outputs  # dense outputs (one-shot protocol)
             inputs = [dataclasses.replace(inp, hidden=h) for inp, h in zip(inputs, hidden)]
         if progress is not None:
@@ -522,6 +508,7 @@ def prune_model(
             " (too few weights per row/unit for this sparsity?)"
         )
     if eval_batches:
+        assert dense is not None  # copied above when eval_batches were given
         metrics["attention_error"] = attention_error(dense, model, eval_batches)
         metrics["layer_output_error"] = layer_output_error(dense, model, eval_batches)
     metrics["seconds"] = time.perf_counter() - t0

@@ -126,7 +126,7 @@ def random_calibration(
 
 def _forward_kwargs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     accepted = inspect.signature(model.forward).parameters
-    kw = {k: v for k, v in batch.items() if k in accepted}
+    kw: dict[str, Any] = {k: v for k, v in batch.items() if k in accepted}
     if "use_cache" in accepted:
         kw["use_cache"] = False
     return kw
@@ -236,6 +236,7 @@ def collect_block_stats(
                 stats.tokens[key] = stats.tokens.get(key, 0) + xt.shape[0]
                 stats.sums[key] = stats.sums.get(key, 0) + total
                 if key in want_h:
+                    assert h is not None  # computed when any key wants it
                     stats.hessians[key] = stats.hessians.get(key, 0) + h
 
         return hook
@@ -255,8 +256,8 @@ def collect_block_stats(
     finally:
         for h in handles:
             h.remove()
-    for key in list(stats.hessians):
-        stats.hessians[key] = 2.0 * stats.hessians[key] / max(stats.tokens[key], 1)
+    for role in list(stats.hessians):
+        stats.hessians[role] = 2.0 * stats.hessians[role] / max(stats.tokens[role], 1)
     if keep_attn_input:
         n_max = max(c.shape[1] for c in attn_chunks)
         X = torch.cat([nn.functional.pad(c, (0, 0, 0, n_max - c.shape[1])) for c in attn_chunks])  # (B, n_max, d)

@@ -6,24 +6,20 @@ see :mod:`pipeline.pruning.magnitude`, :mod:`pipeline.pruning.wanda`, :mod:`pipe
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.pruning.registry import PRUNE_METHODS, PruneMethod, load_builtin_methods, prune_method, prune_method_names
 
 __all__ = ["PruneConfig", "structured_units"]
 
 
 def _attention_config_class() -> type[BaseModel] | None:
-    """Return ``AttentionMethodConfig`` from :mod:`pipeline.pruning.attention` if that module exists yet."""
-    try:
-        mod = importlib.import_module("pipeline.pruning.attention")
-    except ModuleNotFoundError as exc:
-        # Only "the attention module is not written yet" is tolerated; a missing dependency *inside* it is a bug.
-        if exc.name != "pipeline.pruning.attention":
-            raise
-        return None
-    return getattr(mod, "AttentionMethodConfig", None)
+    """The options class of the ``prune.attention`` key: the one the ``attention`` method registered."""
+    load_builtin_methods()
+    spec = PRUNE_METHODS.get("attention")
+    return spec.options if spec is not None else None
 
 
 STRUCTURED_UNITS = ("qk_dims", "heads", "ffn")  # also the order in which a block's units are removed
@@ -52,9 +48,10 @@ class PruneConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: Literal["magnitude", "wanda", "sparsegpt", "attention"] = Field(
+    method: str = Field(
         "magnitude",
-        description="pruning rule: magnitude |W|, Wanda |W|*||X_j||, SparseGPT OBS, or attention-matrix fidelity",
+        description="pruning rule, a registered method (pipeline.pruning.registry.prune_method_names()): magnitude"
+        " |W|, wanda |W|*||X_j||, sparsegpt OBS, attention (attention-matrix fidelity)",
     )
     sparsity: float = Field(0.5, description="fraction of weights removed in each pruned matrix, in [0, 1)")
     pattern: Literal["unstructured", "n:m", "structured"] = Field(
@@ -101,10 +98,19 @@ class PruneConfig(BaseModel):
         " MiniLM 50%: 0.01 over-fits 64 calibration passages, 0.1-1.0 help, 1.0 best on worst-case cosine)",
     )
     attention: Any = Field(
-        None, description="options of the attention-matrix method (pipeline.pruning.attention.AttentionMethodConfig)"
+        None,
+        description="options of the attention-matrix method (pipeline.pruning.attention_objective.AttentionMethodConfig)",
     )
     strict: bool = Field(False, description="reject patterns that give no speedup on the target (target-aware checks)")
     seed: int = Field(0, description="random seed recorded with the result")
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, v: str) -> str:
+        allowed = prune_method_names()
+        if v not in allowed:
+            raise ValueError(f"method must be one of {allowed}, got {v!r}")
+        return v
 
     @field_validator("sparsity")
     @classmethod
@@ -151,13 +157,9 @@ class PruneConfig(BaseModel):
         if v is None:
             return None
         klass = _attention_config_class()
-        if klass is not None:
-            return v if isinstance(v, klass) else klass.model_validate(v)
-        if isinstance(v, dict) and not v:
-            return {}
-        raise ValueError(
-            f"attention options {v!r} given, but pipeline.pruning.attention.AttentionMethodConfig is not available yet"
-        )
+        if klass is None:
+            raise ValueError(f"attention options {v!r} given, but no method 'attention' is registered")
+        return v if isinstance(v, klass) else klass.model_validate(v)
 
     @model_validator(mode="after")
     def _check_pattern(self) -> PruneConfig:
@@ -173,10 +175,9 @@ class PruneConfig(BaseModel):
             raise ValueError(
                 "error_correction needs sequential=True (it corrects the pruned stream toward the dense one)"
             )
-        if self.error_correction and self.method in ("magnitude", "wanda"):
-            raise ValueError(
-                f"error_correction needs a reconstructing method ('sparsegpt' or 'attention'), got method={self.method!r}"
-            )
+        if self.error_correction and not self.method_spec.reconstructs:
+            rec = [n for n in prune_method_names() if prune_method(n).reconstructs]
+            raise ValueError(f"error_correction needs a reconstructing method {rec}, got method={self.method!r}")
         per_unit = (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity)
         if self.pattern != "structured" and any(v is not None for v in per_unit):
             raise ValueError(
@@ -187,10 +188,11 @@ class PruneConfig(BaseModel):
                 raise ValueError(
                     f"structured_unit={self.structured_unit!r} removes nothing inside targets={self.targets!r}"
                 )
-            if self.method == "sparsegpt" and "qk_dims" in structured_units(self):
+            if self.method_spec.qk_width_rule is None and "qk_dims" in structured_units(self):
+                able = [n for n in prune_method_names() if prune_method(n).qk_width_rule is not None]
                 raise ValueError(
-                    "structured_unit qk_dims is chosen by method 'attention' (the attention objective) or ranked by"
-                    " 'wanda' / 'magnitude' norms; 'sparsegpt' has no q/k-width criterion"
+                    f"structured_unit qk_dims needs a method with a q/k-width criterion {able};"
+                    f" {self.method!r} has none"
                 )
         return self
 
@@ -202,9 +204,19 @@ class PruneConfig(BaseModel):
         it measured worse on MiniLM (held-out cos, q/k width 50 % + FFN 62.5 %: 0.838 with vs 0.845 without;
         heads+FFN 50 % by OBS: 0.753 vs 0.756).
         """
-        default = self.method == "attention" and self.pattern != "structured"
+        default = self.method_spec.corrects_by_default and self.pattern != "structured"
         on = default if self.error_correction is None else self.error_correction
         return on and self.sequential  # the one-shot protocol has no pruned stream to correct
+
+    @property
+    def method_spec(self) -> PruneMethod:
+        """The registered :class:`~pipeline.pruning.registry.PruneMethod` of ``method``."""
+        return prune_method(self.method)
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        """``(n, m)`` for the N:M pattern, ``(0, 0)`` (unstructured) otherwise."""
+        return (self.n, self.m) if self.pattern == "n:m" else (0, 0)
 
     @property
     def removes_anything(self) -> bool:
@@ -219,9 +231,8 @@ class PruneConfig(BaseModel):
     @property
     def attention_options(self) -> Any:
         """Validated options for the attention method: the given ones, else its defaults (None for other methods)."""
-        if self.attention is None and self.method == "attention":
-            klass = _attention_config_class()
-            return klass() if klass is not None else None
+        if self.attention is None and self.method_spec.options is not None:
+            return self.method_spec.options()
         return self.attention
 
 

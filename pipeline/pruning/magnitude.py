@@ -7,9 +7,15 @@ consecutive input columns of each row. No weight update.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pipeline.pruning.masks import nm_mask, unstructured_mask
+from pipeline.pruning.registry import MatrixInputs, register_prune_method
+
+if TYPE_CHECKING:
+    from pipeline.pruning.config import PruneConfig
 
 __all__ = ["magnitude_prune", "magnitude_scores"]
 
@@ -36,3 +42,13 @@ def magnitude_prune(
     scores = magnitude_scores(weight)
     keep = nm_mask(scores, n, m) if m else unstructured_mask(scores, sparsity, per_row=False)
     return weight * keep.to(weight.dtype), keep
+
+
+@register_prune_method(
+    "magnitude",
+    description="|W| over the whole matrix (N:M: within each group); no calibration text",
+    qk_width_rule="magnitude",
+)
+def _magnitude_rule(weight: torch.Tensor, inputs: MatrixInputs, cfg: PruneConfig) -> torch.Tensor:
+    n, m = cfg.nm
+    return magnitude_prune(weight, sparsity=cfg.sparsity, n=n, m=m)[0]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.pruning.adapters import blocks
+from pipeline.pruning.adapters import HFModule, blocks
 from pipeline.pruning.masks import count_zeros
 
 __all__ = ["attention_error", "eager_attention", "layer_output_error", "sparsity_report"]
@@ -45,7 +45,7 @@ def sparsity_report(model: nn.Module, names: Iterable[str] | Mapping[str, torch.
 
 
 @contextlib.contextmanager
-def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
+def eager_attention(model: HFModule) -> Iterator[HFModule]:
     """Temporarily switch ``model`` to the eager attention implementation (needed for attention probabilities)."""
     old = getattr(model.config, "_attn_implementation", None)
     # BERT-style models pick their attention class at init and fall back to eager for output_attentions=True;
@@ -62,7 +62,7 @@ def eager_attention(model: nn.Module) -> Iterator[nn.Module]:
 
 def _kwargs(model: nn.Module, batch: Mapping[str, torch.Tensor], **extra: Any) -> dict[str, Any]:
     accepted = inspect.signature(model.forward).parameters
-    kw = {k: v for k, v in batch.items() if k in accepted}
+    kw: dict[str, Any] = {k: v for k, v in batch.items() if k in accepted}
     if "use_cache" in accepted:
         kw["use_cache"] = False
     # Llama-style forwards take output_attentions through **kwargs (TransformersKwargs), not a named parameter
@@ -90,7 +90,10 @@ def attention_error(
     Returns:
         ``{"per_layer": [rel_err | None], "row_kl": [kl | None], "mean": x, "row_kl_mean": x}``.
     """
-    num = den = kl_sum = rows = None
+    num: list[float] | None = None
+    den: list[float] = []
+    kl_sum: list[float] = []
+    rows: list[int] = []
     same_shape: list[bool] = []
     with eager_attention(dense_model), eager_attention(pruned_model):
         for batch in batches:
@@ -135,7 +138,7 @@ def layer_output_error(
     """Per-block relative error ``||h - ĥ||_F / ||h||_F`` of the block outputs over real tokens."""
 
     def outputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        got: list[torch.Tensor | None] = []
+        got: list[torch.Tensor] = []
         handles = []
         for b in blocks(model):
 

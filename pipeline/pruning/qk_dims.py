@@ -9,7 +9,7 @@ keep their size.
 Choosing the narrow q/k (``reduce_qk``):
 
 * ``method="attention"`` (the attention objective of arXiv 2410.11261): an initial rank-``r`` pair, then Adam on the
-  relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of :mod:`pipeline.pruning.attention`, with its
+  relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of :mod:`pipeline.pruning.attention_objective`, with its
   held-out early stop). Initial pair, ``AttentionMethodConfig.qk_init`` [I: our choice, measured in
   ``benchmarks/results/pruning.md``]:
 
@@ -42,7 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.pruning.adapters import HFModule
 from pipeline.pruning.geometry import AttentionGeometry
+from pipeline.transforms import register_module_transform
 
 __all__ = [
     "QK_DIMS_KEY",
@@ -79,7 +81,7 @@ class QKReducedSelfAttention(nn.Module):
     KV caches and relative position embeddings raise.
     """
 
-    def __init__(self, base: nn.Module, qk_head_dim: int) -> None:
+    def __init__(self, base: HFModule, qk_head_dim: int) -> None:
         super().__init__()
         if getattr(base, "position_embedding_type", "absolute") != "absolute":
             raise ValueError(
@@ -96,8 +98,8 @@ class QKReducedSelfAttention(nn.Module):
         width = self.num_attention_heads * self.qk_head_dim
         self.query = nn.Linear(hidden, width, bias=base.query.bias is not None)
         self.key = nn.Linear(hidden, width, bias=base.key.bias is not None)
-        self.value = base.value
-        self.dropout = base.dropout
+        self.value: nn.Linear = base.value
+        self.dropout: nn.Dropout = base.dropout
         self.position_embedding_type = "absolute"
         self.is_decoder = False
         self.layer_idx = getattr(base, "layer_idx", None)
@@ -139,7 +141,7 @@ class QKReducedSelfAttention(nn.Module):
         return ctx, probs
 
 
-def _bert_self_attentions(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+def _bert_self_attentions(model: HFModule) -> list[tuple[HFModule, HFModule]]:
     """(BertAttention-like parent, its self-attention) per encoder layer, or a ValueError for other families."""
     base = getattr(model, "base_model", model)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
@@ -152,7 +154,7 @@ def _bert_self_attentions(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]
 
 @torch.no_grad()
 def replace_qk_(
-    model: nn.Module, layer: int, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor, bk: torch.Tensor | None
+    model: HFModule, layer: int, wq: torch.Tensor, bq: torch.Tensor | None, wk: torch.Tensor, bk: torch.Tensor | None
 ) -> QKReducedSelfAttention:
     """Install narrow q/k weights ``(H·r, d)`` in layer ``layer`` and record ``r`` in ``model.config``."""
     parent, sa = _bert_self_attentions(model)[layer]
@@ -237,6 +239,11 @@ def restore_qk_dims_(model: nn.Module, model_dir: Path) -> int:
                         f"{path.name}: {key!r} has shape {shape}, the model expects {tuple(state[key].shape)}"
                     )
     return len(dims)
+
+
+register_module_transform(
+    QK_DIMS_KEY, restore_qk_dims_, description="q/k heads narrowed by prune structured_unit qk_dims"
+)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -350,7 +357,7 @@ def reduce_qk(
     bq: torch.Tensor | None,
     wk: torch.Tensor,
     bk: torch.Tensor | None,
-    X: torch.Tensor,
+    X: torch.Tensor | None,
     pad_mask: torch.Tensor | None,
     geom: AttentionGeometry,
     *,
@@ -367,13 +374,13 @@ def reduce_qk(
         geom: the dense block's geometry (MHA without RoPE).
         keep: narrow width r, 1 <= r <= hd.
         method: ``"attention"`` (init + refit on the attention objective), ``"wanda"`` or ``"magnitude"``.
-        cfg: :class:`pipeline.pruning.attention.AttentionMethodConfig` (``qk_init``, refit options).
+        cfg: :class:`pipeline.pruning.attention_objective.AttentionMethodConfig` (``qk_init``, refit options).
         X_target: (B, n, d) dense-model inputs for the target attention (error correction), or None.
 
     Returns:
         :class:`QKReduceResult` with (H·keep, d) weights; ``stats`` holds held-out attention errors.
     """
-    from pipeline.pruning.attention import AttentionMethodConfig, _refit, split_objectives
+    from pipeline.pruning.attention_objective import AttentionMethodConfig, _refit, split_objectives
 
     t0 = time.perf_counter()
     cfg = cfg or AttentionMethodConfig()
@@ -402,6 +409,7 @@ def reduce_qk(
         train, hold = split_objectives(Xf, pad_mask, dense, geom, cfg, X_target, fit_geom=narrow)  # as prune_qk's
         x_all = _tokens(Xf, pad_mask)
     if method == "attention" and cfg.qk_init == "svd":
+        assert x_all is not None  # method 'attention' needs X (checked above)
         start = _svd_init(dense, x_all, H, hd, keep)
     else:
         if method == "attention":
@@ -413,7 +421,7 @@ def reduce_qk(
         stats["qk_kept_dims"] = idx.tolist()
     stats["attn_err_holdout_init"] = hold.error(start) if hold else None
     final = start
-    if method == "attention" and cfg.refit and cfg.refit_steps > 0 and train:
+    if method == "attention" and cfg.refit and cfg.refit_steps > 0 and train and hold is not None:
         ones = (torch.ones_like(start[0], dtype=torch.bool), torch.ones_like(start[2], dtype=torch.bool))
         with torch.enable_grad():  # anchor: the initial pair's outputs (dense q/k have another width)
             final = _refit(start, ones, start, train, hold, train.gram(), cfg, stats)

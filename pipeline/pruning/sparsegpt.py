@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.pruning.masks import num_pruned
+from pipeline.pruning.registry import MatrixInputs, register_prune_method
+
+if TYPE_CHECKING:
+    from pipeline.pruning.config import PruneConfig
 
 __all__ = ["hessian_from_inputs", "sparsegpt_prune"]
 
@@ -126,3 +131,17 @@ def sparsegpt_prune(
 
     W[prune] = 0  # exact zeros (Q1 already has them; this guards against -0.0 / fp noise)
     return W.to(weight.dtype), ~prune
+
+
+@register_prune_method(
+    "sparsegpt",
+    description="OBS mask choice and reconstruction from the input Hessian",
+    needs=("hessian",),
+    reconstructs=True,
+)
+def _sparsegpt_rule(weight: torch.Tensor, inputs: MatrixInputs, cfg: PruneConfig) -> torch.Tensor:
+    assert inputs.hessian is not None  # declared in needs
+    n, m = cfg.nm
+    return sparsegpt_prune(
+        weight, inputs.hessian, sparsity=cfg.sparsity, n=n, m=m, blocksize=cfg.blocksize, percdamp=cfg.percdamp
+    )[0]

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import prune_conv1d_layer, prune_linear_layer
 
-from pipeline.pruning.adapters import BlockView, MatrixRef
+from pipeline.pruning.adapters import BlockView, HFModule, MatrixRef
 
 __all__ = [
     "augmented_hessian",
@@ -40,6 +41,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def _prune_linear(layer: nn.Linear, index: torch.Tensor, dim: int = 0) -> nn.Linear:
+    """transformers' ``prune_linear_layer``: keep the int64 ``index`` entries of ``layer`` along ``dim``."""
+    return prune_linear_layer(layer, index, dim=dim)  # type: ignore[arg-type]  # annotated LongTensor; any int64 Tensor
+
+
+def _prune_conv1d(layer: Any, index: torch.Tensor, dim: int = 1) -> Any:
+    """transformers' ``prune_conv1d_layer`` on a GPT-2 ``Conv1D`` (stored (in, out))."""
+    return prune_conv1d_layer(layer, index, dim=dim)  # type: ignore[arg-type]  # annotated LongTensor; any int64 Tensor
 
 
 def units_to_remove(total: int, sparsity: float) -> int:
@@ -87,7 +98,7 @@ def _lowest(scores: torch.Tensor, k: int) -> list[int]:
 
 @torch.no_grad()
 def remove_heads_(
-    model: nn.Module,
+    model: HFModule,
     block: BlockView,
     count: int,
     sq_norms: dict[str, torch.Tensor] | None = None,
@@ -122,10 +133,10 @@ def remove_heads_(
     kv_idx = torch.cat([torch.arange(u * hd, (u + 1) * hd) for u in keep_kv])
     q_idx = torch.cat([torch.arange(u * G * hd, (u + 1) * G * hd) for u in keep_kv])
     a = block.attention
-    a.q_proj = prune_linear_layer(a.q_proj, q_idx, dim=0)
-    a.k_proj = prune_linear_layer(a.k_proj, kv_idx, dim=0)
-    a.v_proj = prune_linear_layer(a.v_proj, kv_idx, dim=0)
-    a.o_proj = prune_linear_layer(a.o_proj, q_idx, dim=1)
+    a.q_proj = _prune_linear(a.q_proj, q_idx, dim=0)
+    a.k_proj = _prune_linear(a.k_proj, kv_idx, dim=0)
+    a.v_proj = _prune_linear(a.v_proj, kv_idx, dim=0)
+    a.o_proj = _prune_linear(a.o_proj, q_idx, dim=1)
     cfg = model.config
     cfg.head_dim = hd  # pin: scale stays 1/sqrt(hd) after num_attention_heads shrinks
     cfg.num_key_value_heads = len(keep_kv)
@@ -133,7 +144,7 @@ def remove_heads_(
     return units
 
 
-def _prune_heads_narrow_qk(model: nn.Module, block: BlockView, original: list[int], current: list[int]) -> None:
+def _prune_heads_narrow_qk(model: HFModule, block: BlockView, original: list[int], current: list[int]) -> None:
     """``prune_heads`` for a BERT self-attention with narrowed q/k: q/k rows at their width, v rows / o columns at hd.
 
     Records the heads like ``PreTrainedModel.prune_heads`` (``config.pruned_heads``, ``attention.pruned_heads``), so
@@ -146,10 +157,10 @@ def _prune_heads_narrow_qk(model: nn.Module, block: BlockView, original: list[in
     def rows(width: int) -> torch.Tensor:
         return torch.cat([torch.arange(h * width, (h + 1) * width) for h in keep])
 
-    sa.query = prune_linear_layer(sa.query, rows(g.head_dim))
-    sa.key = prune_linear_layer(sa.key, rows(g.head_dim))
-    sa.value = prune_linear_layer(sa.value, rows(g.value_head_dim))
-    att.output.dense = prune_linear_layer(att.output.dense, rows(g.value_head_dim), dim=1)
+    sa.query = _prune_linear(sa.query, rows(g.head_dim))
+    sa.key = _prune_linear(sa.key, rows(g.head_dim))
+    sa.value = _prune_linear(sa.value, rows(g.value_head_dim))
+    att.output.dense = _prune_linear(att.output.dense, rows(g.value_head_dim), dim=1)
     sa.num_attention_heads = len(keep)
     sa.all_head_size = len(keep) * sa.attention_head_size
     att.pruned_heads = att.pruned_heads.union(original)
@@ -159,7 +170,7 @@ def _prune_heads_narrow_qk(model: nn.Module, block: BlockView, original: list[in
 
 @torch.no_grad()
 def remove_ffn_neurons_(
-    model: nn.Module,
+    model: HFModule,
     block: BlockView,
     count: int,
     sq_norms: dict[str, torch.Tensor] | None = None,
@@ -176,23 +187,23 @@ def remove_ffn_neurons_(
     keep = torch.tensor([i for i in range(width) if i not in drop], dtype=torch.long)
     fam, layer = block.family, block.layer
     if fam in ("bert",):
-        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, keep, dim=0)
-        layer.output.dense = prune_linear_layer(layer.output.dense, keep, dim=1)
+        layer.intermediate.dense = _prune_linear(layer.intermediate.dense, keep, dim=0)
+        layer.output.dense = _prune_linear(layer.output.dense, keep, dim=1)
         model.config.intermediate_size = keep.numel()
     elif fam == "distilbert":
-        layer.ffn.lin1 = prune_linear_layer(layer.ffn.lin1, keep, dim=0)
-        layer.ffn.lin2 = prune_linear_layer(layer.ffn.lin2, keep, dim=1)
+        layer.ffn.lin1 = _prune_linear(layer.ffn.lin1, keep, dim=0)
+        layer.ffn.lin2 = _prune_linear(layer.ffn.lin2, keep, dim=1)
         model.config.hidden_dim = keep.numel()
     elif fam == "gpt2":
         # Conv1D stores (in, out): the FFN neurons are c_fc's output columns (dim 1) and c_proj's input rows (dim 0)
-        layer.mlp.c_fc = prune_conv1d_layer(layer.mlp.c_fc, keep, dim=1)
-        layer.mlp.c_proj = prune_conv1d_layer(layer.mlp.c_proj, keep, dim=0)
+        layer.mlp.c_fc = _prune_conv1d(layer.mlp.c_fc, keep, dim=1)
+        layer.mlp.c_proj = _prune_conv1d(layer.mlp.c_proj, keep, dim=0)
         model.config.n_inner = keep.numel()
     elif fam == "llama":
         mlp = layer.mlp
-        mlp.gate_proj = prune_linear_layer(mlp.gate_proj, keep, dim=0)
-        mlp.up_proj = prune_linear_layer(mlp.up_proj, keep, dim=0)
-        mlp.down_proj = prune_linear_layer(mlp.down_proj, keep, dim=1)
+        mlp.gate_proj = _prune_linear(mlp.gate_proj, keep, dim=0)
+        mlp.up_proj = _prune_linear(mlp.up_proj, keep, dim=0)
+        mlp.down_proj = _prune_linear(mlp.down_proj, keep, dim=1)
         model.config.intermediate_size = keep.numel()
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = keep.numel()
@@ -264,6 +275,7 @@ def obs_remove_groups(
             # vectorized scores ||W[:, j]||^2 / [H^-1]_jj; the `batch` cheapest go together (one joint OBS update
             # per batch: each (in, in) downdate is memory-bound, 768 one-by-one updates of a 1.5k FFN took 8 s)
             batch = min(count - len(removed), max(1, -(-count // steps)))
+            assert idx_all is not None  # set when single
             cols = idx_all[alive]
             err = W[:, cols].pow(2).sum(0) / Hinv[cols, cols]
             picks = [alive[int(i)] for i in torch.topk(err, batch, largest=False).indices]

@@ -8,9 +8,15 @@ every row's ranking unchanged, so the plain sum is used here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pipeline.pruning.masks import nm_mask, unstructured_mask
+from pipeline.pruning.registry import MatrixInputs, register_prune_method
+
+if TYPE_CHECKING:
+    from pipeline.pruning.config import PruneConfig
 
 __all__ = ["wanda_prune", "wanda_scores"]
 
@@ -52,3 +58,12 @@ def wanda_prune(
     scores = wanda_scores(weight, input_sq_norms)
     keep = nm_mask(scores, n, m) if m else unstructured_mask(scores, sparsity, per_row=True)
     return weight * keep.to(weight.dtype), keep
+
+
+@register_prune_method(
+    "wanda", description="|W| * ||X_j|| compared within each output row", needs=("sq_norms",), qk_width_rule="wanda"
+)
+def _wanda_rule(weight: torch.Tensor, inputs: MatrixInputs, cfg: PruneConfig) -> torch.Tensor:
+    assert inputs.sq_norms is not None  # declared in needs
+    n, m = cfg.nm
+    return wanda_prune(weight, inputs.sq_norms, sparsity=cfg.sparsity, n=n, m=m)[0]

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.programs.build import BuildOptions, build_targets, shipped_precisions
-from pipeline.programs.compile import CONSTRUCTIONS, PROGRAM_IN
+from pipeline.programs.compile import CONSTRUCTIONS, PROGRAM_IN, Construction, ProgramIn
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 
 __all__ = ["CompileProgramConfig", "run_compile_program"]
@@ -30,10 +30,10 @@ class CompileProgramConfig(StageConfig):
     program_slots: int | None = Field(
         None, ge=2, description="I, a power of two (default: the smallest that holds the code)"
     )
-    construction: Literal[CONSTRUCTIONS] = Field(
+    construction: Construction = Field(
         CONSTRUCTIONS[0], description="shallow, or paper23 (the paper's 23-layer budget)"
     )
-    program_in: Literal[PROGRAM_IN] = Field(
+    program_in: ProgramIn = Field(
         PROGRAM_IN[0], description="weights: the code is baked into the weights; state: it lives in the state vector"
     )
     max_steps: int = Field(10_000, ge=1, description="step budget of the parity runs")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
@@ -17,18 +17,21 @@ from pipeline.stages._common import encode, load_from_artifact, text_sets, to_nu
 
 if TYPE_CHECKING:
     from pipeline.kernels.change import AttentionChange
+    from targets.profile import AttentionOp
 
 __all__ = ["DEFAULT_OPSET", "FUSED_ATTENTION_OPSET", "ExportConfig", "run_export"]
 
-DEFAULT_OPSET = 18  # the best-trodden path for quantization, fp16 and ORT format (platform notes §3-§6)
+DEFAULT_OPSET = 18  # opset 18: quantize_dynamic, ORT's fp16 converter and .ort conversion all handle it (opset-23 Attention needs MatMul-only int8)
 FUSED_ATTENTION_OPSET = 23  # SDPA exports as the standard ONNX Attention op from opset 23
 
 
 class ExportConfig(StageConfig):
     kind = "export"
     works_on = "export"
-    exporter: Literal["dynamo", "optimum"] = Field(
-        "dynamo", description="torch.onnx dynamo exporter, or optimum's main_export"
+    exporter: str = Field(
+        "dynamo",
+        description="a registered exporter (exporters.registry.exporter_names()): dynamo = torch.onnx dynamo"
+        " exporter, optimum = optimum's main_export",
     )
     opset: int | None = Field(
         None,
@@ -40,7 +43,9 @@ class ExportConfig(StageConfig):
         None, description="decoders: export the KV cache (past/present); default on for decoders"
     )
     cross_check: bool = Field(
-        False, description="also export with the other exporter and compare their outputs on calibration text"
+        False,
+        description="also export with the first other registered exporter (dynamo <-> optimum) and compare their"
+        " outputs on calibration text",
     )
     external_data_mb: float = Field(
         1800.0,
@@ -48,6 +53,16 @@ class ExportConfig(StageConfig):
         description="weights above this many MiB go to model.onnx.data beside model.onnx"
         " (ONNX external data: one protobuf file holds at most 2 GiB); later stages keep the split",
     )
+
+    @field_validator("exporter")
+    @classmethod
+    def _check_exporter(cls, v: str) -> str:
+        from exporters.registry import exporter_names
+
+        allowed = exporter_names()
+        if v not in allowed:
+            raise ValueError(f"exporter must be one of {allowed}, got {v!r}")
+        return v
 
     def check(self, plan: RunPlan) -> None:
         for name, prof in plan.targets.items():
@@ -66,13 +81,15 @@ def _lower_attention(res, change: AttentionChange, names: list[str], ctx: StageC
     """Lower the exported attention per target: {label: (model path, target names)}; zero rewrites is an error."""
     import onnx
 
-    from exporters.attention import lower_to_block_sparse, lower_to_fused_attention
+    from exporters.attention_lowering import lower_to_block_sparse, lower_to_fused_attention
     from exporters.onnx import data_file, move_onnx, save_onnx
 
     model = onnx.load(str(res.path))
-    by_op: dict[str, list[str]] = {}
+    by_op: dict[AttentionOp | Literal["block_sparse"], list[str]] = {}
     for name in names:
-        op = "block_sparse" if change.block_sparse else ctx.targets[name].attention_ops[0]
+        op: AttentionOp | Literal["block_sparse"] = (
+            "block_sparse" if change.block_sparse else ctx.targets[name].attention_ops[0]
+        )
         by_op.setdefault(op, []).append(name)
     out: dict[str, Any] = {}
     for op, tnames in sorted(by_op.items()):
@@ -163,7 +180,7 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         with_past = False
     reference = load_from_artifact(art, ctx, reference=True) if change else loaded
     conf = loaded.model.config
-    n_layers = int(getattr(conf, "num_hidden_layers", None) or getattr(conf, "n_layer", 0))
+    n_layers = int(getattr(conf, "num_hidden_layers", 0) or getattr(conf, "n_layer", 0))
     exports = {}
     out = art
     for opset, names in sorted(by_opset.items()):
@@ -179,7 +196,7 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         feeds = to_numpy_feeds(batch, io)
         m = np.asarray(feeds["attention_mask"], bool)
         first = res.output_names[0]
-        entry = {
+        entry: dict[str, Any] = {
             "exporter": cfg.exporter,
             "size_bytes": model_bytes(res.path),
             "targets": names,
@@ -189,7 +206,9 @@ def run_export(art: Artifact, cfg: ExportConfig, ctx: StageContext) -> Artifact:
         got = _run(res.path, res.output_names, feeds)
         entry["max_abs_diff_vs_torch"] = float(np.abs(got[first] - torch_reference(loaded, feeds)[first])[m].max())
         if cfg.cross_check:
-            other = "optimum" if cfg.exporter == "dynamo" else "dynamo"
+            from exporters.registry import cross_check_exporter
+
+            other = cross_check_exporter(cfg.exporter)
             res2 = export_onnx(
                 loaded, ctx.subdir(f"opset{opset}-{other}"), opset=opset, exporter=other, with_past=with_past
             )

@@ -24,6 +24,7 @@ from pydantic import Field
 
 from pipeline.artifact import Artifact
 from pipeline.errors import ConfigError, StageError
+from pipeline.loaded import is_causal_lm
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets
 
@@ -69,7 +70,6 @@ class PrivateContextConfig(StageConfig):
     def check(self, plan: RunPlan) -> None:
         """Before anything runs (``edgepipe validate`` too): the required keys, the privacy parameters, a file to
         read, and a causal decoder to rewrite."""
-        from pipeline.models import is_causal_family
         from pipeline.privacy.calibration import check_privacy_params
 
         if self.context_file is None:
@@ -86,7 +86,7 @@ class PrivateContextConfig(StageConfig):
             )
         except ConfigError as exc:
             raise ValueError(str(exc).removeprefix("private_context: ").removeprefix("private_context")) from None
-        if not is_causal_family(plan.family) or plan.task != "text-generation":
+        if not is_causal_lm(plan.family, plan.task):
             raise ValueError(
                 f"needs a decoder for text-generation (GPT-2 / Llama family), got {plan.family} ({plan.task})"
             )
@@ -182,7 +182,7 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
         1.0 if cfg.value_bound == "calibration" else cfg.value_bound,
         where=where,
     )
-    if art.task != "text-generation":
+    if not is_causal_lm(art.family, art.task):
         raise StageError(
             "private_context",
             f"needs a decoder for text-generation (GPT-2 / Llama family), got {art.family} ({art.task})",
@@ -235,6 +235,7 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
     pub_keys = max(
         float(np.abs(np.einsum("hmd,hdp->hmp", K, proj[l]) if proj else K).max()) for l, (K, _) in enumerate(pub)
     )
+    assert cfg.key_bound is not None and cfg.value_bound is not None  # check() requires both
     R = _bound(cfg.key_bound, pub_keys, "key_bound")
     Rw = _bound(cfg.value_bound, max(float(np.abs(V).max()) for _, V in pub), "value_bound")
     bounds = PublicBounds(R, Rw)

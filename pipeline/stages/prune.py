@@ -46,14 +46,14 @@ class PruneConfig(_PruneOptions, StageConfig):
 def resolve_structured_defaults(cfg: PruneConfig, loaded) -> tuple[PruneConfig, str]:
     """The structured unit, when omitted, is the best one measured for the model's family.
 
-    BERT family with a method that ranks q/k widths (attention, wanda, magnitude): ``qk_dims+ffn``, removing the
+    BERT family with a method that ranks q/k widths (a registered qk_width_rule: attention, wanda, magnitude): ``qk_dims+ffn``, removing the
     same parameters as ``heads+ffn`` at ``sparsity`` s: q/k width s and FFN ``s * (1 + hidden / intermediate)``
     (MiniLM 50 %: q/k 50 % + FFN 62.5 % recovers to 0.952 held-out cosine vs 0.947 for heads 25 % + FFN 62.5 %,
     benchmarks/RESULTS.md). Decoders and SparseGPT: ``heads+ffn``. Returns the config and a note ('' if unchanged).
     """
     if cfg.pattern != "structured" or "structured_unit" in cfg.model_fields_set:
         return cfg, ""
-    if loaded.family != "bert" or cfg.method == "sparsegpt" or cfg.targets not in ("all", "attention"):
+    if loaded.family != "bert" or cfg.method_spec.qk_width_rule is None or cfg.targets not in ("all", "attention"):
         return cfg, ""
     conf = loaded.model.config
     hidden = int(getattr(conf, "hidden_size", 0) or getattr(conf, "dim", 0))

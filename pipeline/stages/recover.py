@@ -101,6 +101,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     prune = art.torch_changes.get("prune") or {}
     pruned = float(prune.get("removed", prune.get("sparsity", 0.0)) or 0.0)
     cfg = cfg.model_copy(update={"steps": cfg.steps or default_steps(pruned)})
+    assert cfg.steps is not None  # resolved just above
     need = passages_needed(pruned)
     if pruned > 0 and len(train) < need:
         where = c.file or "the built-in calibration text"

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from pipeline.artifact import Artifact, TargetModel, atomic_write_json
 from pipeline.errors import StageError
+from pipeline.loaded import is_causal_lm
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import (
     cap_length,
@@ -133,7 +134,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     batches = encode(
         loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size, ctx=ctx
     )
-    decoder = art.task == "text-generation"
+    decoder = is_causal_lm(art.family, art.task)
 
     # PyTorch references, computed once per input shape: the current (maybe pruned) model for parity, the dense
     # one for fidelity; a static-shape target gets its own, on the same padded/truncated inputs it runs
@@ -299,7 +300,8 @@ def _generation_parity(loaded, sess, tm: TargetModel, feeds: dict, n_tokens: int
     from exporters.onnx import ExportResult
     from runtimes.generate import greedy_generate_ort, greedy_generate_torch
 
-    res = ExportResult(path=Path("."), **{k: (tuple(v) if isinstance(v, list) else v) for k, v in tm.io.items()})
+    io: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in tm.io.items()}
+    res = ExportResult(path=Path("."), **io)
     prompts = feeds["input_ids"][:, :_PROMPT_TOKENS]
     ort_ids = greedy_generate_ort(sess, res, prompts, n_tokens)
     pt_ids = greedy_generate_torch(loaded, prompts, n_tokens)

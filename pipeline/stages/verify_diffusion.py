@@ -69,6 +69,7 @@ def _mixture(cfg: VerifyDiffusionConfig, loaded: Any):
     from pipeline.diffusion.gmm import GaussianMixture
     from pipeline.diffusion.network import ScoreModelError, mixture_of
 
+    gmm: GaussianMixture | None
     if cfg.mixture is not None:
         try:
             gmm = GaussianMixture.from_dict(cfg.mixture)
@@ -157,7 +158,7 @@ def run_verify_diffusion(art: Artifact, cfg: VerifyDiffusionConfig, ctx: StageCo
     err = {n: score_mse(fn(x, t), exact) for n, fn in scorers.items()}
     err.update({n: err[m] for n, m in same_as.items()})
     err_torch = score_mse(torch_scorer(loaded.model)(x, t), exact)
-    score = {
+    score: dict[str, Any] = {
         "dense": err["dense"]["mse"],
         "per_target": {n: err[n]["mse"] for n in targets},
         "torch": err_torch["mse"],

@@ -211,7 +211,8 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     batches = encode(
         loaded, heldout, max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size
     )
-    errs, uerrs, _guarded = [], [], []
+    errs: list[float] = []
+    uerrs: list[float] = []
     top1: dict[str, list[float]] = {name: [] for name in runners}
     nll: dict[str, list[float]] = {}  # name -> [Σ NLL with the DP model, Σ NLL with the exact context]
     for b in batches:

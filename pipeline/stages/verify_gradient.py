@@ -70,7 +70,7 @@ def _reapply_swap(model, record: dict, kernel: str | None = None) -> int:
 def _is_block_sparse(record: dict | None) -> bool:
     from pipeline.kernels.change import AttentionChange
 
-    return bool(record) and AttentionChange.from_record(record).block_sparse
+    return record is not None and bool(record) and AttentionChange.from_record(record).block_sparse
 
 
 def _long_ids(loaded, texts: list[str], n: int, seed: int):

@@ -117,7 +117,10 @@ def run_references(spec: TuneSpec, layout: Layout, board: Any = None) -> dict[st
 
 
 def _plot(spec: TuneSpec, records, refs, target: str, keys_front: list[str], path: Path) -> bool:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # optional (extra 'tune' installs it): the CSV and the table say the same
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -128,10 +131,11 @@ def _plot(spec: TuneSpec, records, refs, target: str, keys_front: list[str], pat
         else "top1_agreement"
     )
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for feas, style in (
+    styles: tuple[tuple[bool, dict[str, Any]], ...] = (
         (True, dict(c="tab:blue", marker="o", label="feasible trial")),
         (False, dict(c="tab:gray", marker="x", label="infeasible trial")),
-    ):
+    )
+    for feas, style in styles:
         xs = [
             (r["targets"][target]["metrics"].get("latency_ms"), r["targets"][target]["metrics"].get(fid))
             for r in records

@@ -51,8 +51,10 @@ def _distributions(spec: TuneSpec) -> dict[str, Any]:
         if d.choices is not None:
             out[d.name] = od.CategoricalDistribution(list(d.choices))
         elif d.integer:
+            assert d.low is not None and d.high is not None  # a range (choices is None)
             out[d.name] = od.IntDistribution(int(d.low), int(d.high), step=int(d.step or 1), log=d.log)
         else:
+            assert d.low is not None and d.high is not None  # a range (choices is None)
             out[d.name] = od.FloatDistribution(d.low, d.high, step=d.step, log=d.log)
     return out
 
@@ -207,7 +209,7 @@ def tune(
 
         profiles = {p.name: p for p in map(load_target, spec.base.targets)}
         boards = board_targets(list(profiles))
-        bench_cfg = next(s for s in spec.base.stages if s.kind == "benchmark")
+        bench_cfg: Any = next(s for s in spec.base.stages if s.kind == "benchmark")  # BenchmarkConfig
         board = BoardBench(boards, bench_cfg.runs, {n: profiles[n].threads or 1 for n in boards}) if boards else None
         if boards:
             echo(f"edgepipe tune: benchmarking on boards in the cluster: {', '.join(boards)}")

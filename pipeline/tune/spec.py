@@ -208,7 +208,13 @@ def _parse_dimension(base: PipelineConfig, name: Any, body: Any, source: str) ->
         if extra:
             raise ConfigError(f"{where}: unknown key '{extra[0]}' (a range has low, high, step, log)")
         lo, hi = body.get("low"), body.get("high")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) or not lo <= hi:
+        if not (
+            isinstance(lo, (int, float))
+            and isinstance(hi, (int, float))
+            and not isinstance(lo, bool)
+            and not isinstance(hi, bool)
+            and lo <= hi
+        ):
             raise ConfigError(f"{where}: a range needs numbers low <= high, got low={lo!r}, high={hi!r}")
         step = body.get("step")
         if step is not None and (not isinstance(step, (int, float)) or step <= 0):

@@ -55,7 +55,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def read_journal(journal: Path) -> list[dict[str, Any]]:
     """Finished trials, in order; a line cut short by a kill is ignored."""
-    out = []
+    out: list[dict[str, Any]] = []
     if not journal.is_file():
         return out
     for line in journal.read_text(encoding="utf-8").splitlines():
@@ -87,7 +87,7 @@ def summarize_run(spec: TuneSpec, report: Mapping[str, Any] | None, status: str,
     """Per-target metrics, constraint violations and feasibility of one finished run."""
     from targets import load_target
 
-    gate = {}
+    gate: dict[str, Any] = {}
     for f in (report or {}).get("failures", []):
         gate.setdefault(f.get("target"), []).append(f"{f.get('check')} {f.get('value')} (limit {f.get('limit')})")
     out: dict[str, Any] = {}

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from exporters.attention import (
+from exporters.attention_lowering import (
     AttentionLoweringError,
     find_attention_nodes,
     lower_to_block_sparse,

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporters.attention import lower_to_block_sparse, lower_to_fused_attention
+from exporters.attention_lowering import lower_to_block_sparse, lower_to_fused_attention
 from exporters.block_sparse_graph import BlockSparsePattern
 from exporters.fusion_check import AttentionNotFused, assert_attention_fused, count_attention_nodes
 from tests.exporters.test_attention_lowering import export_dynamo, export_legacy, tiny_bert

@@ -31,7 +31,7 @@ def test_ort_format_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         to_ort_format(tmp_path / "missing.onnx", tmp_path)
     (tmp_path / "m.txt").write_text("x")
-    with pytest.raises(ValueError, match="m.txt"):
+    with pytest.raises(ValueError, match=r"m.txt"):
         to_ort_format(tmp_path / "m.txt", tmp_path)
     src = tiny_encoder(tmp_path / "enc.onnx")
     with pytest.raises(ValueError, match="'riscv'"):

@@ -266,7 +266,7 @@ def test_export_error_is_one_line_and_atomic(root: Path, tmp_path: Path) -> None
 
 def test_bad_arguments(root: Path, loaded: dict[str, LoadedModel], exported: dict[str, ExportResult]) -> None:
     with pytest.raises(ValueError, match="'tflite'"):
-        export_onnx(loaded["bert"], root / "x", exporter="tflite")  # type: ignore[arg-type]
+        export_onnx(loaded["bert"], root / "x", exporter="tflite")
     with pytest.raises(ValueError, match="with_past=True needs a text-generation decoder"):
         export_onnx(loaded["bert"], root / "x", with_past=True)
     with pytest.raises(ValueError, match="opset"):
@@ -293,7 +293,7 @@ def test_minilm_export_parity_on_real_sentences(tmp_path: Path) -> None:
         _assert_parity(got, ref)
         # mean-pooled sentence embeddings agree too (the product's actual output)
         m = feeds["attention_mask"][..., None]
-        pool = lambda h: (h * m).sum(1) / m.sum(1)  # noqa: E731
+        pool = lambda h, m=m: (h * m).sum(1) / m.sum(1)  # noqa: E731
         cos = (pool(got["last_hidden_state"]) * pool(ref["last_hidden_state"])).sum(-1) / (
             np.linalg.norm(pool(got["last_hidden_state"]), axis=-1)
             * np.linalg.norm(pool(ref["last_hidden_state"]), axis=-1)

@@ -66,7 +66,7 @@ def test_bidirectional_window_on_a_decoder_is_refused(tiny_models, tmp_path):
 
 
 def test_bad_attention_config():
-    with pytest.raises(ConfigError, match="stages\\[0\\].attention.kernl"):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.attention\.kernl"):
         pipeline.run({"stages": [{"attention": {"kernl": "flash"}}]}, workdir="/nonexistent/never-written")
     with pytest.raises(ConfigError, match="global_blocks"):
         pipeline.run(

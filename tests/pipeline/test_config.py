@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 import pipeline.stages  # noqa: F401  (register the built-in stages before parametrizing over them)
 from pipeline.config import PipelineConfig, load_config, parse_config
@@ -100,9 +101,9 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
 
 def test_configs_are_frozen():
     cfg = parse_config({"stages": ["export"]})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.seed = 3  # type: ignore[misc]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.stages[0].opset = 3  # type: ignore[misc]
 
 

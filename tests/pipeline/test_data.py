@@ -61,11 +61,11 @@ def test_load_texts_file_skips_blank_lines(tmp_path: Path) -> None:
 
 def test_load_texts_errors_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.txt"
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
+    with pytest.raises(FileNotFoundError, match=r"nope.txt"):
         load_texts(missing)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
-    with pytest.raises(ValueError, match="empty.txt"):
+    with pytest.raises(ValueError, match=r"empty.txt"):
         load_texts(empty)
     with pytest.raises(ValueError, match="offset"):
         load_texts(None, offset=10_000)
@@ -91,7 +91,7 @@ def test_split_edge_cases() -> None:
     assert split_texts(["a", "b", "c"], 0.0, seed=0) == (["a", "b", "c"], [])
     train, hold = split_texts(["a", "b", "c"], 0.01, seed=0)
     assert len(hold) == 1 and len(train) == 2
-    with pytest.raises(ValueError, match="1.0"):
+    with pytest.raises(ValueError, match=r"1.0"):
         split_texts(["a", "b"], 1.0, seed=0)
     with pytest.raises(ValueError, match="no training passage"):
         split_texts(["a"], 0.5, seed=0)

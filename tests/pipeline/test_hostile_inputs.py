@@ -966,7 +966,7 @@ def test_hostile_input(case: Case, tmp_path, base_models, capsys, guard):
     lines = []
     for argv in commands:
         t0 = time.perf_counter()
-        code, out, err = run_cli(capsys, argv, cwd=root)
+        code, _out, err = run_cli(capsys, argv, cwd=root)
         assert time.perf_counter() - t0 < 30, "a bad input must be refused quickly"
         if case.ok:
             assert code == 0 and "Traceback" not in err, err

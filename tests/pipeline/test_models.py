@@ -144,7 +144,7 @@ def test_missing_dir(tmp_path: Path) -> None:
 def test_no_config_json(tmp_path: Path) -> None:
     path = make_tiny_model(tmp_path, "bert")
     (path / "config.json").unlink()
-    with pytest.raises(ModelLoadError, match="no config.json") as exc:
+    with pytest.raises(ModelLoadError, match=r"no config.json") as exc:
         load_model(path)
     assert str(path) in str(exc.value)
 

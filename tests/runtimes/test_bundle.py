@@ -113,7 +113,7 @@ def test_benchmark_bundle_parses_json(bundle: Path) -> None:
 
 
 def test_benchmark_bundle_errors(bundle: Path, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="evaluate.py"):
+    with pytest.raises(FileNotFoundError, match=r"evaluate.py"):
         benchmark_bundle(tmp_path)
     (bundle / "tiny.onnx").write_bytes(b"not a model")
     with pytest.raises(BundleRunError, match="exit code 2"):
@@ -131,7 +131,7 @@ def test_write_bundle_validates(tmp_path: Path) -> None:
         threads=1,
         providers=[],
     )
-    with pytest.raises(ValueError, match="-0.1"):
+    with pytest.raises(ValueError, match=r"-0.1"):
         write_bundle(tmp_path / "b", atol=-0.1, **kw)
     with pytest.raises(ValueError, match="object"):
         write_bundle(tmp_path / "b", atol=0.1, **(kw | {"reference_outputs": {"y": np.array([None])}}))

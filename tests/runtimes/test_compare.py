@@ -68,5 +68,5 @@ def test_bad_arguments_quote_value() -> None:
     x = {"y": np.zeros(2)}
     with pytest.raises(ValueError, match="-1"):
         compare(x, x, atol=-1)
-    with pytest.raises(ValueError, match="1.5"):
+    with pytest.raises(ValueError, match=r"1.5"):
         compare(x, x, atol=0, min_cosine=1.5)

@@ -99,7 +99,7 @@ def test_make_session_errors(tmp_path: Path) -> None:
         make_session(path, graph_optimization="fastest")
     with pytest.raises(ValueError, match="0"):
         make_session(path, threads=0)
-    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+    with pytest.raises(FileNotFoundError, match=r"nope.onnx"):
         make_session(tmp_path / "nope.onnx")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -70,17 +71,17 @@ def test_second_moment_and_kl_bound_against_monte_carlo(k, d):
 def test_early_stop_bound_is_small_and_monotone():
     gmm = GaussianMixture.random(4, 2, generator=torch.Generator().manual_seed(1))
     vals = [early_stop_tv_bound(gmm, d) for d in (0.0, 1e-4, 1e-3, 1e-2)]
-    assert vals[0] == 0.0 and all(a < b for a, b in zip(vals, vals[1:])) and vals[-1] < 0.5
+    assert vals[0] == 0.0 and all(a < b for a, b in itertools.pairwise(vals)) and vals[-1] < 0.5
 
 
 def test_certificate_falls_with_steps_and_rises_with_score_error():
     gmm = GaussianMixture.from_dict({"means": [[-1.0], [1.0]], "stds": [0.6, 0.6]})
     sch = Schedule()
     certs = [tv_certificate(gmm, sch, time_grid(n, T=8.0, delta=1e-3), 0.0)["total"] for n in (50, 200, 800, 3200)]
-    assert all(a > b for a, b in zip(certs, certs[1:]))
+    assert all(a > b for a, b in itertools.pairwise(certs))
     grid = time_grid(800, T=8.0, delta=1e-3)
     by_eps = [tv_certificate(gmm, sch, grid, e)["total"] for e in (0.0, 1e-3, 1e-2, 1e-1)]
-    assert all(a < b for a, b in zip(by_eps, by_eps[1:]))
+    assert all(a < b for a, b in itertools.pairwise(by_eps))
     # the score term is sqrt(½ (T − δ) ε²)
     c = tv_certificate(gmm, sch, grid, 1e-2)
     assert c["score"] == pytest.approx(math.sqrt(0.5 * (8.0 - 1e-3) * 1e-2))

@@ -68,7 +68,7 @@ def test_plan_is_frozen_and_validates():
     p = plan_attention(cache_words=65536, seq=128, head_dim=64)
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.algorithm = "x"  # type: ignore[misc]
-    with pytest.raises(ValueError, match="1.5"):
+    with pytest.raises(ValueError, match=r"1.5"):
         plan_attention(cache_words=65536, seq=128, head_dim=64, density=1.5)
     with pytest.raises(ValueError, match="0"):
         plan_attention(cache_words=0, seq=128, head_dim=64)
@@ -79,7 +79,7 @@ def test_io_slack_trades_a_few_words_for_wider_key_blocks():
     loose = plan_attention(cache_words=8192, seq=2048, head_dim=64, io_slack=0.05)
     assert strict.predicted_io_words <= loose.predicted_io_words <= 1.05 * strict.predicted_io_words
     assert loose.block_k >= strict.block_k
-    with pytest.raises(ValueError, match="-0.1"):
+    with pytest.raises(ValueError, match=r"-0.1"):
         plan_attention(cache_words=8192, seq=2048, head_dim=64, io_slack=-0.1)
 
 

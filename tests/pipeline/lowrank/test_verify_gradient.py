@@ -230,5 +230,5 @@ def test_layer_index():
 
 
 def test_unknown_key_is_a_config_error():
-    with pytest.raises(ConfigError, match="stages\\[0\\].verify_gradient.seqlen"):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.verify_gradient\.seqlen"):
         pipeline.run({"stages": [{"verify_gradient": {"seqlen": 5}}]}, workdir="/nonexistent/never-written")

@@ -12,7 +12,7 @@ Closed-form gradient (notes §A(c), [R])::
 
 This module implements exactly that, with plain GD at step 1/L̂ (L̂ from power iteration on Hessian-vector
 products at the start point, the notes' practical recipe) and Adam as the practical solver. It is the
-reference the real-model pruner in :mod:`pipeline.pruning.attention` is checked against; on real models
+reference the real-model pruner in :mod:`pipeline.pruning.attention_objective` is checked against; on real models
 the merged W cannot reduce the parameter count (it is d×d per head), so that module puts masks on
 ``W_Q``/``W_K`` instead.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -192,7 +193,7 @@ def optimize_mask(
     lam: float,
     causal: bool,
     pad_mask: torch.Tensor | None = None,
-    solver: Literal[gd, adam] = "gd",
+    solver: Literal["gd", "adam"] = "gd",
     steps: int = 100,
     lr: float | None = None,
     safety: float = 1.0,

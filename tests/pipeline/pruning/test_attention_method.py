@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.pruning.attention import AttentionMethodConfig, prune_qk, qk_attention, relative_frobenius_error
+from pipeline.pruning.attention_objective import AttentionMethodConfig, prune_qk, qk_attention, relative_frobenius_error
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.sparsegpt import sparsegpt_prune
 
@@ -186,9 +186,9 @@ def test_bad_arguments_raise() -> None:
     geom = _geom()
     X, pad = _data(2, 6, seed=0)
     w = _weights(geom)
-    with pytest.raises(ValueError, match="1.0"):
+    with pytest.raises(ValueError, match=r"1.0"):
         prune_qk(*w, X, pad, geom, sparsity=1.0)
-    with pytest.raises(ValueError, match="sparsity=0.7"):
+    with pytest.raises(ValueError, match=r"sparsity=0.7"):
         prune_qk(*w, X, pad, geom, sparsity=0.7, pattern="n:m", n=2, m=4)
     with pytest.raises(ValueError, match="do not match"):
         prune_qk(w[0][:8], None, w[2], None, X, pad, geom, sparsity=0.5)

@@ -72,7 +72,7 @@ def test_obs_group_removal_is_the_least_squares_refit_and_picks_the_best_group()
 def test_obs_single_columns_batched_matches_one_by_one_closely():
     W, X, H = _problem(out=6, d=40, n=400, seed=3)
     groups = [torch.tensor([j]) for j in range(40)]
-    exact, r1 = obs_remove_groups(W, H, groups, 20, percdamp=0.0, steps=20)  # one column per update
+    exact, _r1 = obs_remove_groups(W, H, groups, 20, percdamp=0.0, steps=20)  # one column per update
     batched, r2 = obs_remove_groups(W, H, groups, 20, percdamp=0.0, steps=10)  # two per joint update
     keep = torch.tensor(sorted(set(range(40)) - set(r2)))
     assert torch.allclose(batched[:, keep], _ls_refit(W, X, keep), atol=1e-8)  # joint updates stay exact LS
@@ -84,7 +84,7 @@ def test_obs_single_columns_batched_matches_one_by_one_closely():
 
 
 def test_augmented_hessian_matches_the_constant_column():
-    W, X, H = _problem()
+    _W, X, H = _problem()
     Xa = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
     ref = 2.0 * Xa.T @ Xa / X.shape[0]
     assert torch.allclose(augmented_hessian(H, X.sum(0), X.shape[0]), ref, atol=1e-10)
@@ -166,7 +166,7 @@ def test_error_correction_brings_the_pruned_model_closer_to_dense(family):
 
 def test_prune_qk_start_sets_the_support_but_not_the_target():
     """``start`` (e.g. q/k re-solved toward the dense stream) is what gets pruned; F* still comes from the dense q/k."""
-    from pipeline.pruning.attention import AttentionMethodConfig, _hessian, _sparsegpt, prune_qk
+    from pipeline.pruning.attention_objective import AttentionMethodConfig, _hessian, _sparsegpt, prune_qk
 
     model = tiny_model("bert")
     b = blocks(model)[0]

@@ -86,7 +86,7 @@ def test_magnitude_prune_is_layerwise_not_per_row():
     new, keep = magnitude_prune(w, sparsity=0.5)
     assert keep.tolist() == [[True] * 4, [False] * 4]  # whole small row goes: threshold over the matrix
     assert torch.equal(new, w * keep)
-    new24, keep24 = magnitude_prune(w, sparsity=0.0, n=2, m=4)
+    _new24, keep24 = magnitude_prune(w, sparsity=0.0, n=2, m=4)
     assert keep24.tolist() == [[True, True, False, False], [False, False, True, True]]
 
 

@@ -74,7 +74,7 @@ def test_apply_mask_and_count_zeros():
 
 
 def test_bad_arguments_quote_values():
-    with pytest.raises(ValueError, match="1.5"):
+    with pytest.raises(ValueError, match=r"1.5"):
         num_pruned(10, 1.5)
     with pytest.raises(ValueError, match="n=5"):
         nm_mask(torch.ones(2, 8), 5, 4)

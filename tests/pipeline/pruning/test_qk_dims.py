@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.pruning import PruneConfig, QKReducedSelfAttention, blocks, prune_model, reduce_qk
-from pipeline.pruning.attention import AttentionMethodConfig, qk_attention
+from pipeline.pruning.attention_objective import AttentionMethodConfig, qk_attention
 from pipeline.pruning.qk_dims import QK_DIMS_KEY, _svd_init, qk_keep
 
 from .conftest import random_batches, tiny_model
@@ -212,7 +212,7 @@ def test_reload_refuses_a_corrupt_width_record(tmp_path):
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     cfg[QK_DIMS_KEY]["0"] = 3  # the weights are 4 wide
     (tmp_path / "p" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="query.weight"):
+    with pytest.raises(ModelLoadError, match=r"query.weight"):
         load_model(tmp_path / "p")
 
 
@@ -264,7 +264,7 @@ def test_config_validation_and_unsupported_families():
         "ffn",
     )
     for family in ("gpt2", "llama"):
-        with pytest.raises(ValueError, match="BERT family|RoPE|BERT-family"):
+        with pytest.raises(ValueError, match=r"BERT family|RoPE|BERT-family"):
             prune_model(
                 tiny_model(family),
                 PruneConfig(method="wanda", pattern="structured", structured_unit="qk_dims"),

@@ -84,7 +84,7 @@ def test_sparsegpt_beats_wanda_and_magnitude_at_equal_density(inp, blocksize, se
 def test_sparsegpt_nm_holds_in_every_group(n, m, inp):
     X, W = _problem(inp=inp)
     H = hessian_from_inputs(X)
-    Wg, keep = sparsegpt_prune(W, H, sparsity=0.0, n=n, m=m, blocksize=30)
+    Wg, _keep = sparsegpt_prune(W, H, sparsity=0.0, n=n, m=m, blocksize=30)
     full = inp // m * m
     nz = (Wg[:, :full] != 0).reshape(W.shape[0], -1, m).sum(-1)
     assert (nz == n).all()
@@ -150,7 +150,7 @@ def test_data_driven_methods_are_deterministic_and_exact(method):
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     ra = prune_model(a, PruneConfig(method=method, sparsity=0.5), cal)
     prune_model(b, PruneConfig(method=method, sparsity=0.5), cal)
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (_nb, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na
     for name, frac in ra.metrics["sparsity"].items():
         assert frac == pytest.approx(0.5), name

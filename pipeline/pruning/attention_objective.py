@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.masks import allowed_positions, binarize_scores
+from pipeline.pruning.registry import PruneMethod, matrix_methods, register_qk_method
 
 __all__ = ["AttentionMethodConfig", "QKResult", "prune_qk", "qk_attention", "relative_frobenius_error"]
 
@@ -138,9 +139,19 @@ class AttentionMethodConfig(BaseModel):
         description="structured QK dims: start of the refit - per-head rank-r SVD of the bilinear form in the "
         "inputs' metric, or whole coordinate dims removed greedily by the attention loss [I]",
     )
-    companion: Literal["wanda", "sparsegpt"] = Field(
-        "sparsegpt", description="pruner the driver uses for v/o/FFN alongside this method (not used here)"
+    companion: str = Field(
+        "sparsegpt",
+        description="pruner the driver uses for v/o/FFN alongside this method (not used here): a registered method"
+        " with a per-matrix rule (pipeline.pruning.registry.matrix_methods())",
     )
+
+    @field_validator("companion")
+    @classmethod
+    def _check_companion(cls, v: str) -> str:
+        allowed = matrix_methods()
+        if v not in allowed:
+            raise ValueError(f"companion must be one of {allowed}, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> AttentionMethodConfig:
@@ -282,7 +293,8 @@ class _Objective:
         self.chunks, self.geom = chunks, geom
         self.n_seqs = sum(int(c.X.shape[0]) for c in chunks)
         with torch.no_grad():
-            self.targets = [_chunk_attention(*dense, c, target_geom or geom) for c in (target_chunks or chunks)]
+            wq, bq, wk, bk = dense  # (H·hd, d), (H·hd,) | None, (Hkv·hd, d), (Hkv·hd,) | None
+            self.targets = [_chunk_attention(wq, bq, wk, bk, c, target_geom or geom) for c in (target_chunks or chunks)]
         self.denom = float(sum(t.pow(2).sum() for t in self.targets)) or 1.0
 
     def __bool__(self) -> bool:
@@ -302,7 +314,8 @@ class _Objective:
         total = 0.0
         for c, t in zip(self.chunks, self.targets):
             p = params() if callable(params) else params
-            e = (_chunk_attention(*p, c, self.geom) - t).pow(2).sum() / self.denom
+            wq, bq, wk, bk = p
+            e = (_chunk_attention(wq, bq, wk, bk, c, self.geom) - t).pow(2).sum() / self.denom
             if backward_scale is not None:
                 (backward_scale * e).backward()
             total += float(e.detach())
@@ -407,7 +420,7 @@ def _mask_support(
         lip = _power_lipschitz(Mq, Mk, w, train, penalty)
         lr = 1.0 / (cfg.gd_safety * lip)
         stats["mask_lipschitz"] = lip
-        opt = torch.optim.SGD([Mq, Mk], lr=lr)
+        opt: torch.optim.Optimizer = torch.optim.SGD([Mq, Mk], lr=lr)
     else:
         opt = torch.optim.Adam([Mq, Mk], lr=cfg.mask_lr)
     losses = []
@@ -605,10 +618,13 @@ def prune_qk(
     f32 = lambda t: None if t is None else t.detach().float()  # noqa: E731 - optimisation runs in fp32
     dense = (f32(wq), f32(bq), f32(wk), f32(bk))
     if start is not None and any(
-        (a is None) != (b is None) or (a is not None and a.shape != b.shape) for a, b in zip(start, (wq, bq, wk, bk))
+        (a is None) != (b is None) or (a is not None and b is not None and a.shape != b.shape)
+        for a, b in zip(start, (wq, bq, wk, bk))
     ):
         raise ValueError("start must have the shapes of (wq, bq, wk, bk)")
     base = dense if start is None else tuple(f32(t) for t in start)  # what is pruned; dense only sets the target
+    wq0, wk0 = base[0], base[2]
+    assert wq0 is not None and wk0 is not None  # only the biases may be None
     Xf = X.detach().float()
 
     # Held-out split of whole sequences (seeded); the supports see all calibration data.
@@ -623,17 +639,17 @@ def prune_qk(
             if hessian_k is None and hessian_q is None
             else (_hessian(Xf, pad_mask) if hessian_k is None else hessian_k.float())
         )
-        wq_s, mq = _sparsegpt(base[0], Hq, sparsity, pattern, n, m)
-        wk_s, mk = _sparsegpt(base[2], Hk, sparsity, pattern, n, m)
+        wq_s, mq = _sparsegpt(wq0, Hq, sparsity, pattern, n, m)
+        wk_s, mk = _sparsegpt(wk0, Hk, sparsity, pattern, n, m)
     else:
         if cfg.support == "wanda":
             cn = _col_norms(Xf, pad_mask)  # (d,)
-            mq = _binarize(base[0].abs() * cn, sparsity, pattern, n, m, cfg.granularity)
-            mk = _binarize(base[2].abs() * cn, sparsity, pattern, n, m, cfg.granularity)
+            mq = _binarize(wq0.abs() * cn, sparsity, pattern, n, m, cfg.granularity)
+            mk = _binarize(wk0.abs() * cn, sparsity, pattern, n, m, cfg.granularity)
         else:
             with torch.enable_grad():
                 mq, mk = _mask_support(base, train, hold, _col_norms(Xf, pad_mask), cfg, sparsity, pattern, n, m, stats)
-        wq_s, wk_s = base[0] * mq, base[2] * mk
+        wq_s, wk_s = wq0 * mq, wk0 * mk
     support_params = (wq_s * mq, base[1], wk_s * mk, base[3])
     stats["attn_err_calib_support"] = train.error(support_params) if train else None
     stats["attn_err_holdout_support"] = hold.error(support_params) if hold else None
@@ -641,7 +657,7 @@ def prune_qk(
     # 2. refit
     final = support_params
     if cfg.refit and cfg.refit_steps > 0 and train:
-        init = support_params if cfg.refit_init == "support" else (base[0] * mq, base[1], base[2] * mk, base[3])
+        init = support_params if cfg.refit_init == "support" else (wq0 * mq, base[1], wk0 * mk, base[3])
         with torch.enable_grad():
             final = _refit(init, (mq, mk), base, train, hold, train.gram(), cfg, stats)
     stats["attn_err_calib_final"] = train.error(final) if train else None
@@ -649,8 +665,8 @@ def prune_qk(
 
     wq_o, bq_o, wk_o, bk_o = final
     wq_o, wk_o = (wq_o * mq).to(out_dtype), (wk_o * mk).to(out_dtype)  # exact zeros outside the support
-    bq_o = None if bq is None else bq_o.to(bq.dtype)
-    bk_o = None if bk is None else bk_o.to(bk.dtype)
+    bq_o = None if bq is None or bq_o is None else bq_o.to(bq.dtype)
+    bk_o = None if bk is None or bk_o is None else bk_o.to(bk.dtype)
     stats["sparsity_q"] = 1.0 - float(mq.float().mean())  # achieved, counted from the mask
     stats["sparsity_k"] = 1.0 - float(mk.float().mean())
     stats["seconds"] = time.perf_counter() - t0
@@ -662,3 +678,16 @@ def prune_qk(
         stats["seconds"],
     )
     return QKResult(wq_o, bq_o, wk_o, bk_o, mq, mk, stats)
+
+
+register_qk_method(
+    PruneMethod(
+        name="attention",
+        description="q/k pruned to preserve the softmax attention matrix (arXiv 2410.11261); v/o/FFN by its companion",
+        qk_rule=prune_qk,
+        qk_width_rule="attention",
+        options=AttentionMethodConfig,
+        reconstructs=True,
+        corrects_by_default=True,
+    )
+)
