@@ -171,8 +171,6 @@ class TargetProfile(Frozen):
         missing = [p for p in self.precisions if p not in self.tolerances]
         if missing:
             raise ValueError(f"tolerances missing for precision(s) {missing}")
-        if self.int4 is not None and "int4" not in self.precisions:
-            raise ValueError("'int4' settings given but int4 is not in precisions")
         if self.providers[-1] != "CPUExecutionProvider" and "CPUExecutionProvider" not in self.providers:
             raise ValueError("providers must include CPUExecutionProvider as the fallback")
         return self

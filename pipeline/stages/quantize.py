@@ -10,10 +10,9 @@ import onnx
 from pydantic import Field, field_validator
 
 from exporters.precisions import INT4_LM_HEAD, ConversionJob, Int4Options, check_precision, precision_spec
-from pipeline.schema import Frozen
-
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
+from pipeline.schema import Frozen
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, warn_without_validate
 
@@ -37,7 +36,8 @@ class Int4StageOptions(Frozen):
 class QuantizeConfig(StageConfig):
     kind = "quantize"
     precision: str | None = Field(
-        None, description="one precision for every target (registered in exporters.precisions); omitted = each profile's default"
+        None,
+        description="one precision for every target (registered in exporters.precisions); omitted = each profile's default",
     )
     per_target: dict[str, str] = Field(default_factory=dict, description="precision overrides by target name")
     per_channel: bool = Field(
@@ -147,9 +147,7 @@ def quantize_targets(
         check_ops_for_target(src, name, prof.opset)
         tdir = ctx.subdir(name)
         dst = tdir / "model.onnx"
-        int4 = Int4Options(
-            **prof.int4_settings.model_dump(), embeddings=cfg.int4.embeddings, lm_head=cfg.int4.lm_head
-        )
+        int4 = Int4Options(**prof.int4_settings.model_dump(), embeddings=cfg.int4.embeddings, lm_head=cfg.int4.lm_head)
         feeds = None
         if precision_spec(precision).calibration_needed(ConversionJob(src=src, tmp=dst, tmp_dir=tdir, int4=int4)):
             if calib_feeds is None:
