@@ -89,9 +89,42 @@ def _gemm_to_matmul(model: onnx.ModelProto) -> int:
     return count
 
 
+def _fold_transposed_weights(model: onnx.ModelProto) -> int:
+    """``MatMul(x, Transpose(W))`` with a constant 2-D W (a tied LM head: the embedding table (V, H) is read by
+    the Gather and, transposed to (H, V), by the head) -> ``MatMul(x, W^T)`` with W^T stored as its own constant,
+    so the quantizer sees a constant weight. The Transpose is dropped when nothing else reads it. Returns how
+    many MatMuls now read a folded constant."""
+    graph = model.graph
+    inits = _const_arrays(graph)
+    producer, _ = _index(graph)
+    folded: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        tr = producer.get(node.input[1])
+        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits or len(inits[tr.input[0]].dims) != 2:
+            continue
+        perm = [a.ints for a in tr.attribute if a.name == "perm"]
+        if perm and list(perm[0]) != [1, 0]:
+            continue
+        out = tr.output[0]
+        if out not in folded:
+            name = f"{tr.input[0]}_transposed"
+            w = numpy_helper.to_array(inits[tr.input[0]]).T  # (V, H) -> (H, V) = (K, N)
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), name))
+            folded[out] = name
+        node.input[1] = folded[out]
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] in folded.keys() - used)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return sum(1 for n in graph.node if n.op_type == "MatMul" and n.input[1] in folded.values())
+
+
 def lm_head_node(model: onnx.ModelProto) -> str | None:
-    """Name of the LM head: the constant-weight ``MatMul``/``Gemm`` reached from the first graph output (the
-    logits) backwards through reshapes, casts and the bias ``Add`` only; None when there is none."""
+    """Name of the LM head: the constant-weight ``MatMul``/``Gemm`` (or one reading a transposed constant: a tied
+    head) reached from the first graph output (the logits) backwards through reshapes, casts and the bias ``Add``
+    only; None when there is none."""
     graph = model.graph
     producer, _ = _index(graph)
     inits = set(_const_arrays(graph))
@@ -103,7 +136,9 @@ def lm_head_node(model: onnx.ModelProto) -> str | None:
             continue
         seen.add(node.name)
         if node.op_type in ("MatMul", "Gemm"):
-            return node.name if len(node.input) > 1 and node.input[1] in inits else None
+            w = producer.get(node.input[1]) if len(node.input) > 1 else None
+            tied = w is not None and w.op_type == "Transpose" and w.input[0] in inits  # before folding
+            return node.name if len(node.input) > 1 and (node.input[1] in inits or tied) else None
         if node.op_type in _PASS_THROUGH:
             frontier.extend(i for i in node.input if i and i not in inits)
     return None
@@ -244,6 +279,7 @@ def convert(job: ConversionJob) -> tuple[int, list[str], list[str]]:
     model = onnx.load(str(job.src))
     _name_nodes(model)
     gemms = _gemm_to_matmul(model)
+    folded = _fold_transposed_weights(model)
     head = lm_head_node(model)
     keep = {n.name for n in model.graph.node if n.op_type in set(job.keep_fp32_ops)}
     body_exclude = keep | ({head} if head is not None and opts.lm_head != "int4" else set())
@@ -304,5 +340,7 @@ def convert(job: ConversionJob) -> tuple[int, list[str], list[str]]:
     ]
     if gemms:
         notes.append(f"{gemms} Gemm with constant weights rewritten as MatMul + Add first")
+    if folded:
+        notes.append(f"{folded} MatMul reading a transposed constant (tied LM head) given its own constant")
     logger.info("%s", notes[0])
     return lowered, float_weights, notes
