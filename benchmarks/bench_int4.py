@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import train_small_gpt as tsg  # noqa: E402
 
 import pipeline  # noqa: E402
-from exporters.precisions import Int4Options  # noqa: E402
+from exporters.precision_registry import Int4Options  # noqa: E402
 from exporters.quantize import convert_precision  # noqa: E402
 from runtimes.fidelity import lm_fidelity  # noqa: E402
 from runtimes.session import make_session  # noqa: E402

@@ -1,5 +1,5 @@
 """Per-target precision conversion of an ONNX model: every precision in the registry
-(:mod:`exporters.precisions`): fp32, fp16, int8 (dynamic), int8 (static QDQ) and int4 (weight-only).
+(:mod:`exporters.precision_registry`): fp32, fp16, int8 (dynamic), int8 (static QDQ) and int4 (weight-only).
 
 All paths wrap ONNX Runtime's own tooling (``onnxruntime.transformers.float16`` and
 ``onnxruntime.quantization``) and add the transformer-aware safety defaults that the
@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
-from exporters.precisions import ConversionJob, Int4Options, precision_names, precision_spec
+from exporters.precision_registry import ConversionJob, Int4Options, precision_names, precision_spec
 
 __all__ = [
     "DEFAULT_INT8_OP_TYPES",
@@ -114,7 +114,7 @@ def convert_precision(
     Args:
         src: input ``.onnx`` (fp32, weights inline).
         dst: output path; its folder is created if needed.
-        precision: a registered precision (:func:`exporters.precisions.precision_names`): ``"fp32"`` (copy,
+        precision: a registered precision (:func:`exporters.precision_registry.precision_names`): ``"fp32"`` (copy,
             or ORT-optimized if ``optimize_fp32``), ``"fp16"``, ``"int8"`` (dynamic, weights only),
             ``"int8-static"`` (QDQ with calibration) or ``"int4"`` (weight-only MatMulNBits, see ``int4``).
         calibration_feeds: ``name -> array`` feeds; required for ``int8-static`` (ranges
@@ -137,7 +137,7 @@ def convert_precision(
         weight_type: int8 paths: one of :data:`INT8_WEIGHT_TYPES`. Default ``"u8"``: exact on every CPU
             (targets choose via ``TargetProfile.int8_weight_type``: u8 on x86_64, s8 on ARM).
         int4: ``int4`` only: block size, algorithm, accuracy level, embeddings and LM head
-            (:class:`exporters.precisions.Int4Options`; default: its defaults).
+            (:class:`exporters.precision_registry.Int4Options`; default: its defaults).
 
     Returns:
         A :class:`QuantizeReport`.

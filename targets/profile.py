@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from exporters.precisions import INT4_ALGORITHMS, check_precision
+from exporters.precision_registry import INT4_ALGORITHMS, check_precision
 from pipeline.errors import TargetError
 from pipeline.schema import Frozen, format_validation_error, read_yaml, shown
 
@@ -114,7 +114,8 @@ class TargetProfile(Frozen):
         description="ONNX Runtime execution providers in priority order",
     )
     precisions: list[str] = Field(
-        min_length=1, description="supported precisions (registered in exporters.precisions); the first is the default"
+        min_length=1,
+        description="supported precisions (registered in exporters.precision_registry); the first is the default",
     )
     opset: int = Field(23, ge=13, le=24, description="highest ONNX opset the target's runtime executes")
     threads: int | None = Field(None, ge=1, description="intra-op threads (None = all cores)")

@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from exporters.onnx import save_onnx
-from exporters.precisions import ConversionJob, Int4Options
+from exporters.precision_registry import ConversionJob, Int4Options
 from exporters.quantize import _index, _name_nodes, _select_feeds
 
 __all__ = ["convert", "lm_head_node"]

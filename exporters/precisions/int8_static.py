@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from exporters.precisions import ConversionJob
+from exporters.precision_registry import ConversionJob
 from exporters.quantize import _int8_static
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from exporters.precisions import precision_subset
+from exporters.precision_registry import precision_subset
 from pipeline.errors import EdgepipeError
 from pipeline.programs.circuit import LayeredNet
 from pipeline.programs.compile import CompiledProgram
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 OPSET = 17  # Loop, MatMulInteger, int32 Relu (14+), ReduceMax with an axes attribute (<= 17)
-#: the registered precisions (exporters.precisions) a compiled program can ship in: its own exact builders, not
+#: the registered precisions (exporters.precision_registry) a compiled program can ship in: its own exact builders, not
 #: the generic converters (checked against the registry at import: a renamed precision fails loudly here)
 PRECISIONS = precision_subset(("fp32", "int8"))
 VARIANTS = ("loop", "unrolled")

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from pydantic import Field, field_validator
 
-from exporters.precisions import INT4_LM_HEAD, ConversionJob, Int4Options, check_precision, precision_spec
+from exporters.precision_registry import INT4_LM_HEAD, ConversionJob, Int4Options, check_precision, precision_spec
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.schema import Frozen
@@ -37,7 +37,7 @@ class QuantizeConfig(StageConfig):
     kind = "quantize"
     precision: str | None = Field(
         None,
-        description="one precision for every target (registered in exporters.precisions); omitted = each profile's default",
+        description="one precision for every target (registered in exporters.precision_registry); omitted = each profile's default",
     )
     per_target: dict[str, str] = Field(default_factory=dict, description="precision overrides by target name")
     per_channel: bool = Field(

@@ -14,7 +14,7 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 import pipeline
-from exporters.precisions import Int4Options
+from exporters.precision_registry import Int4Options
 from exporters.precisions.int4 import lm_head_node
 from exporters.quantize import convert_precision
 from pipeline.errors import ConfigError, TargetError
