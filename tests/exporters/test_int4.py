@@ -27,12 +27,18 @@ GATES = {"min_top1_agreement": 0.9, "max_ppl_ratio": 1.05}
 
 @pytest.fixture(scope="module")
 def int4_run(tiny_models, tmp_path_factory):
-    """export -> quantize int4 -> validate (gated) on the tiny GPT, for an x86 and an ORT-format arm64 target."""
-    run_dir = tmp_path_factory.mktemp("int4") / "r"
+    """export -> quantize int4 -> validate (gated) on the tiny GPT: an x86 target, an ORT-format arm64 target and
+    a user's profile with GPTQ."""
+    tmp = tmp_path_factory.mktemp("int4")
+    run_dir = tmp / "r"
+    # a user's board that asks for GPTQ (calibrated on the stage's calibration text) at block 16
+    board = load_target("host-cpu").model_dump(mode="json")
+    board.update(name="gptq-board", cache={"l1_kb": 32, "l2_kb": 512}, int4={"block_size": 16, "algorithm": "gptq"})
+    (tmp / "gptq-board.yaml").write_text(yaml.safe_dump(board))
     report = pipeline.run(
         {
             "model": {"path": str(tiny_models["gpt2"])},
-            "targets": ["host-cpu", "android-arm64"],
+            "targets": ["host-cpu", "android-arm64", str(tmp / "gptq-board.yaml")],
             "calibration": {"samples": 8, "heldout": 8, "max_length": 24},
             "stages": [{"export": {}}, {"quantize": {"precision": "int4"}}, {"validate": GATES}],
         },
@@ -83,9 +89,9 @@ def test_int4_stage_passes_the_gates(int4_run) -> None:
     on_disk = json.loads((run_dir / "report.json").read_text())
     stages = {s["name"]: s for s in on_disk["stages"]}
     assert stages["validate"]["metrics"]["failures"] == []
-    for name in ("host-cpu", "android-arm64"):
+    for name in ("host-cpu", "android-arm64", "gptq-board"):
         q = stages["quantize"]["metrics"]["targets"][name]
-        prof = load_target(name).int4_settings
+        prof = load_target(str(run_dir.parent / "gptq-board.yaml") if name == "gptq-board" else name).int4_settings
         assert q["precision"] == "int4" and q["int4"]["block_size"] == prof.block_size
         assert q["int4"]["algorithm"] == prof.algorithm and q["int4"]["lm_head"] == "int4"
         fid = stages["validate"]["metrics"]["targets"][name]["fidelity"]
