@@ -57,14 +57,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "int8",
         {"weight_type": "u8", "int8_op_types": ("MatMul", "Gemm", "Gather")},
     ),
-    "int4 rtn b32 acc4 (profile default)": ("int4", {"int4": Int4Options()}),
-    "int4 hqq b32 acc4": ("int4", {"int4": Int4Options(algorithm="hqq")}),
-    "int4 gptq b32 acc4": ("int4", {"int4": Int4Options(algorithm="gptq")}),
-    "int4 rtn b32 acc1 (fp32 compute)": ("int4", {"int4": Int4Options(accuracy_level=1)}),
-    "int4 rtn b16 acc4": ("int4", {"int4": Int4Options(block_size=16)}),
-    "int4 rtn b128 acc4": ("int4", {"int4": Int4Options(block_size=128)}),
-    "int4 rtn b32, LM head int8": ("int4", {"int4": Int4Options(lm_head="int8")}),
-    "int4 rtn b32, LM head + embeddings fp32": ("int4", {"int4": Int4Options(lm_head="fp32", embeddings=False)}),
+    # LM head int4 unless the name says otherwise (the quantize stage's default is an int8 head: the row marked
+    # "stage default"); the profiles' default block 32 / rtn / accuracy level 4
+    "int4 rtn b32 acc4, LM head int4": ("int4", {"int4": Int4Options(lm_head="int4")}),
+    "int4 hqq b32 acc4, LM head int4": ("int4", {"int4": Int4Options(algorithm="hqq", lm_head="int4")}),
+    "int4 gptq b32 acc4, LM head int4": ("int4", {"int4": Int4Options(algorithm="gptq", lm_head="int4")}),
+    "int4 rtn b32 acc1 (fp32 compute), LM head int4": ("int4", {"int4": Int4Options(accuracy_level=1, lm_head="int4")}),
+    "int4 rtn b16 acc4, LM head int4": ("int4", {"int4": Int4Options(block_size=16, lm_head="int4")}),
+    "int4 rtn b128 acc4, LM head int4": ("int4", {"int4": Int4Options(block_size=128, lm_head="int4")}),
+    "int4 rtn b32 acc4, LM head int8 (stage default)": ("int4", {"int4": Int4Options(lm_head="int8")}),
+    "int4 rtn b32 acc4, LM head + embeddings fp32": ("int4", {"int4": Int4Options(lm_head="fp32", embeddings=False)}),
 }
 
 
@@ -93,6 +95,17 @@ def _feeds(sess: ort.InferenceSession, ids: np.ndarray, past: dict[str, np.ndarr
         else:  # past_key_values.{l}.{key,value}: (B, heads, 0, head_dim)
             feeds[i.name] = np.zeros((b, i.shape[1], 0, i.shape[3]), np.float32)
     return feeds
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    """CPU session with ``threads`` intra-op threads that do not spin between runs: ten sessions in one process
+    would otherwise keep idle worker threads spinning on the 2 cores while the timed session runs."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _cpu_flags() -> str:
@@ -146,7 +159,7 @@ def main() -> None:
             sizes[name] = dst.stat().st_size
             log.info("%s: %.1f s, %d bytes", name, convert_s[name], dst.stat().st_size)
 
-        sessions = {k: make_session(p, threads=args.threads) for k, p in paths.items()}
+        sessions = {k: _session(p, args.threads) for k, p in paths.items()}
         # fidelity against the dense (fp32 ONNX) model, batches of 8 windows
         logits: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
         for i in range(0, len(held), 8):
@@ -172,11 +185,14 @@ def main() -> None:
             for k, s in sessions.items():
                 s.run(None, pre_feeds[k])
                 s.run(None, dec_feeds[k])
+        order = list(sessions)
+        rng = np.random.default_rng(0)
         for _ in range(args.rounds):
-            for phase, feeds_by in (("prefill", pre_feeds), ("decode", dec_feeds)):
-                for k, s in sessions.items():
+            rng.shuffle(order)  # a new order each round: no variant always follows the same neighbour
+            for k in order:
+                for phase, feeds_by in (("prefill", pre_feeds), ("decode", dec_feeds)):
                     t0 = time.perf_counter()
-                    s.run(None, feeds_by[k])
+                    sessions[k].run(None, feeds_by[k])
                     lat.setdefault((k, phase), []).append((time.perf_counter() - t0) * 1e3)
 
     med = {key: float(np.median(v)) for key, v in lat.items()}
@@ -216,8 +232,8 @@ def main() -> None:
             " against the fp32 ONNX model: top-1 agreement and perplexity ratio as the validate gates compute"
             " them. GPTQ calibrated on"
             f" {len(calib)} training windows.",
-            f"- Latency: median of {args.rounds} interleaved rounds, intra-op threads {args.threads}, CPU EP,"
-            " ORT_ENABLE_ALL; prefill = 1x128 tokens on an empty cache, decode = 1 token on a 127-token cache."
+            f"- Latency: median of {args.rounds} interleaved rounds (variant order shuffled each round), intra-op"
+            f" threads {args.threads} without spinning, CPU EP, ORT_ENABLE_ALL; prefill = 1x128 tokens on an empty cache, decode = 1 token on a 127-token cache."
             f" Ratios are int8 time / variant time (> 1: faster than int8). Load average at the end: {load}"
             " (shared machine: compare ratios within this table).",
             "",

@@ -63,7 +63,7 @@ class Int4Options:
     algorithm: str = "rtn"
     accuracy_level: int = 4
     embeddings: bool = True
-    lm_head: str = "int4"
+    lm_head: str = "int8"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,11 @@ class Int4StageOptions(Frozen):
     """What the int4 path quantizes besides the linear layers (block size / algorithm come from the profile)."""
 
     embeddings: bool = Field(True, description="int4 embedding tables (Gather -> GatherBlockQuantized)")
-    lm_head: str = Field("int4", description="LM head: int4, int8 (8-bit MatMulNBits) or fp32")
+    lm_head: str = Field(
+        "int8",
+        description="LM head: int4, int8 (8-bit MatMulNBits; default: on the small GPT int4 cut top-1 agreement"
+        " 0.96 -> 0.91) or fp32",
+    )
 
     @field_validator("lm_head")
     @classmethod

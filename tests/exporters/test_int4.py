@@ -93,7 +93,7 @@ def test_int4_stage_passes_the_gates(int4_run) -> None:
         q = stages["quantize"]["metrics"]["targets"][name]
         prof = load_target(str(run_dir.parent / "gptq-board.yaml") if name == "gptq-board" else name).int4_settings
         assert q["precision"] == "int4" and q["int4"]["block_size"] == prof.block_size
-        assert q["int4"]["algorithm"] == prof.algorithm and q["int4"]["lm_head"] == "int4"
+        assert q["int4"]["algorithm"] == prof.algorithm and q["int4"]["lm_head"] == "int8"
         fid = stages["validate"]["metrics"]["targets"][name]["fidelity"]
         assert fid["top1_agreement"] >= GATES["min_top1_agreement"] and fid["ppl_ratio"] <= GATES["max_ppl_ratio"]
         model = onnx.load(str(run_dir / name / "model.onnx"))
