@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
-from exporters.precision_registry import ConversionJob, Int4Options, precision_names, precision_spec
+from exporters.precision_registry import ConversionJob, Int4Options, precision_spec
 
 __all__ = [
     "DEFAULT_INT8_OP_TYPES",
@@ -147,9 +147,7 @@ def convert_precision(
             without calibration feeds.
         FileNotFoundError: ``src`` does not exist.
     """
-    if precision not in precision_names():
-        raise ValueError(f"precision must be one of {tuple(precision_names())}, got {precision!r}")
-    spec = precision_spec(precision)
+    spec = precision_spec(precision)  # ValueError naming the registered precisions
     if weight_type not in INT8_WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {INT8_WEIGHT_TYPES}, got {weight_type!r}")
     unsafe = sorted(set(int8_op_types) & {"Add", "Attention", *keep_fp32_ops})

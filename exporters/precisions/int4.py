@@ -324,13 +324,16 @@ def convert(job: ConversionJob) -> tuple[int, list[str], list[str]]:
         )
     save_onnx(model, job.tmp, external=job.external)
 
-    inits = set(_const_arrays(model.graph))
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     lowered = sum(1 for n in model.graph.node if n.op_type in _WEIGHT_ONLY_OPS)
-    float_weights = sorted(
+    weight_input = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # where each op reads its weight / table
+    float_weights = sorted(  # op types that still read an fp32 weight (asked for, or not quantizable)
         {
             n.op_type
             for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm", "Gather") and len(n.input) > 1 and (set(n.input[:2]) & inits)
+            if n.op_type in weight_input
+            and len(n.input) > weight_input[n.op_type]
+            and n.input[weight_input[n.op_type]] in floats
         }
     )
     notes = [
