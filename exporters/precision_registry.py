@@ -65,6 +65,16 @@ class Int4Options:
     embeddings: bool = True
     lm_head: str = "int8"
 
+    def __post_init__(self) -> None:  # API callers get the profile schema's checks (targets.profile.Int4)
+        if not 16 <= self.block_size <= 256 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"int4 block_size must be a power of 2 from 16 to 256, got {self.block_size}")
+        if self.algorithm not in INT4_ALGORITHMS:
+            raise ValueError(f"unknown int4 algorithm {self.algorithm!r}; known: {', '.join(INT4_ALGORITHMS)}")
+        if not 0 <= self.accuracy_level <= 4:
+            raise ValueError(f"int4 accuracy_level must be 0..4, got {self.accuracy_level}")
+        if self.lm_head not in INT4_LM_HEAD:
+            raise ValueError(f"int4 lm_head must be one of {', '.join(INT4_LM_HEAD)}, got {self.lm_head!r}")
+
 
 @dataclass(frozen=True)
 class ConversionJob:

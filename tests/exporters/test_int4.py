@@ -249,6 +249,12 @@ def test_bad_int4_profile_field_is_one_line(tmp_path: Path, int4, key, says) -> 
     assert "\n" not in msg and str(path) in msg and key in msg and says in msg
 
 
+def test_int4_options_checked_for_api_callers() -> None:
+    for bad in ({"block_size": 48}, {"algorithm": "awq"}, {"accuracy_level": 5}, {"lm_head": "int2"}):
+        with pytest.raises(ValueError, match="int4"):
+            Int4Options(**bad)
+
+
 def test_bad_lm_head_option_is_one_line(tmp_path: Path, tiny_models) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
