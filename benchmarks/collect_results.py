@@ -27,6 +27,7 @@ ORDER = [
         "gradients.md",
         "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries",
     ),
+    ("int4.md", "Issue 16 — int4 weight-only (MatMulNBits) vs int8 dynamic on the small GPT"),
     ("tune.md", "Issue 15 — edgepipe tune (functional run on a tiny model; MiniLM benchmark not run)"),
     (
         "memory.md",

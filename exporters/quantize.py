@@ -1,4 +1,5 @@
-"""Per-target precision conversion of an ONNX model: fp32, fp16, int8 (dynamic) and int8 (static QDQ).
+"""Per-target precision conversion of an ONNX model: every precision in the registry
+(:mod:`exporters.precision_registry`): fp32, fp16, int8 (dynamic), int8 (static QDQ) and int4 (weight-only).
 
 All paths wrap ONNX Runtime's own tooling (``onnxruntime.transformers.float16`` and
 ``onnxruntime.quantization``) and add the transformer-aware safety defaults that the
@@ -25,27 +26,24 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 
 from exporters.graph import GraphIndex
 from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
+from exporters.precision_registry import ConversionJob, Int4Options, precision_spec
 
 __all__ = [
     "DEFAULT_INT8_OP_TYPES",
     "DEFAULT_KEEP_FP32",
     "INT8_WEIGHT_TYPES",
-    "PRECISIONS",
     "QuantizeReport",
     "convert_precision",
 ]
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "int8", "int8-static"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-static")
 #: int8 weight types. ``"s8"``: s8 weights against u8 activations (u8s8); ``"u8"``: u8 weights (u8u8);
 #: ``"s8-reduce-range"``: symmetric s8 weights in [-64, 64] (ORT reduce_range). ONNX Runtime's x86 u8s8 kernel without AVX-VNNI
 #: (``vpmaddubsw``) sums two adjacent u8*s8 products into a *saturating* int16: 255*127*2 = 64770 > 32767, so
@@ -100,7 +98,7 @@ class QuantizeReport:
 def convert_precision(
     src: Path,
     dst: Path,
-    precision: Precision,
+    precision: str,
     *,
     calibration_feeds: Iterable[dict[str, np.ndarray]] | None = None,
     keep_fp32_ops: Sequence[str] = DEFAULT_KEEP_FP32,
@@ -110,16 +108,18 @@ def convert_precision(
     quantize_matmul_outputs: bool = False,
     weight_type: str = "u8",
     nodes_to_exclude: Sequence[str] = (),
+    int4: Int4Options | None = None,
 ) -> QuantizeReport:
     """Convert ``src`` to ``precision`` and write it atomically to ``dst``.
 
     Args:
         src: input ``.onnx`` (fp32, weights inline).
         dst: output path; its folder is created if needed.
-        precision: ``"fp32"`` (copy, or ORT-optimized if ``optimize_fp32``), ``"fp16"``,
-            ``"int8"`` (dynamic, weights only) or ``"int8-static"`` (QDQ with calibration).
+        precision: a registered precision (:func:`exporters.precision_registry.precision_names`): ``"fp32"`` (copy,
+            or ORT-optimized if ``optimize_fp32``), ``"fp16"``, ``"int8"`` (dynamic, weights only),
+            ``"int8-static"`` (QDQ with calibration) or ``"int4"`` (weight-only MatMulNBits, see ``int4``).
         calibration_feeds: ``name -> array`` feeds; required for ``int8-static`` (ranges
-            are calibrated on them), used for the parity check of ``optimize_fp32``.
+            are calibrated on them) and int4 GPTQ, used for the parity check of ``optimize_fp32``.
         keep_fp32_ops: op types never lowered (fp16) / never quantized (int8).
         per_channel: per-output-channel weight scales for the int8 paths (MiniLM dynamic int8:
             embedding cosine to PyTorch 0.955 per-tensor -> 0.988 per-channel).
@@ -139,16 +139,18 @@ def convert_precision(
             (targets choose via ``TargetProfile.int8_weight_type``: u8 on x86_64, s8 on ARM).
         nodes_to_exclude: int8 paths: node names left in fp32 on top of ``keep_fp32_ops`` (mixed precision,
             see pipeline.sensitivity). Names are those of ``src`` (unnamed nodes get ``<op>_<index>``).
+        int4: ``int4`` only: block size, algorithm, accuracy level, embeddings and LM head
+            (:class:`exporters.precision_registry.Int4Options`; default: its defaults).
 
     Returns:
         A :class:`QuantizeReport`.
 
     Raises:
-        ValueError: unknown ``precision``, or ``int8-static`` without calibration feeds.
+        ValueError: unknown ``precision``, or a precision that needs calibration (``int8-static``, int4 GPTQ)
+            without calibration feeds.
         FileNotFoundError: ``src`` does not exist.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    spec = precision_spec(precision)  # ValueError naming the registered precisions
     if weight_type not in INT8_WEIGHT_TYPES:
         raise ValueError(f"weight_type must be one of {INT8_WEIGHT_TYPES}, got {weight_type!r}")
     unsafe = sorted(set(int8_op_types) & {"Add", "Attention", *keep_fp32_ops})
@@ -158,36 +160,30 @@ def convert_precision(
     if not src.is_file():
         raise FileNotFoundError(f"source model not found: {str(src)!r}")
     feeds = None if calibration_feeds is None else list(calibration_feeds)
-    if precision == "int8-static" and not feeds:
-        raise ValueError("precision 'int8-static' needs calibration_feeds (a non-empty iterable of feeds dicts)")
     dst.parent.mkdir(parents=True, exist_ok=True)
 
     # a model with external data (model.onnx + model.onnx.data, see exporters.onnx) keeps that split
     external = data_file(src).is_file()
     with tempfile.TemporaryDirectory(prefix=f".{dst.name}.", dir=dst.parent) as tmp_dir:
         tmp = Path(tmp_dir) / dst.name
-        if precision == "fp32":
-            nodes, kept, notes = _fp32(src, tmp, feeds, optimize_fp32 and not external)
-        elif precision == "fp16":
-            nodes, kept, notes = _fp16(src, tmp, keep_fp32_ops, external)
-        elif precision == "int8":
-            nodes, kept, notes = _int8_dynamic(
-                src, tmp, keep_fp32_ops, per_channel, int8_op_types, weight_type, external, nodes_to_exclude
-            )
-        else:
-            nodes, kept, notes = _int8_static(
-                src,
-                tmp,
-                feeds or [],
-                keep_fp32_ops,
-                per_channel,
-                int8_op_types,
-                quantize_matmul_outputs,
-                tmp_dir,
-                weight_type,
-                external,
-                nodes_to_exclude,
-            )
+        job = ConversionJob(
+            src=src,
+            tmp=tmp,
+            tmp_dir=Path(tmp_dir),
+            external=external,
+            feeds=feeds,
+            keep_fp32_ops=tuple(keep_fp32_ops),
+            per_channel=per_channel,
+            optimize_fp32=optimize_fp32,
+            int8_op_types=tuple(int8_op_types),
+            quantize_matmul_outputs=quantize_matmul_outputs,
+            weight_type=weight_type,
+            int4=int4 or Int4Options(),
+            nodes_to_exclude=tuple(nodes_to_exclude),
+        )
+        if spec.calibration_needed(job) and not feeds:
+            raise ValueError(f"precision '{precision}' needs calibration_feeds (a non-empty iterable of feeds dicts)")
+        nodes, kept, notes = spec.load()(job)
         if external:
             notes.append(f"weights in external data ({data_file(dst).name})")
         move_onnx(tmp, dst)  # atomic per file on the same filesystem: data first, then the graph that names it

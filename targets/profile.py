@@ -15,12 +15,14 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from exporters.precision_registry import INT4_ALGORITHMS, check_precision
 from pipeline.errors import TargetError
 from pipeline.schema import Frozen, format_validation_error, read_yaml, shown
 
 __all__ = [
     "RESERVED_NAMES",
     "Cache",
+    "Int4",
     "StaticShapes",
     "TargetProfile",
     "Tolerance",
@@ -30,7 +32,6 @@ __all__ = [
     "load_target",
 ]
 
-Precision = Literal["fp32", "fp16", "int8", "int8-static"]
 SparsityPattern = Literal["unstructured", "n:m", "structured"]
 AttentionOp = Literal["onnx_attention", "ms_mha"]
 Int8Weights = Literal["s8", "u8", "s8-reduce-range"]  # exporters.quantize.INT8_WEIGHT_TYPES
@@ -75,6 +76,32 @@ class StaticShapes(Frozen):
     seq: int = Field(128, ge=1)
 
 
+class Int4(Frozen):
+    """int4 weight-only settings of a target (``MatMulNBits``, see ``exporters/precisions/int4.py``)."""
+
+    block_size: int = Field(
+        32, ge=16, le=256, description="weights per quantization block along K (a power of 2: MatMulNBits needs it)"
+    )
+    algorithm: str = Field("rtn", description="rtn (round-to-nearest), hqq (half-quadratic) or gptq (calibrated)")
+    accuracy_level: int = Field(
+        4, ge=0, le=4, description="MatMulNBits compute type of activations: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8"
+    )
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"block_size must be a power of 2 (16, 32, 64, 128, 256), got {v}")
+        return v
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        if v not in INT4_ALGORITHMS:
+            raise ValueError(f"unknown int4 algorithm {v!r}; known: {', '.join(INT4_ALGORITHMS)}")
+        return v
+
+
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 #: names a run folder uses for itself (a target's folder sits beside them, ``runs/x/<target>/``)
 RESERVED_NAMES = frozenset({"stages", "plots"})
@@ -92,7 +119,10 @@ class TargetProfile(Frozen):
         min_length=1,
         description="ONNX Runtime execution providers in priority order",
     )
-    precisions: list[Precision] = Field(min_length=1, description="supported precisions; the first is the default")
+    precisions: list[str] = Field(
+        min_length=1,
+        description="supported precisions (registered in exporters.precision_registry); the first is the default",
+    )
     opset: int = Field(23, ge=13, le=24, description="highest ONNX opset the target's runtime executes")
     threads: int | None = Field(None, ge=1, description="intra-op threads (None = all cores)")
     memory_budget_mb: int = Field(
@@ -129,7 +159,10 @@ class TargetProfile(Frozen):
         default_factory=lambda: list[AttentionOp](["onnx_attention", "ms_mha"]),
         description="fused attention ops, preferred first",
     )
-    tolerances: dict[Precision, Tolerance] = Field(description="parity tolerance for each precision")
+    tolerances: dict[str, Tolerance] = Field(description="parity tolerance for each precision")
+    int4: Int4 | None = Field(
+        None, description="int4 weight-only settings (block size, algorithm, accuracy level); omitted = the defaults"
+    )
     int8_weights: Int8Weights | None = Field(
         None,
         description="int8 weight type: s8 (u8 activations x s8 weights), u8 (u8 x u8) or s8-reduce-range (7-bit s8);"
@@ -148,6 +181,20 @@ class TargetProfile(Frozen):
             raise ValueError(f"name {v!r} is reserved for the run folder's own files; choose another")
         return v
 
+    @field_validator("precisions")
+    @classmethod
+    def _registered_precisions(cls, v: list[str]) -> list[str]:
+        for p in v:
+            check_precision(p)
+        return v
+
+    @field_validator("tolerances")
+    @classmethod
+    def _registered_tolerance_keys(cls, v: dict[str, Tolerance]) -> dict[str, Tolerance]:
+        for p in v:
+            check_precision(p)
+        return v
+
     @model_validator(mode="after")
     def _tolerance_for_each_precision(self) -> TargetProfile:
         missing = [p for p in self.precisions if p not in self.tolerances]
@@ -160,6 +207,11 @@ class TargetProfile(Frozen):
     @property
     def default_precision(self) -> str:
         return self.precisions[0]
+
+    @property
+    def int4_settings(self) -> Int4:
+        """The profile's ``int4`` block, or the defaults (block 32, RTN, accuracy level 4) when omitted."""
+        return self.int4 or Int4()
 
     @property
     def int8_weight_type(self) -> str:

@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 
+from exporters.precision_registry import precision_subset
 from pipeline.errors import EdgepipeError
 from pipeline.programs.circuit import LayeredNet
 from pipeline.programs.compile import CompiledProgram
@@ -40,7 +41,9 @@ __all__ = [
 ]
 
 OPSET = 17  # Loop, MatMulInteger, int32 Relu (14+), ReduceMax with an axes attribute (<= 17)
-PRECISIONS = ("fp32", "int8")
+#: the registered precisions (exporters.precision_registry) a compiled program can ship in: its own exact builders, not
+#: the generic converters (checked against the registry at import: a renamed precision fails loudly here)
+PRECISIONS = precision_subset(("fp32", "int8"))
 VARIANTS = ("loop", "unrolled")
 UINT8_MAX = 255
 INT8_MAX = 127

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Literal
 
 import onnx
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from exporters.precision_registry import INT4_LM_HEAD, ConversionJob, Int4Options, check_precision, precision_spec
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
+from pipeline.schema import Frozen
 from pipeline.sensitivity.config import FidelityBudget, SensitivityOptions
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
 from pipeline.stages._common import (
@@ -23,17 +25,34 @@ from pipeline.stages._common import (
     warn_without_validate,
 )
 
-__all__ = ["QuantizeConfig", "check_ops_for_target", "quantize_targets", "run_quantize"]
+__all__ = ["Int4StageOptions", "QuantizeConfig", "check_ops_for_target", "quantize_targets", "run_quantize"]
 
-Precision = Literal["fp32", "fp16", "int8", "int8-static"]
+
+class Int4StageOptions(Frozen):
+    """What the int4 path quantizes besides the linear layers (block size / algorithm come from the profile)."""
+
+    embeddings: bool = Field(True, description="int4 embedding tables (Gather -> GatherBlockQuantized)")
+    lm_head: str = Field(
+        "int8",
+        description="LM head: int4, int8 (8-bit MatMulNBits; default: on the small GPT int4 cut top-1 agreement"
+        " 0.96 -> 0.91) or fp32",
+    )
+
+    @field_validator("lm_head")
+    @classmethod
+    def _known_lm_head(cls, v: str) -> str:
+        if v not in INT4_LM_HEAD:
+            raise ValueError(f"lm_head must be one of {', '.join(INT4_LM_HEAD)}, got {v!r}")
+        return v
 
 
 class QuantizeConfig(StageConfig):
     kind = "quantize"
-    precision: Precision | None = Field(
-        None, description="one precision for every target; omitted = each profile's default"
+    precision: str | None = Field(
+        None,
+        description="one precision for every target (registered in exporters.precision_registry); omitted = each profile's default",
     )
-    per_target: dict[str, Precision] = Field(default_factory=dict, description="precision overrides by target name")
+    per_target: dict[str, str] = Field(default_factory=dict, description="precision overrides by target name")
     per_channel: bool = Field(
         True, description="int8: per-channel weight scales (much better fidelity than per-tensor)"
     )
@@ -57,6 +76,20 @@ class QuantizeConfig(StageConfig):
         if (self.mixed is None) != (self.budget is None):
             raise ValueError("mixed: auto and budget go together, e.g. {mixed: auto, budget: {min_cos_mean: 0.99}}")
         return self
+
+    int4: Int4StageOptions = Field(default_factory=Int4StageOptions, description="int4: embeddings and LM head")
+
+    @field_validator("precision")
+    @classmethod
+    def _registered_precision(cls, v: str | None) -> str | None:
+        return None if v is None else check_precision(v)
+
+    @field_validator("per_target")
+    @classmethod
+    def _registered_per_target(cls, v: dict[str, str]) -> dict[str, str]:
+        for p in v.values():
+            check_precision(p)
+        return v
 
     def precision_for(self, name: str, prof) -> str:
         return self.per_target.get(name) or self.precision or prof.default_precision
@@ -132,10 +165,10 @@ def quantize_targets(
     calibration_feeds: Callable[[TargetModel], list[dict]],
     evidence: Callable[[TargetModel], object] | None = None,
 ) -> Artifact:
-    """The quantize stage for any model kind: ``calibration_feeds(target_model)`` gives the int8-static
-    calibration feeds (called at most once per run, only when a target needs them); ``evidence(target_model)``
-    gives what ``sensitivity`` / ``mixed: auto`` measure (pipeline.sensitivity.quantize.Evidence; None = not
-    supported for this model kind)."""
+    """The quantize stage for any model kind: ``calibration_feeds(target_model)`` gives the calibration
+    feeds of precisions that need them (int8-static, int4 gptq; called at most once per run, only when needed);
+    ``evidence(target_model)`` gives what ``sensitivity`` / ``mixed: auto`` measure
+    (pipeline.sensitivity.quantize.Evidence; None = not supported for this model kind)."""
     from tqdm.auto import tqdm
 
     from exporters.mobile import mobile_usability, to_ort_format
@@ -160,8 +193,9 @@ def quantize_targets(
         check_ops_for_target(src, name, prof.opset)
         tdir = ctx.subdir(name)
         dst = tdir / "model.onnx"
+        int4 = Int4Options(**prof.int4_settings.model_dump(), embeddings=cfg.int4.embeddings, lm_head=cfg.int4.lm_head)
         feeds = None
-        if precision == "int8-static":
+        if precision_spec(precision).calibration_needed(ConversionJob(src=src, tmp=dst, tmp_dir=tdir, int4=int4)):
             if calib_feeds is None:
                 calib_feeds = calibration_feeds(tm)
             feeds = calib_feeds
@@ -170,7 +204,12 @@ def quantize_targets(
 
                 ss = prof.static_shapes
                 feeds = [chunk for f in feeds for chunk, _ in fit_feeds(f, ss.batch, ss.seq)]
-        kwargs = {"calibration_feeds": feeds, "per_channel": cfg.per_channel, "weight_type": prof.int8_weight_type}
+        kwargs = {
+            "calibration_feeds": feeds,
+            "per_channel": cfg.per_channel,
+            "weight_type": prof.int8_weight_type,
+            "int4": int4,
+        }
         if precision == "int8" and cfg.quantize_embeddings:
             kwargs["int8_op_types"] = ("MatMul", "Gemm", "Gather")
         if cfg.keep_fp32_ops is not None:
@@ -193,7 +232,11 @@ def quantize_targets(
             if m.plot is not None:
                 files["sensitivity_plot"] = ctx.ref(m.plot)
         else:
-            q = convert_precision(src, dst, precision, **kwargs)
+            try:
+                q = convert_precision(src, dst, precision, **kwargs)
+            except ValueError as exc:  # a setting the converter cannot honour (e.g. int4 gptq block layout)
+                raise StageError("quantize", f"target '{name}' ({precision}): {exc}") from None
+        check_ops_for_target(dst, name, prof.opset)  # a precision may raise the opset (int4 embeddings: 21)
         if prof.static_shapes:  # the quantizer's new nodes carry no shapes: fix and check every dim again
             from exporters.static_shapes import StaticShapeError, make_static
 
@@ -211,6 +254,8 @@ def quantize_targets(
         }
         if precision.startswith("int8"):
             info["int8_weights"] = prof.int8_weight_type  # the per-profile choice (TargetProfile.int8_weight_type)
+        if precision == "int4":
+            info["int4"] = {**prof.int4_settings.model_dump(), **cfg.int4.model_dump()}
         if prof.ort_format:
             try:
                 ort_res = to_ort_format(dst, tdir)

@@ -136,8 +136,8 @@ def block(tmp_path: Path) -> Path:
 
 
 def test_bad_precision_and_missing_feeds(block: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="'int4'"):
-        convert_precision(block, tmp_path / "o.onnx", "int4")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'int3'"):
+        convert_precision(block, tmp_path / "o.onnx", "int3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="calibration_feeds"):
         convert_precision(block, tmp_path / "o.onnx", "int8-static")
 

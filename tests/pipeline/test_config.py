@@ -44,7 +44,7 @@ def test_misspelled_top_level_key(tmp_path):
         ("targets: [host-cpu, host-cpu]\nstages: [export]\n", "targets listed twice"),
         ("stages: [export\n", "malformed YAML at line"),
         ("- just\n- a list\n", "must be a mapping"),
-        ("stages: [{quantize: {precision: int4}}]\n", "stages[0].quantize.precision"),
+        ("stages: [{quantize: {precision: int3}}]\n", "stages[0].quantize.precision"),
     ],
 )
 def test_bad_configs_give_one_clear_line(tmp_path, text, fragment):

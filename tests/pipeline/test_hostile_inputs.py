@@ -341,7 +341,7 @@ CASES = [
     ),
     C(
         "bad-precision-value",
-        files={"c.yaml": _cfg("stages: [export, {quantize: {precision: int4}}]\n")},
+        files={"c.yaml": _cfg("stages: [export, {quantize: {precision: int3}}]\n")},
         fragments=("stages[1].quantize.precision",),
     ),
     C(
