@@ -13,11 +13,13 @@ Sections (each writes ``benchmarks/results/gradients_<section>.json`` and prints
 * ``bounded``: small GPTs (``train_small_gpt.py`` data, tokenizer and protocol, shorter budget) unconstrained vs
   bounded-entry (normalized q/k, logit cap beta): held-out perplexity; then ``pipeline.recover.recover_`` steps
   at 4k - 32k tokens with exact vs polynomial attention on the bounded model.
+* ``quality``: the same quality comparison alone, at a longer budget, with held-out checkpoints.
 
 Usage:
     python benchmarks/bench_gradients.py scaling [--ns 1024 2048 ...] [--mem-cap-gb 5]
     python benchmarks/bench_gradients.py tensor
     python benchmarks/bench_gradients.py bounded [--steps 200]
+    python benchmarks/bench_gradients.py quality [--steps 250] [--variants 4 32 32:0.5]
     python benchmarks/bench_gradients.py beta
 """
 
@@ -346,9 +348,10 @@ def bounded(args) -> None:
     print("wrote", path)
 
 
-def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
+def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap, on_step=None):
     """The small GPT of ``train_small_gpt.py`` (its settings ``s``, data order, schedule and optimizer), with
-    ``n_head`` heads and, if ``cap``, bounded-entry attention. Returns (model in eval mode, training seconds)."""
+    ``n_head`` heads and, if ``cap``, bounded-entry attention. ``on_step(step, model)`` runs after each step
+    (1-based; held-out checkpoints). Returns (model in eval mode, training seconds, excluding ``on_step``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline.lowrank.bounded import bound_attention_
@@ -378,7 +381,7 @@ def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
         betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(s.seed)
-    t0 = time.perf_counter()
+    t0, paused = time.perf_counter(), 0.0
     for step in range(s.steps):
         model.train()
         for group in opt.param_groups:
@@ -390,7 +393,56 @@ def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return model.eval(), time.perf_counter() - t0
+        if on_step is not None:
+            t1 = time.perf_counter()
+            on_step(step + 1, model)
+            paused += time.perf_counter() - t1
+    return model.eval(), time.perf_counter() - t0 - paused
+
+
+def quality(args) -> None:
+    """Held-out perplexity of bounded-entry vs unconstrained small GPTs at a longer budget (``--steps``), with
+    held-out checkpoints every ``--eval-every`` steps (does the bound's cost grow as attention sharpens?)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_small_gpt as tsg
+
+    from pipeline.lowrank import feature_count
+    from pipeline.lowrank.bounded import bounded_degree
+
+    s = tsg.Settings(data_sha256="", steps=args.steps)
+    train_texts, held_texts = tsg.read_split(Path(args.data), s.holdout_fraction)
+    tokenizer = tsg.train_tokenizer(train_texts, s.vocab_size)
+    train_ids, held_ids = tsg.token_stream(tokenizer, train_texts), tsg.token_stream(tokenizer, held_texts)
+    eot = tokenizer.convert_tokens_to_ids(tsg.EOT)
+    rows = []
+    for spec in args.variants:  # "HEADS" or "HEADS:CAP"
+        n_head, _, cap_s = spec.partition(":")
+        n_head, cap = int(n_head), (float(cap_s) if cap_s else None)
+        curve: list[tuple[int, float]] = []
+
+        def checkpoint(step: int, model, curve=curve) -> None:
+            if step % args.eval_every == 0 and step != s.steps:
+                curve.append((step, tsg.heldout_perplexity(model, held_ids, s.context)))
+
+        model, seconds = _train_gpt(tsg, s, len(tokenizer), eot, train_ids, n_head, cap, on_step=checkpoint)
+        curve.append((s.steps, tsg.heldout_perplexity(model, held_ids, s.context)))
+        row = {
+            "attention": "unconstrained" if cap is None else "bounded",
+            "heads": n_head,
+            "head_dim": s.n_embd // n_head,
+            "beta_cap": cap,
+            "steps": s.steps,
+            "train_seconds": round(seconds, 1),
+            "heldout_ppl": curve[-1][1],
+            "heldout_curve": curve,
+        }
+        if cap is not None:
+            row["certified_degree_1e-3"] = bounded_degree(cap, 1e-3)
+            row["features"] = feature_count(s.n_embd // n_head, row["certified_degree_1e-3"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    settings = {k: v for k, v in vars(s).items() if k != "data_sha256"}
+    print("wrote", _save("quality", {"meta": _host(), "settings": settings, "rows": rows}))
 
 
 def small_gpt_beta(args) -> None:
@@ -616,6 +668,13 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--max-exact-recover-n", type=int, default=8192)
     bs.add_argument("--recover-steps", type=int, default=2)
     bs.add_argument("--certify-ns", type=int, nargs="+", default=[4096])
+    qu = sub.add_parser("quality")
+    qu.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fortunes.txt"))
+    qu.add_argument("--steps", type=int, default=250)
+    qu.add_argument("--eval-every", type=int, default=50)
+    qu.add_argument(
+        "--variants", nargs="+", default=["4", "32", "32:0.5"], help="HEADS or HEADS:CAP (bounded, logit cap CAP)"
+    )
     bo = sub.add_parser("bounded")
     bo.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fortunes.txt"))
     bo.add_argument("--steps", type=int, default=200)
@@ -633,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         "beta": beta,
         "bounded": bounded,
         "bounded-speed": bounded_speed,
+        "quality": quality,
         "small-gpt-beta": small_gpt_beta,
         "report": report,
     }[args.section](args)

@@ -251,6 +251,11 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
             "applicable_heads": n_app,
             "kernel": change["kernel"] if change else None,
             "samples": len(calib[: cfg.samples]),
+            "limits": {
+                "max_rel_err": cfg.max_rel_err,
+                "kernel_eps": cfg.kernel_eps,
+                "max_fast_rel_err": cfg.max_fast_rel_err,
+            },
             "failures": failures,
             **({"notes": notes} if notes else {}),
         }

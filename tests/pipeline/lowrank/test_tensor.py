@@ -41,7 +41,7 @@ def test_closed_form_gradient_matches_autograd_and_finite_differences(causal):
     for i in range(5):
         dirn = _inputs(7, 2, 1.0, 10 + i)[0]
 
-        def loss(x):
+        def loss(x, i=i):
             args = list(ts)
             args[i] = x
             return (g * tensor_attention_ref(*args, causal=causal)).sum().item()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -50,7 +51,7 @@ def test_kernel_error_is_below_the_bound_and_decays_with_degree():
         err = (approx / torch.exp(logits) - 1).abs().max().item()
         assert err <= taylor_error_bound(beta, g)
         errs.append(err)
-    assert all(b < a for a, b in zip(errs, errs[1:]))  # strictly decaying
+    assert all(b < a for a, b in itertools.pairwise(errs))  # strictly decaying
     assert errs[-1] < 1e-5 * errs[0]
 
 
