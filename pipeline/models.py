@@ -353,6 +353,13 @@ def load_model(
             from pipeline.pruning.qk_dims import restore_qk_dims_
 
             restore_qk_dims_(model, path)
+        if getattr(config, "edgepipe_bounded_attention", None) is not None:  # bounded-entry attention (issue 13)
+            from pipeline.lowrank.bounded import restore_bounded_
+
+            try:
+                restore_bounded_(model)
+            except ValueError as e:
+                raise ModelLoadError(f"{path}/config.json: {e}") from None
     except ModelLoadError:
         raise
     except Exception as e:
