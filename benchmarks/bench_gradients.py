@@ -13,6 +13,8 @@ Sections (each writes ``benchmarks/results/gradients_<section>.json`` and prints
 * ``bounded``: small GPTs (``train_small_gpt.py`` data, tokenizer and protocol, shorter budget) unconstrained vs
   bounded-entry (normalized q/k, logit cap beta): held-out perplexity; then ``pipeline.recover.recover_`` steps
   at 4k - 32k tokens with exact vs polynomial attention on the bounded model.
+* ``profile``: where the one-block fast gradient's time goes as n grows (wall vs process CPU time, page faults,
+  chunk sizes, torch profiler self time per op).
 * ``quality``: the same quality comparison alone, at a longer budget, with held-out checkpoints.
 
 Usage:
@@ -182,6 +184,93 @@ def scaling(args) -> None:
     )
     print(json.dumps(summary, indent=1))
     print("wrote", path)
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+def _fast_step(model, n: int, chunk: int) -> dict[str, float]:
+    """One lowrank forward + backward at n tokens: wall s, process CPU s (excludes time spent waiting for a
+    core on a shared machine), minor page faults (fresh memory touched), peak-RSS growth."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, n, WIDTH, generator=gen).requires_grad_()
+    target = torch.randn(1, n, WIDTH, generator=gen)
+    model.zero_grad(set_to_none=True)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0, t0 = time.process_time(), time.perf_counter()
+    loss = ((model(x, kernel="lowrank", degree=DEGREE, chunk=chunk) - target) ** 2).mean()
+    loss.backward()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": wall, "cpu": cpu, "minflt": r1.ru_minflt - r0.ru_minflt}
+
+
+def profile(args) -> None:
+    """Where the one-block fast gradient's time goes as n grows: wall vs process-CPU time (best of
+    ``--repeats``, sizes interleaved), page faults, chunk sizes, and the torch profiler's self CPU time per op
+    at the smallest and largest n (which ops grow faster than n)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from pipeline.lowrank import CausalTransformer
+
+    torch.manual_seed(0)
+    model = CausalTransformer(WIDTH, HEADS, 1, qk_bound=CAP)
+    _fast_step(model, 1024, args.chunks[0])  # warm-up (allocator, kernels)
+    best: dict[tuple[int, int], dict[str, float]] = {}
+    for _ in range(args.repeats):
+        for chunk in args.chunks:
+            for n in args.ns:
+                r = _fast_step(model, n, chunk)
+                b = best.setdefault((chunk, n), r)
+                for k in ("wall", "cpu"):
+                    b[k] = min(b[k], r[k])
+                b["minflt"] = min(b["minflt"], r["minflt"])
+                print(json.dumps({"chunk": chunk, "n": n, **r}), flush=True)
+    rows = [{"chunk": c, "n": n, **v} for (c, n), v in sorted(best.items())]
+    slopes = {}
+    for chunk in args.chunks:
+        pts = [r for r in rows if r["chunk"] == chunk]
+        ns = [r["n"] for r in pts]
+        slopes[chunk] = {k: _slope(ns, [r[k] for r in pts]) for k in ("wall", "cpu")}
+        slopes[chunk]["minflt"] = _slope(ns, [max(r["minflt"], 1) for r in pts])
+    ops: dict[int, dict[str, float]] = {}
+    for n in (min(args.ns), max(args.ns)):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(1, n, WIDTH, generator=gen).requires_grad_()
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            ((model(x, kernel="lowrank", degree=DEGREE, chunk=args.chunks[0]) - 1.0) ** 2).mean().backward()
+        ops[n] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    lo, hi = min(args.ns), max(args.ns)
+    growth = sorted(
+        (
+            {
+                "op": k,
+                f"self_s_{lo}": ops[lo].get(k, 0.0),
+                f"self_s_{hi}": v,
+                "ratio": v / max(ops[lo].get(k, 0.0), 1e-9),
+            }
+            for k, v in ops[hi].items()
+            if v > 0.01 * sum(ops[hi].values())
+        ),
+        key=lambda r: -r[f"self_s_{hi}"],
+    )
+    out = {
+        "meta": _host(),
+        "setup": {
+            "width": WIDTH,
+            "heads": HEADS,
+            "degree": DEGREE,
+            "qk_cap": CAP,
+            "layers": 1,
+            "repeats": args.repeats,
+        },
+        "rows": rows,
+        "slopes": slopes,
+        "profiler": {"n": [lo, hi], "total_self_s": [sum(ops[lo].values()), sum(ops[hi].values())], "ops": growth},
+    }
+    print(json.dumps({"slopes": slopes, "profiler_total": out["profiler"]["total_self_s"]}, indent=1))
+    for r in growth[:12]:
+        print(json.dumps(r))
+    print("wrote", _save("profile", out))
 
 
 # ---------------------------------------------------------------------------------------------------- tensor
@@ -658,6 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     te.add_argument("--ns", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536])
     te.add_argument("--max-dense-n", type=int, default=256)
     te.add_argument("--repeats", type=int, default=3)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--ns", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    pr.add_argument("--chunks", type=int, nargs="+", default=[32, 128])
+    pr.add_argument("--repeats", type=int, default=3)
     sub.add_parser("beta")
     sub.add_parser("report")
     sg = sub.add_parser("small-gpt-beta")
@@ -693,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         "bounded": bounded,
         "bounded-speed": bounded_speed,
         "quality": quality,
+        "profile": profile,
         "small-gpt-beta": small_gpt_beta,
         "report": report,
     }[args.section](args)
