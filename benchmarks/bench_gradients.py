@@ -187,7 +187,7 @@ def scaling(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- profile
-def _fast_step(model, n: int, chunk: int) -> dict[str, float]:
+def _fast_step(model, n: int, chunk: int, kernel: str = "lowrank") -> dict[str, float]:
     """One lowrank forward + backward at n tokens: wall s, process CPU s (excludes time spent waiting for a
     core on a shared machine), minor page faults (fresh memory touched), peak-RSS growth."""
     gen = torch.Generator().manual_seed(1)
@@ -196,11 +196,17 @@ def _fast_step(model, n: int, chunk: int) -> dict[str, float]:
     model.zero_grad(set_to_none=True)
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     c0, t0 = time.process_time(), time.perf_counter()
-    loss = ((model(x, kernel="lowrank", degree=DEGREE, chunk=chunk) - target) ** 2).mean()
+    loss = ((model(x, kernel=kernel, degree=DEGREE, chunk=chunk) - target) ** 2).mean()
     loss.backward()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall": wall, "cpu": cpu, "minflt": r1.ru_minflt - r0.ru_minflt}
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "user": r1.ru_utime - r0.ru_utime,
+        "sys": r1.ru_stime - r0.ru_stime,  # kernel time: page faults of freshly mapped memory
+        "minflt": r1.ru_minflt - r0.ru_minflt,
+    }
 
 
 def profile(args) -> None:
@@ -221,16 +227,21 @@ def profile(args) -> None:
             for n in args.ns:
                 r = _fast_step(model, n, chunk)
                 b = best.setdefault((chunk, n), r)
-                for k in ("wall", "cpu"):
+                for k in ("wall", "cpu", "user", "sys"):
                     b[k] = min(b[k], r[k])
                 b["minflt"] = min(b["minflt"], r["minflt"])
                 print(json.dumps({"chunk": chunk, "n": n, **r}), flush=True)
     rows = [{"chunk": c, "n": n, **v} for (c, n), v in sorted(best.items())]
+    exact_rows = []
+    for n in args.exact_ns:  # textbook exact autograd (n x n matrices): only sizes that fit the memory budget
+        runs = [_fast_step(model, n, 0, kernel="exact") for _ in range(args.repeats)]
+        exact_rows.append({"n": n, **{k: min(r[k] for r in runs) for k in ("wall", "cpu", "user", "sys")}})
+        print(json.dumps({"kernel": "exact", **exact_rows[-1]}), flush=True)
     slopes = {}
     for chunk in args.chunks:
         pts = [r for r in rows if r["chunk"] == chunk]
         ns = [r["n"] for r in pts]
-        slopes[chunk] = {k: _slope(ns, [r[k] for r in pts]) for k in ("wall", "cpu")}
+        slopes[chunk] = {k: _slope(ns, [max(r[k], 1e-3) for r in pts]) for k in ("wall", "cpu", "user", "sys")}
         slopes[chunk]["minflt"] = _slope(ns, [max(r["minflt"], 1) for r in pts])
     ops: dict[int, dict[str, float]] = {}
     for n in (min(args.ns), max(args.ns)):
@@ -265,12 +276,16 @@ def profile(args) -> None:
         },
         "rows": rows,
         "slopes": slopes,
+        "exact_rows": exact_rows,
+        "exact_slopes": {k: _slope([r["n"] for r in exact_rows], [r[k] for r in exact_rows]) for k in ("wall", "cpu")}
+        if len(exact_rows) >= 2
+        else None,
         "profiler": {"n": [lo, hi], "total_self_s": [sum(ops[lo].values()), sum(ops[hi].values())], "ops": growth},
     }
     print(json.dumps({"slopes": slopes, "profiler_total": out["profiler"]["total_self_s"]}, indent=1))
     for r in growth[:12]:
         print(json.dumps(r))
-    print("wrote", _save("profile", out))
+    print("wrote", _save(args.name, out))
 
 
 # ---------------------------------------------------------------------------------------------------- tensor
@@ -751,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--ns", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     pr.add_argument("--chunks", type=int, nargs="+", default=[32, 128])
     pr.add_argument("--repeats", type=int, default=3)
+    pr.add_argument("--exact-ns", type=int, nargs="*", default=[2048, 4096, 5792], help="textbook exact autograd")
+    pr.add_argument("--name", default="profile", help="results file gradients_<name>.json")
     sub.add_parser("beta")
     sub.add_parser("report")
     sg = sub.add_parser("small-gpt-beta")
