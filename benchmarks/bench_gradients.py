@@ -546,7 +546,7 @@ def quality(args) -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     settings = {k: v for k, v in vars(s).items() if k != "data_sha256"}
-    print("wrote", _save("quality", {"meta": _host(), "settings": settings, "rows": rows}))
+    print("wrote", _save(args.name, {"meta": _host(), "settings": settings, "rows": rows}))
 
 
 def small_gpt_beta(args) -> None:
@@ -785,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     qu.add_argument(
         "--variants", nargs="+", default=["4", "32", "32:0.5"], help="HEADS or HEADS:CAP (bounded, logit cap CAP)"
     )
+    qu.add_argument("--name", default="quality", help="results file gradients_<name>.json")
     bo = sub.add_parser("bounded")
     bo.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fortunes.txt"))
     bo.add_argument("--steps", type=int, default=200)
