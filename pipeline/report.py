@@ -264,8 +264,14 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
                 "",
                 f"- {m.get('steps')} steps ({m.get('loss')}), {_fmt(m.get('seconds'))} s; held-out before {m.get('heldout_before')} -> after {m.get('heldout_after')}"
                 + (" — **rolled back** (it got worse)" if m.get("rolled_back") else ""),
-                "",
             ]
+            al = m.get("almost_linear")
+            if al:
+                L.append(
+                    f"- attention gradient: almost-linear (polynomial degree {al['degree']}, {al['features']} features"
+                    f" per head of dim {al['head_dim']}, logit cap β {_fmt(al['beta'])}, {al['tokens']} tokens)"
+                )
+            L.append("")
         if r["name"] == "verify_diffusion" and m:
             L += _verify_diffusion_lines(m)
         if r["name"] == "verify_gradient" and m.get("kernel_gradients"):

@@ -95,6 +95,8 @@ def test_yaml_recover_runs_on_the_almost_linear_gradient_and_verify_gradient_cer
     assert rec["gradient"] == "almost_linear"
     assert rec["almost_linear"] == {"beta": CAP, "degree": 5, "features": 126, "head_dim": 4, "tokens": 512}
     assert calls["n"] >= 3 * 2  # every training step's student forward, in both layers
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "attention gradient: almost-linear (polynomial degree 5, 126 features per head of dim 4" in md
     saved = next((tmp_path / "run").glob("stages/*recover/model/config.json"))
     assert json.loads(saved.read_text())["edgepipe_bounded_attention"] == {"beta": CAP}
     assert vg["bounded_beta"] == CAP
