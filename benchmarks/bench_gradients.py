@@ -527,6 +527,10 @@ def quality(args) -> None:
         def checkpoint(step: int, model, curve=curve) -> None:
             if step % args.eval_every == 0 and step != s.steps:
                 curve.append((step, tsg.heldout_perplexity(model, held_ids, s.context)))
+                print(
+                    json.dumps({"heads": n_head, "beta_cap": cap, "step": step, "heldout_ppl": curve[-1][1]}),
+                    flush=True,
+                )
 
         model, seconds = _train_gpt(tsg, s, len(tokenizer), eot, train_ids, n_head, cap, on_step=checkpoint)
         curve.append((s.steps, tsg.heldout_perplexity(model, held_ids, s.context)))
