@@ -524,11 +524,11 @@ def quality(args) -> None:
         n_head, cap = int(n_head), (float(cap_s) if cap_s else None)
         curve: list[tuple[int, float]] = []
 
-        def checkpoint(step: int, model, curve=curve, tag={"heads": n_head, "beta_cap": cap}) -> None:
+        def checkpoint(step: int, model, curve=curve, tag=(n_head, cap)) -> None:
             if step % args.eval_every == 0 and step != s.steps:
                 curve.append((step, tsg.heldout_perplexity(model, held_ids, s.context)))
                 print(
-                    json.dumps({**tag, "step": step, "heldout_ppl": curve[-1][1]}),
+                    json.dumps({"heads": tag[0], "beta_cap": tag[1], "step": step, "heldout_ppl": curve[-1][1]}),
                     flush=True,
                 )
 
