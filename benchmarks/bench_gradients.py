@@ -13,11 +13,15 @@ Sections (each writes ``benchmarks/results/gradients_<section>.json`` and prints
 * ``bounded``: small GPTs (``train_small_gpt.py`` data, tokenizer and protocol, shorter budget) unconstrained vs
   bounded-entry (normalized q/k, logit cap beta): held-out perplexity; then ``pipeline.recover.recover_`` steps
   at 4k - 32k tokens with exact vs polynomial attention on the bounded model.
+* ``profile``: where the one-block fast gradient's time goes as n grows (wall vs process CPU time, page faults,
+  chunk sizes, torch profiler self time per op).
+* ``quality``: the same quality comparison alone, at a longer budget, with held-out checkpoints.
 
 Usage:
     python benchmarks/bench_gradients.py scaling [--ns 1024 2048 ...] [--mem-cap-gb 5]
     python benchmarks/bench_gradients.py tensor
     python benchmarks/bench_gradients.py bounded [--steps 200]
+    python benchmarks/bench_gradients.py quality [--steps 250] [--variants 4 32 32:0.5]
     python benchmarks/bench_gradients.py beta
 """
 
@@ -180,6 +184,108 @@ def scaling(args) -> None:
     )
     print(json.dumps(summary, indent=1))
     print("wrote", path)
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+def _fast_step(model, n: int, chunk: int, kernel: str = "lowrank") -> dict[str, float]:
+    """One lowrank forward + backward at n tokens: wall s, process CPU s (excludes time spent waiting for a
+    core on a shared machine), minor page faults (fresh memory touched), peak-RSS growth."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, n, WIDTH, generator=gen).requires_grad_()
+    target = torch.randn(1, n, WIDTH, generator=gen)
+    model.zero_grad(set_to_none=True)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    c0, t0 = time.process_time(), time.perf_counter()
+    loss = ((model(x, kernel=kernel, degree=DEGREE, chunk=chunk) - target) ** 2).mean()
+    loss.backward()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "user": r1.ru_utime - r0.ru_utime,
+        "sys": r1.ru_stime - r0.ru_stime,  # kernel time: page faults of freshly mapped memory
+        "minflt": r1.ru_minflt - r0.ru_minflt,
+    }
+
+
+def profile(args) -> None:
+    """Where the one-block fast gradient's time goes as n grows: wall vs process-CPU time (best of
+    ``--repeats``, sizes interleaved), page faults, chunk sizes, and the torch profiler's self CPU time per op
+    at the smallest and largest n (which ops grow faster than n)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from pipeline.lowrank import CausalTransformer
+
+    torch.manual_seed(0)
+    model = CausalTransformer(WIDTH, HEADS, 1, qk_bound=CAP)
+    _fast_step(model, 1024, args.chunks[0])  # warm-up (allocator, kernels)
+    best: dict[tuple[int, int], dict[str, float]] = {}
+    for _ in range(args.repeats):
+        for chunk in args.chunks:
+            for n in args.ns:
+                r = _fast_step(model, n, chunk)
+                b = best.setdefault((chunk, n), r)
+                for k in ("wall", "cpu", "user", "sys"):
+                    b[k] = min(b[k], r[k])
+                b["minflt"] = min(b["minflt"], r["minflt"])
+                print(json.dumps({"chunk": chunk, "n": n, **r}), flush=True)
+    rows = [{"chunk": c, "n": n, **v} for (c, n), v in sorted(best.items())]
+    exact_rows = []
+    for n in args.exact_ns:  # textbook exact autograd (n x n matrices): only sizes that fit the memory budget
+        runs = [_fast_step(model, n, 0, kernel="exact") for _ in range(args.repeats)]
+        exact_rows.append({"n": n, **{k: min(r[k] for r in runs) for k in ("wall", "cpu", "user", "sys")}})
+        print(json.dumps({"kernel": "exact", **exact_rows[-1]}), flush=True)
+    slopes = {}
+    for chunk in args.chunks:
+        pts = [r for r in rows if r["chunk"] == chunk]
+        ns = [r["n"] for r in pts]
+        slopes[chunk] = {k: _slope(ns, [max(r[k], 1e-3) for r in pts]) for k in ("wall", "cpu", "user", "sys")}
+        slopes[chunk]["minflt"] = _slope(ns, [max(r["minflt"], 1) for r in pts])
+    ops: dict[int, dict[str, float]] = {}
+    for n in (min(args.ns), max(args.ns)):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(1, n, WIDTH, generator=gen).requires_grad_()
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            ((model(x, kernel="lowrank", degree=DEGREE, chunk=args.chunks[0]) - 1.0) ** 2).mean().backward()
+        ops[n] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    lo, hi = min(args.ns), max(args.ns)
+    growth = sorted(
+        (
+            {
+                "op": k,
+                f"self_s_{lo}": ops[lo].get(k, 0.0),
+                f"self_s_{hi}": v,
+                "ratio": v / max(ops[lo].get(k, 0.0), 1e-9),
+            }
+            for k, v in ops[hi].items()
+            if v > 0.01 * sum(ops[hi].values())
+        ),
+        key=lambda r: -r[f"self_s_{hi}"],
+    )
+    out = {
+        "meta": _host(),
+        "setup": {
+            "width": WIDTH,
+            "heads": HEADS,
+            "degree": DEGREE,
+            "qk_cap": CAP,
+            "layers": 1,
+            "repeats": args.repeats,
+        },
+        "rows": rows,
+        "slopes": slopes,
+        "exact_rows": exact_rows,
+        "exact_slopes": {k: _slope([r["n"] for r in exact_rows], [r[k] for r in exact_rows]) for k in ("wall", "cpu")}
+        if len(exact_rows) >= 2
+        else None,
+        "profiler": {"n": [lo, hi], "total_self_s": [sum(ops[lo].values()), sum(ops[hi].values())], "ops": growth},
+    }
+    print(json.dumps({"slopes": slopes, "profiler_total": out["profiler"]["total_self_s"]}, indent=1))
+    for r in growth[:12]:
+        print(json.dumps(r))
+    print("wrote", _save(args.name, out))
 
 
 # ---------------------------------------------------------------------------------------------------- tensor
@@ -346,9 +452,10 @@ def bounded(args) -> None:
     print("wrote", path)
 
 
-def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
+def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap, on_step=None):
     """The small GPT of ``train_small_gpt.py`` (its settings ``s``, data order, schedule and optimizer), with
-    ``n_head`` heads and, if ``cap``, bounded-entry attention. Returns (model in eval mode, training seconds)."""
+    ``n_head`` heads and, if ``cap``, bounded-entry attention. ``on_step(step, model)`` runs after each step
+    (1-based; held-out checkpoints). Returns (model in eval mode, training seconds, excluding ``on_step``)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipeline.lowrank.bounded import bound_attention_
@@ -378,7 +485,7 @@ def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
         betas=(0.9, 0.95),
     )
     gen = torch.Generator().manual_seed(s.seed)
-    t0 = time.perf_counter()
+    t0, paused = time.perf_counter(), 0.0
     for step in range(s.steps):
         model.train()
         for group in opt.param_groups:
@@ -390,7 +497,60 @@ def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return model.eval(), time.perf_counter() - t0
+        if on_step is not None:
+            t1 = time.perf_counter()
+            on_step(step + 1, model)
+            paused += time.perf_counter() - t1
+    return model.eval(), time.perf_counter() - t0 - paused
+
+
+def quality(args) -> None:
+    """Held-out perplexity of bounded-entry vs unconstrained small GPTs at a longer budget (``--steps``), with
+    held-out checkpoints every ``--eval-every`` steps (does the bound's cost grow as attention sharpens?)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_small_gpt as tsg
+
+    from pipeline.lowrank import feature_count
+    from pipeline.lowrank.bounded import bounded_degree
+
+    s = tsg.Settings(data_sha256="", steps=args.steps)
+    train_texts, held_texts = tsg.read_split(Path(args.data), s.holdout_fraction)
+    tokenizer = tsg.train_tokenizer(train_texts, s.vocab_size)
+    train_ids, held_ids = tsg.token_stream(tokenizer, train_texts), tsg.token_stream(tokenizer, held_texts)
+    eot = tokenizer.convert_tokens_to_ids(tsg.EOT)
+    rows = []
+    for spec in args.variants:  # "HEADS" or "HEADS:CAP"
+        n_head, _, cap_s = spec.partition(":")
+        n_head, cap = int(n_head), (float(cap_s) if cap_s else None)
+        curve: list[tuple[int, float]] = []
+
+        def checkpoint(step: int, model, curve=curve, tag=(n_head, cap)) -> None:
+            if step % args.eval_every == 0 and step != s.steps:
+                curve.append((step, tsg.heldout_perplexity(model, held_ids, s.context)))
+                print(
+                    json.dumps({"heads": tag[0], "beta_cap": tag[1], "step": step, "heldout_ppl": curve[-1][1]}),
+                    flush=True,
+                )
+
+        model, seconds = _train_gpt(tsg, s, len(tokenizer), eot, train_ids, n_head, cap, on_step=checkpoint)
+        curve.append((s.steps, tsg.heldout_perplexity(model, held_ids, s.context)))
+        row = {
+            "attention": "unconstrained" if cap is None else "bounded",
+            "heads": n_head,
+            "head_dim": s.n_embd // n_head,
+            "beta_cap": cap,
+            "steps": s.steps,
+            "train_seconds": round(seconds, 1),
+            "heldout_ppl": curve[-1][1],
+            "heldout_curve": curve,
+        }
+        if cap is not None:
+            row["certified_degree_1e-3"] = bounded_degree(cap, 1e-3)
+            row["features"] = feature_count(s.n_embd // n_head, row["certified_degree_1e-3"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    settings = {k: v for k, v in vars(s).items() if k != "data_sha256"}
+    print("wrote", _save(args.name, {"meta": _host(), "settings": settings, "rows": rows}))
 
 
 def small_gpt_beta(args) -> None:
@@ -606,6 +766,12 @@ def main(argv: list[str] | None = None) -> int:
     te.add_argument("--ns", type=int, nargs="+", default=[64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536])
     te.add_argument("--max-dense-n", type=int, default=256)
     te.add_argument("--repeats", type=int, default=3)
+    pr = sub.add_parser("profile")
+    pr.add_argument("--ns", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+    pr.add_argument("--chunks", type=int, nargs="+", default=[32, 128])
+    pr.add_argument("--repeats", type=int, default=3)
+    pr.add_argument("--exact-ns", type=int, nargs="*", default=[2048, 4096, 5792], help="textbook exact autograd")
+    pr.add_argument("--name", default="profile", help="results file gradients_<name>.json")
     sub.add_parser("beta")
     sub.add_parser("report")
     sg = sub.add_parser("small-gpt-beta")
@@ -616,6 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--max-exact-recover-n", type=int, default=8192)
     bs.add_argument("--recover-steps", type=int, default=2)
     bs.add_argument("--certify-ns", type=int, nargs="+", default=[4096])
+    qu = sub.add_parser("quality")
+    qu.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fortunes.txt"))
+    qu.add_argument("--steps", type=int, default=250)
+    qu.add_argument("--eval-every", type=int, default=50)
+    qu.add_argument(
+        "--variants", nargs="+", default=["4", "32", "32:0.5"], help="HEADS or HEADS:CAP (bounded, logit cap CAP)"
+    )
+    qu.add_argument("--name", default="quality", help="results file gradients_<name>.json")
     bo = sub.add_parser("bounded")
     bo.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "fortunes.txt"))
     bo.add_argument("--steps", type=int, default=200)
@@ -633,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         "beta": beta,
         "bounded": bounded,
         "bounded-speed": bounded_speed,
+        "quality": quality,
+        "profile": profile,
         "small-gpt-beta": small_gpt_beta,
         "report": report,
     }[args.section](args)

@@ -337,7 +337,7 @@ def load_model(
     # structural edits recorded in config.json (e.g. q/k widths narrowed by pruning): HF builds those modules at
     # the original shapes, the registered transforms rebuild them after
     transforms = recorded_transforms(config)
-    narrowed = bool(transforms)
+    narrowed = any(t.reshapes for t in transforms)
     attn_implementation = _attention_for(_auto_class(task), config, attn_implementation)
     try:
         with _quiet_mismatch(narrowed):
@@ -353,7 +353,10 @@ def load_model(
             )
         _check_loaded(path, model, info, narrowed)
         for transform in transforms:
-            transform.rebuild(model, path)
+            try:
+                transform.rebuild(model, path)
+            except ValueError as e:  # a malformed record or a shape that does not fit: one line, naming the file
+                raise ModelLoadError(f"{path}/config.json ({transform.key}): {e}") from None
     except ModelLoadError:
         raise
     except Exception as e:

@@ -289,10 +289,22 @@ def _markdown(rep: Mapping[str, Any], plots: list[str]) -> str:
                 "",
                 f"- {m.get('steps')} steps ({m.get('loss')}), {_fmt(m.get('seconds'))} s; held-out before {m.get('heldout_before')} -> after {m.get('heldout_after')}"
                 + (" — **rolled back** (it got worse)" if m.get("rolled_back") else ""),
-                "",
             ]
+            al = m.get("almost_linear")
+            if al:
+                L.append(
+                    f"- attention gradient: almost-linear (polynomial degree {al['degree']}, {al['features']} features"
+                    f" per head of dim {al['head_dim']}, logit cap β {_fmt(al['beta'])}, {al['tokens']} tokens)"
+                )
+            L.append("")
         if r["name"] == "verify_diffusion" and m:
             L += _verify_diffusion_lines(m)
+        if r["name"] == "verify_gradient" and m.get("kernel_gradients"):
+            L += _verify_gradient_lines(m)
+        if r["name"] == "private_context" and "epsilon" in m:
+            L += _private_context_lines(m)
+        if r["name"] == "verify_dp" and m.get("gate"):
+            L += _verify_dp_lines(m)
         if r["name"] == "attention" and m:
             L += [
                 "### attention",
@@ -356,4 +368,118 @@ def _verify_diffusion_lines(m: Mapping[str, Any]) -> list[str]:
         for n in eps["per_target"]
     ]
     L += [f"| {n} | {_fmt(e)} | {_fmt(c)} | {_fmt(t.get('score_limited'))} | {_fmt(v)} |" for n, e, c, t, v in rows]
+    return L + [""]
+
+
+def _verify_gradient_lines(m: Mapping[str, Any]) -> list[str]:
+    """The verify_gradient section: per-layer kernel-gradient errors, the beta table, the fast gradient."""
+    kg, lim = m["kernel_gradients"], m.get("limits") or {}
+    heads = m.get("heads") or []
+    L = [
+        "### verify_gradient",
+        "",
+        f"- kernel gradients of the model as it stands (attention kernel: {m.get('kernel') or 'unchanged'}) vs float64"
+        f" exact autograd, {m.get('samples')} calibration passages: max relative error {_fmt(kg.get('max_rel_err'), 3)}"
+        + (f" (gate ≤ {_fmt(lim['max_rel_err'], 3)})" if "max_rel_err" in lim else ""),
+        f"- heads in the polynomial (almost-linear) regime: {m.get('applicable_heads', 0)} of {len(heads)}"
+        + (f" (kernel error {_fmt(lim['kernel_eps'], 3)} by the Taylor bound)" if "kernel_eps" in lim else ""),
+    ]
+    fg = m.get("fast_gradient")
+    if fg:
+        ratio = fg["exact_seconds"] / fg["seconds"] if fg.get("seconds") else None
+        L.append(
+            f"- fast gradient at {fg['seq_len']} tokens: relative error {_fmt(fg['rel_err'], 3)}"
+            + (f" (gate ≤ {_fmt(lim['max_fast_rel_err'], 3)})" if "max_fast_rel_err" in lim else "")
+            + f", {_fmt(fg['seconds'], 3)} s vs exact autograd {_fmt(fg['exact_seconds'], 3)} s ({_fmt(ratio, 3)}×)"
+        )
+    else:
+        L.append("- fast gradient: not computed (no head is in the regime, or see the notes above)")
+    L += ["", "| layer | relative gradient error | max abs error | parameters |", "|---|---|---|---|"]
+    L += [
+        f"| {row['layer']} | {_fmt(row['rel_err'], 3)} | {_fmt(row.get('max_abs_err'), 3)} | {row.get('params', '–')} |"
+        for row in kg.get("per_layer") or []
+    ]
+    if heads:
+        L += [
+            "",
+            "β = max |q·k|/√d per head on calibration text (β p99: its 99th percentile); degree and features are what"
+            " the Taylor bound needs for the kernel error above.",
+            "",
+            "| layer | head | β | β p99 | applies | degree | features |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        L += [
+            f"| {h['layer']} | {h['head']} | {_fmt(h['beta'], 3)} | {_fmt(h['beta_p99'], 3)} | {'yes' if h['applicable'] else 'no'} | {_fmt(h['degree'])} | {_fmt(h['features'], 3)} |"
+            for h in heads
+        ]
+    return L + [""]
+
+
+def _private_context_lines(m: Mapping[str, Any]) -> list[str]:
+    """The private_context section: the guarantee as stated, the noise, and what ships vs the raw context."""
+    raw = m.get("raw_context_bytes")
+    L = [
+        "### private_context",
+        "",
+        f"- guarantee: {m.get('guarantee', '–')}",
+        f"- mechanism {m.get('mechanism')}, ε = {_fmt(m['epsilon'])}, δ = {_fmt(m['delta'])} ({m.get('accounting')} accounting"
+        f" over {m.get('heads_replaced')} releases); noise σ = {_fmt(m.get('sigma'), 3)} for sensitivity Δ = {_fmt(m.get('sensitivity'), 3)}"
+        f" ({m.get('sampler')}); exact δ of that noise {_fmt(m.get('exact_delta'), 3)}",
+        f"- context: {m.get('context_tokens')} tokens; {m.get('heads_replaced')} heads in {m.get('layers_replaced')} layer(s) read a"
+        f" release of {m.get('features')} features each; public bounds ‖k‖∞ ≤ {_fmt(m.get('key_bound'), 3)}, |v| ≤ {_fmt(m.get('value_bound'), 3)}",
+        f"- ships: {m.get('bytes_shipped')} bytes of noisy summaries"
+        + (f" (the raw context keys/values, float32, would be {raw} bytes)" if raw else ""),
+        "",
+    ]
+    return L
+
+
+def _verify_dp_lines(m: Mapping[str, Any]) -> list[str]:
+    """The verify_dp section: the audits, the utility against exact and uniform attention, and the gate."""
+    a, u, lim = m.get("audit") or {}, m.get("utility") or {}, m.get("limits") or {}
+    gate = m["gate"]
+    L = [
+        "### verify_dp",
+        "",
+        f"- gate: **{gate}**"
+        + (" — targets withdrawn, nothing claiming privacy was published" if gate == "refuse" else "")
+        + (
+            f" (limits: DP attention error ≤ {_fmt(lim.get('max_rel_err'))} and below the uniform baseline"
+            + (
+                f", top-1 agreement ≥ {_fmt(lim['min_top1_agreement'])}"
+                if lim.get("min_top1_agreement") is not None
+                else ""
+            )
+            + ")"
+            if lim
+            else ""
+        ),
+        "",
+        "| audit | result |",
+        "|---|---|",
+        f"| worst sensitivity found / bound | {_fmt(a.get('max_sensitivity_ratio'), 3)} (must be ≤ 1) |",
+        f"| broken control (noise redrawn per query) flagged | {_fmt(a.get('broken_control_flagged'))} |",
+        f"| released state unchanged after the adaptive query stream | {_fmt(a.get('state_hash_unchanged'))} |",
+    ]
+    if a.get("exact_delta") is not None:
+        L += [
+            f"| exact δ of the noise used | {_fmt(a['exact_delta'], 3)} |",
+            f"| privacy-loss audit: ε measured (lower confidence bound) | {_fmt(a.get('epsilon_measured'), 3)} ({_fmt(a.get('epsilon_lower'), 3)}) |",
+        ]
+    elif a.get("note"):
+        L.append(f"| note | {a['note']} |")
+    L += [
+        "",
+        "Utility on public queries (computed from the private context: not covered by the guarantee):",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| relative error of DP context attention vs exact (mean over heads; worst head) | {_fmt(u.get('rel_err'), 3)} ({_fmt(u.get('rel_err_worst_head'), 3)}) |",
+        f"| same for uniform attention over the context (baseline) | {_fmt(u.get('uniform_rel_err'), 3)} |",
+        f"| next-token top-1 agreement with the exact-context model (worst target) | {_fmt(u.get('top1_agreement'), 3)} |",
+    ]
+    L += [f"| top-1 agreement, {k} | {_fmt(v, 3)} |" for k, v in (u.get("top1_per_target") or {}).items()]
+    L += [f"| perplexity ratio DP / exact context, {k} | {_fmt(v, 4)} |" for k, v in (u.get("ppl_ratio") or {}).items()]
+    if "queries" in u:
+        L.append(f"| public query tokens | {u['queries']} |")
     return L + [""]

@@ -12,7 +12,7 @@ the number of modules rebuilt; it raises ``ValueError`` (one line) on a malforme
 
 The loader (:func:`pipeline.models.load_model`) consults only this registry; the built-in transforms register when
 their modules are imported by :func:`load_builtin_transforms` (today: q/k widths narrowed by the prune stage,
-:mod:`pipeline.pruning.qk_dims`). A leaf module: importing it loads neither torch nor any transform.
+:mod:`pipeline.pruning.qk_dims`, and bounded-entry attention, :mod:`pipeline.lowrank.bounded`). A leaf module: importing it loads neither torch nor any transform.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 # The modules whose import registers the built-in transforms: a new one is one registration plus one line here.
-_BUILTIN_MODULES = ("pipeline.pruning.qk_dims",)
+_BUILTIN_MODULES = ("pipeline.pruning.qk_dims", "pipeline.lowrank.bounded")
 
 Rebuild = Callable[[Any, Path], int]  # (model, folder) -> modules rebuilt
 
@@ -45,17 +45,21 @@ class ModuleTransform:
         key: the ``config.json`` attribute that records it (present and non-empty = the model carries the edit).
         rebuild: ``(model, folder) -> int``, see the module docstring.
         description: one line for errors (e.g. an exporter that cannot load the edit).
+        reshapes: the edit changes parameter shapes (the loader then builds the model with
+            ``ignore_mismatched_sizes=True`` and the rebuild loads the edited modules' weights); False for an edit
+            that only changes how modules compute (bounded-entry attention).
     """
 
     key: str
     rebuild: Rebuild
     description: str
+    reshapes: bool = True
 
 
 MODULE_TRANSFORMS: dict[str, ModuleTransform] = {}
 
 
-def register_module_transform(key: str, rebuild: Rebuild, *, description: str) -> Rebuild:
+def register_module_transform(key: str, rebuild: Rebuild, *, description: str, reshapes: bool = True) -> Rebuild:
     """Register ``rebuild`` for records under ``config.json`` key ``key``; a different function under a taken key
     raises ValueError. Returns ``rebuild``."""
     old = MODULE_TRANSFORMS.get(key)
@@ -63,7 +67,7 @@ def register_module_transform(key: str, rebuild: Rebuild, *, description: str) -
         raise ValueError(
             f"module transform '{key}' registered twice ({old.rebuild.__module__} and {rebuild.__module__})"
         )
-    MODULE_TRANSFORMS[key] = ModuleTransform(key, rebuild, description)
+    MODULE_TRANSFORMS[key] = ModuleTransform(key, rebuild, description, reshapes)
     return rebuild
 
 

@@ -36,10 +36,12 @@ __all__ = [
     "apply_dp_prefix_",
     "attention_modules",
     "context_kv",
+    "dp_context_part",
     "exact_prefix_logits",
     "fit_projection",
     "prefix_cache",
     "public_kv",
+    "register_release_buffers",
 ]
 
 ATTN_IMPLEMENTATION = "edgepipe_dp_prefix"
@@ -171,6 +173,51 @@ def _features(x: Tensor, idx: Tensor, coef: Tensor) -> Tensor:
     return ext[..., idx].prod(dim=-1) * coef  # (..., r, s) -> (..., r)
 
 
+def dp_context_part(module: nn.Module, q: Tensor, st: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The DP estimate of attention over the private context, from the release held by ``module``'s buffers
+    ``dp_sums`` (Hq, r, d_v + 1), ``dp_proj`` (Hq, d, p) or None, ``dp_idx`` / ``dp_coef`` (the feature map).
+
+    q (B, Hq, N, d) float32 -> (ctx (B, Hq, N, d_v) = clip(num / den_g, ±R_w), den_g (B, Hq, N)), with
+    num, den = φ(Pᵀq)ᵀ S̃ and the public guard den_g = max(den, n·e^{−scale·R·‖Pᵀq‖₁}) (``st``: n, scale,
+    key_bound, value_bound). Post-processing of S̃ only: no noise is drawn here.
+    """
+    qp = torch.einsum("bhnd,hdp->bhnp", q, module.dp_proj) if module.dp_proj is not None else q  # (B, Hq, N, p)
+    phi = _features(qp, module.dp_idx, module.dp_coef)  # (B, Hq, N, r)
+    nd = torch.matmul(phi, module.dp_sums)  # (B, Hq, N, r) @ (Hq, r, d_v+1) -> (B, Hq, N, d_v+1)
+    floor = st["n"] * torch.exp(-st["scale"] * st["key_bound"] * qp.abs().sum(-1))  # public guard (B, Hq, N)
+    den_g = torch.maximum(nd[..., -1], floor)
+    ctx = torch.clamp(nd[..., :-1] / den_g[..., None], -st["value_bound"], st["value_bound"])
+    return ctx, den_g
+
+
+def register_release_buffers(
+    m: nn.Module, prefix: DPPrefix, layer: int, num_heads: int, *, persistent: bool = False
+) -> None:
+    """Put layer ``layer``'s release on module ``m``: ``dp_sums`` (Hq, r, d_v+1) (KV heads repeated to the
+    ``num_heads`` query heads), ``dp_proj`` (Hq, d, p) or None, ``dp_idx`` / ``dp_coef`` (the feature map).
+
+    Raises:
+        ValueError: the release's feature count does not match its degree and dimension.
+    """
+    sums = torch.from_numpy(np.asarray(prefix.sums[layer], dtype=np.float32))  # (Hkv, r, d_v+1)
+    G = num_heads // sums.shape[0]
+    proj = prefix.proj.get(layer)
+    p = proj.shape[-1] if proj is not None else sums.shape[-1] - 1  # unprojected: key dim = value dim d_v
+    idx, coef = monomials(p, prefix.degree, prefix.scale)
+    if idx.shape[0] != sums.shape[1]:
+        raise ValueError(
+            f"layer {layer}: release has {sums.shape[1]} features, degree {prefix.degree} in {p} dims gives {idx.shape[0]}"
+        )
+    m.register_buffer("dp_sums", sums.repeat_interleave(G, dim=0), persistent=persistent)
+    m.register_buffer(
+        "dp_proj",
+        torch.from_numpy(np.asarray(proj, np.float32)).repeat_interleave(G, dim=0) if proj is not None else None,
+        persistent=persistent,
+    )
+    m.register_buffer("dp_idx", torch.from_numpy(idx), persistent=persistent)
+    m.register_buffer("dp_coef", torch.from_numpy(coef.astype(np.float32)), persistent=persistent)
+
+
 def _dp_attention(
     module: HFModule,
     query: Tensor,
@@ -193,12 +240,7 @@ def _dp_attention(
     G = Hq // Hkv
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
     q = query.float()
-    qp = torch.einsum("bhnd,hdp->bhnp", q, module.dp_proj) if module.dp_proj is not None else q  # (B, Hq, Nq, p)
-    phi = _features(qp, module.dp_idx, module.dp_coef)  # (B, Hq, Nq, r)
-    nd = torch.matmul(phi, module.dp_sums)  # (B, Hq, Nq, r) @ (Hq, r, D+1) -> (B, Hq, Nq, D+1)
-    floor = st["n"] * torch.exp(-st["scale"] * st["key_bound"] * qp.abs().sum(-1))  # public guard (B, Hq, Nq)
-    den_g = torch.maximum(nd[..., -1], floor)
-    ctx = torch.clamp(nd[..., :-1] / den_g[..., None], -st["value_bound"], st["value_bound"])  # (B, Hq, Nq, D)
+    ctx, den_g = dp_context_part(module, q, st)  # (B, Hq, Nq, D), (B, Hq, Nq)
     rec = st.get("recorder")
     if rec is not None:
         rec.rows.append((module.layer_idx, q.detach(), ctx.detach()))
@@ -269,24 +311,8 @@ def apply_dp_prefix_(model: nn.Module, prefix: DPPrefix, *, recorder: QueryRecor
             pm.set_attn_implementation(ATTN_IMPLEMENTATION)
     for m in mods:
         l = m.layer_idx
-        sums = torch.from_numpy(np.asarray(prefix.sums[l], dtype=np.float32))  # (Hkv, r, D+1)
         nh = int(getattr(m, "num_heads", 0) or getattr(cfg, "num_attention_heads", 0) or cfg.n_head)
-        G = nh // sums.shape[0]
-        proj = prefix.proj.get(l)
-        p = proj.shape[-1] if proj is not None else sums.shape[-1] - 1
-        idx, coef = monomials(p, prefix.degree, prefix.scale)
-        if idx.shape[0] != sums.shape[1]:
-            raise ValueError(
-                f"layer {l}: release has {sums.shape[1]} features, degree {prefix.degree} in {p} dims gives {idx.shape[0]}"
-            )
-        m.register_buffer("dp_sums", sums.repeat_interleave(G, dim=0), persistent=False)  # (Hq, r, D+1)
-        m.register_buffer(
-            "dp_proj",
-            torch.from_numpy(np.asarray(proj, np.float32)).repeat_interleave(G, dim=0) if proj is not None else None,
-            persistent=False,
-        )
-        m.register_buffer("dp_idx", torch.from_numpy(idx), persistent=False)
-        m.register_buffer("dp_coef", torch.from_numpy(coef.astype(np.float32)), persistent=False)
+        register_release_buffers(m, prefix, l, nh)
         setattr(
             m,
             _ATTR,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.privacy.accounting import NoisePlan, plan_gaussian
 from pipeline.privacy.features import feature_count, feature_norm_bound, poly_features
 from pipeline.privacy.sampler import NoiseSampler, SecureSampler
 
@@ -38,6 +39,7 @@ __all__ = [
     "exact_attention",
     "exact_sums",
     "guard_floor",
+    "noisy_layer_sums",
     "release_feature_sum",
     "replace_one_sensitivity",
     "uniform_attention",
@@ -172,3 +174,38 @@ def uniform_attention(V: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The uniform-attention baseline: mean of the values for every query, broadcast to ``shape + (d_v,)``."""
     m = np.asarray(V, np.float64).mean(0)
     return np.broadcast_to(m, tuple(shape) + m.shape)
+
+
+def noisy_layer_sums(
+    kv: list[tuple[np.ndarray, np.ndarray]],
+    spec: KernelSpec,
+    bounds: PublicBounds,
+    *,
+    epsilon: float,
+    delta: float,
+    accounting: str = "gaussian_joint",
+    proj: dict[int, np.ndarray] | None = None,
+    sampler: NoiseSampler | None = None,
+) -> tuple[dict[int, np.ndarray], NoisePlan]:
+    """S̃ for every layer and KV head at once, all releases jointly (ε, δ)-DP for replacing one context row.
+
+    Args:
+        kv: per layer (K (H, n, d), V (H, n, d_v)), the private keys / values (provider side only).
+        spec, bounds: the kernel (d = the projected dimension when ``proj``) and the public bounds R, R_w.
+        epsilon, delta, accounting: the total budget over the L·H releases (:func:`plan_gaussian`).
+        proj: layer -> (H, d, p) public projection applied to the keys first, or None.
+        sampler: the noise source (default :class:`SecureSampler`); every draw happens here, once.
+
+    Returns:
+        (layer -> (H, r, d_v + 1) float32 noisy sums, the noise plan: σ per release, exact δ).
+    """
+    sampler = sampler or SecureSampler()
+    dv = kv[0][1].shape[-1]
+    m = len(kv) * kv[0][0].shape[0]
+    plan = plan_gaussian(epsilon, delta, [replace_one_sensitivity(spec, bounds, dv)] * m, accounting)
+    sums: dict[int, np.ndarray] = {}
+    for layer, (K, V) in enumerate(kv):
+        Kp = np.einsum("hnd,hdp->hnp", K, proj[layer]) if proj else K  # (H, n, p)
+        S = np.stack([exact_sums(Kp[h], V[h], spec, bounds) for h in range(K.shape[0])])  # (H, r, d_v + 1)
+        sums[layer] = (S + sampler.normal(S.shape, plan.sigmas[0])).astype(np.float32)
+    return sums, plan

@@ -164,11 +164,10 @@ def _bound(value: Bound, public: float, name: str) -> float:
 @register_stage(PrivateContextConfig)
 def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageContext) -> Artifact:
     """Release DP feature sums of the private prefix per layer/KV head and rewrite the decoder's attention."""
-    from pipeline.privacy.accounting import plan_gaussian
     from pipeline.privacy.calibration import check_privacy_params
     from pipeline.privacy.dptree import DPTreeSoftmax
     from pipeline.privacy.model import DPPrefix, apply_dp_prefix_, context_kv, fit_projection, public_kv
-    from pipeline.privacy.release import KernelSpec, PublicBounds, exact_sums, replace_one_sensitivity
+    from pipeline.privacy.release import KernelSpec, PublicBounds, noisy_layer_sums, replace_one_sensitivity
     from pipeline.privacy.sampler import SecureSampler
 
     where = f"stages[{ctx.index}].private_context"
@@ -253,14 +252,20 @@ def run_private_context(art: Artifact, cfg: PrivateContextConfig, ctx: StageCont
     sampler = SecureSampler()
     sums: dict[int, np.ndarray] = {}
     if cfg.mechanism == "feature_sum":
-        plan = plan_gaussian(cfg.epsilon, cfg.delta, [delta_f] * m, cfg.accounting)
+        sums, plan = noisy_layer_sums(
+            kv,
+            spec,
+            bounds,
+            epsilon=cfg.epsilon,
+            delta=cfg.delta,
+            accounting=cfg.accounting,
+            proj=proj,
+            sampler=sampler,
+        )
         sigma, exact_delta = plan.sigmas[0], plan.exact_delta
-    for l, (K, V) in enumerate(kv):
-        Kp = np.einsum("hnd,hdp->hnp", K, proj[l]) if proj else K  # (H_kv, n, p)
-        if cfg.mechanism == "feature_sum":
-            S = np.stack([exact_sums(Kp[h], V[h], spec, bounds) for h in range(H_kv)])  # (H_kv, r, dv+1)
-            sums[l] = (S + sampler.normal(S.shape, sigma)).astype(np.float32)
-        else:
+    else:
+        for l, (K, V) in enumerate(kv):
+            Kp = np.einsum("hnd,hdp->hnp", K, proj[l]) if proj else K  # (H_kv, n, p)
             trees = [
                 DPTreeSoftmax(Kp[h], V[h], spec, bounds, cfg.epsilon, cfg.delta, releases=m, sampler=sampler)
                 for h in range(H_kv)

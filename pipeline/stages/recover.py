@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.artifact import Artifact
+from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_dense, load_from_artifact, stage_warning, text_sets_and_rest
 
@@ -59,6 +60,15 @@ class RecoverConfig(StageConfig):
         description="fraction of inner tokens replaced per step by tokens of the same batch"
         " (augmentation against over-fitting a small distillation set); 0 = off",
     )
+    gradient: Literal["exact", "almost_linear"] = Field(
+        "exact",
+        description="almost_linear: the student's attention runs on polynomial features with the factorized"
+        " backward (pipeline.lowrank, O(n) in the sequence length); needs a bounded-entry model (config.json"
+        " edgepipe_bounded_attention) for which verify_gradient's rule applies at the batches' length, refused otherwise",
+    )
+    kernel_eps: float = Field(
+        1e-4, gt=0, lt=1, description="gradient: almost_linear: kernel relative error the degree is chosen for"
+    )
 
 
 def default_steps(pruned: float) -> int:
@@ -88,6 +98,49 @@ def distillation_texts(ctx: StageContext, samples: int | None) -> tuple[list[str
     return (pool if samples is None else pool[:samples]), heldout
 
 
+def _almost_linear_plan(model, batches, cfg: RecoverConfig) -> dict:
+    """The degree for ``gradient: almost_linear``, by verify_gradient's rule: the model's attention is bounded
+    (every |logit| <= its cap beta) and the degree for ``kernel_eps`` has k = C(D + g, g) features with
+    k <= n / D at the longest batch's n tokens (then the factorized gradient's O(n k D^2) is below O(n^2 D)).
+
+    Raises:
+        StageError: one line naming what does not apply (unbounded model, too few tokens, attention maps).
+    """
+    from pipeline.lowrank.bounded import bounded_beta
+    from pipeline.lowrank.certify import head_applicability
+
+    if cfg.attention_weight > 0:
+        raise StageError(
+            "recover",
+            "gradient: almost_linear does not form attention maps; set attention_weight: 0 or gradient: exact",
+        )
+    try:
+        beta = bounded_beta(model.config)
+    except ValueError as e:
+        raise StageError("recover", f"gradient: almost_linear: {e}") from None
+    if beta is None:
+        raise StageError(
+            "recover",
+            "gradient: almost_linear does not apply: the model's attention entries are not bounded (no"
+            " edgepipe_bounded_attention in its config.json; pretrained heads are far outside the polynomial regime)",
+        )
+    conf = model.config
+    heads = getattr(conf, "num_attention_heads", None) or getattr(conf, "n_head", None)
+    width = getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None)
+    head_dim = getattr(conf, "head_dim", None) or width // heads
+    n = max(int(b["input_ids"].shape[1]) for b in batches)
+    plan = head_applicability(beta, head_dim, eps=cfg.kernel_eps, max_features=max(1, n // head_dim))
+    if not plan.applicable:
+        raise StageError(
+            "recover",
+            f"gradient: almost_linear does not apply: cap beta {beta:g} needs degree {plan.degree} ="
+            f" {plan.features} features at head dim {head_dim} for kernel_eps {cfg.kernel_eps:g}, more than"
+            f" n / head dim = {n // head_dim} at the longest batch's {n} tokens (raise calibration.max_length,"
+            " or use gradient: exact)",
+        )
+    return {"beta": beta, "degree": plan.degree, "features": plan.features, "head_dim": head_dim, "tokens": n}
+
+
 @register_stage(RecoverConfig, version=5)
 def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifact:
     """Knowledge distillation (student = current model, teacher = dense), held-out fidelity before/after."""
@@ -114,6 +167,12 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
     # sorted by length, so a batch pads to similar lengths (recover_ visits batches in a seeded random order)
     batches = encode(student, sorted(train, key=len), max_length=c.max_length, batch_size=cfg.batch_size, ctx=ctx)
     held = encode(student, heldout, max_length=c.max_length, batch_size=c.batch_size, ctx=ctx)
+    fast = _almost_linear_plan(student.model, batches, cfg) if cfg.gradient == "almost_linear" else None
+    if fast is not None:
+        from pipeline.lowrank.bounded import set_bounded_degree_
+
+        set_bounded_degree_(student.model, fast["degree"])
+        ctx.log.info("recover: almost-linear attention gradient, %s", fast)
     start = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
     loss = cfg.loss or default_loss(teacher.model)
     ctx.log.info("recover: %d steps on %d passages (%d batches), loss %s", cfg.steps, len(train), len(batches), loss)
@@ -143,6 +202,10 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
             res.heldout_before,
             res.heldout_after,
         )
+    if fast is not None:
+        from pipeline.lowrank.bounded import set_bounded_degree_
+
+        set_bounded_degree_(student.model, None)  # the saved model records only its cap (exact bounded attention)
     out_dir = ctx.subdir("model")
     save_model(student, out_dir)
     ctx.metrics.update(
@@ -157,6 +220,8 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
             "loss": res.loss,
             "layer_weight": cfg.layer_weight,
             "rolled_back": rolled_back,
+            "gradient": cfg.gradient,
+            **({"almost_linear": fast} if fast is not None else {}),
         }
     )
     return art.replace(

@@ -266,7 +266,8 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
             {"target": "*", "check": "dp_top1_agreement", "value": round(t1, 4), "limit": f"≥ {cfg.min_top1_agreement}"}
         )
     gate = "refuse" if failures else "pass"
-    ctx.metrics.update({"audit": audit, "utility": utility, "gate": gate, "failures": failures})
+    limits = {"max_rel_err": cfg.max_rel_err, "min_top1_agreement": cfg.min_top1_agreement}
+    ctx.metrics.update({"audit": audit, "utility": utility, "gate": gate, "limits": limits, "failures": failures})
     if failures:
         ctx.log.error(
             "verify_dp refuses to deploy: %s",

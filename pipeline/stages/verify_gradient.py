@@ -9,6 +9,9 @@ a recorded gate failure naming the layer (the run fails after its report is writ
 error ``kernel_eps`` (notes §0 T1), its feature count, and whether the method applies.
 (c) If any head applies: the model's gradient at ``seq_len`` tokens with polynomial-feature attention on those
 heads (factorized backward, pipeline.lowrank) vs exact float64 autograd: relative error and both times.
+
+A bounded-entry model (``pipeline.lowrank.bounded``: config.json records its logit cap) is certified as it computes:
+normalized q / k and the cap as the logit scale on every path, so beta is measured on the bounded logits.
 """
 
 from __future__ import annotations
@@ -121,6 +124,7 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
     import torch
 
     from pipeline.kernels import swap_attention_
+    from pipeline.lowrank.bounded import bounded_beta, route_bounded_
     from pipeline.lowrank.certify import (
         BetaProbe,
         LowRankHeads,
@@ -137,11 +141,27 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
 
     # (a) kernel gradients: the model as it stands vs the float64 exact reference, per layer
     cand = _load64(art, ctx, reference=False)
+    cap = bounded_beta(cand.model.config)  # a bounded-entry model: normalized q / k, logit scale = cap
+
+    def route(model, make=None) -> None:
+        """Kernel options of a swapped model through ``make`` (probe / low-rank heads), bounded if the model is."""
+        if cap is not None:
+            route_bounded_(model, cap, make)
+        elif make is not None:
+            install_attention_probe(model, make)
+
+    if change and cap is not None:
+        raise StageError(
+            "verify_gradient",
+            f"the model has bounded-entry attention (logit cap {cap:g}) and an attention kernel swap"
+            f" ({change.get('kernel')}); the edgepipe kernels do not normalize q / k: drop the attention stage",
+        )
     if change:
         _reapply_swap(cand.model, change)
     ref = _load64(art, ctx, reference=True)
     if not block_sparse:
         swap_attention_(ref.model, kernel="naive")  # dense softmax in float64 (block-sparse: already masked naive)
+    route(ref.model)
     batches = encode(
         cand, calib[: cfg.samples], max_length=ctx.run.calibration.max_length, batch_size=ctx.run.calibration.batch_size
     )
@@ -168,7 +188,7 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
         probes.append(BetaProbe(inner))
         return probes[-1]
 
-    install_attention_probe(ref.model, make_probe)
+    route(ref.model, make_probe)
     with torch.no_grad():
         for b in batches:
             ref.model(**b)
@@ -219,7 +239,7 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
         exact = _load64(art, ctx, reference=False)  # torch's own exact attention, float64 autograd
         fast_m = _load64(art, ctx, reference=False)
         swap_attention_(fast_m.model, kernel="naive")
-        install_attention_probe(fast_m.model, lambda layer, inner: LowRankHeads(inner, degrees[layer]))
+        route(fast_m.model, lambda layer, inner: LowRankHeads(inner, degrees[layer]))
         long = _long_ids(exact, calib, n_fast, seed)
         t_exact, t_fast = [], []
         for _ in range(cfg.timing_repeats):  # interleaved, best of each: robust to a busy shared machine
@@ -250,7 +270,13 @@ def run_verify_gradient(art: Artifact, cfg: VerifyGradientConfig, ctx: StageCont
             "fast_gradient": fast,
             "applicable_heads": n_app,
             "kernel": change["kernel"] if change else None,
+            "bounded_beta": cap,
             "samples": len(calib[: cfg.samples]),
+            "limits": {
+                "max_rel_err": cfg.max_rel_err,
+                "kernel_eps": cfg.kernel_eps,
+                "max_fast_rel_err": cfg.max_fast_rel_err,
+            },
             "failures": failures,
             **({"notes": notes} if notes else {}),
         }

@@ -83,6 +83,17 @@ def test_minilm_prune_attention_flash_is_certified_and_no_head_is_claimed(tmp_pa
     assert m["fast_gradient"] is None and rep["ok"]
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert _metrics(on_disk)["kernel_gradients"]["max_rel_err"] == kg["max_rel_err"]
+    # report.md: the per-layer errors, the beta table (one row per head) and no fast gradient claimed
+    md = (tmp_path / "run" / "report.md").read_text()
+    section = md.split("### verify_gradient", 1)[1]
+    assert f"max relative error {kg['max_rel_err']:.3g} (gate ≤ 0.0001)" in section
+    assert "in the polynomial (almost-linear) regime: 0 of 72" in section
+    assert "fast gradient: not computed" in section
+    for r in kg["per_layer"]:
+        assert f"| {r['layer']} | {r['rel_err']:.3g} |" in section
+    h = m["heads"][13]
+    assert f"| {h['layer']} | {h['head']} | {h['beta']:.3g} | {h['beta_p99']:.3g} | no |" in section
+    assert section.count("| no |") == 72 and "| yes |" not in section
 
 
 def test_small_scale_llama_every_head_applies_and_the_fast_gradient_is_accurate_and_faster(tmp_path):
@@ -106,6 +117,9 @@ def test_small_scale_llama_every_head_applies_and_the_fast_gradient_is_accurate_
     # "faster than exact" is a wall-time claim: measured by benchmarks/bench_gradients.py and recorded in
     # benchmarks/RESULTS.md, never asserted here, where the CI host's load decides the clock
     assert fast["seconds"] > 0 and fast["exact_seconds"] > 0
+    md = (tmp_path / "run" / "report.md").read_text().split("### verify_gradient", 1)[1]
+    assert f"fast gradient at 4096 tokens: relative error {fast['rel_err']:.3g} (gate ≤ 0.001)" in md
+    assert md.count("| yes |") == 16
 
 
 def test_after_prune_recover_and_small_cache_then_a_failed_threshold_names_the_layer(tiny_models, tmp_path):

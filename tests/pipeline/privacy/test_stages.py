@@ -143,6 +143,15 @@ def test_usable_region_passes_end_to_end_and_ships_no_raw_context(tmp_path):
     assert vd["utility"]["rel_err"] < 0.1 < vd["utility"]["uniform_rel_err"]
     assert vd["utility"]["top1_agreement"] > 0.9
     assert 0.8 < vd["utility"]["ppl_ratio"]["host-cpu"] < 1.25
+    # report.md: the guarantee, what ships, the audits, utility vs the uniform baseline and the gate
+    md = (work / "report.md").read_text()
+    pc_md, vd_md = md.split("### private_context", 1)[1], md.split("### verify_dp", 1)[1]
+    assert pc["guarantee"] in pc_md and f"ships: {pc['bytes_shipped']} bytes" in pc_md
+    assert "8192 tokens; 4 heads" in pc_md and f"ε = {pc['epsilon']:g}" in pc_md
+    assert "gate: **pass**" in vd_md
+    assert f"| {vd['utility']['rel_err']:.3g} (" in vd_md and f"| {vd['utility']['uniform_rel_err']:.3g} |" in vd_md
+    assert "| broken control (noise redrawn per query) flagged | yes |" in vd_md
+    assert f"| worst sensitivity found / bound | {vd['audit']['max_sensitivity_ratio']:.3g}" in vd_md
     published = work / "host-cpu" / "model.onnx"
     assert published.is_file()
     # ONNX parity with the PyTorch DP model (fresh model + the saved release)
@@ -190,6 +199,8 @@ def test_refusal_on_a_real_head_exits_1_and_publishes_nothing(tiny_models, tmp_p
     assert vd["utility"]["rel_err"] > 0.1 or vd["utility"]["rel_err"] >= vd["utility"]["uniform_rel_err"]
     assert {f["check"] for f in rep["failures"]} & {"dp_rel_err", "dp_vs_uniform"}
     assert not (work / "host-cpu").exists() and rep["targets"] == {}
+    md = (work / "report.md").read_text().split("### verify_dp", 1)[1]
+    assert "gate: **refuse** — targets withdrawn" in md and f"| {vd['utility']['rel_err']:.3g} (" in md
     assert vd["utility"]["top1_per_target"].keys() == {"pytorch"}
 
 
