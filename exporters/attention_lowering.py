@@ -229,7 +229,7 @@ def _to_ms_mha(node: onnx.NodeProto, attrs: dict, shapes: dict, types: dict, k: 
                 axis=0,
             )
             bias = e.op("Expand", bias, target)  # (B', H', S, L)
-    mha_attrs = {"num_heads": H}
+    mha_attrs: dict[str, int | float] = {"num_heads": H}
     if attrs.get("scale") is not None:
         mha_attrs["scale"] = float(attrs["scale"])
     if attrs.get("is_causal", 0):

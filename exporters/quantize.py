@@ -371,10 +371,10 @@ def _int8_dynamic(
 
     model = onnx.load(str(src), load_external_data=not external)
     _name_nodes(model)
-    exclude = {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)} | set(nodes_to_exclude)
+    excluded = {n.name for n in model.graph.node if n.op_type in set(keep_fp32_ops)} | set(nodes_to_exclude)
     # quantize_dynamic first rewrites a Gemm as MatMul + Add named "<gemm>_MatMul", and checks exclusion on that
-    exclude |= {f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm" and n.name in exclude}
-    exclude = sorted(exclude)
+    excluded |= {f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm" and n.name in excluded}
+    exclude = sorted(excluded)
     model_input: onnx.ModelProto | str = model
     if external:
         # Hand ORT a file: given a ModelProto, quantize_dynamic deep-copies it, saves the copy and loads it back,

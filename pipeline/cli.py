@@ -37,7 +37,7 @@ MAX_PLAN_CAUSAL_WORK = (
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit code 2, like every other bad input."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"edgepipe: error: {self.prog}: {message.splitlines()[0] if message else 'bad arguments'}\n")
 
 

@@ -356,7 +356,7 @@ def load_model(
             try:
                 transform.rebuild(model, path)
             except ValueError as e:  # a malformed record or a shape that does not fit: one line, naming the file
-                raise ModelLoadError(f"{path}/config.json ({transform.key}): {e}") from None
+                raise ModelLoadError(f"{path}/config.json: {e}") from None
     except ModelLoadError:
         raise
     except Exception as e:

@@ -295,7 +295,7 @@ def measure_memory(
     """
     with tempfile.TemporaryDirectory(prefix="edgepipe-mem-") as tmp:
         inputs = Path(tmp) / "inputs.npz"
-        np.savez(inputs, **{k: np.asarray(v) for k, v in feeds.items()})
+        np.savez(inputs, **{k: np.asarray(v) for k, v in feeds.items()})  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
         cmd = [python, str(_PROBE), str(model_path), str(inputs), "--threads", str(threads)]
         cmd += ["--providers", ",".join(providers), "--runs", str(runs)]
         try:
@@ -338,6 +338,7 @@ def memory_summary(
     est = float(estimate["total_mb"]) if estimate else None
     meas = float(measured["model_mb"]) if measured else None
     figure = meas if meas is not None else est
+    assert figure is not None  # one of the two is given (checked above)
     return {
         "budget_mb": budget_mb,
         "estimate_mb": est,

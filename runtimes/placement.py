@@ -65,16 +65,17 @@ def node_flops(op_type: str, inputs: list[list[int]], outputs: list[list[int]]) 
         return 0
     out = math.prod(outputs[0])
     if op_type in _MATMUL_LIKE:
-        k = inputs[0][-1] if op_type != "Gemm" or len(inputs[0]) < 2 else None
-        if op_type == "Gemm":  # (M, N) out; K from A's shape, whichever side transA put it on
+        if op_type == "Gemm" and len(inputs[0]) >= 2:  # (M, N) out; K from A's shape, whichever side transA put it on
             k = inputs[0][0] if inputs[0][0] * outputs[0][-1] != out else inputs[0][1]
+        else:
+            k = inputs[0][-1]
         return 2 * out * int(k)
     if op_type in _CONV_LIKE and len(inputs) > 1:
         w = inputs[3] if op_type == "QLinearConv" and len(inputs) > 3 else inputs[1]
         return 2 * out * math.prod(w[1:]) if len(w) > 1 else 0
     if op_type in _ATTENTION and len(inputs) > 1 and inputs[1]:
-        q, k = inputs[0], inputs[1]
-        s_kv = k[-2] if len(k) == 4 else (k[1] if len(k) == 3 else 0)
+        q, kv = inputs[0], inputs[1]
+        s_kv = kv[-2] if len(kv) == 4 else (kv[1] if len(kv) == 3 else 0)
         return 4 * math.prod(q) * int(s_kv)
     return 0
 

@@ -32,9 +32,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from exporters.graph import GraphIndex
 from exporters.onnx import save_onnx
 from exporters.precision_registry import ConversionJob, Int4Options
-from exporters.quantize import _index, _name_nodes, _select_feeds
+from exporters.quantize import _name_nodes, _select_feeds
 
 __all__ = ["convert", "lm_head_node"]
 
@@ -96,7 +97,7 @@ def _fold_transposed_weights(model: onnx.ModelProto) -> int:
     many MatMuls now read a folded constant."""
     graph = model.graph
     inits = _const_arrays(graph)
-    producer, _ = _index(graph)
+    producer = GraphIndex(graph).producer
     folded: dict[str, str] = {}
     for node in graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2:
@@ -126,7 +127,7 @@ def lm_head_node(model: onnx.ModelProto) -> str | None:
     head) reached from the first graph output (the logits) backwards through reshapes, casts and the bias ``Add``
     only; None when there is none."""
     graph = model.graph
-    producer, _ = _index(graph)
+    producer = GraphIndex(graph).producer
     inits = set(_const_arrays(graph))
     frontier = [graph.output[0].name] if graph.output else []
     seen: set[str] = set()

@@ -148,14 +148,14 @@ class FA2Function(torch.autograd.Function):
     """Autograd wrapper: FA2 forward saves (q, k, v, o, lse); backward recomputes P per tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, spec, scale, fwd_blocks, bwd_blocks, kept_fwd, kept_bwd):  # type: ignore[override]
+    def forward(ctx, q, k, v, spec, scale, fwd_blocks, bwd_blocks, kept_fwd, kept_bwd):
         o, lse = tiled_forward(q, k, v, spec, scale, *fwd_blocks, kept=kept_fwd)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.spec, ctx.scale, ctx.bwd_blocks, ctx.kept_bwd = spec, scale, bwd_blocks, kept_bwd
         return o
 
     @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
+    def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = tiled_backward(
             q, k, v, o, lse, do.contiguous(), ctx.spec, ctx.scale, *ctx.bwd_blocks, kept=ctx.kept_bwd

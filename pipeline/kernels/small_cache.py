@@ -63,7 +63,7 @@ def _scores(q: Tensor, k: Tensor, spec: MaskSpec, scale: float, tile: int) -> Te
 
 class _SmallCacheFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec, scale, tile):  # type: ignore[override]
+    def forward(ctx, q, k, v, spec, scale, tile):
         s = _scores(q, k, spec, scale, tile)  # (B, H, Nq, Nk) in slow memory
         m = s.amax(dim=-1, keepdim=True)
         m = m.masked_fill(torch.isneginf(m), 0.0)  # fully masked rows: avoid -inf - -inf
@@ -78,7 +78,7 @@ class _SmallCacheFn(torch.autograd.Function):
         return o
 
     @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
+    def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         spec, scale, tile = ctx.spec, ctx.scale, ctx.tile
         do = do.contiguous()

@@ -134,14 +134,14 @@ class _TensorAttnFn(torch.autograd.Function):
     """Non-causal tensor attention with the factorized backward of notes §3 (b)."""
 
     @staticmethod
-    def forward(ctx, q, k1, k2, v1, v2, s, degree):  # type: ignore[override]
+    def forward(ctx, q, k1, k2, v1, v2, s, degree):
         y, den = _fast_forward(q, k1, k2, v1, v2, s, degree, False)
         ctx.save_for_backward(q, k1, k2, v1, v2, y, den)
         ctx.cfg = (s, degree)
         return y
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g):
         q, k1, k2, v1, v2, y, den = ctx.saved_tensors
         s, degree = ctx.cfg
         u1, u2, u3 = _features(q, k1, k2, s, degree)

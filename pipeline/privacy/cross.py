@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pipeline.loaded import HFModule
 from pipeline.privacy.model import DPPrefix, dp_context_part, register_release_buffers
 
 __all__ = ["DPCrossAttention", "cross_kv", "exact_cross_attention", "export_dp_cross_attention"]
@@ -44,7 +46,7 @@ def _heads(attn: nn.Module) -> int:
 
 
 @torch.no_grad()
-def cross_kv(attn: nn.Module, encoder_out: Tensor) -> tuple[np.ndarray, np.ndarray]:
+def cross_kv(attn: HFModule, encoder_out: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Provider side: a BART-style cross-attention's keys and values of the encoder output.
 
     Args:
@@ -62,7 +64,7 @@ def cross_kv(attn: nn.Module, encoder_out: Tensor) -> tuple[np.ndarray, np.ndarr
     return split(k), split(v)
 
 
-def exact_cross_attention(attn: nn.Module, hidden: Tensor, K: np.ndarray, V: np.ndarray, scale: float) -> Tensor:
+def exact_cross_attention(attn: HFModule, hidden: Tensor, K: np.ndarray, V: np.ndarray, scale: float) -> Tensor:
     """The float64 reference: W_o concat_h softmax(scale · q_h K_hᵀ) V_h for decoder states ``hidden`` (B, N, C)
     and the raw context keys / values K, V (H, n, d). Provider side (it needs the raw context)."""
     h = _heads(attn)
@@ -113,7 +115,7 @@ class DPCrossAttention(nn.Module):
         }
 
     @classmethod
-    def from_bart(cls, attn: nn.Module, release: DPPrefix, layer: int) -> DPCrossAttention:
+    def from_bart(cls, attn: HFModule, release: DPPrefix, layer: int) -> DPCrossAttention:
         """From a BART-style cross-attention module (``q_proj``, ``out_proj``, ``num_heads``, ``scaling``)."""
         scaling = getattr(attn, "scaling", None)
         if scaling is not None and not math.isclose(float(scaling), release.scale, rel_tol=1e-6):
@@ -159,10 +161,15 @@ def export_dp_cross_attention(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        kw = {"input_names": ["hidden_states"], "output_names": ["attention_output"], "opset_version": opset}
+        kw: dict[str, Any] = {
+            "input_names": ["hidden_states"],
+            "output_names": ["attention_output"],
+            "opset_version": opset,
+        }
         if dynamo:
             dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("n")},)
             prog = torch.onnx.export(wrapped, example, dynamic_shapes=dims, dynamo=True, verbose=False, **kw)
+            assert prog is not None  # dynamo=True returns the program
             prog.save(tmp)
         else:
             axes = {"hidden_states": {0: "batch", 1: "n"}, "attention_output": {0: "batch", 1: "n"}}

@@ -173,6 +173,11 @@ def _features(x: Tensor, idx: Tensor, coef: Tensor) -> Tensor:
     return ext[..., idx].prod(dim=-1) * coef  # (..., r, s) -> (..., r)
 
 
+def _buffer(module: nn.Module, name: str) -> Tensor:
+    """A registered buffer of ``module`` (None for an optional buffer registered as None)."""
+    return getattr(module, name)
+
+
 def dp_context_part(module: nn.Module, q: Tensor, st: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """The DP estimate of attention over the private context, from the release held by ``module``'s buffers
     ``dp_sums`` (Hq, r, d_v + 1), ``dp_proj`` (Hq, d, p) or None, ``dp_idx`` / ``dp_coef`` (the feature map).
@@ -181,9 +186,10 @@ def dp_context_part(module: nn.Module, q: Tensor, st: dict[str, Any]) -> tuple[T
     num, den = φ(Pᵀq)ᵀ S̃ and the public guard den_g = max(den, n·e^{−scale·R·‖Pᵀq‖₁}) (``st``: n, scale,
     key_bound, value_bound). Post-processing of S̃ only: no noise is drawn here.
     """
-    qp = torch.einsum("bhnd,hdp->bhnp", q, module.dp_proj) if module.dp_proj is not None else q  # (B, Hq, N, p)
-    phi = _features(qp, module.dp_idx, module.dp_coef)  # (B, Hq, N, r)
-    nd = torch.matmul(phi, module.dp_sums)  # (B, Hq, N, r) @ (Hq, r, d_v+1) -> (B, Hq, N, d_v+1)
+    proj, idx, coef, sums = (_buffer(module, n) for n in ("dp_proj", "dp_idx", "dp_coef", "dp_sums"))
+    qp = torch.einsum("bhnd,hdp->bhnp", q, proj) if proj is not None else q  # (B, Hq, N, p)
+    phi = _features(qp, idx, coef)  # (B, Hq, N, r)
+    nd = torch.matmul(phi, sums)  # (B, Hq, N, r) @ (Hq, r, d_v+1) -> (B, Hq, N, d_v+1)
     floor = st["n"] * torch.exp(-st["scale"] * st["key_bound"] * qp.abs().sum(-1))  # public guard (B, Hq, N)
     den_g = torch.maximum(nd[..., -1], floor)
     ctx = torch.clamp(nd[..., :-1] / den_g[..., None], -st["value_bound"], st["value_bound"])

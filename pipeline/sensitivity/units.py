@@ -110,7 +110,7 @@ def _torch_labels(torch_model: Any) -> dict[tuple[tuple[int, ...], str], tuple[i
         if id(p) in roles:
             block, rs = roles[id(p)]
             role = "qkv" if rs == {"q", "k", "v"} else "+".join(sorted(rs))
-            label = (block, role, pname)
+            label: tuple[int | None, str, str] = (block, role, pname)
         else:
             label = (None, "embeddings" if id(p) in embed_ids else "head", pname)
         w = p.detach().float().cpu().numpy()

@@ -127,7 +127,7 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
     if msg:
         metrics["warning"] = msg
     metrics["structured_unit"] = cfg.structured_unit if cfg.pattern == "structured" else None
-    if dense_copy is not None:
+    if dense_copy is not None and cfg.sensitivity is not None:
         from pipeline.sensitivity.prune import prune_sensitivity
 
         metrics["sensitivity"] = prune_sensitivity(

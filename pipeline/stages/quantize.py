@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import onnx
 from pydantic import Field, field_validator, model_validator
@@ -163,7 +163,7 @@ def quantize_targets(
     cfg: QuantizeConfig,
     ctx: StageContext,
     calibration_feeds: Callable[[TargetModel], list[dict]],
-    evidence: Callable[[TargetModel], object] | None = None,
+    evidence: Callable[[TargetModel], Any] | None = None,
 ) -> Artifact:
     """The quantize stage for any model kind: ``calibration_feeds(target_model)`` gives the calibration
     feeds of precisions that need them (int8-static, int4 gptq; called at most once per run, only when needed);

@@ -127,6 +127,8 @@ def _almost_linear_plan(model, batches, cfg: RecoverConfig) -> dict:
     conf = model.config
     heads = getattr(conf, "num_attention_heads", None) or getattr(conf, "n_head", None)
     width = getattr(conf, "hidden_size", None) or getattr(conf, "n_embd", None)
+    if not (heads and width):
+        raise StageError("recover", "gradient: almost_linear: the model config names no head count / hidden width")
     head_dim = getattr(conf, "head_dim", None) or width // heads
     n = max(int(b["input_ids"].shape[1]) for b in batches)
     plan = head_applicability(beta, head_dim, eps=cfg.kernel_eps, max_features=max(1, n // head_dim))
