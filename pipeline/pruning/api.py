@@ -427,8 +427,11 @@ def prune_model(
         from pipeline.pruning.depth import drop_layers_, layer_map
 
         frac = cfg.sparsity if cfg.layer_sparsity is None else cfg.layer_sparsity
-        sizes = {o: [(_part(r), ref.weight.numel()) for r, ref in b.matrices().items()] for o, b in zip(layer_map(model), views)}
-        depth = drop_layers_(model, calibration, units_to_remove(len(views), frac), cfg.layer_selection, progress)
+        sizes = {
+            o: [(_part(r), ref.weight.numel()) for r, ref in b.matrices().items()]
+            for o, b in zip(layer_map(model), views)
+        }
+        depth = drop_layers_(model, calibration, units_to_remove(len(views), frac), cfg.layer_criterion, progress)
         gone = [x for o in depth["dropped"] for x in sizes[o]]
         views = blocks(model)
         before = {k: v[1].numel() for k, v in _all_block_matrices(model).items()}

@@ -43,8 +43,8 @@ class PruneConfig(BaseModel):
         head_sparsity, ffn_sparsity, qk_sparsity, layer_sparsity: per-unit fractions for ``structured`` (default
             ``sparsity`` for each); e.g. heads 0.25 + FFN 0.625 removes as many MiniLM parameters as 0.5 + 0.5 with
             less damage. ``layer_sparsity`` is the fraction of transformer blocks dropped (depth pruning).
-        layer_criterion: how ``layers`` chooses the blocks (``sensitivity`` or ``attention``; default: ``attention``
-            for method ``attention``, ``sensitivity`` otherwise), see :mod:`pipeline.pruning.depth`.
+        layer_criterion: how ``layers`` chooses the blocks (``sensitivity``, the default, or ``attention``), see
+            :mod:`pipeline.pruning.depth`.
         targets: which matrices of each block are pruned (embeddings / LM head / pooler never are).
         calibration_samples, calibration_seq_len: calibration budget (used by callers that build batches).
         sequential: propagate *pruned* outputs layer by layer (Wanda/SparseGPT protocol); False = dense inputs.
@@ -88,11 +88,11 @@ class PruneConfig(BaseModel):
         description="structured unit 'layers': fraction of transformer blocks dropped (rounded, at least one kept);"
         " omitted = sparsity",
     )
-    layer_criterion: Literal["sensitivity", "attention"] | None = Field(
-        None,
+    layer_criterion: Literal["sensitivity", "attention"] = Field(
+        "sensitivity",
         description="structured unit 'layers': drop the blocks whose skipping changes the final hidden state least"
-        " (sensitivity) or the attention maps least (attention); omitted = attention for method 'attention',"
-        " sensitivity otherwise",
+        " (sensitivity) or the attention maps and the output relation map least (attention); MiniLM, 2 of 6 blocks:"
+        " held-out cosine 0.818 by sensitivity vs 0.362 by attention before recovery",
     )
     targets: Literal["all", "attention", "qk", "ffn"] = Field(
         "all", description="matrices pruned in each block: all linears, attention q/k/v/o, q/k only, or FFN only"
@@ -194,7 +194,9 @@ class PruneConfig(BaseModel):
                 f"error_correction needs a reconstructing method ('sparsegpt' or 'attention'), got method={self.method!r}"
             )
         per_unit = (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity, self.layer_sparsity)
-        if self.pattern != "structured" and (any(v is not None for v in per_unit) or self.layer_criterion):
+        if self.pattern != "structured" and (
+            any(v is not None for v in per_unit) or "layer_criterion" in self.model_fields_set
+        ):
             raise ValueError(
                 "head_sparsity / ffn_sparsity / qk_sparsity / layer_sparsity / layer_criterion apply to pattern"
                 f" 'structured' only, got {self.pattern!r}"
@@ -229,13 +231,6 @@ class PruneConfig(BaseModel):
         return self.effective_sparsity > 0 or any(
             (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity, self.layer_sparsity)
         )
-
-    @property
-    def layer_selection(self) -> str:
-        """The resolved ``layer_criterion``: ``attention`` for method ``attention``, else ``sensitivity``."""
-        if self.layer_criterion is not None:
-            return self.layer_criterion
-        return "attention" if self.method == "attention" else "sensitivity"
 
     @property
     def effective_sparsity(self) -> float:

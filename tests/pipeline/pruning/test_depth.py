@@ -53,7 +53,10 @@ def _oracle_sensitivity(model: torch.nn.Module, batches, skip: int) -> float:
             handle = layer.register_forward_hook(identity, with_kwargs=True)
         try:
             with torch.no_grad():
-                return [base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state for b in batches]
+                return [
+                    base(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+                    for b in batches
+                ]
         finally:
             if handle is not None:
                 handle.remove()
@@ -98,8 +101,9 @@ def test_keep_layers_matches_skipping_and_records_the_map(kind):
 
 def test_prune_model_layers_plus_ffn_reports_what_went():
     model = _three_blocks("bert")
-    cfg = PruneConfig(method="wanda", pattern="structured", structured_unit="layers+ffn", layer_sparsity=0.34,
-                      ffn_sparsity=0.25)
+    cfg = PruneConfig(
+        method="wanda", pattern="structured", structured_unit="layers+ffn", layer_sparsity=0.34, ffn_sparsity=0.25
+    )
     res = prune_model(model, cfg, _batches(), eval_batches=_batches(1))
     m = res.metrics
     assert m["layers"]["blocks"] == [3, 2] and len(m["layers"]["dropped"]) == 1
@@ -114,8 +118,9 @@ def test_config_checks():
         PruneConfig(pattern="structured", structured_unit="layers", targets="ffn")
     with pytest.raises(ValueError, match="structured' only"):
         PruneConfig(pattern="unstructured", layer_sparsity=0.3)
-    assert PruneConfig(method="attention", pattern="structured", structured_unit="layers").layer_selection == "attention"
-    assert PruneConfig(pattern="structured", structured_unit="layers").layer_selection == "sensitivity"
+    assert (
+        PruneConfig(method="attention", pattern="structured", structured_unit="layers").layer_criterion == "sensitivity"
+    )
     model = _three_blocks("gpt2")
     model.config.scale_attn_by_inverse_layer_idx = True
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
@@ -142,8 +147,17 @@ def test_recover_with_layer_map_reduces_the_loss(kind):
     teacher = _three_blocks(kind)
     student = _three_blocks(kind)
     keep_layers_(student, [0, 2])
-    res = recover_(student, teacher, _batches(n=3), steps=25, lr=3e-3, layer_weight=3.0, layer_map=[0, 2],
-                   attention_weight=1.0 if kind == "bert" else 0.0, heldout=_batches(5, 1))
+    res = recover_(
+        student,
+        teacher,
+        _batches(n=3),
+        steps=25,
+        lr=3e-3,
+        layer_weight=3.0,
+        layer_map=[0, 2],
+        attention_weight=1.0 if kind == "bert" else 0.0,
+        heldout=_batches(5, 1),
+    )
     assert res.loss_last < 0.8 * res.loss_first
     if kind == "bert":
         assert res.heldout_after["cos_mean"] > res.heldout_before["cos_mean"]
@@ -163,7 +177,14 @@ def test_layers_from_yaml_through_recover_export_and_validate(kind, tmp_path):
         "targets": ["host-cpu"],
         "calibration": {"samples": 8, "heldout": 8, "max_length": 24},
         "stages": [
-            {"prune": {"method": "wanda", "pattern": "structured", "structured_unit": "layers", "layer_sparsity": 0.34}},
+            {
+                "prune": {
+                    "method": "wanda",
+                    "pattern": "structured",
+                    "structured_unit": "layers",
+                    "layer_sparsity": 0.34,
+                }
+            },
             {"recover": {"steps": 20, "lr": 1e-3}},
             {"export": {}},
             {"validate": {"min_cos_mean": None}},
