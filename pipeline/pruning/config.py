@@ -194,12 +194,10 @@ class PruneConfig(BaseModel):
                 f"error_correction needs a reconstructing method ('sparsegpt' or 'attention'), got method={self.method!r}"
             )
         per_unit = (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity, self.layer_sparsity)
-        if self.pattern != "structured" and (
-            any(v is not None for v in per_unit) or "layer_criterion" in self.model_fields_set
-        ):
+        if self.pattern != "structured" and any(v is not None for v in per_unit):
             raise ValueError(
-                "head_sparsity / ffn_sparsity / qk_sparsity / layer_sparsity / layer_criterion apply to pattern"
-                f" 'structured' only, got {self.pattern!r}"
+                "head_sparsity / ffn_sparsity / qk_sparsity / layer_sparsity apply to pattern 'structured' only,"
+                f" got {self.pattern!r}"
             )
         if self.pattern == "structured":
             if not structured_units(self):

@@ -180,6 +180,10 @@ def tune(
         if trials < 1:
             raise ConfigError(f"--trials: expected a number >= 1, got {trials}")
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"trials": trials})})
+    from pipeline.preflight import preflight
+    from pipeline.tune.check import check_trials
+
+    check_trials(spec, preflight(spec.base, source=spec.source))  # every trial's schema, before Ray starts
     _require()
     source = str(Path(spec.source).resolve())  # Ray workers start in their own folders
     if not Path(source).is_file():
