@@ -116,15 +116,27 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune.duration import parse_duration
 
     budget = parse_duration(args.time_budget) if args.time_budget else None
-    report = tune(
-        args.config,
-        workdir=args.workdir,
-        address=args.address,
-        trials=args.trials,
-        time_budget_s=budget,
-        resume=args.resume,
-        echo=(lambda s: None) if args.quiet else print,
-    )
+    try:
+        report = tune(
+            args.config,
+            workdir=args.workdir,
+            address=args.address,
+            trials=args.trials,
+            time_budget_s=budget,
+            resume=args.resume,
+            echo=(lambda s: None) if args.quiet else (lambda s: print(s, flush=True)),
+            debug=args.debug,
+        )
+    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: Ray is already shut down
+        sig = str(exc) or "SIGINT"
+        print(
+            f"edgepipe: tune stopped by {sig}; Ray is shut down and finished trials are kept:"
+            f" continue with 'edgepipe tune {args.config} --workdir {args.workdir} --resume'",
+            file=sys.stderr,
+        )
+        return 130 if sig == "SIGINT" else 143
+    finally:
+        sys.stdout.flush()
     if not args.quiet:
         print(
             f"edgepipe: tune complete ({len(report['trials'])} trials) -> {Path(args.workdir) / 'tune' / 'report.md'}"

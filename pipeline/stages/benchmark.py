@@ -11,7 +11,14 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, write_target_bundle
+from pipeline.stages._common import (
+    encode,
+    load_from_artifact,
+    progress_bar,
+    text_sets,
+    to_numpy_feeds,
+    write_target_bundle,
+)
 
 __all__ = ["BenchmarkConfig", "run_benchmark"]
 
@@ -30,8 +37,6 @@ class BenchmarkConfig(StageConfig):
 @register_stage(BenchmarkConfig)
 def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Artifact:
     """Time each target's model in a subprocess and record latency, peak RSS and size."""
-    from tqdm.auto import tqdm
-
     from exporters.onnx import model_bytes, torch_reference
     from runtimes.benchmark import benchmark_bundle
 
@@ -47,7 +52,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     out = art
     summary = {}
     ref_cache: dict[str, dict] = {}
-    for name in tqdm(list(ctx.targets), desc="benchmark", disable=not ctx.progress, leave=False):
+    for name in progress_bar(ctx, list(ctx.targets), desc="benchmark"):
         prof = ctx.targets[name]
         tm = art.targets[name]
         feeds = to_numpy_feeds(batch, tm.io)

@@ -13,7 +13,14 @@ from pydantic import Field
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, text_sets, to_numpy_feeds, warn_without_validate
+from pipeline.stages._common import (
+    encode,
+    load_from_artifact,
+    progress_bar,
+    text_sets,
+    to_numpy_feeds,
+    warn_without_validate,
+)
 
 __all__ = ["QuantizeConfig", "check_ops_for_target", "quantize_targets", "run_quantize"]
 
@@ -96,8 +103,6 @@ def quantize_targets(
 ) -> Artifact:
     """The quantize stage for any model kind: ``calibration_feeds(target_model)`` gives the int8-static
     calibration feeds (called at most once per run, only when a target needs them)."""
-    from tqdm.auto import tqdm
-
     from exporters.mobile import mobile_usability, to_ort_format
     from exporters.onnx import data_file
     from exporters.quantize import convert_precision
@@ -112,7 +117,7 @@ def quantize_targets(
     calib_feeds = None
     out = art
     report: dict[str, dict] = {}
-    for name in tqdm(list(ctx.targets), desc="quantize", disable=not ctx.progress, leave=False):
+    for name in progress_bar(ctx, list(ctx.targets), desc="quantize"):
         prof = ctx.targets[name]
         tm = art.targets[name]
         precision = cfg.precision_for(name, prof)

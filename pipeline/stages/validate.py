@@ -16,6 +16,7 @@ from pipeline.stages._common import (
     encode,
     load_dense,
     load_from_artifact,
+    progress_bar,
     text_sets,
     to_numpy_feeds,
     write_target_bundle,
@@ -67,7 +68,6 @@ def _pad_cat(arrs: list[np.ndarray]) -> np.ndarray:
 def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artifact:
     """Check every target's model: onnx checker, parity vs PyTorch (profile tolerance), fidelity vs dense."""
     import onnx
-    from tqdm.auto import tqdm
 
     from exporters.onnx import torch_reference
     from runtimes.compare import compare, comparison_table
@@ -98,7 +98,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     failures: list[dict[str, Any]] = []
     out = art
     summary: dict[str, Any] = {}
-    for name in tqdm(list(ctx.targets), desc="validate", disable=not ctx.progress, leave=False):
+    for name in progress_bar(ctx, list(ctx.targets), desc="validate"):
         prof = ctx.targets[name]
         tm = art.targets[name]
         path = ctx.resolve(tm.model)
