@@ -119,20 +119,35 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
             weight_type=prof.int8_weight_type,
         )
         variants[label] = dst
+    for spec in args.candidate or ():  # e.g. a tune's winner: "label=path/to/model.onnx"
+        label, _, path = spec.partition("=")
+        variants[label] = Path(path)
     tok, hf = loaded.tokenizer, loaded.model
-    passages = [
-        ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
-    ][:64]
+    # the lines from --eval-offset on (default 0: the first 64, as in issue 11); a tune's held-out slice needs an
+    # offset past every passage the tune used
+    lines = [ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines()]
+    passages = [ln for ln in lines[args.eval_offset :] if ln][: args.eval_count]
     sessions = {k: make_session(p, threads=args.threads) for k, p in variants.items()}
     cos: dict[str, list[np.ndarray]] = {k: [] for k in variants}
+    emb: dict[str, list[np.ndarray]] = {k: [] for k in variants}
+    refs: list[np.ndarray] = []
     for i in range(0, len(passages), 8):
         enc = tok(passages[i : i + 8], padding=True, truncation=True, max_length=128, return_tensors="np")
         with torch.no_grad():
             ref = mean_pool(
                 hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy(), enc["attention_mask"]
             )
+        refs.append(ref)
         for k, s in sessions.items():
-            cos[k].append(cosine_rows(ref, mean_pool(s.run(None, feeds_for(s, enc))[0], enc["attention_mask"])))
+            got = mean_pool(s.run(None, feeds_for(s, enc))[0], enc["attention_mask"])
+            emb[k].append(got)
+            cos[k].append(cosine_rows(ref, got))
+    from runtimes.fidelity import recall_at_k
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)  # recall_at_k ranks by dot product
+
+    recall = {k: recall_at_k(unit(np.concatenate(refs)), unit(np.concatenate(emb[k])), 10) for k in variants}
     rng = np.random.default_rng(0)
     peer = next(iter(variants))
     rows, ratios = [], {}
@@ -161,7 +176,10 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
         r128 = ", ".join(f"{x:.3f}" for x in ratios[(k, 128)])
         r512 = ", ".join(f"{x:.3f}" for x in ratios[(k, 512)])
         ms = " / ".join(f"{np.median(ratios[(k, q, 'ms')]):.1f}" for q in (128, 512))
-        rows.append(f"| {k} | {p.stat().st_size / 1e6:.1f} | {ms} | {r128} | {r512} | {c.mean():.5f} | {c.min():.5f} |")
+        rows.append(
+            f"| {k} | {p.stat().st_size / 1e6:.1f} | {ms} | {r128} | {r512} | {c.mean():.5f} | {c.min():.5f}"
+            f" | {recall[k]:.3f} |"
+        )
     uname = subprocess.run(["uname", "-a"], capture_output=True, text=True).stdout.strip()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     vnni = "avx512_vnni" in flags or "avx_vnni" in flags
@@ -177,10 +195,11 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
             f" load average at the end {load}",
             f"- One process, {args.threads} intra-op threads, CPU EP (ORT_ENABLE_ALL); {args.rounds} rounds of {args.runs}"
             " interleaved runs at batch 1; ratio = median(variant) / median(peer) within a round (one number per round).",
-            "- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 on the first 64 fortunes.txt passages.",
+            f"- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 and neighbour recall@10 on {len(passages)}"
+            f" fortunes.txt passages from line {args.eval_offset}.",
             "",
-            "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 (per round) | ratio vs peer 1x512 (per round) | cos mean | cos min |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 (per round) | ratio vs peer 1x512 (per round) | cos mean | cos min | recall@10 |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]
@@ -199,6 +218,13 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quantization.md")
     ap.add_argument("--fortunes", type=Path, default=FORTUNES, help="--peer-side-by-side: real passages, one per line")
+    ap.add_argument(
+        "--candidate",
+        action="append",
+        help="--peer-side-by-side: also time LABEL=MODEL.onnx (same inputs as MiniLM, e.g. a tune's winner)",
+    )
+    ap.add_argument("--eval-offset", type=int, default=0, help="--peer-side-by-side: first fortunes line of the eval")
+    ap.add_argument("--eval-count", type=int, default=64, help="--peer-side-by-side: eval passages")
     args = ap.parse_args()
     if args.peer_side_by_side:
         logging.basicConfig(level=logging.WARNING)
