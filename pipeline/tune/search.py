@@ -348,4 +348,15 @@ def _fit(
             failure_config=rt.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except RuntimeError as exc:
+        # Ray Tune 2.60 raises (actor_manager: "Caught unexpected exception") when Ray's memory monitor kills a
+        # trial's worker, instead of failing only that trial; finished trials are in the journal
+        if "low on memory" not in str(exc):
+            raise
+        raise EdgepipeError(
+            "tune stopped: Ray killed a trial's worker because the machine ran low on memory"
+            f" ({str(exc).split(': ', 1)[-1].splitlines()[0][:200]}); finished trials are kept: free memory or lower"
+            " search.max_concurrent, then continue with --resume"
+        ) from exc
