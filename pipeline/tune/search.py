@@ -261,13 +261,15 @@ _RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "ray._pri
 
 
 def _quiet_ray() -> dict[str, int]:
-    """Only errors from Ray's own loggers in this process (e.g. its token-authentication notice at ``ray.init``);
-    returns the previous levels. Worker output does not reach the console at all (``log_to_driver=False``)."""
+    """Nothing below CRITICAL from Ray's own loggers in this process (its token-authentication notice at
+    ``ray.init``, Ray Tune's "Trial task failed" tracebacks: edgepipe prints its own line per failed trial, naming
+    the error file); returns the previous levels. Worker output does not reach the console (``log_to_driver=False``).
+    Not covered: the raylet's "(raylet) A worker died ..." notices, which Ray's driver prints to stderr itself."""
     old = {}
     for name in _RAY_LOGGERS:
         lg = logging.getLogger(name)
         old[name] = lg.level
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     return old
 
 
