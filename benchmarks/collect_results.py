@@ -27,7 +27,7 @@ ORDER = [
         "gradients.md",
         "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries",
     ),
-    ("tune.md", "Issue 15 — edgepipe tune (functional run on a tiny model; MiniLM benchmark not run)"),
+    ("tune.md", "Issue 15 — edgepipe tune: MiniLM at a reduced budget (goal missed), tiny-model functional run"),
     ("programs.md", "Issue 17 — compiled SUBLEQ programs: looped ReLU-MLP in ONNX Runtime"),
     ("diffusion.md", "Issue 18 — GMM score network: dense vs pruned vs quantized (verify_diffusion)"),
     (
