@@ -176,8 +176,8 @@ def tune(
         time_budget_s: stop starting trials after this many seconds (Ray Tune ``time_budget_s``).
         resume: continue the tune in ``workdir``; trials already in its journal are not run again.
         echo: where progress lines go (one per finished trial, with the best so far per target).
-        debug: let Ray and Ray Tune log to the console; otherwise only their errors reach it (their own logs
-            stay in the Ray session folder).
+        debug: let Ray and Ray Tune log to the console; otherwise only their CRITICAL records reach it (their
+            logs stay in the Ray session folder; see :func:`_quiet_ray`).
 
     SIGINT and SIGTERM stop the tune: trials in flight are abandoned (finished ones are in the journal, so
     ``resume`` continues), Ray is shut down and its temp folder removed, and ``KeyboardInterrupt`` is raised.
@@ -283,7 +283,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def _stop_on_signals() -> dict[int, Any]:
     """SIGINT and SIGTERM raise ``KeyboardInterrupt`` in the main thread (so ``finally`` shuts Ray down); returns
-    the handlers replaced the first time ({} outside the main thread, where signals cannot be caught)."""
+    the handlers it replaced ({} outside the main thread, where signals cannot be caught)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
