@@ -203,20 +203,35 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
             )
         finally:
             equant._without_shape_hints = strip
+    for spec in args.candidate or ():  # e.g. a tune's winner: "label=path/to/model.onnx"
+        label, _, path = spec.partition("=")
+        variants[label] = Path(path)
     tok, hf = loaded.tokenizer, loaded.model
-    passages = [
-        ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
-    ][:64]
+    # the lines from --eval-offset on (default 0: the first 64, as in issue 11); a tune's held-out slice needs an
+    # offset past every passage the tune used
+    lines = [ln.strip() for ln in args.fortunes.read_text(encoding="utf-8", errors="replace").splitlines()]
+    passages = [ln for ln in lines[args.eval_offset :] if ln][: args.eval_count]
     sessions = {k: make_session(p, threads=args.threads) for k, p in variants.items()}
     cos: dict[str, list[np.ndarray]] = {k: [] for k in variants}
+    emb: dict[str, list[np.ndarray]] = {k: [] for k in variants}
+    refs: list[np.ndarray] = []
     for i in range(0, len(passages), 8):
         enc = tok(passages[i : i + 8], padding=True, truncation=True, max_length=128, return_tensors="np")
         with torch.no_grad():
             ref = mean_pool(
                 hf(**{k: torch.from_numpy(v) for k, v in enc.items()}).last_hidden_state.numpy(), enc["attention_mask"]
             )
+        refs.append(ref)
         for k, s in sessions.items():
-            cos[k].append(cosine_rows(ref, mean_pool(s.run(None, feeds_for(s, enc))[0], enc["attention_mask"])))
+            got = mean_pool(s.run(None, feeds_for(s, enc))[0], enc["attention_mask"])
+            emb[k].append(got)
+            cos[k].append(cosine_rows(ref, got))
+    from runtimes.fidelity import recall_at_k
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)  # recall_at_k ranks by dot product
+
+    recall = {k: recall_at_k(unit(np.concatenate(refs)), unit(np.concatenate(emb[k])), 10) for k in variants}
     rng = np.random.default_rng(0)
     rows, ratios, load_start = [], {}, os.getloadavg()
     feeds128 = {}
@@ -249,7 +264,8 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
             cells.append(f"**{np.median(r):.3f}** ({min(r):.3f}-{max(r):.3f})")
         ms = " / ".join(f"{np.median(ratios[(k, q, 'ms')]):.1f}" for q in (128, 512))
         rows.append(
-            f"| {k} | {p.stat().st_size / 1e6:.1f} | {ms} | {cells[0]} | {cells[1]} | {c.mean():.5f} | {c.min():.5f} |"
+            f"| {k} | {p.stat().st_size / 1e6:.1f} | {ms} | {cells[0]} | {cells[1]} | {c.mean():.5f} | {c.min():.5f}"
+            f" | {recall[k]:.3f} |"
         )
     profile = op_profile(variants, feeds128, args.threads, args.runs)
     ops = sorted(
@@ -280,10 +296,11 @@ def peer_side_by_side(args: argparse.Namespace) -> str:
             f"- One process, {args.threads} intra-op threads, CPU EP (ORT_ENABLE_ALL); {args.rounds} rounds of {args.runs}"
             " interleaved runs at batch 1 (order alternating); ratio = median(variant) / median(peer) within a round:"
             " median over rounds (min-max).",
-            "- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 on the first 64 fortunes.txt passages.",
+            f"- Fidelity: cosine of mean-pooled embeddings vs PyTorch fp32 and neighbour recall@10 on {len(passages)}"
+            f" fortunes.txt passages from line {args.eval_offset}.",
             "",
-            "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 | ratio vs peer 1x512 | cos mean | cos min |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | size MB | p50 ms 1x128 / 1x512 | ratio vs peer 1x128 | ratio vs peer 1x512 | cos mean | cos min | recall@10 |",
+            "|---|---|---|---|---|---|---|---|",
             *rows,
             "",
             f"ORT profiler at 1x128 ({args.runs} interleaved profiled runs per variant, after 5 warm-up runs): nodes of"
@@ -319,6 +336,13 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "quantization.md")
     ap.add_argument("--fortunes", type=Path, default=FORTUNES, help="--peer-side-by-side: real passages, one per line")
+    ap.add_argument(
+        "--candidate",
+        action="append",
+        help="--peer-side-by-side: also time LABEL=MODEL.onnx (same inputs as MiniLM, e.g. a tune's winner)",
+    )
+    ap.add_argument("--eval-offset", type=int, default=0, help="--peer-side-by-side: first fortunes line of the eval")
+    ap.add_argument("--eval-count", type=int, default=64, help="--peer-side-by-side: eval passages")
     args = ap.parse_args()
     if args.skip_layernorm_kernel:
         for threads in sorted({1, args.threads}):

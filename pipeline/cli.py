@@ -1,7 +1,7 @@
 """The ``edgepipe`` command line.
 
     edgepipe run [CONFIG.yaml] [--workdir DIR] [--quiet] [--debug]
-    edgepipe validate CONFIG.yaml [--workdir DIR]
+    edgepipe validate CONFIG.yaml|TUNE.yaml [--workdir DIR]
     edgepipe tune TUNE.yaml --workdir DIR [--address ADDR] [--trials N] [--time-budget 30m] [--resume]
     edgepipe targets [--file PROFILE.yaml ...]
     edgepipe targets show NAME_OR_PATH
@@ -9,7 +9,8 @@
     edgepipe plan-attention --target NAME --seq N --head-dim D [--json]
 
 Bad input prints one line naming the cause and where, and exits with code 2 (a failed validation gate: 1);
-``--debug`` shows the traceback. ``validate`` runs every check of ``run`` that needs no model weights.
+``--debug`` shows the traceback. ``validate`` runs every check of ``run`` that needs no model weights; on a tune
+file (one with ``space`` / ``objective`` / ``search`` keys) every check of ``tune``, for every trial, without Ray.
 """
 
 from __future__ import annotations
@@ -115,15 +116,27 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.tune.duration import parse_duration
 
     budget = parse_duration(args.time_budget) if args.time_budget else None
-    report = tune(
-        args.config,
-        workdir=args.workdir,
-        address=args.address,
-        trials=args.trials,
-        time_budget_s=budget,
-        resume=args.resume,
-        echo=(lambda s: None) if args.quiet else print,
-    )
+    try:
+        report = tune(
+            args.config,
+            workdir=args.workdir,
+            address=args.address,
+            trials=args.trials,
+            time_budget_s=budget,
+            resume=args.resume,
+            echo=(lambda s: None) if args.quiet else (lambda s: print(s, flush=True)),
+            debug=args.debug,
+        )
+    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM: Ray is already shut down
+        sig = str(exc) or "SIGINT"
+        print(
+            f"edgepipe: tune stopped by {sig}; Ray is shut down and finished trials are kept:"
+            f" continue with 'edgepipe tune {args.config} --workdir {args.workdir} --resume'",
+            file=sys.stderr,
+        )
+        return 130 if sig == "SIGINT" else 143
+    finally:
+        sys.stdout.flush()
     if not args.quiet:
         print(
             f"edgepipe: tune complete ({len(report['trials'])} trials) -> {Path(args.workdir) / 'tune' / 'report.md'}"
@@ -137,6 +150,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.preflight import check_workdir, preflight
 
+    if Path(args.config).is_file() and _is_tune_file(args.config):
+        return _validate_tune(args)
     cfg = load_config(args.config)
     pre = preflight(cfg, source=args.config)
     if args.workdir is not None:
@@ -144,6 +159,35 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(
         f"{args.config}: OK ({len(cfg.stages)} stages: {', '.join(s.kind for s in cfg.stages)}; targets: {', '.join(pre.profiles)};"
         f" model: {pre.family} {pre.task}; {len(pre.texts)} calibration passages)"
+    )
+    return 0
+
+
+def _is_tune_file(path: str) -> bool:
+    from pipeline.errors import ConfigError
+    from pipeline.tune.check import is_tune_file
+
+    try:
+        return is_tune_file(path)
+    except ConfigError:  # unreadable YAML: the run config loader names the problem
+        return False
+
+
+def _validate_tune(args: argparse.Namespace) -> int:
+    """``edgepipe validate TUNE.yaml``: the tune's whole validation, no Ray started."""
+    from pipeline.tune.check import check_tune
+
+    res = check_tune(args.config)
+    spec, pre = res.spec, res.preflight
+    checked = (
+        f"{res.checked} trial configurations checked"
+        if res.checked == res.combinations
+        else f"{res.checked} of {res.combinations} trial configurations checked"
+    )
+    print(
+        f"{args.config}: OK (tune: {len(spec.dimensions)} dimensions, {checked}; search {spec.search.algorithm},"
+        f" {spec.search.trials} trials; base: {', '.join(s.kind for s in spec.base.stages)}; targets:"
+        f" {', '.join(pre.profiles)}; model: {pre.family} {pre.task}; {len(pre.texts)} calibration passages)"
     )
     return 0
 
@@ -289,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     common(tu)
     tu.set_defaults(fn=_cmd_tune)
 
-    v = sub.add_parser("validate", help="check a config without running it")
+    v = sub.add_parser("validate", help="check a config or a tune file without running it")
     v.add_argument("config")
     v.add_argument(
         "--workdir", help="also check this run folder (edgepipe's own, new or empty; not in the model folder)"

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.errors import ConfigError, TargetError
-from pipeline.schema import Frozen, format_validation_error, read_yaml, shown
+from pipeline.schema import Frozen, did_you_mean, format_validation_error, read_yaml, shown
 from pipeline.stage import STAGES, StageConfig
 
 __all__ = [
@@ -112,7 +112,10 @@ def _parse_stages(items: Any, source: str) -> list[StageConfig]:
             raise ConfigError(f"{where}: expected one mapping {{stage_kind: config}}, got {shown(item)}")
         ((kind, body),) = item.items()
         if not isinstance(kind, str) or kind not in registry:
-            raise ConfigError(f"{where}: unknown stage {shown(kind)}; known stages: {', '.join(sorted(registry))}")
+            raise ConfigError(
+                f"{where}: unknown stage {shown(kind)}{did_you_mean(kind, registry)}; known stages:"
+                f" {', '.join(sorted(registry))}"
+            )
         if body is None:
             body = {}
         if not isinstance(body, dict):
@@ -120,7 +123,11 @@ def _parse_stages(items: Any, source: str) -> list[StageConfig]:
         try:
             out.append(registry[kind].config_cls.model_validate(body))
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source=source, prefix=f"stages[{i}].{kind}")) from None
+            raise ConfigError(
+                format_validation_error(
+                    exc, source=source, prefix=f"stages[{i}].{kind}", model=registry[kind].config_cls
+                )
+            ) from None
     return out
 
 
@@ -142,7 +149,7 @@ def parse_config(data: Any, *, source: str = "<config>", base_dir: Path | None =
         try:
             cfg = PipelineConfig.model_validate({**data, "stages": []})
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source=source)) from None
+            raise ConfigError(format_validation_error(exc, source=source, model=PipelineConfig)) from None
         cfg = cfg.model_copy(update={"stages": stages})
     if base_dir is not None:
 

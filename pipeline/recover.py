@@ -24,6 +24,7 @@ training. 1-D parameters (biases, LayerNorm) are not masked: they are often zero
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import time
@@ -150,14 +151,31 @@ def _attention_loss(s_atts: Sequence[torch.Tensor], t_atts: Sequence[torch.Tenso
     return torch.stack(terms).mean() if terms else mask.new_zeros(())
 
 
+def _mapped(t_items: Sequence[torch.Tensor], layer_map: Sequence[int] | None, n_student: int) -> list[torch.Tensor]:
+    """The teacher's per-block tensors that student blocks ``0..n_student-1`` learn from: ``t_items[layer_map[i]]``
+    (depth-pruned student), or the same index when no map is given."""
+    if layer_map is None:
+        return list(t_items)
+    return [t_items[layer_map[i]] for i in range(n_student)]
+
+
 def _layers_loss(
-    s_layers: Sequence[torch.Tensor], t_layers: Sequence[torch.Tensor], mask: torch.Tensor
+    s_layers: Sequence[torch.Tensor],
+    t_layers: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    layer_map: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Mean over intermediate blocks of the masked token MSE, each normalised by the teacher's mean square."""
-    if len(s_layers) != len(t_layers):
+    """Mean over intermediate blocks of the masked token MSE, each normalised by the teacher's mean square.
+
+    ``layer_map[i]`` is the teacher block whose output student block ``i`` is matched to (depth pruning);
+    ``None`` pairs blocks one to one and needs equal depth.
+    """
+    if layer_map is None and len(s_layers) != len(t_layers):
         raise ValueError(
-            f"student has {len(s_layers) + 1} blocks, teacher {len(t_layers) + 1}: layer distillation needs equal depth"
+            f"student has {len(s_layers) + 1} blocks, teacher {len(t_layers) + 1}: layer distillation needs equal"
+            " depth or a layer map"
         )
+    t_layers = _mapped(t_layers, layer_map, len(s_layers))
     if not t_layers:  # a one-block model: the main loss already covers its only block
         return mask.new_zeros(())
     m = mask.unsqueeze(-1)  # (B, T, 1)
@@ -343,6 +361,7 @@ def recover_(
     max_grad_norm: float | None = 1.0,
     layer_weight: float = 0.0,
     attention_weight: float = 0.0,
+    layer_map: Sequence[int] | None = None,
     schedule: Literal["constant", "cosine"] = "constant",
     warmup: int = 0,
     freeze_embeddings: bool = False,
@@ -371,6 +390,9 @@ def recover_(
             teacher's (normalised masked MSE, mean over blocks); 0 = outputs only. Needs equal depth and width.
         attention_weight: weight of an extra term matching every block's attention probabilities head by head
             (KL, :func:`_attention_loss`; blocks whose head count changed are skipped); 0 = off.
+        layer_map: for a depth-pruned student (fewer blocks than the teacher): ``layer_map[i]`` is the teacher
+            block student block ``i`` came from (``config.edgepipe_layer_map``, :mod:`pipeline.pruning.depth`);
+            the layer and attention terms then match student block ``i`` to teacher block ``layer_map[i]``.
         schedule: ``"constant"`` learning rate, or ``"cosine"``: linear warm-up over ``warmup`` steps, then
             cosine decay to 0 at ``steps``.
         warmup: warm-up steps of the cosine schedule.
@@ -406,6 +428,10 @@ def recover_(
         raise ValueError(f"attention_weight must be >= 0, got {attention_weight!r}")
     if not 0 <= token_noise < 1:
         raise ValueError(f"token_noise must be in [0, 1), got {token_noise!r}")
+    if layer_map is not None:
+        layer_map = [int(i) for i in layer_map]
+        if any(b <= a for a, b in itertools.pairwise(layer_map)) or (layer_map and layer_map[0] < 0):
+            raise ValueError(f"layer_map must be increasing teacher block indices, got {layer_map!r}")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
     if not 0 <= warmup < steps or (warmup and schedule == "constant"):
@@ -476,9 +502,10 @@ def recover_(
                     s_out, s_layers, s_atts = _outputs(student, _feeds(batch, s_keys, device), causal), (), ()
                 value = _distill_loss(kind, s_out, t_out, mask, temperature)
                 if layer_weight > 0:
-                    value = value + layer_weight * _layers_loss(s_layers, t_layers, mask)
+                    value = value + layer_weight * _layers_loss(s_layers, t_layers, mask, layer_map)
                 if attention_weight > 0:
-                    value = value + attention_weight * _attention_loss(s_atts, t_atts, mask)
+                    t_a = _mapped(t_atts, layer_map, len(s_atts))
+                    value = value + attention_weight * _attention_loss(s_atts, t_a, mask)
                 if not torch.isfinite(value):
                     raise FloatingPointError(f"recover: non-finite loss {value.item()} at step {step}")
                 opt.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ __all__ = [
     "MAX_YAML_BYTES",
     "MAX_YAML_DEPTH",
     "Frozen",
+    "did_you_mean",
     "format_validation_error",
     "read_yaml",
     "safe_yaml_load",
@@ -108,15 +109,59 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "<root>"
 
 
-def format_validation_error(err: ValidationError, *, source: str, prefix: str = "") -> str:
-    """One line per problem (first problem first): ``file: key.path: message``."""
+def did_you_mean(word: Any, allowed: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest allowed key (``difflib.get_close_matches``, cutoff 0.6), or ''."""
+    import difflib
+
+    if not isinstance(word, str):
+        return ""
+    near = difflib.get_close_matches(word, [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field annotation (``Model``, ``Model | None``, ``list[Model]``), if any."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        got = _model_in(arg)
+        if got is not None:
+            return got
+    return None
+
+
+def _keys_at(model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the mapping at ``path`` (an error's ``loc`` without its last part) below ``model``."""
+    cur = model
+    for part in path:
+        if isinstance(part, int):
+            continue  # a list index: same model
+        if cur is None or part not in cur.model_fields:
+            return []
+        cur = _model_in(cur.model_fields[part].annotation)
+    if cur is None:
+        return []
+    return [f.alias or name for name, f in cur.model_fields.items()]
+
+
+def format_validation_error(
+    err: ValidationError, *, source: str, prefix: str = "", model: type[BaseModel] | None = None
+) -> str:
+    """One line per problem (first problem first): ``file: key.path: message``.
+
+    With ``model`` (the class that was validated), an unknown key names the closest allowed one:
+    ``unknown key 'sparsty' (did you mean 'sparsity'?)``.
+    """
     lines = []
     for e in err.errors():
         loc = _loc(tuple(e["loc"]))
         if prefix:
             loc = f"{prefix}.{loc}" if loc != "<root>" else prefix
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key '{str(e['loc'][-1])[:60]}'"
+            key = e["loc"][-1]
+            msg = f"unknown key '{str(key)[:60]}'" + did_you_mean(key, _keys_at(model, tuple(e["loc"][:-1])))
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:

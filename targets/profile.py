@@ -281,7 +281,7 @@ def _from_data(data: object, source: str) -> TargetProfile:
     try:
         return TargetProfile.model_validate(data)
     except ValidationError as exc:
-        raise TargetError(format_validation_error(exc, source=source)) from None
+        raise TargetError(format_validation_error(exc, source=source, model=TargetProfile)) from None
 
 
 @lru_cache(maxsize=64)

@@ -286,7 +286,7 @@ def _correction_groups(cfg: PruneConfig, roles: list[str]) -> list[tuple[str, ..
     from stale inputs would correct the same error twice.
     """
     if cfg.pattern == "structured":  # q/k widths, heads (o's re-fit sees the narrowed attention), then the FFN
-        return [(u,) for u in structured_units(cfg)]
+        return [(u,) for u in structured_units(cfg) if u != "layers"]  # blocks are dropped before this
     stage = lambda r: 0 if r in ("q", "k", "v") else 1 if r == "o" else 2 if r.startswith("ffn_in") else 3  # noqa: E731
     groups = [tuple(r for r in roles if stage(r) == i) for i in range(4)]
     return [g for g in groups if g]
@@ -403,11 +403,26 @@ def prune_model(
     before = {k: v[1].numel() for k, v in _all_block_matrices(model).items()}
 
     views = blocks(model)
-    n_layers = len(views)
     structured = cfg.pattern == "structured"
+    su = structured_units(cfg) if structured else ()
+    depth: dict[str, Any] | None = None
+    gone: list[tuple[str, int]] = []  # (part, elements) of the matrices in dropped blocks
+    if "layers" in su:  # whole blocks first; the width units below then prune only the kept blocks
+        from pipeline.pruning.depth import drop_layers_, layer_map
+
+        frac = cfg.sparsity if cfg.layer_sparsity is None else cfg.layer_sparsity
+        sizes = {
+            o: [(_part(r), ref.weight.numel()) for r, ref in b.matrices().items()]
+            for o, b in zip(layer_map(model), views)
+        }
+        depth = drop_layers_(model, calibration, units_to_remove(len(views), frac), cfg.layer_criterion, progress)
+        gone = [x for o in depth["dropped"] for x in sizes[o]]
+        views = blocks(model)
+        before = {k: v[1].numel() for k, v in _all_block_matrices(model).items()}
+        su = tuple(u for u in su if u != "layers")
+    n_layers = len(views)
     roles = target_roles(views[0], cfg.targets)
     if structured:
-        su = structured_units(cfg)
         roles = [
             r
             for r in views[0].matrices()
@@ -423,7 +438,7 @@ def prune_model(
     if structured:  # OBS needs the inputs of the output matrices only (head outputs, FFN activations)
         hess_roles = [r for r in ("o", "ffn_out") if r in roles] if _matrix_method(cfg).reconstructs else []
 
-    do_prune = cfg.removes_anything
+    do_prune = cfg.removes_anything and (not structured or bool(su))  # width units left after a depth cut
     inputs = capture_first_block_inputs(model, views[0], calibration) if (needs_calib and do_prune) else None
     # error correction: a second stream of dense hidden states; reconstructed matrices aim at the dense outputs
     correct = cfg.corrects_errors and inputs is not None
@@ -471,9 +486,10 @@ def prune_model(
     metrics: dict[str, Any] = {"method": cfg.method, "pattern": cfg.pattern, "config": cfg.model_dump(mode="json")}
     if structured:
         # removed fraction of the elements of each (original) matrix; parts aggregate by qk / vo / ffn
+        # (kept blocks after a depth cut: their new names; the dropped blocks count in overall and parts)
         rem = {k: 1.0 - after[k][1].numel() / before[k] for k in before}
         metrics["sparsity"] = dict(rem)
-        tot_b = sum(before.values())
+        tot_b = sum(before.values()) + sum(n for _, n in gone)
         tot_a = sum(after[k][1].numel() for k in before)
         metrics["sparsity"]["overall"] = 1.0 - tot_a / tot_b
         parts: dict[str, list[int]] = {}
@@ -481,6 +497,12 @@ def prune_model(
             p = parts.setdefault(_part(role), [0, 0])
             p[0] += before[k] - w.numel()
             p[1] += before[k]
+        for part, n in gone:
+            p = parts.setdefault(part, [0, 0])
+            p[0] += n
+            p[1] += n
+        if depth is not None:
+            metrics["layers"] = _jsonable(depth)
         metrics["removed_units"] = [
             {
                 "heads": info.get("heads_removed", []),
@@ -507,7 +529,12 @@ def prune_model(
             f"sparsity={cfg.effective_sparsity!r} with method={cfg.method!r}, pattern={cfg.pattern!r} pruned nothing"
             " (too few weights per row/unit for this sparsity?)"
         )
-    if eval_batches:
+    if eval_batches and depth is not None:  # blocks no longer pair up one to one: the final output's error only
+        from pipeline.pruning.depth import output_error
+
+        assert dense is not None  # copied above when eval_batches were given
+        metrics["output_error"] = output_error(dense, model, eval_batches)
+    elif eval_batches:
         assert dense is not None  # copied above when eval_batches were given
         metrics["attention_error"] = attention_error(dense, model, eval_batches)
         metrics["layer_output_error"] = layer_output_error(dense, model, eval_batches)

@@ -22,7 +22,8 @@ def _attention_config_class() -> type[BaseModel] | None:
     return spec.options if spec is not None else None
 
 
-STRUCTURED_UNITS = ("qk_dims", "heads", "ffn")  # also the order in which a block's units are removed
+# also the order of removal: whole blocks first (pipeline.pruning.depth), then inside each kept block
+STRUCTURED_UNITS = ("layers", "qk_dims", "heads", "ffn")
 
 
 class PruneConfig(BaseModel):
@@ -34,9 +35,12 @@ class PruneConfig(BaseModel):
         pattern: ``unstructured``, ``n:m`` (keep at most ``n`` nonzeros in every ``m`` consecutive inputs), or
             ``structured`` (physically remove q/k widths, heads, FFN neurons).
         n, m: N:M parameters (standard meaning: 2:4 keeps 2 of every 4 = 50% sparse).
-        structured_unit: what ``structured`` removes, ``+``-joined from ``qk_dims``, ``heads``, ``ffn``.
-        head_sparsity, ffn_sparsity, qk_sparsity: per-unit fractions for ``structured`` (default ``sparsity`` for
-            each); e.g. heads 0.25 + FFN 0.625 removes as many MiniLM parameters as 0.5 + 0.5 with less damage.
+        structured_unit: what ``structured`` removes, ``+``-joined from ``layers``, ``qk_dims``, ``heads``, ``ffn``.
+        head_sparsity, ffn_sparsity, qk_sparsity, layer_sparsity: per-unit fractions for ``structured`` (default
+            ``sparsity`` for each); e.g. heads 0.25 + FFN 0.625 removes as many MiniLM parameters as 0.5 + 0.5 with
+            less damage. ``layer_sparsity`` is the fraction of transformer blocks dropped (depth pruning).
+        layer_criterion: how ``layers`` chooses the blocks (``sensitivity``, the default, or ``attention``), see
+            :mod:`pipeline.pruning.depth`.
         targets: which matrices of each block are pruned (embeddings / LM head / pooler never are).
         calibration_samples, calibration_seq_len: calibration budget (used by callers that build batches).
         sequential: propagate *pruned* outputs layer by layer (Wanda/SparseGPT protocol); False = dense inputs.
@@ -62,7 +66,8 @@ class PruneConfig(BaseModel):
     structured_unit: str = Field(
         "heads+ffn",
         description="units removed by the structured pattern, '+'-joined: heads (attention heads / KV groups), ffn"
-        " (FFN neurons), qk_dims (query/key width of every head; BERT family); the prune stage replaces an omitted"
+        " (FFN neurons), qk_dims (query/key width of every head; BERT family), layers (whole transformer blocks:"
+        " depth pruning); the prune stage replaces an omitted"
         " value by the best measured unit for the family (qk_dims+ffn for BERT-family encoders)",
     )
     head_sparsity: float | None = Field(
@@ -74,6 +79,17 @@ class PruneConfig(BaseModel):
     qk_sparsity: float | None = Field(
         None,
         description="structured: fraction of each head's query/key width removed (unit qk_dims); omitted = sparsity",
+    )
+    layer_sparsity: float | None = Field(
+        None,
+        description="structured unit 'layers': fraction of transformer blocks dropped (rounded, at least one kept);"
+        " omitted = sparsity",
+    )
+    layer_criterion: Literal["sensitivity", "attention"] = Field(
+        "sensitivity",
+        description="structured unit 'layers': drop the blocks whose skipping changes the final hidden state least"
+        " (sensitivity) or the attention maps and the output relation map least (attention); MiniLM, 2 of 6 blocks:"
+        " held-out cosine 0.818 by sensitivity vs 0.362 by attention before recovery",
     )
     targets: Literal["all", "attention", "qk", "ffn"] = Field(
         "all", description="matrices pruned in each block: all linears, attention q/k/v/o, q/k only, or FFN only"
@@ -130,7 +146,7 @@ class PruneConfig(BaseModel):
             )
         return v
 
-    @field_validator("head_sparsity", "ffn_sparsity", "qk_sparsity")
+    @field_validator("head_sparsity", "ffn_sparsity", "qk_sparsity", "layer_sparsity")
     @classmethod
     def _check_unit_sparsity(cls, v: float | None, info: Any) -> float | None:
         if v is not None and not 0.0 <= v < 1.0:
@@ -178,10 +194,11 @@ class PruneConfig(BaseModel):
         if self.error_correction and not self.method_spec.reconstructs:
             rec = [n for n in prune_method_names() if prune_method(n).reconstructs]
             raise ValueError(f"error_correction needs a reconstructing method {rec}, got method={self.method!r}")
-        per_unit = (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity)
+        per_unit = (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity, self.layer_sparsity)
         if self.pattern != "structured" and any(v is not None for v in per_unit):
             raise ValueError(
-                f"head_sparsity / ffn_sparsity / qk_sparsity apply to pattern 'structured' only, got {self.pattern!r}"
+                "head_sparsity / ffn_sparsity / qk_sparsity / layer_sparsity apply to pattern 'structured' only,"
+                f" got {self.pattern!r}"
             )
         if self.pattern == "structured":
             if not structured_units(self):
@@ -221,7 +238,9 @@ class PruneConfig(BaseModel):
     @property
     def removes_anything(self) -> bool:
         """Whether this config prunes at all (structured: per-unit fractions count too)."""
-        return self.effective_sparsity > 0 or any((self.head_sparsity, self.ffn_sparsity, self.qk_sparsity))
+        return self.effective_sparsity > 0 or any(
+            (self.head_sparsity, self.ffn_sparsity, self.qk_sparsity, self.layer_sparsity)
+        )
 
     @property
     def effective_sparsity(self) -> float:
@@ -240,12 +259,13 @@ def structured_units(cfg: PruneConfig) -> tuple[str, ...]:
     """Units the structured pattern removes, restricted to ``cfg.targets``, in the order a block is pruned.
 
     Removing a head deletes its q/k/v rows and o columns, so heads need ``targets`` ``all`` or ``attention``;
-    FFN neurons need ``all`` or ``ffn``; q/k widths need ``all``, ``attention`` or ``qk``. Order: q/k widths
-    first (the head choice and the output re-fit then see the narrowed attention), heads, FFN.
+    FFN neurons need ``all`` or ``ffn``; q/k widths need ``all``, ``attention`` or ``qk``; whole blocks
+    (``layers``) need ``all``. Order: blocks first (the width units then prune only the kept blocks), then q/k
+    widths (the head choice and the output re-fit then see the narrowed attention), heads, FFN.
     """
     wanted = cfg.structured_unit.split("+")
     allowed = {
-        "all": ("qk_dims", "heads", "ffn"),
+        "all": ("layers", "qk_dims", "heads", "ffn"),
         "attention": ("qk_dims", "heads"),
         "ffn": ("ffn",),
         "qk": ("qk_dims",),

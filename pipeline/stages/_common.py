@@ -131,6 +131,14 @@ def cap_length(loaded: Any, requested: int, setting: str, ctx: StageContext | No
     return capped
 
 
+def progress_bar(ctx: StageContext, iterable: Any = None, **kwargs: Any) -> Any:
+    """A tqdm bar for a stage (``leave=False``): off with ``--quiet`` (``ctx.progress`` False), and off when stderr
+    is not a terminal (tqdm's ``disable=None``), so CI logs get no redrawn bar lines."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=None if ctx.progress else True, leave=False, **kwargs)
+
+
 def stage_warning(ctx: StageContext, message: str) -> None:
     """Log a warning and record it in the stage's metrics (``warnings``, shown in report.md)."""
     ctx.log.warning(message)

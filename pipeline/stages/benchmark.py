@@ -17,6 +17,7 @@ from pipeline.stages._common import (
     encode,
     load_from_artifact,
     model_max_positions,
+    progress_bar,
     text_sets,
     to_numpy_feeds,
     write_target_bundle,
@@ -39,8 +40,6 @@ class BenchmarkConfig(StageConfig):
 @register_stage(BenchmarkConfig)
 def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Artifact:
     """Time each target's model in a subprocess and record latency, peak RSS and size."""
-    from tqdm.auto import tqdm
-
     from exporters.onnx import model_bytes, torch_reference
     from runtimes.benchmark import benchmark_bundle
     from runtimes.memory import budget_failure
@@ -59,7 +58,7 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     out = art
     summary = {}
     ref_cache: dict[str, dict] = {}
-    for name in tqdm(list(ctx.targets), desc="benchmark", disable=not ctx.progress, leave=False):
+    for name in progress_bar(ctx, list(ctx.targets), desc="benchmark"):
         prof = ctx.targets[name]
         tm = art.targets[name]
         feeds = to_numpy_feeds(batch, tm.io)

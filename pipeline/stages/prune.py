@@ -14,7 +14,14 @@ from pipeline.errors import StageError
 from pipeline.pruning.config import PruneConfig as _PruneOptions
 from pipeline.sensitivity.config import PruneSensitivityOptions
 from pipeline.stage import RunPlan, StageConfig, StageContext, register_stage
-from pipeline.stages._common import encode, load_from_artifact, stage_warning, text_sets, warn_without_validate
+from pipeline.stages._common import (
+    encode,
+    load_from_artifact,
+    progress_bar,
+    stage_warning,
+    text_sets,
+    warn_without_validate,
+)
 
 __all__ = ["PatternGivesNoSpeedup", "PruneConfig", "run_prune"]
 
@@ -106,9 +113,7 @@ def run_prune(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
         setting="calibration_seq_len" if cfg.calibration_seq_len < c.max_length else "calibration.max_length",
     )
     evals = encode(loaded, heldout, max_length=c.max_length, batch_size=c.batch_size, ctx=ctx)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=f"prune ({cfg.method})", unit="layer", disable=not ctx.progress, leave=False)
+    bar = progress_bar(ctx, desc=f"prune ({cfg.method})", unit="layer")
 
     def progress(what: str, done: int, total: int) -> None:
         bar.total = total

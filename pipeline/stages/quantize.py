@@ -20,6 +20,7 @@ from pipeline.stages._common import (
     encode,
     load_dense,
     load_from_artifact,
+    progress_bar,
     text_sets,
     to_numpy_feeds,
     warn_without_validate,
@@ -169,8 +170,6 @@ def quantize_targets(
     feeds of precisions that need them (int8-static, int4 gptq; called at most once per run, only when needed);
     ``evidence(target_model)`` gives what ``sensitivity`` / ``mixed: auto`` measure
     (pipeline.sensitivity.quantize.Evidence; None = not supported for this model kind)."""
-    from tqdm.auto import tqdm
-
     from exporters.mobile import mobile_usability, to_ort_format
     from exporters.onnx import data_file
     from exporters.quantize import convert_precision
@@ -185,7 +184,7 @@ def quantize_targets(
     calib_feeds = None
     out = art
     report: dict[str, dict] = {}
-    for name in tqdm(list(ctx.targets), desc="quantize", disable=not ctx.progress, leave=False):
+    for name in progress_bar(ctx, list(ctx.targets), desc="quantize"):
         prof = ctx.targets[name]
         tm = art.targets[name]
         precision = cfg.precision_for(name, prof)

@@ -11,7 +11,14 @@ from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import encode, load_dense, load_from_artifact, stage_warning, text_sets_and_rest
 
-__all__ = ["RecoverConfig", "default_steps", "distillation_texts", "passages_needed", "run_recover"]
+__all__ = [
+    "RecoverConfig",
+    "default_steps",
+    "distillation_texts",
+    "passages_needed",
+    "run_recover",
+    "teacher_layer_map",
+]
 
 
 class RecoverConfig(StageConfig):
@@ -143,6 +150,29 @@ def _almost_linear_plan(model, batches, cfg: RecoverConfig) -> dict:
     return {"beta": beta, "degree": plan.degree, "features": plan.features, "head_dim": head_dim, "tokens": n}
 
 
+def teacher_layer_map(student, teacher) -> list[int] | None:
+    """Teacher block of each student block when ``prune`` dropped blocks (``structured_unit: layers``), else None.
+
+    Both maps (``config.edgepipe_layer_map``) name blocks of the original model; the teacher may itself be a
+    depth-pruned model, so student block ``i`` pairs with the teacher block that holds the same original block.
+
+    Raises:
+        StageError: a student block whose original block the teacher no longer has.
+    """
+    from pipeline.pruning.depth import layer_map
+
+    s_map, t_map = layer_map(student), layer_map(teacher)
+    if s_map == t_map:
+        return None
+    where = {o: i for i, o in enumerate(t_map)}
+    missing = [o for o in s_map if o not in where]
+    if missing:
+        raise StageError(
+            "recover", f"the pruned model keeps original block(s) {missing} that the reference model does not have"
+        )
+    return [where[o] for o in s_map]
+
+
 @register_stage(RecoverConfig, version=5)
 def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifact:
     """Knowledge distillation (student = current model, teacher = dense), held-out fidelity before/after."""
@@ -177,6 +207,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
         ctx.log.info("recover: almost-linear attention gradient, %s", fast)
     start = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
     loss = cfg.loss or default_loss(teacher.model)
+    mapping = teacher_layer_map(student.model, teacher.model)
     ctx.log.info("recover: %d steps on %d passages (%d batches), loss %s", cfg.steps, len(train), len(batches), loss)
     res = recover_(
         student.model,
@@ -190,6 +221,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
         seed=ctx.run.seed,
         layer_weight=cfg.layer_weight,
         attention_weight=cfg.attention_weight,
+        layer_map=mapping,
         schedule=cfg.schedule,
         warmup=int(cfg.warmup * cfg.steps) if cfg.schedule == "cosine" else 0,
         freeze_embeddings=cfg.freeze_embeddings,
@@ -221,6 +253,7 @@ def run_recover(art: Artifact, cfg: RecoverConfig, ctx: StageContext) -> Artifac
             "heldout_after": res.heldout_after,
             "loss": res.loss,
             "layer_weight": cfg.layer_weight,
+            **({"layer_map": mapping} if mapping is not None else {}),
             "rolled_back": rolled_back,
             "gradient": cfg.gradient,
             **({"almost_linear": fast} if fast is not None else {}),

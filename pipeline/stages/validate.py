@@ -19,6 +19,7 @@ from pipeline.stages._common import (
     load_dense,
     load_from_artifact,
     model_max_positions,
+    progress_bar,
     text_sets,
     to_numpy_feeds,
     write_target_bundle,
@@ -119,7 +120,6 @@ class _View:
 def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artifact:
     """Check every target's model: onnx checker, parity vs PyTorch (profile tolerance), fidelity vs dense."""
     import onnx
-    from tqdm.auto import tqdm
 
     from runtimes.compare import compare, comparison_table
     from runtimes.fidelity import embedding_fidelity, lm_fidelity, mean_pool
@@ -145,7 +145,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
     failures: list[dict[str, Any]] = []
     out = art
     summary: dict[str, Any] = {}
-    for name in tqdm(list(ctx.targets), desc="validate", disable=not ctx.progress, leave=False):
+    for name in progress_bar(ctx, list(ctx.targets), desc="validate"):
         prof = ctx.targets[name]
         tm = art.targets[name]
         shape = (prof.static_shapes.batch, prof.static_shapes.seq) if prof.static_shapes else None

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -33,6 +34,9 @@ def _require() -> None:
     os.environ.setdefault(
         "RAY_AIR_NEW_OUTPUT", "0"
     )  # the classic reporter honours verbose=0: our own progress lines only
+    # Ray Tune's own SIGINT handler turns the first Ctrl-C into "finish the experiment" (then the references would
+    # run); edgepipe's handler stops at once instead and the journal keeps the finished trials for --resume
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     try:
         import optuna  # noqa: F401
         import ray  # noqa: F401
@@ -161,6 +165,7 @@ def tune(
     time_budget_s: float | None = None,
     resume: bool = False,
     echo: Callable[[str], None] = print,
+    debug: bool = False,
 ) -> dict[str, Any]:
     """Search recipes per target and write ``<workdir>/tune/report.{md,json}``, plots and ``best-<target>.yaml``.
 
@@ -173,6 +178,11 @@ def tune(
         time_budget_s: stop starting trials after this many seconds (Ray Tune ``time_budget_s``).
         resume: continue the tune in ``workdir``; trials already in its journal are not run again.
         echo: where progress lines go (one per finished trial, with the best so far per target).
+        debug: let Ray and Ray Tune log to the console; otherwise only their CRITICAL records reach it (their
+            logs stay in the Ray session folder; see :func:`_quiet_ray`).
+
+    SIGINT and SIGTERM stop the tune: trials in flight are abandoned (finished ones are in the journal, so
+    ``resume`` continues), Ray is shut down and its temp folder removed, and ``KeyboardInterrupt`` is raised.
 
     Raises:
         ConfigError: a bad tune file or space (before Ray starts). MissingExtra: ray/optuna not installed.
@@ -182,6 +192,10 @@ def tune(
         if trials < 1:
             raise ConfigError(f"--trials: expected a number >= 1, got {trials}")
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"trials": trials})})
+    from pipeline.preflight import preflight
+    from pipeline.tune.check import check_trials
+
+    check_trials(spec, preflight(spec.base, source=spec.source))  # every trial's schema, before Ray starts
     _require()
     source = str(Path(spec.source).resolve())  # Ray workers start in their own folders
     if not Path(source).is_file():
@@ -202,8 +216,13 @@ def tune(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     t0 = time.perf_counter()
-    ray_tmp = _ray_init(address, layout)
+    quiet = None if debug else _quiet_ray()
+    _SIGNALS_SEEN.clear()
+    ray_tmp = None
+    handlers = _stop_on_signals()
     try:
+        ray_tmp = _ray_init(address, layout)
+        _stop_on_signals()  # again: ray.init installs its own SIGTERM handler (sys.exit, mid-fit)
         from pipeline.tune.board import BoardBench, board_targets
         from targets import load_target
 
@@ -221,11 +240,62 @@ def tune(
         report = write_tune_report(
             spec, layout, read_journal(layout.journal), refs, seconds=time.perf_counter() - t0, boards=boards
         )
+    except KeyboardInterrupt:
+        # name the signal (Ray may re-raise the interrupt from inside fit() without its message)
+        raise KeyboardInterrupt(_SIGNALS_SEEN[-1] if _SIGNALS_SEEN else "SIGINT") from None
     finally:
-        ray.shutdown()
-        if ray_tmp and not address:
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        for sig in handlers:  # a second signal during the shutdown below would leave Ray half-stopped
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            ray.shutdown()
+            if ray_tmp and not address:
+                shutil.rmtree(ray_tmp, ignore_errors=True)
+        finally:
+            _restore_signals(handlers)
+            if quiet is not None:
+                for name, level in quiet.items():
+                    logging.getLogger(name).setLevel(level)
     return report
+
+
+# Ray's loggers that write to the console on their own (they do not propagate to edgepipe's handler)
+_RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "ray._private", "ray.util")
+
+
+def _quiet_ray() -> dict[str, int]:
+    """Nothing below CRITICAL from Ray's own loggers in this process (its token-authentication notice at
+    ``ray.init``, Ray Tune's "Trial task failed" tracebacks: edgepipe prints its own line per failed trial, naming
+    the error file); returns the previous levels. Worker output does not reach the console (``log_to_driver=False``).
+    Not covered: the raylet's "(raylet) A worker died ..." notices, which Ray's driver prints to stderr itself."""
+    old = {}
+    for name in _RAY_LOGGERS:
+        lg = logging.getLogger(name)
+        old[name] = lg.level
+        lg.setLevel(logging.CRITICAL)
+    return old
+
+
+_SIGNALS_SEEN: list[str] = []
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    _SIGNALS_SEEN.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_SIGNALS_SEEN[-1])
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt`` in the main thread (so ``finally`` shuts Ray down); returns
+    the handlers it replaced ({} outside the main thread, where signals cannot be caught)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(handlers: dict[int, Any]) -> None:
+    for sig, h in handlers.items():
+        signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
 
 def _fit(
@@ -282,4 +352,15 @@ def _fit(
             failure_config=rt.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    except RuntimeError as exc:
+        # Ray Tune 2.60 raises (actor_manager: "Caught unexpected exception") when Ray's memory monitor kills a
+        # trial's worker, instead of failing only that trial; finished trials are in the journal
+        if "low on memory" not in str(exc):
+            raise
+        raise EdgepipeError(
+            "tune stopped: Ray killed a trial's worker because the machine ran low on memory"
+            f" ({str(exc).split(': ', 1)[-1].splitlines()[0][:200]}); finished trials are kept: free memory or lower"
+            " search.max_concurrent, then continue with --resume"
+        ) from exc

@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError
 
 from pipeline.config import PipelineConfig, parse_config
 from pipeline.errors import ConfigError
-from pipeline.schema import Frozen, format_validation_error, read_yaml
+from pipeline.schema import Frozen, did_you_mean, format_validation_error, read_yaml
 from pipeline.tune.metrics import METRICS
 
 __all__ = ["SAMPLERS", "Constraint", "Dimension", "TuneSpec", "apply_params", "load_tune", "parse_tune"]
@@ -153,7 +153,7 @@ def _model(cls, data: Any, source: str, key: str):
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=source, prefix=key)) from None
+        raise ConfigError(format_validation_error(exc, source=source, prefix=key, model=cls)) from None
 
 
 def _stage_index(base: PipelineConfig, kind: str, where: str) -> int:
@@ -175,8 +175,12 @@ def _check_value(base: PipelineConfig, kind: str, option: str, value: Any, where
     try:
         type(stage).model_validate({**stage.model_dump(mode="json"), option: value})
     except ValidationError as exc:
+        if all(not e["loc"] for e in exc.errors()):
+            return  # a cross-option check of the stage: judged per trial (pipeline.tune.check), with its other values
         raise ConfigError(
-            format_validation_error(exc, source=where.split(": ")[0], prefix=f"{where.split(': ', 1)[1]}")
+            format_validation_error(
+                exc, source=where.split(": ")[0], prefix=f"{where.split(': ', 1)[1]}", model=type(stage)
+            )
         ) from None
 
 
@@ -189,7 +193,8 @@ def _parse_dimension(base: PipelineConfig, name: Any, body: Any, source: str) ->
     fields = type(base.stages[i]).model_fields
     if option not in fields:
         raise ConfigError(
-            f"{where}: unknown option '{option}' of stage '{kind}' (options: {', '.join(sorted(fields))})"
+            f"{where}: unknown option '{option}' of stage '{kind}'{did_you_mean(option, fields)}"
+            f" (options: {', '.join(sorted(fields))})"
         )
     if isinstance(body, list):
         if not body:
@@ -255,6 +260,10 @@ def parse_tune(data: Any, *, source: str = "<tune config>", base_dir: Path | Non
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the tune file must be a mapping, got {type(data).__name__}")
     data = dict(data)
+    allowed = [*PipelineConfig.model_fields, *_TUNE_KEYS]
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(f"{source}: unknown key '{str(key)[:60]}'{did_you_mean(key, allowed)}")
     parts = {k: data.pop(k, None) for k in _TUNE_KEYS}
     base = parse_config(data, source=source, base_dir=base_dir)
     if not base.stages:
@@ -298,13 +307,23 @@ def load_tune(path: str | Path) -> TuneSpec:
 
 
 def apply_params(spec: TuneSpec, params: Mapping[str, Any]) -> PipelineConfig:
-    """The trial's pipeline: the base with each ``stage.option`` replaced, validated by the stage's config class."""
+    """The trial's pipeline: the base with each ``stage.option`` replaced, validated by the stage's config class.
+
+    The options of one stage are replaced together, so a stage's cross-option checks see the trial's values,
+    not a half-updated mix of the base and the trial.
+    """
     stages = list(spec.base.stages)
+    updates: dict[int, dict[str, Any]] = {}
     for name, value in params.items():
         kind, option = name.split(".")
         i = _stage_index(spec.base, kind, f"{spec.source}: space.{name}")
+        updates.setdefault(i, {})[option] = value
+    for i, update in updates.items():
         try:
-            stages[i] = type(stages[i]).model_validate({**stages[i].model_dump(mode="json"), option: value})
+            stages[i] = type(stages[i]).model_validate({**stages[i].model_dump(mode="json"), **update})
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source=spec.source, prefix=f"space.{name}")) from None
+            keys = "/".join(f"{stages[i].kind}.{o}" for o in update)
+            raise ConfigError(
+                format_validation_error(exc, source=spec.source, prefix=f"space.{keys}", model=type(stages[i]))
+            ) from None
     return spec.base.model_copy(update={"stages": stages})

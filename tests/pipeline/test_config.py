@@ -127,3 +127,16 @@ def test_embedded_default_config():
     assert isinstance(cfg, PipelineConfig)
     assert cfg.model.path is None and tuple(cfg.targets) == DEFAULT_TARGETS
     assert [s.kind for s in cfg.stages] == ["export", "quantize", "validate", "benchmark"]
+
+
+def test_nested_unknown_key_suggests_the_closest_allowed_one():
+    from pydantic import ValidationError
+
+    from pipeline.config import PipelineConfig
+    from pipeline.schema import format_validation_error
+
+    with pytest.raises(ValidationError) as e:
+        PipelineConfig.model_validate({"calibration": {"max_lenght": 64}})
+    msg = format_validation_error(e.value, source="c.yaml", model=PipelineConfig)
+    assert msg == "c.yaml: calibration.max_lenght: unknown key 'max_lenght' (did you mean 'max_length'?)"
+    assert "did you mean" not in format_validation_error(e.value, source="c.yaml")  # no model: no guess

@@ -107,11 +107,72 @@ def test_parse_duration():
 
 
 def test_example_tune_file_parses(repo_root):
+    from pipeline.tune.check import check_tune
     from pipeline.tune.spec import load_tune
 
     spec = load_tune(repo_root / "examples" / "tune-minilm.yaml")
     assert (
         spec.search.algorithm == "nsga2"
-        and len(spec.dimensions) == 5
+        and len(spec.dimensions) == 6
         and spec.base.targets == ["raspberry-pi-5", "host-cpu"]
     )
+    res = check_tune(repo_root / "examples" / "tune-minilm.yaml")  # every trial it can draw is a valid run
+    assert res.checked == res.combinations > 100
+
+
+def _write_tune(tmp_path, tiny_models, **over):
+    import yaml
+
+    data = {**_with(**over), "model": {"path": str(tiny_models["bert"])}, "calibration": {"samples": 8, "heldout": 8}}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_check_tune_builds_every_trial_without_ray(tmp_path, tiny_models, monkeypatch):
+    from pipeline.tune.check import check_tune, is_tune_file
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # validation must not need (or start) Ray
+    path = _write_tune(tmp_path, tiny_models)
+    res = check_tune(path)
+    assert is_tune_file(path) and res.combinations == res.checked == 4  # range ends x 2 precisions
+    assert res.preflight.family == "bert" and len(res.preflight.texts) >= 8
+
+
+def test_check_tune_names_a_combination_that_fails_together(tmp_path, tiny_models):
+    from pipeline.tune.check import check_tune
+
+    # sparsegpt has no q/k-width criterion: each value is valid alone, the pair is not
+    space = {"prune.method": ["attention", "sparsegpt"], "prune.structured_unit": ["heads+ffn", "qk_dims+ffn"]}
+    with pytest.raises(ConfigError) as e:
+        check_tune(_write_tune(tmp_path, tiny_models, space=space))
+    msg = str(e.value)
+    assert "\n" not in msg and "sparsegpt" in msg
+    assert "trial [prune.method=sparsegpt, prune.structured_unit=qk_dims+ffn]" in msg
+
+
+def test_trial_options_of_one_stage_are_applied_together():
+    spec = parse_tune(
+        _with(
+            stages=[{"prune": {}}, {"validate": {}}, {"benchmark": {}}],
+            space={"prune.pattern": ["structured"], "prune.ffn_sparsity": [0.5]},
+        ),
+        source="t.yaml",
+    )
+    # ffn_sparsity is only valid with pattern structured: one at a time, the order would decide
+    cfg = apply_params(spec, {"prune.ffn_sparsity": 0.5, "prune.pattern": "structured"})
+    assert cfg.stages[0].pattern == "structured" and cfg.stages[0].ffn_sparsity == 0.5
+
+
+@pytest.mark.parametrize(
+    "over, fragment",
+    [
+        ({"spaces": {}}, "unknown key 'spaces' (did you mean 'space'?)"),
+        ({"search": {"algoritm": "grid"}}, "search.algoritm: unknown key 'algoritm' (did you mean 'algorithm'?)"),
+        ({"space": {"prune.sparsty": [0.1]}}, "unknown option 'sparsty' of stage 'prune' (did you mean 'sparsity'?)"),
+    ],
+)
+def test_tune_key_typos_say_did_you_mean(over, fragment):
+    with pytest.raises(ConfigError, match=None) as e:
+        parse_tune(_with(**over), source="t.yaml")
+    assert fragment in str(e.value)

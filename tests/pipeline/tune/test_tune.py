@@ -297,3 +297,60 @@ def test_board_routing_to_a_named_node(tuned, monkeypatch):
         ray.shutdown()
         cluster.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_console_holds_edgepipe_lines_only(tuned):
+    """Ray's own logging (token notice, Tune's status tables, worker output) stays off the console."""
+    noise = [
+        ln for ln in (tuned["out"] + tuned["err"]).splitlines() if ln.strip() and not ln.startswith(("edgepipe", "  "))
+    ]
+    assert not noise, noise[:5]
+
+
+def _our_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (zombies excluded), read from /proc."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            found.append(cmd[:200])
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc to find left-over processes")
+def test_sigterm_stops_the_tune_cleanly(tiny_models, tmp_path):
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(yaml.safe_dump(_tune_yaml(tiny_models["bert"])))
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(
+        _cli("tune", str(cfg), "--workdir", str(workdir)),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    trials = workdir / "trials"
+    while time.time() < deadline and not (trials.is_dir() and any(trials.iterdir())) and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the tune ended before it could be stopped"
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)  # a trial in flight: its Ray worker must go too
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out + err
+    assert err.strip().splitlines() == [
+        f"edgepipe: tune stopped by SIGTERM; Ray is shut down and finished trials are kept: continue with"
+        f" 'edgepipe tune {cfg} --workdir {workdir} --resume'"
+    ]
+    assert all(ln.startswith("edgepipe tune: trial ") for ln in out.splitlines() if ln.strip())
+    time.sleep(2)
+    assert not _our_processes(str(tmp_path)), "Ray processes left running after SIGTERM"
+    assert not (workdir / ".ray-tmp").exists()
