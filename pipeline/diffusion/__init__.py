@@ -1,7 +1,7 @@
 """Diffusion over Gaussian mixtures: exact marginals, k-independent smoothness bounds, samplers, a certificate.
 
 Source: "Unraveling the Smoothness Properties of Diffusion Models: A Gaussian Mixture Perspective"
-(arXiv 2405.16418); notes §5–§6 of ``gradient-dp-mlp-diffusion.md``.
+(arXiv 2405.16418).
 
 * :mod:`~pipeline.diffusion.gmm`: :class:`GaussianMixture` (p_t, score, Hessian in closed form), :class:`Schedule`.
 * :mod:`~pipeline.diffusion.bounds`: Lipschitz / second-moment / KL bounds and :func:`tv_certificate`.

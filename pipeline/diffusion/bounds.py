@@ -1,6 +1,6 @@
 """k-independent smoothness bounds of a diffused Gaussian mixture and the TV certificate they give.
 
-Source: notes §5(c)–(d) (``/shared/papers/gradient-dp-mlp-diffusion.md``), our derivation [V] of bounds of the type
+Source: arXiv 2405.16418, our derivation [V] of bounds of the type
 arXiv 2405.16418 proves [C]; the solver analysis is Chen et al. 2023, "Sampling is as easy as learning the score" [R].
 
 * Lipschitz (operator norm of the Hessian of log p_t), with β_t = a_t² min_i λ_min(Σ_i) + b_t²:

@@ -2,7 +2,7 @@
 
 If the data is a k-mixture ``p_0 = Σ_i α_i N(μ_i, Σ_i)`` and the forward process is ``x_t = a_t x_0 + b_t z``
 (``a_t = e^{-s(t)}``, ``b_t = sqrt(1 - e^{-2 s(t)})``), every marginal is again a k-mixture
-``p_t = Σ_i α_i N(a_t μ_i, a_t² Σ_i + b_t² I)`` (notes §5(b), paper arXiv 2405.16418 [C]). Its score and Hessian are
+``p_t = Σ_i α_i N(a_t μ_i, a_t² Σ_i + b_t² I)`` (arXiv 2405.16418 [C]). Its score and Hessian are
 
     ∇log p_t(x)  = Σ_i w_i(x) g_i(x),            g_i = -Σ_{i,t}⁻¹ (x - a_t μ_i),  w = softmax_i(log α_i + log N_i(x))
     ∇²log p_t(x) = -Σ_i w_i Σ_{i,t}⁻¹ + Cov_w(g)
@@ -12,7 +12,7 @@ computed here in float64 through one eigendecomposition per component (``Σ_i = 
 overflows for far-away points or many components.
 
 Time: ``s(t) = ½ ∫_0^t β(u) du`` is the OU-time of a VP schedule; ``ou`` is β ≡ 2 (so s = t, the DDPM-theory
-convention of notes §5(a)), ``vp-linear`` is β(t) = β_min + (β_max - β_min) t (DDPM's linear schedule on t ∈ [0, 1]).
+convention of arXiv 2405.16418), ``vp-linear`` is β(t) = β_min + (β_max - β_min) t (DDPM's linear schedule on t ∈ [0, 1]).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Measurements against the exact mixture: score error, empirical Lipschitz constant, histogram TV.
 
 * :func:`score_mse`: ε_score² = E_t E_{x~p_t}‖ŝ(x, t) − ∇log p_t(x)‖², t uniform in OU time on [δ, T] (for the
-  ``ou`` schedule: uniform in t), by Monte Carlo with the closed-form score (notes §6.5).
+  ``ou`` schedule: uniform in t), by Monte Carlo with the closed-form score (edgepipe's check).
 * :func:`jacobian_opnorm`: ‖∇_x ŝ(x, t)‖_op per point, by autograd (one backward pass per output coordinate);
   :func:`finite_difference_opnorm` the same from central differences, for ONNX models.
 * :func:`histogram_tv`: TV between samples and the exact p_0 on a regular grid (d ≤ 3); the exact bin masses come

@@ -1,12 +1,12 @@
 """Reverse-time samplers driven by a score function ``score_fn(x (n, d), t (n,)) -> (n, d)``.
 
-* :func:`ddpm_sample`: DDPM with the exponential integrator (Chen et al. 2023 [R]; notes §5(d)). In OU time s, one
+* :func:`ddpm_sample`: DDPM with the exponential integrator (Chen et al. 2023 [R]; arXiv 2405.16418). In OU time s, one
   step from t_k to t_{k+1} (h = s_k − s_{k+1}) is
   ``Y ← e^h Y + 2(e^h − 1) ŝ(t_k, Y) + sqrt(e^{2h} − 1) ξ`` — for ``ou`` (s = t) exactly the notes' formula.
 * :func:`probability_flow_sample`: the probability-flow ODE dY/ds = Y + ŝ (reverse OU time) with an
   exponential-integrator predictor ``Y ← e^h Y + (e^h − 1) ŝ(t_k, Y)`` and an optional overdamped-Langevin
   corrector at t_{k+1}: ``Y ← Y + η ŝ + sqrt(2η) ξ`` with η = ``corrector_step`` · b_{t_{k+1}}² (the DPOM recipe of
-  notes §5(d) [C names, I step rule]).
+  arXiv 2405.16418 [C names, I step rule]).
 
 Both start from Y ~ N(0, I) at t_0 = T and stop at δ = t_N (no final denoising step, so the output targets p_δ).
 Time grids come from :func:`time_grid`.

@@ -1,7 +1,7 @@
 """Low-rank (polynomial-feature) attention: almost-linear gradients where entries are bounded; tensor attention.
 
-Sources: paper notes ../shared/papers/gradient-dp-mlp-diffusion.md §0 (toolkit), §1 (multi-layer gradients,
-arXiv 2408.13233), §3 (tensor attention training, arXiv 2405.16411).
+Sources: the polynomial method of Alman & Song 2023 (arXiv 2302.13214), "Multi-Layer Transformers Gradient Can be
+Approximated in Almost Linear Time" (arXiv 2408.13233), "Tensor Attention Training" (arXiv 2405.16411).
 """
 
 from .attention import (

@@ -1,7 +1,7 @@
 """Softmax attention by polynomial features: forward and factorized backward in O(n k d^2), never n x n.
 
 Source: "Multi-Layer Transformers Gradient Can be Approximated in Almost Linear Time" (arXiv 2408.13233), as
-reconstructed in the paper notes §1 (b), (c); the causal mask by prefix / suffix sums (notes §0 T4).
+reconstructed from arXiv 2408.13233; the causal mask by prefix / suffix sums (arXiv 2408.13233).
 
 Shapes (one legend for the module): B batch, H heads, N tokens, D head dim, k = C(D + g, g) features.
 With s the score scale, S = s Q K^T, f = softmax(S) (row-wise, under the mask), Y = f V and G = dL/dY:
@@ -11,7 +11,7 @@ With s the score scale, S = s Q K^T, f = softmax(S) (row-wise, under the mask), 
 * r = rowsum(G o Y); P = dL/dS = f o (G V^T) - diag(r) f = Dt^-1 [(U1 (.) G)(U2 (.) V)^T - diag(r) U1 U2^T];
 * dQ = s P K, dK = s P^T Q, dV = f^T G, all through ``ops.lowrank_matmul`` / ``lowrank_matmul_t``.
 
-Error (notes §0 T1, T2): with beta >= max |S|, every kernel entry has relative error <= eps_g =
+Error (Alman & Song 2023, arXiv 2302.13214): with beta >= max |S|, every kernel entry has relative error <= eps_g =
 e^{2 beta} beta^{g+1} / (g+1)!, so each attention weight has relative error <= 2 eps_g / (1 - eps_g) and
 |Y~ - Y|_max <= 2 eps_g / (1 - eps_g) |V|_max.
 """
@@ -70,7 +70,7 @@ def softmax_attention_grads_ref(
     causal: bool = False,
     key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Closed-form dense gradients (notes §1 (c)) of <G, softmax(s Q K^T) V>: (dQ, dK, dV), float64, O(N^2)."""
+    """Closed-form dense gradients (arXiv 2408.13233) of <G, softmax(s Q K^T) V>: (dQ, dK, dV), float64, O(N^2)."""
     q, k, v, g = q.double(), k.double(), v.double(), g.double()
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = s * q @ k.transpose(-1, -2)
@@ -157,7 +157,7 @@ def lowrank_attention_backward(
     key_mask: Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Factorized backward (notes §1 (b) steps 1-4): (dQ, dK, dV), each (B, H, N, D), in O(N k D^2).
+    """Factorized backward (arXiv 2408.13233): (dQ, dK, dV), each (B, H, N, D), in O(N k D^2).
 
     ``y`` and ``den`` are :func:`lowrank_attention_forward`'s outputs, ``g`` = dL/dY.
     """

@@ -1,6 +1,6 @@
 """Bounded-entry attention for HF decoders (GPT-2, Llama): normalized q / k with a capped logit scale.
 
-The almost-linear results (notes §0 T1, §1) need every logit |s q.k| <= beta with small beta; pretrained heads
+The almost-linear results (Alman & Song 2023, arXiv 2302.13214) need every logit |s q.k| <= beta with small beta; pretrained heads
 are far outside (MiniLM: beta 3-47). Here each head's q and k are L2-normalized and the logit scale is a fixed
 cap ``beta`` (an [I] choice: a fixed cap, not a learned one), so |logit| <= beta by construction on any input.
 A model trained or adapted this way is in the polynomial regime at every sequence length, and its attention

@@ -7,7 +7,7 @@ attention (q (B, Hq, N, D), k / v (B, Hkv, N, D), after RoPE where the model has
 one that measures (``BetaProbe``) or computes the polynomial-feature attention for chosen heads
 (``LowRankHeads``) and delegates the rest to the original one.
 
-Sources: notes §0 T1 (beta, degree, feature count), §1 (the almost-linear gradient), §6 item 1 (this check).
+Sources: Alman & Song 2023, arXiv 2302.13214 (beta, degree, feature count), arXiv 2408.13233 (the almost-linear gradient).
 """
 
 from __future__ import annotations

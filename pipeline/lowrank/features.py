@@ -1,6 +1,6 @@
 """Degree-g polynomial (Taylor) features of exp(<q, k>), their error bound and the degree rule.
 
-Source: paper notes ../shared/papers/gradient-dp-mlp-diffusion.md §0 T1 (Alman–Song style polynomial method, as
+Source: Alman & Song 2023, arXiv 2302.13214 (Alman–Song style polynomial method, as
 used by "Multi-Layer Transformers Gradient Can be Approximated in Almost Linear Time", arXiv 2408.13233).
 
 For a multi-index alpha in N^d with |alpha| <= g, phi_alpha(x) = x^alpha / sqrt(alpha!). Then
@@ -21,7 +21,7 @@ __all__ = ["PolyFeatures", "degree_for", "degree_rule", "feature_count", "taylor
 
 
 def taylor_error_bound(beta: float, degree: int) -> float:
-    """eps_g = e^{2 beta} beta^{g+1} / (g+1)!: bound on |T_g(x) e^{-x} - 1| for |x| <= beta (notes §0 T1).
+    """eps_g = e^{2 beta} beta^{g+1} / (g+1)!: bound on |T_g(x) e^{-x} - 1| for |x| <= beta (Alman & Song 2023, arXiv 2302.13214).
 
     Args:
         beta: bound on |logit| (>= 0).
@@ -92,7 +92,7 @@ class PolyFeatures:
     """phi(x) = [x^alpha * w_alpha]_{|alpha| <= g} for x of shape (..., d), ordered by degree.
 
     ``power`` sets w_alpha = (1/alpha!)^power: 1/2 gives <phi(q), phi(k)> = T_g(<q, k>) (matrix attention);
-    1/3 gives sum_alpha phi(q) phi(a) phi(b) = T_g(sum_t q_t a_t b_t) (tensor attention, notes §3 (b)).
+    1/3 gives sum_alpha phi(q) phi(a) phi(b) = T_g(sum_t q_t a_t b_t) (tensor attention, arXiv 2405.16411).
 
     Cost O(n k) multiplies: each degree-j feature is its parent's value times one coordinate.
     """

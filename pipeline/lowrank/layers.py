@@ -1,6 +1,6 @@
 """Multi-head attention layers and a multi-layer causal transformer on the almost-linear gradient.
 
-Source: notes §1 (b) steps 5-7 (gradients for W_Q, W_K, W_V and the input; residual; multi-head) and §1 (d) 4
+Source: arXiv 2408.13233 (gradients for W_Q, W_K, W_V and the input; residual; multi-head; several layers)
 (several layers with residual connections and LayerNorm). Between attention layers the other modules
 (LayerNorm, MLP, residual adds) are linear in N, so autograd handles them; attention's backward is the only
 quadratic part, and :func:`~pipeline.lowrank.attention.lowrank_attention` replaces it.
@@ -82,7 +82,7 @@ def attention_layer_grads(
         heads: H; degree: Taylor degree g; causal: prefix sums; residual: output = x + attention.
 
     Returns:
-        (output (B, N, C), :class:`AttentionGrads`). Per head h (notes §1 (b)):
+        (output (B, N, C), :class:`AttentionGrads`). Per head h (arXiv 2408.13233):
         dW_Q = X^T dQ, dW_K = X^T dK, dW_V = X^T f^T G_h, dX = dQ W_Q^T + dK W_K^T + dV W_V^T (+ g_out).
     """
     scale = 1.0 / math.sqrt(w_q.shape[1] // heads)

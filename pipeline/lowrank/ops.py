@@ -1,6 +1,6 @@
 """Masked low-rank products (M o A B^T) C and their transposes, by chunked prefix / suffix sums.
 
-Source: notes §0 T3 (row-wise Kronecker product: (U1 U2^T) o (G V^T) = (U1 (.) G)(U2 (.) V)^T) and T4 (causal
+Source: arXiv 2408.13233 (row-wise Kronecker product: (U1 U2^T) o (G V^T) = (U1 (.) G)(U2 (.) V)^T) and the causal
 low-rank product by cumulative sums). An n x n matrix is never formed: rows are processed in chunks of ``chunk``
 tokens; each chunk contributes a (k x m) state, prefix (suffix) sums over chunks carry them forward (backward),
 inside a chunk a (chunk x chunk) masked block is used. All chunks are processed at once (no Python loop).
@@ -22,7 +22,7 @@ DEFAULT_CHUNK = 32
 
 
 def rowwise_kron(x: Tensor, y: Tensor) -> Tensor:
-    """(X (.) Y)_i = X_i (x) Y_i: (..., n, a), (..., n, b) -> (..., n, a b) (notes §0 T3)."""
+    """(X (.) Y)_i = X_i (x) Y_i: (..., n, a), (..., n, b) -> (..., n, a b) (arXiv 2408.13233)."""
     return (x.unsqueeze(-1) * y.unsqueeze(-2)).flatten(-2)
 
 
@@ -64,7 +64,7 @@ def _apply(f: Factor, state: Tensor) -> Tensor:
 
 
 def _gram(a: Factor, b: Factor) -> Tensor:
-    """A B^T over the last two axes, (..., r, r); pairs by (X1 X2^T) o (Y1 Y2^T) (notes §0 T3)."""
+    """A B^T over the last two axes, (..., r, r); pairs by (X1 X2^T) o (Y1 Y2^T) (arXiv 2408.13233)."""
     if isinstance(a, tuple) and isinstance(b, tuple):
         return (a[0] @ b[0].transpose(-1, -2)) * (a[1] @ b[1].transpose(-1, -2))
     a = rowwise_kron(*a) if isinstance(a, tuple) else a

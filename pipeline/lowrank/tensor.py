@@ -2,7 +2,7 @@
 
 Source: "Tensor Attention Training: Provably Efficient Learning of Higher-order Transformers" (arXiv 2405.16411;
 definition from Alman–Song 2023 "How to Capture Higher-order Correlations?"), as reconstructed in the paper
-notes §3 (a), (b).
+arXiv 2405.16411.
 
 Shapes: (..., n, d) for Q, K1, K2, V1, V2 (any leading batch / head dims). With s the scale (default 1/d, the
 notes' normalization; the papers' exact scale is unconfirmed, so it is a parameter):
@@ -17,7 +17,7 @@ the Taylor bound with beta >= max |S|, i.e. beta ~ s d B^3 for entries <= B). Th
 
     Dt = U1 ((U2^T 1) o (U3^T 1)),    Y = Dt^-1 U1 ((U2^T V1) o (U3^T V2))
 
-and the backward (notes §3 (b)) uses only (k x d x d) sums. **Causal variant**: the mask (i <= l, j <= l) is a
+and the backward (arXiv 2405.16411) uses only (k x d x d) sums. **Causal variant**: the mask (i <= l, j <= l) is a
 product of two prefix conditions, so the sums become prefix sums of U2 (.) V1 and U3 (.) V2 (each n x k d);
 its backward is autograd through those prefix sums (still O(n k d) memory and time, no n^2 tensor).
 """
@@ -78,7 +78,7 @@ def tensor_attention_grads_ref(
     scale: float | None = None,
     causal: bool = False,
 ) -> tuple[Tensor, ...]:
-    """Closed-form dense gradients of <G, Y> (notes §3 (b), dense reference): (dQ, dK1, dK2, dV1, dV2), float64.
+    """Closed-form dense gradients of <G, Y> (arXiv 2405.16411, dense reference): (dQ, dK1, dK2, dV1, dV2), float64.
 
     P[l, i, j] = f[l, i, j] (G[l] . (V1[i] o V2[j]) - r[l]), r = rowsum(G o Y);
     dQ = s sum_ij P K1[i] o K2[j]; dK1[i] = s sum_lj P Q[l] o K2[j]; dV1[i] = sum_lj f G[l] o V2[j]; symmetric for 2.
@@ -131,7 +131,7 @@ def _fast_forward(q, k1, k2, v1, v2, s, degree, causal):
 
 
 class _TensorAttnFn(torch.autograd.Function):
-    """Non-causal tensor attention with the factorized backward of notes §3 (b)."""
+    """Non-causal tensor attention with the factorized backward of arXiv 2405.16411."""
 
     @staticmethod
     def forward(ctx, q, k1, k2, v1, v2, s, degree):

@@ -1,4 +1,4 @@
-"""Differentially private cross-attention over a private context (notes §2: Liang, Shi, Song, Zhou,
+"""Differentially private cross-attention over a private context (arXiv 2407.14717: Liang, Shi, Song, Zhou,
 "Differential Privacy of Cross-Attention with Provable Guarantee", arXiv 2407.14717).
 
 Modules: ``features`` (polynomial kernel features), ``calibration`` (analytic Gaussian, exact δ, Laplace,

@@ -1,4 +1,4 @@
-"""Privacy audits of a release (notes §2(d) tests 1, 5, 6; issue 14 verify_dp (a)).
+"""Privacy audits of a release (issue 14 verify_dp (a): sensitivity search, exact delta, privacy-loss audit).
 
 * :func:`sensitivity_search` — search replace-one neighbour rows (k, v), (k', v') inside the public box
   for the largest ‖φ(k)[v,1] − φ(k')[v',1]‖_F and report its ratio to the bound Δ₂ (must be ≤ 1).

@@ -10,7 +10,7 @@ and denominator, public guard and division as the prefix form (:func:`pipeline.p
 then W_o over the heads. A cross-attention layer attends to the context only, so its softmax has no self part
 to combine; the output is the DP estimate of softmax(scale·q Kᵀ) V itself.
 
-Source: notes §2 (Liang, Shi, Song, Zhou, "Differential Privacy of Cross-Attention with Provable Guarantee",
+Source: arXiv 2407.14717 (Liang, Shi, Song, Zhou, "Differential Privacy of Cross-Attention with Provable Guarantee",
 arXiv 2407.14717: the setting is exactly cross-attention over a private K/V set). Guarantee: as the prefix form,
 (ε, δ)-DP of everything that ships for replacing one context row (one encoder position's key/value in every
 replaced layer and head) under the public bounds, which clipping enforces. An encoder mixes positions, so one

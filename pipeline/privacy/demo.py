@@ -10,7 +10,7 @@ Writes, into the given folder (created; existing files of these names are replac
 * ``context.txt``: the "private" context, 8192 words drawn (seeded) from that vocabulary;
 * ``public.txt``: public calibration passages (projection, public bounds, utility queries).
 
-Why synthetic: the usable region of the DP release (notes §2; benchmarks/results/privacy.md) needs a small
+Why synthetic: the usable region of the DP release (arXiv 2407.14717; benchmarks/results/privacy.md) needs a small
 head dimension and a large n·ε; no real checkpoint shipped with edgepipe is there (the default MiniLM is an
 encoder, which private_context refuses; real GPT-2 heads at ε = 1 are refused by verify_dp's gate). This model
 shows the passing path end to end; point the same YAML at your own decoder to see where it stands.

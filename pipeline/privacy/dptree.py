@@ -1,4 +1,4 @@
-"""DPTree structures (notes §2(b), our reconstruction [I] of the paper's DPTree / DPTreeDistance /
+"""DPTree structures (arXiv 2407.14717, our reconstruction [I] of the paper's DPTree / DPTreeDistance /
 DPTreeSoftmax; the paper's exact node layout is not public).
 
 * :class:`DPTree` — binary range-sum tree over m leaves (padded to 2^L), Laplace(b) on every node with

@@ -1,4 +1,4 @@
-"""Polynomial (Taylor) kernel features: ⟨φ(x), φ(y)⟩ = Σ_{j≤s} (scale·⟨x,y⟩)^j / j!  (notes §0 T1).
+"""Polynomial (Taylor) kernel features: ⟨φ(x), φ(y)⟩ = Σ_{j≤s} (scale·⟨x,y⟩)^j / j!  (Alman & Song 2023, arXiv 2302.13214).
 
 A feature is a monomial x^α with |α| ≤ s, weighted by sqrt(scale^|α| / α!). The multinomial theorem gives
 (scale·⟨x,y⟩)^j / j! = Σ_{|α|=j} scale^j x^α y^α / α!, so the inner product of two feature vectors is the
@@ -79,5 +79,5 @@ def feature_norm_bound(d: int, degree: int, scale: float, bound: float) -> float
 
 
 def kernel_error_bound(beta: float, degree: int) -> float:
-    """ε_s with |T_s(x)e^{-x} − 1| ≤ ε_s for |x| ≤ β (notes §0 T1): e^{2β} β^{s+1} / (s+1)!."""
+    """ε_s with |T_s(x)e^{-x} − 1| ≤ ε_s for |x| ≤ β (Alman & Song 2023, arXiv 2302.13214): e^{2β} β^{s+1} / (s+1)!."""
     return float(math.exp(2 * beta + (degree + 1) * math.log(max(beta, 1e-300)) - math.lgamma(degree + 2)))

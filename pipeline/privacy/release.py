@@ -1,4 +1,4 @@
-"""The noisy-feature-sum release of one attention head's private key/value set (notes §2(b), the oracle form).
+"""The noisy-feature-sum release of one attention head's private key/value set (arXiv 2407.14717, the oracle form).
 
 Private data: keys K (n, d) and values V (n, d_v) of one head. Public: the bounds R (‖k‖∞ ≤ R) and R_w
 (|V_ij| ≤ R_w), the kernel (degree s, scale) and the row count n (neighbouring sets replace one row, so n

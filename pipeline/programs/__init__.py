@@ -1,4 +1,4 @@
-"""Compiled logic: SUBLEQ programs as looped ReLU-MLPs (arXiv 2410.09375; paper notes §4 and §6.4).
+"""Compiled logic: SUBLEQ programs as looped ReLU-MLPs (arXiv 2410.09375).
 
 - :mod:`~pipeline.programs.machine`: machine sizes, programs and the reference interpreter (the oracle).
 - :mod:`~pipeline.programs.asm`: the assembly language and memory files.

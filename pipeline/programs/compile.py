@@ -1,4 +1,4 @@
-"""Compile a SUBLEQ machine into looped ReLU-MLP weights (paper notes §4b, arXiv 2410.09375).
+"""Compile a SUBLEQ machine into looped ReLU-MLP weights (arXiv 2410.09375).
 
 State vector (float, every entry a bit 0/1; bit t of a word has weight 2^t, t = 0 is the least significant)::
 
@@ -15,7 +15,7 @@ Two constructions, both verified against :func:`pipeline.programs.machine.interp
   hands its results on as units of its last layer. The paper's per-layer weights are not public; the primitives
   inside each group are ours, and layers a group does not need are pass-through layers.
 
-Exact ReLU primitives (inputs are bits or small integers; paper notes §4b):
+Exact ReLU primitives (inputs are bits or small integers; arXiv 2410.09375):
 
 - ``select(p, code) = ReLU(sum_t (code_t ? p_t : 1 - p_t) - A + 1)``; ``AND(e, v) = ReLU(e + v - 1)``.
 - Two's-complement ``x - y = x + not(y) + 1`` with a carry-lookahead of small weights (never ``2^t`` weights, so
@@ -53,7 +53,7 @@ Construction = Literal["shallow", "paper23"]
 ProgramIn = Literal["weights", "state"]
 CONSTRUCTIONS: tuple[Construction, ...] = get_args(Construction)
 PROGRAM_IN: tuple[ProgramIn, ...] = get_args(ProgramIn)
-# the paper's layer budget per step, in order (arXiv 2410.09375; notes §4a [C])
+# the paper's layer budget per step, in order (arXiv 2410.09375 [C])
 PAPER_BUDGET = (
     ("read_addresses", 2),
     ("read_data", 2),

@@ -1,6 +1,6 @@
 """The SUBLEQ machine edgepipe compiles: its sizes, its programs, and the reference interpreter (the oracle).
 
-SUBLEQ(a, b, c) (Giannou et al. 2023 convention, paper notes §4a):
+SUBLEQ(a, b, c) (Giannou et al. 2023 convention, arXiv 2301.13196; as in arXiv 2410.09375):
 ``mem[b] <- mem[b] - mem[a]``; if the new ``mem[b] <= 0`` then ``PC <- c`` else ``PC <- (PC + 1) mod I``.
 Words are N-bit two's complement, so the subtraction wraps. Code and data are separate (a Harvard machine):
 ``a, b`` address one of M memory cells, ``c`` one of I instruction slots.

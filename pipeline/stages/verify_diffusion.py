@@ -4,7 +4,7 @@ For the dense network and for each target's ONNX model (its precision, ONNX Runt
 score, the TV certificate of the DDPM sampler on the configured grid (:func:`pipeline.diffusion.bounds.tv_certificate`),
 and the TV of real samples against the exact mixture (histogram, d ≤ 3). Plus the network's empirical Lipschitz
 constant against the k-independent bound. A gate on measured TV and/or the certificate records failures (the run
-exits 1 after writing the report). Source: arXiv 2405.16418; notes §5–§6.
+exits 1 after writing the report). Source: arXiv 2405.16418.
 
 Metrics (the contract checks read from report.json)::
 

@@ -6,7 +6,7 @@ narrowed weights) against a float64 exact reference (torch's dense attention; de
 block mask for block-sparse), per transformer layer, on calibration passages. A layer over ``max_rel_err`` is
 a recorded gate failure naming the layer (the run fails after its report is written, like ``validate``).
 (b) beta = max |q.k| / sqrt(d) and its 99th percentile per head on calibration text; the degree for kernel
-error ``kernel_eps`` (notes §0 T1), its feature count, and whether the method applies.
+error ``kernel_eps`` (Alman & Song 2023, arXiv 2302.13214), its feature count, and whether the method applies.
 (c) If any head applies: the model's gradient at ``seq_len`` tokens with polynomial-feature attention on those
 heads (factorized backward, pipeline.lowrank) vs exact float64 autograd: relative error and both times.
 
