@@ -59,12 +59,13 @@ _PACKED_OPS = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "QGem
 
 
 def memory_shape(calibration: Any, profile: Any, limit: int | None) -> tuple[int, int]:
-    """The largest configured (batch, sequence): calibration ``batch_size`` x ``max_length`` (what validate runs)
-    and the profile's ``static_shapes``, each the larger, the sequence capped at the model's position limit."""
-    batch, seq = int(calibration.batch_size), int(calibration.max_length)
+    """The largest configured (batch, sequence): calibration ``batch_size`` x ``max_length`` (what validate runs),
+    the sequence capped at the model's position limit; for a profile with ``static_shapes`` exactly that shape
+    (a fixed-shape model takes no other)."""
     static = getattr(profile, "static_shapes", None)
     if static is not None:
-        batch, seq = max(batch, int(static.batch)), max(seq, int(static.seq))
+        return int(static.batch), int(static.seq)
+    batch, seq = int(calibration.batch_size), int(calibration.max_length)
     return batch, (min(seq, limit) if limit else seq)
 
 

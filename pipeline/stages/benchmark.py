@@ -106,10 +106,16 @@ def _measure_memory(ctx: StageContext, loaded, text: str, prof, tm: TargetModel,
     from runtimes.memory import max_context, measure_memory, memory_feeds, memory_shape
 
     b, s = memory_shape(ctx.run.calibration, prof, limit)
-    b, s = max(b, cfg.batch), max(s, min(cfg.seq, limit or cfg.seq))
+    if prof.static_shapes is None:
+        b, s = max(b, cfg.batch), max(s, min(cfg.seq, limit or cfg.seq))
     batch = encode(loaded, [text] * b, max_length=s, batch_size=b, ctx=ctx, setting="calibration.max_length")[0]
     context = max_context(prof, limit) if tm.io.get("with_past") else None
-    feeds = memory_feeds(to_numpy_feeds(batch, tm.io), tm.io, context)
+    np_feeds = to_numpy_feeds(batch, tm.io)
+    if prof.static_shapes is not None:  # a fixed-shape model takes exactly (batch, seq): pad / truncate
+        from exporters.static_shapes import fit_feeds
+
+        np_feeds = fit_feeds(np_feeds, b, s)[0][0]
+    feeds = memory_feeds(np_feeds, tm.io, context)
     try:
         mem = measure_memory(ctx.resolve(tm.model), feeds, threads=threads, providers=prof.providers)
     except RuntimeError as exc:

@@ -236,7 +236,7 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
                 )
         files = dict(tm.files)
         promises, broken = _profile_promises(
-            ctx, cfg, name, prof, tm, path, batches[0], model_max_positions(loaded.model)
+            ctx, cfg, name, prof, tm, path, feeds_all[0], model_max_positions(loaded.model)
         )
         files["placement"] = promises.pop("placement")
         metrics.update(promises)
@@ -268,11 +268,12 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
 
 
 def _profile_promises(
-    ctx: StageContext, cfg: ValidateConfig, name: str, prof, tm: TargetModel, path, batch, limit: int | None
+    ctx: StageContext, cfg: ValidateConfig, name: str, prof, tm: TargetModel, path, feeds, limit: int | None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The profile's memory budget (estimated from the graph at the largest configured batch x seq, decoders'
-    KV cache at the profile's max context) and provider coverage (``min_provider_coverage``): metrics, the
-    placement file (every node's provider) and failure rows."""
+    KV cache at the profile's max context) and provider coverage (``min_provider_coverage``, placed on ``feeds``:
+    numpy feeds in the target's input shape): metrics, the placement file (every node's provider) and failure
+    rows."""
     from runtimes.memory import budget_failure, estimate_memory, feed_shapes, max_context, memory_shape
     from runtimes.placement import coverage_failure, provider_coverage
 
@@ -283,7 +284,7 @@ def _profile_promises(
         path, shapes, io=tm.io, arena_factor=cfg.memory_arena_factor, overhead_mb=cfg.memory_overhead_mb
     )
     est["budget_mb"] = prof.memory_budget_mb
-    cov, placement = provider_coverage(path, to_numpy_feeds(batch, tm.io), prof.providers, threads=1)
+    cov, placement = provider_coverage(path, feeds, prof.providers, threads=1)
     out = ctx.subdir(name) / "placement.json"
     atomic_write_json(out, {"provider": cov["provider"], "method": cov["method"], "nodes": placement})
     broken = [

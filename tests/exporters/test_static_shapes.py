@@ -184,12 +184,14 @@ def test_android_npu_profile_end_to_end(tiny_models, tmp_path) -> None:
         "model": {"path": str(tiny_models["bert"])},
         "targets": ["android-npu"],
         "calibration": {"samples": 8, "heldout": 8, "max_length": 32},
-        "stages": [{"export": {}}, {"quantize": {}}, {"validate": {}}],
+        "stages": [{"export": {}}, {"quantize": {}}, {"validate": {}}, {"benchmark": {"runs": 2, "warmup": 1}}],
     }
     run_dir = tmp_path / "run"
     report = pipeline.run(cfg, workdir=run_dir, progress=False)
     t = report["targets"]["android-npu"]
     assert report["ok"] and t["precision"] == "int8-static" and t["parity"]["ok"]
+    # the memory budget and the provider placement run the fixed-shape model at its own shape
+    assert t["memory"]["basis"] == "measured" and t["provider_coverage"]["method"] in ("static", "unknown")
     model = onnx.load(str(run_dir / "android-npu" / "model.onnx"))
     assert dynamic_dims(model) == []
     assert any(n.op_type == "DequantizeLinear" for n in model.graph.node)  # QDQ, what HTP takes

@@ -354,3 +354,36 @@ def test_sigterm_stops_the_tune_cleanly(tiny_models, tmp_path):
     time.sleep(2)
     assert not _our_processes(str(tmp_path)), "Ray processes left running after SIGTERM"
     assert not (workdir / ".ray-tmp").exists()
+
+
+def test_address_attaches_to_a_running_cluster_and_leaves_it_running(tiny_models, tmp_path, monkeypatch):
+    """`--address` runs the trials on an existing Ray cluster (here: a local head started by the test) and
+    disconnects afterwards without stopping that cluster."""
+    import shutil
+    import tempfile
+
+    from ray.cluster_utils import Cluster
+
+    ray_tmp = tempfile.mkdtemp(prefix="ep-rc-", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        cfg = tmp_path / "tune.yaml"
+        space = {"prune.sparsity": [0.5], "quantize.precision": ["fp32"]}
+        cfg.write_text(yaml.safe_dump(_tune_yaml(tiny_models["bert"], space=space)))
+        workdir = tmp_path / "w"
+        res = subprocess.run(
+            _cli("tune", str(cfg), "--workdir", str(workdir), "--address", cluster.address, "--trials", "1"),
+            cwd=tmp_path,
+            env={**_env(), "RAY_TMPDIR": ray_tmp},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        trials = _journal(workdir)
+        assert [t["status"] for t in trials] == ["ok"]
+        assert cluster.remaining_processes_alive()  # the user's cluster is not shut down by edgepipe
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
