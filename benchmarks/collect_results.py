@@ -28,7 +28,7 @@ ORDER = [
         "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries",
     ),
     ("int4.md", "Issue 16 — int4 weight-only (MatMulNBits) vs int8 dynamic on the small GPT"),
-    ("tune.md", "Issue 15 — edgepipe tune: MiniLM at a reduced budget (goal missed), tiny-model functional run"),
+    ("tune.md", "Issue 15 — edgepipe tune: MiniLM at 45 minutes and at a reduced budget (goal missed), tiny-model run"),
     (
         "memory.md",
         "Issue 16 — memory budget (measured vs estimated) and provider coverage per documented provider (MiniLM)",
