@@ -106,8 +106,13 @@ def test_memory_shape_and_context_take_the_largest_configured_and_cap_at_the_mod
         static_shapes = Static()
         max_context = 4096
 
-    assert memory_shape(Cal(), Prof(), limit=None) == (8, 256)
-    assert memory_shape(Cal(), Prof(), limit=200) == (8, 200)
+    class Dynamic:
+        static_shapes = None
+
+    assert memory_shape(Cal(), Dynamic(), limit=None) == (8, 128)
+    assert memory_shape(Cal(), Dynamic(), limit=100) == (8, 100)
+    # a fixed-shape model takes exactly its shape (export refuses a static seq beyond the model's limit)
+    assert memory_shape(Cal(), Prof(), limit=None) == (1, 256)
     assert max_context(Prof(), limit=1024) == 1024
     assert max_context(type("P", (), {"max_context": None})(), limit=1024) == 1024
     assert max_context(type("P", (), {"max_context": 300})(), limit=1024) == 300
