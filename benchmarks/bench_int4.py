@@ -131,7 +131,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     info = json.loads((args.model / "train_info.json").read_text())
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     train_texts, held_texts = tsg.read_split(args.data, info["settings"]["holdout_fraction"])
     held = _windows(tokenizer, held_texts, args.windows or None)
     calib = _windows(tokenizer, train_texts[:400], args.calib)

@@ -66,7 +66,7 @@ def main() -> None:
     )
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(default_model_path()))
+    tok = AutoTokenizer.from_pretrained(str(default_model_path()), trust_remote_code=False)
     text = "The quick brown fox jumps over the lazy dog while the model measures its own memory. " * 40
     io = {"input_names": ["input_ids", "attention_mask", "token_type_ids"], "with_past": False}
     rows = []

@@ -47,7 +47,7 @@ def build_model(out: Path) -> Path:
     model = tf.BertModel(tf.BertConfig(**CONFIG)).eval()
     model.save_pretrained(out, safe_serialization=True)
     del model
-    tf.AutoTokenizer.from_pretrained(default_model_path()).save_pretrained(out)
+    tf.AutoTokenizer.from_pretrained(default_model_path(), trust_remote_code=False).save_pretrained(out)
     return out
 
 
