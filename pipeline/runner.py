@@ -130,7 +130,11 @@ def _input_fingerprint(texts: list[str], model_path: Path, profiles: Mapping[str
     return {
         "model_sha256": hash_tree(model_path),
         "calibration_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
-        "profiles": {n: p.model_dump(mode="json") for n, p in profiles.items()},
+        # int8_weight_type is resolved here: `int8_weights: host` decides it from this machine's CPU, and a
+        # cache shared by machines with and without VNNI must not hand one's artifact to the other
+        "profiles": {
+            n: {**p.model_dump(mode="json"), "int8_weight_type": p.int8_weight_type} for n, p in profiles.items()
+        },
     }
 
 

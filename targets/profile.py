@@ -34,7 +34,7 @@ __all__ = [
 
 SparsityPattern = Literal["unstructured", "n:m", "structured"]
 AttentionOp = Literal["onnx_attention", "ms_mha"]
-Int8Weights = Literal["s8", "u8", "s8-reduce-range"]  # exporters.quantize.INT8_WEIGHT_TYPES
+Int8Weights = Literal["s8", "u8", "s8-reduce-range", "host"]  # exporters.quantize.INT8_WEIGHT_TYPES + "host"
 
 
 class Tolerance(Frozen):
@@ -165,9 +165,10 @@ class TargetProfile(Frozen):
     )
     int8_weights: Int8Weights | None = Field(
         None,
-        description="int8 weight type: s8 (u8 activations x s8 weights), u8 (u8 x u8) or s8-reduce-range (7-bit s8);"
-        " omitted = u8 on x86_64 (u8 x s8 saturates int16 pair sums on CPUs without AVX-VNNI), s8 on ARM"
-        " (dot-product kernels accumulate exactly)",
+        description="int8 weight type: s8 (u8 activations x s8 weights), u8 (u8 x u8), s8-reduce-range (7-bit s8)"
+        " or host (the fastest exact type for the CPU edgepipe runs on: s8 on ARM and on x86 with AVX-512 VNNI,"
+        " else u8; for profiles of this machine); omitted = u8 on x86_64 (u8 x s8 saturates int16 pair sums on"
+        " CPUs without VNNI), s8 on ARM (dot-product kernels accumulate exactly)",
     )
 
     @field_validator("name")
@@ -220,7 +221,12 @@ class TargetProfile(Frozen):
         x86_64 -> ``"u8"``: ONNX Runtime's u8 x s8 kernel on AVX2 without VNNI (``vpmaddubsw``) adds two
         u8*s8 products into a saturating int16, so results depend on the host CPU; u8 x u8 widens to int16
         first and is exact everywhere. ARM -> ``"s8"``: its kernels accumulate exactly in int32.
+        ``host`` -> decided from this process's CPU (:func:`targets.cpu.host_int8_weight_type`).
         """
+        if self.int8_weights == "host":
+            from targets.cpu import host_int8_weight_type
+
+            return host_int8_weight_type()
         if self.int8_weights is not None:
             return self.int8_weights
         return "u8" if self.arch == "x86_64" else "s8"

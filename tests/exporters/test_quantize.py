@@ -383,10 +383,51 @@ def test_int8_weight_types_and_the_u8s8_saturation_they_avoid(tmp_path: Path, we
 
 def test_profiles_choose_int8_weights_per_architecture() -> None:
     from targets import load_target
+    from targets.cpu import host_int8_weight_type
 
-    assert load_target("host-cpu").int8_weight_type == "u8"  # x86: exact on CPUs with and without VNNI
     assert load_target("raspberry-pi-5").int8_weight_type == "s8"  # ARM: int32 dot products, full 8-bit weights
     assert load_target("android-arm64").int8_weight_type == "s8"
+    # host-cpu describes this machine: the fastest exact type for the CPU the test runs on (CI's may lack VNNI)
+    assert load_target("host-cpu").int8_weights == "host"
+    assert load_target("host-cpu").int8_weight_type == host_int8_weight_type()
+    # an x86 profile that says nothing stays u8: exact on CPUs with and without VNNI
+    assert load_target("host-cpu").model_copy(update={"int8_weights": None}).int8_weight_type == "u8"
+
+
+@pytest.mark.parametrize(
+    ("machine", "features", "expected"),
+    [
+        ("x86_64", {"AVX2": True, "AVX512VNNI": True}, "s8"),  # vpdpbusd accumulates u8 x s8 in int32
+        ("x86_64", {"AVX2": True, "AVX512VNNI": False}, "u8"),  # vpmaddubsw would saturate int16 pair sums
+        ("AMD64", {"AVX2": True}, "u8"),  # Windows' name; no VNNI reported
+        ("x86_64", {}, "u8"),  # features unknown: the type that is exact everywhere
+        ("aarch64", {"ASIMD": True}, "s8"),
+        ("arm64", {}, "s8"),  # macOS' name
+        ("riscv64", {}, "u8"),
+    ],
+)
+def test_host_int8_weight_type_follows_the_cpu(machine: str, features: dict[str, bool], expected: str) -> None:
+    from targets.cpu import int8_weight_type_for
+
+    assert int8_weight_type_for(machine, features) == expected
+
+
+def test_host_weight_type_is_part_of_the_stage_cache_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`int8_weights: host` resolves per machine: a cache shared by a VNNI and a non-VNNI machine must not
+    hand one's int8 model to the other, so the resolved type is in the run's input fingerprint."""
+    import targets.cpu
+    from pipeline.runner import _input_fingerprint
+    from targets import load_target
+
+    prof = {"host-cpu": load_target("host-cpu")}
+    keys = {}
+    for vnni in (True, False):
+        monkeypatch.setattr(targets.cpu, "cpu_features", lambda v=vnni: {"AVX2": True, "AVX512VNNI": v})
+        monkeypatch.setattr(targets.cpu.platform, "machine", lambda: "x86_64")
+        keys[vnni] = _input_fingerprint(["a b"], tmp_path, prof)
+    assert keys[True]["profiles"]["host-cpu"]["int8_weight_type"] == "s8"
+    assert keys[False]["profiles"]["host-cpu"]["int8_weight_type"] == "u8"
+    assert keys[True] != keys[False]
 
 
 @pytest.mark.parametrize("precision", ["int8", "int8-static"])
