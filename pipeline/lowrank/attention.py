@@ -23,6 +23,7 @@ import math
 import torch
 from torch import Tensor
 
+from .dense import masked_softmax, softmax_logit_grad
 from .features import PolyFeatures
 from .ops import DEFAULT_CHUNK, lowrank_matmul, lowrank_matmul_t
 
@@ -47,17 +48,23 @@ def _mask_dense(n_q: int, n_k: int, causal: bool, key_mask: Tensor | None, devic
     return m
 
 
+def _scale(d: int, scale: float | None) -> float:
+    """The score scale s: 1/sqrt(D) by default."""
+    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+def _dense_weights(q: Tensor, k: Tensor, s: float, causal: bool, key_mask: Tensor | None) -> Tensor:
+    """(B, H, Nq, Nk) attention weights softmax(s Q K^T) under the mask (float64 in, float64 out)."""
+    m = _mask_dense(q.shape[-2], k.shape[-2], causal, key_mask, q.device)
+    return masked_softmax(s * q @ k.transpose(-1, -2), m)
+
+
 def softmax_attention_ref(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, causal: bool = False, key_mask: Tensor | None = None
 ) -> Tensor:
     """Dense float64 oracle: softmax(s Q K^T) V under the mask. q, k, v (B, H, N, D) -> (B, H, N, D) float64."""
     q, k, v = q.double(), k.double(), v.double()
-    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = s * q @ k.transpose(-1, -2)  # (B, H, N, N)
-    m = _mask_dense(q.shape[-2], k.shape[-2], causal, key_mask, q.device)
-    if m is not None:
-        logits = logits.masked_fill(~m, float("-inf"))
-    return torch.softmax(logits, dim=-1) @ v
+    return _dense_weights(q, k, _scale(q.shape[-1], scale), causal, key_mask) @ v
 
 
 def softmax_attention_grads_ref(
@@ -72,15 +79,9 @@ def softmax_attention_grads_ref(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Closed-form dense gradients (arXiv 2408.13233) of <G, softmax(s Q K^T) V>: (dQ, dK, dV), float64, O(N^2)."""
     q, k, v, g = q.double(), k.double(), v.double(), g.double()
-    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = s * q @ k.transpose(-1, -2)
-    m = _mask_dense(q.shape[-2], k.shape[-2], causal, key_mask, q.device)
-    if m is not None:
-        logits = logits.masked_fill(~m, float("-inf"))
-    f = torch.softmax(logits, dim=-1)  # (B, H, N, N)
-    y = f @ v
-    r = (g * y).sum(-1, keepdim=True)  # (B, H, N, 1)
-    p = f * (g @ v.transpose(-1, -2)) - r * f  # dL/dS
+    s = _scale(q.shape[-1], scale)
+    f = _dense_weights(q, k, s, causal, key_mask)  # (B, H, N, N)
+    p = softmax_logit_grad(f, g @ v.transpose(-1, -2), g, f @ v)  # dL/dS, dL/df = G V^T
     return s * p @ k, s * p.transpose(-1, -2) @ q, f.transpose(-1, -2) @ g
 
 
@@ -96,8 +97,7 @@ def poly_attention_ref(
 ) -> Tensor:
     """Dense float64 oracle of the *approximate* attention: T_g(s Q K^T) normalized, O(N^2) (checks factorization)."""
     q, k, v = q.double(), k.double(), v.double()
-    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    x = s * q @ k.transpose(-1, -2)
+    x = _scale(q.shape[-1], scale) * q @ k.transpose(-1, -2)
     a = x**0  # (..., N, M) ones: the j = 0 term of the Taylor sum
     for j in range(1, degree + 1):
         a = a + x**j / math.factorial(j)
@@ -239,7 +239,7 @@ def lowrank_attention(
     if q.shape[1] != k.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # autograd sums each group
-    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s = _scale(q.shape[-1], scale)
     if key_mask is not None:
         key_mask = key_mask.to(dtype=torch.bool, device=q.device)
     return _LowRankAttnFn.apply(q, k, v, key_mask, s, bool(causal), int(degree), int(chunk))

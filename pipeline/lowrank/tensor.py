@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .dense import masked_softmax, softmax_logit_grad
 from .features import PolyFeatures
 from .ops import rowwise_kron
 
@@ -49,13 +50,11 @@ def _scale(d: int, scale: float | None) -> float:
 def _dense_f(q: Tensor, k1: Tensor, k2: Tensor, s: float, causal: bool) -> Tensor:
     """(..., n, n, n) attention weights f[l, i, j] (float64)."""
     logits = s * torch.einsum("...lt,...it,...jt->...lij", q, k1, k2)
+    keep = None
     if causal:
-        n = q.shape[-2]
-        idx = torch.arange(n, device=q.device)
+        idx = torch.arange(q.shape[-2], device=q.device)
         keep = (idx[None, :, None] <= idx[:, None, None]) & (idx[None, None, :] <= idx[:, None, None])  # (l, i, j)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    shp = logits.shape
-    return torch.softmax(logits.flatten(-2), dim=-1).view(shp)
+    return masked_softmax(logits, keep, weight_dims=2)
 
 
 def tensor_attention_ref(
@@ -87,9 +86,8 @@ def tensor_attention_grads_ref(
     s = _scale(q.shape[-1], scale)
     f = _dense_f(q, k1, k2, s, causal)
     y = torch.einsum("...lij,...it,...jt->...lt", f, v1, v2)
-    r = (g * y).sum(-1)  # (..., n)
-    gv = torch.einsum("...lt,...it,...jt->...lij", g, v1, v2)
-    p = f * (gv - r[..., :, None, None])
+    gv = torch.einsum("...lt,...it,...jt->...lij", g, v1, v2)  # dL/df
+    p = softmax_logit_grad(f, gv, g, y)  # dL/dS
     dq = s * torch.einsum("...lij,...it,...jt->...lt", p, k1, k2)
     dk1 = s * torch.einsum("...lij,...lt,...jt->...it", p, q, k2)
     dk2 = s * torch.einsum("...lij,...lt,...it->...jt", p, q, k1)
