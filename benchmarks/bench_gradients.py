@@ -456,47 +456,17 @@ def _train_gpt(tsg, s, vocab: int, eot: int, train_ids, n_head: int, cap, on_ste
     """The small GPT of ``train_small_gpt.py`` (its settings ``s``, data order, schedule and optimizer), with
     ``n_head`` heads and, if ``cap``, bounded-entry attention. ``on_step(step, model)`` runs after each step
     (1-based; held-out checkpoints). Returns (model in eval mode, training seconds, excluding ``on_step``)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from pipeline.lowrank.bounded import bound_attention_
 
     torch.manual_seed(s.seed)
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=s.context,
-        n_embd=s.n_embd,
-        n_layer=s.n_layer,
-        n_head=n_head,
-        resid_pdrop=s.dropout,
-        embd_pdrop=s.dropout,
-        attn_pdrop=s.dropout,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-    )
-    model = GPT2LMHeadModel(cfg)
+    model = tsg.build_model(s, vocab, eot, n_head=n_head)
     if cap is not None:
         bound_attention_(model, beta=cap)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = tsg.make_optimizer(model, s)
     gen = torch.Generator().manual_seed(s.seed)
     t0, paused = time.perf_counter(), 0.0
     for step in range(s.steps):
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = tsg._lr_at(step, s)
-        starts = torch.randint(0, train_ids.numel() - s.context - 1, (s.batch_size,), generator=gen)
-        xy = torch.stack([train_ids[i : i + s.context + 1] for i in starts.tolist()])
-        loss = model(input_ids=xy[:, :-1], labels=xy[:, :-1]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        tsg.train_step(model, opt, train_ids, s, step, gen)
         if on_step is not None:
             t1 = time.perf_counter()
             on_step(step + 1, model)

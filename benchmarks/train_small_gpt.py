@@ -145,10 +145,65 @@ def _lr_at(step: int, s: Settings) -> float:
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(s: Settings, data: Path, out: Path, max_minutes: float, command: str) -> dict[str, Any]:
-    """Train per ``s`` and save model, tokenizer and train_info.json into ``out``; returns the info dict."""
+def build_model(s: Settings, vocab: int, eot: int, n_head: int | None = None) -> torch.nn.Module:
+    """The GPT-2 of ``s`` (``n_head`` overrides ``s.n_head``), freshly initialised from torch's global generator,
+    with ``eot`` as its bos / eos / pad token."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=s.context,
+        n_embd=s.n_embd,
+        n_layer=s.n_layer,
+        n_head=s.n_head if n_head is None else n_head,
+        resid_pdrop=s.dropout,
+        embd_pdrop=s.dropout,
+        attn_pdrop=s.dropout,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def make_optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9, 0.95) with weight decay on matrices only (nanoGPT): biases and LayerNorm gains stay
+    undecayed. The learning rate is set per step by :func:`train_step`."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    train_ids: torch.Tensor,
+    s: Settings,
+    step: int,
+    gen: torch.Generator,
+) -> float:
+    """One training step (0-based ``step``): the scheduled learning rate, ``s.batch_size`` random windows of
+    ``s.context + 1`` tokens of ``train_ids`` drawn from ``gen``, next-token loss, gradient clipped to norm 1,
+    AdamW update. Returns the step's training loss."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = _lr_at(step, s)
+    starts = torch.randint(0, train_ids.numel() - s.context - 1, (s.batch_size,), generator=gen)
+    xy = torch.stack([train_ids[i : i + s.context + 1] for i in starts.tolist()])  # (B, T+1)
+    loss = model(input_ids=xy[:, :-1], labels=xy[:, :-1]).loss  # HF shifts labels internally
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
+def train(s: Settings, data: Path, out: Path, max_minutes: float, command: str) -> dict[str, Any]:
+    """Train per ``s`` and save model, tokenizer and train_info.json into ``out``; returns the info dict."""
     torch.manual_seed(s.seed)
     train_texts, held_texts = read_split(data, s.holdout_fraction)
     t_tok = time.perf_counter()
@@ -164,32 +219,10 @@ def train(s: Settings, data: Path, out: Path, max_minutes: float, command: str) 
         len(held_texts),
         held_ids.numel(),
     )
-    eot = tokenizer.convert_tokens_to_ids(EOT)
-    cfg = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=s.context,
-        n_embd=s.n_embd,
-        n_layer=s.n_layer,
-        n_head=s.n_head,
-        resid_pdrop=s.dropout,
-        embd_pdrop=s.dropout,
-        attn_pdrop=s.dropout,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-    )
-    model = GPT2LMHeadModel(cfg)
+    model = build_model(s, len(tokenizer), tokenizer.convert_tokens_to_ids(EOT))
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %d layers, hidden %d, %d heads, %.2fM params", s.n_layer, s.n_embd, s.n_head, n_params / 1e6)
-
-    # Weight decay on matrices only (nanoGPT): biases and LayerNorm gains stay undecayed.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = make_optimizer(model, s)
     gen = torch.Generator().manual_seed(s.seed)
     best_ppl, best_step, best_state = float("inf"), 0, None
     history: list[dict[str, float]] = []
@@ -197,24 +230,13 @@ def train(s: Settings, data: Path, out: Path, max_minutes: float, command: str) 
     step = 0
     stopped_early = False
     for step in range(1, s.steps + 1):
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step - 1, s)
-        starts = torch.randint(0, train_ids.numel() - s.context - 1, (s.batch_size,), generator=gen)
-        xy = torch.stack([train_ids[i : i + s.context + 1] for i in starts.tolist()])  # (B, T+1)
-        res = model(input_ids=xy[:, :-1], labels=xy[:, :-1])  # HF shifts labels internally
-        opt.zero_grad(set_to_none=True)
-        res.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, train_ids, s, step - 1, gen)
         elapsed = time.perf_counter() - t0
         over_budget = elapsed > max_minutes * 60
         if step % s.eval_every == 0 or step == s.steps or over_budget:
             ppl = heldout_perplexity(model, held_ids, s.context)
-            history.append({"step": step, "train_loss": float(res.loss), "heldout_ppl": ppl, "seconds": elapsed})
-            logger.info(
-                "step %d/%d train loss %.3f held-out ppl %.2f (%.0fs)", step, s.steps, float(res.loss), ppl, elapsed
-            )
+            history.append({"step": step, "train_loss": loss, "heldout_ppl": ppl, "seconds": elapsed})
+            logger.info("step %d/%d train loss %.3f held-out ppl %.2f (%.0fs)", step, s.steps, loss, ppl, elapsed)
             if ppl < best_ppl:  # keep the best checkpoint: 178k words overfit a 4-layer model within minutes
                 best_ppl, best_step = ppl, step
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
