@@ -11,64 +11,38 @@ FAMILIES = ("bert", "gpt2", "llama")
 MORE_FAMILIES = ("distilbert", "qwen2")
 
 
+# kind -> (config class, model class, config fields beyond the shared vocab 97 / 2 layers / 4 heads / 64 positions)
+_TINY = {
+    "bert": (T.BertConfig, T.BertForMaskedLM, {"intermediate_size": 37}),
+    "gpt2": (T.GPT2Config, T.GPT2LMHeadModel, {}),
+    "llama": (T.LlamaConfig, T.LlamaForCausalLM, {"num_key_value_heads": 2, "intermediate_size": 48}),
+    "distilbert": (T.DistilBertConfig, T.DistilBertForMaskedLM, {"hidden_dim": 40}),
+    "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, {"num_key_value_heads": 2, "intermediate_size": 40}),
+}
+
+
 def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
-    """2-layer, hidden 32, 4 heads (Llama: 2 KV heads); odd FFN width for BERT to exercise N:M tails."""
+    """2-layer, hidden 32, 4 heads (Llama, Qwen2: 2 KV heads); odd FFN width for BERT to exercise N:M tails."""
+    if kind not in _TINY:
+        raise ValueError(kind)
+    config_cls, model_cls, extra = _TINY[kind]
     torch.manual_seed(seed)
-    if kind == "bert":
-        cfg = T.BertConfig(
-            vocab_size=97,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=37,
-            max_position_embeddings=64,
-            initializer_range=0.2,
-        )
-        model = T.BertForMaskedLM(cfg)
-    elif kind == "gpt2":
-        cfg = T.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.2)
-        model = T.GPT2LMHeadModel(cfg)
-    elif kind == "llama":
-        cfg = T.LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            initializer_range=0.2,
-        )
-        model = T.LlamaForCausalLM(cfg)
-    elif kind == "distilbert":
-        cfg = T.DistilBertConfig(
-            vocab_size=97,
-            dim=32,
-            n_layers=2,
-            n_heads=4,
-            hidden_dim=40,
-            max_position_embeddings=64,
-            initializer_range=0.2,
-        )
-        model = T.DistilBertForMaskedLM(cfg)
-    elif kind == "qwen2":
-        cfg = T.Qwen2Config(
-            vocab_size=97,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=40,
-            max_position_embeddings=64,
-            initializer_range=0.2,
-        )
-        model = T.Qwen2ForCausalLM(cfg)
+    # the standard names; GPT2Config and DistilBertConfig map them to their own (n_embd, dim, ...)
+    cfg = config_cls(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        **extra,
+    )
+    model = model_cls(cfg)
+    if kind == "qwen2":
         with torch.no_grad():  # Qwen2 inits biases to 0; make them matter for the adapter tests
             for layer in model.model.layers:
                 for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     lin.bias.normal_(0, 0.5)
-    else:
-        raise ValueError(kind)
     return model.eval()
 
 
