@@ -126,21 +126,17 @@ def test_fit_feeds_pads_truncates_and_marks_filler_rows() -> None:
 
 
 def test_static_bundle_pads_inputs_and_reference_and_passes(exports, tmp_path) -> None:
-    from runtimes.bundle import write_bundle
+    from tests.runtimes.bundles import write_test_bundle
 
     src = exports["bert"]
     static = make_static(src, tmp_path / "m.onnx", batch=4, seq=11)
     feeds = _feeds(src, 3, 8)
     ref = _run(src, feeds)  # (3, 8, D): the reference at the caller's shape
-    out = write_bundle(
+    out = write_test_bundle(
         tmp_path / "bundle",
-        model_path=static,
-        sample_inputs=feeds,
-        reference_outputs={"last_hidden_state": ref},
-        atol=1e-4,
-        rtol=0.0,
-        min_cosine=0.9999,
-        threads=1,
+        static,
+        feeds,
+        ref,
         providers=["QNNExecutionProvider", "CPUExecutionProvider"],
         runs=1,
         warmup=0,
@@ -157,15 +153,13 @@ def test_static_bundle_pads_inputs_and_reference_and_passes(exports, tmp_path) -
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and res["ok"] and res["max_abs_diff"] < 1e-4, proc.stderr[-500:]
     with pytest.raises(ValueError, match="12 positions but the model's static sequence is 11"):
-        write_bundle(
+        write_test_bundle(
             tmp_path / "b2",
-            model_path=static,
-            sample_inputs=_feeds(src, 1, 12),
-            reference_outputs={"last_hidden_state": np.zeros((1, 12, 4), np.float32)},
+            static,
+            _feeds(src, 1, 12),
+            np.zeros((1, 12, 4), np.float32),
             atol=1.0,
-            rtol=0.0,
             min_cosine=None,
-            threads=1,
             providers=[],
             static_shape=(4, 11),
         )

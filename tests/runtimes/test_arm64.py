@@ -73,26 +73,10 @@ def test_check_run_refuses_without_a_root_filesystem(tmp_path: Path) -> None:
 @pytest.mark.device
 @pytest.mark.skipif(not rootfs_ready(ROOTFS), reason="no aarch64 root filesystem: run `make arm64-check` (root) once")
 def test_bundle_passes_on_aarch64_kernels_under_qemu(tmp_path: Path) -> None:
-    from runtimes.bundle import write_bundle
-    from runtimes.session import feeds_for, make_session
-    from tests.runtimes.test_session import sample_encodings, tiny_encoder
+    from tests.runtimes.bundles import tiny_encoder_case, write_test_bundle
 
-    model = tiny_encoder(tmp_path / "tiny.onnx")
-    sess = make_session(model, threads=1)
-    feeds = feeds_for(sess, sample_encodings())
-    (ref,) = sess.run(None, feeds)
     run_dir = tmp_path / "run"
-    write_bundle(
-        run_dir / "raspberry-pi-5" / "bundle",
-        model_path=model,
-        sample_inputs=feeds,
-        reference_outputs={"last_hidden_state": ref},
-        atol=1e-4,
-        rtol=0.0,
-        min_cosine=0.9999,
-        threads=1,
-        providers=["CPUExecutionProvider"],
-    )
+    write_test_bundle(run_dir / "raspberry-pi-5" / "bundle", *tiny_encoder_case(tmp_path / "tiny.onnx"))
     (run_dir / "manifest.json").write_text(json.dumps({"config": {"targets": ["host-cpu", "raspberry-pi-5"]}}))
     (run_dir / "report.json").write_text(json.dumps({"ok": True}))
     (run_dir / "report.md").write_text("# report\n")

@@ -16,27 +16,22 @@ import pytest
 
 from runtimes.benchmark import BundleRunError, benchmark_bundle
 from runtimes.bundle import write_bundle
-from runtimes.session import feeds_for, make_session
-from tests.runtimes.test_session import sample_encodings, tiny_encoder
+from tests.runtimes.bundles import tiny_encoder_case, write_test_bundle
+from tests.runtimes.test_session import tiny_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
-    model = tiny_encoder(tmp_path / "tiny.onnx")
-    sess = make_session(model, threads=1)
-    feeds = feeds_for(sess, sample_encodings())
-    (ref,) = sess.run(None, feeds)
-    return write_bundle(
+    model, feeds, ref = tiny_encoder_case(tmp_path / "tiny.onnx")
+    return write_test_bundle(
         tmp_path / "bundle",
-        model_path=model,
-        sample_inputs=feeds,
-        reference_outputs={"last_hidden_state": ref},
+        model,
+        feeds,
+        ref,
         atol=1e-5,
-        rtol=0.0,
         min_cosine=0.999,
-        threads=1,
         providers=["XnnpackExecutionProvider", "CPUExecutionProvider"],
         runs=5,
         warmup=1,
