@@ -17,9 +17,10 @@ from pipeline.diffusion.gmm import GaussianMixture
 from pipeline.diffusion.network import ScoreMLP
 from pipeline.diffusion.samplers import ScoreFn
 
-__all__ = ["PRUNE_METHODS", "feeds_of", "onnx_scorer", "prune_linears_", "score_inputs", "torch_scorer"]
+__all__ = ["feeds_of", "onnx_scorer", "prune_linears_", "score_inputs", "score_prune_methods", "torch_scorer"]
 
-PRUNE_METHODS = ("magnitude", "wanda")
+# Calibration statistics prune_linears_ collects for a linear layer (pipeline.pruning.registry.STATISTICS names).
+_STATISTICS = frozenset({"sq_norms"})
 
 
 def score_inputs(
@@ -64,6 +65,15 @@ def onnx_scorer(session: Any) -> ScoreFn:
     return fn
 
 
+def score_prune_methods() -> list[str]:
+    """The pruning methods a score network takes, read from the pruning registry: every method with a per-matrix
+    rule that reads no calibration statistic beyond what :func:`prune_linears_` collects (the inputs' squared norms;
+    not the Hessian of the reconstructing methods), sorted."""
+    from pipeline.pruning.registry import matrix_methods, prune_method
+
+    return [name for name in matrix_methods() if prune_method(name).needs <= _STATISTICS]
+
+
 @torch.no_grad()
 def prune_linears_(
     model: ScoreMLP,
@@ -74,25 +84,31 @@ def prune_linears_(
     m: int = 0,
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Prune every ``nn.Linear`` of the network in place: ``magnitude`` (|W| over each whole matrix) or ``wanda``
-    (|W|·‖X_j‖ per output row, input norms from ``calibration`` (x, t)); N:M when ``m`` > 0.
+    """Prune every ``nn.Linear`` of the network in place with the registered per-matrix rule of ``method`` (one of
+    :func:`score_prune_methods`, e.g. ``magnitude``: |W| over each whole matrix; ``wanda``: |W|·‖X_j‖ per output
+    row, input norms from ``calibration`` (x, t)); N:M when ``m`` > 0, else ``sparsity`` unstructured.
 
     Returns:
-        ``{"sparsity": {layer: fraction, ..., "overall": fraction}}``.
+        ``{"sparsity": {layer: fraction of zero weights, ..., "overall": fraction}}``.
 
     Raises:
-        ValueError: unknown method, or ``wanda`` without calibration inputs.
+        ValueError: a method not in :func:`score_prune_methods`, or one that reads input norms without
+            ``calibration``.
     """
-    from pipeline.pruning.magnitude import magnitude_prune
-    from pipeline.pruning.wanda import wanda_prune
+    from pipeline.pruning.config import PruneConfig
+    from pipeline.pruning.registry import MatrixInputs, prune_method
 
-    if method not in PRUNE_METHODS:
-        raise ValueError(f"method must be one of {PRUNE_METHODS} for a score network, got {method!r}")
+    allowed = score_prune_methods()
+    if method not in allowed:
+        raise ValueError(f"method must be one of {allowed} for a score network, got {method!r}")
+    spec = prune_method(method)
+    # N:M fixes the sparsity (1 - n/m), so it is not passed with it
+    cfg = PruneConfig(method=method, pattern="n:m", n=n, m=m) if m else PruneConfig(method=method, sparsity=sparsity)
     linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     norms: dict[str, torch.Tensor] = {}
-    if method == "wanda":
+    if "sq_norms" in spec.needs:
         if calibration is None:
-            raise ValueError("wanda needs calibration inputs")
+            raise ValueError(f"{method} needs calibration inputs")
         hooks = [
             mod.register_forward_hook(
                 lambda mod, inp, out, name=name: norms.__setitem__(name, (inp[0].double() ** 2).sum(0))
@@ -108,11 +124,10 @@ def prune_linears_(
     zeros = total = 0
     for name, mod in linears:
         w = mod.weight.data
-        if method == "magnitude":
-            new, keep = magnitude_prune(w, sparsity=sparsity, n=n, m=m)
-        else:
-            new, keep = wanda_prune(w, norms[name].to(w.dtype), sparsity=sparsity, n=n, m=m)
+        inputs = MatrixInputs(sq_norms=norms[name].to(w.dtype) if name in norms else None)  # (in,)
+        new = spec.prune_matrix(w, inputs, cfg)  # (out, in), zeros where pruned
         mod.weight.data.copy_(new)
+        keep = new != 0
         report[name] = float(1 - keep.double().mean())
         zeros += int((~keep).sum())
         total += keep.numel()

@@ -51,16 +51,17 @@ def _n_samples(ctx: StageContext, split: str) -> int:
 
 @register_stage(PruneConfig, version=1, family=FAMILY)
 def prune_score_model(art: Artifact, cfg: PruneConfig, ctx: StageContext) -> Artifact:
-    """Prune every linear layer of the score network (magnitude or Wanda; unstructured or N:M)."""
-    from pipeline.diffusion.evaluate import PRUNE_METHODS, prune_linears_, torch_scorer
+    """Prune every linear layer of the score network (a method of score_prune_methods(); unstructured or N:M)."""
+    from pipeline.diffusion.evaluate import prune_linears_, score_prune_methods, torch_scorer
     from pipeline.diffusion.metrics import score_mse
     from pipeline.diffusion.network import mixture_of
     from pipeline.models import save_model
 
-    if cfg.method not in PRUNE_METHODS or cfg.pattern == "structured":
+    methods = score_prune_methods()
+    if cfg.method not in methods or cfg.pattern == "structured":
         raise StageError(
             "prune",
-            f"score networks support method {'/'.join(PRUNE_METHODS)} with pattern unstructured or n:m (got {cfg.method}/{cfg.pattern})",
+            f"score networks support method {'/'.join(methods)} with pattern unstructured or n:m (got {cfg.method}/{cfg.pattern})",
         )
     slow = [n for n, p in ctx.targets.items() if cfg.pattern not in p.fast_patterns]
     if slow:

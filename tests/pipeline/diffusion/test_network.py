@@ -101,6 +101,30 @@ def test_prune_linears(tiny_score_model):
         prune_linears_(model, method="sparsegpt", sparsity=0.5)
 
 
+def test_prune_linears_takes_every_registered_method_it_can_feed(tiny_score_model):
+    """The allowed methods come from the pruning registry: a new per-matrix method reading input norms (the toy
+    method) is taken with no change here; one needing the Hessian (sparsegpt) or no per-matrix rule is not."""
+    import importlib
+    import sys
+
+    from pipeline.diffusion.evaluate import prune_linears_, score_inputs, score_prune_methods
+    from pipeline.diffusion.network import load_score_model
+    from pipeline.pruning.registry import PRUNE_METHODS
+
+    assert score_prune_methods() == ["magnitude", "wanda"]
+    toy = importlib.import_module("tests.pipeline.pruning.toy_method")
+    try:
+        toy.CALLS.clear()
+        assert "toy_energy" in score_prune_methods()
+        model = load_score_model(tiny_score_model)
+        shapes = [tuple(mod.weight.shape) for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+        rep = prune_linears_(model, method="toy_energy", sparsity=0.5, calibration=score_inputs(model, 64, seed=0))
+        assert toy.CALLS == shapes and rep["sparsity"]["overall"] == pytest.approx(0.5, abs=0.05)
+    finally:
+        PRUNE_METHODS.pop("toy_energy")
+        sys.modules.pop("tests.pipeline.pruning.toy_method")
+
+
 def test_family_stage_dispatch():
     import pipeline.stages  # noqa: F401
     from pipeline.families import ModelKind, kind_of_family, register_model_kind

@@ -94,3 +94,20 @@ def test_transformer_only_stage_refused(tiny_score_model, tmp_path, capsys):
     )
     assert main(["run", str(path), "--workdir", str(tmp_path / "attn")]) == 2
     assert "does not apply to score networks" in capsys.readouterr().err
+
+
+def test_prune_method_it_cannot_feed_refused(tiny_score_model, tmp_path, capsys):
+    """sparsegpt reads the Hessian, which the score-network prune does not collect: one line naming what it takes."""
+    path = tmp_path / "sgpt.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tiny_score_model)},
+                "targets": ["host-cpu"],
+                "stages": [{"prune": {"method": "sparsegpt"}}],
+            }
+        )
+    )
+    assert main(["run", str(path), "--workdir", str(tmp_path / "sgpt")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # progress lines aside
+    assert len(err) == 1 and "score networks support method magnitude/wanda" in err[0], err
