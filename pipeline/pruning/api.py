@@ -197,8 +197,6 @@ def _reduce_qk_dims(
     q, k = block.q, block.k
     X = None if stats is None else stats.attn_input
     pad = None if stats is None else stats.attn_pad_mask
-    qk_rule = cfg.method_spec.qk_width_rule
-    assert qk_rule is not None  # PruneConfig refuses qk_dims for a method without one
     res = reduce_qk(
         q.weight,
         q.bias,
@@ -208,7 +206,7 @@ def _reduce_qk_dims(
         pad,
         g,
         keep=keep,
-        method=qk_rule,
+        method=cfg.method,  # its registered qk_width_rule; PruneConfig refuses qk_dims for a method without one
         cfg=cfg.attention_options,
         X_target=attn_target,
     )

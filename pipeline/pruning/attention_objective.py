@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.pruning.geometry import AttentionGeometry
 from pipeline.pruning.masks import allowed_positions, binarize_scores
-from pipeline.pruning.registry import PruneMethod, matrix_methods, register_qk_method
+from pipeline.pruning.registry import PruneMethod, QKWidthRule, matrix_methods, register_qk_method
 
 __all__ = ["AttentionMethodConfig", "QKResult", "prune_qk", "qk_attention", "relative_frobenius_error"]
 
@@ -685,7 +685,7 @@ register_qk_method(
         name="attention",
         description="q/k pruned to preserve the softmax attention matrix (arXiv 2410.11261); v/o/FFN by its companion",
         qk_rule=prune_qk,
-        qk_width_rule="attention",
+        qk_width_rule=QKWidthRule(fits_attention=True),
         options=AttentionMethodConfig,
         reconstructs=True,
         corrects_by_default=True,

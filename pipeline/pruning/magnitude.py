@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.pruning.masks import nm_mask, unstructured_mask
-from pipeline.pruning.registry import MatrixInputs, register_prune_method
+from pipeline.pruning.registry import MatrixInputs, QKWidthRule, register_prune_method
 
 if TYPE_CHECKING:
     from pipeline.pruning.config import PruneConfig
@@ -47,7 +47,7 @@ def magnitude_prune(
 @register_prune_method(
     "magnitude",
     description="|W| over the whole matrix (N:M: within each group); no calibration text",
-    qk_width_rule="magnitude",
+    qk_width_rule=QKWidthRule(),  # weight-row norms
 )
 def _magnitude_rule(weight: torch.Tensor, inputs: MatrixInputs, cfg: PruneConfig) -> torch.Tensor:
     n, m = cfg.nm

@@ -8,7 +8,11 @@ keep their size.
 
 Choosing the narrow q/k (``reduce_qk``):
 
-* ``method="attention"`` (the attention objective of arXiv 2410.11261): an initial rank-``r`` pair, then Adam on the
+The criterion is the pruning method's registered :class:`~pipeline.pruning.registry.QKWidthRule` (``method`` names
+the method; the built-in ones):
+
+* ``method="attention"`` (``fits_attention``: the attention objective of arXiv 2410.11261): an initial rank-``r``
+  pair, then Adam on the
   relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of :mod:`pipeline.pruning.attention_objective`, with its
   held-out early stop). Initial pair, ``AttentionMethodConfig.qk_init`` [I: our choice, measured in
   ``benchmarks/results/pruning.md``]:
@@ -19,8 +23,9 @@ Choosing the narrow q/k (``reduce_qk``):
     least-squares error. New coordinates, so the kept dimensions are not a subset of the old ones.
   - ``"greedy"`` (the issue probe's selection): whole coordinate dimensions removed one at a time per head,
     each time the one whose removal raises the attention error least (exact softmax, calibration split).
-* ``method="wanda"``: keep the coordinate dimensions with the largest ``‖X w_q,d‖·‖X w_k,d‖`` (activation norms
-  of the per-dimension logit term); ``"magnitude"``: ``‖w_q,d‖·‖w_k,d‖``. No refit (the baselines' norm criteria).
+* ``method="wanda"`` (``activation_norms``): keep the coordinate dimensions with the largest ``‖X w_q,d‖·‖X w_k,d‖``
+  (activation norms of the per-dimension logit term); ``"magnitude"`` (neither): ``‖w_q,d‖·‖w_k,d‖``. No refit
+  (the baselines' norm criteria).
 
 Physical form: :class:`QKReducedSelfAttention` replaces a BERT-family self-attention module; the narrow widths
 are recorded in ``config.json`` under :data:`QK_DIMS_KEY` (``{"layer": r}``) and :func:`restore_qk_dims_`
@@ -373,14 +378,20 @@ def reduce_qk(
         X: (B, n, d) calibration hidden states entering attention; pad_mask: (B, n) bool or None.
         geom: the dense block's geometry (MHA without RoPE).
         keep: narrow width r, 1 <= r <= hd.
-        method: ``"attention"`` (init + refit on the attention objective), ``"wanda"`` or ``"magnitude"``.
+        method: a registered pruning method with a q/k-width criterion (its ``qk_width_rule``): ``"attention"``
+            (init + refit on the attention objective), ``"wanda"`` or ``"magnitude"`` among the built-ins.
         cfg: :class:`pipeline.pruning.attention_objective.AttentionMethodConfig` (``qk_init``, refit options).
         X_target: (B, n, d) dense-model inputs for the target attention (error correction), or None.
 
     Returns:
         :class:`QKReduceResult` with (H·keep, d) weights; ``stats`` holds held-out attention errors.
+
+    Raises:
+        ValueError: an unknown method or one without a q/k-width criterion, a criterion reading calibration
+            inputs without ``X``, a block that is not plain multi-head attention, or shapes that disagree.
     """
     from pipeline.pruning.attention_objective import AttentionMethodConfig, _refit, split_objectives
+    from pipeline.pruning.registry import prune_method, prune_method_names
 
     t0 = time.perf_counter()
     cfg = cfg or AttentionMethodConfig()
@@ -395,11 +406,13 @@ def reduce_qk(
         raise ValueError(
             f"wq {tuple(wq.shape)} / wk {tuple(wk.shape)} are not {H} heads of {hd} over the inputs' width"
         )
-    if method not in ("attention", "wanda", "magnitude"):
-        raise ValueError(f"QK dims are chosen by 'attention', 'wanda' or 'magnitude', got {method!r}")
+    rule = prune_method(method).qk_width_rule
+    if rule is None:
+        able = [n for n in prune_method_names() if prune_method(n).qk_width_rule is not None]
+        raise ValueError(f"QK dims are chosen by a method with a q/k-width criterion {able}, got {method!r}")
     f32 = lambda t: None if t is None else t.detach().float()  # noqa: E731
     dense = (f32(wq), f32(bq), f32(wk), f32(bk))
-    if X is None and method != "magnitude":
+    if X is None and rule.needs_inputs:
         raise ValueError(f"QK-dimension method {method!r} needs calibration inputs X")
     stats: dict[str, Any] = {"qk_method": method, "qk_keep": keep, "qk_head_dim": hd}
     train = hold = x_all = None  # magnitude without data: no objectives, nothing to report against
@@ -408,20 +421,20 @@ def reduce_qk(
         narrow = replace(geom, head_dim=keep, v_head_dim=geom.value_head_dim)  # the dense model's 1/sqrt(hd) scale
         train, hold = split_objectives(Xf, pad_mask, dense, geom, cfg, X_target, fit_geom=narrow)  # as prune_qk's
         x_all = _tokens(Xf, pad_mask)
-    if method == "attention" and cfg.qk_init == "svd":
-        assert x_all is not None  # method 'attention' needs X (checked above)
+    if rule.fits_attention and cfg.qk_init == "svd":
+        assert x_all is not None  # the attention objective needs X (checked above)
         start = _svd_init(dense, x_all, H, hd, keep)
     else:
-        if method == "attention":
+        if rule.fits_attention:
             idx = _greedy_select(dense, train, geom, keep)
         else:
-            scores = _norm_scores(dense, x_all if method == "wanda" else None, H, hd)
+            scores = _norm_scores(dense, x_all if rule.activation_norms else None, H, hd)
             idx = torch.sort(torch.topk(scores, keep, dim=1).indices, dim=1).values
         start = _coordinate_select(dense, H, hd, idx)
         stats["qk_kept_dims"] = idx.tolist()
     stats["attn_err_holdout_init"] = hold.error(start) if hold else None
     final = start
-    if method == "attention" and cfg.refit and cfg.refit_steps > 0 and train and hold is not None:
+    if rule.fits_attention and cfg.refit and cfg.refit_steps > 0 and train and hold is not None:
         ones = (torch.ones_like(start[0], dtype=torch.bool), torch.ones_like(start[2], dtype=torch.bool))
         with torch.enable_grad():  # anchor: the initial pair's outputs (dense q/k have another width)
             final = _refit(start, ones, start, train, hold, train.gram(), cfg, stats)

@@ -30,6 +30,7 @@ __all__ = [
     "PRUNE_METHODS",
     "MatrixInputs",
     "PruneMethod",
+    "QKWidthRule",
     "load_builtin_methods",
     "matrix_methods",
     "prune_method",
@@ -63,6 +64,28 @@ class MatrixInputs:
 
 
 @dataclass(frozen=True)
+class QKWidthRule:
+    """How a method chooses every head's narrow query/key width (structured unit ``qk_dims``), read by
+    :func:`pipeline.pruning.qk_dims.reduce_qk`.
+
+    Attributes:
+        fits_attention: fit the narrow q/k on the attention objective (arXiv 2410.11261): an initial pair chosen by
+            ``AttentionMethodConfig.qk_init``, then the q/k refit. Otherwise keep each head's coordinate dimensions
+            with the largest logit-term size ``s_q,d * s_k,d``, no refit.
+        activation_norms: without ``fits_attention``: ``s_d`` is the norm of the calibration activations' term
+            ``||X w_d||`` (Wanda's criterion) instead of the weight row's ``||w_d||`` (magnitude's).
+    """
+
+    fits_attention: bool = False
+    activation_norms: bool = False
+
+    @property
+    def needs_inputs(self) -> bool:
+        """Whether the rule reads calibration inputs (the attention objective or activation norms)."""
+        return self.fits_attention or self.activation_norms
+
+
+@dataclass(frozen=True)
 class PruneMethod:
     """One registered pruning method.
 
@@ -78,7 +101,7 @@ class PruneMethod:
             removal then chooses units by OBS and re-fits the output matrix).
         qk_rule: a function pruning a block's q and k jointly (the attention objective,
             :func:`pipeline.pruning.attention_objective.prune_qk`), or None.
-        qk_width_rule: the criterion :func:`pipeline.pruning.qk_dims.reduce_qk` uses to choose q/k widths
+        qk_width_rule: the :class:`QKWidthRule` :func:`pipeline.pruning.qk_dims.reduce_qk` chooses q/k widths by
             (structured unit ``qk_dims``), or None when the method has none.
         options: the pydantic class of the method's options (the ``prune.attention`` key), or None.
         corrects_by_default: ``error_correction`` omitted means on (unstructured / N:M patterns).
@@ -90,7 +113,7 @@ class PruneMethod:
     needs: frozenset[str] = frozenset()
     reconstructs: bool = False
     qk_rule: Callable[..., Any] | None = None
-    qk_width_rule: str | None = None
+    qk_width_rule: QKWidthRule | None = None
     options: type | None = None
     corrects_by_default: bool = False
 
@@ -110,7 +133,7 @@ def register_prune_method(
     needs: tuple[str, ...] = (),
     reconstructs: bool = False,
     qk_rule: Callable[..., Any] | None = None,
-    qk_width_rule: str | None = None,
+    qk_width_rule: QKWidthRule | None = None,
     options: type | None = None,
     corrects_by_default: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.pruning.masks import nm_mask, unstructured_mask
-from pipeline.pruning.registry import MatrixInputs, register_prune_method
+from pipeline.pruning.registry import MatrixInputs, QKWidthRule, register_prune_method
 
 if TYPE_CHECKING:
     from pipeline.pruning.config import PruneConfig
@@ -61,7 +61,10 @@ def wanda_prune(
 
 
 @register_prune_method(
-    "wanda", description="|W| * ||X_j|| compared within each output row", needs=("sq_norms",), qk_width_rule="wanda"
+    "wanda",
+    description="|W| * ||X_j|| compared within each output row",
+    needs=("sq_norms",),
+    qk_width_rule=QKWidthRule(activation_norms=True),
 )
 def _wanda_rule(weight: torch.Tensor, inputs: MatrixInputs, cfg: PruneConfig) -> torch.Tensor:
     assert inputs.sq_norms is not None  # declared in needs

@@ -134,6 +134,28 @@ def test_attention_choice_beats_norm_criteria_and_refit_never_hurts_heldout():
     assert len(greedy.stats["qk_kept_dims"]) == 4 and all(len(r) == 4 for r in greedy.stats["qk_kept_dims"])
 
 
+def test_the_width_criterion_is_the_registered_rule_not_the_name():
+    """reduce_qk asks the method's registered QKWidthRule: a new method declaring Wanda's criterion picks Wanda's
+    dimensions; a method without a criterion, or one reading activations without them, is refused."""
+    from pipeline.pruning.registry import PRUNE_METHODS, PruneMethod, QKWidthRule, register_qk_method
+
+    model = tiny_model("bert")
+    b = blocks(model)[0]
+    X, pm = _block_inputs(model, random_batches(2, batch=2, seq=9, seed=5))
+    args = (b.q.weight, b.q.bias, b.k.weight, b.k.bias, X, pm, b.geometry)
+    rule = QKWidthRule(activation_norms=True)
+    register_qk_method(PruneMethod("toy_qk", "(test)", qk_rule=lambda *a: None, qk_width_rule=rule))
+    try:
+        toy, wanda = reduce_qk(*args, keep=3, method="toy_qk"), reduce_qk(*args, keep=3, method="wanda")
+        assert toy.stats["qk_kept_dims"] == wanda.stats["qk_kept_dims"] and torch.equal(toy.wq, wanda.wq)
+        with pytest.raises(ValueError, match="needs calibration inputs"):
+            reduce_qk(*args[:4], None, None, b.geometry, keep=3, method="toy_qk")
+    finally:
+        PRUNE_METHODS.pop("toy_qk")
+    with pytest.raises(ValueError, match=r"q/k-width criterion \['attention', 'magnitude', 'wanda'\], got 'sparsegpt'"):
+        reduce_qk(*args, keep=3, method="sparsegpt")
+
+
 def test_magnitude_qk_dims_equals_zeroing_the_dropped_dims():
     """Oracle: removing coordinate dims physically = zeroing those q and k rows (their q_d k_d terms vanish)."""
     model = tiny_model("bert")
