@@ -6,6 +6,7 @@ against the profile's ``memory_budget_mb``, measured in a fresh numpy + onnxrunt
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -23,7 +24,7 @@ from pipeline.stages._common import (
     write_target_bundle,
 )
 
-__all__ = ["BenchmarkConfig", "run_benchmark"]
+__all__ = ["BenchmarkConfig", "run_benchmark", "time_target"]
 
 
 class BenchmarkConfig(StageConfig):
@@ -40,8 +41,7 @@ class BenchmarkConfig(StageConfig):
 @register_stage(BenchmarkConfig)
 def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Artifact:
     """Time each target's model in a subprocess and record latency, peak RSS and size."""
-    from exporters.onnx import model_bytes, torch_reference
-    from runtimes.benchmark import benchmark_bundle
+    from exporters.onnx import torch_reference
     from runtimes.memory import budget_failure
 
     if not art.targets:
@@ -52,7 +52,6 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
     batch = encode(
         loaded, [text] * cfg.batch, max_length=cfg.seq, batch_size=cfg.batch, ctx=ctx, setting="benchmark.seq"
     )[0]
-    host_cores = os.cpu_count() or 1
     limit = model_max_positions(loaded.model)
     failures: list[dict] = []
     out = art
@@ -66,23 +65,8 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
         if key not in ref_cache:
             ref_cache[key] = torch_reference(loaded, feeds)
         ref = ref_cache[key]
-        threads = min(cfg.threads or prof.threads or host_cores, host_cores)
-        bdir = write_target_bundle(
-            ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup
-        )
-        res = benchmark_bundle(bdir, runs=cfg.runs, threads=threads)
-        entry = {
-            "latency_ms": res["latency_ms"],
-            "peak_rss_mb": res["peak_rss_mb"],
-            "provider": res.get("provider"),
-            "threads": threads,
-            "batch": cfg.batch,
-            "seq": int(np.asarray(feeds["input_ids"]).shape[1]),
-            "size_bytes": model_bytes(ctx.resolve(tm.model)),
-            "outputs_ok": res.get("ok"),
-            "measured_on": "this host (not the device)",
-        }
-        entry["memory"] = mem = _measure_memory(ctx, loaded, text, prof, tm, cfg, threads, limit)
+        entry = time_target(ctx, name, tm, feeds, ref, cfg, seq=int(np.asarray(feeds["input_ids"]).shape[1]))
+        entry["memory"] = mem = _measure_memory(ctx, loaded, text, prof, tm, cfg, entry["threads"], limit)
         fail = budget_failure(name, prof.memory_budget_mb, mem, measured=True)
         failures.extend([fail] if fail else [])
         summary[name] = entry
@@ -98,6 +82,41 @@ def run_benchmark(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Art
         )
     ctx.metrics.update({"targets": summary, "failures": failures})
     return out
+
+
+def time_target(
+    ctx: StageContext, name: str, tm: TargetModel, feeds: dict, ref: dict, cfg: BenchmarkConfig, **shape: int
+) -> dict[str, Any]:
+    """Time target ``name``'s model in a fresh process: its bundle (``feeds`` and the reference outputs ``ref``)
+    written under ``ctx.subdir(name)``, ``cfg.runs`` timed runs after ``cfg.warmup`` on ``cfg.threads`` (omitted:
+    the profile's) threads, capped at this host's cores.
+
+    Returns:
+        The target's report entry: ``latency_ms`` (p50/p95/...), ``peak_rss_mb`` (MiB), ``provider``, ``threads``,
+        ``batch``, then ``shape`` (e.g. ``seq``), ``size_bytes`` (external data included), ``outputs_ok``,
+        ``measured_on``.
+    """
+    from exporters.onnx import model_bytes
+    from runtimes.benchmark import benchmark_bundle
+
+    prof = ctx.targets[name]
+    host_cores = os.cpu_count() or 1
+    threads = min(cfg.threads or prof.threads or host_cores, host_cores)
+    bdir = write_target_bundle(
+        ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup
+    )
+    res = benchmark_bundle(bdir, runs=cfg.runs, threads=threads)
+    return {
+        "latency_ms": res["latency_ms"],
+        "peak_rss_mb": res["peak_rss_mb"],
+        "provider": res.get("provider"),
+        "threads": threads,
+        "batch": cfg.batch,
+        **shape,
+        "size_bytes": model_bytes(ctx.resolve(tm.model)),
+        "outputs_ok": res.get("ok"),
+        "measured_on": "this host (not the device)",
+    }
 
 
 def _measure_memory(ctx: StageContext, loaded, text: str, prof, tm: TargetModel, cfg: BenchmarkConfig, threads, limit):

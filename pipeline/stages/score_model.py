@@ -21,7 +21,7 @@ from pipeline.errors import StageError
 from pipeline.stage import StageConfig, StageContext, register_stage
 from pipeline.stages._common import load_dense, load_from_artifact, write_target_bundle
 from pipeline.stages.attention import AttentionConfig
-from pipeline.stages.benchmark import BenchmarkConfig
+from pipeline.stages.benchmark import BenchmarkConfig, time_target
 from pipeline.stages.export import DEFAULT_OPSET, ExportConfig
 from pipeline.stages.prune import PatternGivesNoSpeedup, PruneConfig
 from pipeline.stages.quantize import QuantizeConfig, quantize_targets
@@ -244,36 +244,18 @@ def validate_score_model(art: Artifact, cfg: ValidateConfig, ctx: StageContext) 
 @register_stage(BenchmarkConfig, version=1, family=FAMILY)
 def benchmark_score_model(art: Artifact, cfg: BenchmarkConfig, ctx: StageContext) -> Artifact:
     """Latency of one score evaluation (= one denoising step) for ``batch`` points, per target, in a fresh process."""
-    import os
-
     from pipeline.diffusion.evaluate import feeds_of, torch_scorer
-    from runtimes.benchmark import benchmark_bundle
 
     if not art.targets:
         raise StageError("benchmark", "no ONNX model yet: put an 'export' stage before 'benchmark'")
     loaded = load_from_artifact(art, ctx)
     x, t = model_inputs(loaded, ctx, "heldout", cfg.batch)
     feeds, ref = feeds_of(x, t), {"score": torch_scorer(loaded.model)(x, t).numpy().astype(np.float32)}
-    host_cores = os.cpu_count() or 1
     summary: dict[str, Any] = {}
     out = art
-    for name, prof in ctx.targets.items():
+    for name in ctx.targets:
         tm = art.targets[name]
-        threads = min(cfg.threads or prof.threads or host_cores, host_cores)
-        bdir = write_target_bundle(
-            ctx, ctx.subdir(name), prof, tm, feeds, ref, threads=threads, runs=cfg.runs, warmup=cfg.warmup
-        )
-        res = benchmark_bundle(bdir, runs=cfg.runs, threads=threads)
-        entry = {
-            "latency_ms": res["latency_ms"],
-            "peak_rss_mb": res["peak_rss_mb"],
-            "provider": res.get("provider"),
-            "threads": threads,
-            "batch": cfg.batch,
-            "size_bytes": ctx.resolve(tm.model).stat().st_size,
-            "outputs_ok": res.get("ok"),
-            "measured_on": "this host (not the device)",
-        }
+        entry = time_target(ctx, name, tm, feeds, ref, cfg)
         summary[name] = entry
         metrics = {
             **dict(tm.metrics),

@@ -111,3 +111,20 @@ def test_prune_method_it_cannot_feed_refused(tiny_score_model, tmp_path, capsys)
     assert main(["run", str(path), "--workdir", str(tmp_path / "sgpt")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # progress lines aside
     assert len(err) == 1 and "score networks support method magnitude/wanda" in err[0], err
+
+
+def test_benchmark_times_each_target_in_its_bundle(tiny_score_model, tmp_path):
+    import pipeline
+    from exporters.onnx import model_bytes
+
+    cfg = {
+        "model": {"path": str(tiny_score_model)},
+        "targets": ["host-cpu"],
+        "stages": [{"export": {}}, {"benchmark": {"runs": 2, "warmup": 0, "batch": 4, "threads": 1}}],
+    }
+    report = pipeline.run(cfg, workdir=tmp_path / "run", progress=False)
+    entry = report["stages"][-1]["metrics"]["targets"]["host-cpu"]
+    assert entry["batch"] == 4 and entry["threads"] == 1 and entry["outputs_ok"] is True
+    assert 0 < entry["latency_ms"]["p50"] <= entry["latency_ms"]["p95"] and entry["peak_rss_mb"] > 5
+    assert entry["size_bytes"] == model_bytes(tmp_path / "run" / report["targets"]["host-cpu"]["artifact"])
+    assert "seq" not in entry  # (x, t) points have no sequence length
