@@ -66,6 +66,21 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+def _copy_with_attention_nodes(
+    model: onnx.ModelProto, allow_noop: bool
+) -> tuple[onnx.ModelProto, list[onnx.NodeProto]]:
+    """A copy of ``model`` for a pass to rewrite and its Attention nodes (:func:`find_attention_nodes`).
+
+    Raises:
+        AttentionLoweringError: no Attention node and not ``allow_noop`` (then the list is empty).
+    """
+    out = copy.deepcopy(model)
+    nodes = find_attention_nodes(out)
+    if not nodes and not allow_noop:
+        raise AttentionLoweringError("no opset-23 Attention node found; export with dynamo=True, opset_version=23")
+    return out, nodes
+
+
 def find_attention_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Standard-domain ``Attention`` nodes of the main graph, excluding block-sparse cores.
 
@@ -265,12 +280,9 @@ def lower_to_fused_attention(
     """
     if op not in ("onnx_attention", "ms_mha"):
         raise ValueError(f"op must be 'onnx_attention' or 'ms_mha', got {op!r}")
-    out = copy.deepcopy(model)
-    nodes = find_attention_nodes(out)
+    out, nodes = _copy_with_attention_nodes(model, allow_noop)
     if not nodes:
-        if allow_noop:
-            return out, 0
-        raise AttentionLoweringError("no opset-23 Attention node found; export with dynamo=True, opset_version=23")
+        return out, 0
     used = _used_names(out)
     for n in nodes:
         _check_supported(n, used)
@@ -343,12 +355,9 @@ def lower_to_block_sparse(
     """
     if key_padding not in ("from_mask", "none"):
         raise ValueError(f"key_padding must be 'from_mask' or 'none', got {key_padding!r}")
-    out = copy.deepcopy(model)
-    nodes = find_attention_nodes(out)
+    out, nodes = _copy_with_attention_nodes(model, allow_noop)
     if not nodes:
-        if allow_noop:
-            return out, 0
-        raise AttentionLoweringError("no opset-23 Attention node found; export with dynamo=True, opset_version=23")
+        return out, 0
     used = _used_names(out)
     shapes, types = _shapes(out), _elem_types(out)
     existing = {n.name.split("/")[1] for n in out.graph.node if n.name.startswith(BLOCK_SPARSE_NODE_PREFIX)}
