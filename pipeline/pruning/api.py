@@ -217,6 +217,28 @@ def _reduce_qk_dims(
     }
 
 
+def _obs_units(
+    mat: MatrixRef,
+    role: str,
+    group: int,
+    k: int,
+    stats: LayerStats | None,
+    cross: dict[str, torch.Tensor] | None,
+    cfg: PruneConfig,
+) -> list[int] | None:
+    """The ``k`` units of ``mat`` (groups of ``group`` input columns: a neuron, a head) OBS removes with the least
+    output error, the kept columns compensated in place (``role``'s Hessian; corrected toward the dense model
+    first when ``cross`` is given). None when there is nothing to remove (``k`` = 0)."""
+    if k == 0:
+        return None
+    assert stats is not None  # OBS reads the Hessian (hess_roles)
+    if cross is not None:
+        _correct_toward_dense(mat, stats, cross[role], cfg.correction_ridge)
+    return obs_select_and_compensate(
+        mat, stats.hessians[role], stats.sums[role], stats.tokens[role], group, k, percdamp=cfg.percdamp
+    )
+
+
 def _prune_block_structured(
     model: nn.Module,
     block: BlockView,
@@ -236,20 +258,7 @@ def _prune_block_structured(
     if "ffn" in units:
         # FFN first: q/k narrowing and head removal replace q/k/v/o modules but not the FFN ones, and vice versa
         k = units_to_remove(block.ffn_out.in_features, cfg.sparsity if cfg.ffn_sparsity is None else cfg.ffn_sparsity)
-        chosen = None
-        if obs and k > 0:
-            assert stats is not None  # OBS reads the Hessian (hess_roles)
-            if cross is not None:
-                _correct_toward_dense(block.ffn_out, stats, cross["ffn_out"], cfg.correction_ridge)
-            chosen = obs_select_and_compensate(
-                block.ffn_out,
-                stats.hessians["ffn_out"],
-                stats.sums["ffn_out"],
-                stats.tokens["ffn_out"],
-                1,
-                k,
-                percdamp=cfg.percdamp,
-            )
+        chosen = _obs_units(block.ffn_out, "ffn_out", 1, k, stats, cross, cfg) if obs else None
         info["ffn_removed"] = remove_ffn_neurons_(model, block, k, sq, units=chosen)
     if "qk_dims" in units:
         info.update(_reduce_qk_dims(model, block, cfg, stats, attn_target))
@@ -257,21 +266,8 @@ def _prune_block_structured(
     if "heads" in units:
         g = block.geometry
         k = units_to_remove(g.num_kv_heads, cfg.sparsity if cfg.head_sparsity is None else cfg.head_sparsity)
-        chosen = None
-        if obs and k > 0:
-            assert stats is not None  # OBS reads the Hessian (hess_roles)
-            if cross is not None:
-                _correct_toward_dense(block.o, stats, cross["o"], cfg.correction_ridge)
-            # o_proj's input is the per-head attention output softmax(QK^T)V: its columns come in head groups
-            chosen = obs_select_and_compensate(
-                block.o,
-                stats.hessians["o"],
-                stats.sums["o"],
-                stats.tokens["o"],
-                g.group_size * g.value_head_dim,
-                k,
-                percdamp=cfg.percdamp,
-            )
+        # o_proj's input is the per-head attention output softmax(QK^T)V: its columns come in head groups
+        chosen = _obs_units(block.o, "o", g.group_size * g.value_head_dim, k, stats, cross, cfg) if obs else None
         info["heads_removed"] = remove_heads_(model, block, k, sq, units=chosen)
     return info
 
