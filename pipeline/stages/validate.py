@@ -62,6 +62,18 @@ def _below(value: float, limit: float) -> bool:
     return not value >= limit
 
 
+def _fidelity_failures(
+    target: str, fid: dict[str, float], limits: dict[str, float | None], *, at_most: bool = False
+) -> list[dict[str, Any]]:
+    """One failure entry per fidelity metric of ``fid`` outside its limit (``limits``: metric -> minimum, or maximum
+    with ``at_most``; None = not gated). NaN fails either way."""
+    return [
+        {"target": target, "check": check, "value": round(fid[check], 4), "limit": limit}
+        for check, limit in limits.items()
+        if limit is not None and (not fid[check] <= limit if at_most else _below(fid[check], limit))
+    ]
+
+
 def _run_session(sess, feeds_list, names):
     outs = [dict(zip(names, sess.run(list(names), f))) for f in feeds_list]
     return outs
@@ -187,39 +199,14 @@ def run_validate(art: Artifact, cfg: ValidateConfig, ctx: StageContext) -> Artif
         got_first = _pad_cat([g[first] for g in got])[view.rows]
         if decoder or first == "logits":
             fid = lm_fidelity(dense_first, got_first, ids, masks)
-            if cfg.min_top1_agreement is not None and _below(fid["top1_agreement"], cfg.min_top1_agreement):
-                failures.append(
-                    {
-                        "target": name,
-                        "check": "top1_agreement",
-                        "value": round(fid["top1_agreement"], 4),
-                        "limit": cfg.min_top1_agreement,
-                    }
-                )
-            if decoder and cfg.max_ppl_ratio is not None and not fid["ppl_ratio"] <= cfg.max_ppl_ratio:
-                failures.append(
-                    {
-                        "target": name,
-                        "check": "ppl_ratio",
-                        "value": round(fid["ppl_ratio"], 4),
-                        "limit": cfg.max_ppl_ratio,
-                    }
-                )
+            failures += _fidelity_failures(name, fid, {"top1_agreement": cfg.min_top1_agreement})
+            if decoder:
+                failures += _fidelity_failures(name, fid, {"ppl_ratio": cfg.max_ppl_ratio}, at_most=True)
         else:
             fid = embedding_fidelity(mean_pool(dense_first, masks), mean_pool(got_first, masks))
-            if cfg.min_cos_mean is not None and _below(fid["cos_mean"], cfg.min_cos_mean):
-                failures.append(
-                    {"target": name, "check": "cos_mean", "value": round(fid["cos_mean"], 4), "limit": cfg.min_cos_mean}
-                )
-            if cfg.min_recall_at_10 is not None and _below(fid["recall_at_10"], cfg.min_recall_at_10):
-                failures.append(
-                    {
-                        "target": name,
-                        "check": "recall_at_10",
-                        "value": round(fid["recall_at_10"], 4),
-                        "limit": cfg.min_recall_at_10,
-                    }
-                )
+            failures += _fidelity_failures(
+                name, fid, {"cos_mean": cfg.min_cos_mean, "recall_at_10": cfg.min_recall_at_10}
+            )
         metrics: dict[str, Any] = {**dict(tm.metrics), "parity": parity, "fidelity": fid}
         if decoder and tm.io.get("with_past"):
             prompt_len = min(_PROMPT_TOKENS, feeds_all[0]["input_ids"].shape[1])
