@@ -273,6 +273,22 @@ def _gptq(
     return out.model
 
 
+def _rtn_only(
+    model: onnx.ModelProto, names: set[str], *, bits: int, op_type: str, opts: Int4Options
+) -> onnx.ModelProto:
+    """RTN ``bits``-bit blocks (``opts.block_size``) for the ``op_type`` nodes named in ``names`` only."""
+    others = {n.name for n in model.graph.node if n.name not in names}
+    return _nbits(
+        model,
+        bits=bits,
+        block_size=opts.block_size,
+        accuracy_level=opts.accuracy_level,
+        algorithm="rtn",
+        op_types=(op_type,),
+        exclude=others,
+    )
+
+
 def convert(job: ConversionJob) -> tuple[int, list[str], list[str]]:
     """Quantize ``job.src`` to int4 weight-only and write ``job.tmp``; returns (weight-only nodes, float op
     types with constant weights kept, notes). Raises ValueError for an unsupported setting."""
@@ -302,27 +318,9 @@ def convert(job: ConversionJob) -> tuple[int, list[str], list[str]]:
             exclude=body_exclude,
         )
     if tables:  # embeddings: RTN blocks along the hidden axis (GatherBlockQuantized takes int zero points only)
-        others = {n.name for n in model.graph.node if n.name not in set(tables)}
-        model = _nbits(
-            model,
-            bits=4,
-            block_size=opts.block_size,
-            accuracy_level=opts.accuracy_level,
-            algorithm="rtn",
-            op_types=("Gather",),
-            exclude=others,
-        )
+        model = _rtn_only(model, set(tables), bits=4, op_type="Gather", opts=opts)
     if head is not None and opts.lm_head == "int8":
-        others = {n.name for n in model.graph.node if n.name != head}
-        model = _nbits(
-            model,
-            bits=8,
-            block_size=opts.block_size,
-            accuracy_level=opts.accuracy_level,
-            algorithm="rtn",
-            op_types=("MatMul",),
-            exclude=others,
-        )
+        model = _rtn_only(model, {head}, bits=8, op_type="MatMul", opts=opts)
     save_onnx(model, job.tmp, external=job.external)
 
     floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
