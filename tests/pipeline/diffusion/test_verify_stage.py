@@ -71,44 +71,27 @@ def test_yaml_run_reports_and_gates(example_score_model, tmp_path, capsys):
         assert mb["tv_certificate"]["per_target"][name] > mb["tv_certificate"]["dense"]
 
 
+def _cli_run(tmp_path, model, name: str, stages: list) -> int:
+    """``edgepipe run`` of a YAML file with ``stages`` on ``model`` for host-cpu; returns the exit code."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"model": {"path": str(model)}, "targets": ["host-cpu"], "stages": stages}))
+    return main(["run", str(path), "--workdir", str(tmp_path / name)])
+
+
 def test_bad_stage_config_is_one_line(tiny_score_model, tmp_path, capsys):
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": str(tiny_score_model)},
-                "targets": ["host-cpu"],
-                "stages": [{"export": {}}, {"verify_diffusion": {"steps": 0}}],
-            }
-        )
-    )
-    assert main(["run", str(path), "--workdir", str(tmp_path / "bad")]) == 2
+    assert _cli_run(tmp_path, tiny_score_model, "bad", [{"export": {}}, {"verify_diffusion": {"steps": 0}}]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "verify_diffusion.steps" in err[0]
 
 
 def test_transformer_only_stage_refused(tiny_score_model, tmp_path, capsys):
-    path = tmp_path / "attn.yaml"
-    path.write_text(
-        yaml.safe_dump({"model": {"path": str(tiny_score_model)}, "targets": ["host-cpu"], "stages": [{"recover": {}}]})
-    )
-    assert main(["run", str(path), "--workdir", str(tmp_path / "attn")]) == 2
+    assert _cli_run(tmp_path, tiny_score_model, "attn", [{"recover": {}}]) == 2
     assert "does not apply to score networks" in capsys.readouterr().err
 
 
 def test_prune_method_it_cannot_feed_refused(tiny_score_model, tmp_path, capsys):
     """sparsegpt reads the Hessian, which the score-network prune does not collect: one line naming what it takes."""
-    path = tmp_path / "sgpt.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"path": str(tiny_score_model)},
-                "targets": ["host-cpu"],
-                "stages": [{"prune": {"method": "sparsegpt"}}],
-            }
-        )
-    )
-    assert main(["run", str(path), "--workdir", str(tmp_path / "sgpt")]) == 2
+    assert _cli_run(tmp_path, tiny_score_model, "sgpt", [{"prune": {"method": "sparsegpt"}}]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # progress lines aside
     assert len(err) == 1 and "score networks support method magnitude/wanda" in err[0], err
 
