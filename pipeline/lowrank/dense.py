@@ -1,4 +1,4 @@
-"""Dense float64 pieces shared by the attention oracles (matrix and tensor): O(n^2) / O(n^3), for tests only.
+"""Dense float64 pieces shared by the attention oracles (matrix and tensor): O(n^2) / O(n^3), references only.
 
 Source: the closed-form softmax gradient of arXiv 2408.13233 (matrix attention) and arXiv 2405.16411 (tensor
 attention): both have Y[l] = sum_w f[l, w] X[w] with f[l] = softmax over the weight axes w of S[l], so one formula

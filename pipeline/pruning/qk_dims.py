@@ -12,9 +12,8 @@ The criterion is the pruning method's registered :class:`~pipeline.pruning.regis
 the method; the built-in ones):
 
 * ``method="attention"`` (``fits_attention``: the attention objective of arXiv 2410.11261): an initial rank-``r``
-  pair, then Adam on the
-  relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of :mod:`pipeline.pruning.attention_objective`, with its
-  held-out early stop). Initial pair, ``AttentionMethodConfig.qk_init`` [I: our choice, measured in
+  pair, then Adam on the relative attention error ``Σ‖F − F*‖²/Σ‖F*‖²`` (the q/k refit of
+  :mod:`pipeline.pruning.attention_objective`, with its held-out early stop). Initial pair, ``AttentionMethodConfig.qk_init`` [I: our choice, measured in
   ``benchmarks/results/pruning.md``]:
 
   - ``"svd"`` (default): per head, the best rank-``r`` approximation of the bilinear form
