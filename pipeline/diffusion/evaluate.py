@@ -102,6 +102,8 @@ def prune_linears_(
     if method not in allowed:
         raise ValueError(f"method must be one of {allowed} for a score network, got {method!r}")
     spec = prune_method(method)
+    rule = spec.prune_matrix
+    assert rule is not None  # score_prune_methods() lists only methods with a per-matrix rule
     # N:M fixes the sparsity (1 - n/m), so it is not passed with it
     cfg = PruneConfig(method=method, pattern="n:m", n=n, m=m) if m else PruneConfig(method=method, sparsity=sparsity)
     linears = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
@@ -125,7 +127,7 @@ def prune_linears_(
     for name, mod in linears:
         w = mod.weight.data
         inputs = MatrixInputs(sq_norms=norms[name].to(w.dtype) if name in norms else None)  # (in,)
-        new = spec.prune_matrix(w, inputs, cfg)  # (out, in), zeros where pruned
+        new = rule(w, inputs, cfg)  # (out, in), zeros where pruned
         mod.weight.data.copy_(new)
         keep = new != 0
         report[name] = float(1 - keep.double().mean())
