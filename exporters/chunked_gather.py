@@ -35,7 +35,15 @@ from onnx import TensorProto, helper
 
 from exporters.precision_registry import DEFAULT_CHUNKED_GATHER_BYTES
 
-__all__ = ["CHUNK_BYTES", "DEFAULT_CHUNKED_GATHER_BYTES", "ChunkedTable", "gather_tables", "prequantize_gather_tables"]
+__all__ = [
+    "CHUNK_BYTES",
+    "DEFAULT_CHUNKED_GATHER_BYTES",
+    "ChunkedTable",
+    "gather_tables",
+    "hide_tables",
+    "prequantize_gather_tables",
+    "restore_tables",
+]
 
 #: fp32 bytes of table rows read and quantized at a time (a few temporaries of this size live at once).
 CHUNK_BYTES = 16 * 2**20
@@ -313,3 +321,50 @@ def _replace(model: onnx.ModelProto, old: str, new: TensorProto) -> None:
     """Put ``new`` in the place of the float initializer named ``old``."""
     inits = model.graph.initializer
     inits[next(k for k, t in enumerate(inits) if t.name == old)].CopyFrom(new)
+
+
+def hide_tables(model: onnx.ModelProto, tables: Sequence[ChunkedTable]) -> list[TensorProto]:
+    """Take the quantized tables out of ``model``'s initializers and declare each as a u8 graph input instead.
+
+    Why: ORT's quantizer still copies every initializer it loads about three times (it reloads the model with shape
+    inference, keeps the loaded copy and saves through another); as graph inputs the tables cost it nothing, and
+    ORT treats a Gather of a graph input as not quantizable, as it treats a u8 table. Returns the removed
+    initializers (external ones hold only their location) for :func:`restore_tables`.
+    """
+    names = {t.name + _Q for t in tables}
+    inits, hidden = model.graph.initializer, []
+    for i in reversed(range(len(inits))):  # only the tables are copied out; the other weights stay where they are
+        if inits[i].name in names:
+            hidden.append(TensorProto())
+            hidden[-1].CopyFrom(inits[i])
+            del inits[i]
+    hidden.reverse()
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in hidden)
+    return hidden
+
+
+def restore_tables(path: Path, hidden: Sequence[TensorProto], data_dir: Path, chunk_bytes: int | None = None) -> None:
+    """Put :func:`hide_tables`' initializers back into the model ORT wrote at ``path`` and drop their graph inputs.
+
+    External tables are copied range by range from their data file in ``data_dir`` to the end of ``path``'s data
+    file (``exporters.onnx`` naming: ``<path>.data``), so no table is held in memory; inline ones go in as they are.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    names = {t.name for t in hidden}
+    inputs = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    external = [t for t in hidden if t.data_location == TensorProto.EXTERNAL]
+    if external:
+        dst_data = path.with_name(path.name + ".data")
+        buf = bytearray(chunk_bytes or CHUNK_BYTES)
+        with open(dst_data, "ab") as dst:
+            for t in external:
+                src_data = data_dir / {e.key: e.value for e in t.external_data}["location"]
+                offset, length = _external_range(t, src_data, src_data.stat().st_size)
+                start = dst.tell()
+                with open(src_data, "rb") as src:
+                    _copy_range(src, dst, offset, length, buf)
+                _set_external(t, dst_data.name, start, length)
+    model.graph.initializer.extend(hidden)
+    onnx.save_model(model, str(path))

@@ -376,7 +376,7 @@ def _int8_dynamic(
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import quantize_dynamic
 
-    from exporters.chunked_gather import prequantize_gather_tables
+    from exporters.chunked_gather import hide_tables, prequantize_gather_tables, restore_tables
 
     model = onnx.load(str(src), load_external_data=not external)
     _name_nodes(model)
@@ -400,6 +400,7 @@ def _int8_dynamic(
         min_bytes=chunked_gather_bytes,
     )
     model_input: onnx.ModelProto | str = model
+    hidden = hide_tables(model, chunked)  # ORT would copy the quantized tables thrice more; they skip it
     if external or chunked:
         onnx.save_model(model, str(named))  # graph only when external: its tensors point at the data file by name
         model_input = str(named)
@@ -420,6 +421,8 @@ def _int8_dynamic(
                 "DefaultTensorType": onnx.TensorProto.FLOAT,  # ORT-fused graphs: else 'Unable to find data type for weight_name'
             },
         )
+    if hidden:
+        restore_tables(tmp, hidden, named.parent)
     out = _without_shape_hints(tmp)
     n = sum(1 for node in out.graph.node if node.op_type in _INT8_DYNAMIC_OPS)
     if "Gather" in op_types:  # quantized embedding tables: Gather reads int8 data, DequantizeLinear follows

@@ -212,3 +212,28 @@ def test_quantize_stage_setting_maps_to_the_api() -> None:
     assert QuantizeConfig(chunked_embeddings_mb=None).chunked_embeddings_mb is None
     with pytest.raises(ValueError):
         QuantizeConfig(chunked_embeddings_mb=-1)
+
+
+def test_ort_never_holds_the_chunked_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ORT's quantizer is handed has neither the float table nor its u8 result as an initializer (ORT copies
+    each initializer it loads about three times); the u8 table is a graph input there and comes back afterwards."""
+    import onnxruntime.quantization as oq
+
+    seen: list[tuple[set[str], set[str]]] = []
+    real = oq.quantize_dynamic
+
+    def spy(model_input, *args, **kwargs):
+        g = onnx.load(str(model_input), load_external_data=False).graph
+        seen.append(({t.name for t in g.initializer}, {i.name for i in g.input}))
+        return real(model_input, *args, **kwargs)
+
+    monkeypatch.setattr(oq, "quantize_dynamic", spy)
+    src = tmp_path / "model.onnx"
+    save_onnx(_model(np.random.default_rng(2)), src, external=True)
+    convert_precision(src, tmp_path / "q.onnx", "int8", int8_op_types=OPS, chunked_gather_bytes=0)
+    ((inits, inputs),) = seen
+    assert not {"E", "E_quantized", "Pos", "Pos_quantized"} & inits and {"T", "Gm", "W"} <= inits
+    assert {"E_quantized", "Pos_quantized"} <= inputs
+    written = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False).graph
+    assert {"E_quantized", "Pos_quantized"} <= {t.name for t in written.initializer}
+    assert [i.name for i in written.input] == ["ids", "pos", "pos2", "ids2"]
