@@ -53,13 +53,12 @@ _Q = "_quantized"
 
 @dataclass(frozen=True)
 class ChunkedTable:
-    """One table quantized here: its name, shape (rows, ...), ORT's scale and zero point, and its Gather nodes."""
+    """One table quantized here: its name, shape (rows, ...) and ORT's scale and zero point."""
 
     name: str
     shape: tuple[int, ...]
     scale: float
     zero_point: int
-    gathers: tuple[str, ...]
 
 
 def gather_tables(
@@ -69,6 +68,7 @@ def gather_tables(
     module takes over: at least ``min_bytes`` of fp32, rank >= 1, every use a Gather's data input (input 0) by a node
     named neither in ``excluded`` nor left out of ``op_types``, and no Gather output read by a node of ``op_types``
     (ORT would feed such a node the u8 values directly instead of dequantizing first: not the graph written here).
+    Tables that are also graph inputs or outputs stay ORT's.
 
     Node names must be set (``exporters.quantize._name_nodes``). Returns the initializers in graph order; none when
     ``min_bytes`` is None.
@@ -78,14 +78,14 @@ def gather_tables(
     excluded, quantized_ops = set(excluded), set(op_types) - {"Gather"}
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     readers: dict[str, set[str]] = {}  # tensor -> op types reading it
-    graph_outputs = {o.name for o in model.graph.output}
+    graph_io = {v.name for v in [*model.graph.input, *model.graph.output]}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
             uses.setdefault(name, []).append((node, i))
             readers.setdefault(name, set()).add(node.op_type)
     chosen = []
     for init in model.graph.initializer:
-        if init.data_type != TensorProto.FLOAT or not init.dims or init.name in graph_outputs:
+        if init.data_type != TensorProto.FLOAT or not init.dims or init.name in graph_io:
             continue
         if math.prod(init.dims) * 4 < min_bytes:
             continue
@@ -125,6 +125,8 @@ def _table_reader(init: TensorProto, src_data: Path | None, inline: bytes | None
     resident) for external data, a view of ``inline`` otherwise."""
     rows, row_elems = init.dims[0], math.prod(init.dims[1:])
     if inline is not None:
+        if len(inline) != rows * row_elems * 4:
+            raise ValueError(f"initializer {init.name!r}: {len(inline)} bytes, its shape needs {rows * row_elems * 4}")
         flat = np.frombuffer(inline, dtype="<f4")
 
         def read(r0: int, r1: int) -> np.ndarray:
@@ -178,12 +180,11 @@ def _quantize_table(read, init: TensorProto, chunk_bytes: int) -> tuple[np.ndarr
     return scale, zero_point, quantized()
 
 
-def _rewire(model: onnx.ModelProto, table: str, scale: np.ndarray, zero_point: np.ndarray) -> tuple[str, ...]:
+def _rewire(model: onnx.ModelProto, table: str, scale: np.ndarray, zero_point: np.ndarray) -> None:
     """Point every Gather of ``table`` at ``<table>_quantized`` and dequantize its output right after it (ORT's
     names: output ``<out>_quantized``, node ``<out>_DequantizeLinear``); add the scale and zero-point initializers
     as ORT writes them (``make_tensor`` scalars)."""
     nodes: list[onnx.NodeProto] = []
-    gathers = []
     for node in model.graph.node:
         nodes.append(node)
         if node.op_type == "Gather" and node.input[0] == table:
@@ -196,7 +197,6 @@ def _rewire(model: onnx.ModelProto, table: str, scale: np.ndarray, zero_point: n
                 out + "_DequantizeLinear",
             )
             nodes.append(dq)
-            gathers.append(node.name)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(
@@ -205,7 +205,6 @@ def _rewire(model: onnx.ModelProto, table: str, scale: np.ndarray, zero_point: n
             helper.make_tensor(table + "_zero_point", TensorProto.UINT8, [], zero_point.reshape(-1).tolist()),
         ]
     )
-    return tuple(gathers)
 
 
 def _external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
@@ -296,6 +295,7 @@ def _quantize_one(
         inline = init.raw_data
         init.ClearField("raw_data")  # the bytes object above is now the only float copy
         read = _table_reader(init, None, inline)
+        del inline  # held by `read` alone, released with it below
     else:  # float_data: already unpacked on the Python side, and no size this path is for
         return None
     scale, zp, chunks = _quantize_table(read, init, chunk_bytes)
@@ -312,9 +312,10 @@ def _quantize_one(
             flat[pos : pos + c.size] = c
             pos += c.size
         q = onnx.numpy_helper.from_array(flat.reshape(dims), name + _Q)
-    del read
+    del read, chunks  # the float table's bytes (inline) go before the u8 copy goes into the graph
     _replace(model, name, q)
-    return ChunkedTable(name, dims, float(scale), int(zp), _rewire(model, name, scale, zp))
+    _rewire(model, name, scale, zp)
+    return ChunkedTable(name, dims, float(scale), int(zp))
 
 
 def _replace(model: onnx.ModelProto, old: str, new: TensorProto) -> None:
@@ -343,11 +344,13 @@ def hide_tables(model: onnx.ModelProto, tables: Sequence[ChunkedTable]) -> list[
     return hidden
 
 
-def restore_tables(path: Path, hidden: Sequence[TensorProto], data_dir: Path, chunk_bytes: int | None = None) -> None:
+def restore_tables(
+    path: Path, hidden: Sequence[TensorProto], *, src_dir: Path, dst_data: Path, chunk_bytes: int | None = None
+) -> None:
     """Put :func:`hide_tables`' initializers back into the model ORT wrote at ``path`` and drop their graph inputs.
 
-    External tables are copied range by range from their data file in ``data_dir`` to the end of ``path``'s data
-    file (``exporters.onnx`` naming: ``<path>.data``), so no table is held in memory; inline ones go in as they are.
+    External tables are copied range by range from their data file in ``src_dir`` to the end of ``dst_data``
+    (``path``'s data file, created if ORT wrote none), so no table is held in memory; inline ones go in as they are.
     """
     model = onnx.load(str(path), load_external_data=False)
     names = {t.name for t in hidden}
@@ -356,11 +359,10 @@ def restore_tables(path: Path, hidden: Sequence[TensorProto], data_dir: Path, ch
     model.graph.input.extend(inputs)
     external = [t for t in hidden if t.data_location == TensorProto.EXTERNAL]
     if external:
-        dst_data = path.with_name(path.name + ".data")
         buf = bytearray(chunk_bytes or CHUNK_BYTES)
         with open(dst_data, "ab") as dst:
             for t in external:
-                src_data = data_dir / {e.key: e.value for e in t.external_data}["location"]
+                src_data = src_dir / {e.key: e.value for e in t.external_data}["location"]
                 offset, length = _external_range(t, src_data, src_data.stat().st_size)
                 start = dst.tell()
                 with open(src_data, "rb") as src:

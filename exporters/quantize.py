@@ -20,11 +20,11 @@ Every output is written atomically (temp file in the destination folder, then
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -399,13 +399,13 @@ def _int8_dynamic(
         excluded=exclude,
         min_bytes=chunked_gather_bytes,
     )
+    hidden = hide_tables(model, chunked)  # graph inputs while ORT runs: its quantizer copies each initializer ~3 times
     model_input: onnx.ModelProto | str = model
-    hidden = hide_tables(model, chunked)  # ORT would copy the quantized tables thrice more; they skip it
     if external or chunked:
         onnx.save_model(model, str(named))  # graph only when external: its tensors point at the data file by name
         model_input = str(named)
         del model
-    with _without_already_quantized_warning():
+    with _without_already_quantized_warning() if chunked else contextlib.nullcontext():
         quantize_dynamic(
             model_input,
             str(tmp),
@@ -422,7 +422,7 @@ def _int8_dynamic(
             },
         )
     if hidden:
-        restore_tables(tmp, hidden, named.parent)
+        restore_tables(tmp, hidden, src_dir=named.parent, dst_data=data_file(tmp))
     out = _without_shape_hints(tmp)
     n = sum(1 for node in out.graph.node if node.op_type in _INT8_DYNAMIC_OPS)
     if "Gather" in op_types:  # quantized embedding tables: Gather reads int8 data, DequantizeLinear follows
@@ -450,7 +450,7 @@ class _AlreadyQuantizedFilter(logging.Filter):
         return not str(record.msg).startswith("Please check if the model is already quantized")
 
 
-@contextmanager
+@contextlib.contextmanager
 def _without_already_quantized_warning() -> Iterator[None]:
     root, flt = logging.getLogger(), _AlreadyQuantizedFilter()
     root.addFilter(flt)
