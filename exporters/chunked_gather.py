@@ -75,7 +75,7 @@ def gather_tables(
     """
     if "Gather" not in op_types or min_bytes is None:
         return []
-    excluded, quantized_ops = set(excluded), set(op_types) - {"Gather"}
+    skip, quantized_ops = set(excluded), set(op_types) - {"Gather"}
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     readers: dict[str, set[str]] = {}  # tensor -> op types reading it
     graph_io = {v.name for v in [*model.graph.input, *model.graph.output]}
@@ -90,7 +90,7 @@ def gather_tables(
         if math.prod(init.dims) * 4 < min_bytes:
             continue
         use = uses.get(init.name, [])
-        if not use or any(n.op_type != "Gather" or i != 0 or n.name in excluded for n, i in use):
+        if not use or any(n.op_type != "Gather" or i != 0 or n.name in skip for n, i in use):
             continue
         if any(readers.get(n.output[0], set()) & quantized_ops for n, _ in use):
             continue
@@ -144,7 +144,7 @@ def _table_reader(init: TensorProto, src_data: Path | None, inline: bytes | None
         out = np.empty((r1 - r0) * row_elems, dtype="<f4")
         with open(src_data, "rb") as f:
             f.seek(offset + r0 * row_elems * 4)
-            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
+            if f.readinto(out.data.cast("B")) != out.nbytes:
                 raise ValueError(f"initializer {init.name!r}: {src_data.name} ends inside its data")
         return out
 
