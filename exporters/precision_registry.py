@@ -100,9 +100,8 @@ class ConversionJob:
     weight_type: str = "u8"
     int4: Int4Options = field(default_factory=Int4Options)
     nodes_to_exclude: Sequence[str] = ()  # int8 paths: node names kept in fp32 (mixed precision)
-    chunked_gather_bytes: int | None = (
-        DEFAULT_CHUNKED_GATHER_BYTES  # int8: Gather tables quantized in chunks; None = never
-    )
+    # int8: Gather tables of at least this many fp32 bytes quantized in chunks (exporters.chunked_gather); None = never
+    chunked_gather_bytes: int | None = DEFAULT_CHUNKED_GATHER_BYTES
 
 
 Converter = Callable[[ConversionJob], "tuple[int, list[str], list[str]]"]
