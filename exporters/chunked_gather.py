@@ -15,7 +15,8 @@ releases from the proto first) and writing ORT's graph form::
     <T>_quantized (u8, table shape), <T>_scale (float, scalar), <T>_zero_point (u8, scalar)
     Gather(<T>_quantized, ids) -> <out>_quantized -> DequantizeLinear(<T>_scale, <T>_zero_point) -> <out>
 
-ORT then sees a u8 table (not a float weight) and leaves that Gather alone. The scale, zero point and quantized
+ORT then sees a u8 table (not a float weight) and leaves that Gather alone; :func:`hide_tables` even keeps the u8
+tables out of ORT's model copies (as graph inputs) and :func:`restore_tables` puts them back into its output. The scale, zero point and quantized
 values come from ORT's own functions (``quant_utils.compute_data_quant_params`` with the chunked min/max,
 ``quant_utils.quantize_nparray`` per chunk: element-wise, so chunking cannot change a value), hence bit-identical to
 ORT's output (tests/exporters/test_chunked_gather.py checks tables, scales, zero points, nodes and outputs against
