@@ -10,6 +10,10 @@ Usage (needs ~10 GB free memory and ~10 GB disk; check ``free -g`` first):
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=2 python benchmarks/build_big_encoder.py --work /tmp/big-encoder
 
+A medium model of the same vocabulary (fp32 ~400 MB, for busy hosts): ``--hidden 384 --heads 6``;
+``--external-data-mb 100`` sends it through the external-data path as the 2.4 GB model goes; ``--stages 2`` stops
+after quantize.
+
 Prints a markdown fragment (command, host, date, load, per-stage wall time and peak RSS, file sizes).
 """
 
@@ -34,8 +38,9 @@ STAGES = [
 ]
 
 
-def build_model(out: Path) -> Path:
-    """Random-weight BERT of the issue's shape, saved with safetensors and the MiniLM tokenizer files."""
+def build_model(out: Path, config: dict) -> Path:
+    """Random-weight BERT of shape ``config`` (default: the issue's), saved with safetensors and the MiniLM tokenizer
+    files."""
     import torch
     import transformers as tf
 
@@ -44,7 +49,7 @@ def build_model(out: Path) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     torch.manual_seed(0)
-    model = tf.BertModel(tf.BertConfig(**CONFIG)).eval()
+    model = tf.BertModel(tf.BertConfig(**config)).eval()
     model.save_pretrained(out, safe_serialization=True)
     del model
     tf.AutoTokenizer.from_pretrained(default_model_path(), trust_remote_code=False).save_pretrained(out)
@@ -60,22 +65,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/big-encoder"))
     ap.add_argument("--edgepipe", default=str(Path(sys.executable).with_name("edgepipe")))
+    ap.add_argument("--hidden", type=int, default=CONFIG["hidden_size"], help="hidden size (vocab stays 250002)")
+    ap.add_argument("--heads", type=int, default=CONFIG["num_attention_heads"])
+    ap.add_argument("--external-data-mb", type=float, default=None, help="export.external_data_mb (default: its own)")
+    ap.add_argument("--stages", type=int, default=len(STAGES), help="run the first N stages only")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    config = {**CONFIG, "hidden_size": args.hidden, "num_attention_heads": args.heads}
+    stages = list(STAGES[: args.stages])
+    if args.external_data_mb is not None:
+        stages[0] = ("export", f"{{export: {{external_data_mb: {args.external_data_mb}}}}}")
 
     t0 = time.perf_counter()
-    model = build_model(args.work / "model")
+    model = build_model(args.work / "model", config)
     build_s = time.perf_counter() - t0
     weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     rows = []
     print("| stage (run k: stages 1..k, earlier ones reused) | exit | wall h:mm:ss | peak RSS GiB |\n|---|---|---|---|")
-    for k in range(1, len(STAGES) + 1):
+    for k in range(1, len(stages) + 1):
         cfg = args.work / f"run{k}.yaml"
         cfg.write_text(
             f"model: {{path: {model}}}\n"
             "targets: [host-cpu]\n"
             "calibration: {samples: 8, heldout: 8, max_length: 128}\n"
-            "stages:\n" + "".join(f"  - {s}\n" for _, s in STAGES[:k])
+            "stages:\n" + "".join(f"  - {s}\n" for _, s in stages[:k])
         )
         cmd = ["/usr/bin/time", "-v", args.edgepipe, "run", str(cfg), "--workdir", str(args.work / "run")]
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -83,7 +96,7 @@ def main() -> None:
         (args.work / f"run{k}.log").write_text(log)
         rss_gb = int(_time_v("Maximum resident set size (kbytes)", log)) / 1024**2 if p.returncode == 0 else None
         rows.append(
-            f"| {STAGES[k - 1][0]} | {p.returncode} | {_time_v('Elapsed (wall clock) time (h:mm:ss or m:ss)', log)} |"
+            f"| {stages[k - 1][0]} | {p.returncode} | {_time_v('Elapsed (wall clock) time (h:mm:ss or m:ss)', log)} |"
             f" {f'{rss_gb:.2f}' if rss_gb is not None else 'n/a'} |"
         )
         print(rows[-1], flush=True)
@@ -100,10 +113,10 @@ def main() -> None:
             [
                 "",
                 f"- Command: `PYTHONPATH=$PWD OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python"
-                f" benchmarks/build_big_encoder.py --work {args.work}`",
+                f" benchmarks/build_big_encoder.py {' '.join(sys.argv[1:])}`",
                 f"- Host: `{uname}`, nproc {os.cpu_count()}; date"
                 f" {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; load average at the end {load}",
-                f"- Model: BertModel {CONFIG}, random weights (seed 0), safetensors {weights / 1e9:.2f} GB;"
+                f"- Model: BertModel {config}, random weights (seed 0), safetensors {weights / 1e9:.2f} GB;"
                 f" built in {build_s:.0f} s",
                 f"- host-cpu int8 artifact: {sizes}; bundle: {', '.join(f.name for f in bundle) or 'none'}",
             ]

@@ -24,6 +24,10 @@ ORDER = [
         "Issue 11 — models people bring: int8 against the peer, int8 weight types per CPU, external data",
     ),
     (
+        "embedding_int8_memory.md",
+        "Issue 11 follow-up — int8 embedding tables quantized in chunks: quantize peak memory",
+    ),
+    (
         "gradients.md",
         "Issue 13 — verify_gradient: almost-linear attention gradients, tensor attention, bounded entries",
     ),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_CHUNKED_GATHER_BYTES",
     "INT4_ALGORITHMS",
     "INT4_LM_HEAD",
     "PRECISIONS",
@@ -43,6 +44,11 @@ __all__ = [
 INT4_ALGORITHMS: tuple[str, ...] = ("rtn", "hqq", "gptq")
 #: what the int4 path does with the LM head (the last constant-weight MatMul/Gemm before the first output).
 INT4_LM_HEAD: tuple[str, ...] = ("int4", "int8", "fp32")
+#: int8: fp32 size from which an embedding (Gather) table is quantized chunk by chunk by edgepipe before ORT's dynamic
+#: quantizer runs (``exporters.chunked_gather``; bit-identical to ORT, without ORT's ~5 table-sized float copies).
+#: [I] 64 MiB: below it ORT's copies cost < 0.4 GB and small tables (MiniLM's 47 MB) keep exactly the artifact ORT
+#: alone writes; multilingual vocabularies (mBERT 0.37 GB, XLM-R 1 GB) and Llama-class embeddings take the chunked path.
+DEFAULT_CHUNKED_GATHER_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,8 @@ class ConversionJob:
     weight_type: str = "u8"
     int4: Int4Options = field(default_factory=Int4Options)
     nodes_to_exclude: Sequence[str] = ()  # int8 paths: node names kept in fp32 (mixed precision)
+    # int8: Gather tables of at least this many fp32 bytes quantized in chunks (exporters.chunked_gather); None = never
+    chunked_gather_bytes: int | None = DEFAULT_CHUNKED_GATHER_BYTES
 
 
 Converter = Callable[[ConversionJob], "tuple[int, list[str], list[str]]"]

@@ -20,6 +20,7 @@ Every output is written atomically (temp file in the destination folder, then
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -32,7 +33,7 @@ import onnx
 
 from exporters.graph import GraphIndex
 from exporters.onnx import data_file, model_bytes, move_onnx, onnx_files, save_onnx
-from exporters.precision_registry import ConversionJob, Int4Options, precision_spec
+from exporters.precision_registry import DEFAULT_CHUNKED_GATHER_BYTES, ConversionJob, Int4Options, precision_spec
 
 __all__ = [
     "DEFAULT_INT8_OP_TYPES",
@@ -109,6 +110,7 @@ def convert_precision(
     weight_type: str = "u8",
     nodes_to_exclude: Sequence[str] = (),
     int4: Int4Options | None = None,
+    chunked_gather_bytes: int | None = DEFAULT_CHUNKED_GATHER_BYTES,
 ) -> QuantizeReport:
     """Convert ``src`` to ``precision`` and write it atomically to ``dst``.
 
@@ -141,6 +143,9 @@ def convert_precision(
             see pipeline.sensitivity). Names are those of ``src`` (unnamed nodes get ``<op>_<index>``).
         int4: ``int4`` only: block size, algorithm, accuracy level, embeddings and LM head
             (:class:`exporters.precision_registry.Int4Options`; default: its defaults).
+        chunked_gather_bytes: ``int8`` with ``"Gather"`` in ``int8_op_types``: embedding tables of at least this many
+            bytes of fp32 are quantized chunk by chunk before ORT runs (:mod:`exporters.chunked_gather`: the same
+            bytes ORT writes, without its table-sized float copies); ``None`` = leave every table to ORT.
 
     Returns:
         A :class:`QuantizeReport`.
@@ -180,6 +185,7 @@ def convert_precision(
             weight_type=weight_type,
             int4=int4 or Int4Options(),
             nodes_to_exclude=tuple(nodes_to_exclude),
+            chunked_gather_bytes=chunked_gather_bytes,
         )
         if spec.calibration_needed(job) and not feeds:
             raise ValueError(f"precision '{precision}' needs calibration_feeds (a non-empty iterable of feeds dicts)")
@@ -366,8 +372,11 @@ def _int8_dynamic(
     weight_type: str,
     external: bool = False,
     nodes_to_exclude: Sequence[str] = (),
+    chunked_gather_bytes: int | None = DEFAULT_CHUNKED_GATHER_BYTES,
 ) -> tuple[int, list[str], list[str]]:
     from onnxruntime.quantization import quantize_dynamic
+
+    from exporters.chunked_gather import hide_tables, prequantize_gather_tables, restore_tables
 
     model = onnx.load(str(src), load_external_data=not external)
     _name_nodes(model)
@@ -375,31 +384,45 @@ def _int8_dynamic(
     # quantize_dynamic first rewrites a Gemm as MatMul + Add named "<gemm>_MatMul", and checks exclusion on that
     excluded |= {f"{n.name}_MatMul" for n in model.graph.node if n.op_type == "Gemm" and n.name in excluded}
     exclude = sorted(excluded)
-    model_input: onnx.ModelProto | str = model
-    if external:
-        # Hand ORT a file: given a ModelProto, quantize_dynamic deep-copies it, saves the copy and loads it back,
-        # three more copies of the weights in memory (the 2.4 GB encoder of issue 11 was killed at 14 GB). The named
-        # graph goes beside a copy of the source's data file (ORT writes beside its input; onnx refuses hard links).
-        named = tmp.parent / "named" / src.name
-        named.parent.mkdir()
-        shutil.copyfile(data_file(src), data_file(named))
-        onnx.save_model(model, str(named))  # graph only: its tensors point at the data file by its name
-        model_input = str(named)
-    quantize_dynamic(
-        model_input,
-        str(tmp),
-        op_types_to_quantize=list(
-            op_types
-        ),  # never Attention: opset-23 Attention breaks if quantize_dynamic touches it
-        per_channel=per_channel,
-        nodes_to_exclude=exclude,
-        use_external_data_format=external,  # writes <tmp>.data, the name exporters.onnx.data_file expects
-        **_weight_args(weight_type),
-        extra_options={
-            "MatMulConstBOnly": True,  # only linear layers; q @ k^T has no constant operand
-            "DefaultTensorType": onnx.TensorProto.FLOAT,  # ORT-fused graphs: else 'Unable to find data type for weight_name'
-        },
+    # Hand ORT a file: given a ModelProto, quantize_dynamic deep-copies it, saves the copy and loads it back, three
+    # more copies of the weights in memory (the 2.4 GB encoder of issue 11 was killed at 14 GB). The named graph goes
+    # beside its own data file (ORT writes beside its input; onnx refuses hard links).
+    named = tmp.parent / "named" / src.name
+    named.parent.mkdir()
+    # Large embedding tables first, chunk by chunk (ORT's quantizer would hold each as several float copies); with
+    # external data this also copies every other tensor into named's data file, renumbering offsets.
+    chunked = prequantize_gather_tables(
+        model,
+        src_data=data_file(src) if external else None,
+        dst_data=data_file(named) if external else None,
+        op_types=op_types,
+        excluded=exclude,
+        min_bytes=chunked_gather_bytes,
     )
+    hidden = hide_tables(model, chunked)  # graph inputs while ORT runs: its quantizer copies each initializer ~3 times
+    model_input: onnx.ModelProto | str = model
+    if external or chunked:
+        onnx.save_model(model, str(named))  # graph only when external: its tensors point at the data file by name
+        model_input = str(named)
+        del model
+    with _without_already_quantized_warning() if chunked else contextlib.nullcontext():
+        quantize_dynamic(
+            model_input,
+            str(tmp),
+            op_types_to_quantize=list(
+                op_types
+            ),  # never Attention: opset-23 Attention breaks if quantize_dynamic touches it
+            per_channel=per_channel,
+            nodes_to_exclude=exclude,
+            use_external_data_format=external,  # writes <tmp>.data, the name exporters.onnx.data_file expects
+            **_weight_args(weight_type),
+            extra_options={
+                "MatMulConstBOnly": True,  # only linear layers; q @ k^T has no constant operand
+                "DefaultTensorType": onnx.TensorProto.FLOAT,  # ORT-fused graphs: else 'Unable to find data type for weight_name'
+            },
+        )
+    if hidden:
+        restore_tables(tmp, hidden, src_dir=named.parent, dst_data=data_file(tmp))
     out = _without_shape_hints(tmp)
     n = sum(1 for node in out.graph.node if node.op_type in _INT8_DYNAMIC_OPS)
     if "Gather" in op_types:  # quantized embedding tables: Gather reads int8 data, DequantizeLinear follows
@@ -408,13 +431,33 @@ def _int8_dynamic(
         }
         n += sum(1 for node in out.graph.node if node.op_type == "Gather" and node.input[0] in int8_inits)
     kept = sorted({node.op_type for node in out.graph.node if node.op_type in {"Add", *keep_fp32_ops}})
-    return (
-        n,
-        kept,
-        [
-            f"dynamic int8 ({weight_type} weights, u8 activations, per_channel={per_channel}) on {sorted(op_types)} with constant weights"
-        ],
-    )
+    notes = [
+        f"dynamic int8 ({weight_type} weights, u8 activations, per_channel={per_channel}) on {sorted(op_types)} with constant weights"
+    ]
+    if chunked:
+        notes.append(
+            "embedding tables quantized chunk by chunk before ORT (per-tensor u8, as ORT's Gather path): "
+            + ", ".join(f"{t.name} {'x'.join(map(str, t.shape))}" for t in chunked)
+        )
+    return n, kept, notes
+
+
+class _AlreadyQuantizedFilter(logging.Filter):
+    """Drops ORT's 'Please check if the model is already quantized' warning: the DequantizeLinear nodes it sees are
+    the chunked embedding tables' (exporters.chunked_gather), written on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please check if the model is already quantized")
+
+
+@contextlib.contextmanager
+def _without_already_quantized_warning() -> Iterator[None]:
+    root, flt = logging.getLogger(), _AlreadyQuantizedFilter()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 class _FeedsReader:

@@ -17,4 +17,5 @@ def convert(job: ConversionJob) -> tuple[int, list[str], list[str]]:
         job.weight_type,
         job.external,
         job.nodes_to_exclude,
+        job.chunked_gather_bytes,
     )

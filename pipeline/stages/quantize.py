@@ -10,7 +10,14 @@ from typing import Any, Literal
 import onnx
 from pydantic import Field, field_validator, model_validator
 
-from exporters.precision_registry import INT4_LM_HEAD, ConversionJob, Int4Options, check_precision, precision_spec
+from exporters.precision_registry import (
+    DEFAULT_CHUNKED_GATHER_BYTES,
+    INT4_LM_HEAD,
+    ConversionJob,
+    Int4Options,
+    check_precision,
+    precision_spec,
+)
 from pipeline.artifact import Artifact, TargetModel
 from pipeline.errors import StageError
 from pipeline.schema import Frozen
@@ -60,6 +67,12 @@ class QuantizeConfig(StageConfig):
     calibration_samples: int = Field(32, ge=1, description="int8-static: calibration passages")
     quantize_embeddings: bool = Field(
         True, description="int8: also quantize embedding tables (Gather): ~2.5x smaller MiniLM at the same fidelity"
+    )
+    chunked_embeddings_mb: float | None = Field(
+        DEFAULT_CHUNKED_GATHER_BYTES / 2**20,
+        ge=0,
+        description="int8: embedding tables of at least this many MiB (fp32) are quantized chunk by chunk before ONNX"
+        " Runtime's quantizer (same bytes, without its table-sized float copies); null = leave all to ORT",
     )
     keep_fp32_ops: list[str] | None = Field(
         None, description="op types kept in fp32 (default: LayerNorm, Softmax and residual-sensitive ops)"
@@ -211,6 +224,8 @@ def quantize_targets(
         }
         if precision == "int8" and cfg.quantize_embeddings:
             kwargs["int8_op_types"] = ("MatMul", "Gemm", "Gather")
+            mb = cfg.chunked_embeddings_mb
+            kwargs["chunked_gather_bytes"] = None if mb is None else int(mb * 2**20)
         if cfg.keep_fp32_ops is not None:
             kwargs["keep_fp32_ops"] = cfg.keep_fp32_ops
         files = dict(tm.files)

@@ -325,13 +325,26 @@ def test_structured_defaults_follow_the_family_and_warn_about_missing_text_recov
 # ----------------------------------------------------------------------------- 2. size limits
 
 
-def test_external_data_is_carried_through_quantize_ort_validate_benchmark_and_bundle(tiny_models, tmp_path):
-    """The switch point is a setting, so a tiny model takes the >2 GiB path (model.onnx + model.onnx.data) end to end."""
+def test_external_data_is_carried_through_quantize_ort_validate_benchmark_and_bundle(
+    tiny_models, tmp_path, monkeypatch
+):
+    """The switch point is a setting, so a tiny model takes the >2 GiB path (model.onnx + model.onnx.data) end to end;
+    android-arm64's int8 quantizes its embedding tables chunk by chunk (exporters.chunked_gather) as a big model's."""
     import onnx
 
+    import exporters.chunked_gather as cg
+
+    chunked, real = [], cg.prequantize_gather_tables
+
+    def spy(*args, **kwargs):
+        done = real(*args, **kwargs)
+        chunked.extend(done)
+        return done
+
+    monkeypatch.setattr(cg, "prequantize_gather_tables", spy)
     stages = [
         {"export": {"external_data_mb": 0}},
-        {"quantize": {"per_target": {"host-cpu": "fp32"}}},
+        {"quantize": {"per_target": {"host-cpu": "fp32"}, "chunked_embeddings_mb": 0}},
         {"validate": {"min_cos_mean": None}},
         {"benchmark": {"runs": 2, "warmup": 0, "seq": 16}},
     ]
@@ -360,6 +373,7 @@ def test_external_data_is_carried_through_quantize_ort_validate_benchmark_and_bu
         assert t["parity"]["ok"] and t["latency_ms"]["p50"] > 0
     assert (run / "host-cpu" / "bundle" / "model.onnx.data").is_file()  # the bundle runs standalone on the device
     assert (run / "android-arm64" / "model.ort").is_file()
+    assert "model.embeddings.word_embeddings.weight" in {t.name for t in chunked}
 
 
 def test_ort_format_refuses_models_over_its_limit(tmp_path, monkeypatch):
