@@ -268,7 +268,8 @@ def _plot(spec: TuneSpec, records, refs, target: str, keys_front: list[str], pat
     ax.set_ylabel(f"{fid} vs dense")
     ax.set_title(f"{target}: latency vs fidelity")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing measured: no empty legend
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

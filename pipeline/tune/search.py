@@ -6,6 +6,7 @@ attaches to an existing cluster (its work directory and cache must then be on st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -289,6 +290,9 @@ def tune(
     _SIGNALS_SEEN.clear()
     ray_tmp = None
     handlers = _stop_on_signals()
+    notices = contextlib.ExitStack()
+    if not debug:
+        notices.enter_context(_raylet_notices_off())
     try:
         ray_tmp = _ray_init(address, layout)
         _stop_on_signals()  # again: ray.init installs its own SIGTERM handler (sys.exit, mid-fit)
@@ -321,6 +325,7 @@ def tune(
                 shutil.rmtree(ray_tmp, ignore_errors=True)
         finally:
             _restore_signals(handlers)
+            notices.close()
             if quiet is not None:
                 for name, level in quiet.items():
                     logging.getLogger(name).setLevel(level)
@@ -334,14 +339,39 @@ _RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "ray._pri
 def _quiet_ray() -> dict[str, int]:
     """Nothing below CRITICAL from Ray's own loggers in this process (its token-authentication notice at
     ``ray.init``, Ray Tune's "Trial task failed" tracebacks: edgepipe prints its own line per failed trial, naming
-    the error file); returns the previous levels. Worker output does not reach the console (``log_to_driver=False``).
-    Not covered: the raylet's "(raylet) A worker died ..." notices, which Ray's driver prints to stderr itself."""
+    the cause); returns the previous levels. Worker output does not reach the console (``log_to_driver=False``);
+    the raylet's notices are dropped by :func:`_raylet_notices_off`."""
     old = {}
     for name in _RAY_LOGGERS:
         lg = logging.getLogger(name)
         old[name] = lg.level
         lg.setLevel(logging.CRITICAL)
     return old
+
+
+@contextmanager
+def _raylet_notices_off() -> Iterator[None]:
+    """Ray's driver prints the raylet's error notices ("(raylet) A worker died or was killed ...", the memory
+    monitor's report) to stdout from a background thread (``listen_error_messages`` -> ``print_to_stdstream``),
+    bypassing logging. edgepipe prints its own line per lost worker with the cause, so these are dropped here
+    (``--debug`` keeps them); other worker output is not printed anyway (``log_to_driver=False``)."""
+    try:
+        import ray._private.worker as rw
+
+        orig = rw.print_to_stdstream
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def _print(data, *args, **kwargs):
+        if data.get("pid") != "raylet":
+            orig(data, *args, **kwargs)
+
+    rw.print_to_stdstream = _print
+    try:
+        yield
+    finally:
+        rw.print_to_stdstream = orig
 
 
 _SIGNALS_SEEN: list[str] = []
@@ -400,8 +430,9 @@ def _fit(
             cause = worker_death_cause(_last_error(trial))
             note_lost_attempt(layout, params, run_id, cause)
             echo(
-                f"edgepipe tune: trial {params_key(params)[:8]} [{' '.join(f'{k}={v}' for k, v in sorted(params.items()))}]"
-                f" {cause}; retrying (attempt {trial.num_failures + 1} of {1 + spec.search.retries})"
+                f"edgepipe tune: retrying trial {params_key(params)[:8]}"
+                f" [{' '.join(f'{k}={v}' for k, v in sorted(params.items()))}]: {cause}"
+                f" (attempt {trial.num_failures + 1} of {1 + spec.search.retries})"
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):
