@@ -9,9 +9,11 @@ inherits its ``oom_score_adj`` (Ray sets 1000 on its workers), so the kernel's O
 holds the memory, the child, and not the worker.
 
 Test hook (not a product option): ``EDGEPIPE_TEST_KILL_TRIAL`` holds a JSON list of rules
-``{"match": {param: value, ...}, "attempts": [1, 2], "victim": "child" | "worker"}``. When the trial's params
-contain ``match`` and its attempt is listed, the process kills itself (``child``) or its Ray worker (``worker``)
-with SIGKILL as soon as the pipeline's first stage has finished: a deterministic stand-in for the OOM killer.
+``{"match": {param: value, ...}, "attempts": [1, 2], "victim": "child" | "worker" | "memory", "mb": 1500}``.
+When the trial's params contain ``match`` and its attempt is listed (all attempts when omitted), then as soon as
+the pipeline's first stage has finished the process kills itself (``child``) or its Ray worker (``worker``) with
+SIGKILL, a deterministic stand-in for the OOM killer, or (``memory``) takes ``mb`` MB and holds it for up to
+two minutes, for Ray's memory monitor to act on (used by hand with ``RAY_memory_usage_threshold``).
 """
 
 from __future__ import annotations
@@ -47,15 +49,25 @@ def _die_with_parent(parent: int) -> None:
 
 
 class _KillAfterFirstStage(logging.Handler):
-    def __init__(self, victim: int) -> None:
+    def __init__(self, rule: dict[str, Any]) -> None:
         super().__init__(logging.INFO)
-        self.victim = victim
+        self.rule = rule
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "edgepipe" and _FIRST_STAGE_DONE.match(record.getMessage()):
-            sys.stdout.flush()
-            os.kill(self.victim, signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)  # the worker's death would kill it too (PDEATHSIG)
+        if record.name != "edgepipe" or not _FIRST_STAGE_DONE.match(record.getMessage()):
+            return
+        sys.stdout.flush()
+        if self.rule.get("victim") == "memory":
+            import time
+
+            hold = bytearray(int(self.rule.get("mb", 1500)) * 2**20)
+            for i in range(0, len(hold), 4096):  # touch every page: resident, not just reserved
+                hold[i] = 1
+            time.sleep(120)
+            return
+        if self.rule.get("victim") == "worker":
+            os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)  # after the worker: its death would kill this one too (PDEATHSIG)
 
 
 def _install_test_kill(params: dict[str, Any], attempt: int) -> None:
@@ -64,11 +76,10 @@ def _install_test_kill(params: dict[str, Any], attempt: int) -> None:
         return
     for rule in json.loads(raw):
         if all(params.get(k) == v for k, v in rule["match"].items()) and attempt in rule.get("attempts", [attempt]):
-            victim = os.getppid() if rule.get("victim") == "worker" else os.getpid()
             lg = logging.getLogger("edgepipe")
             lg.setLevel(logging.INFO)
-            lg.addHandler(_KillAfterFirstStage(victim))
-            print(f"test hook {TEST_KILL_ENV}: pid {victim} is killed after the first stage", flush=True)
+            lg.addHandler(_KillAfterFirstStage(rule))
+            print(f"test hook {TEST_KILL_ENV}: {rule.get('victim', 'child')} after the first stage", flush=True)
             return
 
 

@@ -158,13 +158,16 @@ def _memory_monitor_cause(text: str) -> str:
 
 
 def worker_death_cause(text: str) -> str:
-    """One line for Ray Tune's error text of a trial whose Ray worker died."""
+    """One line for Ray Tune's error text of a trial that ended without a result: its Ray worker died (Ray's memory
+    monitor, a signal) or, rarely, the trainable itself raised (then the exception's last line)."""
     if _MEMORY_MONITOR in text:
         return text.strip().splitlines()[0]
     if "low on memory" in text:
         return _memory_monitor_cause(text)
     m = re.search(r"Worker exit detail: ([^.\n]*)", text)
-    return "its Ray worker process died" + (f" ({m.group(1).strip()[:160]})" if m else "")
+    if m or "actor died" in text or not text.strip():
+        return "its Ray worker process died" + (f" ({m.group(1).strip()[:160]})" if m else "")
+    return f"the trial's Ray worker raised {text.strip().splitlines()[-1].strip()[:200]}"
 
 
 @contextmanager

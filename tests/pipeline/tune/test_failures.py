@@ -246,6 +246,8 @@ def test_worker_death_causes():
     assert worker_death_cause(died) == (
         "its Ray worker process died (Worker unexpectedly exits with a connection error code 2)"
     )
+    raised = "ray::ImplicitFunc.train() (pid=1, ip=x)\nTraceback (most recent call last):\n  ...\nOSError: board gone\n"
+    assert worker_death_cause(raised) == "the trial's Ray worker raised OSError: board gone"
 
 
 def test_memory_monitor_kill_is_handed_to_tune_as_the_actors_death(monkeypatch):
