@@ -49,6 +49,9 @@ def _require() -> None:
     # Ray Tune's own SIGINT handler turns the first Ctrl-C into "finish the experiment" (then the references would
     # run); edgepipe's handler stops at once instead and the journal keeps the finished trials for --resume
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # a failed trial measured nothing and reports no objective values (the searcher marks it pruned); Ray Tune's
+    # strict check would end the whole fit on that result ("did not include the specified metric(s)")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     try:
         import optuna  # noqa: F401
         import ray  # noqa: F401

@@ -108,6 +108,8 @@ def tuned(tiny_models, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    os.set_blocking(proc.stdout.fileno(), False)  # what the killed tune printed (no writer may be left)
+    first_out = (proc.stdout.read() or b"").decode(errors="replace")
     before = _journal(workdir)
     mtimes = {
         r["key"]: (Path(r["run_dir"]) / "report.json").stat().st_mtime_ns
@@ -130,6 +132,7 @@ def tuned(tiny_models, tmp_path_factory):
         "before": before,
         "mtimes": mtimes,
         "out": out,
+        "first_out": first_out,
         "err": err,
         "pid": res.pid,
         "report": json.loads((workdir / "tune" / "report.json").read_text()),
@@ -280,8 +283,8 @@ def test_killed_trials_are_retried_then_recorded_without_ending_the_tune(tuned):
     assert len(tuned["report"]["trials"]) == 6
     md = (tuned["workdir"] / "tune" / "report.md").read_text()
     assert md.count(oom) >= 2 and f"`{r['key'][:8]}`" in md and f"`{w['key'][:8]}`" in md
-    # progress lines say so
-    out = tuned["out"]
+    # progress lines say so (in the killed or the resumed invocation, wherever the trial finished)
+    out = tuned["first_out"] + tuned["out"]
     assert f"{r['key'][:8]} (failed after 2 attempt(s): {oom}" in out
     assert f"{once['key'][:8]} (retried 1x after: {oom}" in out
     assert f"edgepipe tune: retrying trial {w['key'][:8]}" in out and "(attempt 2 of 2)" in out
