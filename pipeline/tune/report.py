@@ -61,7 +61,7 @@ def choose(spec: TuneSpec, records: Sequence[Mapping[str, Any]], target: str) ->
 
 CLOSEST_RULE = (
     "closest = the measured trial with the least total normalised violation: each missed constraint's shortfall"
-    " divided by |its limit| (the limit itself when it is 0: absolute), plus each failed validation gate's"
+    " divided by |its limit| (the shortfall itself when the limit is 0), plus each failed validation gate's"
     " |value - limit| / |limit| (1 when not numeric), plus 1 per constrained metric the trial did not measure;"
     " ties broken by the objectives"
 )
@@ -315,7 +315,8 @@ def write_tune_report(
             best_file = layout.out / f"best-{t}.yaml"
             head = f"# edgepipe tune: chosen recipe for {t} (trial {chosen['key']}); run with: edgepipe run {best_file.name}\n"
             atomic_write_text(best_file, head + yaml.safe_dump(best_recipe(spec, chosen, t), sort_keys=False))
-        _remove_stale(layout.out / f"{'closest' if chosen is not None else 'best'}-{t}.yaml")
+        else:
+            _remove_stale(layout.out / f"best-{t}.yaml")  # an earlier report's (the constraints changed since)
         if near is not None:
             near_file = layout.out / f"closest-{t}.yaml"
             rec = next(r for r in records if r["key"] == near["trial"])
@@ -326,8 +327,8 @@ def write_tune_report(
             )
             atomic_write_text(near_file, head + yaml.safe_dump(best_recipe(spec, rec, t), sort_keys=False))
             near["closest_yaml"] = near_file.name
-        elif chosen is None:
-            _remove_stale(layout.out / f"closest-{t}.yaml")
+        else:
+            _remove_stale(layout.out / f"closest-{t}.yaml")  # an earlier report's: a feasible trial came since
         png = layout.out / f"pareto-{t}.png"
         if _plot(spec, records, refs, t, keys, png):
             plots[t] = png.name
