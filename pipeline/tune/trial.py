@@ -212,15 +212,23 @@ def _attempt(layout: Layout, spec: TuneSpec, key: str, params: Mapping[str, Any]
     with open(log, "a", encoding="utf-8") as fh:
         fh.write(f"--- edgepipe tune: trial {key} attempt {n}, {_now()}\n")
         fh.flush()
-        # spawned, not forked: a fresh interpreter, no copy of the worker's Ray threads and sockets
+        # spawned, not forked: a fresh interpreter, no copy of the worker's Ray threads and sockets; its own
+        # process group, so what it started (the benchmark's evaluate.py) goes with it when it is killed
         proc = subprocess.Popen(
             [sys.executable, "-X", "faulthandler", "-m", "pipeline.tune.child"],
             stdin=subprocess.PIPE,
             stdout=fh,
             stderr=subprocess.STDOUT,
             env={**os.environ, "EDGEPIPE_TRIAL_PARENT": str(os.getpid())},
+            start_new_session=True,
         )
-        proc.communicate(json.dumps(req, default=str).encode())
+        try:
+            proc.communicate(json.dumps(req, default=str).encode())
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # leftovers only: the child itself has exited (or is killed now)
+            except (ProcessLookupError, PermissionError):
+                pass
     try:
         res = json.loads(outcome.read_text(encoding="utf-8")) if proc.returncode == 0 else None
     except (OSError, json.JSONDecodeError):
