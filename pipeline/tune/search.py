@@ -193,11 +193,11 @@ def _memory_monitor_kills_fail_the_trial() -> Iterator[None]:
             exception = RayActorError(error_msg=_memory_monitor_cause(str(exception)))
         return orig(self, tracked_actor_task, exception)
 
-    am.RayActorManager._actor_task_failed = _task_failed
+    am.RayActorManager._actor_task_failed = _task_failed  # type: ignore[method-assign]
     try:
         yield
     finally:
-        am.RayActorManager._actor_task_failed = orig
+        am.RayActorManager._actor_task_failed = orig  # type: ignore[method-assign]
 
 
 def _last_error(trial: Any) -> str:
