@@ -141,8 +141,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(
             f"edgepipe: tune complete ({len(report['trials'])} trials) -> {Path(args.workdir) / 'tune' / 'report.md'}"
         )
-        for name, t in report["targets"].items():
-            print(f"  {name:<18} {'best-' + name + '.yaml' if t['best_yaml'] else 'no feasible recipe'}")
+        from pipeline.tune.report import console_lines
+
+        for line in console_lines(report):
+            print(line)
     return 0
 
 

@@ -6,22 +6,34 @@ attaches to an existing cluster (its work directory and cache must then be on st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, EdgepipeError
 from pipeline.tune.spec import SAMPLERS, TuneSpec, load_tune
-from pipeline.tune.trial import Layout, metric_names, objective_values, read_journal, run_trial
+from pipeline.tune.trial import (
+    Layout,
+    metric_names,
+    note_lost_attempt,
+    objective_values,
+    params_key,
+    read_journal,
+    record_lost_trial,
+    run_trial,
+)
 
 __all__ = ["MissingExtra", "tune"]
 
@@ -37,6 +49,9 @@ def _require() -> None:
     # Ray Tune's own SIGINT handler turns the first Ctrl-C into "finish the experiment" (then the references would
     # run); edgepipe's handler stops at once instead and the journal keeps the finished trials for --resume
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # a failed trial measured nothing and reports no objective values (the searcher marks it pruned); Ray Tune's
+    # strict check would end the whole fit on that result ("did not include the specified metric(s)")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     try:
         import optuna  # noqa: F401
         import ray  # noqa: F401
@@ -84,8 +99,8 @@ def _searcher(spec: TuneSpec, prior: list[dict[str, Any]]):
     )
 
 
-def _trainable(config: dict[str, Any], source: str, workdir: str, board: Any) -> dict[str, Any]:
-    """Ray Tune function trainable (runs in a Ray worker): one edgepipe run, never raises."""
+def _trainable(config: dict[str, Any], source: str, workdir: str, board: Any, run_id: str) -> dict[str, Any]:
+    """Ray Tune function trainable (runs in a Ray worker): one edgepipe run in a child process, never raises."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import warnings
@@ -93,7 +108,7 @@ def _trainable(config: dict[str, Any], source: str, workdir: str, board: Any) ->
     warnings.filterwarnings("ignore")
     logging.getLogger("edgepipe").setLevel(logging.WARNING)
     spec = load_tune(source)
-    rec = run_trial(spec, _flat(config), Layout(Path(workdir), spec), board_runner=board)
+    rec = run_trial(spec, _flat(config), Layout(Path(workdir), spec), board_runner=board, run_id=run_id)
     values, cons = objective_values(spec, rec)
     out: dict[str, Any] = {"constraints": cons, "record_json": json.dumps(rec, default=str)}
     if values is not None:
@@ -128,9 +143,70 @@ def _line(rec: dict[str, Any], done: int, total: int, spec: TuneSpec, best: dict
                 best[name] = (rec["key"], m[main])
     best_s = ", ".join(f"{n} {main}={v:.4g} ({k[:8]})" for n, (k, v) in best.items()) or "none feasible yet"
     again = " (recalled from the journal)" if rec.get("recalled") else ""
+    if rec["status"] == "failed" and rec.get("retried"):
+        again += f" (failed after {rec.get('attempts', len(rec['retried']))} attempt(s): {rec['retried'][-1]})"
+    elif rec.get("retried"):
+        again += f" (retried {len(rec['retried'])}x after: {'; '.join(rec['retried'])})"
     return (
         f"edgepipe tune: trial {done}/{total} {rec['key'][:8]}{again} [{params}] {' | '.join(parts)} || best: {best_s}"
     )
+
+
+_MEMORY_MONITOR = "killed by Ray's memory monitor: the node ran low on memory"
+
+
+def _memory_monitor_cause(text: str) -> str:
+    m = re.search(r"was ([\d.]+\s*\w+ used / [\d.]+\s*\w+ limit)", text)
+    return _MEMORY_MONITOR + (f" ({m.group(1)})" if m else "")
+
+
+def worker_death_cause(text: str) -> str:
+    """One line for Ray Tune's error text of a trial that ended without a result: its Ray worker died (Ray's memory
+    monitor, a signal) or, rarely, the trainable itself raised (then the exception's last line)."""
+    if _MEMORY_MONITOR in text:
+        return text.strip().splitlines()[0]
+    if "low on memory" in text:
+        return _memory_monitor_cause(text)
+    m = re.search(r"Worker exit detail: ([^.\n]*)", text)
+    if m or "actor died" in text or not text.strip():
+        return "its Ray worker process died" + (f" ({m.group(1).strip()[:160]})" if m else "")
+    return f"the trial's Ray worker raised {text.strip().splitlines()[-1].strip()[:200]}"
+
+
+@contextmanager
+def _memory_monitor_kills_fail_the_trial() -> Iterator[None]:
+    """Ray Tune 2.60's actor manager raises ``RuntimeError("Caught unexpected exception")`` for a trial task whose
+    worker Ray's memory monitor killed (``OutOfMemoryError`` is neither ``RayActorError`` nor ``RayTaskError``), and
+    that ends the whole ``fit``. Within this context such an error is handed to Tune as the death of that trial's
+    actor (``RayActorError``), so only that trial fails, and ``FailureConfig`` retries it."""
+    try:
+        from ray.air.execution._internal import actor_manager as am
+        from ray.exceptions import OutOfMemoryError, RayActorError
+
+        orig = am.RayActorManager._actor_task_failed
+    except (ImportError, AttributeError):  # another Ray: the RuntimeError fallback in _fit still names the cause
+        yield
+        return
+
+    def _task_failed(self, tracked_actor_task, exception):
+        if isinstance(exception, OutOfMemoryError):
+            exception = RayActorError(error_msg=_memory_monitor_cause(str(exception)))
+        return orig(self, tracked_actor_task, exception)
+
+    am.RayActorManager._actor_task_failed = _task_failed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        am.RayActorManager._actor_task_failed = orig  # type: ignore[method-assign]
+
+
+def _last_error(trial: Any) -> str:
+    """The last failure Ray Tune appended to the trial's error file ("Failure # N (occurred at ...)" blocks)."""
+    try:
+        text = Path(trial.error_file).read_text(encoding="utf-8", errors="replace") if trial.error_file else ""
+    except OSError:
+        return ""
+    return re.split(r"^Failure # \d+.*$", text, flags=re.M)[-1].strip()
 
 
 def _ray_init(address: str | None, layout: Layout) -> str | None:
@@ -220,6 +296,9 @@ def tune(
     _SIGNALS_SEEN.clear()
     ray_tmp = None
     handlers = _stop_on_signals()
+    notices = contextlib.ExitStack()
+    if not debug:
+        notices.enter_context(_raylet_notices_off())
     try:
         ray_tmp = _ray_init(address, layout)
         _stop_on_signals()  # again: ray.init installs its own SIGTERM handler (sys.exit, mid-fit)
@@ -252,6 +331,7 @@ def tune(
                 shutil.rmtree(ray_tmp, ignore_errors=True)
         finally:
             _restore_signals(handlers)
+            notices.close()
             if quiet is not None:
                 for name, level in quiet.items():
                     logging.getLogger(name).setLevel(level)
@@ -265,14 +345,39 @@ _RAY_LOGGERS = ("ray", "ray.tune", "ray.train", "ray.air", "ray.data", "ray._pri
 def _quiet_ray() -> dict[str, int]:
     """Nothing below CRITICAL from Ray's own loggers in this process (its token-authentication notice at
     ``ray.init``, Ray Tune's "Trial task failed" tracebacks: edgepipe prints its own line per failed trial, naming
-    the error file); returns the previous levels. Worker output does not reach the console (``log_to_driver=False``).
-    Not covered: the raylet's "(raylet) A worker died ..." notices, which Ray's driver prints to stderr itself."""
+    the cause); returns the previous levels. Worker output does not reach the console (``log_to_driver=False``);
+    the raylet's notices are dropped by :func:`_raylet_notices_off`."""
     old = {}
     for name in _RAY_LOGGERS:
         lg = logging.getLogger(name)
         old[name] = lg.level
         lg.setLevel(logging.CRITICAL)
     return old
+
+
+@contextmanager
+def _raylet_notices_off() -> Iterator[None]:
+    """Ray's driver prints the raylet's error notices ("(raylet) A worker died or was killed ...", the memory
+    monitor's report) to stdout from a background thread (``listen_error_messages`` -> ``print_to_stdstream``),
+    bypassing logging. edgepipe prints its own line per lost worker with the cause, so these are dropped here
+    (``--debug`` keeps them); other worker output is not printed anyway (``log_to_driver=False``)."""
+    try:
+        import ray._private.worker as rw
+
+        orig = rw.print_to_stdstream
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def _print(data, *args, **kwargs):
+        if data.get("pid") != "raylet":
+            orig(data, *args, **kwargs)
+
+    rw.print_to_stdstream = _print
+    try:
+        yield
+    finally:
+        rw.print_to_stdstream = orig
 
 
 _SIGNALS_SEEN: list[str] = []
@@ -316,6 +421,8 @@ def _fit(
     for rec in prior:
         _line(rec, 0, 0, spec, best)  # seed best-so-far silently
 
+    run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # scopes the attempt ledgers to this invocation
+
     class _Progress(rt.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             raw = (trial.last_result or {}).get("record_json")
@@ -323,19 +430,31 @@ def _fit(
                 done[0] += 1
                 echo(_line(json.loads(raw), done[0], spec.search.trials, spec, best))
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            done[0] += 1
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            # the trial's Ray worker died (Ray's memory monitor, the OOM killer, a crash): Tune starts it again
+            params = _flat(trial.config)
+            cause = worker_death_cause(_last_error(trial))
+            note_lost_attempt(layout, params, run_id, cause)
             echo(
-                f"edgepipe tune: trial {done[0]}/{spec.search.trials} {trial.trial_id}: the trial process died ({trial.error_file or 'no error file'}); recorded as failed"
+                f"edgepipe tune: retrying trial {params_key(params)[:8]}"
+                f" [{' '.join(f'{k}={v}' for k, v in sorted(params.items()))}]: {cause}"
+                f" (attempt {trial.num_failures + 1} of {1 + spec.search.retries})"
             )
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            # Ray Tune gave up on the trial (its worker died on every allowed attempt): the journal records it
+            params = _flat(trial.config)
+            cause = worker_death_cause(_last_error(trial))
+            rec = record_lost_trial(spec, params, layout, run_id, cause, attempts=trial.num_failures)
+            done[0] += 1
+            echo(_line(rec, done[0], spec.search.trials, spec, best))
 
     cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = spec.search.max_concurrent or max(1, int(cpus // spec.search.cpus_per_trial))
     trainable = rt.with_resources(
-        rt.with_parameters(_trainable, source=source, workdir=str(layout.root), board=board),
+        rt.with_parameters(_trainable, source=source, workdir=str(layout.root), board=board, run_id=run_id),
         {"cpu": spec.search.cpus_per_trial},
     )
-    run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tuner = rt.Tuner(
         trainable,
         tune_config=rt.TuneConfig(
@@ -345,18 +464,21 @@ def _fit(
             time_budget_s=time_budget_s,
         ),
         run_config=rt.RunConfig(
-            name=run_name,
+            name=run_id,
             storage_path=str(layout.ray),
             verbose=0,
             callbacks=[_Progress()],
-            failure_config=rt.FailureConfig(max_failures=0, fail_fast=False),
+            # a trial whose worker died is started again in a new worker (its attempts are counted with the ones
+            # its worker retried itself, see pipeline.tune.trial), then recorded as failed by on_trial_error
+            failure_config=rt.FailureConfig(max_failures=spec.search.retries, fail_fast=False),
         ),
     )
     try:
-        tuner.fit()
+        with _memory_monitor_kills_fail_the_trial():
+            tuner.fit()
     except RuntimeError as exc:
-        # Ray Tune 2.60 raises (actor_manager: "Caught unexpected exception") when Ray's memory monitor kills a
-        # trial's worker, instead of failing only that trial; finished trials are in the journal
+        # only where the patch above could not be applied (another Ray): Ray Tune 2.60 ends the whole fit
+        # (actor_manager: "Caught unexpected exception") when Ray's memory monitor kills a trial's worker
         if "low on memory" not in str(exc):
             raise
         raise EdgepipeError(

@@ -118,6 +118,12 @@ class Search(Frozen):
     population: int | None = Field(None, ge=2, description="NSGA-II/III population; omitted = max(2, trials // 3)")
     max_concurrent: int | None = Field(None, ge=1, description="trials at once; omitted = one per CPU Ray has")
     cpus_per_trial: float = Field(1.0, gt=0)
+    retries: int = Field(
+        1,
+        ge=0,
+        description="re-runs of a trial whose process died (killed, out of memory, native crash) before it is"
+        " recorded as failed",
+    )
 
 
 class CacheOptions(Frozen):

@@ -1,5 +1,8 @@
 """edgepipe tune on a tiny BERT, local Ray: a 6-trial grid tune killed with -9 and resumed, then its report,
-Pareto set (vs brute force), shared cache, gate failures, best recipe and board routing are checked."""
+Pareto set (vs brute force), shared cache, gate failures, best recipe and board routing are checked. Three of its
+trials have their processes SIGKILLed mid-run (the child test hook of pipeline.tune.child): one trial's pipeline
+process on every attempt, one trial's Ray worker on every attempt, one trial's pipeline process on its first
+attempt only."""
 
 from __future__ import annotations
 
@@ -24,6 +27,15 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[3]
 GRID = {"prune.sparsity": [0.1, 0.5, 0.9], "quantize.precision": ["fp32", "int8"]}
 GATE = 0.9999  # tiny random BERT: sparsity 0.9 gives cos_mean ~0.9998 (fails), 0.1 / 0.5 give >= 0.99993
+# trials whose processes the test hook kills with SIGKILL after their first stage (see pipeline/tune/child.py)
+CHILD_ALWAYS = {"prune.sparsity": 0.5, "quantize.precision": "int8"}  # retried once, then recorded as failed
+WORKER_ALWAYS = {"prune.sparsity": 0.9, "quantize.precision": "int8"}  # its Ray worker dies: Tune retries, then fails
+CHILD_ONCE = {"prune.sparsity": 0.5, "quantize.precision": "fp32"}  # the retry succeeds
+KILLS = [
+    {"match": CHILD_ALWAYS, "victim": "child"},
+    {"match": WORKER_ALWAYS, "victim": "worker"},
+    {"match": CHILD_ONCE, "victim": "child", "attempts": [1]},
+]
 
 
 def _tune_yaml(model: Path, **over) -> dict:
@@ -49,11 +61,12 @@ def _tune_yaml(model: Path, **over) -> dict:
     return data
 
 
-def _env() -> dict:
+def _env(**extra: str) -> dict:
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
+        **extra,
     }
 
 
@@ -70,15 +83,16 @@ def _journal(workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tuned(tiny_models, tmp_path_factory):
-    """Start a tune, kill -9 it after its first finished trial, resume it to the end."""
+    """Start a tune, kill -9 it after its first finished trial, resume it to the end (with the KILLS hook)."""
     root = tmp_path_factory.mktemp("tune")
     cfg = root / "tune.yaml"
     cfg.write_text(yaml.safe_dump(_tune_yaml(tiny_models["bert"])))
     workdir = root / "w"
+    env = _env(EDGEPIPE_TEST_KILL_TRIAL=json.dumps(KILLS))
     proc = subprocess.Popen(
         _cli("tune", str(cfg), "--workdir", str(workdir)),
         cwd=root,
-        env=_env(),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -94,6 +108,8 @@ def tuned(tiny_models, tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    os.set_blocking(proc.stdout.fileno(), False)  # what the killed tune printed (no writer may be left)
+    first_out = (proc.stdout.read() or b"").decode(errors="replace")
     before = _journal(workdir)
     mtimes = {
         r["key"]: (Path(r["run_dir"]) / "report.json").stat().st_mtime_ns
@@ -103,7 +119,7 @@ def tuned(tiny_models, tmp_path_factory):
     res = subprocess.Popen(
         _cli("tune", str(cfg), "--workdir", str(workdir), "--resume"),
         cwd=root,
-        env=_env(),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -116,6 +132,7 @@ def tuned(tiny_models, tmp_path_factory):
         "before": before,
         "mtimes": mtimes,
         "out": out,
+        "first_out": first_out,
         "err": err,
         "pid": res.pid,
         "report": json.loads((workdir / "tune" / "report.json").read_text()),
@@ -185,6 +202,8 @@ def _brute_force(tiny_bert: Path, cache: Path, root: Path) -> dict:
                 rep = json.loads((wd / "report.json").read_text())
             t = rep["targets"]["host-cpu"]
             feasible = rep["ok"] and t["fidelity"]["cos_mean"] >= 0.5 and t["peak_rss_mb"] <= 4096
+            # the tune never measured the trials whose processes the hook killed on every attempt
+            feasible = feasible and {"prune.sparsity": s, "quantize.precision": p} not in (CHILD_ALWAYS, WORKER_ALWAYS)
             points[params_key({"prune.sparsity": s, "quantize.precision": p})] = (
                 feasible,
                 (t["latency_ms"]["p50"], t["size_bytes"] / 1e6),
@@ -204,14 +223,18 @@ def test_pareto_set_equals_brute_force(tuned, tiny_models, tmp_path):
     bf = _brute_force(tiny_models["bert"], wd / "cache", tmp_path)
     info = tuned["report"]["targets"]["host-cpu"]
     assert set(info["pareto"]) == bf["front"] and bf["front"]
-    # the brute-force runs were all served from the tune's cache (same measurements), stage by stage
-    assert all(s["status"] == "cached" for _, _, rep in bf["points"].values() for s in rep["stages"])
+    # the brute-force runs of every measured trial were served from the tune's cache (same measurements)
+    killed = {params_key(CHILD_ALWAYS), params_key(WORKER_ALWAYS)}
+    assert all(
+        s["status"] == "cached" for k, (_, _, rep) in bf["points"].items() if k not in killed for s in rep["stages"]
+    )
     chosen = min(bf["front"], key=lambda k: (bf["points"][k][1], k))
     assert info["chosen"] == chosen
 
 
 def test_shared_cache_hit_across_trials(tuned):
-    recs = _journal(tuned["workdir"])
+    recs = [r for r in _journal(tuned["workdir"]) if r["stages"]]  # the two killed on every attempt have no run
+    assert len(recs) == 4
     prune_ran: dict = {}
     for r in recs:
         st = r["stages"][0]
@@ -219,7 +242,9 @@ def test_shared_cache_hit_across_trials(tuned):
         if st["status"] == "ran":
             prune_ran[r["params"]["prune.sparsity"]] = prune_ran.get(r["params"]["prune.sparsity"], 0) + 1
     assert all(n == 1 for n in prune_ran.values())  # two trials with the same prune config pruned once
-    assert sum(r["stages"][0]["status"] == "cached" for r in recs) >= 3  # each trial has its own fresh run folder
+    # each trial has its own fresh run folder: of 0.1 the second trial, and the retry of CHILD_ONCE (its killed
+    # first attempt published the prune), were served from the cache
+    assert sum(r["stages"][0]["status"] == "cached" for r in recs) >= 2
     assert len([p for p in (tuned["workdir"] / "cache").iterdir() if not p.name.startswith(".")]) >= 3 + 3 + 6
 
 
@@ -235,6 +260,34 @@ def test_failing_gate_trial_is_infeasible_not_a_crash(tuned):
     assert bad["targets"]["host-cpu"]["metrics"]["cos_mean"] < GATE
     assert recs[0.1]["status"] == "ok" and recs[0.1]["targets"]["host-cpu"]["feasible"] is True
     assert all(k not in tuned["report"]["targets"]["host-cpu"]["pareto"] for k in [bad["key"]])
+
+
+def test_killed_trials_are_retried_then_recorded_without_ending_the_tune(tuned):
+    recs = {params_key(r["params"]): r for r in _journal(tuned["workdir"])}
+    oom = "killed by signal 9 (SIGKILL): probably out of memory"
+    # the trial whose pipeline process was SIGKILLed on both attempts: retried once, then failed with the cause
+    r = recs[params_key(CHILD_ALWAYS)]
+    assert r["status"] == "failed" and r["attempts"] == 2 and len(r["retried"]) == 2
+    assert all(c.startswith(oom) for c in r["retried"]) and r["reason"].startswith(oom)
+    assert r["targets"]["host-cpu"]["feasible"] is False and oom in r["targets"]["host-cpu"]["why_infeasible"]
+    ledger = [json.loads(ln) for ln in (tuned["workdir"] / "trials" / f".{r['key']}.attempts.jsonl").open()]
+    assert [e["event"] for e in ledger if e["run"] == ledger[-1]["run"]] == ["start", "died", "start", "died"]
+    # the trial whose Ray worker died on both attempts: Ray Tune restarted it once, the driver recorded it
+    w = recs[params_key(WORKER_ALWAYS)]
+    assert w["status"] == "failed" and w["attempts"] == 2 and "Ray worker" in w["reason"], w
+    # killed once: the retry measured it
+    once = recs[params_key(CHILD_ONCE)]
+    assert once["status"] == "ok" and once["attempts"] == 2 and once["retried"][0].startswith(oom)
+    assert once["targets"]["host-cpu"]["feasible"] is True
+    # the tune went on: every trial is in the report, the killed ones with their causes
+    assert len(tuned["report"]["trials"]) == 6
+    md = (tuned["workdir"] / "tune" / "report.md").read_text()
+    assert md.count(oom) >= 2 and f"`{r['key'][:8]}`" in md and f"`{w['key'][:8]}`" in md
+    # progress lines say so (in the killed or the resumed invocation, wherever the trial finished)
+    out = tuned["first_out"] + tuned["out"]
+    assert f"{r['key'][:8]} (failed after 2 attempt(s): {oom}" in out
+    assert f"{once['key'][:8]} (retried 1x after: {oom}" in out
+    assert f"edgepipe tune: retrying trial {w['key'][:8]}" in out and "(attempt 2 of 2)" in out
 
 
 def test_best_yaml_reproduces_the_chosen_artifact(tuned, tmp_path):
