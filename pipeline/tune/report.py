@@ -173,8 +173,10 @@ def _reference_configs(spec: TuneSpec) -> dict[str, Any]:
         int8 = [t for t in spec.base.targets if "int8" in load_target(t).precisions]
         if int8:
             peer_stages = [
+                # quantize_dynamic's default op types include Gather: the peer quantizes the embedding tables too
+                # (22.9 MB for MiniLM, benchmarks/results/tune.md); the weight type is the profile's
                 s.model_copy(
-                    update={"precision": "int8", "per_target": {}, "per_channel": True, "quantize_embeddings": False}
+                    update={"precision": "int8", "per_target": {}, "per_channel": True, "quantize_embeddings": True}
                 )
                 if s.kind == "quantize"
                 else s

@@ -176,3 +176,17 @@ def test_tune_key_typos_say_did_you_mean(over, fragment):
     with pytest.raises(ConfigError, match=None) as e:
         parse_tune(_with(**over), source="t.yaml")
     assert fragment in str(e.value)
+
+
+def test_references_are_the_dense_model_and_the_peer_path():
+    """dense: no prune/recover, fp32; peer: export + ORT dynamic int8 per-channel with quantize_dynamic's default
+    op types, which include Gather (the peer's MiniLM is 22.9 MB, not 58 MB with an fp32 embedding table)."""
+    from pipeline.tune.report import _reference_configs
+
+    spec = parse_tune(_with(), source="t.yaml")
+    refs = _reference_configs(spec)
+    for cfg in refs.values():
+        assert [s.kind for s in cfg.stages] == ["export", "quantize", "validate", "benchmark"]
+    assert refs["dense"].stages[1].precision == "fp32"
+    q = refs["peer"].stages[1]
+    assert (q.precision, q.per_channel, q.quantize_embeddings) == ("int8", True, True)
