@@ -228,7 +228,8 @@ def _ray_init(address: str | None, layout: Layout) -> str | None:
     if len(str(tmp)) > 40:
         tmp = Path(tempfile.gettempdir()) / f"edgepipe-ray-{hashlib.sha256(str(layout.root).encode()).hexdigest()[:12]}"
     tmp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=os.cpu_count() or 1, _temp_dir=str(tmp), runtime_env=env, **kwargs)
+    # address="local": a new local Ray even when the environment names a cluster (RAY_ADDRESS), which --address is for
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, _temp_dir=str(tmp), runtime_env=env, **kwargs)
     return str(tmp)
 
 

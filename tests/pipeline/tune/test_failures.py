@@ -290,3 +290,19 @@ def test_raylet_notices_are_dropped_unless_debug(monkeypatch):
         rw.print_to_stdstream({"pid": 123, "lines": ["hello"]}, ignore_prefix=False)
     rw.print_to_stdstream({"pid": "raylet", "lines": ["after"]}, ignore_prefix=False)
     assert seen == [123, "raylet"]
+
+
+def test_local_ray_ignores_a_cluster_named_in_the_environment(tmp_path, monkeypatch, spec):
+    """Without --address the tune starts its own local Ray, also when RAY_ADDRESS names a cluster (ray.init would
+    otherwise attach to it, and refuse num_cpus there)."""
+    ray = pytest.importorskip("ray")
+    from pipeline.tune import search
+
+    calls = []
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    layout = Layout(tmp_path / "w", spec)
+    search._ray_init(None, layout)
+    search._ray_init("ray://head:10001", layout)
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 1
+    assert calls[1]["address"] == "ray://head:10001" and "num_cpus" not in calls[1]
