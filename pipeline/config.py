@@ -78,13 +78,15 @@ class PipelineConfig(Frozen):
             raise ValueError(f"targets listed twice: {dup}")
         return v
 
-    def stage_items(self) -> list[dict[str, Any]]:
-        """The YAML form of ``stages``: ``[{kind: {...}}]``."""
-        return [{s.kind: s.model_dump(mode="json")} for s in self.stages]
+    def stage_items(self, *, as_written: bool = False) -> list[dict[str, Any]]:
+        """The YAML form of ``stages``: ``[{kind: {...}}]``; ``as_written``: only the options that were set, so
+        that options whose omission means something (e.g. prune's ``structured_unit``) stay omitted."""
+        return [{s.kind: s.model_dump(mode="json", exclude_unset=as_written)} for s in self.stages]
 
-    def to_data(self) -> dict[str, Any]:
+    def to_data(self, *, as_written: bool = False) -> dict[str, Any]:
+        """The config as YAML data (every option; ``as_written``: stages with only their set options)."""
         data = self.model_dump(mode="json", exclude={"stages"})
-        data["stages"] = self.stage_items()
+        data["stages"] = self.stage_items(as_written=as_written)
         return data
 
 

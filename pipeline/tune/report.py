@@ -281,7 +281,7 @@ def _plot(spec: TuneSpec, records, refs, target: str, keys_front: list[str], pat
 
 def best_recipe(spec: TuneSpec, rec: Mapping[str, Any], target: str) -> dict[str, Any]:
     """The chosen trial's pipeline for one target, as `edgepipe run` reads it."""
-    data = apply_params(spec, rec["params"]).to_data()
+    data = apply_params(spec, rec["params"]).to_data(as_written=True)  # omitted options keep their meaning
     data["targets"] = [t for t in spec.base.targets if _name(t) == target]
     return data
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, EdgepipeError
-from pipeline.tune.spec import SAMPLERS, TuneSpec, load_tune
+from pipeline.tune.spec import SAMPLERS, TuneSpec, load_tune, tune_identity
 from pipeline.tune.trial import (
     Layout,
     metric_names,
@@ -209,6 +209,35 @@ def _last_error(trial: Any) -> str:
     return re.split(r"^Failure # \d+.*$", text, flags=re.M)[-1].strip()
 
 
+_IDENTITY = "tune-identity.json"
+
+
+def _check_same_tune(spec: TuneSpec, layout: Layout, prior: list[dict[str, Any]]) -> None:
+    """A resumed tune must measure what its journal measured: the same base pipeline, space and objective.
+
+    Raises:
+        ConfigError: a part changed (the journal's feasibility and Pareto set would mix two different questions).
+    """
+    path = layout.out / _IDENTITY
+    if not prior or not path.is_file():  # nothing finished yet, or a tune from before the identity was recorded
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    changed = [
+        part
+        for part, value in tune_identity(spec).items()
+        if json.dumps(old.get(part), sort_keys=True) != json.dumps(value, sort_keys=True)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{spec.source}: the {' and the '.join(changed)} changed since '{layout.root}' was started; its"
+            f" {len(prior)} finished trial(s) were measured under the old one(s): resume with the original tune file"
+            " (search, cache and references may change), or start a new --workdir"
+        )
+
+
 def _ray_init(address: str | None, layout: Layout) -> str | None:
     """Start local Ray (or attach); returns the Ray temp dir to remove afterwards (None when attached)."""
     import ray
@@ -283,8 +312,12 @@ def tune(
         raise EdgepipeError(
             f"'{layout.root}' already holds a tune ({len(prior)} finished trials); pass --resume to continue it or choose another --workdir"
         )
+    _check_same_tune(spec, layout, prior)
     for p in (layout.out, layout.trials, layout.cache, layout.ray):
         p.mkdir(parents=True, exist_ok=True)
+    from pipeline.artifact import atomic_write_json
+
+    atomic_write_json(layout.out / _IDENTITY, tune_identity(spec))
     remaining = max(0, spec.search.trials - len(prior))
     if prior:
         echo(f"edgepipe tune: resuming, {len(prior)} trial(s) finished, {remaining} to go")

@@ -19,7 +19,16 @@ from pipeline.errors import ConfigError
 from pipeline.schema import Frozen, did_you_mean, format_validation_error, read_yaml
 from pipeline.tune.metrics import METRICS
 
-__all__ = ["SAMPLERS", "Constraint", "Dimension", "TuneSpec", "apply_params", "load_tune", "parse_tune"]
+__all__ = [
+    "SAMPLERS",
+    "Constraint",
+    "Dimension",
+    "TuneSpec",
+    "apply_params",
+    "load_tune",
+    "parse_tune",
+    "tune_identity",
+]
 
 _TUNE_KEYS = ("objective", "space", "search", "cache", "references")
 _CONSTRAINT_RE = re.compile(r"^\s*(<=|>=|<|>)\s*(\S+)\s*$")
@@ -151,6 +160,17 @@ class TuneSpec(Frozen):
         return [(m, "min") for m in self.objective.minimize] + [(m, "max") for m in self.objective.maximize]
 
 
+def tune_identity(spec: TuneSpec) -> dict[str, Any]:
+    """What the finished trials of a tune were measured under, by part: the base pipeline (as the run schema
+    resolved it), the space and the objective with its constraints. A journal's records are only valid for the
+    same parts (``--resume`` compares them); ``search``, ``cache`` and ``references`` may change between runs."""
+    return {
+        "base pipeline": spec.base.to_data(),
+        "space": [d.model_dump(mode="json") for d in spec.dimensions],
+        "objective": spec.objective.model_dump(mode="json"),
+    }
+
+
 def _model(cls, data: Any, source: str, key: str):
     if data is None:
         data = {}
@@ -179,7 +199,7 @@ def _check_value(base: PipelineConfig, kind: str, option: str, value: Any, where
     i = _stage_index(base, kind, where)
     stage = base.stages[i]
     try:
-        type(stage).model_validate({**stage.model_dump(mode="json"), option: value})
+        type(stage).model_validate({**stage.model_dump(mode="json", exclude_unset=True), option: value})
     except ValidationError as exc:
         if all(not e["loc"] for e in exc.errors()):
             return  # a cross-option check of the stage: judged per trial (pipeline.tune.check), with its other values
@@ -326,7 +346,11 @@ def apply_params(spec: TuneSpec, params: Mapping[str, Any]) -> PipelineConfig:
         updates.setdefault(i, {})[option] = value
     for i, update in updates.items():
         try:
-            stages[i] = type(stages[i]).model_validate({**stages[i].model_dump(mode="json"), **update})
+            # only the options the user wrote, plus the trial's: an omitted option keeps its "omitted" meaning
+            # (e.g. prune's structured_unit, chosen per model family when unset), exactly as `edgepipe run` reads it
+            stages[i] = type(stages[i]).model_validate(
+                {**stages[i].model_dump(mode="json", exclude_unset=True), **update}
+            )
         except ValidationError as exc:
             keys = "/".join(f"{stages[i].kind}.{o}" for o in update)
             raise ConfigError(

@@ -190,3 +190,44 @@ def test_references_are_the_dense_model_and_the_peer_path():
     assert refs["dense"].stages[1].precision == "fp32"
     q = refs["peer"].stages[1]
     assert (q.precision, q.per_channel, q.quantize_embeddings) == ("int8", True, True)
+
+
+def test_trials_keep_omitted_options_omitted(tmp_path):
+    """A trial is the base pipeline as `edgepipe run` reads it: an option the user left out stays unset (prune's
+    structured_unit then resolves per model family, qk_dims+ffn for BERT), in the trial and in best-<target>.yaml."""
+    from pipeline.tune.report import best_recipe
+
+    spec = parse_tune(_with(), source="t.yaml")
+    cfg = apply_params(spec, {"prune.ffn_sparsity": 0.3, "quantize.precision": "int8"})
+    prune = cfg.stages[0]
+    assert prune.ffn_sparsity == 0.3 and "structured_unit" not in prune.model_fields_set
+    assert "ffn_sparsity" in prune.model_fields_set and "pattern" in prune.model_fields_set
+    recipe = best_recipe(spec, {"params": {"prune.ffn_sparsity": 0.3, "quantize.precision": "int8"}}, "host-cpu")
+    assert recipe["stages"][0] == {"prune": {"pattern": "structured", "ffn_sparsity": 0.3}}
+    assert recipe["stages"][2] == {"quantize": {"precision": "int8"}}
+
+
+def test_resume_refuses_a_changed_tune(tmp_path):
+    """--resume continues the same question: a changed base pipeline, space or objective is one line naming the
+    part; search (trials, seed, algorithm) may change."""
+    from pipeline.tune.search import _IDENTITY, _check_same_tune
+    from pipeline.tune.spec import tune_identity
+    from pipeline.tune.trial import Layout
+
+    spec = parse_tune(_with(), source="t.yaml")
+    layout = Layout(tmp_path / "w", spec)
+    layout.out.mkdir(parents=True)
+    (layout.out / _IDENTITY).write_text(__import__("json").dumps(tune_identity(spec)))
+    prior = [{"key": "abc"}]
+    _check_same_tune(spec, layout, prior)  # the same tune
+    _check_same_tune(parse_tune(_with(search={"trials": 50, "seed": 3}), source="t.yaml"), layout, prior)
+    stricter = {**BASE["objective"], "constraints": {"cos_mean": ">= 0.99", "peak_rss_mb": "<= profile"}}
+    changes = {
+        "objective": _with(objective=stricter),
+        "space": _with(space={"prune.ffn_sparsity": {"low": 0.0, "high": 0.5}, "quantize.precision": ["fp32", "int8"]}),
+        "base pipeline": _with(targets=["raspberry-pi-5"]),
+    }
+    for part, data in changes.items():
+        with pytest.raises(ConfigError, match=f"t.yaml: the {part} changed since .* start a new --workdir"):
+            _check_same_tune(parse_tune(data, source="t.yaml"), layout, prior)
+    _check_same_tune(parse_tune(changes["objective"], source="t.yaml"), layout, [])  # nothing finished: fine
