@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError, EdgepipeError
-from pipeline.tune.spec import SAMPLERS, TuneSpec, load_tune, tune_identity
+from pipeline.tune.spec import SAMPLERS, TuneSpec, grid_size, load_tune, tune_identity
 from pipeline.tune.trial import (
     Layout,
     metric_names,
@@ -297,6 +297,8 @@ def tune(
     if trials is not None:
         if trials < 1:
             raise ConfigError(f"--trials: expected a number >= 1, got {trials}")
+        if spec.search.algorithm == "grid":  # a grid has no more points than its size
+            trials = min(trials, grid_size(spec.dimensions))
         spec = spec.model_copy(update={"search": spec.search.model_copy(update={"trials": trials})})
     from pipeline.preflight import preflight
     from pipeline.tune.check import check_trials

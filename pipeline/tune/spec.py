@@ -7,6 +7,7 @@ objective's metrics against :data:`pipeline.tune.metrics.METRICS`, the algorithm
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "Dimension",
     "TuneSpec",
     "apply_params",
+    "grid_size",
     "load_tune",
     "parse_tune",
     "tune_identity",
@@ -158,6 +160,11 @@ class TuneSpec(Frozen):
 
     def directions(self) -> list[tuple[str, str]]:
         return [(m, "min") for m in self.objective.minimize] + [(m, "max") for m in self.objective.maximize]
+
+
+def grid_size(dims: tuple[Dimension, ...]) -> int:
+    """Number of points of the full grid of ``dims`` (choices only); a grid search has no more trials than this."""
+    return math.prod(len(d.choices or ()) for d in dims)
 
 
 def tune_identity(spec: TuneSpec) -> dict[str, Any]:
@@ -309,8 +316,15 @@ def parse_tune(data: Any, *, source: str = "<tune config>", base_dir: Path | Non
     search = _model(Search, parts["search"], source, "search")
     if search.algorithm not in SAMPLERS:
         raise ConfigError(f"{source}: search.algorithm: unknown '{search.algorithm}' (known: {', '.join(SAMPLERS)})")
-    if search.algorithm == "grid" and any(d.choices is None for d in dims):
-        raise ConfigError(f"{source}: search.algorithm: 'grid' needs every space dimension to be a list of choices")
+    if search.algorithm == "grid":
+        if any(d.choices is None for d in dims):
+            raise ConfigError(
+                f"{source}: search.algorithm: 'grid' needs every space dimension to be a list of choices"
+                " (a {low, high} range has no grid: use nsga2, tpe or random)"
+            )
+        size = grid_size(dims)
+        if search.trials > size:  # more would only recall finished points from the journal
+            search = search.model_copy(update={"trials": size})
     cache = _model(CacheOptions, parts["cache"], source, "cache")
     if cache.dir is not None and base_dir is not None and not Path(cache.dir).is_absolute():
         cache = CacheOptions(dir=str((base_dir / cache.dir).resolve()))

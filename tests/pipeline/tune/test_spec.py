@@ -231,3 +231,12 @@ def test_resume_refuses_a_changed_tune(tmp_path):
         with pytest.raises(ConfigError, match=f"t.yaml: the {part} changed since .* start a new --workdir"):
             _check_same_tune(parse_tune(data, source="t.yaml"), layout, prior)
     _check_same_tune(parse_tune(changes["objective"], source="t.yaml"), layout, [])  # nothing finished: fine
+
+
+def test_grid_has_no_more_trials_than_points():
+    """A grid of 2 x 2 runs 4 trials even when more are asked: the rest would only recall finished points."""
+    space = {"prune.ffn_sparsity": [0.25, 0.5], "quantize.precision": ["fp32", "int8"]}
+    spec = parse_tune(_with(space=space, search={"algorithm": "grid", "trials": 10}), source="t.yaml")
+    assert spec.search.trials == 4
+    with pytest.raises(ConfigError, match="'grid' needs every space dimension to be a list of choices"):
+        parse_tune(_with(search={"algorithm": "grid"}), source="t.yaml")  # BASE has a {low, high} range
