@@ -51,6 +51,11 @@ class VerifyDPConfig(StageConfig):
     audit_repeats: int = Field(
         64, ge=2, description="repeated queries the attacker averages (the broken control redraws noise for each)"
     )
+    audit_seed: int | None = Field(
+        0,
+        description="seed of the privacy-loss audit's own noise draws, which are never released: a seeded PRNG makes"
+        " the audit reproducible run to run [I]; null = os.urandom like the release",
+    )
     adaptive_queries: int = Field(
         16, ge=1, description="steps of the adaptive query stream before the state hash is re-checked"
     )
@@ -116,6 +121,11 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
     m = int(meta["releases"])
     gaussian = meta["mechanism"] == "feature_sum"
     audit_sigma = sigma if gaussian else float(meta["sensitivity"])  # the control needs some noise scale
+    from pipeline.privacy.sampler import SeededSampler
+
+    def audit_sampler():  # one fresh stream per audit: each is reproducible on its own
+        return None if cfg.audit_seed is None else SeededSampler(cfg.audit_seed)
+
     broken = privacy_loss_audit(
         S_a,
         S_b,
@@ -126,11 +136,20 @@ def run_verify_dp(art: Artifact, cfg: VerifyDPConfig, ctx: StageContext) -> Arti
         trials=cfg.audit_trials,
         repeats=cfg.audit_repeats,
         redraw_per_query=True,
+        sampler=audit_sampler(),
     )
     audit: dict[str, Any] = {"max_sensitivity_ratio": float(sens.ratio), "broken_control_flagged": bool(broken.flagged)}
     if gaussian:
         real = privacy_loss_audit(
-            S_a, S_b, sigma, eps, delta, releases=m, trials=cfg.audit_trials, repeats=cfg.audit_repeats
+            S_a,
+            S_b,
+            sigma,
+            eps,
+            delta,
+            releases=m,
+            trials=cfg.audit_trials,
+            repeats=cfg.audit_repeats,
+            sampler=audit_sampler(),
         )
         exact_d = joint_delta(eps, [sigma] * m, [float(meta["sensitivity"])] * m)
         audit.update(
